@@ -1,0 +1,316 @@
+"""Run commands in instances: streamed output, stdin, exit codes, and interactive PTYs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import ssl
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import quote
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect, unix_connect
+
+from coi.backend.models import JSON, ExecResult
+from coi.errors import BackendError
+
+if TYPE_CHECKING:
+    from coi.backend.client import IncusClient
+
+OutputSink = Callable[[bytes], None]
+_CHUNK = 64 * 1024
+
+
+@dataclass
+class ExecRequest:
+    """What to run and as whom."""
+
+    command: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    user: int | None = None
+    group: int | None = None
+
+    def body(self, *, interactive: bool, width: int = 80, height: int = 24) -> JSON:
+        body: JSON = {
+            "command": list(self.command),
+            "environment": dict(self.env),
+            "wait-for-websocket": True,
+            "interactive": interactive,
+            "record-output": False,
+        }
+        if interactive:
+            body["width"], body["height"] = width, height
+        if self.cwd:
+            body["cwd"] = self.cwd
+        if self.user is not None:
+            body["user"] = self.user
+            body["group"] = self.user if self.group is None else self.group
+        elif self.group is not None:
+            body["group"] = self.group
+        return body
+
+
+class ExecSession:
+    """A started command: its websockets, and the operation that yields its exit code."""
+
+    def __init__(self, client: IncusClient, op: JSON, sockets: dict[str, ClientConnection],
+                 stack: contextlib.ExitStack):
+        self._client = client
+        self._op_id = str(op["id"])
+        self.sockets = sockets
+        self._stack = stack
+        self._control_lock = threading.Lock()
+
+    def control(self, command: str, args: Mapping[str, str], **extra: Any) -> None:
+        ws = self.sockets.get("control")
+        if ws is None:
+            return
+        with self._control_lock, contextlib.suppress(ConnectionClosed):
+            ws.send(json.dumps({"command": command, "args": dict(args), **extra}))
+
+    def signal(self, signum: int) -> None:
+        """Deliver a signal to the command inside the instance."""
+        # The signal number is a top-level field of the control message, not an arg.
+        self.control("signal", {}, signal=signum)
+
+    def resize(self, width: int, height: int) -> None:
+        self.control("window-resize", {"width": str(width), "height": str(height)})
+
+    def close(self) -> None:
+        for ws in self.sockets.values():
+            with contextlib.suppress(Exception):
+                ws.close()
+        with contextlib.suppress(Exception):
+            self._stack.close()
+
+    def wait(self) -> int:
+        """Close our side and return the command's exit code."""
+        self.close()
+        op = self._client.wait_operation(self._op_id, what="exec")
+        meta = op.get("metadata") or {}
+        return int(meta.get("return", -1))
+
+
+def _pump_out(ws: ClientConnection, sink: OutputSink) -> None:
+    try:
+        for msg in ws:
+            if msg == "":
+                # An empty text message is the daemon's end-of-stream marker (it keeps the
+                # socket open until we close it).
+                return
+            data = msg.encode() if isinstance(msg, str) else msg
+            if data:
+                sink(data)
+    except ConnectionClosed:
+        pass
+
+
+def _feed_in(ws: ClientConnection, source: bytes | BinaryIO | Iterable[bytes] | None) -> None:
+    try:
+        if isinstance(source, bytes):
+            for i in range(0, len(source), _CHUNK):
+                ws.send(source[i : i + _CHUNK])
+        elif source is not None and hasattr(source, "read"):
+            while chunk := source.read(_CHUNK):
+                ws.send(chunk)
+        elif source is not None:
+            for chunk in source:
+                ws.send(chunk)
+    except (ConnectionClosed, OSError):
+        pass
+    finally:
+        # Closing the stdin websocket is how the daemon learns of EOF.
+        with contextlib.suppress(Exception):
+            ws.close()
+
+
+class ExecAPI:
+    """`POST /1.0/instances/<name>/exec` in its streaming and interactive forms."""
+
+    def __init__(self, client: IncusClient) -> None:
+        self._c = client
+
+    def _connect_ws(self, op_id: str, secret: str) -> ClientConnection:
+        path = f"/1.0/operations/{op_id}/websocket?secret={quote(secret)}"
+        if self._c.project != "default":
+            path += f"&project={quote(self._c.project)}"
+        ep = self._c.endpoint
+        # max_size=None: output chunks are not bounded; compression off: it only costs CPU here.
+        if ep.socket_path:
+            return unix_connect(
+                ep.socket_path, f"ws://incus{path}", max_size=None, compression=None
+            )
+        ctx = ssl.create_default_context(cafile=ep.server_cert) if ep.server_cert else (
+            ssl.create_default_context()
+        )
+        if ep.client_cert:
+            ctx.load_cert_chain(*ep.client_cert)
+        url = (ep.url or "").replace("https://", "wss://", 1) + path
+        return connect(url, ssl=ctx, max_size=None, compression=None)
+
+    def start(
+        self, instance: str, req: ExecRequest, *, interactive: bool = False,
+        width: int = 80, height: int = 24,
+    ) -> ExecSession:
+        """Start a command and connect its websockets (the daemon waits for them)."""
+        op = self._c.request(
+            "POST",
+            f"/1.0/instances/{quote(instance, safe='')}/exec",
+            json=req.body(interactive=interactive, width=width, height=height),
+            wait=False,
+        )
+        fds: dict[str, str] = (op.get("metadata") or {}).get("fds") or {}
+        if not fds:
+            raise BackendError(f"exec in '{instance}': the daemon returned no websockets")
+        sockets: dict[str, ClientConnection] = {}
+        # Entered as context managers: websockets deprecates connections used outside `with`.
+        stack = contextlib.ExitStack()
+        try:
+            # The control socket first: some daemon versions expect it before the data ones.
+            for key in ("control", *sorted(k for k in fds if k != "control")):
+                sockets[key] = stack.enter_context(self._connect_ws(str(op["id"]), fds[key]))
+        except Exception as err:
+            stack.close()
+            raise BackendError(f"exec in '{instance}': websocket connect failed: {err}") from err
+        return ExecSession(self._c, op, sockets, stack)
+
+    def run(
+        self,
+        instance: str,
+        req: ExecRequest,
+        *,
+        stdin: bytes | BinaryIO | Iterable[bytes] | None = None,
+        on_stdout: OutputSink | None = None,
+        on_stderr: OutputSink | None = None,
+        on_start: Callable[[ExecSession], None] | None = None,
+    ) -> ExecResult:
+        """Run a command to completion; stream output to the sinks or capture it.
+
+        Output for which no sink is given is captured into the result.
+        """
+        out_buf: list[bytes] = []
+        err_buf: list[bytes] = []
+        sess = self.start(instance, req)
+        if on_start is not None:
+            on_start(sess)
+        try:
+            threads = [
+                threading.Thread(target=_pump_out, args=(sess.sockets["1"], on_stdout or out_buf.append), daemon=True),
+                threading.Thread(target=_pump_out, args=(sess.sockets["2"], on_stderr or err_buf.append), daemon=True),
+                threading.Thread(target=_feed_in, args=(sess.sockets["0"], stdin), daemon=True),
+            ]
+            for t in threads:
+                t.start()
+            for t in threads[:2]:
+                t.join()
+        finally:
+            code = sess.wait()
+        return ExecResult(code, b"".join(out_buf), b"".join(err_buf))
+
+    def capture(self, instance: str, req: ExecRequest, *, stdin: bytes | None = None) -> ExecResult:
+        """Run a command and return its exit code and output."""
+        return self.run(instance, req, stdin=stdin)
+
+    def quiet(self, instance: str, req: ExecRequest) -> int:
+        """Run a command whose output nobody wants: no websockets, one round trip."""
+        body = req.body(interactive=False)
+        body["wait-for-websocket"] = False
+        op = self._c.request("POST", f"/1.0/instances/{quote(instance, safe='')}/exec", json=body)
+        return int((op.get("metadata") or {}).get("return", -1))
+
+    def interactive(
+        self,
+        instance: str,
+        req: ExecRequest,
+        *,
+        stdin_fd: int | None = None,
+        stdout: BinaryIO | None = None,
+    ) -> int:
+        """Run a command on a PTY wired to this terminal; forward resizes; return its code.
+
+        The local terminal is put in raw mode, so Ctrl-C and friends reach the command.
+        """
+        stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+        out = stdout or sys.stdout.buffer
+        size = shutil.get_terminal_size((80, 24))
+        sess = self.start(instance, req, interactive=True, width=size.columns, height=size.lines)
+        pty_ws = sess.sockets["0"]
+
+        def write_out(data: bytes) -> None:
+            out.write(data)
+            out.flush()
+
+        reader = threading.Thread(target=_pump_out, args=(pty_ws, write_out), daemon=True)
+        reader.start()
+        with _raw_terminal(stdin_fd), _forward_winch(sess, stdin_fd):
+            _pump_stdin(stdin_fd, pty_ws, reader)
+        reader.join(timeout=2)
+        return sess.wait()
+
+
+def _pump_stdin(fd: int, ws: ClientConnection, reader: threading.Thread) -> None:
+    eof = False
+    while reader.is_alive():
+        if eof:
+            reader.join(0.1)
+            continue
+        try:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+        except (OSError, ValueError):
+            eof = True
+            continue
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, _CHUNK)
+        except OSError:
+            data = b""
+        if not data:
+            eof = True
+            continue
+        try:
+            ws.send(data)
+        except ConnectionClosed:
+            return
+
+
+@contextlib.contextmanager
+def _raw_terminal(fd: int) -> Any:
+    if not os.isatty(fd):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)  # keep what the user typed ahead
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _forward_winch(sess: ExecSession, fd: int) -> Any:
+    if not os.isatty(fd) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_winch(_sig: int, _frame: object) -> None:
+        cols, rows = os.get_terminal_size(fd)
+        sess.resize(cols, rows)
+
+    previous = signal.signal(signal.SIGWINCH, on_winch)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, previous)

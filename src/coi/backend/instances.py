@@ -1,0 +1,184 @@
+"""Instances: create, state changes, config and device changes, snapshots, delete."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from coi.backend.models import JSON, Instance, InstanceState, Snapshot
+from coi.errors import NotFound
+
+if TYPE_CHECKING:
+    from coi.backend.client import IncusClient
+
+
+def _path(name: str, *rest: str) -> str:
+    return "/".join([f"/1.0/instances/{quote(name, safe='')}", *rest])
+
+
+class InstancesAPI:
+    """`/1.0/instances` and everything below it."""
+
+    def __init__(self, client: IncusClient) -> None:
+        self._c = client
+
+    # -- reading -----------------------------------------------------------------------
+
+    def list(self, *, with_state: bool = False) -> list[Instance]:
+        """All instances of the project; `with_state` embeds runtime state (slower)."""
+        data = self._c.get("/1.0/instances", recursion=2 if with_state else 1)
+        return [Instance.from_api(d) for d in data or ()]
+
+    def names(self) -> list[str]:
+        urls = self._c.get("/1.0/instances") or []
+        return [u.rsplit("/", 1)[-1].split("?", 1)[0] for u in urls]
+
+    def get(self, name: str) -> Instance:
+        return Instance.from_api(self._c.get(_path(name)))
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._c.raw_request("GET", _path(name))
+        except NotFound:
+            return False
+        return True
+
+    def state(self, name: str) -> InstanceState:
+        return InstanceState.from_api(self._c.get(_path(name, "state")))
+
+    # -- creating and deleting ---------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        image: str,
+        config: Mapping[str, str] | None = None,
+        devices: Mapping[str, Mapping[str, str]] | None = None,
+        profiles: list[str] | None = None,
+        ephemeral: bool = False,
+        start: bool = False,
+        description: str = "",
+    ) -> None:
+        """Create a container from a local image alias or fingerprint (and start it)."""
+        source: JSON = {"type": "image"}
+        # A 64-hex string is a fingerprint; anything else is an alias.
+        if len(image) == 64 and all(ch in "0123456789abcdef" for ch in image):
+            source["fingerprint"] = image
+        else:
+            source["alias"] = image
+        body: JSON = {
+            "name": name,
+            "type": "container",
+            "source": source,
+            "config": dict(config or {}),
+            "devices": {k: dict(v) for k, v in (devices or {}).items()},
+            "ephemeral": ephemeral,
+            "description": description,
+        }
+        if profiles is not None:
+            body["profiles"] = profiles
+        # Servers with `instance_create_start` create and start in one operation.
+        one_shot = start and self._c.has_extension("instance_create_start")
+        if one_shot:
+            body["start"] = True
+        self._c.request("POST", "/1.0/instances", json=body)
+        if start and not one_shot:
+            self.start(name)
+
+    def delete(self, name: str, *, force: bool = False) -> None:
+        """Delete an instance; with `force`, stop it first if it runs."""
+        if force:
+            try:
+                inst = self.get(name)
+            except NotFound:
+                return
+            if inst.status in ("Running", "Frozen"):
+                try:
+                    self.stop(name, force=True)
+                except NotFound:
+                    return  # ephemeral instances vanish when stopped
+        self._c.request("DELETE", _path(name))
+
+    # -- state ---------------------------------------------------------------------------
+
+    def set_state(
+        self, name: str, action: str, *, force: bool = False, timeout: int = -1
+    ) -> None:
+        body: JSON = {"action": action, "force": force, "timeout": timeout}
+        self._c.request("PUT", _path(name, "state"), json=body)
+
+    def start(self, name: str) -> None:
+        self.set_state(name, "start")
+
+    def stop(self, name: str, *, force: bool = False, timeout: int = 30) -> None:
+        """Stop gracefully within `timeout` seconds, or at once with `force`."""
+        self.set_state(name, "stop", force=force, timeout=timeout)
+
+    def restart(self, name: str, *, force: bool = False, timeout: int = 30) -> None:
+        self.set_state(name, "restart", force=force, timeout=timeout)
+
+    def freeze(self, name: str) -> None:
+        self.set_state(name, "freeze")
+
+    def unfreeze(self, name: str) -> None:
+        self.set_state(name, "unfreeze")
+
+    # -- config and devices ------------------------------------------------------------
+
+    def patch(self, name: str, body: JSON) -> None:
+        """Merge `body` into the instance (PATCH). Waits: the change is async."""
+        self._c.request("PATCH", _path(name), json=body)
+
+    def set_config(self, name: str, config: Mapping[str, str]) -> None:
+        self.patch(name, {"config": dict(config)})
+
+    def add_device(self, name: str, device: str, spec: Mapping[str, str]) -> None:
+        self.patch(name, {"devices": {device: dict(spec)}})
+
+    def remove_device(self, name: str, device: str) -> None:
+        """Remove a device. PATCH cannot remove, so GET, edit and PUT the whole object.
+
+        PUT replaces everything, volatile keys included: sending back exactly what GET
+        returned (with its ETag) keeps the daemon's volatile keys intact.
+        """
+        resp = self._c.raw_request("GET", _path(name))
+        inst = resp.json()["metadata"]
+        devices = dict(inst.get("devices") or {})
+        if device not in devices:
+            raise NotFound(f"instance '{name}' has no device '{device}'")
+        del devices[device]
+        body = {k: inst[k] for k in ("architecture", "config", "ephemeral", "profiles",
+                                     "description", "stateful") if k in inst}
+        body["devices"] = devices
+        etag = resp.headers.get("ETag")
+        self._c.request("PUT", _path(name), json=body, headers={"If-Match": etag} if etag else None)
+
+    def rename(self, name: str, new_name: str) -> None:
+        self._c.request("POST", _path(name), json={"name": new_name})
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def snapshots(self, name: str) -> list[Snapshot]:
+        data = self._c.get(_path(name, "snapshots"), recursion=1)
+        return [Snapshot.from_api(d) for d in data or ()]
+
+    def snapshot(self, name: str, snap: str) -> Snapshot:
+        return Snapshot.from_api(self._c.get(_path(name, "snapshots", quote(snap, safe=""))))
+
+    def create_snapshot(self, name: str, snap: str, *, stateful: bool = False) -> None:
+        body: dict[str, Any] = {"name": snap, "stateful": stateful}
+        self._c.request("POST", _path(name, "snapshots"), json=body)
+
+    def restore_snapshot(self, name: str, snap: str, *, stateful: bool = False) -> None:
+        self._c.request("PUT", _path(name), json={"restore": snap, "stateful": stateful})
+
+    def delete_snapshot(self, name: str, snap: str) -> None:
+        self._c.request("DELETE", _path(name, "snapshots", quote(snap, safe="")))
+
+    # -- logs ----------------------------------------------------------------------------
+
+    def delete_log(self, url: str) -> None:
+        """Delete an exec record-output log (they accumulate on the daemon otherwise)."""
+        self._c.request("DELETE", url.split("?", 1)[0])

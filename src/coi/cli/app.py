@@ -1,0 +1,151 @@
+"""The root `coi` command: cobra-style help, lazily loaded sub-commands, default to `shell`."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+from coi.cli.options import session_options, shell_options
+
+SHORT_HELP = "Code on Incus - Run AI coding tools in isolated Incus containers"
+LONG_HELP = (
+    "code-on-incus (coi) is a CLI tool for running AI coding assistants in Incus containers "
+    "with your workspace mounted, your host credentials kept out, and the network restricted."
+)
+ROOT_EXAMPLES = """\
+  coi setup                      # install and initialize the container daemon
+  coi build                      # build the 'coi' agent image
+  coi                            # start an agent session in the current folder
+  coi run -- make test           # run one command in a fresh sandbox
+  coi shell --resume             # continue this workspace's last conversation
+  coi list                       # show running sessions"""
+
+# name -> (module, attribute). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shell": ("coi.cli.session_cmds", "shell_cmd"),
+    "run": ("coi.cli.session_cmds", "run_cmd"),
+    "setup": ("coi.cli.setup_cmd", "setup_cmd"),
+    "health": ("coi.cli.health_cmd", "health_cmd"),
+    "build": ("coi.cli.build_cmd", "build_cmd"),
+    "config": ("coi.cli.config_cmd", "config_cmd"),
+    "version": ("coi.cli.version_cmd", "version_cmd"),
+}
+
+
+class CoiCommand(click.Command):
+    """A command whose help reads like upstream's: Usage, Flags, Examples."""
+
+    def __init__(self, *args: Any, examples: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.examples = examples
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        _format_flags(self, ctx, formatter)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        _format_examples(self.examples, formatter)
+        super().format_epilog(ctx, formatter)
+
+
+class CoiGroup(click.Group):
+    """A group with cobra-style help and lazily imported sub-commands."""
+
+    command_class = CoiCommand
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]] | None = None,
+                 examples: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+        self.examples = examples
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, attr = self.lazy[cmd_name]
+            cmd = getattr(importlib.import_module(module), attr)
+            assert isinstance(cmd, click.Command)
+            return cmd
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        if self.get_command(ctx, name) is None and not name.startswith("-"):
+            raise click.UsageError(f'unknown command "{name}" for "{ctx.command_path}"', ctx)
+        return super().resolve_command(ctx, args)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            rows.append((name, cmd.get_short_help_str(limit=70)))
+        if rows:
+            with formatter.section("Available Commands"):
+                formatter.write_dl(rows)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        _format_flags(self, ctx, formatter)
+        self.format_commands(ctx, formatter)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        _format_examples(self.examples, formatter)
+        super().format_epilog(ctx, formatter)
+
+
+def _format_flags(cmd: click.Command, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    rows = [rv for p in cmd.get_params(ctx) if (rv := p.get_help_record(ctx)) is not None]
+    if rows:
+        with formatter.section("Flags"):
+            formatter.write_dl(rows)
+
+
+def _format_examples(examples: str | None, formatter: click.HelpFormatter) -> None:
+    if examples:
+        formatter.write_paragraph()
+        formatter.write_text("Examples:")
+        for line in examples.splitlines():
+            formatter.write(line + "\n")
+
+
+def usage_error_text(err: click.UsageError) -> str:
+    """Upstream's wording: `Error: ...` then a pointer to help."""
+    path = err.ctx.command_path if err.ctx else "coi"
+    msg = err.format_message()
+    if msg.startswith("No such option: "):
+        msg = "unknown flag: " + msg.removeprefix("No such option: ").split(" ")[0]
+    return f"Error: {msg}\nRun '{path} --help' for usage.\n"
+
+
+@click.group(
+    cls=CoiGroup,
+    lazy=COMMANDS,
+    invoke_without_command=True,
+    help=f"{SHORT_HELP}\n\n{LONG_HELP}",
+    short_help=SHORT_HELP,
+    examples=ROOT_EXAMPLES,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option("--version", is_flag=True, help="Print the version and exit.")
+@session_options
+@shell_options
+@click.pass_context
+def cli(ctx: click.Context, version: bool, **params: Any) -> None:
+    """Code on Incus."""
+    if version:
+        from coi import __version__
+
+        click.echo(f"coi version {__version__}")
+        ctx.exit(0)
+    if ctx.invoked_subcommand is None:
+        # Like upstream, a bare `coi` starts a shell session with the given flags.
+        from coi.cli.session_cmds import run_shell
+
+        ctx.exit(run_shell(ctx, params))
+    ctx.obj = params

@@ -1,0 +1,26 @@
+"""Shared CLI plumbing: loading config and connecting to the daemon once per command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coi.backend.client import IncusClient
+    from coi.config.loader import Config
+
+
+def load_settings(*, profile: str | None = None, cli: dict[str, Any] | None = None) -> Config:
+    """The merged config for this invocation."""
+    from coi.config.loader import load_config
+
+    return load_config(cwd=Path.cwd(), env=os.environ, profile=profile, cli=cli)
+
+
+def connect(cfg: Config) -> IncusClient:
+    """A client for the configured daemon and project."""
+    from coi.backend.client import IncusClient
+
+    remote = cfg.str("incus.remote") or None
+    return IncusClient.connect(env=os.environ, remote=remote, project=cfg.str("incus.project"))

@@ -1,0 +1,1 @@
+"""`coi health`: diagnose the host, the daemon and coi's own state."""

@@ -1,0 +1,198 @@
+"""Health checks: is the daemon, its storage, network and images ready for coi sessions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from coi.backend.client import IncusClient
+from coi.config.loader import Config
+from coi.config.paths import coi_home
+from coi.errors import CoiError
+
+OK, WARNING, FAILED = "ok", "warning", "failed"
+CATEGORIES = ("SYSTEM", "CRITICAL", "NETWORKING", "STORAGE", "CONFIGURATION", "STATUS")
+
+
+@dataclass
+class Check:
+    """The result of one check."""
+
+    key: str
+    name: str
+    category: str
+    status: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HealthReport:
+    """All checks, the overall status and what the daemon is."""
+
+    checks: list[Check]
+    backend: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        if any(c.status == FAILED for c in self.checks):
+            return "unhealthy"
+        if any(c.status == WARNING for c in self.checks):
+            return "degraded"
+        return "healthy"
+
+    @property
+    def exit_code(self) -> int:
+        return {"healthy": 0, "degraded": 1, "unhealthy": 2}[self.status]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+            "backend": self.backend,
+            "checks": {
+                c.key: {"name": c.name, "status": c.status, "message": c.message,
+                        **({"details": c.details} if c.details else {})}
+                for c in self.checks
+            },
+            "summary": {
+                "total": len(self.checks),
+                "passed": sum(c.status == OK for c in self.checks),
+                "warnings": sum(c.status == WARNING for c in self.checks),
+                "failed": sum(c.status == FAILED for c in self.checks),
+            },
+        }
+
+
+def _system_checks() -> list[Check]:
+    os_name = "Linux"
+    rel = Path("/etc/os-release")
+    if rel.exists():
+        for line in rel.read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    checks = [Check("os", "Operating system", "SYSTEM", OK,
+                    f"{os_name} ({platform.system().lower()}/{platform.machine()})")]
+    checks.append(Check("kernel_version", "Kernel", "SYSTEM", OK, platform.release()))
+    return checks
+
+
+def run_checks(cfg: Config, connect: Callable[[], IncusClient]) -> HealthReport:
+    """Run every check; none raises: failures become failed checks."""
+    checks = _system_checks()
+    backend: dict[str, Any] = {}
+    try:
+        client = connect()
+        info = client.server
+    except CoiError as err:
+        checks.append(Check("incus", "Incus", "CRITICAL", FAILED, err.message,
+                            {"resolution": err.resolution} if err.resolution else {}))
+        checks += _local_checks(cfg)
+        return HealthReport(checks, backend)
+    with client:
+        backend = {"kind": info.kind, "version": info.version,
+                   "socket": client.endpoint.describe(), "api_extensions": len(info.api_extensions),
+                   "project": client.project}
+        checks.append(Check("incus", "Incus", "CRITICAL", OK,
+                            f"{info.display_name} running", {"socket": client.endpoint.describe()}))
+        checks.append(Check("permissions", "Permissions", "CRITICAL", OK,
+                            f"uid {os.getuid()} may use {client.endpoint.describe()}"))
+        checks += _daemon_checks(cfg, client, backend)
+    checks += _local_checks(cfg)
+    return HealthReport(checks, backend)
+
+
+def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) -> list[Check]:
+    checks: list[Check] = []
+    pool_name = cfg.str("incus.pool")
+    try:
+        pool = client.networks.pool(pool_name)
+    except CoiError as err:
+        pool = None
+        checks.append(Check("storage_pool", "Storage pool", "STORAGE", FAILED, err.message))
+    if pool is None and not checks:
+        checks.append(Check("storage_pool", "Storage pool", "STORAGE", FAILED,
+                            f"pool '{pool_name}' does not exist",
+                            {"resolution": "Run 'coi setup'."}))
+    elif pool is not None:
+        backend["storage_pool"] = pool.name
+        backend["storage_driver"] = pool.driver
+        status = OK if pool.driver in ("btrfs", "zfs") else WARNING
+        msg = f"'{pool.name}' ({pool.driver})" + (
+            "" if status == OK else ": instance creation is slow; btrfs is 10x faster")
+        checks.append(Check("storage_pool", "Storage pool", "STORAGE", status, msg,
+                            {"driver": pool.driver}))
+    net_name = cfg.str("incus.network")
+    net = client.networks.get(net_name)
+    if net is None:
+        checks.append(Check("network_bridge", "Network bridge", "NETWORKING", FAILED,
+                            f"bridge '{net_name}' does not exist", {"resolution": "Run 'coi setup'."}))
+    else:
+        backend["bridge"] = net.name
+        backend["bridge_ipv4"] = net.config.get("ipv4.address", "")
+        checks.append(Check("network_bridge", "Network bridge", "NETWORKING", OK,
+                            f"'{net.name}' {net.config.get('ipv4.address', '')}"))
+    fwd = Path("/proc/sys/net/ipv4/ip_forward")
+    if fwd.exists():
+        on = fwd.read_text().strip() == "1"
+        checks.append(Check("ip_forwarding", "IP forwarding", "NETWORKING", OK if on else WARNING,
+                            "enabled" if on else "disabled: containers cannot reach the internet"))
+    image = cfg.str("defaults.image")
+    img = client.images.by_alias(image)
+    if img is None:
+        checks.append(Check("image", "Default image", "CONFIGURATION", WARNING,
+                            f"image '{image}' not built", {"resolution": "Run 'coi build'."}))
+    else:
+        checks.append(Check("image", "Default image", "CONFIGURATION", OK,
+                            f"'{image}' ({img.fingerprint[:12]}, {img.size / 1e6:.0f} MB)"))
+    prefix = os.environ.get("COI_CONTAINER_PREFIX", "coi-")
+    running = [i for i in client.instances.list() if i.name.startswith(prefix) and i.running]
+    checks.append(Check("active_containers", "Containers", "STATUS", OK,
+                        f"{len(running)} running", {"names": [i.name for i in running]}))
+    return checks
+
+
+def _local_checks(cfg: Config) -> list[Check]:
+    checks = [Check("config", "Config loaded", "CONFIGURATION", OK,
+                    ", ".join(str(f) for f in cfg.files) or "defaults only")]
+    home = coi_home()
+    checks.append(Check("coi_directory", "COI directory", "CONFIGURATION", OK, str(home)))
+    free = shutil.disk_usage(home if home.exists() else Path.home()).free / 2**30
+    checks.append(Check("disk_space", "Disk space", "STORAGE", OK if free > 5 else WARNING,
+                        f"{free:.1f} GiB free"))
+    sessions = sum(1 for d in home.glob("sessions-*/*") if d.is_dir()) if home.exists() else 0
+    checks.append(Check("saved_sessions", "Saved sessions", "STATUS", OK, f"{sessions} saved"))
+    return checks
+
+
+def render_text(report: HealthReport) -> str:
+    """Upstream's layout: categories, `  [OK]   Name : message`, then STATUS."""
+    lines = ["Code on Incus Health Check", "==========================", ""]
+    for cat in CATEGORIES:
+        rows = [c for c in report.checks if c.category == cat]
+        if not rows:
+            continue
+        lines.append(f"{cat}:")
+        for c in rows:
+            tag = {"ok": "[OK]", "warning": "[WARN]", "failed": "[FAIL]"}[c.status]
+            lines.append(f"  {tag:<6} {c.name:<18}: {c.message}")
+            if c.status != OK and c.details.get("resolution"):
+                lines.append(f"         {'':<18}  -> {c.details['resolution']}")
+        lines.append("")
+    total = len(report.checks)
+    warn = sum(c.status == WARNING for c in report.checks)
+    fail = sum(c.status == FAILED for c in report.checks)
+    lines.append(f"STATUS: {report.status.upper()}")
+    if fail:
+        lines.append(f"{fail} of {total} checks failed" + (f", {warn} warnings" if warn else ""))
+    elif warn:
+        lines.append(f"{total} checks passed with {warn} warnings")
+    else:
+        lines.append(f"All {total} checks passed")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Host set-up: installing, starting and initializing the container daemon."""

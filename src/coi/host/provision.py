@@ -1,0 +1,320 @@
+"""`coi setup`: make a fresh Linux machine ready, idempotently, reporting each step."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from coi.errors import SetupError
+from coi.host import daemon as dmn
+
+if TYPE_CHECKING:
+    from coi.backend.client import IncusClient
+
+# Host tools coi uses, by the command that proves each is there.
+HOST_PACKAGES = {
+    "busybox": "busybox-static",  # the tiny image
+    "tmux": "tmux",  # the tiny image carries the host's tmux
+    "mkfs.btrfs": "btrfs-progs",  # fast storage pool
+    "debootstrap": "debootstrap",  # `coi build` without an image server
+    "nft": "nftables",
+    "conntrack": "conntrack",
+    "ip": "iproute2",
+}
+
+# Candidate bridge subnets; the first that overlaps nothing on the host is used.
+BRIDGE_SUBNETS = ("10.123.45.1/24", "10.187.23.1/24", "172.29.137.1/24", "192.168.231.1/24")
+
+
+@dataclass
+class StepResult:
+    """One line of the setup report."""
+
+    name: str
+    changed: bool
+    message: str
+
+
+@dataclass
+class SetupReport:
+    """What `coi setup` found and did."""
+
+    steps: list[StepResult] = field(default_factory=list)
+    on_step: Callable[[StepResult], None] | None = None
+
+    def add(self, name: str, *, changed: bool, message: str) -> StepResult:
+        step = StepResult(name, changed, message)
+        self.steps.append(step)
+        if self.on_step:
+            self.on_step(step)
+        return step
+
+    @property
+    def changed(self) -> bool:
+        return any(s.changed for s in self.steps)
+
+
+@dataclass
+class SetupOptions:
+    """Choices for `coi setup`."""
+
+    pool: str = "coi"
+    pool_size_gib: int = 30
+    storage_driver: str = "auto"  # auto | btrfs | dir
+    network: str = "coibr0"
+    users: list[str] = field(default_factory=list)
+    project: str = "default"
+    build_tiny: bool = True
+
+
+def _need_root(step: str) -> SetupError:
+    return SetupError(
+        f"{step} needs root",
+        resolution="Run 'sudo coi setup' once; later runs as your user need no root.",
+    )
+
+
+def _missing_packages() -> list[str]:
+    return sorted({pkg for cmd, pkg in HOST_PACKAGES.items() if not shutil.which(cmd)
+                   and not Path(f"/sbin/{cmd}").exists() and not Path(f"/bin/{cmd}").exists()})
+
+
+def _apt_install(packages: Iterable[str]) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    pkgs = list(packages)
+    upd = subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env,
+                         check=False)
+    res = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *pkgs],
+                         capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise SetupError(
+            "installing packages failed: " + " ".join(pkgs),
+            details=(res.stderr or res.stdout or upd.stderr).strip()[-2000:],
+            resolution="Fix the package sources (apt-get update) and run 'coi setup' again.",
+        )
+
+
+def ensure_packages(report: SetupReport, *, is_root: bool) -> dmn.DaemonKind:
+    kind = dmn.installed_kind()
+    wanted = _missing_packages()
+    if kind is None:
+        if not is_root:
+            raise _need_root("installing the container daemon")
+        kind = dmn.kind_to_install()
+        wanted.append(kind.package)
+    if not wanted:
+        report.add("packages", changed=False, message=f"{kind.name} and host tools installed")
+        return kind
+    if not is_root:
+        raise _need_root("installing " + ", ".join(wanted))
+    if not shutil.which("apt-get"):
+        raise SetupError("cannot install " + ", ".join(wanted) + ": no apt-get on this machine",
+                         resolution="Install them with your package manager.")
+    _apt_install(wanted)
+    report.add("packages", changed=True, message="installed " + ", ".join(wanted))
+    return kind
+
+
+def ensure_running(report: SetupReport, kind: dmn.DaemonKind, *, is_root: bool) -> None:
+    from coi.backend.client import IncusClient
+    from coi.backend.connection import Endpoint
+    from coi.errors import BackendError
+
+    sock = dmn.socket_of(kind)
+    if sock:
+        try:
+            with IncusClient(Endpoint(sock), timeout=5) as c:
+                info = c.server
+            report.add("daemon", changed=False,
+                       message=f"{info.display_name} running ({sock})")
+            return
+        except BackendError:
+            pass
+    if not is_root:
+        raise _need_root(f"starting the {kind.name} daemon")
+    how = dmn.start_daemon(kind)
+    report.add("daemon", changed=True, message=how)
+
+
+def _id_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def ensure_subids(report: SetupReport, uids: list[int], *, is_root: bool) -> bool:
+    """Let the daemon (root) map each user's uid/gid into containers (`raw.idmap`)."""
+    changed = False
+    for fname in ("/etc/subuid", "/etc/subgid"):
+        path = Path(fname)
+        lines = _id_lines(path)
+        for uid in uids:
+            entry = f"root:{uid}:1"
+            if entry in lines:
+                continue
+            if not is_root:
+                raise _need_root(f"adding '{entry}' to {fname}")
+            lines.append(entry)
+            changed = True
+        if changed:
+            path.write_text("\n".join(lines) + "\n")
+    who = ", ".join(str(u) for u in uids) or "none"
+    report.add("uid mapping", changed=changed,
+               message=("added" if changed else "present") + f" root:UID:1 for uid {who}")
+    return changed
+
+
+def host_networks() -> list[ipaddress.IPv4Network]:
+    """Networks in use on the host: routes, addresses and the resolver."""
+    nets: list[ipaddress.IPv4Network] = []
+    out = subprocess.run(["ip", "-4", "-o", "route", "show", "table", "all"], capture_output=True,
+                         text=True, check=False).stdout
+    out += subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True,
+                          check=False).stdout
+    for tok in out.split():
+        try:
+            net = ipaddress.ip_network(tok, strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, ipaddress.IPv4Network) and net.prefixlen > 0:
+            nets.append(net)
+    resolv = Path("/etc/resolv.conf")
+    if resolv.exists():
+        for line in resolv.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                try:
+                    nets.append(ipaddress.IPv4Network(parts[1] + "/32"))
+                except ValueError:
+                    pass
+    return nets
+
+
+def pick_subnet(in_use: list[ipaddress.IPv4Network]) -> str:
+    for cand in BRIDGE_SUBNETS:
+        net = ipaddress.ip_interface(cand).network
+        if not any(net.overlaps(u) for u in in_use):
+            return cand
+    raise SetupError("no free private subnet for the coi bridge",
+                     details="Tried: " + ", ".join(BRIDGE_SUBNETS))
+
+
+def _btrfs_usable() -> bool:
+    fs = Path("/proc/filesystems").read_text() if Path("/proc/filesystems").exists() else ""
+    return "btrfs" in fs and bool(shutil.which("mkfs.btrfs"))
+
+
+def ensure_pool(report: SetupReport, client: IncusClient, opts: SetupOptions) -> None:
+    pool = client.networks.pool(opts.pool)
+    if pool:
+        report.add("storage pool", changed=False, message=f"'{pool.name}' ({pool.driver})")
+        return
+    driver = opts.storage_driver
+    if driver == "auto":
+        driver = "btrfs" if _btrfs_usable() else "dir"
+    config = {"size": f"{opts.pool_size_gib}GiB"} if driver == "btrfs" else {}
+    client.networks.create_pool(opts.pool, driver=driver, config=config)
+    why = "btrfs loop file: instant copy-on-write clones" if driver == "btrfs" else (
+        "dir: no btrfs on this kernel; instance creation is slower")
+    report.add("storage pool", changed=True, message=f"created '{opts.pool}' ({why})")
+
+
+def ensure_bridge(report: SetupReport, client: IncusClient, opts: SetupOptions) -> None:
+    net = client.networks.get(opts.network)
+    if net:
+        report.add("network", changed=False,
+                   message=f"bridge '{net.name}' {net.config.get('ipv4.address', '')}")
+        return
+    subnet = pick_subnet(host_networks())
+    client.networks.create(opts.network, config={
+        "ipv4.address": subnet, "ipv4.nat": "true", "ipv6.address": "none",
+    }, description="coi bridge")
+    report.add("network", changed=True, message=f"created bridge '{opts.network}' {subnet}")
+
+
+def ensure_tiny_image(report: SetupReport, client: IncusClient) -> None:
+    from coi.images.tiny import DESCRIPTION, TINY_ALIAS, build_tarball
+
+    if client.images.exists(TINY_ALIAS):
+        report.add("tiny image", changed=False, message=f"'{TINY_ALIAS}' present")
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coi"
+    tarball = build_tarball(cache / "coi-tiny.tar")
+    client.images.import_tarball(tarball, aliases=(TINY_ALIAS,),
+                                 properties={"description": DESCRIPTION})
+    tarball.unlink(missing_ok=True)
+    report.add("tiny image", changed=True, message=f"built and imported '{TINY_ALIAS}'")
+
+
+def users_to_map(names: list[str]) -> list[int]:
+    """Uids that will run coi: the named users, the sudo caller, and a non-root caller."""
+    uids: list[int] = []
+    for name in names:
+        try:
+            uids.append(pwd.getpwnam(name).pw_uid if not name.isdigit() else int(name))
+        except KeyError as err:
+            raise SetupError(f"no such user: {name}") from err
+    if os.environ.get("SUDO_UID", "").isdigit():
+        uids.append(int(os.environ["SUDO_UID"]))
+    if os.getuid() != 0:
+        uids.append(os.getuid())
+    return sorted({u for u in uids if u != 0})
+
+
+def ensure_group_members(report: SetupReport, kind: dmn.DaemonKind, names: list[str],
+                         *, is_root: bool) -> None:
+    import grp
+
+    added = []
+    try:
+        members = set(grp.getgrnam(kind.group).gr_mem)
+    except KeyError:
+        if names and is_root:
+            subprocess.run(["groupadd", "--system", kind.group], check=True)
+            members = set()
+        else:
+            return
+    for name in names:
+        if name.isdigit() or name in members:
+            continue
+        if not is_root:
+            raise _need_root(f"adding {name} to group {kind.group}")
+        subprocess.run(["usermod", "-aG", kind.group, name], check=True)
+        added.append(name)
+    if names:
+        report.add("socket access", changed=bool(added),
+                   message=(f"added {', '.join(added)} to" if added else "users already in")
+                   + f" group {kind.group}")
+
+
+def run_setup(opts: SetupOptions, *, progress: Callable[[StepResult], None] | None = None
+              ) -> SetupReport:
+    """Install, start and initialize the daemon. Safe to run again: it changes only what is missing."""
+    from coi.backend.client import IncusClient
+    from coi.backend.connection import Endpoint
+
+    report = SetupReport(on_step=progress)
+    is_root = os.geteuid() == 0
+    kind = ensure_packages(report, is_root=is_root)
+    ensure_group_members(report, kind, opts.users, is_root=is_root)
+    subids_changed = ensure_subids(report, users_to_map(opts.users), is_root=is_root)
+    ensure_running(report, kind, is_root=is_root)
+    if subids_changed:
+        if not is_root:
+            raise _need_root(f"restarting {kind.name}")
+        how = dmn.restart_daemon(kind)
+        report.add("daemon", changed=True, message=f"restarted to load the uid mapping ({how})")
+    sock = dmn.socket_of(kind)
+    if not sock:
+        raise SetupError(f"{kind.name} runs but its socket was not found")
+    with IncusClient(Endpoint(sock), project=opts.project) as client:
+        ensure_pool(report, client, opts)
+        ensure_bridge(report, client, opts)
+        if opts.build_tiny:
+            ensure_tiny_image(report, client)
+    return report

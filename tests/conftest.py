@@ -1,0 +1,106 @@
+"""Shared fixtures: a real daemon in a throw-away project, and helpers to run the coi CLI."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coi.backend import IncusClient
+from coi.errors import CoiError
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Everything under integration/ talks to the real daemon; it runs after the unit tests.
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.incus)
+    items.sort(key=lambda item: 1 if item.get_closest_marker("incus") else 0)
+
+
+def _daemon_or_skip() -> IncusClient:
+    try:
+        client = IncusClient.connect()
+        client.server  # noqa: B018 - touch the daemon now
+    except CoiError as err:
+        if IN_CI:
+            pytest.fail(f"CI=true and the daemon does not answer: {err}", pytrace=False)
+        pytest.skip(f"no Incus/LXD daemon: {err}")
+    return client
+
+
+@pytest.fixture(scope="session")
+def tiny_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from coi.images.tiny import build_tarball
+
+    return build_tarball(tmp_path_factory.mktemp("img") / "tiny.tar")
+
+
+@pytest.fixture(scope="session")
+def test_project(tiny_tarball: Path) -> Iterator[str]:
+    """A project of our own, purged before and after the run, holding the tiny image."""
+    root = _daemon_or_skip()
+    name = f"coi-test-{secrets.token_hex(3)}"
+    # Leftovers of earlier, killed runs go first.
+    for old in root.projects.names():
+        if old.startswith("coi-test-"):
+            root.projects.purge(old)
+    root.projects.create(name, config={"features.images": "true", "features.profiles": "true"},
+                         description="coi test run")
+    try:
+        with root.with_project(name) as client:
+            client.images.import_tarball(tiny_tarball, aliases=("coi-tiny",),
+                                         properties={"description": "coi tiny image"})
+        yield name
+    finally:
+        root.projects.purge(name)
+        root.close()
+
+
+@pytest.fixture
+def client(test_project: str) -> Iterator[IncusClient]:
+    with IncusClient.connect(project=test_project) as c:
+        yield c
+
+
+@pytest.fixture
+def pool() -> str:
+    return os.environ.get("COI_POOL", "coi")
+
+
+@pytest.fixture
+def bridge() -> str:
+    return os.environ.get("COI_NETWORK", "coibr0")
+
+
+@pytest.fixture
+def unique() -> str:
+    return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture
+def coi_env(test_project: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for running the coi CLI against the test project with its own state dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
+    env.update(COI_PROJECT=test_project, COI_HOME=str(tmp_path / "coi-home"),
+               XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    return env
+
+
+def run_coi(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            input: str | None = None, timeout: float = 120,
+            user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `coi` CLI in a subprocess (optionally as another host user)."""
+    cmd = [sys.executable, "-m", "coi", *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *cmd]
+    return subprocess.run(cmd, env=env, cwd=cwd, input=input, capture_output=True, text=True,
+                          timeout=timeout, check=False)

@@ -1,0 +1,228 @@
+"""The REST client against the real daemon: instances, exec, files, images, snapshots, networks."""
+
+from __future__ import annotations
+
+import os
+import pty
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from coi.backend import ExecRequest, IncusClient
+from coi.errors import Conflict, NotFound
+
+
+def _devices(pool: str, bridge: str | None = None) -> dict[str, dict[str, str]]:
+    devs = {"root": {"type": "disk", "path": "/", "pool": pool}}
+    if bridge:
+        devs["eth0"] = {"type": "nic", "network": bridge, "name": "eth0"}
+    return devs
+
+
+@pytest.fixture
+def running(client: IncusClient, pool: str, unique: str):
+    client.instances.create(unique, image="coi-tiny", devices=_devices(pool), start=True)
+    yield unique
+    client.instances.delete(unique, force=True)
+
+
+def test_server_info_names_kind_version_and_extensions(client: IncusClient) -> None:
+    info = client.server
+    assert info.kind in ("incus", "lxd")
+    assert info.version
+    assert info.has("instances") or len(info.api_extensions) > 100
+    assert client.header_prefix in ("X-Incus-", "X-LXD-")
+
+
+def test_lifecycle_create_state_freeze_stop_delete(client: IncusClient, pool: str,
+                                                   bridge: str, unique: str) -> None:
+    client.instances.create(unique, image="coi-tiny", devices=_devices(pool, bridge),
+                            config={"user.coi": "yes"}, start=True)
+    try:
+        inst = client.instances.get(unique)
+        assert inst.status == "Running" and inst.config["user.coi"] == "yes"
+        st = client.instances.state(unique)
+        assert st.pid > 0
+        client.instances.freeze(unique)
+        assert client.instances.get(unique).status == "Frozen"
+        client.instances.unfreeze(unique)
+        assert client.instances.get(unique).status == "Running"
+        # busybox init honours the daemon's power signal: a graceful stop finishes.
+        client.instances.stop(unique, timeout=20)
+        assert client.instances.get(unique).status == "Stopped"
+        with pytest.raises(Conflict):
+            client.instances.create(unique, image="coi-tiny", devices=_devices(pool))
+    finally:
+        client.instances.delete(unique, force=True)
+    assert not client.instances.exists(unique)
+    with pytest.raises(NotFound):
+        client.instances.get(unique)
+
+
+def test_ephemeral_instance_vanishes_on_stop(client: IncusClient, pool: str, unique: str) -> None:
+    client.instances.create(unique, image="coi-tiny", devices=_devices(pool), ephemeral=True,
+                            start=True)
+    assert client.instances.get(unique).ephemeral
+    client.instances.stop(unique, force=True)
+    assert not client.instances.exists(unique)
+
+
+def test_exec_streams_exit_code_env_cwd_user_stdin(client: IncusClient, running: str) -> None:
+    req = ExecRequest(["sh", "-c", 'echo "$FOO $(pwd) $(id -u)"; echo oops >&2; cat; exit 3'],
+                      env={"FOO": "bar"}, cwd="/tmp", user=1000)
+    res = client.exec.capture(running, req, stdin=b"from-stdin\n")
+    assert res.exit_code == 3
+    assert res.stdout == b"bar /tmp 1000\nfrom-stdin\n"
+    assert res.stderr == b"oops\n"
+
+
+def test_exec_streams_output_as_it_comes(client: IncusClient, running: str) -> None:
+    seen: list[tuple[float, bytes]] = []
+    t0 = time.monotonic()
+    res = client.exec.run(running, ExecRequest(["sh", "-c", "echo one; sleep 1; echo two"]),
+                          on_stdout=lambda b: seen.append((time.monotonic() - t0, b)))
+    assert res.exit_code == 0
+    assert b"".join(b for _, b in seen) == b"one\ntwo\n"
+    # The first line arrived before the command finished: it was streamed, not buffered.
+    assert seen[0][0] < seen[-1][0]
+
+
+def test_exec_large_output_and_quiet(client: IncusClient, running: str) -> None:
+    res = client.exec.capture(running, ExecRequest(["sh", "-c", "head -c 3000000 /dev/zero"]))
+    assert len(res.stdout) == 3_000_000
+    assert client.exec.quiet(running, ExecRequest(["sh", "-c", "exit 4"])) == 4
+
+
+def test_exec_signal_reaches_the_command(client: IncusClient, running: str) -> None:
+    def on_start(sess):  # type: ignore[no-untyped-def]
+        threading.Timer(0.5, sess.signal, args=(15,)).start()
+
+    res = client.exec.run(running, ExecRequest(["sh", "-c", "trap 'echo got-term; exit 9' TERM; "
+                                                "sleep 30 & wait"]), on_start=on_start)
+    assert res.exit_code == 9 and b"got-term" in res.stdout
+
+
+def test_interactive_exec_runs_on_a_pty_and_resizes(client: IncusClient, running: str) -> None:
+    master, slave = pty.openpty()
+    out_r, out_w = os.pipe()
+    os.write(master, b"hello\n")
+    with os.fdopen(out_w, "wb") as out:
+        code = client.exec.interactive(
+            running,
+            ExecRequest(["sh", "-c", "tty; stty size; read x; echo got:$x; exit 5"]),
+            stdin_fd=slave, stdout=out,
+        )
+    with os.fdopen(out_r, "rb") as fh:
+        data = fh.read()
+    assert code == 5, data
+    assert b"/dev/pts/" in data and b"got:hello" in data
+    os.close(master)
+    os.close(slave)
+
+
+def test_config_patch_and_device_add_remove(client: IncusClient, running: str,
+                                            tmp_path: Path) -> None:
+    client.instances.set_config(running, {"user.note": "x"})
+    (tmp_path / "f").write_text("data")
+    tmp_path.chmod(0o755)  # container root is an unprivileged host uid: it needs o+rx
+    client.instances.add_device(running, "extra", {"type": "disk", "source": str(tmp_path),
+                                                   "path": "/mnt/extra"})
+    res = client.exec.capture(running, ExecRequest(["cat", "/mnt/extra/f"]))
+    assert res.stdout == b"data"
+    client.instances.remove_device(running, "extra")
+    inst = client.instances.get(running)
+    assert "extra" not in inst.devices and inst.config["user.note"] == "x"
+    with pytest.raises(NotFound):
+        client.instances.remove_device(running, "extra")
+
+
+def test_files_push_pull_with_owner_and_mode(client: IncusClient, running: str,
+                                             tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(5 * 1024 * 1024))
+    big.chmod(0o640)
+    client.files.push_file(running, big, "/tmp/big.bin", uid=1000, gid=1000)
+    info = client.files.stat(running, "/tmp/big.bin")
+    assert info is not None and (info.uid, info.gid, info.mode, info.type) == (1000, 1000, 0o640,
+                                                                               "file")
+    back = tmp_path / "back.bin"
+    client.files.pull_file(running, "/tmp/big.bin", back)
+    assert back.read_bytes() == big.read_bytes()
+    assert stat.S_IMODE(back.stat().st_mode) == 0o640
+    assert client.files.stat(running, "/nope") is None
+    with pytest.raises(NotFound):
+        client.files.push_bytes(running, "/no/such/dir/f", b"x")
+
+
+def test_files_tree_round_trip(client: IncusClient, running: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "x.sh").write_text("#!/bin/sh\necho hi\n")
+    (src / "a" / "b" / "x.sh").chmod(0o755)
+    (src / "top.txt").write_text("top")
+    (src / "link").symlink_to("top.txt")
+    client.files.push_tree(running, src, "/tmp/tree", uid=1000, gid=1000)
+    res = client.exec.capture(running, ExecRequest(["sh", "-c", "/tmp/tree/a/b/x.sh; "
+                                                    "stat -c %u /tmp/tree/top.txt"]))
+    assert res.stdout == b"hi\n1000\n"
+    dst = tmp_path / "dst"
+    client.files.pull_tree(running, "/tmp/tree", dst)
+    assert (dst / "a" / "b" / "x.sh").read_text() == "#!/bin/sh\necho hi\n"
+    assert stat.S_IMODE((dst / "a" / "b" / "x.sh").stat().st_mode) == 0o755
+    assert (dst / "link").is_symlink() and os.readlink(dst / "link") == "top.txt"
+
+
+def test_snapshot_restore_brings_file_back(client: IncusClient, running: str) -> None:
+    client.files.push_bytes(running, "/root/state", b"v1")
+    client.instances.create_snapshot(running, "s1")
+    assert [s.name for s in client.instances.snapshots(running)] == ["s1"]
+    client.files.push_bytes(running, "/root/state", b"v2")
+    client.instances.stop(running, force=True)
+    client.instances.restore_snapshot(running, "s1")
+    assert client.files.read(running, "/root/state") == b"v1"
+    client.instances.delete_snapshot(running, "s1")
+    assert client.instances.snapshots(running) == []
+
+
+def test_images_publish_alias_and_delete(client: IncusClient, running: str, unique: str) -> None:
+    client.instances.create_snapshot(running, "pub")
+    fp = client.images.publish(instance=running, snapshot="pub", aliases=(f"{unique}-img",),
+                               properties={"description": "published by a test"})
+    try:
+        img = client.images.by_alias(f"{unique}-img")
+        assert img is not None and img.fingerprint == fp
+        assert img.description == "published by a test"
+        client.images.set_alias(f"{unique}-img2", fp)
+        assert client.images.alias_target(f"{unique}-img2") == fp
+    finally:
+        client.images.delete(fp)
+    assert not client.images.exists(f"{unique}-img")
+
+
+def test_network_acl_and_bridge_crud(client: IncusClient, unique: str) -> None:
+    name = f"coitest{unique[-4:]}"
+    client.networks.create(name, config={"ipv4.address": "10.201.77.1/24", "ipv4.nat": "true",
+                                         "ipv6.address": "none"})
+    try:
+        net = client.networks.get(name)
+        assert net is not None and net.config["ipv4.address"] == "10.201.77.1/24"
+        if client.has_extension("network_acl"):
+            client.networks.create_acl(name, egress=[{"action": "reject",
+                                                      "destination": "10.0.0.0/8",
+                                                      "state": "enabled"}])
+            acl = client.networks.acl(name)
+            assert acl is not None and acl.egress[0]["destination"] == "10.0.0.0/8"
+            client.networks.delete_acl(name)
+            assert client.networks.acl(name) is None
+    finally:
+        client.networks.delete(name)
+    assert client.networks.get(name) is None
+
+
+def test_unknown_instance_errors_are_typed(client: IncusClient) -> None:
+    with pytest.raises(NotFound) as err:
+        client.instances.start("does-not-exist")
+    assert "does-not-exist" in str(err.value) or "not found" in str(err.value).lower()
