@@ -53,12 +53,16 @@ def test_project(tiny_tarball: Path) -> Iterator[str]:
     for old in root.projects.names():
         if old.startswith("coi-test-"):
             root.projects.purge(old)
-    root.projects.create(name, config={"features.images": "true", "features.profiles": "true"},
-                         description="coi test run")
+    root.projects.create(
+        name,
+        config={"features.images": "true", "features.profiles": "true"},
+        description="coi test run",
+    )
     try:
         with root.with_project(name) as client:
-            client.images.import_tarball(tiny_tarball, aliases=("coi-tiny",),
-                                         properties={"description": "coi tiny image"})
+            client.images.import_tarball(
+                tiny_tarball, aliases=("coi-tiny",), properties={"description": "coi tiny image"}
+            )
         yield name
     finally:
         root.projects.purge(name)
@@ -90,17 +94,33 @@ def unique() -> str:
 def coi_env(test_project: str, tmp_path: Path) -> dict[str, str]:
     """Environment for running the coi CLI against the test project with its own state dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
-    env.update(COI_PROJECT=test_project, COI_HOME=str(tmp_path / "coi-home"),
-               XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    env.update(
+        COI_PROJECT=test_project,
+        COI_HOME=str(tmp_path / "coi-home"),
+        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
+    )
     return env
 
 
-def run_coi(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-            input: str | None = None, timeout: float = 120,
-            user: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_coi(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    input: str | None = None,
+    timeout: float = 120,
+    user: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the real `coi` CLI in a subprocess (optionally as another host user)."""
     cmd = [sys.executable, "-m", "coi", *args]
     if user:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *cmd]
-    return subprocess.run(cmd, env=env, cwd=cwd, input=input, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        cmd,
+        env=env,
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

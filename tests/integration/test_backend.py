@@ -37,10 +37,16 @@ def test_server_info_names_kind_version_and_extensions(client: IncusClient) -> N
     assert client.header_prefix in ("X-Incus-", "X-LXD-")
 
 
-def test_lifecycle_create_state_freeze_stop_delete(client: IncusClient, pool: str,
-                                                   bridge: str, unique: str) -> None:
-    client.instances.create(unique, image="coi-tiny", devices=_devices(pool, bridge),
-                            config={"user.coi": "yes"}, start=True)
+def test_lifecycle_create_state_freeze_stop_delete(
+    client: IncusClient, pool: str, bridge: str, unique: str
+) -> None:
+    client.instances.create(
+        unique,
+        image="coi-tiny",
+        devices=_devices(pool, bridge),
+        config={"user.coi": "yes"},
+        start=True,
+    )
     try:
         inst = client.instances.get(unique)
         assert inst.status == "Running" and inst.config["user.coi"] == "yes"
@@ -63,16 +69,21 @@ def test_lifecycle_create_state_freeze_stop_delete(client: IncusClient, pool: st
 
 
 def test_ephemeral_instance_vanishes_on_stop(client: IncusClient, pool: str, unique: str) -> None:
-    client.instances.create(unique, image="coi-tiny", devices=_devices(pool), ephemeral=True,
-                            start=True)
+    client.instances.create(
+        unique, image="coi-tiny", devices=_devices(pool), ephemeral=True, start=True
+    )
     assert client.instances.get(unique).ephemeral
     client.instances.stop(unique, force=True)
     assert not client.instances.exists(unique)
 
 
 def test_exec_streams_exit_code_env_cwd_user_stdin(client: IncusClient, running: str) -> None:
-    req = ExecRequest(["sh", "-c", 'echo "$FOO $(pwd) $(id -u)"; echo oops >&2; cat; exit 3'],
-                      env={"FOO": "bar"}, cwd="/tmp", user=1000)
+    req = ExecRequest(
+        ["sh", "-c", 'echo "$FOO $(pwd) $(id -u)"; echo oops >&2; cat; exit 3'],
+        env={"FOO": "bar"},
+        cwd="/tmp",
+        user=1000,
+    )
     res = client.exec.capture(running, req, stdin=b"from-stdin\n")
     assert res.exit_code == 3
     assert res.stdout == b"bar /tmp 1000\nfrom-stdin\n"
@@ -82,8 +93,11 @@ def test_exec_streams_exit_code_env_cwd_user_stdin(client: IncusClient, running:
 def test_exec_streams_output_as_it_comes(client: IncusClient, running: str) -> None:
     seen: list[tuple[float, bytes]] = []
     t0 = time.monotonic()
-    res = client.exec.run(running, ExecRequest(["sh", "-c", "echo one; sleep 1; echo two"]),
-                          on_stdout=lambda b: seen.append((time.monotonic() - t0, b)))
+    res = client.exec.run(
+        running,
+        ExecRequest(["sh", "-c", "echo one; sleep 1; echo two"]),
+        on_stdout=lambda b: seen.append((time.monotonic() - t0, b)),
+    )
     assert res.exit_code == 0
     assert b"".join(b for _, b in seen) == b"one\ntwo\n"
     # The first line arrived before the command finished: it was streamed, not buffered.
@@ -100,8 +114,11 @@ def test_exec_signal_reaches_the_command(client: IncusClient, running: str) -> N
     def on_start(sess):  # type: ignore[no-untyped-def]
         threading.Timer(0.5, sess.signal, args=(15,)).start()
 
-    res = client.exec.run(running, ExecRequest(["sh", "-c", "trap 'echo got-term; exit 9' TERM; "
-                                                "sleep 30 & wait"]), on_start=on_start)
+    res = client.exec.run(
+        running,
+        ExecRequest(["sh", "-c", "trap 'echo got-term; exit 9' TERM; sleep 30 & wait"]),
+        on_start=on_start,
+    )
     assert res.exit_code == 9 and b"got-term" in res.stdout
 
 
@@ -113,7 +130,8 @@ def test_interactive_exec_runs_on_a_pty_and_resizes(client: IncusClient, running
         code = client.exec.interactive(
             running,
             ExecRequest(["sh", "-c", "tty; stty size; read x; echo got:$x; exit 5"]),
-            stdin_fd=slave, stdout=out,
+            stdin_fd=slave,
+            stdout=out,
         )
     with os.fdopen(out_r, "rb") as fh:
         data = fh.read()
@@ -123,13 +141,15 @@ def test_interactive_exec_runs_on_a_pty_and_resizes(client: IncusClient, running
     os.close(slave)
 
 
-def test_config_patch_and_device_add_remove(client: IncusClient, running: str,
-                                            tmp_path: Path) -> None:
+def test_config_patch_and_device_add_remove(
+    client: IncusClient, running: str, tmp_path: Path
+) -> None:
     client.instances.set_config(running, {"user.note": "x"})
     (tmp_path / "f").write_text("data")
     tmp_path.chmod(0o755)  # container root is an unprivileged host uid: it needs o+rx
-    client.instances.add_device(running, "extra", {"type": "disk", "source": str(tmp_path),
-                                                   "path": "/mnt/extra"})
+    client.instances.add_device(
+        running, "extra", {"type": "disk", "source": str(tmp_path), "path": "/mnt/extra"}
+    )
     res = client.exec.capture(running, ExecRequest(["cat", "/mnt/extra/f"]))
     assert res.stdout == b"data"
     client.instances.remove_device(running, "extra")
@@ -139,15 +159,20 @@ def test_config_patch_and_device_add_remove(client: IncusClient, running: str,
         client.instances.remove_device(running, "extra")
 
 
-def test_files_push_pull_with_owner_and_mode(client: IncusClient, running: str,
-                                             tmp_path: Path) -> None:
+def test_files_push_pull_with_owner_and_mode(
+    client: IncusClient, running: str, tmp_path: Path
+) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(5 * 1024 * 1024))
     big.chmod(0o640)
     client.files.push_file(running, big, "/tmp/big.bin", uid=1000, gid=1000)
     info = client.files.stat(running, "/tmp/big.bin")
-    assert info is not None and (info.uid, info.gid, info.mode, info.type) == (1000, 1000, 0o640,
-                                                                               "file")
+    assert info is not None and (info.uid, info.gid, info.mode, info.type) == (
+        1000,
+        1000,
+        0o640,
+        "file",
+    )
     back = tmp_path / "back.bin"
     client.files.pull_file(running, "/tmp/big.bin", back)
     assert back.read_bytes() == big.read_bytes()
@@ -165,8 +190,9 @@ def test_files_tree_round_trip(client: IncusClient, running: str, tmp_path: Path
     (src / "top.txt").write_text("top")
     (src / "link").symlink_to("top.txt")
     client.files.push_tree(running, src, "/tmp/tree", uid=1000, gid=1000)
-    res = client.exec.capture(running, ExecRequest(["sh", "-c", "/tmp/tree/a/b/x.sh; "
-                                                    "stat -c %u /tmp/tree/top.txt"]))
+    res = client.exec.capture(
+        running, ExecRequest(["sh", "-c", "/tmp/tree/a/b/x.sh; stat -c %u /tmp/tree/top.txt"])
+    )
     assert res.stdout == b"hi\n1000\n"
     dst = tmp_path / "dst"
     client.files.pull_tree(running, "/tmp/tree", dst)
@@ -189,8 +215,12 @@ def test_snapshot_restore_brings_file_back(client: IncusClient, running: str) ->
 
 def test_images_publish_alias_and_delete(client: IncusClient, running: str, unique: str) -> None:
     client.instances.create_snapshot(running, "pub")
-    fp = client.images.publish(instance=running, snapshot="pub", aliases=(f"{unique}-img",),
-                               properties={"description": "published by a test"})
+    fp = client.images.publish(
+        instance=running,
+        snapshot="pub",
+        aliases=(f"{unique}-img",),
+        properties={"description": "published by a test"},
+    )
     try:
         img = client.images.by_alias(f"{unique}-img")
         assert img is not None and img.fingerprint == fp
@@ -204,15 +234,16 @@ def test_images_publish_alias_and_delete(client: IncusClient, running: str, uniq
 
 def test_network_acl_and_bridge_crud(client: IncusClient, unique: str) -> None:
     name = f"coitest{unique[-4:]}"
-    client.networks.create(name, config={"ipv4.address": "10.201.77.1/24", "ipv4.nat": "true",
-                                         "ipv6.address": "none"})
+    client.networks.create(
+        name, config={"ipv4.address": "10.201.77.1/24", "ipv4.nat": "true", "ipv6.address": "none"}
+    )
     try:
         net = client.networks.get(name)
         assert net is not None and net.config["ipv4.address"] == "10.201.77.1/24"
         if client.has_extension("network_acl"):
-            client.networks.create_acl(name, egress=[{"action": "reject",
-                                                      "destination": "10.0.0.0/8",
-                                                      "state": "enabled"}])
+            client.networks.create_acl(
+                name, egress=[{"action": "reject", "destination": "10.0.0.0/8", "state": "enabled"}]
+            )
             acl = client.networks.acl(name)
             assert acl is not None and acl.egress[0]["destination"] == "10.0.0.0/8"
             client.networks.delete_acl(name)

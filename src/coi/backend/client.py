@@ -243,7 +243,12 @@ class IncusClient:
     ) -> Any:
         """Send a request and return `metadata`; async operations are waited on unless told."""
         resp = self.raw_request(
-            method, path, params=params, json=json, content=content, headers=headers,
+            method,
+            path,
+            params=params,
+            json=json,
+            content=content,
+            headers=headers,
             timeout=timeout,
         )
         body: JSON = resp.json()

@@ -62,8 +62,13 @@ class ExecRequest:
 class ExecSession:
     """A started command: its websockets, and the operation that yields its exit code."""
 
-    def __init__(self, client: IncusClient, op: JSON, sockets: dict[str, ClientConnection],
-                 stack: contextlib.ExitStack):
+    def __init__(
+        self,
+        client: IncusClient,
+        op: JSON,
+        sockets: dict[str, ClientConnection],
+        stack: contextlib.ExitStack,
+    ):
         self._client = client
         self._op_id = str(op["id"])
         self.sockets = sockets
@@ -149,8 +154,10 @@ class ExecAPI:
             return unix_connect(
                 ep.socket_path, f"ws://incus{path}", max_size=None, compression=None
             )
-        ctx = ssl.create_default_context(cafile=ep.server_cert) if ep.server_cert else (
-            ssl.create_default_context()
+        ctx = (
+            ssl.create_default_context(cafile=ep.server_cert)
+            if ep.server_cert
+            else (ssl.create_default_context())
         )
         if ep.client_cert:
             ctx.load_cert_chain(*ep.client_cert)
@@ -158,8 +165,13 @@ class ExecAPI:
         return connect(url, ssl=ctx, max_size=None, compression=None)
 
     def start(
-        self, instance: str, req: ExecRequest, *, interactive: bool = False,
-        width: int = 80, height: int = 24,
+        self,
+        instance: str,
+        req: ExecRequest,
+        *,
+        interactive: bool = False,
+        width: int = 80,
+        height: int = 24,
     ) -> ExecSession:
         """Start a command and connect its websockets (the daemon waits for them)."""
         op = self._c.request(
@@ -204,8 +216,16 @@ class ExecAPI:
             on_start(sess)
         try:
             threads = [
-                threading.Thread(target=_pump_out, args=(sess.sockets["1"], on_stdout or out_buf.append), daemon=True),
-                threading.Thread(target=_pump_out, args=(sess.sockets["2"], on_stderr or err_buf.append), daemon=True),
+                threading.Thread(
+                    target=_pump_out,
+                    args=(sess.sockets["1"], on_stdout or out_buf.append),
+                    daemon=True,
+                ),
+                threading.Thread(
+                    target=_pump_out,
+                    args=(sess.sockets["2"], on_stderr or err_buf.append),
+                    daemon=True,
+                ),
                 threading.Thread(target=_feed_in, args=(sess.sockets["0"], stdin), daemon=True),
             ]
             for t in threads:

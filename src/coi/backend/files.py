@@ -1,4 +1,4 @@
-"""Instance files: streamed push and pull of files, directories and symlinks, with owners and modes."""
+"""Instance files: streamed push and pull of files, directories and symlinks, with modes."""
 
 from __future__ import annotations
 
@@ -61,35 +61,66 @@ class FilesAPI:
     # -- single objects ------------------------------------------------------------------
 
     def push_bytes(
-        self, instance: str, path: str, data: bytes, *, uid: int = 0, gid: int = 0,
-        mode: int = 0o644, append: bool = False,
+        self,
+        instance: str,
+        path: str,
+        data: bytes,
+        *,
+        uid: int = 0,
+        gid: int = 0,
+        mode: int = 0o644,
+        append: bool = False,
     ) -> None:
         """Write small content to a file (for large content use `push_file`)."""
+
         def gen() -> Iterator[bytes]:
             for i in range(0, len(data), _CHUNK):
                 yield data[i : i + _CHUNK]
 
         self._c.request(
-            "POST", self._url(instance), params={"path": path}, content=gen(),
-            headers=self._headers(uid=uid, gid=gid, mode=mode, kind="file",
-                                  write="append" if append else "overwrite"),
+            "POST",
+            self._url(instance),
+            params={"path": path},
+            content=gen(),
+            headers=self._headers(
+                uid=uid, gid=gid, mode=mode, kind="file", write="append" if append else "overwrite"
+            ),
         )
 
     def push_file(
-        self, instance: str, local: Path, path: str, *, uid: int = 0, gid: int = 0,
+        self,
+        instance: str,
+        local: Path,
+        path: str,
+        *,
+        uid: int = 0,
+        gid: int = 0,
         mode: int | None = None,
     ) -> None:
         """Stream a local file into the instance, keeping its mode unless one is given."""
         st = local.stat()
         with local.open("rb") as fh:
             self._c.request(
-                "POST", self._url(instance), params={"path": path}, content=_chunks(fh),
-                headers=self._headers(uid=uid, gid=gid, mode=stat.S_IMODE(st.st_mode)
-                                      if mode is None else mode, kind="file"),
+                "POST",
+                self._url(instance),
+                params={"path": path},
+                content=_chunks(fh),
+                headers=self._headers(
+                    uid=uid,
+                    gid=gid,
+                    mode=stat.S_IMODE(st.st_mode) if mode is None else mode,
+                    kind="file",
+                ),
             )
 
     def mkdir(
-        self, instance: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755,
+        self,
+        instance: str,
+        path: str,
+        *,
+        uid: int = 0,
+        gid: int = 0,
+        mode: int = 0o755,
         parents: bool = False,
     ) -> None:
         """Create a directory (and, with `parents`, its missing parents)."""
@@ -98,13 +129,19 @@ class FilesAPI:
             if parent and parent != "/" and self.stat(instance, parent) is None:
                 self.mkdir(instance, parent, uid=uid, gid=gid, mode=mode, parents=True)
         self._c.request(
-            "POST", self._url(instance), params={"path": path}, content=b"",
+            "POST",
+            self._url(instance),
+            params={"path": path},
+            content=b"",
             headers=self._headers(uid=uid, gid=gid, mode=mode, kind="directory"),
         )
 
     def symlink(self, instance: str, path: str, target: str, *, uid: int = 0, gid: int = 0) -> None:
         self._c.request(
-            "POST", self._url(instance), params={"path": path}, content=target.encode(),
+            "POST",
+            self._url(instance),
+            params={"path": path},
+            content=target.encode(),
             headers=self._headers(uid=uid, gid=gid, mode=0o777, kind="symlink"),
         )
 
@@ -173,8 +210,15 @@ class FilesAPI:
 
     # -- trees ---------------------------------------------------------------------------
 
-    def push_tree(self, instance: str, local: Path, path: str, *, uid: int | None = None,
-                  gid: int | None = None) -> int:
+    def push_tree(
+        self,
+        instance: str,
+        local: Path,
+        path: str,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> int:
         """Copy a local directory tree to `path`; keep modes. Returns the number of entries.
 
         Owners are `uid`/`gid` when given, else the local owner ids.
@@ -190,8 +234,13 @@ class FilesAPI:
                 rp = posixpath.join(remote_root, d)
                 lst = lp.lstat()
                 if stat.S_ISLNK(lst.st_mode):
-                    self.symlink(instance, rp, os.readlink(lp), uid=_id(uid, lst.st_uid),
-                                 gid=_id(gid, lst.st_gid))
+                    self.symlink(
+                        instance,
+                        rp,
+                        os.readlink(lp),
+                        uid=_id(uid, lst.st_uid),
+                        gid=_id(gid, lst.st_gid),
+                    )
                     dirs.remove(d)
                 else:
                     self._ensure_dir(instance, rp, lst, uid, gid)
@@ -201,18 +250,30 @@ class FilesAPI:
                 rp = posixpath.join(remote_root, f)
                 lst = lp.lstat()
                 if stat.S_ISLNK(lst.st_mode):
-                    self.symlink(instance, rp, os.readlink(lp), uid=_id(uid, lst.st_uid),
-                                 gid=_id(gid, lst.st_gid))
+                    self.symlink(
+                        instance,
+                        rp,
+                        os.readlink(lp),
+                        uid=_id(uid, lst.st_uid),
+                        gid=_id(gid, lst.st_gid),
+                    )
                 elif stat.S_ISREG(lst.st_mode):
-                    self.push_file(instance, lp, rp, uid=_id(uid, lst.st_uid),
-                                   gid=_id(gid, lst.st_gid))
+                    self.push_file(
+                        instance, lp, rp, uid=_id(uid, lst.st_uid), gid=_id(gid, lst.st_gid)
+                    )
                 count += 1
         return count
 
-    def _ensure_dir(self, instance: str, path: str, st: os.stat_result, uid: int | None,
-                    gid: int | None) -> None:
-        self.mkdir(instance, path, uid=_id(uid, st.st_uid), gid=_id(gid, st.st_gid),
-                   mode=stat.S_IMODE(st.st_mode))
+    def _ensure_dir(
+        self, instance: str, path: str, st: os.stat_result, uid: int | None, gid: int | None
+    ) -> None:
+        self.mkdir(
+            instance,
+            path,
+            uid=_id(uid, st.st_uid),
+            gid=_id(gid, st.st_gid),
+            mode=stat.S_IMODE(st.st_mode),
+        )
 
     def pull_tree(self, instance: str, path: str, local: Path) -> int:
         """Copy a directory tree out of the instance into `local` (created). Returns entries."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ class ImagesAPI:
     def __init__(self, client: IncusClient) -> None:
         self._c = client
 
-    def list(self) -> list[Image]:
+    def list(self) -> builtins.list[Image]:
         return [Image.from_api(d) for d in self._c.get("/1.0/images", recursion=1) or ()]
 
     def get(self, fingerprint: str) -> Image:
@@ -44,16 +45,22 @@ class ImagesAPI:
         return self.alias_target(alias) is not None
 
     def create_alias(self, alias: str, fingerprint: str, *, description: str = "") -> None:
-        self._c.request("POST", "/1.0/images/aliases",
-                        json={"name": alias, "target": fingerprint, "description": description})
+        self._c.request(
+            "POST",
+            "/1.0/images/aliases",
+            json={"name": alias, "target": fingerprint, "description": description},
+        )
 
     def set_alias(self, alias: str, fingerprint: str) -> None:
         """Point `alias` at `fingerprint`, creating or moving it."""
         if self.alias_target(alias) is None:
             self.create_alias(alias, fingerprint)
         else:
-            self._c.request("PATCH", f"/1.0/images/aliases/{quote(alias, safe='')}",
-                            json={"target": fingerprint})
+            self._c.request(
+                "PATCH",
+                f"/1.0/images/aliases/{quote(alias, safe='')}",
+                json={"target": fingerprint},
+            )
 
     def delete_alias(self, alias: str) -> None:
         self._c.request("DELETE", f"/1.0/images/aliases/{quote(alias, safe='')}")
@@ -62,10 +69,14 @@ class ImagesAPI:
         self._c.request("DELETE", f"/1.0/images/{quote(fingerprint, safe='')}")
 
     def import_tarball(
-        self, tarball: Path, *, aliases: tuple[str, ...] = (),
+        self,
+        tarball: Path,
+        *,
+        aliases: tuple[str, ...] = (),
         properties: Mapping[str, str] | None = None,
     ) -> str:
         """Upload a unified image tarball (metadata.yaml + rootfs/); return its fingerprint."""
+
         def chunks() -> Iterator[bytes]:
             with tarball.open("rb") as fh:
                 while chunk := fh.read(_CHUNK):
@@ -76,24 +87,31 @@ class ImagesAPI:
             from urllib.parse import urlencode
 
             headers[f"{self._c.header_prefix}properties"] = urlencode(dict(properties))
-        op = self._c.request("POST", "/1.0/images", content=chunks(), headers=headers,
-                             timeout=600)
+        op = self._c.request("POST", "/1.0/images", content=chunks(), headers=headers, timeout=600)
         fp = str((op.get("metadata") or {}).get("fingerprint") or "")
         for alias in aliases:
             self.set_alias(alias, fp)
         return fp
 
     def publish(
-        self, *, instance: str, snapshot: str | None = None, aliases: tuple[str, ...] = (),
+        self,
+        *,
+        instance: str,
+        snapshot: str | None = None,
+        aliases: tuple[str, ...] = (),
         properties: Mapping[str, str] | None = None,
     ) -> str:
-        """Publish an instance (stopped) or one of its snapshots as an image; return its fingerprint."""
+        """Publish a stopped instance, or a snapshot, as an image; return its fingerprint."""
         source: JSON = (
-            {"type": "snapshot", "name": f"{instance}/{snapshot}"} if snapshot
+            {"type": "snapshot", "name": f"{instance}/{snapshot}"}
+            if snapshot
             else {"type": "instance", "name": instance}
         )
-        body: JSON = {"source": source, "properties": dict(properties or {}),
-                      "compression_algorithm": "none"}
+        body: JSON = {
+            "source": source,
+            "properties": dict(properties or {}),
+            "compression_algorithm": "none",
+        }
         op = self._c.request("POST", "/1.0/images", json=body, timeout=600)
         fp = str((op.get("metadata") or {}).get("fingerprint") or "")
         for alias in aliases:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -25,12 +26,12 @@ class InstancesAPI:
 
     # -- reading -----------------------------------------------------------------------
 
-    def list(self, *, with_state: bool = False) -> list[Instance]:
+    def list(self, *, with_state: bool = False) -> builtins.list[Instance]:
         """All instances of the project; `with_state` embeds runtime state (slower)."""
         data = self._c.get("/1.0/instances", recursion=2 if with_state else 1)
         return [Instance.from_api(d) for d in data or ()]
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:
         urls = self._c.get("/1.0/instances") or []
         return [u.rsplit("/", 1)[-1].split("?", 1)[0] for u in urls]
 
@@ -56,7 +57,7 @@ class InstancesAPI:
         image: str,
         config: Mapping[str, str] | None = None,
         devices: Mapping[str, Mapping[str, str]] | None = None,
-        profiles: list[str] | None = None,
+        profiles: builtins.list[str] | None = None,
         ephemeral: bool = False,
         start: bool = False,
         description: str = "",
@@ -103,9 +104,7 @@ class InstancesAPI:
 
     # -- state ---------------------------------------------------------------------------
 
-    def set_state(
-        self, name: str, action: str, *, force: bool = False, timeout: int = -1
-    ) -> None:
+    def set_state(self, name: str, action: str, *, force: bool = False, timeout: int = -1) -> None:
         body: JSON = {"action": action, "force": force, "timeout": timeout}
         self._c.request("PUT", _path(name, "state"), json=body)
 
@@ -149,8 +148,11 @@ class InstancesAPI:
         if device not in devices:
             raise NotFound(f"instance '{name}' has no device '{device}'")
         del devices[device]
-        body = {k: inst[k] for k in ("architecture", "config", "ephemeral", "profiles",
-                                     "description", "stateful") if k in inst}
+        body = {
+            k: inst[k]
+            for k in ("architecture", "config", "ephemeral", "profiles", "description", "stateful")
+            if k in inst
+        }
         body["devices"] = devices
         etag = resp.headers.get("ETag")
         self._c.request("PUT", _path(name), json=body, headers={"If-Match": etag} if etag else None)
@@ -160,7 +162,7 @@ class InstancesAPI:
 
     # -- snapshots -----------------------------------------------------------------------
 
-    def snapshots(self, name: str) -> list[Snapshot]:
+    def snapshots(self, name: str) -> builtins.list[Snapshot]:
         data = self._c.get(_path(name, "snapshots"), recursion=1)
         return [Snapshot.from_api(d) for d in data or ()]
 

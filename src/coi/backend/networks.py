@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -21,7 +22,7 @@ class NetworksAPI:
 
     # -- networks -----------------------------------------------------------------------
 
-    def list(self) -> list[Network]:
+    def list(self) -> builtins.list[Network]:
         return [Network.from_api(d) for d in self._c.get("/1.0/networks", recursion=1) or ()]
 
     def get(self, name: str) -> Network | None:
@@ -30,21 +31,26 @@ class NetworksAPI:
         except NotFound:
             return None
 
-    def create(self, name: str, *, config: Mapping[str, str], type: str = "bridge",
-               description: str = "") -> None:
-        self._c.request("POST", "/1.0/networks", json={
-            "name": name, "type": type, "config": dict(config), "description": description})
+    def create(
+        self, name: str, *, config: Mapping[str, str], type: str = "bridge", description: str = ""
+    ) -> None:
+        self._c.request(
+            "POST",
+            "/1.0/networks",
+            json={"name": name, "type": type, "config": dict(config), "description": description},
+        )
 
     def patch(self, name: str, config: Mapping[str, str]) -> None:
-        self._c.request("PATCH", f"/1.0/networks/{quote(name, safe='')}",
-                        json={"config": dict(config)})
+        self._c.request(
+            "PATCH", f"/1.0/networks/{quote(name, safe='')}", json={"config": dict(config)}
+        )
 
     def delete(self, name: str) -> None:
         self._c.request("DELETE", f"/1.0/networks/{quote(name, safe='')}")
 
     # -- ACLs ----------------------------------------------------------------------------
 
-    def acls(self) -> list[NetworkACL]:
+    def acls(self) -> builtins.list[NetworkACL]:
         if not self._c.has_extension("network_acl"):
             return []
         return [NetworkACL.from_api(d) for d in self._c.get("/1.0/network-acls", recursion=1) or ()]
@@ -55,26 +61,52 @@ class NetworksAPI:
         except NotFound:
             return None
 
-    def create_acl(self, name: str, *, egress: Sequence[Mapping[str, str]] = (),
-                   ingress: Sequence[Mapping[str, str]] = (), description: str = "") -> None:
-        self._c.request("POST", "/1.0/network-acls", json={
-            "name": name, "description": description,
-            "egress": [dict(r) for r in egress], "ingress": [dict(r) for r in ingress]})
+    def create_acl(
+        self,
+        name: str,
+        *,
+        egress: Sequence[Mapping[str, str]] = (),
+        ingress: Sequence[Mapping[str, str]] = (),
+        description: str = "",
+    ) -> None:
+        self._c.request(
+            "POST",
+            "/1.0/network-acls",
+            json={
+                "name": name,
+                "description": description,
+                "egress": [dict(r) for r in egress],
+                "ingress": [dict(r) for r in ingress],
+            },
+        )
 
-    def update_acl(self, name: str, *, egress: Sequence[Mapping[str, str]],
-                   ingress: Sequence[Mapping[str, str]], description: str = "") -> None:
-        self._c.request("PUT", f"/1.0/network-acls/{quote(name, safe='')}", json={
-            "description": description,
-            "egress": [dict(r) for r in egress], "ingress": [dict(r) for r in ingress]})
+    def update_acl(
+        self,
+        name: str,
+        *,
+        egress: Sequence[Mapping[str, str]],
+        ingress: Sequence[Mapping[str, str]],
+        description: str = "",
+    ) -> None:
+        self._c.request(
+            "PUT",
+            f"/1.0/network-acls/{quote(name, safe='')}",
+            json={
+                "description": description,
+                "egress": [dict(r) for r in egress],
+                "ingress": [dict(r) for r in ingress],
+            },
+        )
 
     def delete_acl(self, name: str) -> None:
         self._c.request("DELETE", f"/1.0/network-acls/{quote(name, safe='')}")
 
     # -- storage pools -------------------------------------------------------------------
 
-    def pools(self) -> list[StoragePool]:
-        return [StoragePool.from_api(d)
-                for d in self._c.get("/1.0/storage-pools", recursion=1) or ()]
+    def pools(self) -> builtins.list[StoragePool]:
+        return [
+            StoragePool.from_api(d) for d in self._c.get("/1.0/storage-pools", recursion=1) or ()
+        ]
 
     def pool(self, name: str) -> StoragePool | None:
         try:
@@ -83,8 +115,11 @@ class NetworksAPI:
             return None
 
     def create_pool(self, name: str, *, driver: str, config: Mapping[str, str]) -> None:
-        self._c.request("POST", "/1.0/storage-pools",
-                        json={"name": name, "driver": driver, "config": dict(config)})
+        self._c.request(
+            "POST",
+            "/1.0/storage-pools",
+            json={"name": name, "driver": driver, "config": dict(config)},
+        )
 
     def delete_pool(self, name: str) -> None:
         self._c.request("DELETE", f"/1.0/storage-pools/{quote(name, safe='')}")

@@ -29,8 +29,11 @@ class ProjectsAPI:
         return True
 
     def create(self, name: str, *, config: Mapping[str, str], description: str = "") -> None:
-        self._c.request("POST", "/1.0/projects",
-                        json={"name": name, "config": dict(config), "description": description})
+        self._c.request(
+            "POST",
+            "/1.0/projects",
+            json={"name": name, "config": dict(config), "description": description},
+        )
 
     def delete(self, name: str) -> None:
         self._c.request("DELETE", f"/1.0/projects/{quote(name, safe='')}")
@@ -50,8 +53,11 @@ class ProjectsAPI:
                     pass
             # The project's default profile holds devices that reference pools/networks.
             try:
-                scoped.request("PUT", "/1.0/profiles/default",
-                               json={"config": {}, "devices": {}, "description": ""})
+                scoped.request(
+                    "PUT",
+                    "/1.0/profiles/default",
+                    json={"config": {}, "devices": {}, "description": ""},
+                )
             except NotFound:
                 pass
         finally:

@@ -54,8 +54,13 @@ class CoiGroup(click.Group):
 
     command_class = CoiCommand
 
-    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]] | None = None,
-                 examples: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        lazy: dict[str, tuple[str, str]] | None = None,
+        examples: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = dict(lazy or {})
         self.examples = examples
@@ -136,7 +141,7 @@ def usage_error_text(err: click.UsageError) -> str:
 @session_options
 @shell_options
 @click.pass_context
-def cli(ctx: click.Context, version: bool, **params: Any) -> None:
+def cli(ctx: click.Context, /, version: bool, **params: Any) -> None:
     """Code on Incus."""
     if version:
         from coi import __version__

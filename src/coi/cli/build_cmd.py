@@ -16,8 +16,10 @@ def build_cmd(ctx: click.Context, force: bool) -> None:
     """Build the 'coi' agent image (or, with a sub-command, another image)."""
     if ctx.invoked_subcommand is not None:
         return
-    raise click.UsageError("building the full 'coi' image is not available yet; "
-                           "use 'coi build tiny' for the minimal image")
+    raise click.UsageError(
+        "building the full 'coi' image is not available yet; "
+        "use 'coi build tiny' for the minimal image"
+    )
 
 
 @build_cmd.command("tiny", cls=CoiCommand, examples="  coi build tiny --force")

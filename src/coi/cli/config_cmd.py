@@ -17,7 +17,9 @@ def config_cmd(ctx: click.Context) -> None:
         click.echo(ctx.get_help())
 
 
-@config_cmd.command("show", cls=CoiCommand, examples="  coi config show\n  coi config show --format json")
+@config_cmd.command(
+    "show", cls=CoiCommand, examples="  coi config show\n  coi config show --format json"
+)
 @click.option("--profile", default=None, help="Apply this [profiles.NAME] first.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def show_cmd(profile: str | None, fmt: str) -> None:

@@ -22,5 +22,5 @@ def connect(cfg: Config) -> IncusClient:
     """A client for the configured daemon and project."""
     from coi.backend.client import IncusClient
 
-    remote = cfg.str("incus.remote") or None
-    return IncusClient.connect(env=os.environ, remote=remote, project=cfg.str("incus.project"))
+    remote = cfg.get_str("incus.remote") or None
+    return IncusClient.connect(env=os.environ, remote=remote, project=cfg.get_str("incus.project"))

@@ -9,10 +9,17 @@ import click
 from coi.cli.app import CoiCommand
 
 
-@click.command("health", cls=CoiCommand,
-               examples="  coi health\n  coi health --format json | jq .status")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
-              show_default=True, help="Output format.")
+@click.command(
+    "health", cls=CoiCommand, examples="  coi health\n  coi health --format json | jq .status"
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Output format.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Include optional checks.")
 @click.pass_context
 def health_cmd(ctx: click.Context, fmt: str, verbose: bool) -> None:

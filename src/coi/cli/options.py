@@ -35,29 +35,68 @@ def _apply(func: F, opts: list[Callable[[F], F]]) -> F:
 def session_options(func: F) -> F:
     """Workspace, slot, image, persistence, resume, env, mounts, network, limits."""
     opts: list[Callable[[F], F]] = [
-        click.option("-w", "--workspace", default=None, metavar="DIR",
-                     help="Workspace directory mounted at /workspace (default: .)."),
+        click.option(
+            "-w",
+            "--workspace",
+            default=None,
+            metavar="DIR",
+            help="Workspace directory mounted at /workspace (default: .).",
+        ),
         click.option("--slot", type=int, default=None, help="Slot number (default: first free)."),
         click.option("--image", default=None, help="Image alias (default: coi)."),
-        click.option("--persistent", is_flag=True, default=None,
-                     help="Keep the container after the session."),
-        click.option("--resume", default=None, is_flag=False, flag_value="auto", metavar="[=ID]",
-                     help="Resume this workspace's latest session, or the given session ID."),
-        click.option("--continue", "continue_", default=None, is_flag=False, flag_value="auto",
-                     metavar="[=ID]", help="Alias of --resume."),
+        click.option(
+            "--persistent", is_flag=True, default=None, help="Keep the container after the session."
+        ),
+        click.option(
+            "--resume",
+            default=None,
+            is_flag=False,
+            flag_value="auto",
+            metavar="[=ID]",
+            help="Resume this workspace's latest session, or the given session ID.",
+        ),
+        click.option(
+            "--continue",
+            "continue_",
+            default=None,
+            is_flag=False,
+            flag_value="auto",
+            metavar="[=ID]",
+            help="Alias of --resume.",
+        ),
         click.option("--profile", default=None, help="Named profile from the config."),
-        click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE",
-                     help="Environment variable for the tool (repeatable)."),
-        click.option("--mount", "mounts", multiple=True, metavar="HOST:CONTAINER",
-                     help="Extra mount (repeatable)."),
-        click.option("--network", default=None,
-                     type=click.Choice(["restricted", "allowlist", "open"]),
-                     help="Network mode (default: restricted)."),
-        click.option("--writable-git-hooks", is_flag=True, default=None,
-                     help="Do not protect .git/hooks and other protected paths."),
+        click.option(
+            "-e",
+            "--env",
+            "env",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Environment variable for the tool (repeatable).",
+        ),
+        click.option(
+            "--mount",
+            "mounts",
+            multiple=True,
+            metavar="HOST:CONTAINER",
+            help="Extra mount (repeatable).",
+        ),
+        click.option(
+            "--network",
+            default=None,
+            type=click.Choice(["restricted", "allowlist", "open"]),
+            help="Network mode (default: restricted).",
+        ),
+        click.option(
+            "--writable-git-hooks",
+            is_flag=True,
+            default=None,
+            help="Do not protect .git/hooks and other protected paths.",
+        ),
         click.option("--monitor", is_flag=True, default=None, help="Enable security monitoring."),
         click.option("--limit-cpu", default=None, help="CPUs: 2, 0-3 or 0,1."),
-        click.option("--limit-cpu-allowance", default=None, help="50% (share) or 25ms/100ms (cap)."),
+        click.option(
+            "--limit-cpu-allowance", default=None, help="50% (share) or 25ms/100ms (cap)."
+        ),
         click.option("--limit-cpu-priority", type=int, default=None, help="CPU priority 0-10."),
         click.option("--limit-memory", default=None, help="Memory limit, e.g. 2GiB or 50%."),
         click.option("--limit-memory-swap", default=None, help="true, false or a size."),
@@ -67,7 +106,9 @@ def session_options(func: F) -> F:
         click.option("--limit-disk-max", default=None, help="Combined read+write rate."),
         click.option("--limit-disk-priority", type=int, default=None, help="Disk priority 0-10."),
         click.option("--limit-processes", type=int, default=None, help="Maximum processes."),
-        click.option("--limit-duration", default=None, help="Stop after this long: 30s, 2h, 1h30m."),
+        click.option(
+            "--limit-duration", default=None, help="Stop after this long: 30s, 2h, 1h30m."
+        ),
     ]
     return _apply(func, opts)
 
@@ -76,10 +117,18 @@ def shell_options(func: F) -> F:
     """Flags of `coi shell` (also accepted by bare `coi`)."""
     opts: list[Callable[[F], F]] = [
         click.option("--debug", is_flag=True, default=None, help="Start bash instead of the tool."),
-        click.option("--background", is_flag=True, default=None,
-                     help="Start the tool in a detached tmux session."),
-        click.option("--tmux", type=click.BOOL, default=None,
-                     help="Run inside tmux (default true; --tmux=false runs it directly)."),
+        click.option(
+            "--background",
+            is_flag=True,
+            default=None,
+            help="Start the tool in a detached tmux session.",
+        ),
+        click.option(
+            "--tmux",
+            type=click.BOOL,
+            default=None,
+            help="Run inside tmux (default true; --tmux=false runs it directly).",
+        ),
         click.option("--tool", default=None, help="Agent tool (claude, opencode, aider, ...)."),
         click.option("--container", default=None, help="Use this existing container."),
     ]
@@ -87,7 +136,7 @@ def shell_options(func: F) -> F:
 
 
 def merged_params(ctx: click.Context, params: dict[str, Any]) -> dict[str, Any]:
-    """A sub-command's flags, falling back to the same flags given before it (`coi --slot 2 run`)."""
+    """A sub-command's flags, falling back to flags given before it (`coi --slot 2 run`)."""
     parent = ctx.parent.obj if ctx.parent and isinstance(ctx.parent.obj, dict) else {}
     out = dict(parent)
     for k, v in params.items():

@@ -13,12 +13,28 @@ EXAMPLES = """\
 
 
 @click.command("setup", cls=CoiCommand, examples=EXAMPLES)
-@click.option("--user", "users", multiple=True, metavar="NAME",
-              help="A user who will run coi: socket access and uid mapping (repeatable).")
-@click.option("--storage", type=click.Choice(["auto", "btrfs", "dir"]), default="auto",
-              show_default=True, help="Storage driver for the coi pool.")
-@click.option("--pool-size", type=int, default=30, show_default=True, metavar="GIB",
-              help="Size of a btrfs pool's sparse loop file.")
+@click.option(
+    "--user",
+    "users",
+    multiple=True,
+    metavar="NAME",
+    help="A user who will run coi: socket access and uid mapping (repeatable).",
+)
+@click.option(
+    "--storage",
+    type=click.Choice(["auto", "btrfs", "dir"]),
+    default="auto",
+    show_default=True,
+    help="Storage driver for the coi pool.",
+)
+@click.option(
+    "--pool-size",
+    type=int,
+    default=30,
+    show_default=True,
+    metavar="GIB",
+    help="Size of a btrfs pool's sparse loop file.",
+)
 @click.option("--no-image", is_flag=True, help="Do not build the tiny test image.")
 def setup_cmd(users: tuple[str, ...], storage: str, pool_size: int, no_image: bool) -> None:
     """Make this machine ready for coi (safe to run again).
@@ -37,8 +53,12 @@ def setup_cmd(users: tuple[str, ...], storage: str, pool_size: int, no_image: bo
         click.echo(f"{mark} {step.name}: {step.message}")
 
     opts = SetupOptions(
-        pool=cfg.str("incus.pool"), pool_size_gib=pool_size, storage_driver=storage,
-        network=cfg.str("incus.network"), users=list(users), project=cfg.str("incus.project"),
+        pool=cfg.get_str("incus.pool"),
+        pool_size_gib=pool_size,
+        storage_driver=storage,
+        network=cfg.get_str("incus.network"),
+        users=list(users),
+        project=cfg.get_str("incus.project"),
         build_tiny=not no_image,
     )
     report = run_setup(opts, progress=show)

@@ -7,8 +7,12 @@ import click
 from coi.cli.app import CoiCommand
 
 
-@click.command("version", cls=CoiCommand, examples="  coi version",
-               context_settings={"ignore_unknown_options": True})
+@click.command(
+    "version",
+    cls=CoiCommand,
+    examples="  coi version",
+    context_settings={"ignore_unknown_options": True},
+)
 @click.argument("ignored", nargs=-1, type=click.UNPROCESSED)
 def version_cmd(ignored: tuple[str, ...]) -> None:
     """Print the version of coi."""

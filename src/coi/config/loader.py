@@ -1,4 +1,4 @@
-"""Load config layers (defaults, files, profile, env, CLI) into one Config that knows each value's origin."""
+"""Load config layers (defaults, files, profile, env, CLI) into one Config with origins."""
 
 from __future__ import annotations
 
@@ -30,22 +30,22 @@ class Config:
     def get(self, key: str) -> Any:
         return self.values[key]
 
-    def str(self, key: str) -> str:
+    def get_str(self, key: str) -> str:
         return str(self.values[key])
 
-    def bool(self, key: str) -> bool:
+    def get_bool(self, key: str) -> bool:
         return bool(self.values[key])
 
-    def int(self, key: str) -> int:
+    def get_int(self, key: str) -> int:
         return int(self.values[key])
 
-    def float(self, key: str) -> float:
+    def get_float(self, key: str) -> float:
         return float(self.values[key])
 
-    def list(self, key: str) -> list[Any]:
+    def get_list(self, key: str) -> list[Any]:
         return list(self.values[key])
 
-    def table(self, key: str) -> dict[str, str]:
+    def get_table(self, key: str) -> dict[str, str]:
         return dict(self.values[key])
 
     def set(self, key: str, value: Any, origin: str) -> None:
@@ -68,54 +68,78 @@ def _suggest(key: str, known: list[str]) -> str:
     return f"Did you mean '{close[0]}'?" if close else "See 'coi config show' for every key."
 
 
-def _coerce(s: Setting, value: Any, origin: str) -> Any:
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(
-            f"{origin}: '{s.key}' must be {expected}, got {value!r}",
-            resolution=f"{s.key}: {s.help}",
-        )
+def _bad(s: Setting, value: Any, origin: str, expected: str) -> ConfigError:
+    return ConfigError(
+        f"{origin}: '{s.key}' must be {expected}, got {value!r}",
+        resolution=f"{s.key}: {s.help}",
+    )
 
-    if s.kind == "str":
-        if not isinstance(value, str):
-            raise bad("a string")
-        if s.choices and value not in s.choices:
-            raise bad("one of " + ", ".join(s.choices))
-        return value
-    if s.kind == "bool":
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise bad("true or false")
-    if s.kind == "int":
-        if isinstance(value, bool):
-            raise bad("a whole number")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise bad("a whole number")
-    if s.kind == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad("a number")
-    if s.kind == "list":
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings")
-        return list(value)
-    if s.kind == "table":
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise bad("a table of string values")
-        return dict(value)
-    if s.kind == "mounts":
-        if not isinstance(value, list) or not all(
-            isinstance(m, dict) and set(m) == {"host", "container"} for m in value
-        ):
-            raise bad("a list of tables with exactly 'host' and 'container'")
-        return [dict(m) for m in value]
-    raise AssertionError(s.kind)
+
+def _to_str(s: Setting, v: Any, origin: str) -> Any:
+    if not isinstance(v, str):
+        raise _bad(s, v, origin, "a string")
+    if s.choices and v not in s.choices:
+        raise _bad(s, v, origin, "one of " + ", ".join(s.choices))
+    return v
+
+
+def _to_bool(s: Setting, v: Any, origin: str) -> Any:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in _TRUE | _FALSE:
+        return v.lower() in _TRUE
+    raise _bad(s, v, origin, "true or false")
+
+
+def _to_int(s: Setting, v: Any, origin: str) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    raise _bad(s, v, origin, "a whole number")
+
+
+def _to_float(s: Setting, v: Any, origin: str) -> Any:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    raise _bad(s, v, origin, "a number")
+
+
+def _to_list(s: Setting, v: Any, origin: str) -> Any:
+    if isinstance(v, str):
+        return [x.strip() for x in v.split(",") if x.strip()]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _bad(s, v, origin, "a list of strings")
+    return list(v)
+
+
+def _to_table(s: Setting, v: Any, origin: str) -> Any:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise _bad(s, v, origin, "a table of string values")
+    return dict(v)
+
+
+def _to_mounts(s: Setting, v: Any, origin: str) -> Any:
+    if not isinstance(v, list) or not all(
+        isinstance(m, dict) and set(m) == {"host", "container"} for m in v
+    ):
+        raise _bad(s, v, origin, "a list of tables with exactly 'host' and 'container'")
+    return [dict(m) for m in v]
+
+
+_COERCE = {
+    "str": _to_str,
+    "bool": _to_bool,
+    "int": _to_int,
+    "float": _to_float,
+    "list": _to_list,
+    "table": _to_table,
+    "mounts": _to_mounts,
+}
+
+
+def _coerce(s: Setting, value: Any, origin: str) -> Any:
+    return _COERCE[s.kind](s, value, origin)
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -158,7 +182,9 @@ def _apply_layer(cfg: Config, data: Mapping[str, Any], origin: str) -> None:
                     resolution=_suggest(k, list(PROFILE_KEYS)),
                 )
             cfg.profiles.setdefault(name, {})[PROFILE_KEYS[k].key] = (
-                _coerce(PROFILE_KEYS[k], v, origin), origin)
+                _coerce(PROFILE_KEYS[k], v, origin),
+                origin,
+            )
     rest = {k: v for k, v in data.items() if k != "profiles"}
     for key, value in _flatten(rest).items():
         s = BY_KEY.get(key)
@@ -198,8 +224,9 @@ def load_config(
     if profile:
         if profile not in cfg.profiles:
             known = ", ".join(sorted(cfg.profiles)) or "none defined"
-            raise ConfigError(f"unknown profile '{profile}'",
-                              resolution=f"Profiles in your config: {known}.")
+            raise ConfigError(
+                f"unknown profile '{profile}'", resolution=f"Profiles in your config: {known}."
+            )
         for key, (value, origin) in cfg.profiles[profile].items():
             cfg.values[key] = value
             cfg.origins[key] = f"{origin} [profiles.{profile}]"

@@ -19,7 +19,7 @@ def expand(path: str, env: Mapping[str, str] | None = None) -> Path:
     """Expand a config path: a leading `~/.coi` follows COI_HOME, `~` is the home directory."""
     env = os.environ if env is None else env
     if path == "~/.coi" or path.startswith("~/.coi/"):
-        return coi_home(env) / path[len("~/.coi/"):] if path != "~/.coi" else coi_home(env)
+        return coi_home(env) / path[len("~/.coi/") :] if path != "~/.coi" else coi_home(env)
     if path.startswith("~"):
         return Path(env.get("HOME") or Path.home()) / path[2:]
     return Path(path)

@@ -57,8 +57,12 @@ class HealthReport:
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
             "backend": self.backend,
             "checks": {
-                c.key: {"name": c.name, "status": c.status, "message": c.message,
-                        **({"details": c.details} if c.details else {})}
+                c.key: {
+                    "name": c.name,
+                    "status": c.status,
+                    "message": c.message,
+                    **({"details": c.details} if c.details else {}),
+                }
                 for c in self.checks
             },
             "summary": {
@@ -77,8 +81,15 @@ def _system_checks() -> list[Check]:
         for line in rel.read_text().splitlines():
             if line.startswith("PRETTY_NAME="):
                 os_name = line.split("=", 1)[1].strip('"')
-    checks = [Check("os", "Operating system", "SYSTEM", OK,
-                    f"{os_name} ({platform.system().lower()}/{platform.machine()})")]
+    checks = [
+        Check(
+            "os",
+            "Operating system",
+            "SYSTEM",
+            OK,
+            f"{os_name} ({platform.system().lower()}/{platform.machine()})",
+        )
+    ]
     checks.append(Check("kernel_version", "Kernel", "SYSTEM", OK, platform.release()))
     return checks
 
@@ -91,18 +102,45 @@ def run_checks(cfg: Config, connect: Callable[[], IncusClient]) -> HealthReport:
         client = connect()
         info = client.server
     except CoiError as err:
-        checks.append(Check("incus", "Incus", "CRITICAL", FAILED, err.message,
-                            {"resolution": err.resolution} if err.resolution else {}))
+        checks.append(
+            Check(
+                "incus",
+                "Incus",
+                "CRITICAL",
+                FAILED,
+                err.message,
+                {"resolution": err.resolution} if err.resolution else {},
+            )
+        )
         checks += _local_checks(cfg)
         return HealthReport(checks, backend)
     with client:
-        backend = {"kind": info.kind, "version": info.version,
-                   "socket": client.endpoint.describe(), "api_extensions": len(info.api_extensions),
-                   "project": client.project}
-        checks.append(Check("incus", "Incus", "CRITICAL", OK,
-                            f"{info.display_name} running", {"socket": client.endpoint.describe()}))
-        checks.append(Check("permissions", "Permissions", "CRITICAL", OK,
-                            f"uid {os.getuid()} may use {client.endpoint.describe()}"))
+        backend = {
+            "kind": info.kind,
+            "version": info.version,
+            "socket": client.endpoint.describe(),
+            "api_extensions": len(info.api_extensions),
+            "project": client.project,
+        }
+        checks.append(
+            Check(
+                "incus",
+                "Incus",
+                "CRITICAL",
+                OK,
+                f"{info.display_name} running",
+                {"socket": client.endpoint.describe()},
+            )
+        )
+        checks.append(
+            Check(
+                "permissions",
+                "Permissions",
+                "CRITICAL",
+                OK,
+                f"uid {os.getuid()} may use {client.endpoint.describe()}",
+            )
+        )
         checks += _daemon_checks(cfg, client, backend)
     checks += _local_checks(cfg)
     return HealthReport(checks, backend)
@@ -110,62 +148,130 @@ def run_checks(cfg: Config, connect: Callable[[], IncusClient]) -> HealthReport:
 
 def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) -> list[Check]:
     checks: list[Check] = []
-    pool_name = cfg.str("incus.pool")
+    pool_name = cfg.get_str("incus.pool")
     try:
         pool = client.networks.pool(pool_name)
     except CoiError as err:
         pool = None
         checks.append(Check("storage_pool", "Storage pool", "STORAGE", FAILED, err.message))
     if pool is None and not checks:
-        checks.append(Check("storage_pool", "Storage pool", "STORAGE", FAILED,
-                            f"pool '{pool_name}' does not exist",
-                            {"resolution": "Run 'coi setup'."}))
+        checks.append(
+            Check(
+                "storage_pool",
+                "Storage pool",
+                "STORAGE",
+                FAILED,
+                f"pool '{pool_name}' does not exist",
+                {"resolution": "Run 'coi setup'."},
+            )
+        )
     elif pool is not None:
         backend["storage_pool"] = pool.name
         backend["storage_driver"] = pool.driver
         status = OK if pool.driver in ("btrfs", "zfs") else WARNING
         msg = f"'{pool.name}' ({pool.driver})" + (
-            "" if status == OK else ": instance creation is slow; btrfs is 10x faster")
-        checks.append(Check("storage_pool", "Storage pool", "STORAGE", status, msg,
-                            {"driver": pool.driver}))
-    net_name = cfg.str("incus.network")
+            "" if status == OK else ": instance creation is slow; btrfs is 10x faster"
+        )
+        checks.append(
+            Check("storage_pool", "Storage pool", "STORAGE", status, msg, {"driver": pool.driver})
+        )
+    net_name = cfg.get_str("incus.network")
     net = client.networks.get(net_name)
     if net is None:
-        checks.append(Check("network_bridge", "Network bridge", "NETWORKING", FAILED,
-                            f"bridge '{net_name}' does not exist", {"resolution": "Run 'coi setup'."}))
+        checks.append(
+            Check(
+                "network_bridge",
+                "Network bridge",
+                "NETWORKING",
+                FAILED,
+                f"bridge '{net_name}' does not exist",
+                {"resolution": "Run 'coi setup'."},
+            )
+        )
     else:
         backend["bridge"] = net.name
         backend["bridge_ipv4"] = net.config.get("ipv4.address", "")
-        checks.append(Check("network_bridge", "Network bridge", "NETWORKING", OK,
-                            f"'{net.name}' {net.config.get('ipv4.address', '')}"))
+        checks.append(
+            Check(
+                "network_bridge",
+                "Network bridge",
+                "NETWORKING",
+                OK,
+                f"'{net.name}' {net.config.get('ipv4.address', '')}",
+            )
+        )
     fwd = Path("/proc/sys/net/ipv4/ip_forward")
     if fwd.exists():
         on = fwd.read_text().strip() == "1"
-        checks.append(Check("ip_forwarding", "IP forwarding", "NETWORKING", OK if on else WARNING,
-                            "enabled" if on else "disabled: containers cannot reach the internet"))
-    image = cfg.str("defaults.image")
+        checks.append(
+            Check(
+                "ip_forwarding",
+                "IP forwarding",
+                "NETWORKING",
+                OK if on else WARNING,
+                "enabled" if on else "disabled: containers cannot reach the internet",
+            )
+        )
+    image = cfg.get_str("defaults.image")
     img = client.images.by_alias(image)
     if img is None:
-        checks.append(Check("image", "Default image", "CONFIGURATION", WARNING,
-                            f"image '{image}' not built", {"resolution": "Run 'coi build'."}))
+        checks.append(
+            Check(
+                "image",
+                "Default image",
+                "CONFIGURATION",
+                WARNING,
+                f"image '{image}' not built",
+                {"resolution": "Run 'coi build'."},
+            )
+        )
     else:
-        checks.append(Check("image", "Default image", "CONFIGURATION", OK,
-                            f"'{image}' ({img.fingerprint[:12]}, {img.size / 1e6:.0f} MB)"))
+        checks.append(
+            Check(
+                "image",
+                "Default image",
+                "CONFIGURATION",
+                OK,
+                f"'{image}' ({img.fingerprint[:12]}, {img.size / 1e6:.0f} MB)",
+            )
+        )
     prefix = os.environ.get("COI_CONTAINER_PREFIX", "coi-")
     running = [i for i in client.instances.list() if i.name.startswith(prefix) and i.running]
-    checks.append(Check("active_containers", "Containers", "STATUS", OK,
-                        f"{len(running)} running", {"names": [i.name for i in running]}))
+    checks.append(
+        Check(
+            "active_containers",
+            "Containers",
+            "STATUS",
+            OK,
+            f"{len(running)} running",
+            {"names": [i.name for i in running]},
+        )
+    )
     return checks
 
 
 def _local_checks(cfg: Config) -> list[Check]:
-    checks = [Check("config", "Config loaded", "CONFIGURATION", OK,
-                    ", ".join(str(f) for f in cfg.files) or "defaults only")]
+    checks = [
+        Check(
+            "config",
+            "Config loaded",
+            "CONFIGURATION",
+            OK,
+            ", ".join(str(f) for f in cfg.files) or "defaults only",
+        )
+    ]
     home = coi_home()
     checks.append(Check("coi_directory", "COI directory", "CONFIGURATION", OK, str(home)))
     free = shutil.disk_usage(home if home.exists() else Path.home()).free / 2**30
-    checks.append(Check("disk_space", "Disk space", "STORAGE", OK if free > 5 else WARNING,
-                        f"{free:.1f} GiB free"))
+    checks.append(
+        Check(
+            "disk_space",
+            "Disk space",
+            "STORAGE",
+            OK if free > 5 else WARNING,
+            f"{free:.1f} GiB free",
+        )
+    )
     sessions = sum(1 for d in home.glob("sessions-*/*") if d.is_dir()) if home.exists() else 0
     checks.append(Check("saved_sessions", "Saved sessions", "STATUS", OK, f"{sessions} saved"))
     return checks

@@ -1,4 +1,4 @@
-"""Find, install and start the container daemon (Incus preferred, LXD where Incus is not packaged)."""
+"""Find, install and start the container daemon (Incus preferred, else LXD)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ class DaemonKind:
     log_dir: str
 
 
-INCUS = DaemonKind("incus", "incus", "incusd", "incus-admin", "incus", INCUS_SOCKETS,
-                   "/var/log/incus")
+INCUS = DaemonKind(
+    "incus", "incus", "incusd", "incus-admin", "incus", INCUS_SOCKETS, "/var/log/incus"
+)
 LXD = DaemonKind("lxd", "lxd", "lxd", "lxd", "lxd", LXD_SOCKETS, "/var/log/lxd")
 
 
@@ -56,8 +57,9 @@ def apt_candidate(package: str) -> bool:
     """Whether apt can install `package` (it has a candidate version)."""
     if not shutil.which("apt-cache"):
         return False
-    out = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True,
-                         check=False).stdout
+    out = subprocess.run(
+        ["apt-cache", "policy", package], capture_output=True, text=True, check=False
+    ).stdout
     for line in out.splitlines():
         if line.strip().startswith("Candidate:"):
             return "(none)" not in line
@@ -110,7 +112,10 @@ def start_daemon(kind: DaemonKind, *, timeout: float = 60) -> str:
         with open(os.devnull, "rb") as null_in, log.open("ab") as out:
             proc = subprocess.Popen(
                 [binary, "--group", kind.group, "--logfile", str(log)],
-                stdin=null_in, stdout=out, stderr=out, start_new_session=True,
+                stdin=null_in,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
             )
         _pid_file(kind).write_text(f"{proc.pid}\n")
         how = f"started {kind.binary} in the background (log: {log})"
@@ -152,8 +157,10 @@ def _daemon_pids(kind: DaemonKind) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and os.path.basename(argv[0].decode(errors="replace")) == kind.binary and (
-            len(argv) < 2 or argv[1] in (b"--group", b"--logfile", b"--debug", b"")
+        if (
+            argv
+            and os.path.basename(argv[0].decode(errors="replace")) == kind.binary
+            and (len(argv) < 2 or argv[1] in (b"--group", b"--logfile", b"--debug", b""))
         ):
             pids.append(int(proc.name))
     return pids

@@ -82,17 +82,30 @@ def _need_root(step: str) -> SetupError:
 
 
 def _missing_packages() -> list[str]:
-    return sorted({pkg for cmd, pkg in HOST_PACKAGES.items() if not shutil.which(cmd)
-                   and not Path(f"/sbin/{cmd}").exists() and not Path(f"/bin/{cmd}").exists()})
+    return sorted(
+        {
+            pkg
+            for cmd, pkg in HOST_PACKAGES.items()
+            if not shutil.which(cmd)
+            and not Path(f"/sbin/{cmd}").exists()
+            and not Path(f"/bin/{cmd}").exists()
+        }
+    )
 
 
 def _apt_install(packages: Iterable[str]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     pkgs = list(packages)
-    upd = subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env,
-                         check=False)
-    res = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *pkgs],
-                         capture_output=True, text=True, env=env, check=False)
+    upd = subprocess.run(
+        ["apt-get", "update"], capture_output=True, text=True, env=env, check=False
+    )
+    res = subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", *pkgs],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if res.returncode != 0:
         raise SetupError(
             "installing packages failed: " + " ".join(pkgs),
@@ -115,8 +128,10 @@ def ensure_packages(report: SetupReport, *, is_root: bool) -> dmn.DaemonKind:
     if not is_root:
         raise _need_root("installing " + ", ".join(wanted))
     if not shutil.which("apt-get"):
-        raise SetupError("cannot install " + ", ".join(wanted) + ": no apt-get on this machine",
-                         resolution="Install them with your package manager.")
+        raise SetupError(
+            "cannot install " + ", ".join(wanted) + ": no apt-get on this machine",
+            resolution="Install them with your package manager.",
+        )
     _apt_install(wanted)
     report.add("packages", changed=True, message="installed " + ", ".join(wanted))
     return kind
@@ -132,8 +147,7 @@ def ensure_running(report: SetupReport, kind: dmn.DaemonKind, *, is_root: bool) 
         try:
             with IncusClient(Endpoint(sock), timeout=5) as c:
                 info = c.server
-            report.add("daemon", changed=False,
-                       message=f"{info.display_name} running ({sock})")
+            report.add("daemon", changed=False, message=f"{info.display_name} running ({sock})")
             return
         except BackendError:
             pass
@@ -164,18 +178,26 @@ def ensure_subids(report: SetupReport, uids: list[int], *, is_root: bool) -> boo
         if changed:
             path.write_text("\n".join(lines) + "\n")
     who = ", ".join(str(u) for u in uids) or "none"
-    report.add("uid mapping", changed=changed,
-               message=("added" if changed else "present") + f" root:UID:1 for uid {who}")
+    report.add(
+        "uid mapping",
+        changed=changed,
+        message=("added" if changed else "present") + f" root:UID:1 for uid {who}",
+    )
     return changed
 
 
 def host_networks() -> list[ipaddress.IPv4Network]:
     """Networks in use on the host: routes, addresses and the resolver."""
     nets: list[ipaddress.IPv4Network] = []
-    out = subprocess.run(["ip", "-4", "-o", "route", "show", "table", "all"], capture_output=True,
-                         text=True, check=False).stdout
-    out += subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True,
-                          check=False).stdout
+    out = subprocess.run(
+        ["ip", "-4", "-o", "route", "show", "table", "all"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    out += subprocess.run(
+        ["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=False
+    ).stdout
     for tok in out.split():
         try:
             net = ipaddress.ip_network(tok, strict=False)
@@ -200,8 +222,9 @@ def pick_subnet(in_use: list[ipaddress.IPv4Network]) -> str:
         net = ipaddress.ip_interface(cand).network
         if not any(net.overlaps(u) for u in in_use):
             return cand
-    raise SetupError("no free private subnet for the coi bridge",
-                     details="Tried: " + ", ".join(BRIDGE_SUBNETS))
+    raise SetupError(
+        "no free private subnet for the coi bridge", details="Tried: " + ", ".join(BRIDGE_SUBNETS)
+    )
 
 
 def _btrfs_usable() -> bool:
@@ -219,21 +242,33 @@ def ensure_pool(report: SetupReport, client: IncusClient, opts: SetupOptions) ->
         driver = "btrfs" if _btrfs_usable() else "dir"
     config = {"size": f"{opts.pool_size_gib}GiB"} if driver == "btrfs" else {}
     client.networks.create_pool(opts.pool, driver=driver, config=config)
-    why = "btrfs loop file: instant copy-on-write clones" if driver == "btrfs" else (
-        "dir: no btrfs on this kernel; instance creation is slower")
+    why = (
+        "btrfs loop file: instant copy-on-write clones"
+        if driver == "btrfs"
+        else ("dir: no btrfs on this kernel; instance creation is slower")
+    )
     report.add("storage pool", changed=True, message=f"created '{opts.pool}' ({why})")
 
 
 def ensure_bridge(report: SetupReport, client: IncusClient, opts: SetupOptions) -> None:
     net = client.networks.get(opts.network)
     if net:
-        report.add("network", changed=False,
-                   message=f"bridge '{net.name}' {net.config.get('ipv4.address', '')}")
+        report.add(
+            "network",
+            changed=False,
+            message=f"bridge '{net.name}' {net.config.get('ipv4.address', '')}",
+        )
         return
     subnet = pick_subnet(host_networks())
-    client.networks.create(opts.network, config={
-        "ipv4.address": subnet, "ipv4.nat": "true", "ipv6.address": "none",
-    }, description="coi bridge")
+    client.networks.create(
+        opts.network,
+        config={
+            "ipv4.address": subnet,
+            "ipv4.nat": "true",
+            "ipv6.address": "none",
+        },
+        description="coi bridge",
+    )
     report.add("network", changed=True, message=f"created bridge '{opts.network}' {subnet}")
 
 
@@ -245,8 +280,9 @@ def ensure_tiny_image(report: SetupReport, client: IncusClient) -> None:
         return
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coi"
     tarball = build_tarball(cache / "coi-tiny.tar")
-    client.images.import_tarball(tarball, aliases=(TINY_ALIAS,),
-                                 properties={"description": DESCRIPTION})
+    client.images.import_tarball(
+        tarball, aliases=(TINY_ALIAS,), properties={"description": DESCRIPTION}
+    )
     tarball.unlink(missing_ok=True)
     report.add("tiny image", changed=True, message=f"built and imported '{TINY_ALIAS}'")
 
@@ -266,8 +302,9 @@ def users_to_map(names: list[str]) -> list[int]:
     return sorted({u for u in uids if u != 0})
 
 
-def ensure_group_members(report: SetupReport, kind: dmn.DaemonKind, names: list[str],
-                         *, is_root: bool) -> None:
+def ensure_group_members(
+    report: SetupReport, kind: dmn.DaemonKind, names: list[str], *, is_root: bool
+) -> None:
     import grp
 
     added = []
@@ -287,14 +324,18 @@ def ensure_group_members(report: SetupReport, kind: dmn.DaemonKind, names: list[
         subprocess.run(["usermod", "-aG", kind.group, name], check=True)
         added.append(name)
     if names:
-        report.add("socket access", changed=bool(added),
-                   message=(f"added {', '.join(added)} to" if added else "users already in")
-                   + f" group {kind.group}")
+        report.add(
+            "socket access",
+            changed=bool(added),
+            message=(f"added {', '.join(added)} to" if added else "users already in")
+            + f" group {kind.group}",
+        )
 
 
-def run_setup(opts: SetupOptions, *, progress: Callable[[StepResult], None] | None = None
-              ) -> SetupReport:
-    """Install, start and initialize the daemon. Safe to run again: it changes only what is missing."""
+def run_setup(
+    opts: SetupOptions, *, progress: Callable[[StepResult], None] | None = None
+) -> SetupReport:
+    """Install, start and initialize the daemon; a second run changes nothing."""
     from coi.backend.client import IncusClient
     from coi.backend.connection import Endpoint
 

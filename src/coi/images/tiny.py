@@ -21,8 +21,17 @@ from coi.errors import SetupError
 TINY_ALIAS = "coi-tiny"
 DESCRIPTION = "coi tiny image (busybox, tmux)"
 
-_TERMINFO = ("dumb", "linux", "vt100", "xterm", "xterm-256color", "screen", "screen-256color",
-             "tmux", "tmux-256color")
+_TERMINFO = (
+    "dumb",
+    "linux",
+    "vt100",
+    "xterm",
+    "xterm-256color",
+    "screen",
+    "screen-256color",
+    "tmux",
+    "tmux-256color",
+)
 
 _INITTAB = """\
 ::sysinit:/etc/init.d/rcS
@@ -87,8 +96,9 @@ def _shared_libs(binary: str) -> list[str]:
 
 
 def _entries() -> list[_Entry]:
-    missing = [f"{p} (package {pkg})" for p, pkg in host_requirements().items()
-               if not Path(p).exists()]
+    missing = [
+        f"{p} (package {pkg})" for p, pkg in host_requirements().items() if not Path(p).exists()
+    ]
     if missing:
         raise SetupError(
             "cannot build the tiny image: host files are missing",
@@ -96,19 +106,44 @@ def _entries() -> list[_Entry]:
             resolution="Run 'coi setup' (it installs them) or apt-get install busybox-static tmux.",
         )
     entries: list[_Entry] = []
-    dirs = ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "etc/init.d", "proc", "sys",
-            "dev", "run", "var", "var/log", "root", "lib", "lib64", "usr/lib", "workspace",
-            "usr/share", "usr/share/terminfo", "mnt"]
+    dirs = [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "etc/init.d",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "var",
+        "var/log",
+        "root",
+        "lib",
+        "lib64",
+        "usr/lib",
+        "workspace",
+        "usr/share",
+        "usr/share/terminfo",
+        "mnt",
+    ]
     entries += [_Entry(d, "dir", mode=0o755) for d in dirs]
-    entries += [_Entry("tmp", "dir", mode=0o1777), _Entry("home", "dir", mode=0o755),
-                _Entry("home/code", "dir", mode=0o755, uid=1000)]
+    entries += [
+        _Entry("tmp", "dir", mode=0o1777),
+        _Entry("home", "dir", mode=0o755),
+        _Entry("home/code", "dir", mode=0o755, uid=1000),
+    ]
     entries.append(_Entry("bin/busybox", "file", Path("/bin/busybox").read_bytes(), 0o755))
-    applets = subprocess.run(["/bin/busybox", "--list-full"], capture_output=True, text=True,
-                             check=True).stdout.split()
+    applets = subprocess.run(
+        ["/bin/busybox", "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for applet in applets:
         if applet != "bin/busybox":
             entries.append(_Entry(applet, "symlink", target="/bin/busybox"))
-    entries.append(_Entry("bin/bash", "symlink", target="/bin/busybox"))  # `ash` answers to bash
+    # Sessions fall back to `bash` when the agent exits; busybox's ash stands in for it.
+    entries.append(_Entry("bin/bash", "file", b'#!/bin/sh\nexec /bin/sh "$@"\n', 0o755))
     entries.append(_Entry("usr/bin/tmux", "file", Path("/usr/bin/tmux").read_bytes(), 0o755))
     seen_dirs = set(dirs)
     for lib in _shared_libs("/usr/bin/tmux"):
@@ -142,7 +177,9 @@ def _entries() -> list[_Entry]:
         _Entry("etc/hostname", "file", b"coi\n"),
         _Entry("etc/hosts", "file", b"127.0.0.1 localhost\n"),
         _Entry("etc/resolv.conf", "file", b""),
-        _Entry("etc/profile", "file", b"export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin\n"),
+        _Entry(
+            "etc/profile", "file", b"export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin\n"
+        ),
     ]
     return entries
 

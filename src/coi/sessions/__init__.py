@@ -1,0 +1,1 @@
+"""Agent sessions: naming, slots, workspaces, sandboxes, saved conversations."""

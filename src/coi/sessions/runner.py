@@ -1,0 +1,435 @@
+"""Running sessions: `coi run` (one command) and `coi shell` (an agent in tmux)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from coi.backend.client import IncusClient
+from coi.config.loader import Config
+from coi.config.paths import coi_home
+from coi.errors import BackendError, NotFound
+from coi.sessions import naming
+from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
+from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
+from coi.tools.base import Tool
+
+
+class Terminated(BaseException):
+    """coi got SIGTERM or SIGHUP: unwind so cleanup runs, then exit 128+signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into an exception so `finally` blocks (cleanup) still run."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# -- coi run ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRequest:
+    """`coi run -- CMD`."""
+
+    command: list[str]
+    slot: int | None = None
+    capture: str | None = None  # None, "json" or "raw"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
+    """Run one command in a fresh sandbox; stream its output; return its exit code."""
+    log = stderr_log("")
+    box = Sandbox(client, spec, log=log)
+    box.ensure_image()
+    code = 1
+    with cleanup_on_signals():
+        try:
+            box.choose_slot(req.slot)
+            log(f"Launching container {box.name} from image {spec.image}...")
+            box.create_or_reuse()
+            log("Executing: " + " ".join(req.command))
+            exec_req = box.request(req.command, req.env)
+            if req.capture:
+                res = client.exec.capture(box.name, exec_req)
+                code = res.exit_code
+                _print_capture(req.capture, res.stdout, res.stderr, code)
+            else:
+                res = client.exec.run(
+                    box.name, exec_req, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr)
+                )
+                code = res.exit_code
+                log(
+                    "\nCommand completed successfully"
+                    if code == 0
+                    else f"\nCommand exited with code {code}"
+                )
+        except KeyboardInterrupt:
+            log("\nReceived interrupt signal, cleaning up...")
+            code = 130
+        except Terminated as t:
+            log("\nReceived termination signal, cleaning up...")
+            code = 128 + t.signum
+        finally:
+            _finish_run(box, spec)
+    return code
+
+
+def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
+    # Signals are ignored while we clean up, so a second Ctrl-C cannot leave a container.
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if (box.name and box.created) or (box.name and not spec.persistent):
+            if spec.persistent:
+                sys.stderr.write(f"Stopping persistent container {box.name}...\n")
+                box.stop()
+            else:
+                sys.stderr.write(f"Cleaning up container {box.name}...\n")
+                box.remove()
+        box.release()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _writer(stream: object) -> object:
+    buf = getattr(stream, "buffer", stream)
+
+    def write(data: bytes) -> None:
+        buf.write(data)  # type: ignore[attr-defined]
+        buf.flush()  # type: ignore[attr-defined]
+
+    return write
+
+
+def _print_capture(fmt: str, out: bytes, err: bytes, code: int) -> None:
+    if fmt == "json":
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "stdout": out.decode(errors="replace"),
+                    "stderr": err.decode(errors="replace"),
+                    "exit_code": code,
+                }
+            )
+            + "\n"
+        )
+    else:
+        sys.stdout.buffer.write(out)
+        sys.stderr.buffer.write(err)
+    sys.stdout.flush()
+
+
+# -- coi shell ----------------------------------------------------------------------------
+
+
+@dataclass
+class ShellRequest:
+    """`coi shell`."""
+
+    tool: Tool
+    slot: int | None = None
+    resume: str | None = None
+    container: str | None = None
+    background: bool = False
+    tmux: bool = True
+    debug: bool = False
+    bypass: bool = True
+    binary: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    persistent_explicit: bool = False
+
+
+class ShellSession:
+    """One `coi shell`: set up, run the tool in tmux, save the conversation, clean up."""
+
+    def __init__(
+        self, client: IncusClient, cfg: Config, spec: SandboxSpec, req: ShellRequest
+    ) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.spec = spec
+        self.req = req
+        self.log = stderr_log("[setup] ")
+        self.store = SessionStore(coi_home(), req.tool.name)
+        self.box = Sandbox(client, spec, log=self.log)
+        self.session_id = new_session_id()
+        self.resumed: Metadata | None = None
+
+    def run(self) -> int:
+        ws = str(self.spec.workspace)
+        if self.req.resume:
+            self.resumed = self.store.resolve_resume(self.req.resume, ws)
+            self.session_id = self.resumed.session_id
+            word = "Auto-detected" if self.req.resume == "auto" else "Resuming"
+            sys.stderr.write(f"{word} session: {self.session_id}\n")
+            if not self.req.persistent_explicit and self.resumed.persistent:
+                self.spec.persistent = True
+                sys.stderr.write("Inherited persistent mode from session\n")
+        sys.stderr.write(f"Setting up session {self.session_id}...\n")
+        with cleanup_on_signals():
+            try:
+                self._setup()
+                self._banner()
+                return self._run_tool()
+            except KeyboardInterrupt:
+                sys.stderr.write("\nReceived interrupt signal, cleaning up...\n")
+                return 0
+            except Terminated:
+                sys.stderr.write("\nReceived termination signal, cleaning up...\n")
+                return 0
+            finally:
+                self._cleanup()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        if self.req.container:
+            self.box.use_container(self.req.container)
+            if not self.box.running():
+                self.client.instances.start(self.box.name)
+        else:
+            self.box.choose_slot(self.req.slot)
+            self.log(f"Container name: {self.box.name}")
+            self.box.create_or_reuse()
+        self._save_metadata()
+        tool = self.req.tool
+        if tool.state_dir and self.resumed:
+            saved = self.store.state_path(self.session_id, tool.state_dir)
+            if saved.is_dir() and self.box.created:
+                self.log(f"Restoring session data from {self.session_id}")
+                self._push_dir(saved, f"{self.spec.home}/{tool.state_dir}")
+        self._inject_credentials()
+        self.log("Container setup complete!")
+
+    def _push_dir(self, local: Path, remote: str) -> None:
+        uid = self.spec.code_uid
+        parent = os.path.dirname(remote)
+        if parent != self.spec.home:
+            self.client.files.mkdir(self.box.name, parent, uid=uid, gid=uid, parents=True)
+        self.client.files.push_tree(self.box.name, local, remote, uid=uid, gid=uid)
+
+    def _inject_credentials(self) -> None:
+        """Copy the tool's own config files from the host home; never the environment."""
+        home = Path.home()
+        for rel in self.req.tool.credential_files:
+            src = home / rel
+            if not src.is_file():
+                continue
+            dest = f"{self.spec.home}/{rel}"
+            parent = os.path.dirname(dest)
+            if parent != self.spec.home:
+                self.client.files.mkdir(
+                    self.box.name,
+                    parent,
+                    uid=self.spec.code_uid,
+                    gid=self.spec.code_uid,
+                    mode=0o700,
+                    parents=True,
+                )
+            self.client.files.push_file(
+                self.box.name, src, dest, uid=self.spec.code_uid, gid=self.spec.code_uid, mode=0o600
+            )
+
+    def _save_metadata(self) -> None:
+        self.store.write_metadata(
+            Metadata(
+                session_id=self.session_id,
+                container_name=self.box.name,
+                persistent=self.spec.persistent,
+                workspace=str(self.spec.workspace),
+                saved_at=now_rfc3339(),
+                tool=self.req.tool.name,
+            )
+        )
+
+    def _banner(self) -> None:
+        mode = (
+            "Direct (no tmux)"
+            if not self.req.tmux
+            else "Background (tmux)"
+            if self.req.background
+            else "Interactive (tmux)"
+        )
+        lines = [
+            "",
+            "Starting session...",
+            f"Session ID: {self.session_id}",
+            f"Container: {self.box.name}",
+            f"Workspace: {self.spec.workspace}",
+            f"Mode: {mode}",
+        ]
+        if self.resumed:
+            lines.append(
+                "Resume mode: Persistent session"
+                if self.spec.persistent and not self.box.created
+                else "Resume mode: Restored conversation"
+            )
+        sys.stderr.write("\n".join(lines) + "\n\n")
+        sys.stderr.flush()
+
+    # -- the tool -------------------------------------------------------------------------
+
+    def tool_command(self) -> list[str]:
+        if self.req.debug:
+            return ["bash"]
+        tool = self.req.tool
+        resume_id = None
+        if self.resumed and tool.state_dir:
+            resume_id = tool.discover_resume_id(
+                self.store.state_path(self.session_id, tool.state_dir)
+            )
+        return tool.command(
+            session_id=self.session_id,
+            resume=self.resumed is not None,
+            bypass=self.req.bypass,
+            binary=self.req.binary,
+            resume_id=resume_id,
+        )
+
+    def _env(self) -> dict[str, str]:
+        return {**self.req.tool.env, **self.req.env}
+
+    def _run_tool(self) -> int:
+        name = self.box.name
+        cmd = self.tool_command()
+        if not self.req.tmux:
+            return self.client.exec.interactive(name, self.box.request(cmd, self._env()))
+        session = naming.tmux_session(name)
+        if self._tmux(["has-session", "-t", session]) != 0:
+            exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in self._env().items())
+            script = f"trap : INT; {exports}{shlex.join(cmd)}; exec bash"
+            self._tmux(
+                [
+                    "new-session",
+                    "-d",
+                    "-s",
+                    session,
+                    "-c",
+                    self.spec.workspace_target,
+                    "-x",
+                    "200",
+                    "-y",
+                    "50",
+                    "bash",
+                    "-c",
+                    script,
+                ],
+                check=True,
+            )
+        elif self.req.background:
+            self._tmux(["send-keys", "-t", session, shlex.join(cmd), "Enter"])
+            sys.stderr.write(f"Sent command to existing tmux session: {session}\n")
+        if self.req.background:
+            sys.stderr.write(
+                f"Created background tmux session: {session}\n"
+                f"Use 'coi tmux capture {name}' to view output\n"
+                f"Use 'coi tmux send {name} \"<command>\"' to send commands\n"
+            )
+            return 0
+        self.client.exec.interactive(
+            name, self.box.request(["tmux", "attach", "-t", session], self._env())
+        )
+        return 0
+
+    def _tmux(self, args: list[str], *, check: bool = False) -> int:
+        res = self.client.exec.capture(
+            self.box.name, self.box.request(["tmux", *args], self._env())
+        )
+        if check and res.exit_code != 0:
+            from coi.errors import SessionError
+
+            raise SessionError(
+                "could not start tmux in the container: "
+                + res.stderr.decode(errors="replace").strip()
+            )
+        return res.exit_code
+
+    # -- cleanup --------------------------------------------------------------------------
+
+    def _cleanup(self) -> None:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            sys.stderr.write("\nCleaning up session...\n")
+            log = stderr_log("[cleanup] ")
+            if self.box.name:
+                self._save_state(log)
+                self._save_metadata()
+                self._finish_container(log)
+            self.box.release()
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    def _save_state(self, log: Log) -> None:
+        tool = self.req.tool
+        if not tool.state_dir or not self.box.exists():
+            return
+        remote = f"{self.spec.home}/{tool.state_dir}"
+        target_parent = self.store.dir(self.session_id)
+        target_parent.mkdir(parents=True, exist_ok=True)
+        # Pull beside the destination (same filesystem) so the final swap is a rename.
+        tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=target_parent))
+        try:
+            if self.client.files.stat(self.box.name, remote) is None:
+                return
+            log(f"Saving session data to {target_parent}")
+            self.client.files.pull_tree(self.box.name, remote, tmp / "state")
+            self.store.replace_state(self.session_id, tool.state_dir, tmp / "state")
+            log("Session data saved successfully")
+        except BackendError as err:
+            log(f"Warning: could not save session data: {err}")
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _finish_container(self, log: Log) -> None:
+        name = self.box.name
+        try:
+            inst = self.client.instances.get(name)
+        except NotFound:
+            log("Container was already removed")
+            return
+        if self.spec.persistent or self.req.container:
+            if inst.running:
+                sys.stderr.write(_KEPT_HINT)
+            else:
+                log("Container was stopped but kept for reuse")
+            return
+        tmux_alive = (
+            inst.running and self._tmux(["has-session", "-t", naming.tmux_session(name)]) == 0
+        )
+        if tmux_alive:
+            sys.stderr.write(_KEPT_HINT)
+            return
+        log("Container was stopped, removing..." if not inst.running else "Removing container...")
+        self.box.remove()
+        log("Container removed (session data saved for --resume)")
+
+
+_KEPT_HINT = (
+    "Container kept running - use 'coi attach' to reconnect, 'coi shutdown' to stop, "
+    "or 'coi kill' to force stop\n"
+)

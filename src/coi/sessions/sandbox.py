@@ -1,0 +1,295 @@
+"""One sandbox: the container a session runs in, how it is made, entered and removed."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coi.backend.client import IncusClient
+from coi.backend.exec import ExecRequest
+from coi.config.loader import Config
+from coi.config.paths import coi_home
+from coi.errors import BackendError, NotFound, SessionError
+from coi.sessions import naming
+from coi.sessions.slots import SlotClaims
+from coi.sessions.workspace import Mount, host_owner_gid, host_owner_uid
+
+Log = Callable[[str], None]
+
+_TERM_FALLBACK = {
+    "xterm-ghostty",
+    "wezterm",
+    "alacritty",
+    "xterm-kitty",
+    "tmux-256color",
+    "screen-256color",
+    "foot",
+    "contour",
+}
+
+
+def sanitize_term(term: str | None) -> str:
+    """A TERM the container surely knows (exotic terminals become xterm-256color)."""
+    if not term or term in _TERM_FALLBACK or not re.fullmatch(r"[A-Za-z0-9._+-]+", term):
+        return "xterm-256color"
+    return term
+
+
+def stderr_log(prefix: str) -> Log:
+    def log(msg: str) -> None:
+        sys.stderr.write(f"{prefix}{msg}\n")
+        sys.stderr.flush()
+
+    return log
+
+
+@dataclass
+class SandboxSpec:
+    """Everything needed to create a session's container."""
+
+    workspace: Path
+    image: str
+    persistent: bool
+    mounts: list[Mount] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    code_uid: int = 1000
+    code_user: str = "code"
+    workspace_target: str = "/workspace"
+    pool: str = "coi"
+    network: str = "coibr0"
+
+    @property
+    def home(self) -> str:
+        return f"/home/{self.code_user}"
+
+
+def parse_env(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`KEY=VALUE` items (also comma-separated, as upstream accepts) -> dict."""
+    env: dict[str, str] = {}
+    for item in pairs:
+        for part in item.split(",") if "," in item and "=" in item.split(",")[-1] else [item]:
+            key, sep, value = part.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise SessionError(f"invalid environment variable '{part}': expected KEY=VALUE")
+            env[key] = value
+    return env
+
+
+def session_env(spec: SandboxSpec, extra: Mapping[str, str]) -> dict[str, str]:
+    """The agent's environment: nothing from the host unless the user put it there."""
+    env = {
+        "HOME": spec.home,
+        "USER": spec.code_user,
+        "LOGNAME": spec.code_user,
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "SHELL": "/bin/bash",
+        "LANG": "C.UTF-8",
+        "TERM": sanitize_term(os.environ.get("TERM")),
+        "IS_SANDBOX": "1",
+    }
+    env.update(spec.env)
+    env.update(extra)
+    return env
+
+
+def instance_config(spec: SandboxSpec, *, server_kind: str) -> dict[str, str]:
+    owner = host_owner_uid(spec.workspace)
+    gid = host_owner_gid(spec.workspace, owner)
+    config = {
+        # Docker inside needs nesting; mknod interception is broken on LXD 5.0 and not used.
+        "security.nesting": "true",
+        "security.syscalls.intercept.setxattr": "true",
+        "user.coi.workspace": str(spec.workspace),
+        "user.coi.persistent": "true" if spec.persistent else "false",
+    }
+    if owner != 0:
+        # The agent's uid inside *is* the user's uid outside, for the whole container: files
+        # it creates in the workspace belong to the user who ran coi.
+        config["raw.idmap"] = (
+            f"both {owner} {spec.code_uid}"
+            if owner == gid
+            else f"uid {owner} {spec.code_uid}\ngid {gid} {spec.code_uid}"
+        )
+    return config
+
+
+def instance_devices(spec: SandboxSpec) -> dict[str, dict[str, str]]:
+    devices: dict[str, dict[str, str]] = {
+        "root": {"type": "disk", "path": "/", "pool": spec.pool},
+        "eth0": {"type": "nic", "network": spec.network, "name": "eth0"},
+        "workspace": {"type": "disk", "source": str(spec.workspace), "path": spec.workspace_target},
+    }
+    for i, m in enumerate(spec.mounts):
+        dev = {"type": "disk", "source": str(m.host), "path": m.container}
+        if m.readonly:
+            dev["readonly"] = "true"
+        devices[f"mount-{i}"] = dev
+    return devices
+
+
+class Sandbox:
+    """A session's container: created (or reused), entered as the agent user, removed."""
+
+    def __init__(self, client: IncusClient, spec: SandboxSpec, *, log: Log) -> None:
+        self.client = client
+        self.spec = spec
+        self.log = log
+        self.name = ""
+        self.slot = 0
+        self.created = False
+        self._claims = SlotClaims(coi_home() / "locks")
+        self._ws_hash = naming.workspace_hash(str(spec.workspace))
+
+    # -- naming ---------------------------------------------------------------------------
+
+    def choose_slot(self, slot: int | None) -> None:
+        """Pick the container: the given slot (or the next free one after it), else the first free."""
+        existing = set(self.client.instances.names())
+        ws = str(self.spec.workspace)
+
+        def taken(n: int) -> bool:
+            return naming.container_name(ws, n) in existing
+
+        if slot:
+            name = naming.container_name(ws, slot)
+            running = name in existing and self.client.instances.get(name).running
+            if running and not self.spec.persistent:
+                new = self._claims.allocate(self._ws_hash, taken, start=slot + 1)
+                self.log(f"Slot {slot} is occupied, using slot {new} instead")
+                slot = new
+        else:
+            slot = self._claims.allocate(self._ws_hash, taken)
+            self.log(f"Auto-allocated slot {slot}")
+        self.slot = slot
+        self.name = naming.container_name(ws, slot)
+
+    def use_container(self, name: str) -> None:
+        """Use an existing container by name (`--container`)."""
+        if not self.client.instances.exists(name):
+            raise SessionError(f"container '{name}' not found")
+        self.name = name
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def ensure_image(self) -> None:
+        if not self.client.images.exists(self.spec.image):
+            raise SessionError(
+                f"image '{self.spec.image}' not found - run 'coi build' first",
+                resolution="Build it with 'coi build', or pass --image coi-tiny for a minimal one.",
+            )
+
+    def create_or_reuse(self) -> None:
+        """Create the container, or reuse this slot's persistent one."""
+        inst = None
+        try:
+            inst = self.client.instances.get(self.name)
+        except NotFound:
+            pass
+        if inst is not None:
+            if self.spec.persistent or inst.config.get("user.coi.persistent") == "true":
+                if inst.status == "Frozen":
+                    self.client.instances.unfreeze(self.name)
+                elif not inst.running:
+                    self.log("Restarting existing persistent container...")
+                    self.client.instances.start(self.name)
+                else:
+                    self.log("Container already running, reusing...")
+                return
+            self.log("Found stopped leftover container from previous session, deleting...")
+            self.client.instances.delete(self.name, force=True)
+        self.ensure_image()
+        self.log(f"Creating container from {self.spec.image}...")
+        self.client.instances.create(
+            self.name,
+            image=self.spec.image,
+            config=instance_config(self.spec, server_kind=self.client.server.kind),
+            devices=instance_devices(self.spec),
+            # Ephemeral: if coi dies, stopping the container is enough to leave nothing behind.
+            ephemeral=not self.spec.persistent,
+            start=True,
+            description=f"coi session for {self.spec.workspace}",
+        )
+        self.created = True
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.client.exec.quiet(self.name, ExecRequest(["true"])) == 0:
+                    return
+            except BackendError:
+                if time.monotonic() > deadline:
+                    raise
+            if time.monotonic() > deadline:
+                raise SessionError("container failed to become ready")
+            time.sleep(0.1)
+
+    def request(
+        self,
+        command: list[str],
+        env: Mapping[str, str],
+        *,
+        cwd: str | None = None,
+        as_root: bool = False,
+    ) -> ExecRequest:
+        return ExecRequest(
+            command=command,
+            env=session_env(self.spec, env),
+            cwd=cwd or self.spec.workspace_target,
+            user=None if as_root else self.spec.code_uid,
+            group=None if as_root else self.spec.code_uid,
+        )
+
+    def exists(self) -> bool:
+        return bool(self.name) and self.client.instances.exists(self.name)
+
+    def running(self) -> bool:
+        try:
+            return self.client.instances.get(self.name).running
+        except NotFound:
+            return False
+
+    def remove(self) -> None:
+        """Delete the container, whatever state it is in."""
+        try:
+            self.client.instances.delete(self.name, force=True)
+        except NotFound:
+            pass
+
+    def stop(self) -> None:
+        try:
+            self.client.instances.stop(self.name, timeout=10)
+        except BackendError:
+            try:
+                self.client.instances.stop(self.name, force=True)
+            except NotFound:
+                pass
+
+    def release(self) -> None:
+        if self.slot:
+            self._claims.release(self._ws_hash, self.slot)
+
+
+def build_spec(
+    cfg: Config, workspace: Path, *, mounts: list[Mount], env: dict[str, str]
+) -> SandboxSpec:
+    """The sandbox a config describes."""
+    target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
+    return SandboxSpec(
+        workspace=workspace,
+        image=cfg.get_str("defaults.image"),
+        persistent=cfg.get_bool("defaults.persistent"),
+        mounts=mounts,
+        env={**cfg.get_table("defaults.environment"), **env},
+        code_uid=cfg.get_int("incus.code_uid"),
+        code_user=cfg.get_str("incus.code_user"),
+        workspace_target=target,
+        pool=cfg.get_str("incus.pool"),
+        network=cfg.get_str("incus.network"),
+    )

@@ -1,0 +1,75 @@
+"""Slot allocation that is safe when several coi processes start on one workspace at once."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from coi.errors import SessionError
+from coi.sessions.naming import MAX_SLOTS
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SlotClaims:
+    """Claims on slots, kept as files under a lock so that two processes never pick one slot.
+
+    A claim lives from allocation until the container exists (or the session ends); the
+    claim of a process that died is ignored.
+    """
+
+    def __init__(self, lock_dir: Path) -> None:
+        self.dir = lock_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _locked(self, ws_hash: str) -> Iterator[None]:
+        with (self.dir / f"{ws_hash}.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _claim_path(self, ws_hash: str, slot: int) -> Path:
+        return self.dir / f"{ws_hash}-{slot}.claim"
+
+    def _claimed(self, ws_hash: str, slot: int) -> bool:
+        p = self._claim_path(ws_hash, slot)
+        try:
+            pid = int(p.read_text().strip() or "0")
+        except (OSError, ValueError):
+            return False
+        return pid != os.getpid() and _alive(pid)
+
+    def allocate(self, ws_hash: str, taken: Callable[[int], bool], *, start: int = 1) -> int:
+        """Claim the first slot from `start` that no container and no live process holds."""
+        with self._locked(ws_hash):
+            for slot in range(start, MAX_SLOTS + 1):
+                if self._claimed(ws_hash, slot) or taken(slot):
+                    continue
+                self._claim_path(ws_hash, slot).write_text(f"{os.getpid()}\n")
+                return slot
+        raise SessionError(
+            f"all {MAX_SLOTS} slots are in use",
+            resolution="Stop a session ('coi list', 'coi kill NAME').",
+        )
+
+    def release(self, ws_hash: str, slot: int) -> None:
+        p = self._claim_path(ws_hash, slot)
+        try:
+            if int(p.read_text().strip() or "0") == os.getpid():
+                p.unlink()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,122 @@
+"""Saved sessions: ~/.coi/sessions-<tool>/<id>/ with metadata.json and the tool's state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from coi.errors import SessionError
+from coi.sessions.naming import parse_name, workspace_hash
+
+
+def new_session_id() -> str:
+    return str(uuid.uuid4())
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Metadata:
+    """What `metadata.json` records (upstream's keys, one per line)."""
+
+    session_id: str
+    container_name: str
+    persistent: bool
+    workspace: str
+    saved_at: str
+    tool: str = ""
+
+
+class SessionStore:
+    """The sessions of one tool."""
+
+    def __init__(self, home: Path, tool: str) -> None:
+        self.root = home / f"sessions-{tool}"
+        self.tool = tool
+
+    def dir(self, session_id: str) -> Path:
+        return self.root / session_id
+
+    def write_metadata(self, meta: Metadata) -> None:
+        d = self.dir(meta.session_id)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / "metadata.json.tmp"
+        tmp.write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        tmp.replace(d / "metadata.json")
+
+    def read_metadata(self, session_id: str) -> Metadata | None:
+        p = self.dir(session_id) / "metadata.json"
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+        fields = Metadata.__dataclass_fields__
+        return Metadata(**{k: v for k, v in data.items() if k in fields})
+
+    def all(self) -> list[Metadata]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for d in self.root.iterdir():
+            meta = self.read_metadata(d.name) if d.is_dir() else None
+            if meta:
+                out.append(meta)
+        return sorted(out, key=lambda m: m.saved_at)
+
+    def latest_for_workspace(self, workspace: str) -> Metadata | None:
+        """The most recently saved session of this workspace only (never another's)."""
+        ws_hash = workspace_hash(workspace)
+        mine = []
+        for m in self.all():
+            parsed = parse_name(m.container_name)
+            same = m.workspace == workspace or (
+                parsed is not None and parsed[0] == ws_hash and not m.workspace
+            )
+            if same:
+                mine.append(m)
+        return mine[-1] if mine else None
+
+    def resolve_resume(self, resume: str, workspace: str) -> Metadata:
+        """`--resume` (auto) or `--resume=ID` -> the session to continue.
+
+        :raises SessionError: nothing to resume, or no such session.
+        """
+        if resume == "auto":
+            meta = self.latest_for_workspace(workspace)
+            if meta is None:
+                raise SessionError(
+                    "no previous session to resume for this workspace: no saved sessions "
+                    f"found for workspace {workspace}",
+                    resolution="Start a new session without --resume.",
+                )
+            return meta
+        meta = self.read_metadata(resume)
+        if meta is None:
+            raise SessionError(
+                f"session '{resume}' not found - check available sessions with: coi list --all"
+            )
+        return meta
+
+    def state_path(self, session_id: str, state_dir: str) -> Path:
+        return self.dir(session_id) / state_dir
+
+    def replace_state(self, session_id: str, state_dir: str, fresh: Path) -> None:
+        """Swap in a freshly pulled state directory (same filesystem, so the rename is atomic)."""
+        target = self.state_path(session_id, state_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            target.rename(old)
+        try:
+            fresh.rename(target)
+        except OSError as err:
+            if old.exists():
+                old.rename(target)
+            raise SessionError(f"could not save session data: {err}") from err
+        shutil.rmtree(old, ignore_errors=True)

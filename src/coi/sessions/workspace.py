@@ -1,0 +1,120 @@
+"""The workspace and extra mounts: path resolution, validation, and whose uid owns the files."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from coi.errors import UsageError
+
+FORBIDDEN_TARGETS = (
+    "/",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/usr",
+    "/root",
+    "/boot",
+    "/sys",
+    "/proc",
+    "/dev",
+    "/lib",
+    "/lib64",
+    "/home/code",
+)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory (or file) visible inside the container."""
+
+    host: Path
+    container: str
+    readonly: bool = False
+
+
+def resolve_workspace(path: str | None) -> Path:
+    """Absolute workspace path, without resolving symlinks (container names hash this string)."""
+    ws = Path(os.path.abspath(os.path.expanduser(path or ".")))
+    if not ws.is_dir():
+        raise UsageError(
+            f"workspace '{ws}' is not a directory",
+            resolution="Pass an existing folder with --workspace.",
+        )
+    return ws
+
+
+def parse_mount(spec: str) -> Mount:
+    """`HOST:CONTAINER` (optionally `:ro`) -> Mount.
+
+    :raises UsageError: malformed spec, missing source, or relative container path.
+    """
+    parts = spec.split(":")
+    readonly = False
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        readonly = parts[2] == "ro"
+        parts = parts[:2]
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise UsageError(f"invalid mount format '{spec}': expected HOST:CONTAINER")
+    return make_mount(parts[0], parts[1], readonly=readonly)
+
+
+def make_mount(host: str, container: str, *, readonly: bool = False) -> Mount:
+    src = Path(os.path.abspath(os.path.expanduser(host)))
+    if not src.exists():
+        raise UsageError(
+            f"mount source does not exist: {src}", resolution="Create it first, or fix the path."
+        )
+    if not container.startswith("/"):
+        raise UsageError(f"container path must be absolute: {container}")
+    target = posixpath.normpath(container)
+    if target in FORBIDDEN_TARGETS:
+        raise UsageError(f"cannot mount over {target}: the container needs it")
+    return Mount(src, target, readonly)
+
+
+def merge_mounts(
+    config_mounts: Iterable[Mapping[str, str]], cli_specs: Iterable[str], workspace_target: str
+) -> list[Mount]:
+    """Config mounts, then CLI mounts (a CLI mount replaces a config one at the same path)."""
+    by_target: dict[str, Mount] = {}
+    for m in config_mounts:
+        mount = make_mount(m["host"], m["container"])
+        by_target[mount.container] = mount
+    for spec in cli_specs:
+        mount = parse_mount(spec)
+        by_target[mount.container] = mount
+    mounts = list(by_target.values())
+    targets = [workspace_target, *[m.container for m in mounts]]
+    for i, a in enumerate(targets):
+        for b in targets[i + 1 :]:
+            if a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/"):
+                raise UsageError(f"nested mount paths detected: '{a}' and '{b}' conflict")
+    return mounts
+
+
+def host_owner_uid(workspace: Path, env: Mapping[str, str] | None = None) -> int:
+    """The host uid whose files the agent's files should be: the user who ran coi.
+
+    Under sudo that is the calling user; root running coi in a user's folder maps the
+    folder's owner.
+    """
+    env = os.environ if env is None else env
+    uid = os.getuid()
+    if uid == 0 and env.get("SUDO_UID", "").isdigit():
+        uid = int(env["SUDO_UID"])
+    if uid == 0:
+        uid = workspace.stat().st_uid
+    return uid
+
+
+def host_owner_gid(workspace: Path, uid: int, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    if uid == os.getuid():
+        return os.getgid()
+    if env.get("SUDO_GID", "").isdigit() and str(uid) == env.get("SUDO_UID"):
+        return int(env["SUDO_GID"])
+    return workspace.stat().st_gid

@@ -1,0 +1,1 @@
+"""The agent tools that ship with coi, one small module each."""

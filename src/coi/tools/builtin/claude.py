@@ -1,0 +1,38 @@
+"""Claude Code (the default tool)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coi.tools.base import Tool
+
+
+class Claude(Tool):
+    """Claude Code keeps conversations as JSONL files under ~/.claude/projects/-workspace/."""
+
+    def discover_resume_id(self, saved_state: Path) -> str | None:
+        convs = sorted(
+            (saved_state / "projects" / "-workspace").glob("*.jsonl"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        return convs[-1].stem if convs else None
+
+
+TOOL = Claude(
+    name="claude",
+    binary="claude",
+    state_dir=".claude",
+    args=("--verbose",),
+    bypass_args=("--permission-mode", "bypassPermissions"),
+    new_session_args=("--session-id", "{session_id}"),
+    resume_args=("--resume", "{resume_id}"),
+    credential_files=(
+        ".claude/.credentials.json",
+        ".claude/settings.json",
+        ".claude/config.yml",
+        ".claude/CLAUDE.md",
+        ".claude.json",
+    ),
+    env_keys=("ANTHROPIC_API_KEY", "CLAUDE_CODE_USE_BEDROCK", "AWS_REGION"),
+    description="Anthropic's Claude Code",
+)
