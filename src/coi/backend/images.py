@@ -56,10 +56,11 @@ class ImagesAPI:
         if self.alias_target(alias) is None:
             self.create_alias(alias, fingerprint)
         else:
+            # PUT, not PATCH: LXD 5.0's PATCH on an alias hangs until its context times out.
             self._c.request(
-                "PATCH",
+                "PUT",
                 f"/1.0/images/aliases/{quote(alias, safe='')}",
-                json={"target": fingerprint},
+                json={"target": fingerprint, "description": ""},
             )
 
     def delete_alias(self, alias: str) -> None:

@@ -123,8 +123,10 @@ def usage_error_text(err: click.UsageError) -> str:
     """Upstream's wording: `Error: ...` then a pointer to help."""
     path = err.ctx.command_path if err.ctx else "coi"
     msg = err.format_message()
-    if msg.startswith("No such option: "):
-        msg = "unknown flag: " + msg.removeprefix("No such option: ").split(" ")[0]
+    if isinstance(err, click.NoSuchOption):
+        # cobra's wording, which users' scripts grep for; click's hint is kept after it.
+        hint = f" ({msg.split('. ', 1)[1].rstrip('.')})" if ". " in msg else ""
+        msg = f"unknown flag: {err.option_name}{hint}"
     return f"Error: {msg}\nRun '{path} --help' for usage.\n"
 
 

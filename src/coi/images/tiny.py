@@ -157,6 +157,17 @@ def _entries() -> list[_Entry]:
                 seen_dirs.add(d)
                 entries.append(_Entry(d, "dir", mode=0o755))
         entries.append(_Entry(rel, "file", real.read_bytes(), 0o755))
+    # tmux refuses to start without a UTF-8 locale: ship glibc's C.UTF-8.
+    locale_dir = Path("/usr/lib/locale/C.utf8")
+    if locale_dir.is_dir():
+        for d in ("usr/lib/locale", "usr/lib/locale/C.utf8", "usr/lib/locale/C.utf8/LC_MESSAGES"):
+            if d not in seen_dirs:
+                seen_dirs.add(d)
+                entries.append(_Entry(d, "dir", mode=0o755))
+        for f in sorted(locale_dir.rglob("*")):
+            if f.is_file():
+                rel = f"usr/lib/locale/C.utf8/{f.relative_to(locale_dir)}"
+                entries.append(_Entry(rel, "file", f.read_bytes()))
     for name in _TERMINFO:
         for base in ("/lib/terminfo", "/usr/share/terminfo"):
             src = Path(base) / name[0] / name

@@ -8,11 +8,12 @@ import shlex
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TextIO
 
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
@@ -114,12 +115,12 @@ def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
         signal.signal(signal.SIGINT, old)
 
 
-def _writer(stream: object) -> object:
-    buf = getattr(stream, "buffer", stream)
+def _writer(stream: TextIO) -> Callable[[bytes], None]:
+    buf = stream.buffer
 
     def write(data: bytes) -> None:
-        buf.write(data)  # type: ignore[attr-defined]
-        buf.flush()  # type: ignore[attr-defined]
+        buf.write(data)
+        buf.flush()
 
     return write
 
@@ -320,7 +321,10 @@ class ShellSession:
         session = naming.tmux_session(name)
         if self._tmux(["has-session", "-t", session]) != 0:
             exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in self._env().items())
-            script = f"trap : INT; {exports}{shlex.join(cmd)}; exec bash"
+            # When the tool exits, the pane falls back to a shell (upstream's behaviour);
+            # with --debug the shell *is* the command, so one `exit` ends the session.
+            fallback = "" if self.req.debug else "; exec bash"
+            script = f"trap : INT; {exports}{shlex.join(cmd)}{fallback}"
             self._tmux(
                 [
                     "new-session",

@@ -148,7 +148,7 @@ class Sandbox:
     # -- naming ---------------------------------------------------------------------------
 
     def choose_slot(self, slot: int | None) -> None:
-        """Pick the container: the given slot (or the next free one after it), else the first free."""
+        """Pick the container: the given slot (or the next free after it), else the first free."""
         existing = set(self.client.instances.names())
         ws = str(self.spec.workspace)
 

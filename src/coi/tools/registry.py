@@ -1,4 +1,4 @@
-"""Find tools by name: the built-in ones, then third-party ones from the `coi.tools` entry points."""
+"""Find tools by name: the built-in ones, then plugins from the `coi.tools` entry points."""
 
 from __future__ import annotations
 
