@@ -157,17 +157,7 @@ def _entries() -> list[_Entry]:
                 seen_dirs.add(d)
                 entries.append(_Entry(d, "dir", mode=0o755))
         entries.append(_Entry(rel, "file", real.read_bytes(), 0o755))
-    # tmux refuses to start without a UTF-8 locale: ship glibc's C.UTF-8.
-    locale_dir = Path("/usr/lib/locale/C.utf8")
-    if locale_dir.is_dir():
-        for d in ("usr/lib/locale", "usr/lib/locale/C.utf8", "usr/lib/locale/C.utf8/LC_MESSAGES"):
-            if d not in seen_dirs:
-                seen_dirs.add(d)
-                entries.append(_Entry(d, "dir", mode=0o755))
-        for f in sorted(locale_dir.rglob("*")):
-            if f.is_file():
-                rel = f"usr/lib/locale/C.utf8/{f.relative_to(locale_dir)}"
-                entries.append(_Entry(rel, "file", f.read_bytes()))
+    entries += _locale_entries(seen_dirs)
     for name in _TERMINFO:
         for base in ("/lib/terminfo", "/usr/share/terminfo"):
             src = Path(base) / name[0] / name
@@ -192,6 +182,24 @@ def _entries() -> list[_Entry]:
             "etc/profile", "file", b"export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin\n"
         ),
     ]
+    return entries
+
+
+def _locale_entries(seen_dirs: set[str]) -> list[_Entry]:
+    """glibc's C.UTF-8 locale: tmux refuses to start without a UTF-8 locale."""
+    entries: list[_Entry] = []
+    locale_dir = Path("/usr/lib/locale/C.utf8")
+    if not locale_dir.is_dir():
+        return entries
+    for d in ("usr/lib/locale", "usr/lib/locale/C.utf8", "usr/lib/locale/C.utf8/LC_MESSAGES"):
+        if d not in seen_dirs:
+            seen_dirs.add(d)
+            entries.append(_Entry(d, "dir", mode=0o755))
+    for f in sorted(locale_dir.rglob("*")):
+        if f.is_file():
+            entries.append(
+                _Entry(f"usr/lib/locale/C.utf8/{f.relative_to(locale_dir)}", "file", f.read_bytes())
+            )
     return entries
 
 
