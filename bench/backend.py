@@ -48,21 +48,24 @@ def main() -> None:
     n = ap.parse_args().runs
     c = IncusClient.connect()
     rows: dict[str, tuple[list[float], list[float]]] = {
-        k: ([], []) for k in ("exec `true`", "create+start", "stop (force)", "delete",
-                              "file push 64 MiB")}
+        k: ([], [])
+        for k in ("exec `true`", "create+start", "stop (force)", "delete", "file push 64 MiB")
+    }
     blob = Path(tempfile.mkdtemp()) / "blob"
     blob.write_bytes(os.urandom(64 * 1024 * 1024))
     for i in range(n):
         a, b = f"bench-a{i}", f"bench-b{i}"
-        rows["create+start"][0].append(timed(lambda: c.instances.create(
-            a, image=IMAGE, devices=DEVICES, start=True)))
+        rows["create+start"][0].append(
+            timed(lambda: c.instances.create(a, image=IMAGE, devices=DEVICES, start=True))
+        )
         rows["create+start"][1].append(timed(lambda: sh("launch", IMAGE, b, "-s", POOL)))
         for _ in range(3):
             rows["exec `true`"][0].append(timed(lambda: c.exec.run(a, ExecRequest(["true"]))))
             rows["exec `true`"][1].append(timed(lambda: sh("exec", b, "--", "true")))
         rows["file push 64 MiB"][0].append(timed(lambda: c.files.push_file(a, blob, "/tmp/blob")))
-        rows["file push 64 MiB"][1].append(timed(lambda: sh("file", "push", str(blob),
-                                                            f"{b}/tmp/blob")))
+        rows["file push 64 MiB"][1].append(
+            timed(lambda: sh("file", "push", str(blob), f"{b}/tmp/blob"))
+        )
         rows["stop (force)"][0].append(timed(lambda: c.instances.stop(a, force=True)))
         rows["stop (force)"][1].append(timed(lambda: sh("stop", "-f", b)))
         rows["delete"][0].append(timed(lambda: c.instances.delete(a)))
