@@ -12,6 +12,13 @@ if [ "$(id -u)" -eq 0 ] && ! id "$TEST_USER" >/dev/null 2>&1; then
 fi
 "$ROOT/scripts/bootstrap.sh" --user "$TEST_USER"
 
+# The test user runs coi from this checkout: in CI, make the folders above it traversable.
+if [ "$(id -u)" -eq 0 ] && [ "${CI:-}" = "true" ]; then
+    d="$ROOT"
+    while [ "$d" != "/" ]; do chmod o+x "$d"; d="$(dirname "$d")"; done
+    chmod -R o+rX "$ROOT/src" "$ROOT/tests" "$ROOT/.venv"
+fi
+
 echo "== lint and types"
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
