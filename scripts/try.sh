@@ -9,6 +9,7 @@ FOLDER="${1:-$PWD}"; shift || true
 if [ "$#" -eq 0 ]; then
     set -- sh -c 'echo "inside: $(id -un) uid=$(id -u) in $(pwd)"; ls -la /workspace | head -20'
 fi
-IMAGE=coi
-"$ROOT/.venv/bin/coi" image exists coi 2>/dev/null || IMAGE=coi-tiny
+# The full agent image (`coi build`) is not built by set-up; the tiny image is. Pick another
+# with COI_IMAGE=NAME.
+IMAGE="${COI_IMAGE:-coi-tiny}"
 exec "$ROOT/.venv/bin/coi" run --image "$IMAGE" --workspace "$FOLDER" -- "$@"

@@ -102,6 +102,14 @@ def coi_env(test_project: str, tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def coi_argv(*args: str, user: str | None = None) -> list[str]:
+    """The command line that runs the real `coi` CLI, optionally as another host user."""
+    cmd = [sys.executable, "-m", "coi", *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *cmd]
+    return cmd
+
+
 def run_coi(
     *args: str,
     env: dict[str, str] | None = None,
@@ -111,11 +119,8 @@ def run_coi(
     user: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real `coi` CLI in a subprocess (optionally as another host user)."""
-    cmd = [sys.executable, "-m", "coi", *args]
-    if user:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *cmd]
     return subprocess.run(
-        cmd,
+        coi_argv(*args, user=user),
         env=env,
         cwd=cwd,
         input=input,

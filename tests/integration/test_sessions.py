@@ -8,7 +8,6 @@ import pwd
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from tests.conftest import ROOT, run_coi
+from tests.conftest import ROOT, coi_argv, run_coi
 
 from coi.backend import IncusClient
 from coi.sessions.naming import workspace_hash
@@ -158,24 +157,7 @@ def test_sigterm_mid_run_removes_container(
 ) -> None:
     ws = _mkdir(base / "ws", user)
     proc = subprocess.Popen(
-        [
-            "setpriv",
-            f"--reuid={USER}",
-            f"--regid={USER}",
-            "--init-groups",
-            "--",
-            sys.executable,
-            "-m",
-            "coi",
-            "run",
-            "--image",
-            "coi-tiny",
-            "-w",
-            str(ws),
-            "--",
-            "sleep",
-            "60",
-        ],
+        coi_argv("run", "--image", "coi-tiny", "-w", str(ws), "--", "sleep", "60", user=USER),
         env=uenv,
         stderr=subprocess.PIPE,
         text=True,
@@ -191,14 +173,7 @@ def test_sigterm_mid_run_removes_container(
 
 
 def _spawn_shell(uenv: dict[str, str], ws: Path, *extra: str) -> pexpect.spawn:
-    args = [
-        "--reuid=" + USER,
-        "--regid=" + USER,
-        "--init-groups",
-        "--",
-        sys.executable,
-        "-m",
-        "coi",
+    argv = coi_argv(
         "shell",
         "--tool",
         "standin",
@@ -209,9 +184,10 @@ def _spawn_shell(uenv: dict[str, str], ws: Path, *extra: str) -> pexpect.spawn:
         "--mount",
         f"{STANDIN}:/opt/standin",
         *extra,
-    ]
+        user=USER,
+    )
     return pexpect.spawn(
-        "setpriv", args, env=uenv, encoding="utf-8", timeout=60, dimensions=(40, 120)
+        argv[0], argv[1:], env=uenv, encoding="utf-8", timeout=60, dimensions=(40, 120)
     )
 
 

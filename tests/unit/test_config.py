@@ -70,3 +70,22 @@ def test_profiles(tmp_path: Path) -> None:
     assert cfg.get_str("limits.memory.limit") == "2GiB"
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         _load(tmp_path, text, profile="nope")
+
+
+def test_unbuilt_protection_is_refused_not_ignored(tmp_path: Path) -> None:
+    from coi.sessions.features import unenforced_warnings
+
+    cfg = load_config(cwd=tmp_path, env={}, files=[])
+    warnings = unenforced_warnings(cfg)
+    assert any("network isolation is not enforced yet" in w for w in warnings)
+    cfg = load_config(
+        cwd=tmp_path, env={}, files=[], cli={"network.mode": "open", "git.writable_hooks": True}
+    )
+    assert unenforced_warnings(cfg) == []
+    for cli in (
+        {"limits.memory.limit": "1GiB"},
+        {"monitoring.enabled": True},
+        {"network.mode": "allowlist"},
+    ):
+        with pytest.raises(Exception, match="not enforced yet"):
+            unenforced_warnings(load_config(cwd=tmp_path, env={}, files=[], cli=cli))

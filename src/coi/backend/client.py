@@ -221,6 +221,20 @@ class IncusClient:
             raise self._error(resp, f"{method} {path}")
         return resp
 
+    @contextmanager
+    def stream(
+        self, path: str, *, params: Mapping[str, Any] | None = None
+    ) -> Iterator[httpx.Response]:
+        """GET with a streamed body (for large downloads); errors are raised before yielding."""
+        with (
+            map_transport_errors(self.endpoint),
+            self._http.stream("GET", path, params=self._params(params)) as resp,
+        ):
+            if resp.status_code >= 400:
+                resp.read()
+                raise self._error(resp, f"GET {path}")
+            yield resp
+
     def _error(self, resp: httpx.Response, what: str) -> BackendError:
         try:
             body = resp.json()

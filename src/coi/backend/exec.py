@@ -232,8 +232,12 @@ class ExecAPI:
                 t.start()
             for t in threads[:2]:
                 t.join()
-        finally:
-            code = sess.wait()
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): hang up without waiting for the command; the
+            # caller is tearing the sandbox down.
+            sess.close()
+            raise
+        code = sess.wait()
         return ExecResult(code, b"".join(out_buf), b"".join(err_buf))
 
     def capture(self, instance: str, req: ExecRequest, *, stdin: bytes | None = None) -> ExecResult:

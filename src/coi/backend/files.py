@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import stat
@@ -45,11 +46,21 @@ class FilesAPI:
     def _url(self, instance: str) -> str:
         return f"/1.0/instances/{quote(instance, safe='')}/files"
 
-    def _headers(
-        self, *, uid: int, gid: int, mode: int, kind: str, write: str = "overwrite"
-    ) -> dict[str, str]:
+    def _post(
+        self,
+        instance: str,
+        path: str,
+        content: bytes | Iterator[bytes],
+        *,
+        uid: int,
+        gid: int,
+        mode: int,
+        kind: str,
+        write: str = "overwrite",
+    ) -> None:
+        """Create or write one path: a file, directory or symlink (the daemon's one POST)."""
         p = self._c.header_prefix
-        return {
+        headers = {
             f"{p}uid": str(uid),
             f"{p}gid": str(gid),
             f"{p}mode": f"{mode:04o}",
@@ -57,6 +68,9 @@ class FilesAPI:
             f"{p}write": write,
             "Content-Type": "application/octet-stream",
         }
+        self._c.request(
+            "POST", self._url(instance), params={"path": path}, content=content, headers=headers
+        )
 
     # -- single objects ------------------------------------------------------------------
 
@@ -72,19 +86,15 @@ class FilesAPI:
         append: bool = False,
     ) -> None:
         """Write small content to a file (for large content use `push_file`)."""
-
-        def gen() -> Iterator[bytes]:
-            for i in range(0, len(data), _CHUNK):
-                yield data[i : i + _CHUNK]
-
-        self._c.request(
-            "POST",
-            self._url(instance),
-            params={"path": path},
-            content=gen(),
-            headers=self._headers(
-                uid=uid, gid=gid, mode=mode, kind="file", write="append" if append else "overwrite"
-            ),
+        self._post(
+            instance,
+            path,
+            _chunks(io.BytesIO(data)),
+            uid=uid,
+            gid=gid,
+            mode=mode,
+            kind="file",
+            write="append" if append else "overwrite",
         )
 
     def push_file(
@@ -98,20 +108,9 @@ class FilesAPI:
         mode: int | None = None,
     ) -> None:
         """Stream a local file into the instance, keeping its mode unless one is given."""
-        st = local.stat()
+        file_mode = stat.S_IMODE(local.stat().st_mode) if mode is None else mode
         with local.open("rb") as fh:
-            self._c.request(
-                "POST",
-                self._url(instance),
-                params={"path": path},
-                content=_chunks(fh),
-                headers=self._headers(
-                    uid=uid,
-                    gid=gid,
-                    mode=stat.S_IMODE(st.st_mode) if mode is None else mode,
-                    kind="file",
-                ),
-            )
+            self._post(instance, path, _chunks(fh), uid=uid, gid=gid, mode=file_mode, kind="file")
 
     def mkdir(
         self,
@@ -128,22 +127,10 @@ class FilesAPI:
             parent = posixpath.dirname(path.rstrip("/"))
             if parent and parent != "/" and self.stat(instance, parent) is None:
                 self.mkdir(instance, parent, uid=uid, gid=gid, mode=mode, parents=True)
-        self._c.request(
-            "POST",
-            self._url(instance),
-            params={"path": path},
-            content=b"",
-            headers=self._headers(uid=uid, gid=gid, mode=mode, kind="directory"),
-        )
+        self._post(instance, path, b"", uid=uid, gid=gid, mode=mode, kind="directory")
 
     def symlink(self, instance: str, path: str, target: str, *, uid: int = 0, gid: int = 0) -> None:
-        self._c.request(
-            "POST",
-            self._url(instance),
-            params={"path": path},
-            content=target.encode(),
-            headers=self._headers(uid=uid, gid=gid, mode=0o777, kind="symlink"),
-        )
+        self._post(instance, path, target.encode(), uid=uid, gid=gid, mode=0o777, kind="symlink")
 
     def stat(self, instance: str, path: str) -> FileInfo | None:
         """Owner, mode and type of a path, or None when it does not exist."""
@@ -180,12 +167,8 @@ class FilesAPI:
 
     def pull_file(self, instance: str, path: str, local: Path) -> FileInfo:
         """Stream a file out of the instance to `local`, with its mode."""
-        with self._c._http.stream(  # streamed so big files never sit in memory
-            "GET", self._url(instance), params=self._c._params({"path": path})
-        ) as resp:
-            if resp.status_code >= 400:
-                resp.read()
-                raise self._c._error(resp, f"pull {instance}:{path}")
+        # Streamed so big files never sit in memory.
+        with self._c.stream(self._url(instance), params={"path": path}) as resp:
             info = self._info(resp.headers)
             if info.type == "symlink":
                 target = resp.read().decode()

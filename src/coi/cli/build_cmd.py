@@ -26,7 +26,6 @@ def build_cmd(ctx: click.Context, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if the image exists.")
 def tiny_cmd(force: bool) -> None:
     """Build the tiny busybox+tmux image (seconds; used by tests and probes)."""
-    import os
     import tempfile
     from pathlib import Path
 
@@ -46,4 +45,3 @@ def tiny_cmd(force: bool) -> None:
         if old and old != fp:
             client.images.delete(old)
     click.echo(json.dumps({"alias": TINY_ALIAS, "fingerprint": fp}), nl=True)
-    del os

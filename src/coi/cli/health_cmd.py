@@ -20,7 +20,9 @@ from coi.cli.app import CoiCommand
     show_default=True,
     help="Output format.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Include optional checks.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Accepted for compatibility: every check always runs."
+)
 @click.pass_context
 def health_cmd(ctx: click.Context, fmt: str, verbose: bool) -> None:
     """Check that coi can run sessions. Exit 0 healthy, 1 degraded, 2 unhealthy."""

@@ -41,10 +41,13 @@ def _config_overrides(p: dict[str, Any]) -> dict[str, Any]:
 def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Config, workspace and sandbox spec from the flags."""
     from coi.cli.context import load_settings
+    from coi.sessions.features import unenforced_warnings
     from coi.sessions.sandbox import build_spec, parse_env
     from coi.sessions.workspace import merge_mounts, resolve_workspace
 
     cfg = load_settings(profile=p.get("profile"), cli=_config_overrides(p))
+    for warning in unenforced_warnings(cfg):
+        click.echo(f"Warning: {warning}", err=True)
     workspace = resolve_workspace(p.get("workspace"))
     target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
     mounts = merge_mounts(cfg.get("mounts.default"), p.get("mounts") or (), target)

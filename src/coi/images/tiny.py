@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import subprocess
 import tarfile
 import time
@@ -248,10 +247,3 @@ def _add_dir(tar: tarfile.TarFile, name: str, mode: int, uid: int) -> None:
     info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, mode, uid, uid
     info.mtime = int(time.time())
     tar.addfile(info)
-
-
-def which_missing() -> list[str]:
-    """Debian packages the tiny image needs that are not installed."""
-    return [pkg for p, pkg in host_requirements().items() if not Path(p).exists()] + (
-        [] if shutil.which("ldd") else ["libc-bin"]
-    )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TextIO
@@ -18,7 +19,7 @@ from typing import TextIO
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.config.paths import coi_home
-from coi.errors import BackendError, NotFound
+from coi.errors import BackendError, NotFound, SessionError
 from coi.sessions import naming
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
@@ -58,7 +59,6 @@ class RunRequest:
     command: list[str]
     slot: int | None = None
     capture: str | None = None  # None, "json" or "raw"
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
@@ -73,7 +73,7 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             log(f"Launching container {box.name} from image {spec.image}...")
             box.create_or_reuse()
             log("Executing: " + " ".join(req.command))
-            exec_req = box.request(req.command, req.env)
+            exec_req = box.request(req.command, {})
             if req.capture:
                 res = client.exec.capture(box.name, exec_req)
                 code = res.exit_code
@@ -103,7 +103,7 @@ def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
     # Signals are ignored while we clean up, so a second Ctrl-C cannot leave a container.
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        if (box.name and box.created) or (box.name and not spec.persistent):
+        if box.name:
             if spec.persistent:
                 sys.stderr.write(f"Stopping persistent container {box.name}...\n")
                 box.stop()
@@ -159,7 +159,6 @@ class ShellRequest:
     debug: bool = False
     bypass: bool = True
     binary: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
     persistent_explicit: bool = False
 
 
@@ -212,6 +211,7 @@ class ShellSession:
             if not self.box.running():
                 self.client.instances.start(self.box.name)
         else:
+            self.box.ensure_image()
             self.box.choose_slot(self.req.slot)
             self.log(f"Container name: {self.box.name}")
             self.box.create_or_reuse()
@@ -311,7 +311,7 @@ class ShellSession:
         )
 
     def _env(self) -> dict[str, str]:
-        return {**self.req.tool.env, **self.req.env}
+        return dict(self.req.tool.env)
 
     def _run_tool(self) -> int:
         name = self.box.name
@@ -363,8 +363,6 @@ class ShellSession:
             self.box.name, self.box.request(["tmux", *args], self._env())
         )
         if check and res.exit_code != 0:
-            from coi.errors import SessionError
-
             raise SessionError(
                 "could not start tmux in the container: "
                 + res.stderr.decode(errors="replace").strip()
@@ -405,8 +403,6 @@ class ShellSession:
         except BackendError as err:
             log(f"Warning: could not save session data: {err}")
         finally:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _finish_container(self, log: Log) -> None:

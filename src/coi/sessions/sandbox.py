@@ -97,7 +97,7 @@ def session_env(spec: SandboxSpec, extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def instance_config(spec: SandboxSpec, *, server_kind: str) -> dict[str, str]:
+def instance_config(spec: SandboxSpec) -> dict[str, str]:
     owner = host_owner_uid(spec.workspace)
     gid = host_owner_gid(spec.workspace, owner)
     config = {
@@ -184,7 +184,7 @@ class Sandbox:
             )
 
     def create_or_reuse(self) -> None:
-        """Create the container, or reuse this slot's persistent one."""
+        """Create the container, or reuse this slot's persistent one (`ensure_image` first)."""
         inst = None
         try:
             inst = self.client.instances.get(self.name)
@@ -202,12 +202,11 @@ class Sandbox:
                 return
             self.log("Found stopped leftover container from previous session, deleting...")
             self.client.instances.delete(self.name, force=True)
-        self.ensure_image()
         self.log(f"Creating container from {self.spec.image}...")
         self.client.instances.create(
             self.name,
             image=self.spec.image,
-            config=instance_config(self.spec, server_kind=self.client.server.kind),
+            config=instance_config(self.spec),
             devices=instance_devices(self.spec),
             # Ephemeral: if coi dies, stopping the container is enough to leave nothing behind.
             ephemeral=not self.spec.persistent,
@@ -231,19 +230,15 @@ class Sandbox:
             time.sleep(0.1)
 
     def request(
-        self,
-        command: list[str],
-        env: Mapping[str, str],
-        *,
-        cwd: str | None = None,
-        as_root: bool = False,
+        self, command: list[str], env: Mapping[str, str], *, cwd: str | None = None
     ) -> ExecRequest:
+        """Run `command` as the agent user, in the workspace, with the session environment."""
         return ExecRequest(
             command=command,
             env=session_env(self.spec, env),
             cwd=cwd or self.spec.workspace_target,
-            user=None if as_root else self.spec.code_uid,
-            group=None if as_root else self.spec.code_uid,
+            user=self.spec.code_uid,
+            group=self.spec.code_uid,
         )
 
     def exists(self) -> bool:
