@@ -27,6 +27,8 @@ HOST_PACKAGES = {
     "nft": "nftables",
     "conntrack": "conntrack",
     "ip": "iproute2",
+    # LXD only recommends dnsmasq, and coi installs without recommends: its bridges need it.
+    "dnsmasq": "dnsmasq-base",
 }
 
 # Candidate bridge subnets; the first that overlaps nothing on the host is used.
@@ -86,9 +88,9 @@ def _missing_packages() -> list[str]:
         {
             pkg
             for cmd, pkg in HOST_PACKAGES.items()
+            # sbin directories are not on a non-root user's PATH.
             if not shutil.which(cmd)
-            and not Path(f"/sbin/{cmd}").exists()
-            and not Path(f"/bin/{cmd}").exists()
+            and not any(Path(d, cmd).exists() for d in ("/usr/sbin", "/sbin", "/bin"))
         }
     )
 
