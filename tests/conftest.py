@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -67,6 +68,10 @@ def test_project(tiny_tarball: Path) -> Iterator[str]:
     finally:
         root.projects.purge(name)
         root.close()
+        # The daemon keeps a log folder per deleted instance; drop the ones this run made.
+        for log_root in (Path("/var/log/lxd"), Path("/var/log/incus")):
+            for d in log_root.glob(f"{name}_*"):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
