@@ -250,6 +250,8 @@ def test_network_acl_and_bridge_crud(client: IncusClient, unique: str) -> None:
             assert client.networks.acl(name) is None
     finally:
         client.networks.delete(name)
+        for log in Path("/var/log").glob(f"*/dnsmasq.{name}.log"):
+            log.unlink()
     assert client.networks.get(name) is None
 
 

@@ -11,22 +11,26 @@ import signal
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect, unix_connect
 
 from coi.backend.models import JSON, ExecResult
-from coi.errors import BackendError
+from coi.errors import BackendError, OperationFailed
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
 
 OutputSink = Callable[[bytes], None]
+T = TypeVar("T")
 _CHUNK = 64 * 1024
+_NOT_STARTED = "Failed to retrieve PID of executing child process"
+_START_ATTEMPTS = 3
 
 
 @dataclass
@@ -138,6 +142,36 @@ def _feed_in(ws: ClientConnection, source: bytes | BinaryIO | Iterable[bytes] | 
             ws.close()
 
 
+class _Seen:
+    """An output sink that remembers whether anything came through it."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self._sink = sink
+        self.any = False
+
+    def __call__(self, data: bytes) -> None:
+        self.any = True
+        self._sink(data)
+
+
+def _retry_not_started(once: Callable[[], T], *, may_retry: Callable[[], bool]) -> T:
+    """Run `once`, starting it again when the daemon lost the child before it ran.
+
+    Under load LXD sometimes fails an exec with "Failed to retrieve PID of executing child
+    process": nothing ran, so starting again is safe as long as no output was seen and the
+    input can be replayed.
+    """
+    for attempt in range(_START_ATTEMPTS):
+        try:
+            return once()
+        except OperationFailed as err:
+            last = attempt == _START_ATTEMPTS - 1
+            if _NOT_STARTED not in err.message or last or not may_retry():
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class ExecAPI:
     """`POST /1.0/instances/<name>/exec` in its streaming and interactive forms."""
 
@@ -211,20 +245,33 @@ class ExecAPI:
         """
         out_buf: list[bytes] = []
         err_buf: list[bytes] = []
+        seen = _Seen(on_stdout or out_buf.append), _Seen(on_stderr or err_buf.append)
+        replayable = stdin is None or isinstance(stdin, bytes)
+        code = _retry_not_started(
+            lambda: self._run_once(instance, req, stdin, seen[0], seen[1], on_start),
+            may_retry=lambda: replayable and not (seen[0].any or seen[1].any),
+        )
+        return ExecResult(code, b"".join(out_buf), b"".join(err_buf))
+
+    def _run_once(
+        self,
+        instance: str,
+        req: ExecRequest,
+        stdin: bytes | BinaryIO | Iterable[bytes] | None,
+        on_stdout: OutputSink,
+        on_stderr: OutputSink,
+        on_start: Callable[[ExecSession], None] | None,
+    ) -> int:
         sess = self.start(instance, req)
         if on_start is not None:
             on_start(sess)
         try:
             threads = [
                 threading.Thread(
-                    target=_pump_out,
-                    args=(sess.sockets["1"], on_stdout or out_buf.append),
-                    daemon=True,
+                    target=_pump_out, args=(sess.sockets["1"], on_stdout), daemon=True
                 ),
                 threading.Thread(
-                    target=_pump_out,
-                    args=(sess.sockets["2"], on_stderr or err_buf.append),
-                    daemon=True,
+                    target=_pump_out, args=(sess.sockets["2"], on_stderr), daemon=True
                 ),
                 threading.Thread(target=_feed_in, args=(sess.sockets["0"], stdin), daemon=True),
             ]
@@ -237,8 +284,7 @@ class ExecAPI:
             # caller is tearing the sandbox down.
             sess.close()
             raise
-        code = sess.wait()
-        return ExecResult(code, b"".join(out_buf), b"".join(err_buf))
+        return sess.wait()
 
     def capture(self, instance: str, req: ExecRequest, *, stdin: bytes | None = None) -> ExecResult:
         """Run a command and return its exit code and output."""
@@ -248,7 +294,10 @@ class ExecAPI:
         """Run a command whose output nobody wants: no websockets, one round trip."""
         body = req.body(interactive=False)
         body["wait-for-websocket"] = False
-        op = self._c.request("POST", f"/1.0/instances/{quote(instance, safe='')}/exec", json=body)
+        url = f"/1.0/instances/{quote(instance, safe='')}/exec"
+        op = _retry_not_started(
+            lambda: self._c.request("POST", url, json=body), may_retry=lambda: True
+        )
         return int((op.get("metadata") or {}).get("return", -1))
 
     def interactive(
@@ -263,17 +312,25 @@ class ExecAPI:
 
         The local terminal is put in raw mode, so Ctrl-C and friends reach the command.
         """
-        stdin_fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
+        fd = sys.stdin.fileno() if stdin_fd is None else stdin_fd
         out = stdout or sys.stdout.buffer
-        size = shutil.get_terminal_size((80, 24))
-        sess = self.start(instance, req, interactive=True, width=size.columns, height=size.lines)
-        pty_ws = sess.sockets["0"]
 
         def write_out(data: bytes) -> None:
             out.write(data)
             out.flush()
 
-        reader = threading.Thread(target=_pump_out, args=(pty_ws, write_out), daemon=True)
+        seen = _Seen(write_out)
+        return _retry_not_started(
+            lambda: self._interactive_once(instance, req, fd, seen), may_retry=lambda: not seen.any
+        )
+
+    def _interactive_once(
+        self, instance: str, req: ExecRequest, stdin_fd: int, sink: OutputSink
+    ) -> int:
+        size = shutil.get_terminal_size((80, 24))
+        sess = self.start(instance, req, interactive=True, width=size.columns, height=size.lines)
+        pty_ws = sess.sockets["0"]
+        reader = threading.Thread(target=_pump_out, args=(pty_ws, sink), daemon=True)
         reader.start()
         with _raw_terminal(stdin_fd), _forward_winch(sess, stdin_fd):
             _pump_stdin(stdin_fd, pty_ws, reader)

@@ -89,18 +89,15 @@ class InstancesAPI:
             self.start(name)
 
     def delete(self, name: str, *, force: bool = False) -> None:
-        """Delete an instance; with `force`, stop it first if it runs."""
-        if force:
-            try:
-                inst = self.get(name)
-            except NotFound:
-                return
-            if inst.status in ("Running", "Frozen"):
-                try:
-                    self.stop(name, force=True)
-                except NotFound:
-                    return  # ephemeral instances vanish when stopped
-        self._c.request("DELETE", _path(name))
+        """Delete an instance. With `force`: stop it first if it runs, and succeed if it is
+        already gone (an ephemeral instance vanishes as it stops)."""
+        try:
+            if force and self.get(name).status in ("Running", "Frozen"):
+                self.stop(name, force=True)
+            self._c.request("DELETE", _path(name))
+        except NotFound:
+            if not force:
+                raise
 
     # -- state ---------------------------------------------------------------------------
 

@@ -197,6 +197,7 @@ class Sandbox:
                 elif not inst.running:
                     self.log("Restarting existing persistent container...")
                     self.client.instances.start(self.name)
+                    self.wait_ready()
                 else:
                     self.log("Container already running, reusing...")
                 return
@@ -252,19 +253,16 @@ class Sandbox:
 
     def remove(self) -> None:
         """Delete the container, whatever state it is in."""
-        try:
-            self.client.instances.delete(self.name, force=True)
-        except NotFound:
-            pass
+        self.client.instances.delete(self.name, force=True)
 
     def stop(self) -> None:
+        """Stop gracefully, forcing it after 10 s; nothing to do when it is not running."""
+        if not self.running():
+            return
         try:
             self.client.instances.stop(self.name, timeout=10)
         except BackendError:
-            try:
-                self.client.instances.stop(self.name, force=True)
-            except NotFound:
-                pass
+            self.client.instances.stop(self.name, force=True)
 
     def release(self) -> None:
         if self.slot:
