@@ -320,7 +320,10 @@ class ShellSession:
             return self.client.exec.interactive(name, self.box.request(cmd, self._env()))
         session = naming.tmux_session(name)
         if self._tmux(["has-session", "-t", session]) != 0:
-            exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in self._env().items())
+            # Exported in the pane too: a tmux server that already runs (a reused persistent
+            # container) would otherwise hand the tool its own, older environment.
+            pane_env = {**self.spec.env, **self._env()}
+            exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in pane_env.items())
             # When the tool exits, the pane falls back to a shell (upstream's behaviour);
             # with --debug the shell *is* the command, so one `exit` ends the session.
             fallback = "" if self.req.debug else "; exec bash"
