@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
-from coi.errors import NotFound
+from coi.errors import BackendError, NotFound
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -259,13 +259,19 @@ class FilesAPI:
         )
 
     def pull_tree(self, instance: str, path: str, local: Path) -> int:
-        """Copy a directory tree out of the instance into `local` (created). Returns entries."""
+        """Copy a directory tree out of the instance into `local` (created). Returns entries.
+
+        `local` should be a fresh directory: the container decides the names in it, and a
+        name that is not a plain file name is refused so nothing lands outside `local`.
+        """
         count = 0
         info = self.stat(instance, path)
         if info is None:
             raise NotFound(f"{instance}:{path} does not exist")
         local.mkdir(parents=True, exist_ok=True)
         for name in self.listdir(instance, path):
+            if name in ("", ".", "..") or "/" in name or "\0" in name:
+                raise BackendError(f"refusing unsafe file name {name!r} in {instance}:{path}")
             rp = posixpath.join(path, name)
             lp = local / name
             child = self.pull_file(instance, rp, lp)

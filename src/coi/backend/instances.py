@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from coi.backend.models import JSON, Instance, InstanceState, Snapshot
-from coi.errors import NotFound
+from coi.errors import BackendError, NotFound
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -16,6 +17,27 @@ if TYPE_CHECKING:
 
 def _path(name: str, *rest: str) -> str:
     return "/".join([f"/1.0/instances/{quote(name, safe='')}", *rest])
+
+
+_BUSY = "is busy running"
+_BUSY_WAIT = 30.0
+
+
+def _while_busy(action: Callable[[], object]) -> None:
+    """Run `action`, again while the daemon says another operation holds the instance.
+
+    A graceful stop that timed out keeps its lock for a moment after it failed; a force
+    stop or delete sent in that moment is refused as busy. The wait is bounded.
+    """
+    deadline = time.monotonic() + _BUSY_WAIT
+    while True:
+        try:
+            action()
+            return
+        except BackendError as err:
+            if _BUSY not in err.message or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 class InstancesAPI:
@@ -93,8 +115,8 @@ class InstancesAPI:
         already gone (an ephemeral instance vanishes as it stops)."""
         try:
             if force and self.get(name).status in ("Running", "Frozen"):
-                self.stop(name, force=True)
-            self._c.request("DELETE", _path(name))
+                _while_busy(lambda: self.stop(name, force=True))
+            _while_busy(lambda: self._c.request("DELETE", _path(name)))
         except NotFound:
             if not force:
                 raise

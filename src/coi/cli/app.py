@@ -31,6 +31,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("coi.cli.build_cmd", "build_cmd"),
     "config": ("coi.cli.config_cmd", "config_cmd"),
     "version": ("coi.cli.version_cmd", "version_cmd"),
+    "list": ("coi.cli.lifecycle_cmds", "list_cmd"),
+    "info": ("coi.cli.lifecycle_cmds", "info_cmd"),
+    "attach": ("coi.cli.lifecycle_cmds", "attach_cmd"),
+    "persist": ("coi.cli.lifecycle_cmds", "persist_cmd"),
+    "shutdown": ("coi.cli.lifecycle_cmds", "shutdown_cmd"),
+    "kill": ("coi.cli.lifecycle_cmds", "kill_cmd"),
+    "clean": ("coi.cli.lifecycle_cmds", "clean_cmd"),
+    "resume": ("coi.cli.lifecycle_cmds", "resume_cmd"),
+    "container": ("coi.cli.container_cmds", "container_cmd"),
+    "file": ("coi.cli.file_cmds", "file_cmd"),
+    "image": ("coi.cli.image_cmds", "image_cmd"),
+    "images": ("coi.cli.image_cmds", "images_cmd"),
+    "snapshot": ("coi.cli.snapshot_cmds", "snapshot_cmd"),
+    "tmux": ("coi.cli.tmux_cmds", "tmux_cmd"),
+    "completion": ("coi.cli.completion", "completion_cmd"),
 }
 
 

@@ -91,6 +91,7 @@ def run_cmd(
         raise click.UsageError("--format flag requires --capture flag")
     p = merged_params(ctx, params)
     cfg, _ws, spec = _prepare(p)
+    spec.kind = "run"
     with connect(cfg) as client:
         code = run_command(
             client,

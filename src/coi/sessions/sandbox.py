@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -62,6 +63,8 @@ class SandboxSpec:
     workspace_target: str = "/workspace"
     pool: str = "coi"
     network: str = "coibr0"
+    # "run" sandboxes live as long as their coi process; "shell" ones outlive it (detach).
+    kind: str = "shell"
 
     @property
     def home(self) -> str:
@@ -97,15 +100,25 @@ def session_env(spec: SandboxSpec, extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def docker_ready_config() -> dict[str, str]:
+    """What Docker inside a container needs (mknod interception is broken on LXD 5.0: unused)."""
+    return {
+        "security.nesting": "true",
+        "security.syscalls.intercept.setxattr": "true",
+    }
+
+
 def instance_config(spec: SandboxSpec) -> dict[str, str]:
     owner = host_owner_uid(spec.workspace)
     gid = host_owner_gid(spec.workspace, owner)
     config = {
-        # Docker inside needs nesting; mknod interception is broken on LXD 5.0 and not used.
-        "security.nesting": "true",
-        "security.syscalls.intercept.setxattr": "true",
+        **docker_ready_config(),
         "user.coi.workspace": str(spec.workspace),
         "user.coi.persistent": "true" if spec.persistent else "false",
+        "user.coi.kind": spec.kind,
+        # Who made it: `coi clean` removes a `coi run` sandbox whose coi process died.
+        "user.coi.owner_host": socket.gethostname(),
+        "user.coi.owner_pid": str(os.getpid()),
     }
     if owner != 0:
         # The agent's uid inside *is* the user's uid outside, for the whole container: files
@@ -209,8 +222,10 @@ class Sandbox:
             image=self.spec.image,
             config=instance_config(self.spec),
             devices=instance_devices(self.spec),
-            # Ephemeral: if coi dies, stopping the container is enough to leave nothing behind.
-            ephemeral=not self.spec.persistent,
+            # A `coi run` sandbox is ephemeral: stopping it is enough to leave nothing behind.
+            # A shell's is not, so that the conversation can still be saved when the agent
+            # powers the container off (upstream's choice too); `coi clean` removes it later.
+            ephemeral=not self.spec.persistent and self.spec.kind == "run",
             start=True,
             description=f"coi session for {self.spec.workspace}",
         )

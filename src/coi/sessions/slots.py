@@ -73,3 +73,16 @@ class SlotClaims:
                 p.unlink()
         except (OSError, ValueError):
             pass
+
+
+def stale_claims(lock_dir: Path) -> list[Path]:
+    """Claim files of processes that died (kill -9) without releasing their slot."""
+    out = []
+    for p in sorted(lock_dir.glob("*.claim")) if lock_dir.is_dir() else ():
+        try:
+            pid = int(p.read_text().strip() or "0")
+        except (OSError, ValueError):
+            pid = 0
+        if not pid or not _alive(pid):
+            out.append(p)
+    return out

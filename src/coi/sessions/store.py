@@ -33,6 +33,21 @@ class Metadata:
     tool: str = ""
 
 
+def read_metadata(session_dir: Path) -> Metadata | None:
+    """A session directory's metadata; None when missing or unreadable."""
+    try:
+        data = json.loads((session_dir / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    fields = Metadata.__dataclass_fields__
+    try:
+        return Metadata(**{k: v for k, v in data.items() if k in fields})
+    except TypeError:  # a required key is missing
+        return None
+
+
 class SessionStore:
     """The sessions of one tool."""
 
@@ -51,13 +66,7 @@ class SessionStore:
         tmp.replace(d / "metadata.json")
 
     def read_metadata(self, session_id: str) -> Metadata | None:
-        p = self.dir(session_id) / "metadata.json"
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None
-        fields = Metadata.__dataclass_fields__
-        return Metadata(**{k: v for k, v in data.items() if k in fields})
+        return read_metadata(self.dir(session_id))
 
     def all(self) -> list[Metadata]:
         if not self.root.is_dir():

@@ -1,0 +1,104 @@
+"""Shell completion: `coi completion bash|zsh|fish`, and the live values it completes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+from click.shell_completion import CompletionItem, get_completion_class
+
+from coi.cli.app import CoiCommand
+
+SHELLS = ("bash", "zsh", "fish")
+
+
+def _safely(fetch: Callable[[], list[str]], incomplete: str) -> list[CompletionItem]:
+    # A completion must never print an error into the user's prompt: no daemon, no values.
+    try:
+        values = fetch()
+    except Exception:
+        return []
+    return [CompletionItem(v) for v in sorted(values) if v.startswith(incomplete)]
+
+
+def _container_names() -> list[str]:
+    from coi.cli.context import connect, load_settings
+    from coi.sessions.inventory import is_coi_name
+
+    with connect(load_settings()) as client:
+        return [n for n in client.instances.names() if is_coi_name(n)]
+
+
+def _all_container_names() -> list[str]:
+    from coi.cli.context import connect, load_settings
+
+    with connect(load_settings()) as client:
+        return client.instances.names()
+
+
+def _session_ids() -> list[str]:
+    from coi.config.paths import coi_home
+    from coi.sessions.inventory import saved_sessions
+
+    return [s.id for s in saved_sessions(coi_home(), {})]
+
+
+def _image_aliases() -> list[str]:
+    from coi.cli.context import connect, load_settings
+
+    with connect(load_settings()) as client:
+        return [a for i in client.images.list() for a in i.aliases]
+
+
+def complete_containers(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return _safely(_container_names, incomplete)
+
+
+def complete_any_container(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return _safely(_all_container_names, incomplete)
+
+
+def complete_sessions(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return _safely(_session_ids, incomplete)
+
+
+def complete_images(
+    _ctx: click.Context, _param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    return _safely(_image_aliases, incomplete)
+
+
+COMPLETION_HELP = """Print a completion script for your shell.
+
+\b
+Load it for the current shell:
+  bash:  source <(coi completion bash)
+  zsh:   source <(coi completion zsh)
+  fish:  coi completion fish | source
+\b
+Or install it for good:
+  bash:  coi completion bash > ~/.local/share/bash-completion/completions/coi
+  zsh:   coi completion zsh > "${fpath[1]}/_coi"
+  fish:  coi completion fish > ~/.config/fish/completions/coi.fish"""
+
+
+@click.command(
+    "completion",
+    cls=CoiCommand,
+    help=COMPLETION_HELP,
+    short_help="Print a shell completion script (bash, zsh, fish).",
+    examples="  source <(coi completion bash)",
+)
+@click.argument("shell", type=click.Choice(SHELLS))
+def completion_cmd(shell: str) -> None:
+    from coi.cli.app import cli
+
+    cls: Any = get_completion_class(shell)
+    click.echo(cls(cli, {}, "coi", "_COI_COMPLETE").source(), nl=False)

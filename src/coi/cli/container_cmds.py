@@ -1,0 +1,279 @@
+"""`coi container ...`: low-level, scriptable container commands with stable exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from coi.cli.app import CoiGroup
+from coi.cli.completion import complete_any_container, complete_images
+from coi.cli.render import check_format, echo_json, local_time, table
+
+if TYPE_CHECKING:
+    from coi.backend.client import IncusClient
+    from coi.config.loader import Config
+
+GROUP_EXAMPLES = """\
+  coi container launch coi my-box
+  coi container exec my-box -- ls /
+  coi container exec my-box --capture -- sh -c 'exit 3'; echo $?
+  coi container exists my-box && echo yes
+  coi container delete my-box --force"""
+
+
+def _client() -> tuple[Config, IncusClient]:
+    from coi.cli.context import connect, load_settings
+
+    cfg = load_settings()
+    return cfg, connect(cfg)
+
+
+def print_help_when_bare(ctx: click.Context) -> None:
+    """A group called without a sub-command prints its help and succeeds (as upstream)."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(0)
+
+
+@click.group(
+    "container",
+    cls=CoiGroup,
+    invoke_without_command=True,
+    examples=GROUP_EXAMPLES,
+    short_help="Low-level container commands for scripts.",
+)
+@click.pass_context
+def container_cmd(ctx: click.Context) -> None:
+    """Low-level container commands for scripts: launch, exec, stop, delete, ..."""
+    print_help_when_bare(ctx)
+
+
+@container_cmd.command("launch", examples="  coi container launch coi my-box --ephemeral")
+@click.argument("image", shell_complete=complete_images)
+@click.argument("name")
+@click.option("--ephemeral", is_flag=True, help="Delete the container when it stops.")
+def launch_cmd(image: str, name: str, ephemeral: bool) -> None:
+    """Create and start a container from an image (Docker-ready settings)."""
+    from coi.sessions.sandbox import docker_ready_config
+
+    cfg, client = _client()
+    with client:
+        client.instances.create(
+            name,
+            image=image,
+            config=docker_ready_config(),
+            devices={
+                "root": {"type": "disk", "path": "/", "pool": cfg.get_str("incus.pool")},
+                "eth0": {"type": "nic", "network": cfg.get_str("incus.network"), "name": "eth0"},
+            },
+            ephemeral=ephemeral,
+            start=True,
+        )
+    click.echo(f"Container {name} launched from {image}", err=True)
+
+
+@container_cmd.command("start")
+@click.argument("name", shell_complete=complete_any_container)
+def start_cmd(name: str) -> None:
+    """Start a stopped container."""
+    _cfg, client = _client()
+    with client:
+        client.instances.start(name)
+    click.echo(f"Container {name} started", err=True)
+
+
+@container_cmd.command("stop")
+@click.argument("name", shell_complete=complete_any_container)
+@click.option("--force", is_flag=True, help="Kill it instead of a clean shutdown.")
+def stop_cmd(name: str, force: bool) -> None:
+    """Stop a running container."""
+    _cfg, client = _client()
+    with client:
+        client.instances.stop(name, force=force)
+    click.echo(f"Container {name} stopped", err=True)
+
+
+@container_cmd.command("delete")
+@click.argument("name", shell_complete=complete_any_container)
+@click.option("--force", is_flag=True, help="Delete it even if it is running.")
+def delete_cmd(name: str, force: bool) -> None:
+    """Delete a container."""
+    from coi.errors import Conflict
+
+    _cfg, client = _client()
+    with client:
+        if not force and client.instances.get(name).status in ("Running", "Frozen"):
+            raise Conflict(
+                f"container {name} is running",
+                resolution=f"Stop it first, or use 'coi container delete {name} --force'.",
+            )
+        client.instances.delete(name, force=force)
+    click.echo(f"Container {name} deleted", err=True)
+
+
+@container_cmd.command("exists")
+@click.argument("name", shell_complete=complete_any_container)
+@click.pass_context
+def exists_cmd(ctx: click.Context, name: str) -> None:
+    """Exit 0 if the container exists, 1 if not (prints nothing)."""
+    _cfg, client = _client()
+    with client:
+        ctx.exit(0 if client.instances.exists(name) else 1)
+
+
+@container_cmd.command("running")
+@click.argument("name", shell_complete=complete_any_container)
+@click.pass_context
+def running_cmd(ctx: click.Context, name: str) -> None:
+    """Exit 0 if the container is running, 1 if not (prints nothing)."""
+    from coi.errors import NotFound
+
+    _cfg, client = _client()
+    with client:
+        try:
+            running = client.instances.get(name).running
+        except NotFound:
+            running = False
+    ctx.exit(0 if running else 1)
+
+
+@container_cmd.command(
+    "exec",
+    examples="  coi container exec my-box -- make test\n"
+    "  coi container exec my-box --user 1000 --env FOO=bar -- sh -c 'echo $FOO'\n"
+    "  coi container exec my-box --capture --format raw -- cat /etc/os-release\n"
+    "  coi container exec my-box -t -- bash",
+)
+@click.argument("name", shell_complete=complete_any_container)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--user", type=int, default=None, help="Run as this uid (default: root).")
+@click.option("--group", type=int, default=None, help="Run with this gid (default: --user).")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable.")
+@click.option("--cwd", default=None, help="Working directory (default: the workspace).")
+@click.option("--capture", is_flag=True, help="Collect the output; print it at the end.")
+@click.option("--format", "fmt", default=None, metavar="FORMAT", help="json (default) or raw.")
+@click.option("-t", "--tty", is_flag=True, help="Run on a terminal (interactive programs).")
+@click.pass_context
+def exec_cmd(
+    ctx: click.Context,
+    name: str,
+    command: tuple[str, ...],
+    user: int | None,
+    group: int | None,
+    env: tuple[str, ...],
+    cwd: str | None,
+    capture: bool,
+    fmt: str | None,
+    tty: bool,
+) -> None:
+    """Run a command in a container; its exit code is coi's exit code."""
+    from coi.backend.exec import ExecRequest
+    from coi.errors import UsageError
+    from coi.sessions.sandbox import parse_env
+
+    if not command:
+        raise UsageError("no command specified (use -- before command)")
+    if fmt is not None and not capture:
+        raise UsageError("--format flag requires --capture flag")
+    if capture:
+        check_format(fmt or "json", ("json", "raw"))
+    if tty and capture:
+        raise UsageError("--tty and --capture cannot be used together")
+    _cfg, client = _client()
+    with client:
+        inst = client.instances.get(name)
+        if cwd is None:
+            cwd = (inst.devices.get("workspace") or {}).get("path") or None
+        req = ExecRequest(
+            command=list(command), env=parse_env(env), cwd=cwd, user=user, group=group
+        )
+        if tty:
+            ctx.exit(client.exec.interactive(name, req))
+        if capture:
+            res = client.exec.capture(name, req)
+            if (fmt or "json") == "json":
+                # Unlike upstream, a failed command's exit code is passed on here too.
+                out = {
+                    "stdout": res.stdout.decode(errors="replace"),
+                    "stderr": res.stderr.decode(errors="replace"),
+                    "exit_code": res.exit_code,
+                }
+                click.echo(json.dumps(out))
+            else:
+                sys.stdout.buffer.write(res.stdout)
+                sys.stdout.flush()
+                sys.stderr.buffer.write(res.stderr)
+            ctx.exit(res.exit_code)
+        res = client.exec.run(name, req, on_stdout=_raw_writer(1), on_stderr=_raw_writer(2))
+    if res.exit_code != 0:
+        click.echo(f"Error: command failed: exit status {res.exit_code}", err=True)
+    ctx.exit(res.exit_code)
+
+
+def _raw_writer(fd: int) -> Any:
+    stream = sys.stdout.buffer if fd == 1 else sys.stderr.buffer
+
+    def write(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+
+    return write
+
+
+@container_cmd.command(
+    "mount", examples="  coi container mount my-box data /srv/data /data --readonly"
+)
+@click.argument("name", shell_complete=complete_any_container)
+@click.argument("device")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, resolve_path=True))
+@click.argument("path")
+@click.option(
+    "--shift/--no-shift",
+    default=False,
+    help="Shift owners with an idmapped mount (needs kernel and daemon support).",
+)
+@click.option("--readonly", is_flag=True, help="Mount read-only.")
+def mount_cmd(name: str, device: str, source: str, path: str, shift: bool, readonly: bool) -> None:
+    """Add a host directory to a container as a disk device."""
+    from coi.errors import UsageError
+
+    if not path.startswith("/"):
+        raise UsageError(f"container path must be absolute: {path}")
+    spec = {"type": "disk", "source": source, "path": path}
+    if shift:
+        spec["shift"] = "true"
+    if readonly:
+        spec["readonly"] = "true"
+    _cfg, client = _client()
+    with client:
+        client.instances.add_device(name, device, spec)
+    click.echo(f"Disk mounted: {source} -> {name}:{path}", err=True)
+
+
+@container_cmd.command("list", examples="  coi container list\n  coi container list --format json")
+@click.option("--format", "fmt", default="text", metavar="FORMAT", help="text or json.")
+def list_cmd(fmt: str) -> None:
+    """List every container of the project (not only coi's)."""
+    check_format(fmt, ("json", "text"))
+    _cfg, client = _client()
+    with client:
+        instances = client.instances.list(with_state=True)
+    if fmt == "json":
+        echo_json([dict(i.raw) for i in instances])
+        return
+    rows = [["NAME", "STATE", "IPV4", "EPHEMERAL", "CREATED"]]
+    for i in sorted(instances, key=lambda i: i.name):
+        st = i.state
+        rows.append(
+            [
+                i.name,
+                i.status.upper(),
+                (st.ipv4() if st else None) or "-",
+                "yes" if i.ephemeral else "no",
+                local_time(i.created_at),
+            ]
+        )
+    click.echo(table(rows))

@@ -1,0 +1,546 @@
+"""Session lifecycle commands: list, info, attach, persist, shutdown, kill, clean, resume."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from coi.cli.app import CoiCommand
+from coi.cli.completion import complete_containers, complete_sessions
+from coi.cli.render import check_format, confirm, echo_json, human_size, local_time
+
+if TYPE_CHECKING:
+    from coi.backend.client import IncusClient
+    from coi.config.loader import Config
+    from coi.sessions.cleanup import CleanPlan
+    from coi.sessions.inventory import ContainerInfo, SavedSession
+
+
+def _state_dirs() -> dict[str, str]:
+    from coi.tools.registry import all_tools
+
+    return {name: t.state_dir for name, t in all_tools().items()}
+
+
+def _sessions() -> list[SavedSession]:
+    from coi.config.paths import coi_home
+    from coi.sessions.inventory import saved_sessions
+
+    return saved_sessions(coi_home(), _state_dirs())
+
+
+def _client() -> tuple[Config, IncusClient]:
+    from coi.cli.context import connect, load_settings
+
+    cfg = load_settings()
+    return cfg, connect(cfg)
+
+
+# -- list ---------------------------------------------------------------------------------
+
+
+def _container_json(c: ContainerInfo) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "status": c.status,
+        "created_at": c.created_at,
+        "image": c.image,
+        "persistent": c.persistent,
+        "ipv4": c.ipv4,
+        "workspace": c.workspace,
+        "kind": c.kind,
+    }
+
+
+def _session_json(s: SavedSession) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "tool": s.tool,
+        "saved_at": s.saved_at,
+        "workspace": s.workspace,
+        "container": s.container_name,
+    }
+
+
+def _print_container(c: ContainerInfo) -> None:
+    click.echo(f"  {c.name} ({'persistent' if c.persistent else 'ephemeral'})")
+    click.echo(f"    Status: {c.status}")
+    if c.ipv4:
+        click.echo(f"    IPv4: {c.ipv4}")
+    click.echo(f"    Created: {local_time(c.created_at)}")
+    if c.image:
+        click.echo(f"    Image: {c.image}")
+    if c.workspace:
+        click.echo(f"    Workspace: {c.workspace}")
+
+
+@click.command(
+    "list",
+    cls=CoiCommand,
+    examples="  coi list\n  coi list --all\n"
+    "  coi list --format json | jq '.active_containers[].name'",
+)
+@click.option("--all", "all_", is_flag=True, help="Also list saved sessions.")
+@click.option("--format", "fmt", default="text", metavar="FORMAT", help="text or json.")
+def list_cmd(all_: bool, fmt: str) -> None:
+    """List coi containers (and, with --all, saved sessions)."""
+    from coi.sessions.inventory import containers
+
+    check_format(fmt, ("text", "json"))
+    sessions = _sessions()
+    _cfg, client = _client()
+    with client:
+        active = containers(client, sessions)
+    if fmt == "json":
+        out: dict[str, Any] = {"active_containers": [_container_json(c) for c in active]}
+        if all_:
+            out["saved_sessions"] = [_session_json(s) for s in sessions if s.has_state]
+        echo_json(out)
+        return
+    click.echo("Active Containers:\n------------------")
+    for c in active:
+        _print_container(c)
+    if not active:
+        click.echo("  (none)")
+    if all_:
+        click.echo("\nSaved Sessions:\n---------------")
+        saved = [s for s in sessions if s.has_state]
+        for s in saved:
+            click.echo(f"  {s.id} ({s.tool})")
+            click.echo(f"    Saved: {s.saved_at}")
+            if s.workspace:
+                click.echo(f"    Workspace: {s.workspace}")
+        if not saved:
+            click.echo("  (none)")
+
+
+# -- info ---------------------------------------------------------------------------------
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@click.command(
+    "info",
+    cls=CoiCommand,
+    examples="  coi info                 # the latest session\n  coi info 3f2a...-...",
+)
+@click.argument("session_id", required=False, shell_complete=complete_sessions)
+def info_cmd(session_id: str | None) -> None:
+    """Show a saved session (default: the latest of all workspaces)."""
+    from coi.config.paths import coi_home
+    from coi.errors import NotFound, UsageError
+
+    sessions = _sessions()
+    if session_id is None:
+        with_meta = [s for s in sessions if s.metadata]
+        if not with_meta:
+            raise UsageError("no sessions found (specify session ID or use 'coi list --all')")
+        s = max(with_meta, key=lambda s: s.saved_at)
+    else:
+        found = [s for s in sessions if s.id == session_id]
+        if not found:
+            raise NotFound(
+                f"session not found: {session_id}",
+                resolution="List saved sessions with 'coi list --all'.",
+            )
+        s = found[0]
+    if s.metadata is None:
+        click.echo("Warning: No metadata found", err=True)
+    state = _state_dirs().get(s.tool, "")
+    lines = ["Session Information", "===================", "", f"Session ID:     {s.id}"]
+    lines.append(f"Tool:           {s.tool}")
+    if s.container_name:
+        lines.append(f"Container:      {s.container_name}")
+    if s.workspace:
+        lines.append(f"Workspace:      {s.workspace}")
+    if s.metadata and s.metadata.saved_at:
+        lines.append(f"Saved At:       {s.metadata.saved_at}")
+    if s.has_state:
+        what = f"{state} directory" if state else "metadata"
+        lines.append(f"Session Data:   ✓ Present ({what})")
+        if state:
+            lines.append(f"Data Size:      {human_size(_dir_size(s.path / state))}")
+    else:
+        lines.append("Session Data:   ✗ Missing")
+    home = str(Path.home())
+    shown = str(s.path)
+    if shown.startswith(home + "/") and str(coi_home()).startswith(home):
+        shown = "~" + shown[len(home) :]
+    lines += ["", f"Session Path:   {shown}", "", f"Resume:         coi shell --resume={s.id}"]
+    click.echo("\n".join(lines))
+
+
+# -- attach -------------------------------------------------------------------------------
+
+
+@click.command(
+    "attach",
+    cls=CoiCommand,
+    examples="  coi attach\n  coi attach coi-abc12345-1\n  coi attach --slot 2\n"
+    "  coi attach coi-abc12345-1 --bash",
+)
+@click.argument("name", required=False, shell_complete=complete_containers)
+@click.option("--slot", type=int, default=None, help="Attach to this slot of the workspace.")
+@click.option("-w", "--workspace", default=None, metavar="DIR", help="Workspace (with --slot).")
+@click.option("--bash", "bash", is_flag=True, help="Open bash instead of the tmux session.")
+@click.pass_context
+def attach_cmd(
+    ctx: click.Context, name: str | None, slot: int | None, workspace: str | None, bash: bool
+) -> None:
+    """Attach to a running session's tmux (or a bash in it)."""
+    from coi.sessions import access, naming
+    from coi.sessions.inventory import containers
+    from coi.sessions.workspace import resolve_workspace
+
+    cfg, client = _client()
+    with client:
+        if slot:
+            name = naming.container_name(str(resolve_workspace(workspace)), slot)
+            access.running_instance(client, name)
+            click.echo(f"Attaching to {name} (slot {slot})...", err=True)
+        elif name is None:
+            running = [c.name for c in containers(client, with_state=False) if c.running]
+            if not running:
+                click.echo("No active sessions")
+                return
+            if len(running) > 1:
+                click.echo("Active sessions:")
+                for i, n in enumerate(running, 1):
+                    click.echo(f"  {i}. {n}")
+                click.echo("\nUse: coi attach <container-name>")
+                return
+            name = running[0]
+            click.echo(f"Attaching to {name}...", err=True)
+        inst = access.running_instance(client, name)
+        agent = access.agent_of(
+            inst, uid=cfg.get_int("incus.code_uid"), user=cfg.get_str("incus.code_user")
+        )
+        code = access.attach(client, agent, bash=bash)
+    if code in (0, 130, 137, 143):
+        return
+    if not bash:
+        click.echo(
+            "\nNo tmux session found in container.\n"
+            "The container is still running. To get a shell, use:\n"
+            f"  coi attach {name} --bash",
+            err=True,
+        )
+        return
+    ctx.exit(code)
+
+
+# -- persist, shutdown, kill: act on named containers or --all ----------------------------
+
+
+def _select(
+    client: IncusClient, names: tuple[str, ...], all_: bool, force: bool, verb: str, noun: str
+) -> list[str] | None:
+    """The containers to act on after the upstream-style listing and confirmation.
+
+    None: nothing to do (already reported) or the user said no.
+    """
+    from coi.errors import UsageError
+    from coi.sessions.inventory import containers
+
+    if all_:
+        found = [c.name for c in containers(client, with_state=False)]
+        if not found:
+            click.echo(f"No containers to {noun}")
+            return None
+        click.echo(f"Found {len(found)} container(s):")
+        for n in found:
+            click.echo(f"  - {n}")
+        if not force and not confirm(f"\n{verb} all these containers?"):
+            click.echo("Cancelled.")
+            return None
+        return found
+    if not names:
+        raise UsageError(
+            "no container names provided - use 'coi list' to see active containers",
+            resolution=f"Name the containers, or use --all to {noun} every coi container.",
+        )
+    if len(names) > 1 and not force and not confirm(f"{verb} {len(names)} container(s)?"):
+        click.echo("Cancelled.")
+        return None
+    return list(names)
+
+
+def _bulk(
+    names: list[str],
+    *,
+    past: str,
+    noun: str,
+    explicit: bool,
+    one: Callable[[str], bool],
+) -> None:
+    from coi.errors import CoiError
+
+    done = 0
+    for n in names:
+        try:
+            ok = one(n)
+        except CoiError as err:
+            click.echo(f"  Warning: {n}: {err}", err=True)
+            ok = False
+        done += ok
+    if done:
+        click.echo(f"\n{past} {done} container(s)")
+        return
+    click.echo(f"\nNo containers were {past.lower()}")
+    if explicit:
+        raise CoiError(f"failed to {noun} specified containers")
+
+
+def _exists(client: IncusClient, name: str) -> bool:
+    if client.instances.exists(name):
+        return True
+    click.echo(f"  Warning: Container {name} does not exist", err=True)
+    return False
+
+
+_BULK_OPTIONS = [
+    click.argument("names", nargs=-1, shell_complete=complete_containers),
+    click.option("--all", "all_", is_flag=True, help="Every coi container."),
+    click.option("--force", is_flag=True, help="Do not ask for confirmation."),
+]
+
+
+def _bulk_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(_BULK_OPTIONS):
+        f = opt(f)
+    return f
+
+
+@click.command(
+    "persist",
+    cls=CoiCommand,
+    examples="  coi persist coi-abc12345-1\n  coi persist --all --force",
+)
+@_bulk_options
+def persist_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
+    """Keep ephemeral session containers after their session ends."""
+    from coi.sessions.inventory import mark_persistent
+
+    sessions = _sessions()
+    _cfg, client = _client()
+    with client:
+        chosen = _select(client, names, all_, force, "Persist", "persist")
+        if chosen is None:
+            return
+
+        def one(n: str) -> bool:
+            click.echo(f"Persisting container {n}...")
+            if not _exists(client, n):
+                return False
+            if not mark_persistent(client, n, sessions):
+                click.echo(f"  Warning: no session metadata found for container {n}", err=True)
+            click.echo(f"  ✓ Persisted {n}")
+            return True
+
+        _bulk(chosen, past="Persisted", noun="persist", explicit=bool(names), one=one)
+
+
+@click.command(
+    "shutdown",
+    cls=CoiCommand,
+    examples="  coi shutdown coi-abc12345-1\n  coi shutdown --all --force --timeout 10",
+)
+@_bulk_options
+@click.option("--timeout", type=int, default=60, show_default=True, help="Seconds to wait.")
+def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) -> None:
+    """Stop containers gracefully (force after --timeout), then delete them."""
+    from coi.errors import BackendError
+
+    _cfg, client = _client()
+    with client:
+        chosen = _select(client, names, all_, force, "Shutdown", "shutdown")
+        if chosen is None:
+            return
+
+        def one(n: str) -> bool:
+            click.echo(f"Shutting down container {n} (timeout: {timeout}s)...")
+            if not _exists(client, n):
+                return False
+            if client.instances.get(n).status in ("Running", "Frozen"):
+                click.echo("  Attempting graceful shutdown...")
+                try:
+                    client.instances.stop(n, timeout=timeout)
+                    click.echo("  Graceful shutdown successful")
+                except BackendError:
+                    click.echo("  Timeout reached, force-killing...")
+            client.instances.delete(n, force=True)
+            click.echo(f"  ✓ Shutdown {n}")
+            return True
+
+        _bulk(chosen, past="Shutdown", noun="shutdown", explicit=bool(names), one=one)
+
+
+@click.command(
+    "kill",
+    cls=CoiCommand,
+    examples="  coi kill coi-abc12345-1\n  coi kill --all --force",
+)
+@_bulk_options
+def kill_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
+    """Stop and delete containers at once (persistent ones too)."""
+    _cfg, client = _client()
+    with client:
+        chosen = _select(client, names, all_, force, "Kill", "kill")
+        if chosen is None:
+            return
+
+        def one(n: str) -> bool:
+            click.echo(f"Killing container {n}...")
+            if not _exists(client, n):
+                return False
+            client.instances.delete(n, force=True)
+            click.echo(f"  ✓ Killed {n}")
+            return True
+
+        _bulk(chosen, past="Killed", noun="kill", explicit=bool(names), one=one)
+
+
+# -- resume (unfreeze) ----------------------------------------------------------------------
+
+
+@click.command(
+    "resume",
+    cls=CoiCommand,
+    examples="  coi resume                 # every paused coi container\n"
+    "  coi resume coi-abc12345-1",
+)
+@click.argument("name", required=False, shell_complete=complete_containers)
+def resume_cmd(name: str | None) -> None:
+    """Resume containers the security monitor paused (frozen)."""
+    from coi.errors import NotFound, UsageError
+    from coi.sessions.inventory import containers
+
+    _cfg, client = _client()
+    with client:
+        if name:
+            try:
+                status = client.instances.get(name).status
+            except NotFound:
+                raise NotFound(f"container {name} not found: container not found") from None
+            if status != "Frozen":
+                raise UsageError(f"container {name} is not frozen (status: {status.upper()})")
+            client.instances.unfreeze(name)
+            click.echo(f"Resumed container: {name}", err=True)
+            return
+        frozen = [c.name for c in containers(client, with_state=False) if c.status == "Frozen"]
+        for n in frozen:
+            client.instances.unfreeze(n)
+            click.echo(f"Resumed container: {n}", err=True)
+        click.echo(
+            f"Resumed {len(frozen)} container(s)" if frozen else "No frozen COI containers found",
+            err=True,
+        )
+
+
+# -- clean --------------------------------------------------------------------------------
+
+
+@click.command(
+    "clean",
+    cls=CoiCommand,
+    examples="  coi clean --dry-run\n  coi clean --force\n  coi clean --all --force",
+)
+@click.option("--all", "all_", is_flag=True, help="Containers, saved sessions and orphans.")
+@click.option("--force", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--sessions", is_flag=True, help="Delete saved session data (all of it).")
+@click.option("--orphans", is_flag=True, help="Only orphaned resources (no containers).")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
+def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: bool) -> None:
+    """Remove stopped sandboxes, orphaned resources and (with --sessions) saved sessions."""
+    from coi.config.paths import coi_home
+    from coi.sessions import cleanup
+
+    all_sessions = _sessions()
+    _cfg, client = _client()
+
+    def ask(prompt: str) -> bool:
+        if dry_run:
+            return False
+        if force or confirm(prompt):
+            return True
+        click.echo("Cancelled.")
+        return False
+
+    cleaned = 0
+    found_any = False
+    log = click.echo
+    with client:
+        if all_ or not (sessions or orphans):
+            click.echo("Checking for stopped coi containers...")
+            plan = cleanup.plan_containers(client, all_sessions)
+            _report_containers(plan)
+            found_any |= bool(plan.containers)
+            if plan.containers and ask("\nDelete these containers?"):
+                cleaned += cleanup.execute(client, plan, log)
+        if all_ or sessions:
+            click.echo("\nChecking for saved session data...")
+            plan = cleanup.CleanPlan(sessions=all_sessions)
+            if all_sessions:
+                click.echo(f"Found {len(all_sessions)} session(s):")
+                for s in all_sessions:
+                    click.echo(f"  - {s.id} ({s.tool})")
+            else:
+                click.echo("  (no saved sessions found)")
+            found_any |= bool(all_sessions)
+            if all_sessions and ask("\nDelete all session data?"):
+                cleaned += cleanup.execute(client, plan, log)
+        click.echo("\nScanning for orphaned resources...")
+        acls, nets = cleanup.plan_network(client)
+        plan = cleanup.CleanPlan(
+            leftovers=cleanup.plan_leftovers(coi_home(), all_sessions), acls=acls, networks=nets
+        )
+        _report_orphans(plan)
+        found_any |= bool(plan.count())
+        if plan.count() and ask("\nClean up orphaned resources?"):
+            cleaned += cleanup.execute(client, plan, log)
+    if dry_run:
+        click.echo("\n[Dry run] No changes made.")
+    elif cleaned:
+        click.echo(f"\n✓ Cleaned {cleaned} item(s)")
+    elif not found_any:
+        click.echo("\nNothing to clean.")
+
+
+def _report_containers(plan: CleanPlan) -> None:
+    if plan.stopped:
+        click.echo(f"Found {len(plan.stopped)} stopped container(s):")
+        for c in plan.stopped:
+            click.echo(f"  - {c.name}")
+    else:
+        click.echo("  (no stopped containers found)")
+    if plan.orphaned:
+        click.echo(f"Found {len(plan.orphaned)} abandoned sandbox(es) (their coi process is gone):")
+        for c in plan.orphaned:
+            click.echo(f"  - {c.name}")
+    if plan.kept:
+        click.echo(
+            f"Keeping {len(plan.kept)} stopped persistent container(s) "
+            "(remove with 'coi kill NAME'):"
+        )
+        for c in plan.kept:
+            click.echo(f"  - {c.name}")
+
+
+def _report_orphans(plan: CleanPlan) -> None:
+    if not plan.count():
+        click.echo("  (no orphaned resources found)")
+        return
+    click.echo(f"Found {plan.count()} orphaned resource(s):")
+    if plan.networks or plan.acls:
+        click.echo(f"  Unused network objects ({len(plan.resources)}):")
+        for r in plan.resources:
+            click.echo(f"    - {r}")
+    if plan.leftovers:
+        click.echo(f"  Leftover session files ({len(plan.leftovers)}):")
+        for p in plan.leftovers:
+            click.echo(f"    - {p}")

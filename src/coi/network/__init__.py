@@ -1,0 +1,1 @@
+"""Network isolation: the bridges and ACLs coi makes, and how they are found and removed."""

@@ -1,0 +1,118 @@
+"""`coi clean`: find what coi left behind (containers, sessions, network objects) and remove it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coi.backend.client import IncusClient
+from coi.errors import BackendError, NotFound
+from coi.network import resources
+from coi.sessions import inventory
+from coi.sessions.inventory import ContainerInfo, SavedSession
+from coi.sessions.slots import stale_claims
+
+
+@dataclass
+class CleanPlan:
+    """Everything `coi clean` would remove, grouped as it reports them."""
+
+    stopped: list[ContainerInfo] = field(default_factory=list)
+    orphaned: list[ContainerInfo] = field(default_factory=list)
+    kept: list[ContainerInfo] = field(default_factory=list)
+    sessions: list[SavedSession] = field(default_factory=list)
+    leftovers: list[Path] = field(default_factory=list)  # half-written session dirs, claims
+    acls: list[str] = field(default_factory=list)
+    networks: list[str] = field(default_factory=list)
+
+    @property
+    def containers(self) -> list[ContainerInfo]:
+        return self.stopped + self.orphaned
+
+    @property
+    def resources(self) -> list[str]:
+        return [*(f"network ACL {a}" for a in self.acls), *(f"network {n}" for n in self.networks)]
+
+    def count(self) -> int:
+        return (
+            len(self.containers)
+            + len(self.sessions)
+            + len(self.leftovers)
+            + len(self.acls)
+            + len(self.networks)
+        )
+
+
+def plan_containers(client: IncusClient, sessions: list[SavedSession]) -> CleanPlan:
+    """Stopped sandboxes, and running `coi run` sandboxes whose coi process is gone.
+
+    Stopped *persistent* containers are kept: they hold what the user installed, and
+    removing them is what `coi kill` is for.
+    """
+    plan = CleanPlan()
+    for c in inventory.containers(client, sessions, with_state=False):
+        if c.status == "Stopped":
+            (plan.kept if c.persistent else plan.stopped).append(c)
+        elif c.running and c.orphaned:
+            plan.orphaned.append(c)
+    return plan
+
+
+def plan_leftovers(home: Path, all_sessions: list[SavedSession]) -> list[Path]:
+    """Session dirs with neither metadata nor state, interrupted pulls, dead slot claims."""
+    out = [s.path for s in all_sessions if s.metadata is None and not s.has_state]
+    out += sorted(home.glob("sessions-*/*/.pull-*"))
+    out += stale_claims(home / "locks")
+    return out
+
+
+def plan_network(client: IncusClient) -> tuple[list[str], list[str]]:
+    """(ACLs, bridges) coi made that nothing uses."""
+    nets = [n.name for n in resources.unused_networks(client)]
+    going = {f"/1.0/networks/{n}" for n in nets}
+    # An ACL only the bridges about to go still name is unused too.
+    acls = [
+        a.name
+        for a in resources.coi_acls(client)
+        if all(u.split("?", 1)[0] in going for u in a.used_by)
+    ]
+    return acls, nets
+
+
+def execute(client: IncusClient, plan: CleanPlan, log: Callable[[str], None]) -> int:
+    """Remove what the plan names; return how many items went. Failures are logged, not fatal."""
+    done = 0
+    for c in plan.containers:
+        log(f"Deleting container {c.name}...")
+        try:
+            client.instances.delete(c.name, force=True)
+            done += 1
+        except NotFound:
+            done += 1
+        except BackendError as err:
+            log(f"  Warning: could not delete {c.name}: {err}")
+    for s in plan.sessions:
+        log(f"Deleting session {s.id}...")
+        shutil.rmtree(s.path, ignore_errors=True)
+        done += 1
+    for p in plan.leftovers:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done += 1
+    # Bridges first: an ACL cannot be deleted while a bridge still names it.
+    for kind, names, delete in (
+        ("network", plan.networks, resources.delete_network),
+        ("network ACL", plan.acls, resources.delete_acl),
+    ):
+        for name in names:
+            log(f"Deleting {kind} {name}...")
+            try:
+                delete(client, name)
+                done += 1
+            except BackendError as err:
+                log(f"  Warning: could not delete {kind} {name}: {err}")
+    return done

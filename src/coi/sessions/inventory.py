@@ -1,0 +1,222 @@
+"""What coi has made: its containers (with their session facts) and the sessions saved on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from coi.backend.client import IncusClient
+from coi.backend.models import Instance
+from coi.errors import NotFound, UsageError
+from coi.sessions import naming
+from coi.sessions.store import Metadata, read_metadata
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """A coi container as `coi list` shows it."""
+
+    name: str
+    status: str  # Running, Stopped, Frozen
+    created_at: str
+    image: str
+    persistent: bool
+    ipv4: str | None
+    workspace: str | None
+    kind: str  # "shell", "run" or "" (made by something else, e.g. `coi container launch`)
+    owner_host: str
+    owner_pid: int
+
+    @property
+    def running(self) -> bool:
+        return self.status == "Running"
+
+    @property
+    def orphaned(self) -> bool:
+        """A `coi run` sandbox whose coi process died (kill -9): nobody will remove it."""
+        if self.kind != "run" or self.persistent or not self.owner_pid:
+            return False
+        if self.owner_host != socket.gethostname():
+            return False  # made on another machine: we cannot tell, so we keep it
+        return not _is_coi_process(self.owner_pid)
+
+
+def _is_coi_process(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"coi" in cmdline
+
+
+@dataclass(frozen=True)
+class SavedSession:
+    """A session directory under ~/.coi/sessions-<tool>/."""
+
+    id: str
+    tool: str
+    path: Path
+    metadata: Metadata | None
+    has_state: bool
+
+    @property
+    def saved_at(self) -> str:
+        if self.metadata and self.metadata.saved_at:
+            return self.metadata.saved_at
+        mtime = datetime.fromtimestamp(self.path.stat().st_mtime, UTC)
+        return mtime.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    @property
+    def workspace(self) -> str:
+        return self.metadata.workspace if self.metadata else ""
+
+    @property
+    def container_name(self) -> str:
+        return self.metadata.container_name if self.metadata else ""
+
+
+def is_coi_name(name: str, env: Mapping[str, str] | None = None) -> bool:
+    return name.startswith(naming.prefix(env))
+
+
+def container_info(inst: Instance, metadata: Mapping[str, Metadata]) -> ContainerInfo:
+    cfg = inst.config
+    meta = metadata.get(inst.name)
+    persistent = cfg.get("user.coi.persistent") == "true" or bool(meta and meta.persistent)
+    state = inst.state
+    try:
+        pid = int(cfg.get("user.coi.owner_pid") or 0)
+    except ValueError:
+        pid = 0
+    return ContainerInfo(
+        name=inst.name,
+        status=inst.status,
+        created_at=inst.created_at,
+        image=cfg.get("image.description", ""),
+        persistent=persistent,
+        ipv4=state.ipv4() if state else None,
+        workspace=cfg.get("user.coi.workspace") or (meta.workspace if meta else None) or None,
+        kind=cfg.get("user.coi.kind", ""),
+        owner_host=cfg.get("user.coi.owner_host", ""),
+        owner_pid=pid,
+    )
+
+
+def containers(
+    client: IncusClient, sessions: Iterable[SavedSession] = (), *, with_state: bool = True
+) -> list[ContainerInfo]:
+    """coi's containers (names with coi's prefix), sorted by name."""
+    latest: dict[str, Metadata] = {}
+    for s in sorted(sessions, key=lambda s: s.saved_at):  # the newest session wins
+        if s.metadata:
+            latest[s.metadata.container_name] = s.metadata
+    return sorted(
+        (
+            container_info(i, latest)
+            for i in client.instances.list(with_state=with_state)
+            if is_coi_name(i.name)
+        ),
+        key=lambda c: c.name,
+    )
+
+
+def get_container(client: IncusClient, name: str) -> ContainerInfo | None:
+    try:
+        inst = client.instances.get(name)
+    except NotFound:
+        return None
+    return container_info(inst, {})
+
+
+def saved_sessions(home: Path, state_dirs: Mapping[str, str]) -> list[SavedSession]:
+    """Every session directory of every tool, oldest first.
+
+    `state_dirs` maps tool name -> its state directory (from the tool registry); a tool
+    without one counts as having state when its metadata exists.
+    """
+    out: list[SavedSession] = []
+    if not home.is_dir():
+        return out
+    for tool_dir in sorted(home.glob("sessions-*")):
+        tool = tool_dir.name.removeprefix("sessions-")
+        if not tool_dir.is_dir():
+            continue
+        for d in tool_dir.iterdir():
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            meta = read_metadata(d)
+            state = state_dirs.get(tool, "")
+            has_state = (d / state).is_dir() if state else meta is not None
+            out.append(SavedSession(d.name, tool, d, meta, has_state))
+    return sorted(out, key=lambda s: s.saved_at)
+
+
+def find_session(home: Path, session_id: str) -> SavedSession | None:
+    for s in saved_sessions(home, {}):
+        if s.id == session_id:
+            return s
+    return None
+
+
+def mark_persistent(client: IncusClient, name: str, sessions: Iterable[SavedSession]) -> int:
+    """Make a container persistent in the daemon and in its sessions' metadata.
+
+    :returns: how many session metadata files were updated.
+    """
+    client.instances.set_config(name, {"user.coi.persistent": "true"})
+    inst = client.instances.get(name)
+    if inst.ephemeral:
+        client.instances.patch(name, {"ephemeral": False})
+    updated = 0
+    for s in sessions:
+        if s.metadata and s.metadata.container_name == name:
+            data = json.loads((s.path / "metadata.json").read_text())
+            data["persistent"] = True
+            tmp = s.path / "metadata.json.tmp"
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, s.path / "metadata.json")
+            updated += 1
+    return updated
+
+
+def resolve_container(
+    client: IncusClient,
+    explicit: str | None,
+    workspace: str,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """The container a command means: `--container`, else $COI_CONTAINER, else the one
+    coi container of the workspace.
+
+    :raises NotFound: the named container does not exist.
+    :raises UsageError: the workspace has none, or several.
+    """
+    env = os.environ if env is None else env
+    if explicit:
+        if not client.instances.exists(explicit):
+            raise NotFound(f"container '{explicit}' not found")
+        return explicit
+    if env.get("COI_CONTAINER"):
+        name = env["COI_CONTAINER"]
+        if not client.instances.exists(name):
+            raise NotFound(f"container '{name}' from COI_CONTAINER not found")
+        return name
+    ws_hash = naming.workspace_hash(workspace)
+    mine = sorted(
+        n for n in client.instances.names() if (naming.parse_name(n, env) or ("",))[0] == ws_hash
+    )
+    if not mine:
+        raise UsageError(
+            "no COI containers found for current workspace - use --container to specify"
+        )
+    if len(mine) > 1:
+        raise UsageError(
+            "multiple COI containers found for workspace, use --container to specify: "
+            + ", ".join(mine)
+        )
+    return mine[0]
