@@ -12,6 +12,11 @@ if [ "$(id -u)" -eq 0 ] && ! id "$TEST_USER" >/dev/null 2>&1; then
 fi
 "$ROOT/scripts/bootstrap.sh" --user "$TEST_USER"
 
+# The completion tests load coi's scripts in zsh and fish too.
+if [ "$(id -u)" -eq 0 ] && ! { command -v zsh && command -v fish; } >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q zsh fish >/dev/null
+fi
+
 # The test user runs coi from this checkout: in CI, make the folders above it traversable.
 if [ "$(id -u)" -eq 0 ] && [ "${CI:-}" = "true" ]; then
     d="$ROOT"

@@ -68,6 +68,7 @@ class NetworksAPI:
         egress: Sequence[Mapping[str, str]] = (),
         ingress: Sequence[Mapping[str, str]] = (),
         description: str = "",
+        config: Mapping[str, str] | None = None,
     ) -> None:
         self._c.request(
             "POST",
@@ -77,6 +78,7 @@ class NetworksAPI:
                 "description": description,
                 "egress": [dict(r) for r in egress],
                 "ingress": [dict(r) for r in ingress],
+                "config": dict(config or {}),
             },
         )
 
@@ -87,16 +89,19 @@ class NetworksAPI:
         egress: Sequence[Mapping[str, str]],
         ingress: Sequence[Mapping[str, str]],
         description: str = "",
+        config: Mapping[str, str] | None = None,
     ) -> None:
-        self._c.request(
-            "PUT",
-            f"/1.0/network-acls/{quote(name, safe='')}",
-            json={
-                "description": description,
-                "egress": [dict(r) for r in egress],
-                "ingress": [dict(r) for r in ingress],
-            },
+        """Replace an ACL's rules (PUT); its config is kept unless one is given."""
+        body: dict[str, object] = {
+            "description": description,
+            "egress": [dict(r) for r in egress],
+            "ingress": [dict(r) for r in ingress],
+        }
+        current = self.acl(name)
+        body["config"] = (
+            dict(config) if config is not None else dict(current.config if current else {})
         )
+        self._c.request("PUT", f"/1.0/network-acls/{quote(name, safe='')}", json=body)
 
     def delete_acl(self, name: str) -> None:
         self._c.request("DELETE", f"/1.0/network-acls/{quote(name, safe='')}")

@@ -56,7 +56,7 @@ def file_cmd(ctx: click.Context) -> None:
 @click.option("--uid", type=int, default=0, show_default=True, help="Owner inside.")
 @click.option("--gid", type=int, default=0, show_default=True, help="Group inside.")
 def push_cmd(local: Path, dest: str, recursive: bool, uid: int, gid: int) -> None:
-    """Copy a local file (or with -r a directory) to CONTAINER:PATH."""
+    """Copy a local file (or with -r a directory) to CONTAINER:PATH (parents are created)."""
     from coi.cli.context import connect, load_settings
 
     name, path = split_remote(dest, "destination")
@@ -67,6 +67,9 @@ def push_cmd(local: Path, dest: str, recursive: bool, uid: int, gid: int) -> Non
     with connect(load_settings()) as client:
         if not client.instances.exists(name):
             raise NotFound(f"container {name} not found")
+        parent = posixpath.dirname(path)
+        if parent != "/" and client.files.stat(name, parent) is None:
+            client.files.mkdir(name, parent, uid=uid, gid=gid, parents=True)
         if local.is_dir():
             client.files.push_tree(name, local, path, uid=uid, gid=gid)
             click.echo(f"Pushed directory {local} -> {name}:{path}", err=True)

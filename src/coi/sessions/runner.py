@@ -24,6 +24,7 @@ from coi.sessions import naming
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
 from coi.tools.base import Tool
+from coi.tools.settings import merge_json_text
 
 
 class Terminated(BaseException):
@@ -223,6 +224,7 @@ class ShellSession:
                 self.log(f"Restoring session data from {self.session_id}")
                 self._push_dir(saved, f"{self.spec.home}/{tool.state_dir}")
         self._inject_credentials()
+        self._apply_sandbox_settings()
         self.log("Container setup complete!")
 
     def _push_dir(self, local: Path, remote: str) -> None:
@@ -232,6 +234,14 @@ class ShellSession:
             self.client.files.mkdir(self.box.name, parent, uid=uid, gid=uid, parents=True)
         self.client.files.push_tree(self.box.name, local, remote, uid=uid, gid=uid)
 
+    def _ensure_parent(self, dest: str) -> None:
+        parent = os.path.dirname(dest)
+        if parent != self.spec.home and self.client.files.stat(self.box.name, parent) is None:
+            uid = self.spec.code_uid
+            self.client.files.mkdir(
+                self.box.name, parent, uid=uid, gid=uid, mode=0o700, parents=True
+            )
+
     def _inject_credentials(self) -> None:
         """Copy the tool's own config files from the host home; never the environment."""
         home = Path.home()
@@ -240,19 +250,28 @@ class ShellSession:
             if not src.is_file():
                 continue
             dest = f"{self.spec.home}/{rel}"
-            parent = os.path.dirname(dest)
-            if parent != self.spec.home:
-                self.client.files.mkdir(
-                    self.box.name,
-                    parent,
-                    uid=self.spec.code_uid,
-                    gid=self.spec.code_uid,
-                    mode=0o700,
-                    parents=True,
-                )
+            self._ensure_parent(dest)
             self.client.files.push_file(
                 self.box.name, src, dest, uid=self.spec.code_uid, gid=self.spec.code_uid, mode=0o600
             )
+
+    def _apply_sandbox_settings(self) -> None:
+        """Lay coi's settings over the tool's settings files: merged, never overwritten."""
+        tool = self.req.tool
+        prefix = f"tool.{tool.name}."
+        options = {k[len(prefix) :]: v for k, v in self.cfg.values.items() if k.startswith(prefix)}
+        overlays = tool.sandbox_settings(bypass=self.req.bypass, options=options)
+        for rel, overlay in overlays.items():
+            dest = f"{self.spec.home}/{rel}"
+            info = self.client.files.stat(self.box.name, dest)
+            existing = self.client.files.read(self.box.name, dest) if info else None
+            merged = merge_json_text(existing, overlay)
+            if merged is None:
+                self.log(f"Warning: {dest} is not a JSON object; left as it is")
+                continue
+            self._ensure_parent(dest)
+            uid = self.spec.code_uid
+            self.client.files.push_bytes(self.box.name, dest, merged, uid=uid, gid=uid, mode=0o600)
 
     def _save_metadata(self) -> None:
         self.store.write_metadata(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,17 @@ class Tool:
         else:
             cmd += [a.format(session_id=session_id) for a in self.new_session_args]
         return cmd
+
+    def sandbox_settings(
+        self, *, bypass: bool, options: Mapping[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """JSON merged into the tool's settings files inside the sandbox.
+
+        Keys are file paths relative to the agent's home; values are laid over whatever the
+        file holds (copied from the host, or restored), never replacing it. `options` are
+        the `[tool.<name>]` config values.
+        """
+        return {}
 
     def discover_resume_id(self, saved_state: Path) -> str | None:
         """The tool's own conversation id inside a saved state directory, if it has one."""

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from coi.tools.base import Tool
 
 
 class Claude(Tool):
     """Claude Code keeps conversations as JSONL files under ~/.claude/projects/-workspace/."""
+
+    def sandbox_settings(
+        self, *, bypass: bool, options: Mapping[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        effort = str(options.get("effort_level") or "medium")
+        settings: dict[str, Any] = {
+            "effortLevel": effort,
+            "effortLevelAccepted": True,
+            "hasSeenEffortPrompt": True,
+            "effortCalloutDismissed": True,
+            # Deep-merged: the user's own env entries (e.g. Bedrock) stay.
+            "env": {"CLAUDE_CODE_EFFORT_LEVEL": effort},
+        }
+        state: dict[str, Any] = {"hasCompletedOnboarding": True}
+        if bypass:
+            settings["permissions"] = {"defaultMode": "bypassPermissions"}
+            for d in (settings, state):
+                d["allowDangerouslySkipPermissions"] = True
+                d["bypassPermissionsModeAccepted"] = True
+        return {".claude/settings.json": settings, ".claude.json": state}
 
     def discover_resume_id(self, saved_state: Path) -> str | None:
         convs = sorted(

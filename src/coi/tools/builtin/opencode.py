@@ -1,8 +1,23 @@
 """opencode."""
 
+from collections.abc import Mapping
+from typing import Any
+
 from coi.tools.base import Tool
 
-TOOL = Tool(
+
+class OpenCode(Tool):
+    """opencode asks before acting unless its permission config says allow."""
+
+    def sandbox_settings(
+        self, *, bypass: bool, options: Mapping[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        return {
+            ".config/opencode/opencode.json": {"permission": {"*": "allow" if bypass else "ask"}}
+        }
+
+
+TOOL = OpenCode(
     name="opencode",
     binary="opencode",
     state_dir=".config/opencode",

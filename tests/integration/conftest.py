@@ -1,0 +1,97 @@
+"""Fixtures for tests that run coi as an unprivileged host user whose uid is not 1000."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+from tests.conftest import ROOT, coi_argv
+
+from coi.backend import IncusClient
+from coi.sessions.naming import workspace_hash
+
+USER = os.environ.get("COI_TEST_USER", "coitest")
+STANDIN = ROOT / "tests" / "standin"
+
+
+@pytest.fixture(scope="module")
+def user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        pytest.fail(f"test user {USER} missing: scripts/test.sh creates it", pytrace=False)
+
+
+@pytest.fixture
+def base(user: pwd.struct_passwd) -> Iterator[Path]:
+    """A world-traversable scratch dir owned by the test user (pytest's tmp is root-only)."""
+    d = Path(f"/tmp/coi-it-{secrets.token_hex(4)}")
+    d.mkdir(mode=0o755)
+    os.chown(d, user.pw_uid, user.pw_gid)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def user_dir(path: Path, user: pwd.struct_passwd) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, user.pw_uid, user.pw_gid)
+    return path
+
+
+@pytest.fixture
+def uenv(test_project: str, base: Path, user: pwd.struct_passwd) -> dict[str, str]:
+    home = user_dir(base / "home", user)
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "COI_HOME": str(home / ".coi"),
+        "COI_PROJECT": test_project,
+        "PYTHONPATH": f"{ROOT / 'src'}:{STANDIN / 'plugin'}",
+        "TERM": "xterm",
+        "SECRET_TOKEN": "s3cr3t-on-the-host",
+    }
+
+
+def coi_names(client: IncusClient, ws: Path) -> list[str]:
+    h = workspace_hash(str(ws))
+    return [n for n in client.instances.names() if h in n]
+
+
+def spawn_shell(uenv: dict[str, str], ws: Path, *extra: str) -> pexpect.spawn:
+    argv = coi_argv(
+        "shell",
+        "--tool",
+        "standin",
+        "--image",
+        "coi-tiny",
+        "-w",
+        str(ws),
+        "--mount",
+        f"{STANDIN}:/opt/standin",
+        *extra,
+        user=USER,
+    )
+    return pexpect.spawn(
+        argv[0], argv[1:], env=uenv, encoding="utf-8", timeout=60, dimensions=(40, 120)
+    )
+
+
+def converse(child: pexpect.spawn, line: str) -> None:
+    child.expect("standin> ")
+    child.sendline(line)
+    child.expect(f"echo: {line}")
+
+
+def leave(child: pexpect.spawn) -> None:
+    child.expect("standin> ")
+    child.sendline("/exit")
+    child.expect("bye")
+    child.sendline("exit")  # the pane's fallback shell; tmux ends with it
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
