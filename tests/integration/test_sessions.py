@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pwd
 import subprocess
 import time
@@ -183,3 +184,42 @@ def test_persistent_container_keeps_installed_files(
     finally:
         for n in coi_names(client, ws):
             client.instances.delete(n, force=True)
+
+
+def test_claude_settings_are_merged_not_overwritten(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    ws = user_dir(base / "ws", user)
+    home = Path(uenv["HOME"])
+    claude_dir = user_dir(home / ".claude", user)
+    host_settings = {
+        "env": {"CLAUDE_CODE_USE_BEDROCK": "1", "AWS_REGION": "eu-west-1"},
+        "model": "my-model",
+    }
+    (claude_dir / "settings.json").write_text(json.dumps(host_settings))
+    (home / ".claude.json").write_text(json.dumps({"userID": "abc"}))
+    for p in (claude_dir / "settings.json", home / ".claude.json"):
+        os.chown(p, user.pw_uid, user.pw_gid)
+    res = run_coi(
+        "shell", "--tool", "claude", "--debug", "--background", "--image", "coi-tiny",
+        "-w", str(ws), env=uenv, user=USER,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    (name,) = coi_names(client, ws)
+    try:
+        inside = json.loads(client.files.read(name, "/home/code/.claude/settings.json"))
+        state = json.loads(client.files.read(name, "/home/code/.claude.json"))
+        info = client.files.stat(name, "/home/code/.claude/settings.json")
+    finally:
+        client.instances.delete(name, force=True)
+    assert inside["env"] == {
+        "CLAUDE_CODE_USE_BEDROCK": "1",
+        "AWS_REGION": "eu-west-1",
+        "CLAUDE_CODE_EFFORT_LEVEL": "medium",
+    }
+    assert inside["model"] == "my-model"
+    assert inside["permissions"] == {"defaultMode": "bypassPermissions"}
+    assert state["userID"] == "abc" and state["bypassPermissionsModeAccepted"] is True
+    assert info is not None and (info.uid, info.mode) == (1000, 0o600)
+    # The host's own file is untouched.
+    assert json.loads((claude_dir / "settings.json").read_text()) == host_settings
