@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pexpect
+import pytest
 from tests.conftest import coi_argv, run_coi
 from tests.integration.conftest import USER, coi_names, converse, leave, spawn_shell, user_dir
 
@@ -103,8 +105,14 @@ def test_ten_parallel_runs_get_ten_slots(
     assert coi_names(client, ws) == []
 
 
-def test_sigterm_mid_run_removes_container(
-    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_run_removes_container(
+    client: IncusClient,
+    base: Path,
+    uenv: dict[str, str],
+    user: pwd.struct_passwd,
+    signum: int,
+    code: int,
 ) -> None:
     ws = user_dir(base / "ws", user)
     proc = subprocess.Popen(
@@ -117,9 +125,26 @@ def test_sigterm_mid_run_removes_container(
     while not coi_names(client, ws) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1)
-    proc.terminate()
+    proc.send_signal(signum)  # SIGINT is what Ctrl-C sends
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
+    assert "cleaning up" in err
+    assert coi_names(client, ws) == []
+
+
+def test_shell_without_tmux_saves_the_conversation(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    ws = user_dir(base / "ws", user)
+    child = spawn_shell(uenv, ws, "--tmux=false")
+    child.expect("Mode: Direct")
+    converse(child, "no tmux here")
+    child.expect("standin> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
+    (saved,) = (Path(uenv["COI_HOME"]) / "sessions-standin").iterdir()
+    assert (saved / ".standin" / "conversation.log").read_text() == "no tmux here\n"
     assert coi_names(client, ws) == []
 
 
