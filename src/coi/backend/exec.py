@@ -184,9 +184,15 @@ class ExecAPI:
             path += f"&project={quote(self._c.project)}"
         ep = self._c.endpoint
         # max_size=None: output chunks are not bounded; compression off: it only costs CPU here.
+        # ping_interval=None: the daemon never reads its output sockets, so it never answers a
+        # keepalive ping there; with pings on, any exec longer than ~40 s lost its streams.
         if ep.socket_path:
             return unix_connect(
-                ep.socket_path, f"ws://incus{path}", max_size=None, compression=None
+                ep.socket_path,
+                f"ws://incus{path}",
+                max_size=None,
+                compression=None,
+                ping_interval=None,
             )
         ctx = (
             ssl.create_default_context(cafile=ep.server_cert)
@@ -196,7 +202,7 @@ class ExecAPI:
         if ep.client_cert:
             ctx.load_cert_chain(*ep.client_cert)
         url = (ep.url or "").replace("https://", "wss://", 1) + path
-        return connect(url, ssl=ctx, max_size=None, compression=None)
+        return connect(url, ssl=ctx, max_size=None, compression=None, ping_interval=None)
 
     def start(
         self,

