@@ -12,34 +12,15 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from _common import cli, fmt, sh, timed
 
 from coi.backend import ExecRequest, IncusClient
 
 POOL, IMAGE = os.environ.get("COI_POOL", "coi"), "coi-tiny"
 DEVICES = {"root": {"type": "disk", "path": "/", "pool": POOL}}
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def cli() -> str:
-    return shutil.which("incus") or shutil.which("lxc") or "lxc"
-
-
-def sh(*args: str) -> None:
-    subprocess.run([cli(), *args], check=True, capture_output=True)
-
-
-def fmt(xs: list[float]) -> str:
-    return f"{statistics.median(xs) * 1000:.0f} ms [{min(xs) * 1000:.0f}..{max(xs) * 1000:.0f}]"
 
 
 def main() -> None:

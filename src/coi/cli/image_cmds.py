@@ -10,6 +10,7 @@ import click
 from coi.cli.app import CoiCommand, CoiGroup
 from coi.cli.completion import complete_any_container, complete_images
 from coi.cli.container_cmds import print_help_when_bare
+from coi.cli.options import stacked
 from coi.cli.render import check_format, echo_json, human_size, local_time, table
 
 if TYPE_CHECKING:
@@ -82,17 +83,11 @@ def _list_prefix(images: list[Image], prefix: str) -> None:
     click.echo(f"Images with prefix '{prefix}':\n" + table(rows))
 
 
-_LIST_OPTIONS = [
+_list_options = stacked(
     click.option("-a", "--all", "all_", is_flag=True, help="Show every local image."),
     click.option("--prefix", default=None, help="Only aliases starting with this."),
     click.option("--format", "fmt", default="table", metavar="FORMAT", help="table or json."),
-]
-
-
-def _list_options(f: Any) -> Any:
-    for opt in reversed(_LIST_OPTIONS):
-        f = opt(f)
-    return f
+)
 
 
 @click.group(

@@ -10,6 +10,7 @@ import click
 
 from coi.cli.app import CoiCommand
 from coi.cli.completion import complete_containers, complete_sessions
+from coi.cli.options import stacked
 from coi.cli.render import check_format, confirm, echo_json, human_size, local_time
 
 if TYPE_CHECKING:
@@ -270,29 +271,35 @@ def _select(
     return list(names)
 
 
-def _bulk(
-    names: list[str],
+def _run_bulk(
+    names: tuple[str, ...],
+    all_: bool,
+    force: bool,
     *,
-    past: str,
+    verb: str,
     noun: str,
-    explicit: bool,
-    one: Callable[[str], bool],
+    past: str,
+    one: Callable[[IncusClient, str], bool],
 ) -> None:
+    """Select (names or --all, with confirmation), act on each, report, fail if none worked."""
     from coi.errors import CoiError
 
-    done = 0
-    for n in names:
-        try:
-            ok = one(n)
-        except CoiError as err:
-            click.echo(f"  Warning: {n}: {err}", err=True)
-            ok = False
-        done += ok
+    _cfg, client = _client()
+    with client:
+        chosen = _select(client, names, all_, force, verb, noun)
+        if chosen is None:
+            return
+        done = 0
+        for n in chosen:
+            try:
+                done += one(client, n)
+            except CoiError as err:
+                click.echo(f"  Warning: {n}: {err}", err=True)
     if done:
         click.echo(f"\n{past} {done} container(s)")
         return
     click.echo(f"\nNo containers were {past.lower()}")
-    if explicit:
+    if names:
         raise CoiError(f"failed to {noun} specified containers")
 
 
@@ -303,17 +310,11 @@ def _exists(client: IncusClient, name: str) -> bool:
     return False
 
 
-_BULK_OPTIONS = [
+_bulk_options = stacked(
     click.argument("names", nargs=-1, shell_complete=complete_containers),
     click.option("--all", "all_", is_flag=True, help="Every coi container."),
     click.option("--force", is_flag=True, help="Do not ask for confirmation."),
-]
-
-
-def _bulk_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(_BULK_OPTIONS):
-        f = opt(f)
-    return f
+)
 
 
 @click.command(
@@ -327,22 +328,17 @@ def persist_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
     from coi.sessions.inventory import mark_persistent
 
     sessions = _sessions()
-    _cfg, client = _client()
-    with client:
-        chosen = _select(client, names, all_, force, "Persist", "persist")
-        if chosen is None:
-            return
 
-        def one(n: str) -> bool:
-            click.echo(f"Persisting container {n}...")
-            if not _exists(client, n):
-                return False
-            if not mark_persistent(client, n, sessions):
-                click.echo(f"  Warning: no session metadata found for container {n}", err=True)
-            click.echo(f"  ✓ Persisted {n}")
-            return True
+    def one(client: IncusClient, n: str) -> bool:
+        click.echo(f"Persisting container {n}...")
+        if not _exists(client, n):
+            return False
+        if not mark_persistent(client, n, sessions):
+            click.echo(f"  Warning: no session metadata found for container {n}", err=True)
+        click.echo(f"  ✓ Persisted {n}")
+        return True
 
-        _bulk(chosen, past="Persisted", noun="persist", explicit=bool(names), one=one)
+    _run_bulk(names, all_, force, verb="Persist", noun="persist", past="Persisted", one=one)
 
 
 @click.command(
@@ -356,28 +352,22 @@ def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) 
     """Stop containers gracefully (force after --timeout), then delete them."""
     from coi.errors import BackendError
 
-    _cfg, client = _client()
-    with client:
-        chosen = _select(client, names, all_, force, "Shutdown", "shutdown")
-        if chosen is None:
-            return
+    def one(client: IncusClient, n: str) -> bool:
+        click.echo(f"Shutting down container {n} (timeout: {timeout}s)...")
+        if not _exists(client, n):
+            return False
+        if client.instances.get(n).status in ("Running", "Frozen"):
+            click.echo("  Attempting graceful shutdown...")
+            try:
+                client.instances.stop(n, timeout=timeout)
+                click.echo("  Graceful shutdown successful")
+            except BackendError:
+                click.echo("  Timeout reached, force-killing...")
+        client.instances.delete(n, force=True)
+        click.echo(f"  ✓ Shutdown {n}")
+        return True
 
-        def one(n: str) -> bool:
-            click.echo(f"Shutting down container {n} (timeout: {timeout}s)...")
-            if not _exists(client, n):
-                return False
-            if client.instances.get(n).status in ("Running", "Frozen"):
-                click.echo("  Attempting graceful shutdown...")
-                try:
-                    client.instances.stop(n, timeout=timeout)
-                    click.echo("  Graceful shutdown successful")
-                except BackendError:
-                    click.echo("  Timeout reached, force-killing...")
-            client.instances.delete(n, force=True)
-            click.echo(f"  ✓ Shutdown {n}")
-            return True
-
-        _bulk(chosen, past="Shutdown", noun="shutdown", explicit=bool(names), one=one)
+    _run_bulk(names, all_, force, verb="Shutdown", noun="shutdown", past="Shutdown", one=one)
 
 
 @click.command(
@@ -388,21 +378,16 @@ def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) 
 @_bulk_options
 def kill_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
     """Stop and delete containers at once (persistent ones too)."""
-    _cfg, client = _client()
-    with client:
-        chosen = _select(client, names, all_, force, "Kill", "kill")
-        if chosen is None:
-            return
 
-        def one(n: str) -> bool:
-            click.echo(f"Killing container {n}...")
-            if not _exists(client, n):
-                return False
-            client.instances.delete(n, force=True)
-            click.echo(f"  ✓ Killed {n}")
-            return True
+    def one(client: IncusClient, n: str) -> bool:
+        click.echo(f"Killing container {n}...")
+        if not _exists(client, n):
+            return False
+        client.instances.delete(n, force=True)
+        click.echo(f"  ✓ Killed {n}")
+        return True
 
-        _bulk(chosen, past="Killed", noun="kill", explicit=bool(names), one=one)
+    _run_bulk(names, all_, force, verb="Kill", noun="kill", past="Killed", one=one)
 
 
 # -- resume (unfreeze) ----------------------------------------------------------------------

@@ -32,6 +32,15 @@ def _apply(func: F, opts: list[Callable[[F], F]]) -> F:
     return func
 
 
+def stacked(*opts: Callable[[F], F]) -> Callable[[F], F]:
+    """One decorator that applies several click options/arguments, top to bottom."""
+
+    def decorate(func: F) -> F:
+        return _apply(func, list(opts))
+
+    return decorate
+
+
 def session_options(func: F) -> F:
     """Workspace, slot, image, persistence, resume, env, mounts, network, limits."""
     opts: list[Callable[[F], F]] = [

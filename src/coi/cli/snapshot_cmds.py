@@ -10,6 +10,7 @@ import click
 from coi.cli.app import CoiGroup
 from coi.cli.completion import complete_any_container
 from coi.cli.container_cmds import print_help_when_bare
+from coi.cli.options import stacked
 from coi.cli.render import check_format, confirm, echo_json, local_time, table
 
 if TYPE_CHECKING:
@@ -17,17 +18,16 @@ if TYPE_CHECKING:
     from coi.backend.models import Snapshot
 
 
-def _container_options(f: Any) -> Any:
-    f = click.option(
-        "-w", "--workspace", default=None, metavar="DIR", help="Workspace (default: .)."
-    )(f)
-    return click.option(
+_container_options = stacked(
+    click.option(
         "-c",
         "--container",
         default=None,
         shell_complete=complete_any_container,
         help="Container (default: $COI_CONTAINER, else the workspace's one).",
-    )(f)
+    ),
+    click.option("-w", "--workspace", default=None, metavar="DIR", help="Workspace (default: .)."),
+)
 
 
 def _target(client: IncusClient, container: str | None, workspace: str | None) -> str:

@@ -1,0 +1,30 @@
+"""Helpers the benchmarks share: timing, the daemon's CLI, and how numbers are printed."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def cli() -> str:
+    """The daemon's own CLI, for side-by-side rows: incus where present, else lxc."""
+    return shutil.which("incus") or shutil.which("lxc") or "lxc"
+
+
+def fmt(xs: list[float]) -> str:
+    """Median with [min..max], in milliseconds."""
+    return f"{statistics.median(xs) * 1000:.0f} ms [{min(xs) * 1000:.0f}..{max(xs) * 1000:.0f}]"
+
+
+def sh(*args: str) -> None:
+    """Run the daemon's CLI with these arguments; fail loudly."""
+    subprocess.run([cli(), *args], check=True, capture_output=True)
