@@ -80,7 +80,7 @@ def test_docker_build_and_run_as_the_agent(
         b"FROM scratch\nCOPY busybox /bin/busybox\n"
         b'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
     )
-    with tarfile.open(ctx, "w") as tar:
+    with tarfile.open(ctx, "w", format=tarfile.USTAR_FORMAT) as tar:
         tar.add(busybox, arcname="busybox")
         info = tarfile.TarInfo("Dockerfile")
         info.size = len(dockerfile)
