@@ -80,6 +80,19 @@ def test_list_tmux_as_the_agent_persist_freeze_resume_kill(
     assert entry["kind"] == "shell" and entry["ipv4"]
     code, out, _ = _coi(uenv, "list")
     assert f"  {name} (ephemeral)" in out and f"Workspace: {ws}" in out
+    code, _, err = _coi(uenv, "list", "--format", "yaml")
+    assert code == 2 and "invalid format 'yaml': must be 'text' or 'json'" in err
+
+    # The session coi saved when `coi shell --background` returned.
+    code, out, _ = _coi(uenv, "list", "--all", "--format", "json")
+    (saved,) = json.loads(out)["saved_sessions"]
+    assert saved["container"] == name and saved["workspace"] == str(ws)
+    code, out, _ = _coi(uenv, "info")
+    assert code == 0 and f"Session ID:     {saved['id']}" in out
+    assert "Session Data:   ✓ Present (.claude directory)" in out
+    assert f"Resume:         coi shell --resume={saved['id']}" in out
+    code, _, err = _coi(uenv, "info", "no-such-session")
+    assert code == 1 and "session not found: no-such-session" in err
 
     # tmux talks to the agent's own tmux server (upstream's ran as root and saw nothing).
     code, out, _ = _coi(uenv, "tmux", "list")
@@ -120,6 +133,8 @@ def test_list_tmux_as_the_agent_persist_freeze_resume_kill(
     assert code == 2 and "no container names provided" in err
     code, _, err = _coi(uenv, "kill", "coi-00000000-1")
     assert code == 1 and "failed to kill specified containers" in err
+    code, _, err = _coi(uenv, "persist", "coi-00000000-1")
+    assert code == 1 and "Warning: Container coi-00000000-1 does not exist" in err
 
 
 def test_attach_by_name_default_and_slot_through_a_pty(
