@@ -67,11 +67,23 @@ def test_project(tiny_tarball: Path) -> Iterator[str]:
         yield name
     finally:
         root.projects.purge(name)
+        _remove_unused_coi_networks(root)
         root.close()
         # The daemon keeps a log folder per deleted instance; drop the ones this run made.
         for log_root in (Path("/var/log/lxd"), Path("/var/log/incus")):
             for d in log_root.glob(f"{name}_*"):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_unused_coi_networks(client: IncusClient) -> None:
+    """Policy bridges and ACLs live in the default project; sessions of the run made some."""
+    from coi.network import resources
+
+    for n in resources.unused_networks(client):
+        client.networks.delete(n.name)
+    for a in resources.coi_acls(client):
+        if not a.used_by:
+            client.networks.delete_acl(a.name)
 
 
 @pytest.fixture

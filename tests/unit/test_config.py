@@ -77,15 +77,16 @@ def test_unbuilt_protection_is_refused_not_ignored(tmp_path: Path) -> None:
 
     cfg = load_config(cwd=tmp_path, env={}, files=[])
     warnings = unenforced_warnings(cfg)
-    assert any("network isolation is not enforced yet" in w for w in warnings)
-    cfg = load_config(
-        cwd=tmp_path, env={}, files=[], cli={"network.mode": "open", "git.writable_hooks": True}
-    )
+    assert any("protected paths" in w for w in warnings)
+    assert not any("network" in w for w in warnings)  # enforced since the network issue
+    cfg = load_config(cwd=tmp_path, env={}, files=[], cli={"git.writable_hooks": True})
     assert unenforced_warnings(cfg) == []
+    assert unenforced_warnings(
+        load_config(cwd=tmp_path, env={}, files=[], cli={"network.mode": "allowlist"})
+    )
     for cli in (
         {"limits.memory.limit": "1GiB"},
         {"monitoring.enabled": True},
-        {"network.mode": "allowlist"},
     ):
         with pytest.raises(Exception, match="not enforced yet"):
             unenforced_warnings(load_config(cwd=tmp_path, env={}, files=[], cli=cli))

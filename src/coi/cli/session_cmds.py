@@ -41,6 +41,8 @@ def _config_overrides(p: dict[str, Any]) -> dict[str, Any]:
 def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Config, workspace and sandbox spec from the flags."""
     from coi.cli.context import load_settings
+    from coi.config.paths import coi_home
+    from coi.network.manager import policy_from_config
     from coi.sessions.features import unenforced_warnings
     from coi.sessions.sandbox import build_spec, parse_env
     from coi.sessions.workspace import merge_mounts, resolve_workspace
@@ -53,7 +55,11 @@ def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
     mounts = merge_mounts(cfg.get("mounts.default"), p.get("mounts") or (), target)
     env = {k: os.environ[k] for k in cfg.get_list("tool.forward_env") if k in os.environ}
     env.update(parse_env(p.get("env") or ()))
-    return cfg, workspace, build_spec(cfg, workspace, mounts=mounts, env=env)
+    spec = build_spec(cfg, workspace, mounts=mounts, env=env)
+    spec.policy, warnings = policy_from_config(cfg, cache_dir=coi_home() / "network-cache")
+    for warning in warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    return cfg, workspace, spec
 
 
 @click.command(

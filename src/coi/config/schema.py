@@ -27,9 +27,9 @@ def _s(key: str, kind: str, default: Any, help: str, **kw: Any) -> Setting:
     return Setting(key, kind, default, help, **kw)
 
 
+# Unlike upstream, 8.8.8.8 and 1.1.1.1 are not in the list: sandboxes resolve through the
+# bridge, and a public resolver reachable on any port is a ready-made DNS tunnel.
 DEFAULT_ALLOWED_DOMAINS = [
-    "8.8.8.8",
-    "1.1.1.1",
     "registry.npmjs.org",
     "npm.pkg.github.com",
     "api.anthropic.com",
@@ -144,6 +144,13 @@ SETTINGS: tuple[Setting, ...] = (
         "bool",
         False,
         "Allow private ranges in restricted and allowlist modes.",
+    ),
+    _s(
+        "network.resolver",
+        "str",
+        "",
+        "DNS server (ip or ip:port) coi uses on the host to resolve allowed_domains; "
+        "empty: the host's resolver.",
     ),
     _s("network.logging.enabled", "bool", True, "Log network policy changes."),
     _s("network.logging.path", "str", "~/.coi/logs/network.log", "Network log file."),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from coi.errors import SetupError
 from coi.host import daemon as dmn
+from coi.network.hostnet import host_networks
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -186,37 +187,6 @@ def ensure_subids(report: SetupReport, uids: list[int], *, is_root: bool) -> boo
         message=("added" if changed else "present") + f" root:UID:1 for uid {who}",
     )
     return changed
-
-
-def host_networks() -> list[ipaddress.IPv4Network]:
-    """Networks in use on the host: routes, addresses and the resolver."""
-    nets: list[ipaddress.IPv4Network] = []
-    out = subprocess.run(
-        ["ip", "-4", "-o", "route", "show", "table", "all"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    out += subprocess.run(
-        ["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=False
-    ).stdout
-    for tok in out.split():
-        try:
-            net = ipaddress.ip_network(tok, strict=False)
-        except ValueError:
-            continue
-        if isinstance(net, ipaddress.IPv4Network) and net.prefixlen > 0:
-            nets.append(net)
-    resolv = Path("/etc/resolv.conf")
-    if resolv.exists():
-        for line in resolv.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == "nameserver":
-                try:
-                    nets.append(ipaddress.IPv4Network(parts[1] + "/32"))
-                except ValueError:
-                    pass
-    return nets
 
 
 def pick_subnet(in_use: list[ipaddress.IPv4Network]) -> str:

@@ -2,7 +2,7 @@
 
 A sandbox that silently ignores `--limit-memory` or `--monitor` would be worse than none, so
 asking for a feature that is not built is an error, and a default that is not in force
-(restricted network, protected paths) is said out loud at every session start.
+(protected paths) is said out loud at every session start.
 """
 
 from __future__ import annotations
@@ -28,13 +28,11 @@ _LIMIT_KEYS = tuple(
 def unenforced_warnings(cfg: Config) -> list[str]:
     """Refuse settings asking for unbuilt protection; return warnings for unbuilt defaults.
 
-    :raises UsageError: a limit, the monitor or allowlist mode was asked for.
+    :raises UsageError: a limit or the monitor was asked for.
     """
     asked = [k for k in _LIMIT_KEYS if cfg.get(k) not in ("", 0)]
     if cfg.get_bool("monitoring.enabled"):
         asked.append("monitoring.enabled")
-    if cfg.get_str("network.mode") == "allowlist":
-        asked.append("network.mode = allowlist")
     if asked:
         where = ", ".join(f"{k} (from {cfg.origins.get(k.split(' ')[0], '?')})" for k in asked)
         raise UsageError(
@@ -44,11 +42,6 @@ def unenforced_warnings(cfg: Config) -> list[str]:
             "coi refuses rather than pretend to protect you.",
         )
     warnings = []
-    if cfg.get_str("network.mode") == "restricted":
-        warnings.append(
-            "network isolation is not enforced yet: the sandbox can reach your "
-            "local network (use --network=open to silence this warning)"
-        )
     protected = cfg.get_bool("security.disable_protection") or cfg.get_bool("git.writable_hooks")
     if not protected:
         warnings.append(

@@ -16,6 +16,8 @@ from coi.backend.exec import ExecRequest
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound, SessionError
+from coi.network.manager import ensure_network, prove_enforced, wait_for_network
+from coi.network.policy import Policy
 from coi.sessions import naming
 from coi.sessions.slots import SlotClaims
 from coi.sessions.workspace import Mount, host_owner_gid, host_owner_uid
@@ -65,6 +67,8 @@ class SandboxSpec:
     network: str = "coibr0"
     # "run" sandboxes live as long as their coi process; "shell" ones outlive it (detach).
     kind: str = "shell"
+    # The network policy; None keeps the plain bridge (`network`) with no rules.
+    policy: Policy | None = None
 
     @property
     def home(self) -> str:
@@ -131,10 +135,19 @@ def instance_config(spec: SandboxSpec) -> dict[str, str]:
     return config
 
 
+def _nic(spec: SandboxSpec) -> dict[str, str]:
+    nic = {"type": "nic", "network": spec.network, "name": "eth0"}
+    if spec.policy is not None and spec.policy.mode != "open":
+        # Sandboxes sharing a policy bridge cannot talk to each other even where the host
+        # does not pass bridged traffic through the firewall (no br_netfilter).
+        nic["security.port_isolation"] = "true"
+    return nic
+
+
 def instance_devices(spec: SandboxSpec) -> dict[str, dict[str, str]]:
     devices: dict[str, dict[str, str]] = {
         "root": {"type": "disk", "path": "/", "pool": spec.pool},
-        "eth0": {"type": "nic", "network": spec.network, "name": "eth0"},
+        "eth0": _nic(spec),
         "workspace": {"type": "disk", "source": str(spec.workspace), "path": spec.workspace_target},
     }
     for i, m in enumerate(spec.mounts):
@@ -213,9 +226,11 @@ class Sandbox:
                     self.wait_ready()
                 else:
                     self.log("Container already running, reusing...")
+                self.verify_network()
                 return
             self.log("Found stopped leftover container from previous session, deleting...")
             self.client.instances.delete(self.name, force=True)
+        self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
         self.client.instances.create(
             self.name,
@@ -231,6 +246,28 @@ class Sandbox:
         )
         self.created = True
         self.wait_ready()
+        self.verify_network()
+
+    def _attach_network(self) -> None:
+        if self.spec.policy is None:
+            return
+        self.spec.network = ensure_network(
+            self.client,
+            self.spec.policy,
+            default_network=self.spec.network,
+            lock_dir=coi_home() / "locks",
+            log=self.log,
+        )
+
+    def verify_network(self) -> None:
+        """Refuse to go on unless the policy is in force, checked from inside."""
+        policy = self.spec.policy
+        if policy is None or policy.mode == "open":
+            wait_for_network(self.client, self.name)
+            return
+        inst = self.client.instances.get(self.name)
+        network = (inst.expanded_devices.get("eth0") or {}).get("network", self.spec.network)
+        prove_enforced(self.client, self.name, network, self.log)
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,254 @@
+"""A sandbox's network: its policy's bridge and ACL (made once, shared), and proof it holds.
+
+LXD 5.0 cannot put an ACL on one NIC, so every distinct policy gets a bridge of its own with
+the ACL on the bridge; sandboxes with the same policy share it. Everything made here is
+named `coi-<digest>` and marked managed, so `coi clean` removes it once nothing uses it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from coi.backend.client import IncusClient
+from coi.backend.exec import ExecRequest
+from coi.config.loader import Config
+from coi.errors import Conflict, SessionError
+from coi.network import resources
+from coi.network.hostnet import free_subnet, host_addresses, host_networks
+from coi.network.policy import Policy, Target, acl_egress_rules, build_policy, dnsmasq_config
+from coi.network.resolve import lookup_with, make_resolver, resolve_allowlist
+
+Log = Callable[[str], None]
+
+
+def policy_from_config(
+    cfg: Config, *, cache_dir: Path, lookup: Callable[[str], list[str]] | None = None
+) -> tuple[Policy, list[str]]:
+    """The policy the config asks for, allowlist names resolved on the host; and warnings."""
+    mode = cfg.get_str("network.mode")
+    entries = [str(e) for e in cfg.get_list("network.allowed_domains")]
+    warnings: list[str] = []
+    allowed: list[Target] = []
+    dns: dict[str, list[str]] = {}
+    if mode == "allowlist":
+        lookup = lookup or lookup_with(make_resolver(cfg.get_str("network.resolver")))
+        res = resolve_allowlist(entries, lookup, cache_dir / "allowlist.json")
+        allowed, dns, warnings = res.targets, res.dns, res.warnings
+    policy = build_policy(
+        mode,
+        block_private=cfg.get_bool("network.block_private_networks"),
+        block_metadata=cfg.get_bool("network.block_metadata_endpoint"),
+        allow_local=cfg.get_bool("network.allow_local_network_access"),
+        allowed=allowed,
+        dns=dns,
+        host_addresses=host_addresses() if mode != "open" else (),
+        entries=entries,
+    )
+    return policy, warnings
+
+
+@contextmanager
+def _lock(lock_dir: Path) -> Iterator[None]:
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with (lock_dir / "network.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _subnets_in_use(client: IncusClient) -> list[ipaddress.IPv4Network]:
+    nets = host_networks()
+    for n in client.networks.list():
+        addr = n.config.get("ipv4.address", "")
+        try:
+            nets.append(ipaddress.IPv4Interface(addr).network)
+        except ValueError:
+            continue
+    return nets
+
+
+def ensure_network(
+    client: IncusClient, policy: Policy, *, default_network: str, lock_dir: Path, log: Log
+) -> str:
+    """The network a sandbox with this policy attaches to (made or updated as needed)."""
+    if policy.mode == "open":
+        log(f"Network mode: open (no restrictions), bridge {default_network}")
+        return default_network
+    name = policy.name
+    with _lock(lock_dir):
+        net = client.networks.get(name)
+        if net is None:
+            subnet = free_subnet(_subnets_in_use(client))
+            rules = acl_egress_rules(policy, str(ipaddress.IPv4Interface(subnet).network))
+            if client.networks.acl(name) is None:
+                client.networks.create_acl(
+                    name, egress=rules, description=f"coi {policy.mode}", config=_marks(policy)
+                )
+            else:
+                client.networks.update_acl(name, egress=rules, ingress=[], config=_marks(policy))
+            config = {"ipv4.address": subnet, "ipv4.nat": "true", **_enforced_config(policy)}
+            try:
+                client.networks.create(name, config=config, description=f"coi {policy.mode}")
+            except Conflict:
+                pass  # another coi made it a moment ago (another user, no shared lock)
+            log(f"Created network {name} ({policy.mode}, {subnet})")
+        else:
+            _refresh(client, policy, net.config, log)
+    log(_describe(policy, name))
+    return name
+
+
+def _enforced_config(policy: Policy) -> dict[str, str]:
+    """The bridge keys that carry the policy; checked and restored on every session start."""
+    config = {
+        "ipv6.address": "none",  # IPv6 cannot be filtered the same way here: none at all
+        "security.acls": policy.name,
+        "security.acls.default.egress.action": "reject",
+        "security.acls.default.ingress.action": "reject",
+        **_marks(policy),
+    }
+    if raw := dnsmasq_config(policy):
+        config["raw.dnsmasq"] = raw
+    return config
+
+
+def _marks(policy: Policy) -> dict[str, str]:
+    return {**resources.managed_config(), "user.coi.mode": policy.mode}
+
+
+def _refresh(client: IncusClient, policy: Policy, config: Mapping[str, str], log: Log) -> None:
+    """Bring an existing policy network up to date (allowlist addresses move)."""
+    subnet = str(ipaddress.IPv4Interface(config["ipv4.address"]).network)
+    rules = acl_egress_rules(policy, subnet)
+    acl = client.networks.acl(policy.name)
+    current = [{k: v for k, v in r.items() if v} for r in acl.egress] if acl else None
+    if current != rules:
+        # Established connections survive: the daemon accepts them before any rule.
+        if acl is None:
+            client.networks.create_acl(policy.name, egress=rules, config=_marks(policy))
+        else:
+            client.networks.update_acl(policy.name, egress=rules, ingress=[])
+        log(f"Updated the rules of {policy.name}")
+    want = {**_enforced_config(policy), "raw.dnsmasq": dnsmasq_config(policy)}
+    drift = {k: v for k, v in want.items() if config.get(k, "") != v}
+    if drift:
+        client.networks.patch(policy.name, drift)
+        log(f"Restored the policy settings of {policy.name}: {', '.join(sorted(drift))}")
+
+
+def _describe(policy: Policy, name: str) -> str:
+    if policy.mode == "restricted":
+        return (
+            f"Network mode: restricted (internet only; private, metadata and host blocked), {name}"
+        )
+    return (
+        f"Network mode: allowlist ({len(policy.dns)} domain(s), {len(policy.allowed)} "
+        f"address rule(s); DNS answers only for allowed names), {name}"
+    )
+
+
+def gateway_of(client: IncusClient, network: str) -> str:
+    net = client.networks.get(network)
+    if net is None:
+        raise SessionError(f"network {network} not found")
+    return str(ipaddress.IPv4Interface(net.config["ipv4.address"]).ip)
+
+
+# -- proof of enforcement -----------------------------------------------------------------
+
+# Up to 10 s for DHCP to give the sandbox its address and default route.
+WAIT_ROUTE = r"""
+i=0; while [ $i -lt 100 ] && ! ip route 2>/dev/null | grep -q '^default'; do
+  sleep 0.1; i=$((i+1)); done
+"""
+
+# POSIX sh for busybox and Debian alike: a TCP connect with whatever the image has.
+_PROBE = (
+    WAIT_ROUTE
+    + r"""
+tcp() {
+  if command -v nc >/dev/null 2>&1; then
+    timeout 3 nc -w 1 "$1" "$2" </dev/null >/dev/null 2>&1; return $?
+  fi
+  timeout 3 bash -c "exec 3<>/dev/tcp/$1/$2" >/dev/null 2>&1
+}
+tcp "$GW" 53 || { echo control-failed; exit 3; }
+tcp "$GW" "$PORT" && { echo reached; exit 4; }
+echo blocked
+"""
+)
+
+
+class _Listener:
+    """A TCP listener on the bridge's own address: the forbidden probe target. It counts the
+    connections that arrive, so a broken policy is caught even if the container lies."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((address, 0))
+        self.sock.listen(4)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.hits = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.hits += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+def wait_for_network(client: IncusClient, container: str) -> None:
+    """Return once the sandbox has a default route (commands expect a network at start)."""
+    client.exec.quiet(container, ExecRequest(["sh", "-c", WAIT_ROUTE]))
+
+
+def prove_enforced(client: IncusClient, container: str, network: str, log: Log) -> None:
+    """From inside the sandbox: the bridge's DNS answers, a listener on the host does not.
+
+    Nothing leaves the machine: both targets are the bridge's own address.
+    :raises SessionError: the policy is not in force (the agent must not start).
+    """
+    gw = gateway_of(client, network)
+    listener = _Listener(gw)
+    try:
+        res = client.exec.capture(
+            container,
+            ExecRequest(["sh", "-c", _PROBE], env={"GW": gw, "PORT": str(listener.port)}),
+        )
+    finally:
+        listener.close()
+    out = res.stdout.decode(errors="replace").strip()
+    if listener.hits or res.exit_code == 4:
+        raise SessionError(
+            "network policy is NOT in force: the sandbox reached a blocked address",
+            details=f"probe to {gw}:{listener.port} from {container} got through",
+            resolution="Do not use this sandbox. Check 'coi health' and the daemon's firewall "
+            "(nftables); run 'coi clean' and try again.",
+        )
+    if res.exit_code != 0:
+        raise SessionError(
+            "could not verify the network policy from inside the sandbox",
+            details=(out + "\n" + res.stderr.decode(errors="replace")).strip() or None,
+            resolution="The image needs sh, timeout and nc or bash; or use --network=open.",
+        )
+    log(f"Network policy verified: {gw}:{listener.port} blocked, DNS at {gw} reachable")

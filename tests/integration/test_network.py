@@ -1,0 +1,210 @@
+"""Network policy on the real daemon, played as the agent would, against hosts the test makes.
+
+Topology (tests/netkit.py): "the internet" 198.51.100.10, an off-allowlist internet host
+198.51.100.11, the test's DNS server 198.51.100.12, "the LAN" 192.168.77.10 and a metadata
+stand-in 169.254.169.254, all in a network namespace routed from the host.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests import netkit
+from tests.conftest import run_coi
+
+from coi.backend import IncusClient
+from coi.backend.exec import ExecRequest
+from coi.errors import SessionError
+from coi.network import resources
+from coi.network.manager import prove_enforced
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netkit.Topology]:
+    top = netkit.create(tmp_path_factory.mktemp("net"))
+    try:
+        yield top
+    finally:
+        netkit.destroy(top)
+
+
+@pytest.fixture
+def net_env(coi_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    cfg = Path(coi_env["XDG_CONFIG_HOME"]) / "coi" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(
+        "[network]\n"
+        f'resolver = "{netkit.DNS}"\n'
+        'allowed_domains = ["allowed.coi-test:8080"]\n'
+        "refresh_interval_minutes = 0\n"
+    )
+    return {**coi_env, "COI_IMAGE": "coi-tiny"}
+
+
+@pytest.fixture(autouse=True)
+def _no_coi_networks_left(client: IncusClient) -> Iterator[None]:
+    yield
+    for inst in client.instances.list():
+        if inst.name.startswith("coi-"):
+            client.instances.delete(inst.name, force=True)
+    for n in resources.unused_networks(client):
+        client.networks.delete(n.name)
+    for a in resources.coi_acls(client):
+        if not a.used_by:
+            client.networks.delete_acl(a.name)
+
+
+def probe(*targets: str) -> str:
+    """Shell that prints "<target> ok" or "<target> blocked" for each HTTP target."""
+    return "".join(
+        f"if timeout 4 wget -q -O - http://{t}/ >/dev/null 2>&1; "
+        f"then echo '{t} ok'; else echo '{t} blocked'; fi; "
+        for t in targets
+    )
+
+
+def resolves(label: str, name: str, server: str = "") -> str:
+    """Shell that prints "<label> ok" if `name` gets an A record (from `server` if given)."""
+    return (
+        f"timeout 4 nslookup -type=a {name} {server} >/dev/null 2>&1 "
+        f"&& echo '{label} ok' || echo '{label} no'; "
+    )
+
+
+def _probe_run(env: dict[str, str], ws: Path, mode: str, *targets: str) -> dict[str, str]:
+    res = run_coi(
+        "run", "--network", mode, "--writable-git-hooks", "-w", str(ws), "--",
+        "sh", "-c", probe(*targets), env=env, timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return dict(line.split() for line in res.stdout.splitlines())
+
+
+def _http(addr: str) -> str:
+    return f"{addr}:8080"
+
+
+def test_restricted_reaches_the_internet_only(
+    client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    netkit.check_routes(topology)
+    got = _probe_run(
+        net_env, tmp_path, "restricted",
+        _http(netkit.INTERNET), _http(netkit.LAN), _http(netkit.METADATA),
+    )  # fmt: skip
+    assert got == {
+        _http(netkit.INTERNET): "ok",
+        _http(netkit.LAN): "blocked",
+        _http(netkit.METADATA): "blocked",
+    }
+
+
+def test_open_reaches_everything(
+    topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    netkit.check_routes(topology)
+    targets = [_http(a) for a in (netkit.INTERNET, netkit.LAN, netkit.METADATA)]
+    got = _probe_run(net_env, tmp_path, "open", *targets)
+    assert got == dict.fromkeys(targets, "ok")
+
+
+def test_allowlist_answers_only_allowed_names_and_leaks_no_dns(
+    topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    netkit.check_routes(topology)
+    script = (
+        resolves("name-allowed", "allowed.coi-test")
+        + resolves("name-other", "other.coi-test")
+        + resolves("tunnel", "tunnel-s3cr3t.allowed.coi-test")
+        + resolves("foreign-resolver", "allowed.coi-test", netkit.DNS)
+        + probe("allowed.coi-test:8080", _http(netkit.OTHER_INTERNET), _http(netkit.LAN))
+    )
+    before = topology.queries()
+    res = run_coi(
+        "run", "--network", "allowlist", "--writable-git-hooks", "-w", str(tmp_path), "--",
+        "sh", "-c", script, env=net_env, timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = dict(line.split() for line in res.stdout.splitlines())
+    assert got == {
+        "name-allowed": "ok",
+        "name-other": "no",
+        "tunnel": "no",
+        "foreign-resolver": "no",
+        "allowed.coi-test:8080": "ok",
+        _http(netkit.OTHER_INTERNET): "blocked",
+        _http(netkit.LAN): "blocked",
+    }
+    # The host resolved the allowed name (coi did, before the sandbox started); nothing the
+    # sandbox asked ever reached the test's DNS server.
+    new = topology.queries()[len(before) :]
+    assert set(new) <= {"allowed.coi-test"}, new
+    assert not any("s3cr3t" in q for q in topology.queries())
+
+
+def test_two_sessions_keep_their_own_policies(
+    client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    netkit.check_routes(topology)
+    names = {}
+    for mode in ("restricted", "open"):
+        ws = tmp_path / mode
+        ws.mkdir()
+        res = run_coi(
+            "shell", "--background", "--debug", "--network", mode, "--writable-git-hooks",
+            "-w", str(ws), env=net_env, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        (names[mode],) = [n for n in client.instances.names() if n.startswith("coi-")
+                          and n not in names.values()]  # fmt: skip
+    for mode, expect in (("restricted", "blocked"), ("open", "ok")):
+        res = client.exec.capture(names[mode], ExecRequest(["sh", "-c", probe(_http(netkit.LAN))]))
+        assert res.stdout.decode().split() == [_http(netkit.LAN), expect], mode
+    # Neither can reach the other (the open one is on another bridge, the restricted one
+    # rejects private ranges).
+    ip_open = client.instances.state(names["open"]).ipv4()
+    res = client.exec.capture(
+        names["restricted"], ExecRequest(["sh", "-c", f"timeout 4 ping -c1 -W2 {ip_open}"])
+    )
+    assert res.exit_code != 0
+
+
+def test_a_broken_policy_is_caught_before_the_agent_starts(
+    client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    res = run_coi(
+        "shell", "--background", "--debug", "--writable-git-hooks", "-w", str(tmp_path),
+        env=net_env, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "Network policy verified" in res.stderr
+    (name,) = [n for n in client.instances.names() if n.startswith("coi-")]
+    network = client.instances.get(name).expanded_devices["eth0"]["network"]
+    # Someone (or something) takes the ACL off the bridge: the proof must fail.
+    client.networks.patch(network, {"security.acls": ""})
+    with pytest.raises(SessionError, match="NOT in force"):
+        prove_enforced(client, name, network, lambda _m: None)
+    client.instances.delete(name, force=True)
+    # The next session repairs the bridge and proves it again.
+    res = run_coi("run", "--writable-git-hooks", "-w", str(tmp_path), "--", "true", env=net_env)
+    assert res.returncode == 0, res.stderr
+    assert client.networks.get(network).config.get("security.acls") == network
+
+
+def test_clean_removes_policy_networks_once_unused(
+    client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    res = run_coi("run", "--writable-git-hooks", "-w", str(tmp_path), "--", "true", env=net_env)
+    assert res.returncode == 0, res.stderr
+    ours = [n.name for n in client.networks.list() if n.config.get(resources.MANAGED_KEY)]
+    assert ours
+    res = run_coi("clean", "--force", env=net_env)
+    assert res.returncode == 0, res.stderr
+    left = [n.name for n in client.networks.list() if n.config.get(resources.MANAGED_KEY)]
+    assert left == [] and resources.coi_acls(client) == []
+    assert json.loads(run_coi("list", "--format", "json", env=net_env).stdout) == {
+        "active_containers": []
+    }
