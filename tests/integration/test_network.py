@@ -8,6 +8,7 @@ stand-in 169.254.169.254, all in a network namespace routed from the host.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.errors import SessionError
 from coi.network import resources
-from coi.network.manager import prove_enforced
+from coi.network.manager import allowlist_refresh, ensure_network, prove_enforced, resolved
+from coi.network.policy import build_policy
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +210,36 @@ def test_clean_removes_policy_networks_once_unused(
     assert json.loads(run_coi("list", "--format", "json", env=net_env).stdout) == {
         "active_containers": []
     }
+
+
+def test_allowlist_refresh_updates_the_rules_in_place(
+    client: IncusClient, topology: netkit.Topology, tmp_path: Path
+) -> None:
+    netkit.check_routes(topology)
+    policy = build_policy(
+        "allowlist",
+        block_private=True,
+        block_metadata=True,
+        allow_local=False,
+        entries=["allowed.coi-test"],
+        resolver=netkit.DNS,
+        refresh_minutes=60,
+    )
+    # First resolved while the name pointed elsewhere (a CDN that moved).
+    stale, _ = resolved(policy, cache_dir=tmp_path, lookup=lambda _n: [netkit.OTHER_INTERNET])
+    name = ensure_network(client, stale, default_network="", lock_dir=tmp_path, log=lambda _m: None)
+    assert f"{netkit.OTHER_INTERNET}/32" in str(client.networks.acl(name).egress)
+    with allowlist_refresh(
+        client, stale, cache_dir=tmp_path, lock_dir=tmp_path, log=lambda _m: None
+    ) as wake:
+        wake.set()  # what the timer does every refresh_minutes
+        deadline = time.monotonic() + 20
+        while f"{netkit.INTERNET}/32" not in str(client.networks.acl(name).egress):
+            assert time.monotonic() < deadline, "refresh did not update the ACL"
+            time.sleep(0.2)
+    egress = str(client.networks.acl(name).egress)
+    assert f"{netkit.OTHER_INTERNET}/32" not in egress
+    assert (
+        f"host-record=allowed.coi-test,{netkit.INTERNET}"
+        in client.networks.get(name).config["raw.dnsmasq"]
+    )

@@ -31,26 +31,80 @@ def policy_from_config(
     cfg: Config, *, cache_dir: Path, lookup: Callable[[str], list[str]] | None = None
 ) -> tuple[Policy, list[str]]:
     """The policy the config asks for, allowlist names resolved on the host; and warnings."""
-    mode = cfg.get_str("network.mode")
-    entries = [str(e) for e in cfg.get_list("network.allowed_domains")]
-    warnings: list[str] = []
-    allowed: list[Target] = []
-    dns: dict[str, list[str]] = {}
-    if mode == "allowlist":
-        lookup = lookup or lookup_with(make_resolver(cfg.get_str("network.resolver")))
-        res = resolve_allowlist(entries, lookup, cache_dir / "allowlist.json")
-        allowed, dns, warnings = res.targets, res.dns, res.warnings
-    policy = build_policy(
-        mode,
+    base = build_policy(
+        cfg.get_str("network.mode"),
         block_private=cfg.get_bool("network.block_private_networks"),
         block_metadata=cfg.get_bool("network.block_metadata_endpoint"),
         allow_local=cfg.get_bool("network.allow_local_network_access"),
+        entries=[str(e) for e in cfg.get_list("network.allowed_domains")],
+        resolver=cfg.get_str("network.resolver"),
+        refresh_minutes=cfg.get_int("network.refresh_interval_minutes"),
+    )
+    return resolved(base, cache_dir=cache_dir, lookup=lookup)
+
+
+def resolved(
+    policy: Policy, *, cache_dir: Path, lookup: Callable[[str], list[str]] | None = None
+) -> tuple[Policy, list[str]]:
+    """The policy with its allowlist resolved now and the host's current addresses."""
+    warnings: list[str] = []
+    allowed: list[Target] = []
+    dns: dict[str, list[str]] = {}
+    if policy.mode == "allowlist":
+        lookup = lookup or lookup_with(make_resolver(policy.resolver))
+        res = resolve_allowlist(list(policy.entries), lookup, cache_dir / "allowlist.json")
+        allowed, dns, warnings = res.targets, res.dns, res.warnings
+    fresh = build_policy(
+        policy.mode,
+        block_private=policy.block_private,
+        block_metadata=policy.block_metadata,
+        allow_local=policy.allow_local,
         allowed=allowed,
         dns=dns,
-        host_addresses=host_addresses() if mode != "open" else (),
-        entries=entries,
+        host_addresses=host_addresses() if policy.mode != "open" else (),
+        entries=policy.entries,
+        resolver=policy.resolver,
+        refresh_minutes=policy.refresh_minutes,
     )
-    return policy, warnings
+    return fresh, warnings
+
+
+@contextmanager
+def allowlist_refresh(
+    client: IncusClient, policy: Policy | None, *, cache_dir: Path, lock_dir: Path, log: Log
+) -> Iterator[threading.Event]:
+    """While the block runs, re-resolve the allowlist every `refresh_minutes` and update the
+    bridge's rules and DNS in place (live connections to still-allowed addresses survive).
+
+    Yields an event; setting it asks for a refresh now (used by tests and `coi` itself).
+    """
+    wake, stop = threading.Event(), threading.Event()
+    if policy is None or policy.mode != "allowlist" or policy.refresh_minutes <= 0:
+        yield wake
+        return
+
+    def loop() -> None:
+        while not stop.is_set():
+            wake.wait(policy.refresh_minutes * 60)
+            wake.clear()
+            if stop.is_set():
+                return
+            try:
+                fresh, _ = resolved(policy, cache_dir=cache_dir)
+                ensure_network(
+                    client, fresh, default_network="", lock_dir=lock_dir, log=lambda _m: None
+                )
+            except Exception as err:
+                log(f"Warning: allowlist refresh failed: {err}")
+
+    thread = threading.Thread(target=loop, daemon=True, name="allowlist-refresh")
+    thread.start()
+    try:
+        yield wake
+    finally:
+        stop.set()
+        wake.set()
+        thread.join(timeout=5)
 
 
 @contextmanager

@@ -40,6 +40,9 @@ class Policy:
     # The allowlist as configured: it names the bridge, so re-resolving (a CDN moved) updates
     # the same bridge's rules in place instead of making a new one.
     entries: tuple[str, ...] = ()
+    # How to re-resolve while a session runs (not part of the identity).
+    resolver: str = ""
+    refresh_minutes: int = 0
 
     @property
     def key(self) -> str:
@@ -177,6 +180,8 @@ def build_policy(
     dns: Mapping[str, Iterable[str]] | None = None,
     host_addresses: Iterable[str] = (),
     entries: Iterable[str] = (),
+    resolver: str = "",
+    refresh_minutes: int = 0,
 ) -> Policy:
     if mode not in MODES:
         raise UsageError(f"unknown network mode: {mode}", resolution="Use " + ", ".join(MODES))
@@ -189,4 +194,6 @@ def build_policy(
         dns=tuple(sorted((n, tuple(sorted(set(a)))) for n, a in (dns or {}).items())),
         host_addresses=tuple(sorted(set(host_addresses))),
         entries=tuple(sorted(set(entries))) if mode == "allowlist" else (),
+        resolver=resolver,
+        refresh_minutes=refresh_minutes if mode == "allowlist" else 0,
     )

@@ -17,9 +17,11 @@ from types import FrameType
 from typing import TextIO
 
 from coi.backend.client import IncusClient
+from coi.backend.exec import ExecRequest
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound, SessionError
+from coi.network.manager import allowlist_refresh
 from coi.sessions import naming
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
@@ -75,20 +77,11 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             box.create_or_reuse()
             log("Executing: " + " ".join(req.command))
             exec_req = box.request(req.command, {})
-            if req.capture:
-                res = client.exec.capture(box.name, exec_req)
-                code = res.exit_code
-                _print_capture(req.capture, res.stdout, res.stderr, code)
-            else:
-                res = client.exec.run(
-                    box.name, exec_req, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr)
-                )
-                code = res.exit_code
-                log(
-                    "\nCommand completed successfully"
-                    if code == 0
-                    else f"\nCommand exited with code {code}"
-                )
+            with allowlist_refresh(
+                client, spec.policy, cache_dir=coi_home() / "network-cache",
+                lock_dir=coi_home() / "locks", log=log,
+            ):  # fmt: skip
+                code = _execute(client, box, exec_req, req, log)
         except KeyboardInterrupt:
             log("\nReceived interrupt signal, cleaning up...")
             code = 130
@@ -97,6 +90,26 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             code = 128 + t.signum
         finally:
             _finish_run(box, spec)
+    return code
+
+
+def _execute(
+    client: IncusClient, box: Sandbox, exec_req: ExecRequest, req: RunRequest, log: Log
+) -> int:
+    if req.capture:
+        res = client.exec.capture(box.name, exec_req)
+        code = res.exit_code
+        _print_capture(req.capture, res.stdout, res.stderr, code)
+    else:
+        res = client.exec.run(
+            box.name, exec_req, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr)
+        )
+        code = res.exit_code
+        log(
+            "\nCommand completed successfully"
+            if code == 0
+            else f"\nCommand exited with code {code}"
+        )
     return code
 
 
@@ -194,7 +207,11 @@ class ShellSession:
             try:
                 self._setup()
                 self._banner()
-                return self._run_tool()
+                with allowlist_refresh(
+                    self.client, self.spec.policy, cache_dir=coi_home() / "network-cache",
+                    lock_dir=coi_home() / "locks", log=self.log,
+                ):  # fmt: skip
+                    return self._run_tool()
             except KeyboardInterrupt:
                 sys.stderr.write("\nReceived interrupt signal, cleaning up...\n")
                 return 0
