@@ -45,6 +45,8 @@ def test_setup_is_idempotent_and_health_names_the_backend(coi_env: dict[str, str
     assert data["backend"]["kind"] in ("lxd", "incus") and data["backend"]["version"]
     assert data["backend"]["storage_driver"] in ("btrfs", "dir", "zfs")
     assert data["backend"]["bridge"]
+    assert data["checks"]["network_restriction"]["status"] == "ok", data["checks"]
+    assert "restricted in force" in data["checks"]["network_restriction"]["message"]
     # The 'coi' image is not built in the test project: degraded, exit 1.
     assert res.returncode == {"healthy": 0, "degraded": 1, "unhealthy": 2}[data["status"]]
 

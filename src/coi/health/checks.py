@@ -235,6 +235,7 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
                 f"'{image}' ({img.fingerprint[:12]}, {img.size / 1e6:.0f} MB)",
             )
         )
+    checks.append(_network_restriction(cfg, client))
     prefix = os.environ.get("COI_CONTAINER_PREFIX", "coi-")
     running = [i for i in client.instances.list() if i.name.startswith(prefix) and i.running]
     checks.append(
@@ -248,6 +249,54 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
         )
     )
     return checks
+
+
+def _network_restriction(cfg: Config, client: IncusClient) -> Check:
+    """The session start proof, run for real: a throw-away sandbox with the configured policy
+    must reach the bridge's DNS and must not reach a listener on the host."""
+    import secrets
+
+    from coi.network.manager import ensure_network, policy_from_config, prove_enforced
+
+    def check(status: str, msg: str, **details: Any) -> Check:
+        return Check("network_restriction", "Network policy", "NETWORKING", status, msg, details)
+
+    try:
+        policy, _ = policy_from_config(cfg, cache_dir=coi_home() / "network-cache")
+    except CoiError as err:
+        return check(FAILED, err.message)
+    if policy.mode == "open":
+        return check(OK, "mode open: nothing to enforce")
+    if not client.images.exists("coi-tiny"):
+        return check(WARNING, "cannot verify: image 'coi-tiny' missing", resolution="coi setup")
+    name = f"coi-health-{secrets.token_hex(3)}"
+    try:
+        network = ensure_network(
+            client,
+            policy,
+            default_network=cfg.get_str("incus.network"),
+            lock_dir=coi_home() / "locks",
+            log=lambda _m: None,
+        )
+        client.instances.create(
+            name,
+            image="coi-tiny",
+            devices={
+                "root": {"type": "disk", "path": "/", "pool": cfg.get_str("incus.pool")},
+                "eth0": {"type": "nic", "network": network, "name": "eth0"},
+            },
+            ephemeral=True,
+            start=True,
+        )
+        prove_enforced(client, name, network, lambda _m: None)
+    except CoiError as err:
+        return check(FAILED, err.message, resolution=err.resolution or "")
+    finally:
+        try:
+            client.instances.delete(name, force=True)
+        except CoiError:
+            pass
+    return check(OK, f"{policy.mode} in force on {network} (verified from a sandbox)")
 
 
 def _local_checks(cfg: Config) -> list[Check]:
