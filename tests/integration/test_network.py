@@ -151,17 +151,17 @@ def test_two_sessions_keep_their_own_policies(
     client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
 ) -> None:
     netkit.check_routes(topology)
-    names = {}
-    for mode in ("restricted", "open"):
-        ws = tmp_path / mode
+    names: dict[str, str] = {}
+    for label, mode in (("restricted", "restricted"), ("open", "open"), ("peer", "restricted")):
+        ws = tmp_path / label
         ws.mkdir()
         res = run_coi(
             "shell", "--background", "--debug", "--network", mode, "--writable-git-hooks",
             "-w", str(ws), env=net_env, timeout=120,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
-        (names[mode],) = [n for n in client.instances.names() if n.startswith("coi-")
-                          and n not in names.values()]  # fmt: skip
+        (names[label],) = [n for n in client.instances.names() if n.startswith("coi-")
+                           and n not in names.values()]  # fmt: skip
     for mode, expect in (("restricted", "blocked"), ("open", "ok")):
         res = client.exec.capture(names[mode], ExecRequest(["sh", "-c", probe(_http(netkit.LAN))]))
         assert res.stdout.decode().split() == [_http(netkit.LAN), expect], mode
@@ -172,6 +172,22 @@ def test_two_sessions_keep_their_own_policies(
         names["restricted"], ExecRequest(["sh", "-c", f"timeout 4 ping -c1 -W2 {ip_open}"])
     )
     assert res.exit_code != 0
+    # A second sandbox on the same restricted bridge serves HTTP; the first cannot reach it.
+    peer_ip = client.instances.state(names["peer"]).ipv4()
+    serve = "mkdir -p /tmp/www && echo hi > /tmp/www/index.html && httpd -p 8080 -h /tmp/www"
+    assert client.exec.quiet(names["peer"], ExecRequest(["sh", "-c", serve])) == 0
+    own = client.exec.capture(names["peer"], ExecRequest(["sh", "-c", probe("127.0.0.1:8080")]))
+    assert own.stdout.decode().split() == ["127.0.0.1:8080", "ok"]  # the server does serve
+    res = client.exec.capture(
+        names["restricted"], ExecRequest(["sh", "-c", probe(f"{peer_ip}:8080")])
+    )
+    assert res.stdout.decode().split() == [f"{peer_ip}:8080", "blocked"]
+    assert client.exec.capture(
+        names["open"], ExecRequest(["sh", "-c", probe(f"{peer_ip}:8080")])
+    ).stdout.decode().split() == [f"{peer_ip}:8080", "blocked"]
+    # No IPv6 beyond link-local in a restricted sandbox: nothing to leak over.
+    res = client.exec.capture(names["restricted"], ExecRequest(["ip", "-6", "route"]))
+    assert "default" not in res.stdout.decode()
 
 
 def test_a_broken_policy_is_caught_before_the_agent_starts(

@@ -51,28 +51,21 @@ def _image_aliases() -> list[str]:
         return [a for i in client.images.list() for a in i.aliases]
 
 
-def complete_containers(
-    _ctx: click.Context, _param: click.Parameter, incomplete: str
-) -> list[CompletionItem]:
-    return _safely(_container_names, incomplete)
+def _completer(fetch: Callable[[], list[str]]) -> Callable[..., list[CompletionItem]]:
+    """A click `shell_complete` callback offering what `fetch` returns."""
+
+    def complete(
+        _ctx: click.Context, _param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        return _safely(fetch, incomplete)
+
+    return complete
 
 
-def complete_any_container(
-    _ctx: click.Context, _param: click.Parameter, incomplete: str
-) -> list[CompletionItem]:
-    return _safely(_all_container_names, incomplete)
-
-
-def complete_sessions(
-    _ctx: click.Context, _param: click.Parameter, incomplete: str
-) -> list[CompletionItem]:
-    return _safely(_session_ids, incomplete)
-
-
-def complete_images(
-    _ctx: click.Context, _param: click.Parameter, incomplete: str
-) -> list[CompletionItem]:
-    return _safely(_image_aliases, incomplete)
+complete_containers = _completer(_container_names)
+complete_any_container = _completer(_all_container_names)
+complete_sessions = _completer(_session_ids)
+complete_images = _completer(_image_aliases)
 
 
 COMPLETION_HELP = """Print a completion script for your shell.
