@@ -67,7 +67,7 @@ def test_project(tiny_tarball: Path) -> Iterator[str]:
         yield name
     finally:
         root.projects.purge(name)
-        _remove_unused_coi_networks(root)
+        remove_unused_coi_networks(root)
         root.close()
         # The daemon keeps a log folder per deleted instance; drop the ones this run made.
         for log_root in (Path("/var/log/lxd"), Path("/var/log/incus")):
@@ -75,7 +75,7 @@ def test_project(tiny_tarball: Path) -> Iterator[str]:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _remove_unused_coi_networks(client: IncusClient) -> None:
+def remove_unused_coi_networks(client: IncusClient) -> None:
     """Policy bridges and ACLs live in the default project; sessions of the run made some."""
     from coi.network import resources
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from tests import netkit
-from tests.conftest import run_coi
+from tests.conftest import remove_unused_coi_networks, run_coi
 
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
@@ -52,11 +52,7 @@ def _no_coi_networks_left(client: IncusClient) -> Iterator[None]:
     for inst in client.instances.list():
         if inst.name.startswith("coi-"):
             client.instances.delete(inst.name, force=True)
-    for n in resources.unused_networks(client):
-        client.networks.delete(n.name)
-    for a in resources.coi_acls(client):
-        if not a.used_by:
-            client.networks.delete_acl(a.name)
+    remove_unused_coi_networks(client)
 
 
 def probe(*targets: str) -> str:

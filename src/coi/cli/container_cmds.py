@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from coi.cli.app import CoiGroup
 from coi.cli.completion import complete_any_container, complete_images
+from coi.cli.context import daemon
 from coi.cli.render import check_format, echo_json, local_time, table
 
 if TYPE_CHECKING:
-    from coi.backend.client import IncusClient
-    from coi.config.loader import Config
+    pass
 
 GROUP_EXAMPLES = """\
   coi container launch coi my-box
@@ -22,13 +21,6 @@ GROUP_EXAMPLES = """\
   coi container exec my-box --capture -- sh -c 'exit 3'; echo $?
   coi container exists my-box && echo yes
   coi container delete my-box --force"""
-
-
-def _client() -> tuple[Config, IncusClient]:
-    from coi.cli.context import connect, load_settings
-
-    cfg = load_settings()
-    return cfg, connect(cfg)
 
 
 def print_help_when_bare(ctx: click.Context) -> None:
@@ -59,7 +51,7 @@ def launch_cmd(image: str, name: str, ephemeral: bool) -> None:
     """Create and start a container from an image (Docker-ready settings)."""
     from coi.sessions.sandbox import docker_ready_config
 
-    cfg, client = _client()
+    cfg, client = daemon()
     with client:
         client.instances.create(
             name,
@@ -79,7 +71,7 @@ def launch_cmd(image: str, name: str, ephemeral: bool) -> None:
 @click.argument("name", shell_complete=complete_any_container)
 def start_cmd(name: str) -> None:
     """Start a stopped container."""
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         client.instances.start(name)
     click.echo(f"Container {name} started", err=True)
@@ -90,7 +82,7 @@ def start_cmd(name: str) -> None:
 @click.option("--force", is_flag=True, help="Kill it instead of a clean shutdown.")
 def stop_cmd(name: str, force: bool) -> None:
     """Stop a running container."""
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         client.instances.stop(name, force=force)
     click.echo(f"Container {name} stopped", err=True)
@@ -103,7 +95,7 @@ def delete_cmd(name: str, force: bool) -> None:
     """Delete a container."""
     from coi.errors import Conflict
 
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         if not force and client.instances.get(name).status in ("Running", "Frozen"):
             raise Conflict(
@@ -119,7 +111,7 @@ def delete_cmd(name: str, force: bool) -> None:
 @click.pass_context
 def exists_cmd(ctx: click.Context, name: str) -> None:
     """Exit 0 if the container exists, 1 if not (prints nothing)."""
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         ctx.exit(0 if client.instances.exists(name) else 1)
 
@@ -131,7 +123,7 @@ def running_cmd(ctx: click.Context, name: str) -> None:
     """Exit 0 if the container is running, 1 if not (prints nothing)."""
     from coi.errors import NotFound
 
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         try:
             running = client.instances.get(name).running
@@ -172,6 +164,7 @@ def exec_cmd(
     """Run a command in a container; its exit code is coi's exit code."""
     from coi.backend.exec import ExecRequest
     from coi.errors import UsageError
+    from coi.sessions.runner import print_capture, stream_writer
     from coi.sessions.sandbox import parse_env
 
     if not command:
@@ -182,7 +175,7 @@ def exec_cmd(
         check_format(fmt or "json", ("json", "raw"))
     if tty and capture:
         raise UsageError("--tty and --capture cannot be used together")
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         inst = client.instances.get(name)
         if cwd is None:
@@ -194,33 +187,15 @@ def exec_cmd(
             ctx.exit(client.exec.interactive(name, req))
         if capture:
             res = client.exec.capture(name, req)
-            if (fmt or "json") == "json":
-                # Unlike upstream, a failed command's exit code is passed on here too.
-                out = {
-                    "stdout": res.stdout.decode(errors="replace"),
-                    "stderr": res.stderr.decode(errors="replace"),
-                    "exit_code": res.exit_code,
-                }
-                click.echo(json.dumps(out))
-            else:
-                sys.stdout.buffer.write(res.stdout)
-                sys.stdout.flush()
-                sys.stderr.buffer.write(res.stderr)
+            # Unlike upstream, a failed command's exit code is passed on in JSON mode too.
+            print_capture(fmt or "json", res.stdout, res.stderr, res.exit_code)
             ctx.exit(res.exit_code)
-        res = client.exec.run(name, req, on_stdout=_raw_writer(1), on_stderr=_raw_writer(2))
+        res = client.exec.run(
+            name, req, on_stdout=stream_writer(sys.stdout), on_stderr=stream_writer(sys.stderr)
+        )
     if res.exit_code != 0:
         click.echo(f"Error: command failed: exit status {res.exit_code}", err=True)
     ctx.exit(res.exit_code)
-
-
-def _raw_writer(fd: int) -> Any:
-    stream = sys.stdout.buffer if fd == 1 else sys.stderr.buffer
-
-    def write(data: bytes) -> None:
-        stream.write(data)
-        stream.flush()
-
-    return write
 
 
 @container_cmd.command(
@@ -247,7 +222,7 @@ def mount_cmd(name: str, device: str, source: str, path: str, shift: bool, reado
         spec["shift"] = "true"
     if readonly:
         spec["readonly"] = "true"
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         client.instances.add_device(name, device, spec)
     click.echo(f"Disk mounted: {source} -> {name}:{path}", err=True)
@@ -258,7 +233,7 @@ def mount_cmd(name: str, device: str, source: str, path: str, shift: bool, reado
 def list_cmd(fmt: str) -> None:
     """List every container of the project (not only coi's)."""
     check_format(fmt, ("json", "text"))
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         instances = client.instances.list(with_state=True)
     if fmt == "json":

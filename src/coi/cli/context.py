@@ -18,6 +18,12 @@ def load_settings(*, profile: str | None = None, cli: dict[str, Any] | None = No
     return load_config(cwd=Path.cwd(), env=os.environ, profile=profile, cli=cli)
 
 
+def daemon() -> tuple[Config, IncusClient]:
+    """This invocation's config and a client for its daemon (use the client in `with`)."""
+    cfg = load_settings()
+    return cfg, connect(cfg)
+
+
 def connect(cfg: Config) -> IncusClient:
     """A client for the configured daemon and project."""
     from coi.backend.client import IncusClient

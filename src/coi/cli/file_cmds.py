@@ -12,6 +12,7 @@ import click
 
 from coi.cli.app import CoiGroup
 from coi.cli.container_cmds import print_help_when_bare
+from coi.cli.context import daemon
 from coi.errors import NotFound, UsageError
 
 if TYPE_CHECKING:
@@ -57,14 +58,12 @@ def file_cmd(ctx: click.Context) -> None:
 @click.option("--gid", type=int, default=0, show_default=True, help="Group inside.")
 def push_cmd(local: Path, dest: str, recursive: bool, uid: int, gid: int) -> None:
     """Copy a local file (or with -r a directory) to CONTAINER:PATH (parents are created)."""
-    from coi.cli.context import connect, load_settings
-
     name, path = split_remote(dest, "destination")
     if not local.exists() and not local.is_symlink():
         raise NotFound(f"source does not exist: {local}")
     if local.is_dir() and not recursive:
         raise UsageError("source is a directory, use -r flag")
-    with connect(load_settings()) as client:
+    with daemon()[1] as client:
         if not client.instances.exists(name):
             raise NotFound(f"container {name} not found")
         parent = posixpath.dirname(path)
@@ -84,10 +83,8 @@ def push_cmd(local: Path, dest: str, recursive: bool, uid: int, gid: int) -> Non
 @click.option("-r", "--recursive", is_flag=True, help="Copy a directory tree.")
 def pull_cmd(source: str, local: Path, recursive: bool) -> None:
     """Copy CONTAINER:PATH (or with -r a directory) to a local path."""
-    from coi.cli.context import connect, load_settings
-
     name, path = split_remote(source, "source")
-    with connect(load_settings()) as client:
+    with daemon()[1] as client:
         if not client.instances.exists(name):
             raise NotFound(f"container {name} not found")
         info = client.files.stat(name, path)

@@ -10,6 +10,7 @@ import click
 from coi.cli.app import CoiCommand, CoiGroup
 from coi.cli.completion import complete_any_container, complete_images
 from coi.cli.container_cmds import print_help_when_bare
+from coi.cli.context import daemon
 from coi.cli.options import stacked
 from coi.cli.render import check_format, echo_json, human_size, local_time, table
 
@@ -24,9 +25,7 @@ KNOWN = {
 
 
 def _images() -> list[Image]:
-    from coi.cli.context import connect, load_settings
-
-    with connect(load_settings()) as client:
+    with daemon()[1] as client:
         return client.images.list()
 
 
@@ -126,10 +125,9 @@ def images_cmd(all_: bool, prefix: str | None, fmt: str) -> None:
 @click.option("--description", default="", help="Image description.")
 def publish_cmd(container: str, alias: str, description: str) -> None:
     """Publish a container as an image (the container is stopped, then deleted)."""
-    from coi.cli.context import connect, load_settings
     from coi.errors import Conflict
 
-    with connect(load_settings()) as client:
+    with daemon()[1] as client:
         if client.images.exists(alias):
             raise Conflict(
                 f"image alias '{alias}' already exists",
@@ -148,9 +146,7 @@ def publish_cmd(container: str, alias: str, description: str) -> None:
 @click.pass_context
 def exists_cmd(ctx: click.Context, alias: str) -> None:
     """Exit 0 if the image alias exists, 1 if not (prints nothing)."""
-    from coi.cli.context import connect, load_settings
-
-    with connect(load_settings()) as client:
+    with daemon()[1] as client:
         ctx.exit(0 if client.images.exists(alias) else 1)
 
 
@@ -158,10 +154,9 @@ def exists_cmd(ctx: click.Context, alias: str) -> None:
 @click.argument("alias", shell_complete=complete_images)
 def delete_cmd(alias: str) -> None:
     """Delete the image an alias names."""
-    from coi.cli.context import connect, load_settings
     from coi.errors import NotFound
 
-    with connect(load_settings()) as client:
+    with daemon()[1] as client:
         fp = client.images.alias_target(alias)
         if fp is None:
             raise NotFound(
@@ -176,10 +171,9 @@ def delete_cmd(alias: str) -> None:
 @click.option("--keep", type=int, required=True, help="How many of the newest versions to keep.")
 def cleanup_cmd(prefix: str, keep: int) -> None:
     """Delete old versions PREFIXYYYYMMDD-HHMMSS of an image, keeping the newest."""
-    from coi.cli.context import connect, load_settings
     from coi.images.versions import cleanup
 
-    with connect(load_settings()) as client:
+    with daemon()[1] as client:
         res = cleanup(client, prefix, keep)
     click.echo("Cleanup complete:", err=True)
     if res.deleted:

@@ -10,12 +10,12 @@ import click
 
 from coi.cli.app import CoiCommand
 from coi.cli.completion import complete_containers, complete_sessions
+from coi.cli.context import daemon
 from coi.cli.options import stacked
 from coi.cli.render import check_format, confirm, echo_json, human_size, local_time
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
-    from coi.config.loader import Config
     from coi.sessions.cleanup import CleanPlan
     from coi.sessions.inventory import ContainerInfo, SavedSession
 
@@ -31,13 +31,6 @@ def _sessions() -> list[SavedSession]:
     from coi.sessions.inventory import saved_sessions
 
     return saved_sessions(coi_home(), _state_dirs())
-
-
-def _client() -> tuple[Config, IncusClient]:
-    from coi.cli.context import connect, load_settings
-
-    cfg = load_settings()
-    return cfg, connect(cfg)
 
 
 # -- list ---------------------------------------------------------------------------------
@@ -92,7 +85,7 @@ def list_cmd(all_: bool, fmt: str) -> None:
 
     check_format(fmt, ("text", "json"))
     sessions = _sessions()
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         active = containers(client, sessions)
     if fmt == "json":
@@ -198,7 +191,7 @@ def attach_cmd(
     from coi.sessions.inventory import containers
     from coi.sessions.workspace import resolve_workspace
 
-    cfg, client = _client()
+    cfg, client = daemon()
     with client:
         if slot:
             name = naming.container_name(str(resolve_workspace(workspace)), slot)
@@ -284,7 +277,7 @@ def _run_bulk(
     """Select (names or --all, with confirmation), act on each, report, fail if none worked."""
     from coi.errors import CoiError
 
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         chosen = _select(client, names, all_, force, verb, noun)
         if chosen is None:
@@ -405,7 +398,7 @@ def resume_cmd(name: str | None) -> None:
     from coi.errors import NotFound, UsageError
     from coi.sessions.inventory import containers
 
-    _cfg, client = _client()
+    _cfg, client = daemon()
     with client:
         if name:
             try:
@@ -446,7 +439,7 @@ def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: b
     from coi.sessions import cleanup
 
     all_sessions = _sessions()
-    _cfg, client = _client()
+    _cfg, client = daemon()
 
     def ask(prompt: str) -> bool:
         if dry_run:

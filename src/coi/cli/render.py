@@ -12,8 +12,6 @@ import click
 
 from coi.errors import UsageError
 
-FORMAT_TEXT_JSON = click.Choice(["text", "json"])
-
 
 def echo_json(obj: Any) -> None:
     """Indented JSON on stdout: the stable, documented shape scripts read."""

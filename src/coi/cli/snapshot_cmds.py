@@ -10,6 +10,7 @@ import click
 from coi.cli.app import CoiGroup
 from coi.cli.completion import complete_any_container
 from coi.cli.container_cmds import print_help_when_bare
+from coi.cli.context import daemon
 from coi.cli.options import stacked
 from coi.cli.render import check_format, confirm, echo_json, local_time, table
 
@@ -35,12 +36,6 @@ def _target(client: IncusClient, container: str | None, workspace: str | None) -
     from coi.sessions.workspace import resolve_workspace
 
     return resolve_container(client, container, str(resolve_workspace(workspace)))
-
-
-def _connect() -> IncusClient:
-    from coi.cli.context import connect, load_settings
-
-    return connect(load_settings())
 
 
 def _snap_json(s: Snapshot) -> dict[str, Any]:
@@ -91,7 +86,7 @@ def create_cmd(
     from coi.errors import Conflict
 
     name = name or datetime.now().strftime("snap-%Y%m%d-%H%M%S")
-    with _connect() as client:
+    with daemon()[1] as client:
         c = _target(client, container, workspace)
         if any(s.name == name for s in client.instances.snapshots(c)):
             raise Conflict(f"snapshot '{name}' already exists for container '{c}'")
@@ -109,7 +104,7 @@ def list_cmd(container: str | None, workspace: str | None, fmt: str, all_: bool)
     from coi.sessions.inventory import containers
 
     check_format(fmt, ("text", "json"))
-    with _connect() as client:
+    with daemon()[1] as client:
         if all_:
             names = [c.name for c in containers(client, with_state=False)]
             snaps = {n: client.instances.snapshots(n) for n in names}
@@ -154,7 +149,7 @@ def restore_cmd(
     """Bring a container back to a snapshot (a running one is stopped and started again)."""
     from coi.errors import Conflict
 
-    with _connect() as client:
+    with daemon()[1] as client:
         c = _target(client, container, workspace)
         _find(client, c, name)
         was_running = client.instances.get(c).status in ("Running", "Frozen")
@@ -196,7 +191,7 @@ def delete_cmd(
 
     if not name and not all_:
         raise UsageError("snapshot name required (or use --all to delete all snapshots)")
-    with _connect() as client:
+    with daemon()[1] as client:
         c = _target(client, container, workspace)
         if not all_:
             assert name is not None
@@ -227,7 +222,7 @@ def delete_cmd(
 def info_cmd(name: str, container: str | None, workspace: str | None, fmt: str) -> None:
     """Show one snapshot."""
     check_format(fmt, ("text", "json"))
-    with _connect() as client:
+    with daemon()[1] as client:
         c = _target(client, container, workspace)
         s = _find(client, c, name)
     if fmt == "json":

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import socket
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,6 +14,7 @@ from coi.errors import BackendError, UsageError
 from coi.images import base as base_images
 from coi.images.buildlog import BuildLog
 from coi.images.versions import version_alias
+from coi.sessions.inventory import owner_config
 
 COI_DESCRIPTION = "coi image (agent CLIs, Node.js, Python, Docker, GitHub CLI, tmux)"
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
@@ -204,9 +203,7 @@ class Builder:
             source=source,
             config={
                 "security.nesting": "true",
-                "user.coi.kind": "build",
-                "user.coi.owner_host": socket.gethostname(),
-                "user.coi.owner_pid": str(os.getpid()),
+                **owner_config("build"),
             },
             devices={
                 "root": {"type": "disk", "path": "/", "pool": opts.pool},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Iterable, Mapping
@@ -14,7 +13,7 @@ from coi.backend.client import IncusClient
 from coi.backend.models import Instance
 from coi.errors import NotFound, UsageError
 from coi.sessions import naming
-from coi.sessions.store import Metadata, read_metadata
+from coi.sessions.store import Metadata, read_metadata, update_metadata
 
 
 @dataclass(frozen=True)
@@ -38,12 +37,22 @@ class ContainerInfo:
 
     @property
     def orphaned(self) -> bool:
-        """A `coi run` sandbox whose coi process died (kill -9): nobody will remove it."""
-        if self.kind != "run" or self.persistent or not self.owner_pid:
+        """A `coi run` sandbox or image build whose coi process died (kill -9): nobody
+        will remove it."""
+        if self.kind not in ("run", "build") or self.persistent or not self.owner_pid:
             return False
         if self.owner_host != socket.gethostname():
             return False  # made on another machine: we cannot tell, so we keep it
         return not _is_coi_process(self.owner_pid)
+
+
+def owner_config(kind: str) -> dict[str, str]:
+    """Keys that say what made a container and which process owns it (read by `coi clean`)."""
+    return {
+        "user.coi.kind": kind,
+        "user.coi.owner_host": socket.gethostname(),
+        "user.coi.owner_pid": str(os.getpid()),
+    }
 
 
 def _is_coi_process(pid: int) -> bool:
@@ -125,14 +134,6 @@ def containers(
     )
 
 
-def get_container(client: IncusClient, name: str) -> ContainerInfo | None:
-    try:
-        inst = client.instances.get(name)
-    except NotFound:
-        return None
-    return container_info(inst, {})
-
-
 def saved_sessions(home: Path, state_dirs: Mapping[str, str]) -> list[SavedSession]:
     """Every session directory of every tool, oldest first.
 
@@ -156,13 +157,6 @@ def saved_sessions(home: Path, state_dirs: Mapping[str, str]) -> list[SavedSessi
     return sorted(out, key=lambda s: s.saved_at)
 
 
-def find_session(home: Path, session_id: str) -> SavedSession | None:
-    for s in saved_sessions(home, {}):
-        if s.id == session_id:
-            return s
-    return None
-
-
 def mark_persistent(client: IncusClient, name: str, sessions: Iterable[SavedSession]) -> int:
     """Make a container persistent in the daemon and in its sessions' metadata.
 
@@ -175,11 +169,7 @@ def mark_persistent(client: IncusClient, name: str, sessions: Iterable[SavedSess
     updated = 0
     for s in sessions:
         if s.metadata and s.metadata.container_name == name:
-            data = json.loads((s.path / "metadata.json").read_text())
-            data["persistent"] = True
-            tmp = s.path / "metadata.json.tmp"
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-            os.replace(tmp, s.path / "metadata.json")
+            update_metadata(s.path, persistent=True)
             updated += 1
     return updated
 

@@ -99,10 +99,13 @@ def _execute(
     if req.capture:
         res = client.exec.capture(box.name, exec_req)
         code = res.exit_code
-        _print_capture(req.capture, res.stdout, res.stderr, code)
+        print_capture(req.capture, res.stdout, res.stderr, code)
     else:
         res = client.exec.run(
-            box.name, exec_req, on_stdout=_writer(sys.stdout), on_stderr=_writer(sys.stderr)
+            box.name,
+            exec_req,
+            on_stdout=stream_writer(sys.stdout),
+            on_stderr=stream_writer(sys.stderr),
         )
         code = res.exit_code
         log(
@@ -129,7 +132,8 @@ def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
         signal.signal(signal.SIGINT, old)
 
 
-def _writer(stream: TextIO) -> Callable[[bytes], None]:
+def stream_writer(stream: TextIO) -> Callable[[bytes], None]:
+    """A sink that writes raw output to `stream` as it comes."""
     buf = stream.buffer
 
     def write(data: bytes) -> None:
@@ -139,7 +143,8 @@ def _writer(stream: TextIO) -> Callable[[bytes], None]:
     return write
 
 
-def _print_capture(fmt: str, out: bytes, err: bytes, code: int) -> None:
+def print_capture(fmt: str, out: bytes, err: bytes, code: int) -> None:
+    """`--capture` output: one JSON object, or stdout and stderr verbatim (raw)."""
     if fmt == "json":
         sys.stdout.write(
             json.dumps(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from coi.errors import BackendError, NotFound, SessionError
 from coi.network.manager import ensure_network, prove_enforced, wait_for_network
 from coi.network.policy import Policy
 from coi.sessions import naming
+from coi.sessions.inventory import owner_config
 from coi.sessions.slots import SlotClaims
 from coi.sessions.workspace import Mount, host_owner_gid, host_owner_uid
 
@@ -119,10 +119,8 @@ def instance_config(spec: SandboxSpec) -> dict[str, str]:
         **docker_ready_config(),
         "user.coi.workspace": str(spec.workspace),
         "user.coi.persistent": "true" if spec.persistent else "false",
-        "user.coi.kind": spec.kind,
         # Who made it: `coi clean` removes a `coi run` sandbox whose coi process died.
-        "user.coi.owner_host": socket.gethostname(),
-        "user.coi.owner_pid": str(os.getpid()),
+        **owner_config(spec.kind),
     }
     if owner != 0:
         # The agent's uid inside *is* the user's uid outside, for the whole container: files

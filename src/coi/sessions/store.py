@@ -48,6 +48,19 @@ def read_metadata(session_dir: Path) -> Metadata | None:
         return None
 
 
+def _write_json(path: Path, data: object) -> None:
+    """Pretty-printed, one key per line (upstream's parser is line-based), written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def update_metadata(session_dir: Path, **changes: object) -> None:
+    """Change some keys of a session's metadata, keeping every other key as it is."""
+    path = session_dir / "metadata.json"
+    _write_json(path, {**json.loads(path.read_text()), **changes})
+
+
 class SessionStore:
     """The sessions of one tool."""
 
@@ -61,9 +74,7 @@ class SessionStore:
     def write_metadata(self, meta: Metadata) -> None:
         d = self.dir(meta.session_id)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "metadata.json.tmp"
-        tmp.write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        tmp.replace(d / "metadata.json")
+        _write_json(d / "metadata.json", asdict(meta))
 
     def read_metadata(self, session_id: str) -> Metadata | None:
         return read_metadata(self.dir(session_id))
