@@ -72,21 +72,10 @@ def test_profiles(tmp_path: Path) -> None:
         _load(tmp_path, text, profile="nope")
 
 
-def test_unbuilt_protection_is_refused_not_ignored(tmp_path: Path) -> None:
+def test_unbuilt_monitor_is_refused_not_ignored(tmp_path: Path) -> None:
     from coi.sessions.features import unenforced_warnings
 
-    cfg = load_config(cwd=tmp_path, env={}, files=[])
-    warnings = unenforced_warnings(cfg)
-    assert any("protected paths" in w for w in warnings)
-    assert not any("network" in w for w in warnings)  # enforced since the network issue
-    cfg = load_config(cwd=tmp_path, env={}, files=[], cli={"git.writable_hooks": True})
-    assert unenforced_warnings(cfg) == []
-    assert unenforced_warnings(
-        load_config(cwd=tmp_path, env={}, files=[], cli={"network.mode": "allowlist"})
-    )
-    for cli in (
-        {"limits.memory.limit": "1GiB"},
-        {"monitoring.enabled": True},
-    ):
-        with pytest.raises(Exception, match="not enforced yet"):
-            unenforced_warnings(load_config(cwd=tmp_path, env={}, files=[], cli=cli))
+    assert unenforced_warnings(load_config(cwd=tmp_path, env={}, files=[])) == []
+    cfg = load_config(cwd=tmp_path, env={}, files=[], cli={"monitoring.enabled": True})
+    with pytest.raises(Exception, match="not enforced yet"):
+        unenforced_warnings(cfg)

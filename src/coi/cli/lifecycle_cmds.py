@@ -187,6 +187,7 @@ def attach_cmd(
     ctx: click.Context, name: str | None, slot: int | None, workspace: str | None, bash: bool
 ) -> None:
     """Attach to a running session's tmux (or a bash in it)."""
+    from coi.protection.guard import Guard, settle, watching
     from coi.sessions import access, naming
     from coi.sessions.inventory import containers
     from coi.sessions.workspace import resolve_workspace
@@ -214,7 +215,14 @@ def attach_cmd(
         agent = access.agent_of(
             inst, uid=cfg.get_int("incus.code_uid"), user=cfg.get_str("incus.code_user")
         )
-        code = access.attach(client, agent, bash=bash)
+        guard = Guard(name)
+        with watching(
+            guard if guard.exists() else None,
+            cfg.get_int("security.verify_interval_seconds"),
+            _protect_log,
+        ):
+            code = access.attach(client, agent, bash=bash)
+        settle(name, removed=not client.instances.exists(name), log=_protect_log)
     if code in (0, 130, 137, 143):
         return
     if not bash:
@@ -296,6 +304,10 @@ def _run_bulk(
         raise CoiError(f"failed to {noun} specified containers")
 
 
+def _protect_log(message: str) -> None:
+    click.echo(message, err=True)
+
+
 def _exists(client: IncusClient, name: str) -> bool:
     if client.instances.exists(name):
         return True
@@ -344,6 +356,7 @@ def persist_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
 def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) -> None:
     """Stop containers gracefully (force after --timeout), then delete them."""
     from coi.errors import BackendError
+    from coi.protection.guard import settle
 
     def one(client: IncusClient, n: str) -> bool:
         click.echo(f"Shutting down container {n} (timeout: {timeout}s)...")
@@ -357,6 +370,7 @@ def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) 
             except BackendError:
                 click.echo("  Timeout reached, force-killing...")
         client.instances.delete(n, force=True)
+        settle(n, removed=True, log=_protect_log)
         click.echo(f"  ✓ Shutdown {n}")
         return True
 
@@ -371,12 +385,14 @@ def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) 
 @_bulk_options
 def kill_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
     """Stop and delete containers at once (persistent ones too)."""
+    from coi.protection.guard import settle
 
     def one(client: IncusClient, n: str) -> bool:
         click.echo(f"Killing container {n}...")
         if not _exists(client, n):
             return False
         client.instances.delete(n, force=True)
+        settle(n, removed=True, log=_protect_log)
         click.echo(f"  ✓ Killed {n}")
         return True
 

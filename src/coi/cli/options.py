@@ -7,22 +7,13 @@ from typing import Any, TypeVar
 
 import click
 
+from coi.limits.spec import FLAG_KEYS
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-# flag name -> config key it overrides (limit flags only apply when given).
+# flag parameter name -> config key (only flags given on the command line apply).
 LIMIT_FLAGS: dict[str, str] = {
-    "limit_cpu": "limits.cpu.count",
-    "limit_cpu_allowance": "limits.cpu.allowance",
-    "limit_cpu_priority": "limits.cpu.priority",
-    "limit_memory": "limits.memory.limit",
-    "limit_memory_swap": "limits.memory.swap",
-    "limit_memory_enforce": "limits.memory.enforce",
-    "limit_disk_read": "limits.disk.read",
-    "limit_disk_write": "limits.disk.write",
-    "limit_disk_max": "limits.disk.max",
-    "limit_disk_priority": "limits.disk.priority",
-    "limit_processes": "limits.runtime.max_processes",
-    "limit_duration": "limits.runtime.max_duration",
+    flag.removeprefix("--").replace("-", "_"): key for key, flag in FLAG_KEYS.items()
 }
 
 
@@ -114,9 +105,14 @@ def session_options(func: F) -> F:
         click.option("--limit-disk-write", default=None, help="10MB/s or 1000iops."),
         click.option("--limit-disk-max", default=None, help="Combined read+write rate."),
         click.option("--limit-disk-priority", type=int, default=None, help="Disk priority 0-10."),
+        click.option(
+            "--limit-tmpfs", default=None, help="RAM-backed /tmp of this size, e.g. 1GiB."
+        ),
         click.option("--limit-processes", type=int, default=None, help="Maximum processes."),
         click.option(
-            "--limit-duration", default=None, help="Stop after this long: 30s, 2h, 1h30m."
+            "--limit-duration",
+            default=None,
+            help="Stop the container after this long: 30s, 2h, 1h30m.",
         ),
     ]
     return _apply(func, opts)

@@ -42,20 +42,30 @@ def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Config, workspace and sandbox spec from the flags."""
     from coi.cli.context import load_settings
     from coi.config.paths import coi_home
+    from coi.limits import limits_from_config
     from coi.network.manager import policy_from_config
+    from coi.protection.paths import configured_paths, plan
     from coi.sessions.features import unenforced_warnings
     from coi.sessions.sandbox import build_spec, parse_env
-    from coi.sessions.workspace import merge_mounts, resolve_workspace
+    from coi.sessions.workspace import check_no_credentials, merge_mounts, resolve_workspace
 
     cfg = load_settings(profile=p.get("profile"), cli=_config_overrides(p))
     for warning in unenforced_warnings(cfg):
         click.echo(f"Warning: {warning}", err=True)
     workspace = resolve_workspace(p.get("workspace"))
+    limits = limits_from_config(cfg)  # validated before anything is created
+    protected = configured_paths(cfg)
     target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
     mounts = merge_mounts(cfg.get("mounts.default"), p.get("mounts") or (), target)
+    check_no_credentials([workspace, *(m.host for m in mounts)])
     env = {k: os.environ[k] for k in cfg.get_list("tool.forward_env") if k in os.environ}
     env.update(parse_env(p.get("env") or ()))
     spec = build_spec(cfg, workspace, mounts=mounts, env=env)
+    spec.limits = limits
+    for note in limits.notes:
+        click.echo(f"Note: {note}", err=True)
+    if p.get("container") is None:
+        spec.protection = plan(workspace, protected)
     spec.policy, warnings = policy_from_config(cfg, cache_dir=coi_home() / "network-cache")
     for warning in warnings:
         click.echo(f"Warning: {warning}", err=True)

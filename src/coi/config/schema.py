@@ -216,8 +216,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s(
         "limits.memory.enforce",
         "str",
-        "soft",
-        "hard or soft.",
+        "hard",
+        "hard: the limit is a cap (the OOM killer acts); soft: only enforced under host "
+        "memory pressure. Upstream defaults to soft, which caps nothing.",
         choices=("hard", "soft"),
         profile=True,
     ),
@@ -247,7 +248,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _s("limits.disk.max", "str", "", "Read+write rate.", profile=True),
     _s("limits.disk.priority", "int", 0, "Disk priority 0-10.", profile=True),
-    _s("limits.disk.tmpfs_size", "str", "", "Mount a RAM-backed /tmp of this size.", profile=True),
+    _s(
+        "limits.disk.tmpfs_size",
+        "str",
+        "",
+        "Mount a RAM-backed /tmp of this size (it counts against the memory limit).",
+        env=("COI_LIMIT_TMPFS",),
+        profile=True,
+    ),
     _s(
         "limits.runtime.max_duration",
         "str",
@@ -287,6 +295,13 @@ SETTINGS: tuple[Setting, ...] = (
         append=True,
     ),
     _s("security.disable_protection", "bool", False, "Turn protected paths off."),
+    _s(
+        "security.verify_interval_seconds",
+        "int",
+        5,
+        "While coi runs, compare protected paths with their copy this often (0: only at start "
+        "and end of a session).",
+    ),
     # [build]
     _s(
         "build.base",

@@ -10,6 +10,7 @@ from pathlib import Path
 from coi.backend.client import IncusClient
 from coi.errors import BackendError, NotFound
 from coi.network import resources
+from coi.protection.guard import settle
 from coi.sessions import inventory
 from coi.sessions.inventory import ContainerInfo, SavedSession
 from coi.sessions.slots import stale_claims
@@ -93,6 +94,8 @@ def execute(client: IncusClient, plan: CleanPlan, log: Callable[[str], None]) ->
             done += 1
         except BackendError as err:
             log(f"  Warning: could not delete {c.name}: {err}")
+            continue
+        settle(c.name, removed=True, log=log)
     for s in plan.sessions:
         log(f"Deleting session {s.id}...")
         shutil.rmtree(s.path, ignore_errors=True)

@@ -21,7 +21,9 @@ from coi.backend.exec import ExecRequest
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound, SessionError
+from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
+from coi.protection.guard import watching
 from coi.sessions import naming
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
@@ -67,6 +69,7 @@ class RunRequest:
 def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
     """Run one command in a fresh sandbox; stream its output; return its exit code."""
     log = stderr_log("")
+    check_server(spec.limits, client.server.kind)
     box = Sandbox(client, spec, log=log)
     box.ensure_image()
     code = 1
@@ -80,7 +83,7 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             with allowlist_refresh(
                 client, spec.policy, cache_dir=coi_home() / "network-cache",
                 lock_dir=coi_home() / "locks", log=log,
-            ):  # fmt: skip
+            ), watching(box.guard, spec.verify_interval, log):  # fmt: skip
                 code = _execute(client, box, exec_req, req, log)
         except KeyboardInterrupt:
             log("\nReceived interrupt signal, cleaning up...")
@@ -98,7 +101,7 @@ def _execute(
 ) -> int:
     if req.capture:
         res = client.exec.capture(box.name, exec_req)
-        code = res.exit_code
+        code = _time_limited(box, res.exit_code, log)
         print_capture(req.capture, res.stdout, res.stderr, code)
     else:
         res = client.exec.run(
@@ -107,12 +110,20 @@ def _execute(
             on_stdout=stream_writer(sys.stdout),
             on_stderr=stream_writer(sys.stderr),
         )
-        code = res.exit_code
+        code = _time_limited(box, res.exit_code, log)
         log(
             "\nCommand completed successfully"
             if code == 0
             else f"\nCommand exited with code {code}"
         )
+    return code
+
+
+def _time_limited(box: Sandbox, code: int, log: Log) -> int:
+    """124 (as timeout(1) does) when the command ended because max_duration stopped it."""
+    if box.out_of_time():
+        log(f"\n[limits] Stopped: max_duration {box.spec.limits.duration_text} reached")
+        return 124
     return code
 
 
@@ -127,6 +138,8 @@ def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
             else:
                 sys.stderr.write(f"Cleaning up container {box.name}...\n")
                 box.remove()
+            # After the container is gone (or stopped) nothing can change them any more.
+            box.settle_protection(removed=not spec.persistent)
         box.release()
     finally:
         signal.signal(signal.SIGINT, old)
@@ -208,6 +221,7 @@ class ShellSession:
                 self.spec.persistent = True
                 sys.stderr.write("Inherited persistent mode from session\n")
         sys.stderr.write(f"Setting up session {self.session_id}...\n")
+        check_server(self.spec.limits, self.client.server.kind)
         with cleanup_on_signals():
             try:
                 self._setup()
@@ -215,6 +229,8 @@ class ShellSession:
                 with allowlist_refresh(
                     self.client, self.spec.policy, cache_dir=coi_home() / "network-cache",
                     lock_dir=coi_home() / "locks", log=self.log,
+                ), watching(
+                    self.box.guard, self.spec.verify_interval, stderr_log("[protect] ")
                 ):  # fmt: skip
                     return self._run_tool()
             except KeyboardInterrupt:
@@ -421,9 +437,12 @@ class ShellSession:
             sys.stderr.write("\nCleaning up session...\n")
             log = stderr_log("[cleanup] ")
             if self.box.name:
+                if self.box.out_of_time():
+                    log(f"Session stopped: max_duration {self.spec.limits.duration_text} reached")
                 self._save_state(log)
                 self._save_metadata()
                 self._finish_container(log)
+                self.box.settle_protection(removed=not self.box.exists())
             self.box.release()
         finally:
             signal.signal(signal.SIGINT, old)
@@ -462,9 +481,14 @@ class ShellSession:
             else:
                 log("Container was stopped but kept for reuse")
             return
-        tmux_alive = (
-            inst.running and self._tmux(["has-session", "-t", naming.tmux_session(name)]) == 0
-        )
+        try:
+            tmux_alive = (
+                inst.running and self._tmux(["has-session", "-t", naming.tmux_session(name)]) == 0
+            )
+        except BackendError as err:
+            # No exec possible (e.g. its process limit is exhausted): the session is over.
+            log(f"Container does not answer ({err}); removing it")
+            tmux_alive = False
         if tmux_alive:
             sys.stderr.write(_KEPT_HINT)
             return

@@ -15,8 +15,13 @@ from coi.backend.exec import ExecRequest
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound, SessionError
+from coi.limits import Limits
+from coi.limits.watchdog import DEADLINE_KEY
+from coi.limits.watchdog import spawn as spawn_watchdog
 from coi.network.manager import ensure_network, prove_enforced, wait_for_network
 from coi.network.policy import Policy
+from coi.protection import paths as protected
+from coi.protection.guard import Guard
 from coi.sessions import naming
 from coi.sessions.inventory import owner_config
 from coi.sessions.slots import SlotClaims
@@ -69,6 +74,14 @@ class SandboxSpec:
     kind: str = "shell"
     # The network policy; None keeps the plain bridge (`network`) with no rules.
     policy: Policy | None = None
+    # Protected paths (None or empty: protection off) and resource/time limits.
+    protection: protected.ProtectionPlan | None = None
+    limits: Limits = field(default_factory=Limits)
+    # Where the daemon is, for the max_duration watchdog (a separate process).
+    project: str = "default"
+    remote: str | None = None
+    # Seconds between checks of the protected paths while coi runs (0: start and end only).
+    verify_interval: float = 5.0
 
     @property
     def home(self) -> str:
@@ -121,7 +134,10 @@ def instance_config(spec: SandboxSpec) -> dict[str, str]:
         "user.coi.persistent": "true" if spec.persistent else "false",
         # Who made it: `coi clean` removes a `coi run` sandbox whose coi process died.
         **owner_config(spec.kind),
+        **spec.limits.config,
     }
+    if spec.limits.tmpfs_size:
+        config["raw.lxc"] = spec.limits.raw_lxc()
     if owner != 0:
         # The agent's uid inside *is* the user's uid outside, for the whole container: files
         # it creates in the workspace belong to the user who ran coi.
@@ -144,10 +160,12 @@ def _nic(spec: SandboxSpec) -> dict[str, str]:
 
 def instance_devices(spec: SandboxSpec) -> dict[str, dict[str, str]]:
     devices: dict[str, dict[str, str]] = {
-        "root": {"type": "disk", "path": "/", "pool": spec.pool},
+        "root": {"type": "disk", "path": "/", "pool": spec.pool, **spec.limits.root_disk},
         "eth0": _nic(spec),
         "workspace": {"type": "disk", "source": str(spec.workspace), "path": spec.workspace_target},
     }
+    if spec.protection is not None:
+        devices.update(protected.devices(spec.protection, spec.workspace_target))
     for i, m in enumerate(spec.mounts):
         dev = {"type": "disk", "source": str(m.host), "path": m.container}
         if m.readonly:
@@ -166,6 +184,8 @@ class Sandbox:
         self.name = ""
         self.slot = 0
         self.created = False
+        self.guard: Guard | None = None
+        self.deadline = 0.0
         self._claims = SlotClaims(coi_home() / "locks")
         self._ws_hash = naming.workspace_hash(str(spec.workspace))
 
@@ -216,6 +236,8 @@ class Sandbox:
             pass
         if inst is not None:
             if self.spec.persistent or inst.config.get("user.coi.persistent") == "true":
+                self._protect()
+                self._refresh_limits(inst.expanded_devices, running=inst.running)
                 if inst.status == "Frozen":
                     self.client.instances.unfreeze(self.name)
                 elif not inst.running:
@@ -225,9 +247,11 @@ class Sandbox:
                 else:
                     self.log("Container already running, reusing...")
                 self.verify_network()
+                self._start_clock()
                 return
             self.log("Found stopped leftover container from previous session, deleting...")
             self.client.instances.delete(self.name, force=True)
+        self._protect()
         self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
         self.client.instances.create(
@@ -245,6 +269,72 @@ class Sandbox:
         self.created = True
         self.wait_ready()
         self.verify_network()
+        self._start_clock()
+
+    # -- protection and limits ------------------------------------------------------------
+
+    def _protect(self) -> None:
+        """Record and copy the protected paths before the agent can touch them."""
+        plan = self.spec.protection
+        if plan is None or not plan.enabled:
+            return
+        guard = Guard(self.name)
+        if guard.exists():
+            # A record left by an earlier session in this slot that was never verified at
+            # its end (detached, then removed by other means): settle it first.
+            guard.enforce(self.log)
+        for note in [*plan.notes, *guard.record(plan)]:
+            self.log(note)
+        self.log(protected.summary(plan))
+        self.guard = guard
+
+    def _refresh_limits(self, devices: Mapping[str, Mapping[str, str]], *, running: bool) -> None:
+        """A reused container gets this session's limits (and protection mounts if stopped)."""
+        if self.spec.limits.config:
+            self.client.instances.set_config(self.name, self.spec.limits.config)
+        plan = self.spec.protection
+        if plan is None:
+            return
+        wanted = protected.devices(plan, self.spec.workspace_target)
+        missing = {k: v for k, v in wanted.items() if dict(devices.get(k) or {}) != v}
+        if not missing:
+            return
+        if running:
+            # Hot-plugging could mount `.git` over the read-only mounts inside it.
+            self.log(
+                "Warning: this running container lacks read-only mounts for protected "
+                "paths; they are still verified and restored from the host"
+            )
+            return
+        for dev, spec in missing.items():
+            self.client.instances.add_device(self.name, dev, spec)
+
+    def _start_clock(self) -> None:
+        """max_duration: a watchdog on the host stops the container when time is up."""
+        limits = self.spec.limits
+        if not limits.max_duration or not limits.auto_stop:
+            return
+        self.deadline = time.time() + limits.max_duration
+        self.client.instances.set_config(self.name, {DEADLINE_KEY: f"{self.deadline:.3f}"})
+        spawn_watchdog(
+            self.name,
+            self.deadline,
+            project=self.spec.project,
+            remote=self.spec.remote,
+            graceful=limits.stop_graceful,
+        )
+        sys.stderr.write(f"[limits] Container will auto-stop after {limits.duration_text}\n")
+
+    def out_of_time(self) -> bool:
+        return bool(self.deadline) and time.time() >= self.deadline - 0.5
+
+    def settle_protection(self, *, removed: bool) -> None:
+        """Verify the protected paths once more; forget the record if the container is gone."""
+        if self.guard is None:
+            return
+        self.guard.enforce(self.log)
+        if removed:
+            self.guard.forget()
 
     def _attach_network(self) -> None:
         if self.spec.policy is None:
@@ -335,4 +425,7 @@ def build_spec(
         workspace_target=target,
         pool=cfg.get_str("incus.pool"),
         network=cfg.get_str("incus.network"),
+        project=cfg.get_str("incus.project"),
+        remote=cfg.get_str("incus.remote") or None,
+        verify_interval=float(cfg.get_int("security.verify_interval_seconds")),
     )

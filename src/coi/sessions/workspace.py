@@ -27,6 +27,55 @@ FORBIDDEN_TARGETS = (
 )
 
 
+# Host credentials that must never be inside a sandbox (relative to the user's home).
+CREDENTIAL_PATHS = (
+    ".ssh",
+    ".gnupg",
+    ".aws",
+    ".azure",
+    ".config/gcloud",
+    ".config/gh",
+    ".config/lxc",
+    ".config/incus",
+    ".kube",
+    ".docker",
+    ".gitconfig",
+    ".git-credentials",
+    ".netrc",
+    ".pypirc",
+    ".npmrc",
+)
+
+
+def exposed_credentials(sources: Iterable[Path], home: Path) -> list[Path]:
+    """Credential files or folders of `home` that one of the mount sources would expose."""
+    found: list[Path] = []
+    home = Path(os.path.realpath(home))
+    for src in (Path(os.path.realpath(s)) for s in sources):
+        for rel in CREDENTIAL_PATHS:
+            path = home / rel
+            if (path == src or src in path.parents) and os.path.lexists(path):
+                found.append(path)
+    return sorted(set(found))
+
+
+def check_no_credentials(sources: Iterable[Path], home: Path | None = None) -> None:
+    """Refuse to mount a folder holding the user's keys (a home directory, typically).
+
+    :raises UsageError: naming what would be exposed.
+    """
+    home = home or Path(os.path.expanduser("~"))
+    exposed = exposed_credentials(list(sources), home)
+    if exposed:
+        raise UsageError(
+            "refusing to mount a folder that holds your credentials: "
+            + ", ".join(str(p) for p in exposed),
+            details="Everything in the workspace and in extra mounts is readable by the agent.",
+            resolution="Run coi in a project folder (cd ~/src/project) or pass --workspace DIR; "
+            "mount single folders with --mount instead of your home directory.",
+        )
+
+
 @dataclass(frozen=True)
 class Mount:
     """A host directory (or file) visible inside the container."""

