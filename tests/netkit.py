@@ -22,6 +22,7 @@ HOST_SIDE = "198.51.100.9/30"  # the host's end of the veth
 INTERNET = "198.51.100.10"  # "the internet": HTTP on :8080
 OTHER_INTERNET = "198.51.100.11"  # an internet host that is not on the allowlist
 DNS = "198.51.100.12"  # the test's DNS server (the only one that knows the test names)
+# Every address also holds TCP connections open on :80 and :4444 (listeners for attacks).
 LAN = "192.168.77.10"  # a private "LAN" host
 METADATA = "169.254.169.254"  # the cloud metadata stand-in
 EXTRA = (OTHER_INTERNET, DNS, LAN, METADATA)
@@ -40,6 +41,13 @@ class H(http.server.BaseHTTPRequestHandler):
 class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
 threading.Thread(target=S(("0.0.0.0", 8080), H).serve_forever, daemon=True).start()
+def hold(port):  # accept and keep the connection open for 20 s: a reverse-shell listener
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port)); srv.listen(16)
+    while True:
+        c, _ = srv.accept(); threading.Timer(20, c.close).start()
+for port in (80, 4444):
+    threading.Thread(target=hold, args=(port,), daemon=True).start()
 names = dict(a.split("=") for a in sys.argv[3:])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[2], 53))
 while True:
@@ -145,7 +153,7 @@ def _wait_listening(top: Topology) -> None:
         out = subprocess.run(
             ["ip", "netns", "exec", top.ns, "ss", "-ltnu"], capture_output=True, text=True
         ).stdout
-        if ":8080" in out and f"{DNS}:53" in out:
+        if all(f":{p} " in out for p in (8080, 80, 4444)) and f"{DNS}:53" in out:
             return
         time.sleep(0.1)
     raise RuntimeError("test servers did not start")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from tests.conftest import ROOT, coi_argv
+from tests.conftest import ROOT, coi_argv, run_coi
 
 from coi.backend import IncusClient
 from coi.sessions.naming import workspace_hash
@@ -95,3 +95,23 @@ def leave(child: pexpect.spawn) -> None:
     child.sendline("exit")  # the pane's fallback shell; tmux ends with it
     child.expect(pexpect.EOF, timeout=60)
     child.close()
+
+
+@pytest.fixture(scope="session")
+def build_env(test_project: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """coi as root against the test project, with a state dir of its own."""
+    home = tmp_path_factory.mktemp("build-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
+    env.update(COI_PROJECT=test_project, COI_HOME=str(home / ".coi"))
+    env["XDG_CONFIG_HOME"] = str(home / "xdg")
+    return env
+
+
+@pytest.fixture(scope="session")
+def coi_image(build_env: dict[str, str]) -> Iterator[str]:
+    """The full `coi` image, built once per run into the test project; yields build output."""
+    res = run_coi("build", env=build_env, timeout=2000)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Image 'coi' built successfully!" in res.stdout, res.stdout
+    assert "Base: debootstrap" in res.stderr
+    yield res.stdout

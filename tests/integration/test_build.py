@@ -1,7 +1,8 @@
 """`coi build` on the real daemon: the full `coi` image, agents in it, Docker inside, custom builds.
 
 The full image is built once per run (a few minutes: debootstrap, apt, npm, PyPI through the
-machine's package registries) into the test project, and every test here uses it.
+machine's package registries) into the test project (the `coi_image` fixture in conftest.py);
+the monitor tests use it too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,24 +20,6 @@ from tests.conftest import run_coi
 from coi.backend import IncusClient
 
 pytestmark = pytest.mark.timeout(2400)
-
-
-@pytest.fixture(scope="module")
-def build_env(test_project: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("build-home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
-    env.update(COI_PROJECT=test_project, COI_HOME=str(home / ".coi"))
-    env["XDG_CONFIG_HOME"] = str(home / "xdg")
-    return env
-
-
-@pytest.fixture(scope="module")
-def coi_image(build_env: dict[str, str]) -> Iterator[str]:
-    res = run_coi("build", env=build_env, timeout=2000)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "Image 'coi' built successfully!" in res.stdout, res.stdout
-    assert "Base: debootstrap" in res.stderr
-    yield res.stdout
 
 
 def test_build_makes_a_versioned_coi_image_with_the_agents(

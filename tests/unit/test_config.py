@@ -70,12 +70,3 @@ def test_profiles(tmp_path: Path) -> None:
     assert cfg.get_str("limits.memory.limit") == "2GiB"
     with pytest.raises(ConfigError, match="unknown profile 'nope'"):
         _load(tmp_path, text, profile="nope")
-
-
-def test_unbuilt_monitor_is_refused_not_ignored(tmp_path: Path) -> None:
-    from coi.sessions.features import unenforced_warnings
-
-    assert unenforced_warnings(load_config(cwd=tmp_path, env={}, files=[])) == []
-    cfg = load_config(cwd=tmp_path, env={}, files=[], cli={"monitoring.enabled": True})
-    with pytest.raises(Exception, match="not enforced yet"):
-        unenforced_warnings(cfg)

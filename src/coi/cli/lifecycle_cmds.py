@@ -187,9 +187,11 @@ def attach_cmd(
     ctx: click.Context, name: str | None, slot: int | None, workspace: str | None, bash: bool
 ) -> None:
     """Attach to a running session's tmux (or a bash in it)."""
+    from coi.monitor.monitor import Settings, context_of, monitoring
     from coi.protection.guard import Guard, settle, watching
     from coi.sessions import access, naming
     from coi.sessions.inventory import containers
+    from coi.sessions.runner import terminal_alert
     from coi.sessions.workspace import resolve_workspace
 
     cfg, client = daemon()
@@ -216,10 +218,16 @@ def attach_cmd(
             inst, uid=cfg.get_int("incus.code_uid"), user=cfg.get_str("incus.code_user")
         )
         guard = Guard(name)
-        with watching(
-            guard if guard.exists() else None,
-            cfg.get_int("security.verify_interval_seconds"),
-            _protect_log,
+        settings = Settings.from_config(cfg)
+        if settings.enabled:
+            settings.net = context_of(client, name)
+        with (
+            watching(
+                guard if guard.exists() else None,
+                cfg.get_int("security.verify_interval_seconds"),
+                _protect_log,
+            ),
+            monitoring(client, name, settings, terminal_alert),
         ):
             code = access.attach(client, agent, bash=bash)
         settle(name, removed=not client.instances.exists(name), log=_protect_log)

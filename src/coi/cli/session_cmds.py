@@ -43,15 +43,13 @@ def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
     from coi.cli.context import load_settings
     from coi.config.paths import coi_home
     from coi.limits import limits_from_config
+    from coi.monitor.monitor import Settings as MonitorSettings
     from coi.network.manager import policy_from_config
     from coi.protection.paths import configured_paths, plan
-    from coi.sessions.features import unenforced_warnings
     from coi.sessions.sandbox import build_spec, parse_env
     from coi.sessions.workspace import check_no_credentials, merge_mounts, resolve_workspace
 
     cfg = load_settings(profile=p.get("profile"), cli=_config_overrides(p))
-    for warning in unenforced_warnings(cfg):
-        click.echo(f"Warning: {warning}", err=True)
     workspace = resolve_workspace(p.get("workspace"))
     limits = limits_from_config(cfg)  # validated before anything is created
     protected = configured_paths(cfg)
@@ -62,6 +60,7 @@ def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
     env.update(parse_env(p.get("env") or ()))
     spec = build_spec(cfg, workspace, mounts=mounts, env=env)
     spec.limits = limits
+    spec.monitor = MonitorSettings.from_config(cfg, target)
     for note in limits.notes:
         click.echo(f"Note: {note}", err=True)
     if p.get("container") is None:

@@ -344,15 +344,33 @@ SETTINGS: tuple[Setting, ...] = (
     _s("monitoring.auto_pause_on_high", "bool", True, "Freeze the container on HIGH threats."),
     _s("monitoring.auto_kill_on_critical", "bool", True, "Kill the container on CRITICAL threats."),
     _s("monitoring.poll_interval_sec", "int", 2, "Seconds between monitor sweeps."),
-    _s("monitoring.file_read_threshold_mb", "float", 50.0, "Read volume per interval alert."),
-    _s("monitoring.file_read_rate_mb_per_sec", "float", 10.0, "Read rate alert."),
-    _s("monitoring.file_write_threshold_mb", "float", 50.0, "Write volume per interval alert."),
-    _s("monitoring.file_write_rate_mb_per_sec", "float", 10.0, "Write rate alert."),
+    # Upstream's 50 MB and 10 MB/s flag (and pause) every `npm install` or `git clone`.
+    _s("monitoring.file_read_threshold_mb", "float", 200.0, "Read volume per interval: HIGH."),
+    _s("monitoring.file_read_rate_mb_per_sec", "float", 100.0, "Read rate: HIGH."),
+    _s("monitoring.file_write_threshold_mb", "float", 200.0, "Write volume per interval: HIGH."),
+    _s("monitoring.file_write_rate_mb_per_sec", "float", 100.0, "Write rate: HIGH."),
     _s("monitoring.audit_log_retention_days", "int", 30, "Days audit logs are kept."),
-    _s("monitoring.nft.enabled", "bool", False, "Kernel-level network logging."),
-    _s("monitoring.nft.rate_limit_per_second", "int", 100, "Log rate limit."),
-    _s("monitoring.nft.dns_query_threshold", "int", 100, "DNS queries per minute alert."),
-    _s("monitoring.nft.log_dns_queries", "bool", True, "Log DNS queries."),
+    _s(
+        "monitoring.nft.enabled",
+        "bool",
+        False,
+        "Unused: coi reads connections from the host's /proc and, as root, gets every exec "
+        "and exit from the kernel; no firewall rules or sudo needed.",
+    ),
+    _s(
+        "monitoring.nft.rate_limit_per_second",
+        "int",
+        1000,
+        "Most exec events per second the monitor inspects (root; 0: all). Upstream's 100 "
+        "would let an agent hide a command behind 100 quick decoys.",
+    ),
+    _s(
+        "monitoring.nft.dns_query_threshold",
+        "int",
+        100,
+        "DNS exchanges per minute above which a WARNING is raised.",
+    ),
+    _s("monitoring.nft.log_dns_queries", "bool", True, "Unused (no kernel log rules)."),
     _s("monitoring.nft.lima_host", "str", "", "Unused on Linux hosts."),
 )
 

@@ -22,6 +22,7 @@ from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound, SessionError
 from coi.limits.spec import check_server
+from coi.monitor.monitor import Monitor, monitoring
 from coi.network.manager import allowlist_refresh
 from coi.protection.guard import watching
 from coi.sessions import naming
@@ -83,8 +84,11 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             with allowlist_refresh(
                 client, spec.policy, cache_dir=coi_home() / "network-cache",
                 lock_dir=coi_home() / "locks", log=log,
-            ), watching(box.guard, spec.verify_interval, log):  # fmt: skip
+            ), watching(box.guard, spec.verify_interval, log), monitoring(
+                client, box.name, spec.monitor, terminal_alert
+            ) as mon:  # fmt: skip
                 code = _execute(client, box, exec_req, req, log)
+            code = _monitor_verdict(mon, code, log)
         except KeyboardInterrupt:
             log("\nReceived interrupt signal, cleaning up...")
             code = 130
@@ -116,6 +120,19 @@ def _execute(
             if code == 0
             else f"\nCommand exited with code {code}"
         )
+    return code
+
+
+def terminal_alert(text: str) -> None:
+    """An alert box on the user's terminal (which may be in raw mode under tmux)."""
+    sys.stderr.write("\r\n" + text.replace("\n", "\r\n") + "\r\n")
+    sys.stderr.flush()
+
+
+def _monitor_verdict(mon: Monitor | None, code: int, log: Log) -> int:
+    if mon is not None and mon.responder.killed:
+        log("\nThe security monitor killed the container (see the alert above)")
+        return 137
     return code
 
 
@@ -231,6 +248,8 @@ class ShellSession:
                     lock_dir=coi_home() / "locks", log=self.log,
                 ), watching(
                     self.box.guard, self.spec.verify_interval, stderr_log("[protect] ")
+                ), monitoring(
+                    self.client, self.box.name, self.spec.monitor, terminal_alert
                 ):  # fmt: skip
                     return self._run_tool()
             except KeyboardInterrupt:

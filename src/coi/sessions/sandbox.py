@@ -18,7 +18,9 @@ from coi.errors import BackendError, NotFound, SessionError
 from coi.limits import Limits
 from coi.limits.watchdog import DEADLINE_KEY
 from coi.limits.watchdog import spawn as spawn_watchdog
-from coi.network.manager import ensure_network, prove_enforced, wait_for_network
+from coi.monitor.monitor import Settings as MonitorSettings
+from coi.monitor.monitor import net_context
+from coi.network.manager import ensure_network, gateway_of, prove_enforced, wait_for_network
 from coi.network.policy import Policy
 from coi.protection import paths as protected
 from coi.protection.guard import Guard
@@ -82,6 +84,8 @@ class SandboxSpec:
     remote: str | None = None
     # Seconds between checks of the protected paths while coi runs (0: start and end only).
     verify_interval: float = 5.0
+    # The security monitor's settings (None or not enabled: no monitor).
+    monitor: MonitorSettings | None = None
 
     @property
     def home(self) -> str:
@@ -350,12 +354,23 @@ class Sandbox:
     def verify_network(self) -> None:
         """Refuse to go on unless the policy is in force, checked from inside."""
         policy = self.spec.policy
+        network = self.spec.network
         if policy is None or policy.mode == "open":
             wait_for_network(self.client, self.name)
-            return
-        inst = self.client.instances.get(self.name)
-        network = (inst.expanded_devices.get("eth0") or {}).get("network", self.spec.network)
-        prove_enforced(self.client, self.name, network, self.log)
+        else:
+            # A reused container keeps the bridge it was made with.
+            inst = self.client.instances.get(self.name)
+            network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
+            prove_enforced(self.client, self.name, network, self.log)
+        mon = self.spec.monitor
+        if mon is not None and mon.enabled:
+            # The monitor judges connections against this sandbox's own policy.
+            mon.net = net_context(
+                policy.mode if policy else "open",
+                gateway_of(self.client, network),
+                policy.allow_local if policy else True,
+                [t.cidr for t in policy.allowed] if policy else [],
+            )
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

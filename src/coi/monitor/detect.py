@@ -1,0 +1,302 @@
+"""Detectors: pure functions from what was collected to threats (each unit-tested)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from coi.monitor.collect import Conn, Proc
+
+INFO, WARNING, HIGH, CRITICAL = "info", "warning", "high", "critical"
+RANK = {INFO: 0, WARNING: 1, HIGH: 2, CRITICAL: 3}
+
+
+@dataclass
+class Threat:
+    level: str
+    category: str
+    title: str
+    description: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Identical threats (same kind, same process or peer) share a key and are deduplicated."""
+        return f"{self.category}|{self.title}|{self.description}"
+
+
+def _proc_evidence(p: Proc) -> dict[str, Any]:
+    return {"process": {"pid": p.nspid, "host_pid": p.pid, "uid": p.uid, "command": p.cmdline}}
+
+
+# -- reverse shells ------------------------------------------------------------------------
+
+_NET = r"(\d{1,3}(\.\d{1,3}){3}|\[?[0-9a-f:]+:[0-9a-f:]*\]?|[a-z0-9.-]+\.[a-z]{2,})"
+_REVERSE: list[tuple[str, re.Pattern[str]]] = [
+    ("/dev/tcp", re.compile(r"/dev/(tcp|udp)/[^/\s]+/\d+")),
+    ("nc -e", re.compile(r"\b(nc|ncat|netcat|nc\.traditional|nc\.openbsd)\b.*\s-(e|c)\s*\S")),
+    ("socat exec", re.compile(r"\bsocat\b.*\b(exec|system):", re.I)),
+    (
+        "python socket",
+        re.compile(r"\bpython[0-9.]*\b.*socket.*(connect|dup2|pty|subprocess)", re.S),
+    ),
+    ("perl socket", re.compile(r"\bperl\b.*(-MIO|IO::Socket|\bsocket\s*\()", re.S)),
+    ("ruby socket", re.compile(r"\bruby\b.*(-rsocket|TCPSocket)", re.S)),
+    ("php fsockopen", re.compile(r"\bphp\b.*fsockopen", re.S)),
+    ("node socket", re.compile(r"\bnode(js)?\b.*(net\.Socket|require\(.net.\)).*connect", re.S)),
+    ("awk /inet/", re.compile(r"\b[gm]?awk\b.*/inet/", re.S)),
+    ("mkfifo shell", re.compile(r"\bmkfifo\b.*\b(nc|ncat|netcat|telnet|openssl)\b", re.S)),
+    ("telnet pipe", re.compile(r"\btelnet\b\s+\S+\s+\d+\s*\|.*\b(ba|z|da)?sh\b", re.S)),
+    ("openssl s_client shell", re.compile(r"openssl\s+s_client.*\|\s*/bin/(ba)?sh", re.S)),
+    ("powershell socket", re.compile(r"powershell.*System\.Net\.Sockets", re.S | re.I)),
+]
+
+
+def reverse_shell(p: Proc) -> Threat | None:
+    """A process whose command line opens a shell over the network."""
+    cmd = p.cmdline
+    for name, pattern in _REVERSE:
+        if pattern.search(cmd):
+            return Threat(
+                CRITICAL,
+                "reverse_shell",
+                "Reverse shell detected",
+                f"Process '{cmd[:200]}' (PID {p.nspid}) matches reverse shell pattern '{name}'",
+                _proc_evidence(p),
+            )
+    if re.search(r"\b(ba|z|da)?sh\s+-i\b", cmd) and re.search(r">&|<&|" + _NET + r".*\d+", cmd):
+        return Threat(
+            CRITICAL,
+            "reverse_shell",
+            "Reverse shell detected",
+            f"Process '{cmd[:200]}' (PID {p.nspid}) runs an interactive shell with redirection",
+            _proc_evidence(p),
+        )
+    return None
+
+
+# -- environment and credential scanning ---------------------------------------------------
+
+_SECRET_WORDS = r"(api|key|token|secret|passw|credential|auth|aws_|private)"
+_ENV_LIST = re.compile(r"\b(env|printenv|set|export\s+-p|declare\s+-x)\b\s*\|")
+_FILTER = re.compile(r"\b(grep|egrep|fgrep|rg|awk|sed)\b[^|]*" + _SECRET_WORDS, re.I)
+# `grep -i key` with no file: filtering a pipe for secrets (the visible half of `env | grep`).
+_PIPE_FILTER = re.compile(
+    r"(\S*/)?(e|f)?grep(\s+-[a-zA-Z]+)*\s+(-e\s+)?['\"]?[^\s'\"]*"
+    + _SECRET_WORDS
+    + r"[^\s'\"]*['\"]?",
+    re.I,
+)
+_ENVIRON_FILE = re.compile(r"/proc/(\d+|\*|self|\$\w+|\[[^]]*\][*]?)/environ")
+_ENV_CODE = re.compile(r"(os\.environ|process\.env|ENV\[|ENVIRON\[|getenv\()", re.I)
+_CREDENTIAL_PATHS = re.compile(
+    r"(/\.ssh/|/\.ssh\b|/\.aws/|/\.aws\b|/\.gnupg|/\.config/gh\b|/\.config/gcloud|/\.kube/"
+    r"|/\.docker/config\.json|\.git-credentials|/\.netrc|/etc/shadow|id_(rsa|ed25519|ecdsa)\b)"
+)
+_KEY_HUNT = re.compile(
+    r"\bfind\b.*-i?name\s+['\"]?[*]?(id_rsa|id_ed25519|\*?\.pem|\*?\.key|credentials|\.env)",
+    re.I,
+)
+
+
+def env_scan(p: Proc) -> Threat | None:
+    """Listing the environment into a filter for secrets, or reading other processes' environ."""
+    cmd = p.cmdline
+    reason = None
+    if _ENV_LIST.search(cmd) and _FILTER.search(cmd):
+        reason = "environment piped into a filter for secrets"
+    elif _PIPE_FILTER.fullmatch(cmd.strip()):
+        reason = "filters a pipe for secrets (as in env | grep)"
+    elif _ENVIRON_FILE.search(cmd):
+        reason = "reads /proc/*/environ"
+    elif re.search(r"\b(python[0-9.]*|node|ruby|perl|php)\b.*\s-[ce]\s", cmd) and (
+        _ENV_CODE.search(cmd) and re.search(_SECRET_WORDS, cmd, re.I)
+    ):
+        reason = "script reads secrets from the environment"
+    if reason is None:
+        return None
+    return Threat(
+        WARNING,
+        "env_scanning",
+        "Environment scanning detected",
+        f"Process '{cmd[:200]}' (PID {p.nspid}): {reason}",
+        _proc_evidence(p),
+    )
+
+
+def credential_access(p: Proc, workspace: str = "/workspace") -> Threat | None:
+    """Hunting for keys: command lines or open files that touch credential stores."""
+    hits = [f for f in p.files if _CREDENTIAL_PATHS.search(f) or _stray_dotenv(f, workspace)]
+    if not hits and (_CREDENTIAL_PATHS.search(p.cmdline) or _KEY_HUNT.search(p.cmdline)):
+        hits = [p.cmdline[:200]]
+    if not hits:
+        return None
+    return Threat(
+        WARNING,
+        "credential_scan",
+        "Credential access detected",
+        f"Process '{p.cmdline[:120]}' (PID {p.nspid}) touches {hits[0]}",
+        {**_proc_evidence(p), "files": hits[:10]},
+    )
+
+
+def _stray_dotenv(path: str, workspace: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return (name == ".env" or name.startswith(".env.")) and not path.startswith(workspace + "/")
+
+
+# -- network -------------------------------------------------------------------------------
+
+METADATA = ipaddress.ip_network("169.254.169.254/32")
+CRITICAL_PORTS = {4444, 5555}
+SUSPICIOUS_PORTS = {1234, 31337, 12345, 6666, 6667, 6697, 1337, 9001}
+_PRIVATE = [
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16")
+]
+
+
+@dataclass
+class NetContext:
+    """What the session's network policy allows (for telling allowed from suspicious)."""
+
+    mode: str = "restricted"
+    gateway: str = ""
+    allow_private: bool = False
+    allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+
+
+def suspicious_connection(c: Conn, ctx: NetContext) -> Threat | None:
+    try:
+        ip = ipaddress.ip_address(c.remote_ip)
+    except ValueError:
+        return None
+    port = c.remote_port
+    ev = {"network": {"protocol": c.proto, "local": c.local, "remote": c.remote, "state": c.state}}
+    if str(ip) == ctx.gateway:
+        if port == 53:
+            return None  # the bridge's own DNS
+        return Threat(HIGH, "network", "Connection to the host", f"{c.proto} to {c.remote}", ev)
+    if ip in METADATA:
+        return Threat(CRITICAL, "network", "Cloud metadata access", f"{c.proto} to {c.remote}", ev)
+    if port in CRITICAL_PORTS:
+        return Threat(
+            CRITICAL,
+            "network",
+            "Connection to a reverse-shell port",
+            f"{c.proto} to {c.remote} (port {port})",
+            ev,
+        )
+    if port == 53:
+        return Threat(
+            WARNING,
+            "dns",
+            "DNS to a foreign resolver",
+            f"{c.proto} to {c.remote}: not the sandbox's resolver {ctx.gateway or '(bridge)'}",
+            ev,
+        )
+    if any(ip in n for n in _PRIVATE) and not ctx.allow_private and ctx.mode != "open":
+        return Threat(HIGH, "network", "Private network access", f"{c.proto} to {c.remote}", ev)
+    if ctx.mode == "allowlist" and not any(ip in n for n in ctx.allowed):
+        return Threat(HIGH, "network", "Allowlist violation", f"{c.proto} to {c.remote}", ev)
+    if port in SUSPICIOUS_PORTS:
+        return Threat(
+            HIGH, "network", "Suspicious port", f"{c.proto} to {c.remote} (port {port})", ev
+        )
+    return None
+
+
+def dns_volume(connections: Iterable[Conn], per_minute: float, threshold: int) -> Threat | None:
+    """Many distinct DNS exchanges: the shape of a DNS tunnel or a scan."""
+    if threshold <= 0 or per_minute <= threshold:
+        return None
+    return Threat(
+        WARNING,
+        "dns",
+        "High DNS query volume",
+        f"about {per_minute:.0f} DNS queries per minute (threshold {threshold})",
+        {"dns": {"per_minute": round(per_minute), "sample": [c.remote for c in connections][:5]}},
+    )
+
+
+# -- file system and processes -------------------------------------------------------------
+
+
+def io_burst(
+    read_bytes: int,
+    write_bytes: int,
+    interval: float,
+    *,
+    read_mb: float,
+    read_rate: float,
+    write_mb: float,
+    write_rate: float,
+) -> list[Threat]:
+    out = []
+    for what, n, volume, rate in (
+        ("read", read_bytes, read_mb, read_rate),
+        ("write", write_bytes, write_mb, write_rate),
+    ):
+        mb = n / 1e6
+        per_s = mb / interval
+        if (volume > 0 and mb > volume) or (rate > 0 and per_s > rate):
+            out.append(
+                Threat(
+                    HIGH,
+                    "filesystem",
+                    f"Large {what} burst",
+                    f"{mb:.0f} MB {what} in {interval:.1f} s ({per_s:.0f} MB/s)",
+                    {
+                        "filesystem": {
+                            f"{what}_mb": round(mb, 1),
+                            "rate_mb_per_sec": round(per_s, 1),
+                        }
+                    },
+                )
+            )
+    return out
+
+
+def fork_bomb(count: int, spawned: int, interval: float, *, max_count: int = 1000) -> Threat | None:
+    """Runaway process creation; thresholds sit well above `make -j` or a test suite."""
+    rate = spawned / interval
+    if count > max_count or rate > 300:
+        return Threat(
+            CRITICAL,
+            "process",
+            "Fork bomb detected",
+            f"{count} processes, {rate:.0f} new per second",
+            {"process": {"count": count, "spawn_rate": round(rate)}},
+        )
+    return None
+
+
+def metadata_target(p: Proc) -> Threat | None:
+    """A command aimed at the cloud metadata service (caught even if the connection is refused)."""
+    if not re.search(r"(?<![\d.])169\.254\.169\.254(?![\d])|metadata\.google\.internal", p.cmdline):
+        return None
+    return Threat(
+        CRITICAL,
+        "network",
+        "Cloud metadata access",
+        f"Process '{p.cmdline[:200]}' (PID {p.nspid}) targets the cloud metadata service",
+        _proc_evidence(p),
+    )
+
+
+def scan_processes(procs: Iterable[Proc], workspace: str = "/workspace") -> list[Threat]:
+    out: list[Threat] = []
+    for p in procs:
+        checks = (
+            reverse_shell(p),
+            env_scan(p),
+            credential_access(p, workspace),
+            metadata_target(p),
+        )
+        for found in checks:
+            if found:
+                out.append(found)
+    return out

@@ -1,0 +1,137 @@
+"""Every exec on the host as it happens (the kernel's proc connector); needs root.
+
+Polling /proc every interval misses what lives a few milliseconds, such as `env | grep key`.
+The proc connector reports each exec the moment it happens; the watcher keeps those of one
+container (by cgroup) and reads their command line before they are gone.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from coi.monitor.collect import Proc, read_proc
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_EXEC = 0x00000002
+NLMSG_DONE = 3
+_NLMSG = struct.Struct("=IHHII")
+_CNMSG = struct.Struct("=IIIIHH")
+_EVENT = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
+_EXEC = struct.Struct("=II")  # process_pid, process_tgid
+
+
+def available() -> bool:
+    return os.geteuid() == 0
+
+
+def _subscribe(sock: socket.socket) -> None:
+    op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
+    cn = _CNMSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0)
+    hdr = _NLMSG.pack(_NLMSG.size + len(cn) + len(op), NLMSG_DONE, 0, 0, os.getpid())
+    sock.send(hdr + cn + op)
+
+
+def in_cgroup(path: str, marker: str) -> bool:
+    """Is this cgroup path the container's (`/lxc.payload.NAME`) or below it?"""
+    root = "/" + marker
+    return path == root or path.startswith(root + "/")
+
+
+def parse_exec(data: bytes) -> list[int]:
+    """Pids (tgids) of the exec events in one netlink datagram."""
+    out: list[int] = []
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length = _NLMSG.unpack_from(data, off)[0]
+        if length < _NLMSG.size:
+            break
+        body = off + _NLMSG.size + _CNMSG.size
+        if body + _EVENT.size + _EXEC.size <= off + length:
+            what = _EVENT.unpack_from(data, body)[0]
+            if what == PROC_EVENT_EXEC:
+                out.append(_EXEC.unpack_from(data, body + _EVENT.size)[1])
+        off += (length + 3) & ~3
+    return out
+
+
+class ExecWatcher:
+    """Calls `on_exec` with each process that execs inside the container's cgroup."""
+
+    def __init__(
+        self, cgroup_marker: str, on_exec: Callable[[Proc], None], *, per_second: int = 100
+    ) -> None:
+        self.marker = cgroup_marker  # e.g. "lxc.payload.coi-abc-1" (never a prefix match)
+        self.on_exec = on_exec
+        self.per_second = per_second
+        self.skipped = 0  # execs of the container not inspected (over the rate limit)
+        self._window = (0.0, 0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+        # A large buffer: an exec storm must not drop the event we care about.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind((0, CN_IDX_PROC))
+        _subscribe(self.sock)
+
+    def _inside(self, pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                text = f.read()
+        except OSError:
+            return False
+        return any(in_cgroup(line.split(":", 2)[-1], self.marker) for line in text.splitlines())
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.sock], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                continue  # ENOBUFS under an exec storm: keep going with what comes next
+            for pid in parse_exec(data):
+                # Command line first: a 2 ms process may be gone by the next syscall.
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        early = f.read()
+                except OSError:
+                    continue
+                if not early or not self._inside(pid) or not self._admit():
+                    continue
+                cmd = early.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+                # Gone already: judge what was read (the pid inside is then unknown).
+                self.on_exec(read_proc(pid) or Proc(pid, 0, 0, -1, cmd, 0))
+
+    def _admit(self) -> bool:
+        """At most `per_second` inspections a second: an exec storm must not eat the host."""
+        if self.per_second <= 0:
+            return True
+        start, count = self._window
+        now = time.monotonic()
+        if now - start >= 1.0:
+            start, count = now, 0
+        self._window = (start, count + 1)
+        if count >= self.per_second:
+            self.skipped += 1
+            return False
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="coi-exec-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=2)
+        self.sock.close()

