@@ -88,6 +88,7 @@ def main() -> None:
         short = latency(c, name, "env | grep -i coi-bench-key", a.interval, a.runs, kernel=True)
     finally:
         c.instances.delete(name, force=True)
+
     def row(xs: list[float]) -> str:
         hit = [x for x in xs if x == x]
         if not hit:
