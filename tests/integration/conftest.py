@@ -6,6 +6,7 @@ import os
 import pwd
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def uenv(test_project: str, base: Path, user: pwd.struct_passwd) -> dict[str, st
 def coi_names(client: IncusClient, ws: Path) -> list[str]:
     h = workspace_hash(str(ws))
     return [n for n in client.instances.names() if h in n]
+
+
+def wait_gone(client: IncusClient, ws: Path, timeout: float = 15) -> None:
+    """No container of the workspace is left (`coi run` lets the daemon finish removing)."""
+    deadline = time.monotonic() + timeout
+    while (left := coi_names(client, ws)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == [], f"containers left: {left}"
 
 
 def spawn_shell(uenv: dict[str, str], ws: Path, *extra: str) -> pexpect.spawn:

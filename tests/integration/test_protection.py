@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import USER, coi_names, user_dir
+from tests.integration.conftest import USER, coi_names, user_dir, wait_gone
 
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
@@ -313,7 +313,7 @@ def test_process_limit_stops_forks_and_coi_still_removes_the_container(
     bomb = "for i in $(seq 60); do sleep 300 </dev/null >/dev/null 2>&1 & done; echo forked; wait"
     code, out, err = _run(uenv, ws, "--limit-processes", "20", "--", "sh", "-c", bomb)
     assert "can't fork" in err, (out, err)
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
     # A detached session whose limit is exhausted: no exec gets in, shutdown still works.
     code, _, err = _coi(
         uenv, "shell", "--background", "--debug", "--image", "coi-tiny", "-w", str(ws),
@@ -333,7 +333,7 @@ def test_process_limit_stops_forks_and_coi_still_removes_the_container(
     )
     code, out, err = _coi(uenv, "shutdown", "--timeout", "5", name)
     assert code == 0, err
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
 
 
 def test_cpu_count_and_hard_cap(uenv: dict[str, str], ws: Path) -> None:
@@ -362,7 +362,7 @@ def test_duration_limit_stops_run_and_detached_shell(
     assert "[limits] Container will auto-stop after 5s" in err
     assert "max_duration 5s reached" in err
     assert took < 30, took
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
     # A background shell: coi has exited, the limit still holds.
     code, _, err = _coi(
         uenv, "shell", "--background", "--debug", "--image", "coi-tiny", "-w", str(ws),
@@ -415,7 +415,7 @@ def test_bad_limits_are_refused_before_anything_is_made(
     code, _, err = _run(uenv, ws, *args, "--", "true")
     assert code == 2, err
     assert message in err
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
 
 
 def test_swap_size_depends_on_the_daemon(
@@ -426,4 +426,4 @@ def test_swap_size_depends_on_the_daemon(
         assert code == 0, err
     else:
         assert code == 2 and "a swap size (1GiB) needs Incus" in err, err
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)

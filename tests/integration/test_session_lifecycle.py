@@ -18,7 +18,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import USER, coi_names, converse, spawn_shell, user_dir
+from tests.integration.conftest import USER, coi_names, converse, spawn_shell, user_dir, wait_gone
 
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
@@ -126,7 +126,7 @@ def test_list_tmux_as_the_agent_persist_freeze_resume_kill(
     code, out, err = _coi(uenv, "kill", name, "no-such-box", "--force")
     assert code == 0, err
     assert f"  ✓ Killed {name}" in out and "Warning: Container no-such-box does not exist" in err
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
     code, out, _ = _coi(uenv, "kill", "--all")
     assert code == 0 and "No containers to kill" in out
     code, _, err = _coi(uenv, "kill")
@@ -173,7 +173,7 @@ def test_shutdown_and_clean_leave_nothing_coi_made(
     try:
         code, out, _ = _coi(uenv, "shutdown", name, "--timeout", "1")
         assert code == 0 and f"  ✓ Shutdown {name}" in out
-        assert coi_names(client, ws) == []
+        wait_gone(client, ws)
 
         code, out, _ = _coi(uenv, "clean", "--dry-run")
         assert code == 0 and "[Dry run] No changes made." in out
@@ -227,7 +227,7 @@ def test_kill_9_mid_run_leaves_the_workspace_and_clean_removes_the_rest(
     assert "abandoned sandbox" in out and name in out and coi_names(client, ws) == [name]
     code, out, _ = _coi(uenv, "clean", "--force")
     assert code == 0 and f"Deleting container {name}..." in out
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
     assert (ws / "precious.txt").read_text() == "keep me\n"
 
 
@@ -246,7 +246,7 @@ def test_session_saved_when_the_agent_powers_off_or_coi_gets_sighup(
     child.close()
     (saved,) = sessions.iterdir()
     assert (saved / ".standin" / "conversation.log").read_text() == "said before poweroff\n"
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
 
     child = spawn_shell(uenv, ws, "--resume")
     child.expect("earlier: said before poweroff")

@@ -14,7 +14,15 @@ from pathlib import Path
 import pexpect
 import pytest
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import USER, coi_names, converse, leave, spawn_shell, user_dir
+from tests.integration.conftest import (
+    USER,
+    coi_names,
+    converse,
+    leave,
+    spawn_shell,
+    user_dir,
+    wait_gone,
+)
 
 from coi.backend import IncusClient
 
@@ -42,7 +50,7 @@ def test_run_as_user_ownership_exit_code_and_no_leftover(
     assert res.stdout.splitlines() == ["1000", "FOO=bar SECRET="]
     assert (ws / "x").stat().st_uid == user.pw_uid
     assert (ws / "x").stat().st_gid == user.pw_gid
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
 
 
 def test_run_capture_json_keeps_exit_code(
@@ -102,7 +110,7 @@ def test_ten_parallel_runs_get_ten_slots(
         for line in [line.split()[2]]
     }
     assert slots == set(range(1, 11))
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -129,7 +137,7 @@ def test_signal_mid_run_removes_container(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "cleaning up" in err
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
 
 
 def test_shell_without_tmux_saves_the_conversation(
@@ -145,7 +153,7 @@ def test_shell_without_tmux_saves_the_conversation(
     child.close()
     (saved,) = (Path(uenv["COI_HOME"]) / "sessions-standin").iterdir()
     assert (saved / ".standin" / "conversation.log").read_text() == "no tmux here\n"
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
 
 
 def test_shell_saves_conversation_and_resumes_only_in_its_workspace(
@@ -161,7 +169,7 @@ def test_shell_saves_conversation_and_resumes_only_in_its_workspace(
     log = sessions[0] / ".standin" / "conversation.log"
     assert log.read_text() == "hello from turn one\n"
     assert json.loads((sessions[0] / "metadata.json").read_text())["workspace"] == str(ws)
-    assert coi_names(client, ws) == []
+    wait_gone(client, ws)
 
     child = spawn_shell(uenv, ws, "--resume")
     child.expect("earlier: hello from turn one")
@@ -183,7 +191,7 @@ def test_shell_saves_conversation_and_resumes_only_in_its_workspace(
     )
     assert res.returncode == 1
     assert "no previous session to resume for this workspace" in res.stderr
-    assert coi_names(client, other) == []
+    wait_gone(client, other)
 
 
 def test_persistent_container_keeps_installed_files(

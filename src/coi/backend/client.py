@@ -99,7 +99,8 @@ class IncusClient:
         self.project = project
         if transport is None:
             if endpoint.socket_path:
-                transport = httpx.HTTPTransport(uds=endpoint.socket_path)
+                # No TLS on a unix socket: skip loading the CA bundle (50 ms per command).
+                transport = httpx.HTTPTransport(uds=endpoint.socket_path, verify=False)
             else:
                 transport = httpx.HTTPTransport(
                     verify=endpoint.server_cert or True, cert=endpoint.client_cert

@@ -44,6 +44,13 @@ class ImagesAPI:
     def exists(self, alias: str) -> bool:
         return self.alias_target(alias) is not None
 
+    def exists_fingerprint(self, fingerprint: str) -> bool:
+        try:
+            self._c.get(f"/1.0/images/{quote(fingerprint, safe='')}")
+        except NotFound:
+            return False
+        return True
+
     def create_alias(self, alias: str, fingerprint: str, *, description: str = "") -> None:
         self._c.request(
             "POST",

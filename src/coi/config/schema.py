@@ -111,6 +111,15 @@ SETTINGS: tuple[Setting, ...] = (
         env=("COI_NETWORK",),
     ),
     _s("incus.group", "str", "incus-admin", "Unix group that may use the daemon socket."),
+    _s(
+        "incus.templates",
+        "bool",
+        True,
+        "Start sandboxes as copies of a pre-shifted template of the image (a stopped "
+        "'coitmpl-*' container per image and user): saves re-owning the root filesystem at "
+        "every start when the daemon cannot shift it on the fly (LXD 5.0).",
+        env=("COI_TEMPLATES",),
+    ),
     _s("incus.code_uid", "int", 1000, "Uid of the agent user inside the container."),
     _s("incus.code_user", "str", "code", "Name of the agent user inside the container."),
     _s("incus.disable_shift", "bool", False, "Unused (coi maps uids with raw.idmap)."),

@@ -643,3 +643,55 @@ def settle(container: str, *, removed: bool, log: Log | None = None) -> Report:
     if removed:
         guard.forget()
     return report
+
+
+def settle_when_gone(container: str, *, project: str, remote: str | None) -> int:
+    """Start a detached `settle` that runs once the container has stopped existing.
+
+    `coi run` leaves the removal of its sandbox to the daemon and returns at once; the last
+    check of the protected paths must come after every process inside is dead, so a small
+    host process waits for that (at most 60 s) and then verifies and restores.
+    """
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "coi.protection.guard", container, "--project", project]
+    if remote:
+        argv += ["--remote", remote]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc.pid
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+    import time
+
+    from coi.backend.client import IncusClient
+    from coi.errors import CoiError
+
+    ap = argparse.ArgumentParser(prog="coi-settle")
+    ap.add_argument("container")
+    ap.add_argument("--project", default="default")
+    ap.add_argument("--remote", default=None)
+    a = ap.parse_args(argv)
+
+    def log(text: str) -> None:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    try:
+        with IncusClient.connect(remote=a.remote, project=a.project) as client:
+            deadline = time.monotonic() + 60
+            while client.instances.exists(a.container) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            gone = not client.instances.exists(a.container)
+    except CoiError as err:
+        log(f"Warning: could not watch {a.container} go ({err}); checking now")
+        gone = False
+    settle(a.container, removed=gone, log=log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

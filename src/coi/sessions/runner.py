@@ -24,7 +24,7 @@ from coi.errors import BackendError, NotFound, SessionError
 from coi.limits.spec import check_server
 from coi.monitor.monitor import Monitor, monitoring
 from coi.network.manager import allowlist_refresh
-from coi.protection.guard import watching
+from coi.protection.guard import settle_when_gone, watching
 from coi.sessions import naming
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
@@ -152,11 +152,15 @@ def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
             if spec.persistent:
                 sys.stderr.write(f"Stopping persistent container {box.name}...\n")
                 box.stop()
+                box.settle_protection(removed=False)
             else:
                 sys.stderr.write(f"Cleaning up container {box.name}...\n")
-                box.remove()
-            # After the container is gone (or stopped) nothing can change them any more.
-            box.settle_protection(removed=not spec.persistent)
+                # The daemon removes the sandbox without coi waiting for it; the last check
+                # of the protected paths runs once nothing inside is alive any more.
+                if box.discard() and box.guard is not None:
+                    settle_when_gone(box.name, project=spec.project, remote=spec.remote)
+                else:
+                    box.settle_protection(removed=True)
         box.release()
     finally:
         signal.signal(signal.SIGINT, old)
