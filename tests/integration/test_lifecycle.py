@@ -253,3 +253,43 @@ def test_image_list_exists_publish_cleanup_delete(
     assert fp not in [i.fingerprint for i in client.images.list()]
     code, _, err = coi("delete", "no-such-image")
     assert code == 1 and "image 'no-such-image' not found" in err
+
+
+def test_sandboxes_start_from_a_template_and_clean_drops_stale_ones(
+    client: IncusClient, coi_env: dict[str, str], unique: str, tmp_path: Path, pool: str
+) -> None:
+    """The pre-shifted template: made on first use, invisible to `coi list`, reused, and
+    removed by `coi clean` once its image is gone."""
+    from coi.sessions import template
+
+    # An image of our own (a different fingerprint from coi-tiny) so deleting it is safe.
+    client.instances.create(
+        unique, image="coi-tiny", devices={"root": {"type": "disk", "path": "/", "pool": pool}}
+    )
+    (tmp_path / "marker").write_text(unique)
+    client.files.push_file(unique, tmp_path / "marker", "/etc/coi-marker")
+    fp = client.images.publish(instance=unique, aliases=(f"{unique}-img",))
+    client.instances.delete(unique, force=True)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    try:
+        for _ in range(2):
+            res = run_coi(
+                "run", "--image", f"{unique}-img", "-w", str(ws), "--", "cat", "/etc/coi-marker",
+                env=coi_env,
+            )  # fmt: skip
+            assert res.returncode == 0 and res.stdout.strip() == unique, res.stderr
+        tmpls = [n for n in client.instances.names() if n.startswith(template.PREFIX + fp[:12])]
+        assert len(tmpls) == 1, client.instances.names()
+        inst = client.instances.get(tmpls[0])
+        assert inst.status == "Stopped" and "volatile.last_state.idmap" in inst.config
+        listing = run_coi("list", "--format", "json", env=coi_env)
+        assert tmpls[0] not in listing.stdout
+        kept = run_coi("clean", "--force", env=coi_env)
+        assert client.instances.exists(tmpls[0]), kept.stdout  # its image is still there
+    finally:
+        client.images.delete(fp)
+    res = run_coi("clean", "--force", env=coi_env)
+    assert res.returncode == 0, res.stderr
+    assert f"Deleting template {tmpls[0]}" in res.stdout
+    assert not client.instances.exists(tmpls[0])

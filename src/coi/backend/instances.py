@@ -130,17 +130,19 @@ class InstancesAPI:
 
     def set_state(
         self, name: str, action: str, *, force: bool = False, timeout: int = -1, wait: bool = True
-    ) -> None:
-        """Change the state; `wait=False` returns once the daemon has taken the operation on."""
+    ) -> str:
+        """Change the state. `wait=False` returns once the daemon has taken the operation on,
+        with the operation's id (for `client.wait_operation`); otherwise ""."""
         body: JSON = {"action": action, "force": force, "timeout": timeout}
-        self._c.request("PUT", _path(name, "state"), json=body, wait=wait)
+        op = self._c.request("PUT", _path(name, "state"), json=body, wait=wait)
+        return "" if wait or not isinstance(op, dict) else str(op.get("id") or "")
 
     def start(self, name: str) -> None:
         self.set_state(name, "start")
 
-    def stop(self, name: str, *, force: bool = False, timeout: int = 30, wait: bool = True) -> None:
-        """Stop gracefully within `timeout` seconds, or at once with `force`."""
-        self.set_state(name, "stop", force=force, timeout=timeout, wait=wait)
+    def stop(self, name: str, *, force: bool = False, timeout: int = 30, wait: bool = True) -> str:
+        """Stop gracefully within `timeout` seconds, or at once with `force`; see set_state."""
+        return self.set_state(name, "stop", force=force, timeout=timeout, wait=wait)
 
     def restart(self, name: str, *, force: bool = False, timeout: int = 30) -> None:
         self.set_state(name, "restart", force=force, timeout=timeout)

@@ -460,7 +460,7 @@ def resume_cmd(name: str | None) -> None:
 def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: bool) -> None:
     """Remove stopped sandboxes, orphaned resources and (with --sessions) saved sessions."""
     from coi.config.paths import coi_home
-    from coi.sessions import cleanup
+    from coi.sessions import cleanup, template
 
     all_sessions = _sessions()
     _cfg, client = daemon()
@@ -499,7 +499,10 @@ def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: b
         click.echo("\nScanning for orphaned resources...")
         acls, nets = cleanup.plan_network(client)
         plan = cleanup.CleanPlan(
-            leftovers=cleanup.plan_leftovers(coi_home(), all_sessions), acls=acls, networks=nets
+            leftovers=cleanup.plan_leftovers(coi_home(), all_sessions),
+            acls=acls,
+            networks=nets,
+            templates=template.stale(client),
         )
         _report_orphans(plan)
         found_any |= bool(plan.count())
@@ -542,6 +545,10 @@ def _report_orphans(plan: CleanPlan) -> None:
         click.echo(f"  Unused network objects ({len(plan.resources)}):")
         for r in plan.resources:
             click.echo(f"    - {r}")
+    if plan.templates:
+        click.echo(f"  Templates of images no longer in use ({len(plan.templates)}):")
+        for t in plan.templates:
+            click.echo(f"    - {t}")
     if plan.leftovers:
         click.echo(f"  Leftover session files ({len(plan.leftovers)}):")
         for p in plan.leftovers:

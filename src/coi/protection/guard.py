@@ -645,17 +645,19 @@ def settle(container: str, *, removed: bool, log: Log | None = None) -> Report:
     return report
 
 
-def settle_when_gone(container: str, *, project: str, remote: str | None) -> int:
+def settle_when_gone(container: str, operation: str, *, project: str, remote: str | None) -> int:
     """Start a detached `settle` that runs once the container has stopped existing.
 
     `coi run` leaves the removal of its sandbox to the daemon and returns at once; the last
     check of the protected paths must come after every process inside is dead, so a small
-    host process waits for that (at most 60 s) and then verifies and restores.
+    host process waits on the daemon's stop operation (at most 60 s), then verifies and
+    restores.
     """
     import subprocess
     import sys
 
     argv = [sys.executable, "-m", "coi.protection.guard", container, "--project", project]
+    argv += ["--operation", operation]
     if remote:
         argv += ["--remote", remote]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -668,12 +670,13 @@ def _main(argv: list[str] | None = None) -> int:
     import time
 
     from coi.backend.client import IncusClient
-    from coi.errors import CoiError
+    from coi.errors import CoiError, NotFound
 
     ap = argparse.ArgumentParser(prog="coi-settle")
     ap.add_argument("container")
     ap.add_argument("--project", default="default")
     ap.add_argument("--remote", default=None)
+    ap.add_argument("--operation", default="")
     a = ap.parse_args(argv)
 
     def log(text: str) -> None:
@@ -682,7 +685,14 @@ def _main(argv: list[str] | None = None) -> int:
 
     try:
         with IncusClient.connect(remote=a.remote, project=a.project) as client:
-            deadline = time.monotonic() + 60
+            if a.operation not in ("", "-"):
+                # The daemon holds this request until the stop is done: no polling.
+                try:
+                    client.wait_operation(a.operation, what=f"stop {a.container}", timeout=60)
+                except NotFound:
+                    pass  # finished long enough ago for the daemon to forget it
+            # An ephemeral container's deletion follows its stop by a few milliseconds.
+            deadline = time.monotonic() + 10
             while client.instances.exists(a.container) and time.monotonic() < deadline:
                 time.sleep(0.05)
             gone = not client.instances.exists(a.container)

@@ -27,6 +27,7 @@ class CleanPlan:
     leftovers: list[Path] = field(default_factory=list)  # half-written session dirs, claims
     acls: list[str] = field(default_factory=list)
     networks: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)  # pre-shifted copies of old images
 
     @property
     def containers(self) -> list[ContainerInfo]:
@@ -43,6 +44,7 @@ class CleanPlan:
             + len(self.leftovers)
             + len(self.acls)
             + len(self.networks)
+            + len(self.templates)
         )
 
 
@@ -96,6 +98,13 @@ def execute(client: IncusClient, plan: CleanPlan, log: Callable[[str], None]) ->
             log(f"  Warning: could not delete {c.name}: {err}")
             continue
         settle(c.name, removed=True, log=log)
+    for t in plan.templates:
+        log(f"Deleting template {t}...")
+        try:
+            client.instances.delete(t, force=True)
+            done += 1
+        except BackendError as err:
+            log(f"  Warning: could not delete {t}: {err}")
     for s in plan.sessions:
         log(f"Deleting session {s.id}...")
         shutil.rmtree(s.path, ignore_errors=True)

@@ -157,8 +157,9 @@ def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
                 sys.stderr.write(f"Cleaning up container {box.name}...\n")
                 # The daemon removes the sandbox without coi waiting for it; the last check
                 # of the protected paths runs once nothing inside is alive any more.
-                if box.discard() and box.guard is not None:
-                    settle_when_gone(box.name, project=spec.project, remote=spec.remote)
+                op = box.discard()
+                if op and box.guard is not None:
+                    settle_when_gone(box.name, op, project=spec.project, remote=spec.remote)
                 else:
                     box.settle_protection(removed=True)
         box.release()

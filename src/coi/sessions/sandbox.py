@@ -434,8 +434,8 @@ class Sandbox:
         """Delete the container, whatever state it is in."""
         self.client.instances.delete(self.name, force=True)
 
-    def discard(self) -> bool:
-        """Remove the sandbox; True when the daemon finishes that after this returns.
+    def discard(self) -> str:
+        """Remove the sandbox; the id of the daemon's operation still finishing it, or "".
 
         Stopping an ephemeral container deletes it; the daemon completes the operation after
         coi has exited, so `coi run` returns without the 0.8 s a forced stop takes.
@@ -443,15 +443,14 @@ class Sandbox:
         try:
             inst = self.client.instances.get(self.name)
         except NotFound:
-            return False
+            return ""
         if inst.ephemeral and inst.status in ("Running", "Frozen"):
             try:
-                self.client.instances.stop(self.name, force=True, wait=False)
-                return True
+                return self.client.instances.stop(self.name, force=True, wait=False) or "-"
             except BackendError:
                 pass
         self.client.instances.delete(self.name, force=True)
-        return False
+        return ""
 
     def stop(self) -> None:
         """Stop gracefully, forcing it after 10 s; nothing to do when it is not running."""
