@@ -81,6 +81,10 @@ echo "node $(node --version), npm $(npm --version)"
 step "Installing Docker"
 apt-get install -y docker.io iptables
 apt-get install -y docker-buildx 2>/dev/null || echo "docker-buildx not packaged; legacy builder only"
+# Started on first use of /var/run/docker.sock, not at boot: an idle sandbox does not carry
+# dockerd and containerd (110 MB, and CPU at every start) for agents that never use Docker.
+systemctl disable docker.service containerd.service
+systemctl enable docker.socket
 
 step "Installing GitHub CLI"
 apt-get install -y gh || echo "gh is not available from this mirror"
