@@ -22,7 +22,8 @@ HOST_SIDE = "198.51.100.9/30"  # the host's end of the veth
 INTERNET = "198.51.100.10"  # "the internet": HTTP on :8080
 OTHER_INTERNET = "198.51.100.11"  # an internet host that is not on the allowlist
 DNS = "198.51.100.12"  # the test's DNS server (the only one that knows the test names)
-# Every address also holds TCP connections open on :80 and :4444 (listeners for attacks).
+# Every address also holds TCP connections open on :80 and :4444 (listeners for attacks)
+# and echoes on :7.
 LAN = "192.168.77.10"  # a private "LAN" host
 METADATA = "169.254.169.254"  # the cloud metadata stand-in
 EXTRA = (OTHER_INTERNET, DNS, LAN, METADATA)
@@ -48,6 +49,20 @@ def hold(port):  # accept and keep the connection open for 20 s: a reverse-shell
         c, _ = srv.accept(); threading.Timer(20, c.close).start()
 for port in (80, 4444):
     threading.Thread(target=hold, args=(port,), daemon=True).start()
+def echo(conn):  # :7 echoes what it gets, for 30 s at most: a live connection to test
+    conn.settimeout(30)
+    try:
+        while data := conn.recv(4096):
+            conn.sendall(data)
+    except OSError:
+        pass
+    conn.close()
+def echo_server():
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 7)); srv.listen(16)
+    while True:
+        threading.Thread(target=echo, args=(srv.accept()[0],), daemon=True).start()
+threading.Thread(target=echo_server, daemon=True).start()
 names = dict(a.split("=") for a in sys.argv[3:])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[2], 53))
 while True:
@@ -153,7 +168,7 @@ def _wait_listening(top: Topology) -> None:
         out = subprocess.run(
             ["ip", "netns", "exec", top.ns, "ss", "-ltnu"], capture_output=True, text=True
         ).stdout
-        if all(f":{p} " in out for p in (8080, 80, 4444)) and f"{DNS}:53" in out:
+        if all(f":{p} " in out for p in (8080, 80, 4444, 7)) and f"{DNS}:53" in out:
             return
         time.sleep(0.1)
     raise RuntimeError("test servers did not start")

@@ -104,6 +104,13 @@ ATTACKS = [
         id="port-4444",
     ),
     pytest.param(
+        # 0.3 s: shorter than a sweep interval, caught by connection tracking as it starts.
+        "curl -s -m 0.3 telnet://198.51.100.10:4444 </dev/null; sleep 3; echo survived",
+        "restricted",
+        ("critical", "network", "killed"),
+        id="port-4444-short-lived",
+    ),
+    pytest.param(
         "env | grep -i key; echo scanned",
         "restricted",
         ("warning", "env_scanning", "alerted"),

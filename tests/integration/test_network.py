@@ -255,3 +255,59 @@ def test_allowlist_refresh_updates_the_rules_in_place(
         f"host-record=allowed.coi-test,{netkit.INTERNET}"
         in client.networks.get(name).config["raw.dnsmasq"]
     )
+
+
+def test_a_live_connection_survives_an_allowlist_refresh(
+    client: IncusClient, topology: netkit.Topology, coi_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Rewriting the bridge's rules (a refresh that moved a name) keeps established flows."""
+    netkit.check_routes(topology)
+    cfg = Path(coi_env["XDG_CONFIG_HOME"]) / "coi" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text(
+        f'[network]\nresolver = "{netkit.DNS}"\nallowed_domains = ["allowed.coi-test"]\n'
+        "refresh_interval_minutes = 0\n"
+    )
+    env = {**coi_env, "COI_IMAGE": "coi-tiny"}
+    res = run_coi(
+        "shell", "--background", "--debug", "--network", "allowlist", "--writable-git-hooks",
+        "-w", str(tmp_path), env=env, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    (name,) = [n for n in client.instances.names() if n.startswith("coi-")]
+    network = client.instances.get(name).expanded_devices["eth0"]["network"]
+    # One TCP connection, open for 6 s: "one" is echoed now, "two" after the rules change.
+    talk = f"(echo one; sleep 6; echo two; sleep 2) | nc {netkit.INTERNET} 7 >/tmp/echo"
+    client.exec.quiet(name, ExecRequest(["sh", "-c", f"({talk}) </dev/null >/dev/null 2>&1 &"]))
+
+    def echoed() -> list[str]:
+        info = client.files.stat(name, "/tmp/echo")
+        return client.files.read(name, "/tmp/echo").decode().split() if info else []
+
+    deadline = time.monotonic() + 10
+    while echoed() != ["one"]:
+        assert time.monotonic() < deadline, "the echo connection never worked"
+        time.sleep(0.2)
+    before = str(client.networks.acl(network).egress)
+    # The name moved (a CDN): same bridge, its rules rewritten while the flow is open.
+    policy = build_policy(
+        "allowlist",
+        block_private=True,
+        block_metadata=True,
+        allow_local=False,
+        entries=["allowed.coi-test"],
+        resolver=netkit.DNS,
+    )
+    moved, _ = resolved(
+        policy, cache_dir=tmp_path, lookup=lambda _n: [netkit.INTERNET, netkit.OTHER_INTERNET]
+    )
+    log: list[str] = []
+    assert (
+        ensure_network(client, moved, default_network="", lock_dir=tmp_path, log=log.append)
+        == network
+    )
+    assert str(client.networks.acl(network).egress) != before, log
+    deadline = time.monotonic() + 15
+    while echoed() != ["one", "two"]:
+        assert time.monotonic() < deadline, "the live connection died with the rule change"
+        time.sleep(0.2)

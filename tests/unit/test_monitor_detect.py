@@ -13,6 +13,7 @@ from coi.audit import AuditLog
 from coi.monitor import detect
 from coi.monitor.collect import Conn, Proc, _addr
 from coi.monitor.execwatch import PROC_EVENT_EXEC, in_cgroup, parse_exec
+from coi.monitor.flows import parse_event
 from coi.monitor.respond import Responder
 
 
@@ -243,3 +244,15 @@ def test_responses_by_level_with_dedupe(tmp_path: Path) -> None:
     assert (
         len(lines) == 7 and '"level":"critical"' in lines[-1] and '"action":"killed"' in lines[-1]
     )
+
+
+def test_conntrack_events() -> None:
+    line = (
+        "[1795726216.433701]\t    [NEW] tcp      6 120 SYN_SENT src=10.200.0.5 dst=198.51.100.10 "
+        "sport=39810 dport=4444 [UNREPLIED] src=198.51.100.10 dst=10.200.0.5 sport=4444 dport=39810"
+    )
+    c = parse_event(line)
+    assert c is not None and c.remote == "198.51.100.10:4444" and c.local == "10.200.0.5:39810"
+    t = detect.suspicious_connection(c, CTX)
+    assert t is not None and t.level == "critical"
+    assert parse_event("[DESTROY] tcp 6 src=1.2.3.4") is None

@@ -12,8 +12,8 @@ from coi.audit import AuditLog, Event, prune
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.errors import BackendError, NotFound
-from coi.monitor import detect, execwatch, taskstats
-from coi.monitor.collect import Collector, Proc, Sweep, cgroup_dir, cgroup_name
+from coi.monitor import detect, execwatch, flows, taskstats
+from coi.monitor.collect import Collector, Conn, Proc, Sweep, cgroup_dir, cgroup_name
 from coi.monitor.detect import NetContext, Threat
 from coi.monitor.respond import Responder
 
@@ -108,6 +108,7 @@ class Monitor:
         self._lock = threading.Lock()
         self._exec: execwatch.ExecWatcher | None = None
         self._exits: taskstats.ExitWatcher | None = None
+        self._flows: flows.FlowWatcher | None = None
 
     def _attach(self) -> Collector | None:
         cgdir = cgroup_dir(self.client.project, self.container)
@@ -139,6 +140,12 @@ class Monitor:
             self._collector.note_exec(proc)
         if not self.responder.killed:
             self._respond(detect.scan_processes([proc], self.settings.workspace))
+
+    def _on_flow(self, conn: Conn) -> None:
+        if not self.responder.killed and (
+            t := detect.suspicious_connection(conn, self.settings.net)
+        ):
+            self._respond([t])
 
     def _on_exit(self, ex: taskstats.Exit) -> None:
         if self._collector is not None:
@@ -188,11 +195,15 @@ class Monitor:
                 self._exits.start()
             except OSError as err:
                 self.alert(f"Warning: kernel process events unavailable ({err}); polling only")
+            ip = self.client.instances.state(self.container).ipv4()
+            if ip and flows.available():
+                self._flows = flows.FlowWatcher(ip, self._on_flow)
+                self._flows.start()
         self._thread = threading.Thread(target=self._loop, name="coi-monitor", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        for watcher in (self._exec, self._exits):
+        for watcher in (self._exec, self._exits, self._flows):
             if watcher:
                 watcher.stop()
         self._stop.set()
