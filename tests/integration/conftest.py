@@ -7,11 +7,12 @@ import pwd
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
+from tests import netkit
 from tests.conftest import ROOT, coi_argv, run_coi
 
 from coi.backend import IncusClient
@@ -62,6 +63,25 @@ def uenv(test_project: str, base: Path, user: pwd.struct_passwd) -> dict[str, st
 def coi_names(client: IncusClient, ws: Path) -> list[str]:
     h = workspace_hash(str(ws))
     return [n for n in client.instances.names() if h in n]
+
+
+def wait_for(cond: Callable[[], object], what: str, timeout: float = 30) -> None:
+    """Poll `cond` (bounded) until it is true; fail the test naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netkit.Topology]:
+    """The test's own network namespace of hosts (tests/netkit.py), for one module."""
+    top = netkit.create(tmp_path_factory.mktemp("net"))
+    try:
+        yield top
+    finally:
+        netkit.destroy(top)
 
 
 def wait_gone(client: IncusClient, ws: Path, timeout: float = 15) -> None:

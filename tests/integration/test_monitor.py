@@ -16,7 +16,6 @@ import subprocess
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +28,6 @@ from coi.backend import IncusClient
 pytestmark = pytest.mark.timeout(2400)  # the first user of the coi image builds it
 
 RANK = {"info": 0, "warning": 1, "high": 2, "critical": 3}
-
-
-@pytest.fixture(scope="module")
-def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netkit.Topology]:
-    top = netkit.create(tmp_path_factory.mktemp("net"))
-    try:
-        yield top
-    finally:
-        netkit.destroy(top)
 
 
 @pytest.fixture

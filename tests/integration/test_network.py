@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests import netkit
@@ -21,16 +22,7 @@ from coi.backend.exec import ExecRequest
 from coi.errors import SessionError
 from coi.network import resources
 from coi.network.manager import allowlist_refresh, ensure_network, prove_enforced, resolved
-from coi.network.policy import build_policy
-
-
-@pytest.fixture(scope="module")
-def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netkit.Topology]:
-    top = netkit.create(tmp_path_factory.mktemp("net"))
-    try:
-        yield top
-    finally:
-        netkit.destroy(top)
+from coi.network.policy import Policy, build_policy
 
 
 @pytest.fixture
@@ -79,6 +71,19 @@ def _probe_run(env: dict[str, str], ws: Path, mode: str, *targets: str) -> dict[
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     return dict(line.split() for line in res.stdout.splitlines())
+
+
+def _allow_test_name(**kw: Any) -> Policy:
+    """The allowlist policy a session with `allowed_domains = ["allowed.coi-test"]` gets."""
+    return build_policy(
+        "allowlist",
+        block_private=True,
+        block_metadata=True,
+        allow_local=False,
+        entries=["allowed.coi-test"],
+        resolver=netkit.DNS,
+        **kw,
+    )
 
 
 def _http(addr: str) -> str:
@@ -228,15 +233,7 @@ def test_allowlist_refresh_updates_the_rules_in_place(
     client: IncusClient, topology: netkit.Topology, tmp_path: Path
 ) -> None:
     netkit.check_routes(topology)
-    policy = build_policy(
-        "allowlist",
-        block_private=True,
-        block_metadata=True,
-        allow_local=False,
-        entries=["allowed.coi-test"],
-        resolver=netkit.DNS,
-        refresh_minutes=60,
-    )
+    policy = _allow_test_name(refresh_minutes=60)
     # First resolved while the name pointed elsewhere (a CDN that moved).
     stale, _ = resolved(policy, cache_dir=tmp_path, lookup=lambda _n: [netkit.OTHER_INTERNET])
     name = ensure_network(client, stale, default_network="", lock_dir=tmp_path, log=lambda _m: None)
@@ -290,14 +287,7 @@ def test_a_live_connection_survives_an_allowlist_refresh(
         time.sleep(0.2)
     before = str(client.networks.acl(network).egress)
     # The name moved (a CDN): same bridge, its rules rewritten while the flow is open.
-    policy = build_policy(
-        "allowlist",
-        block_private=True,
-        block_metadata=True,
-        allow_local=False,
-        entries=["allowed.coi-test"],
-        resolver=netkit.DNS,
-    )
+    policy = _allow_test_name()
     moved, _ = resolved(
         policy, cache_dir=tmp_path, lookup=lambda _n: [netkit.INTERNET, netkit.OTHER_INTERNET]
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import USER, coi_names, user_dir, wait_gone
+from tests.integration.conftest import USER, coi_names, user_dir, wait_for, wait_gone
 
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
@@ -63,14 +63,6 @@ def _as_root(client: IncusClient, name: str, script: str) -> tuple[int, str]:
 def _audit(uenv: dict[str, str], name: str) -> list[dict[str, object]]:
     path = Path(uenv["COI_HOME"]) / "audit" / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _wait(cond: object, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 # -- protected paths -----------------------------------------------------------------------
@@ -157,14 +149,14 @@ def test_tampering_is_undone_while_the_session_runs(
         argv, env=uenv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        _wait(
+        wait_for(
             lambda: (
                 coi_names(client, repo) and client.instances.get(coi_names(client, repo)[0]).running
             ),
             "the sandbox",
         )
         name = coi_names(client, repo)[0]
-        _wait(lambda: _as_root(client, name, "true")[0] == 0, "exec")
+        wait_for(lambda: _as_root(client, name, "true")[0] == 0, "exec")
         rc, out = _as_root(
             client,
             name,
@@ -173,7 +165,7 @@ def test_tampering_is_undone_while_the_session_runs(
         assert rc == 0, out
         tampered = time.monotonic()
         hook = repo / ".git" / "hooks" / "pre-commit"
-        _wait(lambda: hook.read_text() == HOOK, "the hook to be restored", timeout=15)
+        wait_for(lambda: hook.read_text() == HOOK, "the hook to be restored", timeout=15)
         restored_after = time.monotonic() - tampered
         _, err = proc.communicate(timeout=60)
     finally:
@@ -372,7 +364,7 @@ def test_duration_limit_stops_run_and_detached_shell(
     (name,) = coi_names(client, ws)
     started = time.monotonic()
     try:
-        _wait(lambda: not client.instances.get(name).running, "the time limit", timeout=40)
+        wait_for(lambda: not client.instances.get(name).running, "the time limit", timeout=40)
         stopped_after = time.monotonic() - started
     finally:
         for n in coi_names(client, ws):

@@ -18,7 +18,15 @@ from pathlib import Path
 import pexpect
 import pytest
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import USER, coi_names, converse, spawn_shell, user_dir, wait_gone
+from tests.integration.conftest import (
+    USER,
+    coi_names,
+    converse,
+    spawn_shell,
+    user_dir,
+    wait_for,
+    wait_gone,
+)
 
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
@@ -28,14 +36,6 @@ from coi.network.resources import managed_config
 def _coi(uenv: dict[str, str], *args: str, stdin: str | None = None) -> tuple[int, str, str]:
     r = run_coi(*args, env=uenv, user=USER, input=stdin)
     return r.returncode, r.stdout, r.stderr
-
-
-def _wait(cond: object, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _detach(child: pexpect.spawn) -> None:
@@ -99,7 +99,7 @@ def test_list_tmux_as_the_agent_persist_freeze_resume_kill(
     assert code == 0 and f"  - {name} (tmux session: coi-{name})" in out
     code, out, _ = _coi(uenv, "tmux", "send", name, "id -u > /workspace/who")
     assert code == 0 and f"Sent command to session coi-{name}" in out
-    _wait(lambda: (ws / "who").exists() and (ws / "who").read_text() == "1000\n", "tmux send")
+    wait_for(lambda: (ws / "who").exists() and (ws / "who").read_text() == "1000\n", "tmux send")
     assert (ws / "who").stat().st_uid == user.pw_uid
     code, out, _ = _coi(uenv, "tmux", "capture", name)
     assert code == 0 and "id -u > /workspace/who" in out
@@ -214,7 +214,7 @@ def test_kill_9_mid_run_leaves_the_workspace_and_clean_removes_the_rest(
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        _wait(lambda: (ws / "during").exists(), "the command to start")
+        wait_for(lambda: (ws / "during").exists(), "the command to start")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:

@@ -8,14 +8,13 @@ container (by cgroup) and reads their command line before they are gone.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 
 from coi.monitor.collect import Proc, read_proc
+from coi.monitor.netlink import NetlinkReader
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -63,24 +62,25 @@ def parse_exec(data: bytes) -> list[int]:
     return out
 
 
-class ExecWatcher:
+class ExecWatcher(NetlinkReader):
     """Calls `on_exec` with each process that execs inside the container's cgroup."""
+
+    name = "coi-exec-watch"
 
     def __init__(
         self, cgroup_marker: str, on_exec: Callable[[Proc], None], *, per_second: int = 100
     ) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+        # A large buffer: an exec storm must not drop the event we care about.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((0, CN_IDX_PROC))
+        _subscribe(sock)
+        super().__init__(sock)
         self.marker = cgroup_marker  # e.g. "lxc.payload.coi-abc-1" (never a prefix match)
         self.on_exec = on_exec
         self.per_second = per_second
         self.skipped = 0  # execs of the container not inspected (over the rate limit)
         self._window = (0.0, 0)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
-        # A large buffer: an exec storm must not drop the event we care about.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind((0, CN_IDX_PROC))
-        _subscribe(self.sock)
 
     def _inside(self, pid: int) -> bool:
         try:
@@ -90,27 +90,19 @@ class ExecWatcher:
             return False
         return any(in_cgroup(line.split(":", 2)[-1], self.marker) for line in text.splitlines())
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self.sock], [], [], 0.5)
-            if not ready:
-                continue
+    def handle(self, data: bytes) -> None:
+        for pid in parse_exec(data):
+            # Command line first: a 2 ms process may be gone by the next syscall.
             try:
-                data = self.sock.recv(65536)
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    early = f.read()
             except OSError:
-                continue  # ENOBUFS under an exec storm: keep going with what comes next
-            for pid in parse_exec(data):
-                # Command line first: a 2 ms process may be gone by the next syscall.
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        early = f.read()
-                except OSError:
-                    continue
-                if not early or not self._inside(pid) or not self._admit():
-                    continue
-                cmd = early.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-                # Gone already: judge what was read (the pid inside is then unknown).
-                self.on_exec(read_proc(pid) or Proc(pid, 0, 0, -1, cmd, 0))
+                continue
+            if not early or not self._inside(pid) or not self._admit():
+                continue
+            cmd = early.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+            # Gone already: judge what was read (the pid inside is then unknown).
+            self.on_exec(read_proc(pid) or Proc(pid, 0, 0, -1, cmd, 0))
 
     def _admit(self) -> bool:
         """At most `per_second` inspections a second: an exec storm must not eat the host."""
@@ -125,13 +117,3 @@ class ExecWatcher:
             self.skipped += 1
             return False
         return True
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="coi-exec-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=2)
-        self.sock.close()

@@ -8,12 +8,12 @@ written) to taskstats listeners; the monitor adds those of the container's proce
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from coi.monitor.netlink import NetlinkReader
 
 NETLINK_GENERIC = 16
 GENL_ID_CTRL = 0x10
@@ -100,39 +100,22 @@ def _family_id(sock: socket.socket) -> int:
     return int(struct.unpack_from("=H", attrs[CTRL_ATTR_FAMILY_ID])[0])
 
 
-class ExitWatcher:
+class ExitWatcher(NetlinkReader):
     """Calls `on_exit` for every task that exits on this machine (the caller filters)."""
 
+    name = "coi-exit-watch"
+
     def __init__(self, on_exit: Callable[[Exit], None]) -> None:
-        self.on_exit = on_exit
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-        self.sock.bind((0, 0))
-        family = _family_id(self.sock)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        sock.bind((0, 0))
+        family = _family_id(sock)
         cpus = f"0-{(os.cpu_count() or 1) - 1}\0".encode()
-        self.sock.send(
+        sock.send(
             _request(family, TASKSTATS_CMD_GET, _attr(TASKSTATS_CMD_ATTR_REGISTER_CPUMASK, cpus))
         )
+        super().__init__(sock)
+        self.on_exit = on_exit
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            ready, _, _ = select.select([self.sock], [], [], 0.5)
-            if not ready:
-                continue
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError:
-                continue  # ENOBUFS when many tasks exit at once
-            for ex in parse_exits(data):
-                self.on_exit(ex)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="coi-exit-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=2)
-        self.sock.close()
+    def handle(self, data: bytes) -> None:
+        for ex in parse_exits(data):
+            self.on_exit(ex)

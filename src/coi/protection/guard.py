@@ -367,6 +367,8 @@ class Guard:
             if not workspace.is_dir():
                 return report
             self._recover_git_dir(workspace, data, report)
+            # One folder for everything this check sets aside (not one per second ticked).
+            quarantine = self.home / "quarantine" / self.container / f"{_stamp()}-{os.getpid()}"
             dirty = False
             for top, recorded in data["entries"].items():
                 changes = self._changes(workspace, top, recorded)
@@ -376,7 +378,7 @@ class Guard:
                 if not changes:
                     continue
                 report.changes.extend(changes)
-                self._restore(workspace, top, data, report)
+                self._restore(workspace, top, data, report, quarantine)
                 dirty = True
             if dirty:
                 self._save(data)
@@ -441,12 +443,13 @@ class Guard:
 
     # -- restore --------------------------------------------------------------------------
 
-    def _restore(self, workspace: Path, top: str, data: dict[str, Any], report: Report) -> None:
+    def _restore(
+        self, workspace: Path, top: str, data: dict[str, Any], report: Report, quarantine: Path
+    ) -> None:
         recorded: dict[str, Entry] = data["entries"][top]
         if recorded and not data["copied"].get(top):
             report.failed.append(f"{top} (no copy: it was too large to keep)")
             return
-        quarantine = self.home / "quarantine" / self.container / _stamp()
         parts = top.split("/")
         try:
             with (
