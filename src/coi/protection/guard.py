@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -368,7 +369,9 @@ class Guard:
                 return report
             self._recover_git_dir(workspace, data, report)
             # One folder for everything this check sets aside (not one per second ticked).
-            quarantine = self.home / "quarantine" / self.container / f"{_stamp()}-{os.getpid()}"
+            quarantine = (
+                self.home / "quarantine" / self.container / f"{_stamp()}-{uuid.uuid4().hex[:6]}"
+            )
             dirty = False
             for top, recorded in data["entries"].items():
                 changes = self._changes(workspace, top, recorded)
