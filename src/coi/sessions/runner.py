@@ -431,6 +431,11 @@ class ShellSession:
             self._tmux(["send-keys", "-t", session, shlex.join(cmd), "Enter"])
             sys.stderr.write(f"Sent command to existing tmux session: {session}\n")
         if self.req.background:
+            if self.spec.monitor is not None and self.spec.monitor.enabled:
+                sys.stderr.write(
+                    "Note: the security monitor watches while coi is attached: "
+                    f"run 'coi attach {name}' to have it watch this session\n"
+                )
             sys.stderr.write(
                 f"Created background tmux session: {session}\n"
                 f"Use 'coi tmux capture {name}' to view output\n"

@@ -55,10 +55,10 @@ def ready(
     """The template for this image and uid map, made now if missing; None if it cannot be."""
     name = template_name(fingerprint, config)
     try:
-        if _usable(client, name):
+        if _usable(client, name, repair=False):
             return name
         with _lock(lock_dir, name):
-            if _usable(client, name):  # another coi made it while we waited
+            if _usable(client, name, repair=True):  # another coi made it while we waited
                 return name
             log("Preparing a ready-to-start copy of the image (once per image and user)...")
             _make(client, name, fingerprint, config, pool)
@@ -69,14 +69,17 @@ def ready(
         return None
 
 
-def _usable(client: IncusClient, name: str) -> bool:
+def _usable(client: IncusClient, name: str, *, repair: bool) -> bool:
+    """Stopped and shifted. With `repair` (under the lock, so nobody is making it right now)
+    a half-made one (coi killed midway) is removed to start over."""
     try:
         inst = client.instances.get(name)
     except NotFound:
         return False
     if inst.status == "Stopped" and "volatile.last_state.idmap" in inst.config:
         return True
-    client.instances.delete(name, force=True)  # half made (coi killed midway): start over
+    if repair:
+        client.instances.delete(name, force=True)
     return False
 
 
