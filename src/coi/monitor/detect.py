@@ -209,6 +209,39 @@ def suspicious_connection(c: Conn, ctx: NetContext) -> Threat | None:
     return None
 
 
+_DNS_TOOL = re.compile(r"(^|[\s/])(dig|nslookup|host|drill|kdig|resolvectl|getent)\b")
+_LABEL = re.compile(r"[A-Za-z0-9_-]{40,63}(?=\.)")
+
+
+def dns_tunnel(p: Proc) -> Threat | None:
+    """A lookup of a name that carries data: a label of 40+ characters (base32/hex chunks)."""
+    if not _DNS_TOOL.search(p.cmdline):
+        return None
+    m = _LABEL.search(p.cmdline)
+    if not m:
+        return None
+    return Threat(
+        WARNING,
+        "dns",
+        "DNS tunnel-shaped query",
+        f"Process '{p.cmdline[:160]}' (PID {p.nspid}) looks up a {len(m.group())}-character label",
+        _proc_evidence(p),
+    )
+
+
+def tmp_usage(used: int, total: int) -> Threat | None:
+    """/tmp over 80 % full: the agent is about to fail with ENOSPC (or is staging data)."""
+    if total <= 0 or used / total <= 0.8:
+        return None
+    return Threat(
+        WARNING,
+        "filesystem",
+        "/tmp nearly full",
+        f"/tmp is {100 * used / total:.0f}% full ({used / 2**20:.0f} of {total / 2**20:.0f} MiB)",
+        {"disk_space": {"used": used, "total": total}},
+    )
+
+
 def dns_volume(connections: Iterable[Conn], per_minute: float, threshold: int) -> Threat | None:
     """Many distinct DNS exchanges: the shape of a DNS tunnel or a scan."""
     if threshold <= 0 or per_minute <= threshold:

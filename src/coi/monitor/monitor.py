@@ -78,6 +78,8 @@ def threats_of(sweep: Sweep, s: Settings) -> list[Threat]:
     )
     if t := detect.fork_bomb(len(sweep.processes), len(sweep.new_processes), sweep.interval):
         found.append(t)
+    if sweep.tmp and (t := detect.tmp_usage(*sweep.tmp)):
+        found.append(t)
     return found
 
 
