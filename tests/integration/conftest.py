@@ -86,10 +86,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netkit.Topolo
 
 def wait_gone(client: IncusClient, ws: Path, timeout: float = 15) -> None:
     """No container of the workspace is left (`coi run` lets the daemon finish removing)."""
-    deadline = time.monotonic() + timeout
-    while (left := coi_names(client, ws)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert left == [], f"containers left: {left}"
+    wait_for(lambda: not coi_names(client, ws), f"the containers of {ws} to go", timeout)
 
 
 def spawn_shell(uenv: dict[str, str], ws: Path, *extra: str) -> pexpect.spawn:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from tests import netkit
 from tests.conftest import coi_argv, run_coi
+from tests.integration.conftest import wait_for
 
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
@@ -149,10 +150,12 @@ def test_attack_is_detected_and_answered(
         assert took < 60  # killed, not left to run out
     else:
         assert res.returncode == 0 and "scanned" in res.stdout, res.stderr
-    deadline = time.monotonic() + 15  # the daemon finishes removing after coi returns
-    while [n for n in client.instances.names() if n.startswith("coi-")]:
-        assert time.monotonic() < deadline, client.instances.names()
-        time.sleep(0.1)
+    # The daemon finishes removing the sandbox after coi returns.
+    wait_for(
+        lambda: not [n for n in client.instances.names() if n.startswith("coi-")],
+        "the sandbox to be removed",
+        15,
+    )
 
 
 def test_read_burst_pauses_and_coi_resume_continues(

@@ -43,7 +43,6 @@ def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
     from coi.cli.context import load_settings
     from coi.config.paths import coi_home
     from coi.limits import limits_from_config
-    from coi.monitor.monitor import Settings as MonitorSettings
     from coi.network.manager import policy_from_config
     from coi.protection.paths import configured_paths, plan
     from coi.sessions.sandbox import build_spec, parse_env
@@ -60,7 +59,10 @@ def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
     env.update(parse_env(p.get("env") or ()))
     spec = build_spec(cfg, workspace, mounts=mounts, env=env)
     spec.limits = limits
-    spec.monitor = MonitorSettings.from_config(cfg, target)
+    if cfg.get_bool("monitoring.enabled"):
+        from coi.monitor.monitor import Settings as MonitorSettings
+
+        spec.monitor = MonitorSettings.from_config(cfg, target)
     for note in limits.notes:
         click.echo(f"Note: {note}", err=True)
     if p.get("container") is None:

@@ -111,10 +111,12 @@ class Monitor:
         self._exec: execwatch.ExecWatcher | None = None
         self._exits: taskstats.ExitWatcher | None = None
         self._flows: flows.FlowWatcher | None = None
+        self._ip = ""  # the container's address, read with its state at attach time
 
     def _attach(self) -> Collector | None:
         cgdir = cgroup_dir(self.client.project, self.container)
         state = self.client.instances.state(self.container)
+        self._ip = state.ipv4() or ""
         if cgdir is None or not state.pid:
             return None
         return Collector(cgdir, state.pid)
@@ -159,8 +161,10 @@ class Monitor:
             if self.responder.killed:
                 return
             try:
-                if self.client.instances.get(self.container).status == "Frozen":
+                if self.responder.paused and self._still_frozen():
                     continue  # paused for review: nothing runs, nothing to see
+                if self._collector is not None and not self._collector.cgdir.exists():
+                    return  # stopped or removed: its cgroup went with it
                 self.sweep_once()
                 failures = 0
             except NotFound:
@@ -169,6 +173,13 @@ class Monitor:
                 failures += 1
                 if failures == 3:
                     self.alert(f"Warning: security monitor cannot read {self.container}: {err}")
+
+    def _still_frozen(self) -> bool:
+        """Asked of the daemon only after a pause: `coi resume` may have thawed it since."""
+        if self.client.instances.get(self.container).status == "Frozen":
+            return True
+        self.responder.paused = False
+        return False
 
     def start(self) -> None:
         prune(self.settings.retention_days)
@@ -197,9 +208,8 @@ class Monitor:
                 self._exits.start()
             except OSError as err:
                 self.alert(f"Warning: kernel process events unavailable ({err}); polling only")
-            ip = self.client.instances.state(self.container).ipv4()
-            if ip and flows.available():
-                self._flows = flows.FlowWatcher(ip, self._on_flow)
+            if self._ip and flows.available():
+                self._flows = flows.FlowWatcher(self._ip, self._on_flow)
                 self._flows.start()
         self._thread = threading.Thread(target=self._loop, name="coi-monitor", daemon=True)
         self._thread.start()

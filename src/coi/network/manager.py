@@ -293,8 +293,9 @@ def wait_for_network(client: IncusClient, container: str) -> None:
     client.exec.quiet(container, ExecRequest(["sh", "-c", WAIT_ROUTE]))
 
 
-def prove_enforced(client: IncusClient, container: str, network: str, log: Log) -> None:
+def prove_enforced(client: IncusClient, container: str, network: str, log: Log) -> str:
     """From inside the sandbox: the bridge's DNS answers, a listener on the host does not.
+    Returns the bridge's address (the gateway it probed).
 
     Nothing leaves the machine: both targets are the bridge's own address.
     :raises SessionError: the policy is not in force (the agent must not start).
@@ -323,3 +324,4 @@ def prove_enforced(client: IncusClient, container: str, network: str, log: Log) 
             resolution="The image needs sh, timeout and nc or bash; or use --network=open.",
         )
     log(f"Network policy verified: {gw}:{listener.port} blocked, DNS at {gw} reachable")
+    return gw

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
@@ -22,7 +22,6 @@ from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound, SessionError
 from coi.limits.spec import check_server
-from coi.monitor.monitor import Monitor, monitoring
 from coi.network.manager import allowlist_refresh
 from coi.protection.guard import settle_when_gone, watching
 from coi.sessions import naming
@@ -30,6 +29,23 @@ from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
 from coi.tools.base import Tool
 from coi.tools.settings import merge_json_text
+
+if TYPE_CHECKING:
+    from coi.monitor.monitor import Monitor, Settings
+
+
+@contextmanager
+def monitoring(
+    client: IncusClient, name: str, settings: Settings | None, alert: Log
+) -> Iterator[Monitor | None]:
+    """The security monitor around a block; its code is loaded only when it is enabled."""
+    if settings is None or not settings.enabled:
+        yield None
+        return
+    from coi.monitor.monitor import monitoring as run_monitor
+
+    with run_monitor(client, name, settings, alert) as mon:
+        yield mon
 
 
 class Terminated(BaseException):

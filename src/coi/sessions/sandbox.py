@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
@@ -18,16 +19,17 @@ from coi.errors import BackendError, NotFound, SessionError
 from coi.limits import Limits
 from coi.limits.watchdog import DEADLINE_KEY
 from coi.limits.watchdog import spawn as spawn_watchdog
-from coi.monitor.monitor import Settings as MonitorSettings
-from coi.monitor.monitor import net_context
 from coi.network.manager import ensure_network, gateway_of, prove_enforced, wait_for_network
 from coi.network.policy import Policy
 from coi.protection import paths as protected
-from coi.protection.guard import Guard
+from coi.protection.guard import Guard, settle
 from coi.sessions import naming, template
 from coi.sessions.inventory import owner_config
 from coi.sessions.slots import SlotClaims
 from coi.sessions.workspace import Mount, host_owner_gid, host_owner_uid
+
+if TYPE_CHECKING:
+    from coi.monitor.monitor import Settings as MonitorSettings
 
 Log = Callable[[str], None]
 
@@ -358,11 +360,8 @@ class Sandbox:
 
     def settle_protection(self, *, removed: bool) -> None:
         """Verify the protected paths once more; forget the record if the container is gone."""
-        if self.guard is None:
-            return
-        self.guard.enforce(self.log)
-        if removed:
-            self.guard.forget()
+        if self.guard is not None:
+            settle(self.name, removed=removed, log=self.log)
 
     def _attach_network(self) -> None:
         if self.spec.policy is None:
@@ -379,19 +378,22 @@ class Sandbox:
         """Refuse to go on unless the policy is in force, checked from inside."""
         policy = self.spec.policy
         network = self.spec.network
+        gateway = ""
         if policy is None or policy.mode == "open":
             wait_for_network(self.client, self.name)
         else:
             # A reused container keeps the bridge it was made with.
             inst = self.client.instances.get(self.name)
             network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
-            prove_enforced(self.client, self.name, network, self.log)
+            gateway = prove_enforced(self.client, self.name, network, self.log)
         mon = self.spec.monitor
         if mon is not None and mon.enabled:
+            from coi.monitor.monitor import net_context
+
             # The monitor judges connections against this sandbox's own policy.
             mon.net = net_context(
                 policy.mode if policy else "open",
-                gateway_of(self.client, network),
+                gateway or gateway_of(self.client, network),
                 policy.allow_local if policy else True,
                 [t.cidr for t in policy.allowed] if policy else [],
             )
