@@ -40,7 +40,8 @@ def main() -> int:
     from coi.sessions.sandbox import Sandbox
 
     stamp("imports done")
-    for step in ("ensure_image", "choose_slot", "wait_ready", "verify_network", "discard"):
+    steps = ("ensure_image", "choose_slot", "_from_spare", "wait_ready", "verify_network")
+    for step in (*steps, "discard", "replenish"):
         timed_method(Sandbox, step, step)
     timed_method(InstancesAPI, "create", "create (+start)")
     timed_method(ExecAPI, "run", "exec")

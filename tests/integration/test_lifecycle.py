@@ -282,7 +282,7 @@ def test_sandboxes_start_from_a_template_and_clean_drops_stale_ones(
         tmpls = [n for n in client.instances.names() if n.startswith(template.PREFIX + fp[:12])]
         assert len(tmpls) == 1, client.instances.names()
         inst = client.instances.get(tmpls[0])
-        assert inst.status == "Stopped" and "volatile.last_state.idmap" in inst.config
+        assert inst.status == "Stopped" and inst.config[template.READY_KEY] == "true"
         listing = run_coi("list", "--format", "json", env=coi_env)
         assert tmpls[0] not in listing.stdout
         kept = run_coi("clean", "--force", env=coi_env)
@@ -291,5 +291,5 @@ def test_sandboxes_start_from_a_template_and_clean_drops_stale_ones(
         client.images.delete(fp)
     res = run_coi("clean", "--force", env=coi_env)
     assert res.returncode == 0, res.stderr
-    assert f"Deleting template {tmpls[0]}" in res.stdout
+    assert f"Deleting {tmpls[0]}" in res.stdout
     assert not client.instances.exists(tmpls[0])

@@ -203,7 +203,7 @@ def test_a_broken_policy_is_caught_before_the_agent_starts(
     (name,) = [n for n in client.instances.names() if n.startswith("coi-")]
     network = client.instances.get(name).expanded_devices["eth0"]["network"]
     # Someone (or something) takes the ACL off the bridge: the proof must fail.
-    client.networks.patch(network, {"security.acls": ""})
+    client.networks.patch(network, {"security.acls": ""}, description="coi restricted")
     with pytest.raises(SessionError, match="NOT in force"):
         prove_enforced(client, name, network, lambda _m: None)
     client.instances.delete(name, force=True)

@@ -60,6 +60,19 @@ class InstancesAPI:
     def get(self, name: str) -> Instance:
         return Instance.from_api(self._c.get(_path(name)))
 
+    def busy(self) -> set[str]:
+        """Names of the instances a running operation is working on (being created, copied,
+        started, ...): renaming one of those mid-copy would break the copy."""
+        ops = self._c.get("/1.0/operations", recursion=1) or {}
+        names: set[str] = set()
+        for op in ops.get("running") or ():
+            for urls in (op.get("resources") or {}).values():
+                for url in urls or ():
+                    path = str(url).split("?", 1)[0]
+                    if path.startswith("/1.0/instances/") or path.startswith("/1.0/containers/"):
+                        names.add(path.split("/")[3])
+        return names
+
     def exists(self, name: str) -> bool:
         try:
             self._c.raw_request("GET", _path(name))
@@ -84,10 +97,12 @@ class InstancesAPI:
         start: bool = False,
         description: str = "",
         source: JSON | None = None,
-    ) -> None:
+        wait: bool = True,
+    ) -> str:
         """Create a container from a local image alias or fingerprint (and start it).
 
         `source` replaces the image source entirely (e.g. a pull from an image server).
+        `wait=False` returns once the daemon has taken the operation on, with its id.
         """
         if source is None:
             source = {"type": "image"}
@@ -111,9 +126,12 @@ class InstancesAPI:
         one_shot = start and self._c.has_extension("instance_create_start")
         if one_shot:
             body["start"] = True
-        self._c.request("POST", "/1.0/instances", json=body)
+        op = self._c.request("POST", "/1.0/instances", json=body, wait=wait)
+        if not wait:
+            return str(op.get("id") or "") if isinstance(op, dict) else ""
         if start and not one_shot:
             self.start(name)
+        return ""
 
     def delete(self, name: str, *, force: bool = False) -> None:
         """Delete an instance. With `force`: stop it first if it runs, and succeed if it is
@@ -185,6 +203,13 @@ class InstancesAPI:
         body["devices"] = devices
         etag = resp.headers.get("ETag")
         self._c.request("PUT", _path(name), json=body, headers={"If-Match": etag} if etag else None)
+
+    def metadata(self, name: str) -> JSON:
+        """The instance's image metadata (`metadata.yaml`: properties and file templates)."""
+        return dict(self._c.get(_path(name, "metadata")) or {})
+
+    def set_metadata(self, name: str, metadata: JSON) -> None:
+        self._c.request("PUT", _path(name, "metadata"), json=metadata)
 
     def rename(self, name: str, new_name: str) -> None:
         self._c.request("POST", _path(name), json={"name": new_name})

@@ -40,9 +40,13 @@ class NetworksAPI:
             json={"name": name, "type": type, "config": dict(config), "description": description},
         )
 
-    def patch(self, name: str, config: Mapping[str, str]) -> None:
+    def patch(self, name: str, config: Mapping[str, str], *, description: str) -> None:
+        """Merge `config` into the network's. The daemon clears a description the request
+        leaves out, so the caller passes the one to keep."""
         self._c.request(
-            "PATCH", f"/1.0/networks/{quote(name, safe='')}", json={"config": dict(config)}
+            "PATCH",
+            f"/1.0/networks/{quote(name, safe='')}",
+            json={"config": dict(config), "description": description},
         )
 
     def delete(self, name: str) -> None:

@@ -463,7 +463,7 @@ def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: b
     from coi.sessions import cleanup, template
 
     all_sessions = _sessions()
-    _cfg, client = daemon()
+    cfg, client = daemon()
 
     def ask(prompt: str) -> bool:
         if dry_run:
@@ -502,7 +502,7 @@ def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: b
             leftovers=cleanup.plan_leftovers(coi_home(), all_sessions),
             acls=acls,
             networks=nets,
-            templates=template.stale(client),
+            templates=template.stale(client, keep_spares=cfg.get_int("incus.spares") > 0),
         )
         _report_orphans(plan)
         found_any |= bool(plan.count())
@@ -546,7 +546,10 @@ def _report_orphans(plan: CleanPlan) -> None:
         for r in plan.resources:
             click.echo(f"    - {r}")
     if plan.templates:
-        click.echo(f"  Templates of images no longer in use ({len(plan.templates)}):")
+        click.echo(
+            f"  Templates and spares of images no longer in use, or spares turned off "
+            f"({len(plan.templates)}):"
+        )
         for t in plan.templates:
             click.echo(f"    - {t}")
     if plan.leftovers:

@@ -120,6 +120,16 @@ SETTINGS: tuple[Setting, ...] = (
         "every start when the daemon cannot shift it on the fly (LXD 5.0).",
         env=("COI_TEMPLATES",),
     ),
+    _s(
+        "incus.spares",
+        "int",
+        2,
+        "Stopped copies of the template kept ready ('coispare-*'; no memory, next to no "
+        "disk): a sandbox renames one instead of waiting for a copy, and coi makes a new one "
+        "in the background when its session ends. Set it to how many sessions you start at "
+        "once; 0 turns spares off.",
+        env=("COI_SPARES",),
+    ),
     _s("incus.code_uid", "int", 1000, "Uid of the agent user inside the container."),
     _s("incus.code_user", "str", "code", "Name of the agent user inside the container."),
     _s("incus.disable_shift", "bool", False, "Unused (coi maps uids with raw.idmap)."),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from coi.errors import SetupError
 from coi.host import daemon as dmn
+from coi.network.address import dhcp_pool
 from coi.network.hostnet import host_networks
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ HOST_PACKAGES = {
 }
 
 # Candidate bridge subnets; the first that overlaps nothing on the host is used.
+BRIDGE_DESCRIPTION = "coi bridge"
 BRIDGE_SUBNETS = ("10.123.45.1/24", "10.187.23.1/24", "172.29.137.1/24", "192.168.231.1/24")
 
 
@@ -225,11 +227,18 @@ def ensure_pool(report: SetupReport, client: IncusClient, opts: SetupOptions) ->
 def ensure_bridge(report: SetupReport, client: IncusClient, opts: SetupOptions) -> None:
     net = client.networks.get(opts.network)
     if net:
-        report.add(
-            "network",
-            changed=False,
-            message=f"bridge '{net.name}' {net.config.get('ipv4.address', '')}",
-        )
+        subnet = net.config.get("ipv4.address", "")
+        if net.description == BRIDGE_DESCRIPTION and not net.config.get("ipv4.dhcp.ranges"):
+            # Made by an older coi: keep DHCP to the lower half, sandboxes get the upper.
+            client.networks.patch(net.name, dhcp_pool(subnet), description=net.description)
+            report.add(
+                "network",
+                changed=True,
+                message=f"bridge '{net.name}' {subnet}: DHCP now in the lower half, "
+                "sandboxes get fixed addresses in the upper half",
+            )
+            return
+        report.add("network", changed=False, message=f"bridge '{net.name}' {subnet}")
         return
     subnet = pick_subnet(host_networks())
     client.networks.create(
@@ -238,25 +247,40 @@ def ensure_bridge(report: SetupReport, client: IncusClient, opts: SetupOptions) 
             "ipv4.address": subnet,
             "ipv4.nat": "true",
             "ipv6.address": "none",
+            # The upper half is for the fixed addresses coi gives sandboxes (network/address.py).
+            **dhcp_pool(subnet),
         },
-        description="coi bridge",
+        description=BRIDGE_DESCRIPTION,
     )
     report.add("network", changed=True, message=f"created bridge '{opts.network}' {subnet}")
 
 
 def ensure_tiny_image(report: SetupReport, client: IncusClient) -> None:
-    from coi.images.tiny import DESCRIPTION, TINY_ALIAS, build_tarball
+    from coi.images.tiny import (
+        DESCRIPTION,
+        TINY_ALIAS,
+        TINY_VERSION,
+        VERSION_PROPERTY,
+        build_tarball,
+    )
 
-    if client.images.exists(TINY_ALIAS):
+    old = client.images.by_alias(TINY_ALIAS)
+    if old is not None and old.properties.get(VERSION_PROPERTY) == TINY_VERSION:
         report.add("tiny image", changed=False, message=f"'{TINY_ALIAS}' present")
         return
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "coi"
     tarball = build_tarball(cache / "coi-tiny.tar")
     client.images.import_tarball(
-        tarball, aliases=(TINY_ALIAS,), properties={"description": DESCRIPTION}
+        tarball,
+        aliases=(TINY_ALIAS,),
+        properties={"description": DESCRIPTION, VERSION_PROPERTY: TINY_VERSION},
     )
     tarball.unlink(missing_ok=True)
-    report.add("tiny image", changed=True, message=f"built and imported '{TINY_ALIAS}'")
+    if old is not None:
+        # Containers made from it keep their own copies; only the image goes.
+        client.images.delete(old.fingerprint)
+    verb = "rebuilt (newer version)" if old else "built and imported"
+    report.add("tiny image", changed=True, message=f"{verb} '{TINY_ALIAS}'")
 
 
 def users_to_map(names: list[str]) -> list[int]:

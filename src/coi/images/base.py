@@ -99,13 +99,14 @@ def _metadata(description: str) -> str:
         f"  description: {description}\n"
         "  os: debian\n"
         f"  release: {SUITE}\n"
-        # Each container gets its own name as hostname, not the build host's.
+        # Each container gets its own name as hostname, not the build host's; also after a
+        # rename (a spare taken by a sandbox, see sessions/template.py).
         "templates:\n"
         "  /etc/hostname:\n"
-        "    when: [create, copy]\n"
+        "    when: [create, copy, rename]\n"
         "    template: hostname.tpl\n"
         "  /etc/hosts:\n"
-        "    when: [create, copy]\n"
+        "    when: [create, copy, rename]\n"
         "    template: hosts.tpl\n"
     )
 

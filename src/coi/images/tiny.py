@@ -19,6 +19,9 @@ from coi.errors import SetupError
 
 TINY_ALIAS = "coi-tiny"
 DESCRIPTION = "coi tiny image (busybox, tmux)"
+# Raised whenever what goes into the image changes: `coi setup` then rebuilds it.
+TINY_VERSION = "3"
+VERSION_PROPERTY = "coi.tiny.version"
 
 _TERMINFO = (
     "dumb",
@@ -51,15 +54,18 @@ exit 0
 
 _UDHCPC = """\
 #!/bin/sh
-# Minimal udhcpc hook: address, default route and resolver from the lease.
+# Minimal udhcpc hook: address, default route and resolver from the lease. coi may have set
+# the same address already (network/address.py): never drop it, not even for a moment.
 case "$1" in
-  deconfig) ip addr flush dev "$interface" ;;
   bound|renew)
-    ip addr flush dev "$interface"
-    ip addr add "$ip/${mask:-24}" dev "$interface"
+    for old in $(ip -4 addr show dev "$interface" | awk '/inet /{print $2}'); do
+      [ "${old%/*}" = "$ip" ] || ip addr del "$old" dev "$interface"
+    done
+    ip addr add "$ip/${mask:-24}" dev "$interface" 2>/dev/null
     [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
-    : > /etc/resolv.conf
-    for ns in $dns; do echo "nameserver $ns" >> /etc/resolv.conf; done
+    : > /etc/resolv.conf.new
+    for ns in $dns; do echo "nameserver $ns" >> /etc/resolv.conf.new; done
+    mv /etc/resolv.conf.new /etc/resolv.conf
     ;;
 esac
 exit 0
@@ -210,6 +216,11 @@ def _metadata() -> bytes:
         f"  description: {DESCRIPTION}\n"
         "  os: busybox\n"
         "  release: tiny\n"
+        # Each container gets its own name as hostname, also after a rename (a spare).
+        "templates:\n"
+        "  /etc/hostname:\n"
+        "    when: [create, copy, rename]\n"
+        "    template: hostname.tpl\n"
     ).encode()
 
 
@@ -219,6 +230,8 @@ def build_tarball(dest: Path) -> Path:
     tmp = dest.with_suffix(".part")
     with tarfile.open(tmp, "w") as tar:
         _add(tar, "metadata.yaml", _metadata(), 0o644)
+        _add_dir(tar, "templates", 0o755, 0)
+        _add(tar, "templates/hostname.tpl", b"{{ container.name }}\n", 0o644)
         _add_dir(tar, "rootfs", 0o755, 0)
         for e in _entries():
             name = f"rootfs/{e.path}"

@@ -11,15 +11,17 @@ import fcntl
 import ipaddress
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
+from coi.backend.models import Network
 from coi.config.loader import Config
 from coi.errors import Conflict, SessionError
 from coi.network import resources
+from coi.network.address import CONFIGURE, Address, dhcp_pool
 from coi.network.hostnet import free_subnet, host_addresses, host_networks
 from coi.network.policy import Policy, Target, acl_egress_rules, build_policy, dnsmasq_config
 
@@ -150,14 +152,19 @@ def ensure_network(
                 )
             else:
                 client.networks.update_acl(name, egress=rules, ingress=[], config=_marks(policy))
-            config = {"ipv4.address": subnet, "ipv4.nat": "true", **_enforced_config(policy)}
+            config = {
+                "ipv4.address": subnet,
+                "ipv4.nat": "true",
+                **dhcp_pool(subnet),
+                **_enforced_config(policy),
+            }
             try:
                 client.networks.create(name, config=config, description=f"coi {policy.mode}")
             except Conflict:
                 pass  # another coi made it a moment ago (another user, no shared lock)
             log(f"Created network {name} ({policy.mode}, {subnet})")
         else:
-            _refresh(client, policy, net.config, log)
+            _refresh(client, policy, net, log)
     log(_describe(policy, name))
     return name
 
@@ -180,8 +187,9 @@ def _marks(policy: Policy) -> dict[str, str]:
     return {**resources.managed_config(), "user.coi.mode": policy.mode}
 
 
-def _refresh(client: IncusClient, policy: Policy, config: Mapping[str, str], log: Log) -> None:
+def _refresh(client: IncusClient, policy: Policy, net: Network, log: Log) -> None:
     """Bring an existing policy network up to date (allowlist addresses move)."""
+    config = net.config
     subnet = str(ipaddress.IPv4Interface(config["ipv4.address"]).network)
     rules = acl_egress_rules(policy, subnet)
     acl = client.networks.acl(policy.name)
@@ -195,8 +203,11 @@ def _refresh(client: IncusClient, policy: Policy, config: Mapping[str, str], log
         log(f"Updated the rules of {policy.name}")
     want = {**_enforced_config(policy), "raw.dnsmasq": dnsmasq_config(policy)}
     drift = {k: v for k, v in want.items() if config.get(k, "") != v}
+    if not config.get("ipv4.dhcp.ranges"):
+        # Bridges made before coi reserved sandbox addresses: DHCP keeps the lower half.
+        drift.update(dhcp_pool(config["ipv4.address"]))
     if drift:
-        client.networks.patch(policy.name, drift)
+        client.networks.patch(policy.name, drift, description=net.description)
         log(f"Restored the policy settings of {policy.name}: {', '.join(sorted(drift))}")
 
 
@@ -220,15 +231,20 @@ def gateway_of(client: IncusClient, network: str) -> str:
 
 # -- proof of enforcement -----------------------------------------------------------------
 
-# Up to 10 s for DHCP to give the sandbox its address and default route.
+# Up to 10 s for DHCP to give the sandbox its default route; none where coi set the
+# address itself (`address.CONFIGURE`, which comes first). Fresh containers pay for every
+# program they start (their files are not yet in the page cache): shell built-ins where we can.
 WAIT_ROUTE = r"""
-i=0; while [ $i -lt 500 ] && ! ip route 2>/dev/null | grep -q '^default'; do
-  sleep 0.02; i=$((i+1)); done
+if [ -z "${ADDR:-}" ]; then
+  i=0; while [ $i -lt 500 ] && ! ip route 2>/dev/null | grep -q '^default'; do
+    sleep 0.02; i=$((i+1)); done
+fi
 """
 
 # POSIX sh for busybox and Debian alike: a TCP connect with whatever the image has.
 _PROBE = (
-    WAIT_ROUTE
+    CONFIGURE
+    + WAIT_ROUTE
     + r"""
 tcp() {
   if command -v nc >/dev/null 2>&1; then
@@ -236,48 +252,34 @@ tcp() {
   fi
   timeout 3 bash -c "exec 3<>/dev/tcp/$1/$2" >/dev/null 2>&1
 }
+# The forbidden connect goes first, in the background: the host listener counts what arrives
+# (whatever the container says), and a refused connect would take a second to fail (TCP
+# retries after an ICMP reject), so it is not waited for. The control connect to the bridge's
+# DNS proves the path works; a SYN needs far less than the 0.1 s after it to cross the bridge.
+# A subshell, not a redirected function call: dash keeps copies of the redirected fds in a
+# function's children, and the daemon's exec would then wait for the output pipe to close.
+( tcp "$GW" "$PORT" ) </dev/null >/dev/null 2>&1 &
 tcp "$GW" 53 || { echo control-failed; exit 3; }
-# The refused connect would take a second to fail (TCP retries after an ICMP reject), so do
-# not wait for it: the host listener counts what arrives, and a SYN needs far less than
-# 0.1 s to cross the bridge once the control connection above got through.
-F=/tmp/.coi-probe-$$; rm -f "$F"
-( tcp "$GW" "$PORT" && echo reached >"$F" ) </dev/null >/dev/null 2>&1 &
 sleep 0.1
-cat "$F" 2>/dev/null; rm -f "$F"
 echo blocked
 """
 )
 
 
 class _Listener:
-    """A TCP listener on the bridge's own address: the forbidden probe target. It counts the
-    connections that arrive, so a broken policy is caught even if the container lies."""
+    """A TCP listener on the bridge's own address: the forbidden probe target. The kernel
+    completes any handshake that gets through and queues it, so counting the queue after the
+    probe catches a broken policy even if the container lies (no thread needed)."""
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind((address, 0))
-        self.sock.listen(4)
-        self.sock.settimeout(0.05)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
         self.hits = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.hits += 1
-            conn.close()
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        # Count what is still queued: a connection the thread had no time to accept.
-        self.sock.setblocking(False)
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -288,29 +290,30 @@ class _Listener:
         self.sock.close()
 
 
-def wait_for_network(client: IncusClient, container: str) -> None:
+def wait_for_network(client: IncusClient, container: str, address: Address | None) -> None:
     """Return once the sandbox has a default route (commands expect a network at start)."""
-    client.exec.quiet(container, ExecRequest(["sh", "-c", WAIT_ROUTE]))
+    env = address.env() if address else {}
+    client.exec.quiet(container, ExecRequest(["sh", "-c", CONFIGURE + WAIT_ROUTE], env=env))
 
 
-def prove_enforced(client: IncusClient, container: str, network: str, log: Log) -> str:
+def prove_enforced(
+    client: IncusClient, container: str, network: str, log: Log, address: Address | None = None
+) -> str:
     """From inside the sandbox: the bridge's DNS answers, a listener on the host does not.
     Returns the bridge's address (the gateway it probed).
 
     Nothing leaves the machine: both targets are the bridge's own address.
     :raises SessionError: the policy is not in force (the agent must not start).
     """
-    gw = gateway_of(client, network)
+    gw = address.gateway if address else gateway_of(client, network)
     listener = _Listener(gw)
+    env = {**(address.env() if address else {}), "GW": gw, "PORT": str(listener.port)}
     try:
-        res = client.exec.capture(
-            container,
-            ExecRequest(["sh", "-c", _PROBE], env={"GW": gw, "PORT": str(listener.port)}),
-        )
+        res = client.exec.capture(container, ExecRequest(["sh", "-c", _PROBE], env=env))
     finally:
         listener.close()
     out = res.stdout.decode(errors="replace").strip()
-    if listener.hits or "reached" in out:
+    if listener.hits:
         raise SessionError(
             "network policy is NOT in force: the sandbox reached a blocked address",
             details=f"probe to {gw}:{listener.port} from {container} got through",

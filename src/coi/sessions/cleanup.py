@@ -99,7 +99,7 @@ def execute(client: IncusClient, plan: CleanPlan, log: Callable[[str], None]) ->
             continue
         settle(c.name, removed=True, log=log)
     for t in plan.templates:
-        log(f"Deleting template {t}...")
+        log(f"Deleting {t}...")
         try:
             client.instances.delete(t, force=True)
             done += 1

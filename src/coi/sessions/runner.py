@@ -178,6 +178,7 @@ def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
                     settle_when_gone(box.name, op, project=spec.project, remote=spec.remote)
                 else:
                     box.settle_protection(removed=True)
+        box.replenish()
         box.release()
     finally:
         signal.signal(signal.SIGINT, old)
@@ -488,6 +489,7 @@ class ShellSession:
                 self._save_metadata()
                 self._finish_container(log)
                 self.box.settle_protection(removed=not self.box.exists())
+            self.box.replenish()
             self.box.release()
         finally:
             signal.signal(signal.SIGINT, old)

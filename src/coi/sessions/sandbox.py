@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING
 
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
+from coi.backend.models import Network
 from coi.config.loader import Config
 from coi.config.paths import coi_home
-from coi.errors import BackendError, NotFound, SessionError
+from coi.errors import BackendError, ConfigError, NotFound, SessionError
 from coi.limits import Limits
 from coi.limits.watchdog import DEADLINE_KEY
 from coi.limits.watchdog import spawn as spawn_watchdog
+from coi.network import address
+from coi.network.address import Address
 from coi.network.manager import ensure_network, gateway_of, prove_enforced, wait_for_network
 from coi.network.policy import Policy
 from coi.protection import paths as protected
@@ -88,8 +91,10 @@ class SandboxSpec:
     verify_interval: float = 5.0
     # The security monitor's settings (None or not enabled: no monitor).
     monitor: MonitorSettings | None = None
-    # Start from a pre-shifted copy of the image (see sessions/template.py).
+    # Start from a pre-shifted copy of the image, and keep this many spare copies ready
+    # (see sessions/template.py).
     templates: bool = True
+    spares: int = 2
 
     @property
     def home(self) -> str:
@@ -157,8 +162,10 @@ def instance_config(spec: SandboxSpec) -> dict[str, str]:
     return config
 
 
-def _nic(spec: SandboxSpec) -> dict[str, str]:
+def _nic(spec: SandboxSpec, addr: Address | None) -> dict[str, str]:
     nic = {"type": "nic", "network": spec.network, "name": "eth0"}
+    if addr is not None:
+        nic["ipv4.address"] = addr.ip
     if spec.policy is not None and spec.policy.mode != "open":
         # Sandboxes sharing a policy bridge cannot talk to each other even where the host
         # does not pass bridged traffic through the firewall (no br_netfilter).
@@ -166,10 +173,10 @@ def _nic(spec: SandboxSpec) -> dict[str, str]:
     return nic
 
 
-def instance_devices(spec: SandboxSpec) -> dict[str, dict[str, str]]:
+def instance_devices(spec: SandboxSpec, addr: Address | None = None) -> dict[str, dict[str, str]]:
     devices: dict[str, dict[str, str]] = {
         "root": {"type": "disk", "path": "/", "pool": spec.pool, **spec.limits.root_disk},
-        "eth0": _nic(spec),
+        "eth0": _nic(spec, addr),
         "workspace": {"type": "disk", "source": str(spec.workspace), "path": spec.workspace_target},
     }
     if spec.protection is not None:
@@ -195,6 +202,10 @@ class Sandbox:
         self.guard: Guard | None = None
         self.deadline = 0.0
         self.fingerprint = ""
+        # The sandbox's reserved address (None: it gets one by DHCP).
+        self.address: Address | None = None
+        # The template it was made from (None: from the image, or reused).
+        self.template: str | None = None
         self._claims = SlotClaims(coi_home() / "locks")
         self._ws_hash = naming.workspace_hash(str(spec.workspace))
 
@@ -250,6 +261,8 @@ class Sandbox:
             pass
         if inst is not None:
             if self.spec.persistent or inst.config.get("user.coi.persistent") == "true":
+                nic = inst.expanded_devices.get("eth0") or {}
+                self.address = address.of_nic(self.client.networks.get(nic.get("network", "")), nic)
                 self._protect()
                 self._refresh_limits(inst.expanded_devices, running=inst.running)
                 if inst.status == "Frozen":
@@ -269,29 +282,81 @@ class Sandbox:
         self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
         config = instance_config(self.spec)
-        self.client.instances.create(
-            self.name,
-            image=self.spec.image,
-            source=self._template_source(config),
-            config=config,
-            devices=instance_devices(self.spec),
-            # A `coi run` sandbox is ephemeral: stopping it is enough to leave nothing behind.
-            # A shell's is not, so that the conversation can still be saved when the agent
-            # powers the container off (upstream's choice too); `coi clean` removes it later.
-            ephemeral=not self.spec.persistent and self.spec.kind == "run",
-            start=True,
-            description=f"coi session for {self.spec.workspace}",
-        )
+        self.template = self._template(config)
+        net = self.client.networks.get(self.spec.network)
+        if not (self.template and self._from_spare(self.template, config, net)):
+            source = {"type": "copy", "source": self.template} if self.template else None
+            self._with_address(
+                net,
+                lambda devices: self.client.instances.create(
+                    self.name,
+                    image=self.spec.image,
+                    source=source,
+                    config=config,
+                    devices=devices,
+                    ephemeral=self._ephemeral(),
+                    start=True,
+                    description=self._description(),
+                ),
+            )
         self.created = True
-        self.wait_ready()
-        self.verify_network()
+        try:
+            # A started container takes exec at once; no separate readiness round trip.
+            self.verify_network()
+        except BackendError:
+            self.wait_ready()
+            self.verify_network()
         self._start_clock()
 
-    def _template_source(self, config: Mapping[str, str]) -> dict[str, str] | None:
-        """Copy a pre-shifted template instead of unpacking the image (None: from the image)."""
+    def _ephemeral(self) -> bool:
+        # A `coi run` sandbox is ephemeral: stopping it is enough to leave nothing behind. A
+        # shell's is not, so that the conversation can still be saved when the agent powers
+        # the container off (upstream's choice too); `coi clean` removes it later.
+        return not self.spec.persistent and self.spec.kind == "run"
+
+    def _description(self) -> str:
+        return f"coi session for {self.spec.workspace}"
+
+    def _with_address(
+        self, net: Network | None, make: Callable[[dict[str, dict[str, str]]], object]
+    ) -> None:
+        """`make` creates and starts the sandbox (or readies a spare and starts it), given its
+        devices, the NIC holding a reserved address. The daemon checks that address when the
+        container starts: if a sandbox made at the same moment holds it, move to another."""
+        self.address = address.choose(net) if net is not None else None
+        try:
+            make(instance_devices(self.spec, self.address))
+            return
+        except BackendError as err:
+            if self.address is None or not address.is_taken(err):
+                raise
+            failure = err
+        taken = {self.address.ip}
+        while net is not None and len(taken) < 16:
+            self.address = address.choose(net, avoid=taken)
+            if self.address is None:
+                break
+            taken.add(self.address.ip)
+            try:
+                if self.client.instances.exists(self.name):  # made, its start refused
+                    self.client.instances.add_device(
+                        self.name, "eth0", _nic(self.spec, self.address)
+                    )
+                    self.client.instances.start(self.name)
+                else:
+                    make(instance_devices(self.spec, self.address))
+                return
+            except BackendError as err:
+                if not address.is_taken(err):
+                    raise
+                failure = err
+        raise failure
+
+    def _template(self, config: Mapping[str, str]) -> str | None:
+        """The pre-shifted template to copy instead of unpacking the image (None: none)."""
         if not self.spec.templates or not self.fingerprint:
             return None
-        name = template.ready(
+        return template.ready(
             self.client,
             self.fingerprint,
             config,
@@ -299,7 +364,39 @@ class Sandbox:
             lock_dir=coi_home() / "locks",
             log=self.log,
         )
-        return {"type": "copy", "source": name} if name else None
+
+    def _from_spare(self, tmpl: str, config: Mapping[str, str], net: Network | None) -> bool:
+        """Take a spare copy of the template: rename, configure, start. False: none ready."""
+        if self.spec.spares <= 0 or not template.claim(self.client, tmpl, self.name):
+            return False
+        self.log("Taking a ready spare copy of the image")
+        try:
+            self._with_address(
+                net,
+                lambda devices: self.client.instances.patch(
+                    self.name,
+                    {
+                        "config": {**dict.fromkeys(template.TEMPLATE_KEYS, ""), **config},
+                        "devices": devices,
+                        "ephemeral": self._ephemeral(),
+                        "description": self._description(),
+                    },
+                ),
+            )
+            self.client.instances.start(self.name)
+        except BackendError:
+            # Leave nothing half-made behind; the error itself comes again from a plain copy.
+            self.client.instances.delete(self.name, force=True)
+            return False
+        return True
+
+    def replenish(self) -> None:
+        """Start the copies that replace spares used up (not waited for)."""
+        if self.template and self.spec.spares > 0:
+            try:
+                template.replenish(self.client, self.template, self.spec.spares)
+            except BackendError as err:
+                self.log(f"Warning: could not prepare a spare sandbox: {err}")
 
     # -- protection and limits ------------------------------------------------------------
 
@@ -380,12 +477,12 @@ class Sandbox:
         network = self.spec.network
         gateway = ""
         if policy is None or policy.mode == "open":
-            wait_for_network(self.client, self.name)
+            wait_for_network(self.client, self.name, self.address)
         else:
             # A reused container keeps the bridge it was made with.
             inst = self.client.instances.get(self.name)
             network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
-            gateway = prove_enforced(self.client, self.name, network, self.log)
+            gateway = prove_enforced(self.client, self.name, network, self.log, self.address)
         mon = self.spec.monitor
         if mon is not None and mon.enabled:
             from coi.monitor.monitor import net_context
@@ -488,4 +585,16 @@ def build_spec(
         remote=cfg.get_str("incus.remote") or None,
         verify_interval=float(cfg.get_int("security.verify_interval_seconds")),
         templates=cfg.get_bool("incus.templates"),
+        spares=_spares(cfg),
     )
+
+
+def _spares(cfg: Config) -> int:
+    n = cfg.get_int("incus.spares")
+    if not 0 <= n <= 64:
+        raise ConfigError(
+            f"incus.spares must be between 0 and 64, got {n}",
+            details=f"set in {cfg.origins.get('incus.spares', 'the defaults')}",
+            resolution="Use how many sessions you start at once (default 2); 0 turns it off.",
+        )
+    return n

@@ -1,9 +1,14 @@
-"""Pre-shifted templates: a stopped copy of an image whose files already carry the uid map.
+"""Pre-shifted templates and their spares: stopped containers a sandbox starts from.
 
 Without idmapped mounts (LXD 5.0 here), the first start of every container re-owns its whole
 root filesystem into the container's uid range: a second or more for the 2.9 GB `coi` image.
 A template is created and started once per (image, uid map); sandboxes are then copies of it
 (a btrfs/ZFS snapshot) that start without any re-owning.
+
+Even that copy costs the daemon 0.3-0.5 s (LXD walks the whole tree looking for nested
+subvolumes). So a few spares, copies made in the background after a session, wait for the
+next sandbox: it renames one, sets its config and starts it. Stopped spares cost no memory
+and, as snapshots, almost no disk.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +25,12 @@ from coi.backend.client import IncusClient
 from coi.errors import BackendError, NotFound
 
 PREFIX = "coitmpl-"  # not the session prefix: `coi list` and `coi clean` leave templates alone
+SPARE_PREFIX = "coispare-"
 KIND_KEY = "user.coi.kind"
 IMAGE_KEY = "user.coi.template.image"
+# Set once the first start (the re-owning) is over and the template is stopped again. Until
+# then another coi must not copy it: a copy taken mid-start fails or comes out half-shifted.
+READY_KEY = "user.coi.template.ready"
 # Config keys that decide how files are owned on disk: they must match the copy's.
 IDMAP_KEYS = ("raw.idmap", "security.privileged", "security.idmap.isolated", "security.idmap.base")
 
@@ -76,7 +86,7 @@ def _usable(client: IncusClient, name: str, *, repair: bool) -> bool:
         inst = client.instances.get(name)
     except NotFound:
         return False
-    if inst.status == "Stopped" and "volatile.last_state.idmap" in inst.config:
+    if inst.status == "Stopped" and inst.config.get(READY_KEY) == "true":
         return True
     if repair:
         client.instances.delete(name, force=True)
@@ -97,21 +107,98 @@ def _make(
         description="coi template: a pre-shifted copy of an image",
     )
     client.instances.stop(name, force=True)
+    _render_on_rename(client, name)
+    client.instances.set_config(name, {READY_KEY: "true"})
+
+
+def _render_on_rename(client: IncusClient, name: str) -> None:
+    """A spare becomes a sandbox by a rename: the image's file templates made at copy time
+    (/etc/hostname, /etc/hosts) must be made again then, or the sandbox keeps the spare's
+    name as its hostname. Images coi builds say so already; others get it here."""
+    meta = client.instances.metadata(name)
+    templates = meta.get("templates") or {}
+    changed = False
+    for entry in templates.values():
+        when = list(entry.get("when") or [])
+        if "copy" in when and "rename" not in when:
+            entry["when"] = [*when, "rename"]
+            changed = True
+    if changed:
+        client.instances.set_metadata(name, meta)
 
 
 def _drop_stale(client: IncusClient, keep: str, config: Mapping[str, str]) -> None:
-    """Templates of older images for the same uid map (the image was rebuilt)."""
+    """Templates of older images for the same uid map (the image was rebuilt), and their
+    spares."""
     suffix = keep.rsplit("-", 1)[1]
     for other in client.instances.names():
         if other.startswith(PREFIX) and other != keep and other.endswith(f"-{suffix}"):
             client.instances.delete(other, force=True)
+        elif other.startswith(SPARE_PREFIX) and not other.startswith(_spare_prefix(keep)):
+            parts = other.removeprefix(SPARE_PREFIX).split("-")
+            if len(parts) == 3 and parts[1] == suffix:
+                client.instances.delete(other, force=True)
 
 
-def stale(client: IncusClient) -> list[str]:
-    """Templates whose image is gone or no longer the target of any alias (for `coi clean`)."""
+def stale(client: IncusClient, *, keep_spares: bool = True) -> list[str]:
+    """For `coi clean`: templates and spares whose image is gone or no longer the target of
+    any alias, and every spare when spares are turned off."""
     current = {fp for img in client.images.list() for fp in [img.fingerprint] if img.aliases}
     out = []
     for inst in client.instances.list():
-        if inst.name.startswith(PREFIX) and inst.config.get(IMAGE_KEY) not in current:
+        spare = inst.name.startswith(SPARE_PREFIX)
+        if not (spare or inst.name.startswith(PREFIX)):
+            continue
+        if inst.config.get(IMAGE_KEY) not in current or (spare and not keep_spares):
             out.append(inst.name)
     return out
+
+
+# -- spares ---------------------------------------------------------------------------------
+
+# Keys a spare carries from its template that a sandbox must not keep.
+TEMPLATE_KEYS = (KIND_KEY, IMAGE_KEY, READY_KEY)
+
+
+def _spare_prefix(tmpl: str) -> str:
+    return SPARE_PREFIX + tmpl.removeprefix(PREFIX) + "-"
+
+
+def claim(client: IncusClient, tmpl: str, name: str) -> bool:
+    """Rename a ready spare of `tmpl` to `name`; False when there is none to have."""
+    prefix = _spare_prefix(tmpl)
+    spares = sorted(n for n in client.instances.names() if n.startswith(prefix))
+    if not spares:
+        return False
+    busy = client.instances.busy()  # still being copied
+    for spare in spares:
+        if spare in busy:
+            continue
+        try:
+            client.instances.rename(spare, name)
+            return True
+        except BackendError:
+            continue  # another coi took it a moment ago
+    return False
+
+
+def replenish(client: IncusClient, tmpl: str, want: int) -> int:
+    """Start copies of `tmpl` (not waited for) until `want` spares exist; how many started."""
+    if want <= 0:
+        return 0
+    prefix = _spare_prefix(tmpl)
+    have = sum(1 for n in client.instances.names() if n.startswith(prefix))
+    started = 0
+    for _ in range(want - have):
+        try:
+            client.instances.create(
+                prefix + secrets.token_hex(3),
+                image="",
+                source={"type": "copy", "source": tmpl, "instance_only": True},
+                description="coi spare: a ready-to-start copy of a template",
+                wait=False,
+            )
+        except BackendError:
+            break  # the template went away (coi build, coi clean): nothing to copy
+        started += 1
+    return started

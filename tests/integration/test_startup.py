@@ -1,0 +1,332 @@
+"""What makes a sandbox start fast, on the real daemon: reserved addresses set at once,
+spare copies of the template, and the set-up that prepares both."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from tests.conftest import run_coi
+from tests.integration.conftest import coi_names, wait_for
+
+from coi.backend import ExecRequest, IncusClient
+from coi.host import provision
+from coi.images import tiny
+from coi.network import address
+from coi.network.hostnet import host_networks
+from coi.sessions import template
+from coi.sessions.sandbox import Sandbox, SandboxSpec
+
+# -- reserved addresses ---------------------------------------------------------------------
+
+
+def _eth0(client: IncusClient, name: str) -> tuple[str, str]:
+    """The address the NIC reserves, and the one the container has on eth0."""
+    nic = client.instances.get(name).expanded_devices["eth0"]
+    res = client.exec.capture(name, ExecRequest(["ip", "-4", "addr", "show", "dev", "eth0"]))
+    found = re.search(r"inet (\S+)/", res.stdout.decode())
+    return nic.get("ipv4.address", ""), found.group(1) if found else ""
+
+
+def test_sandboxes_made_at_once_get_distinct_reserved_addresses_outside_the_dhcp_pool(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**coi_env, "COI_IMAGE": "coi-tiny"}
+
+    def shell(slot: int) -> subprocess.CompletedProcess[str]:
+        return run_coi(
+            "shell", "--background", "--debug", "--slot", str(slot), "-w", str(tmp_path), env=env
+        )
+
+    with ThreadPoolExecutor(3) as pool:
+        res = list(pool.map(shell, (1, 2, 3)))
+    assert all(r.returncode == 0 for r in res), [r.stderr for r in res]
+    names = coi_names(client, tmp_path)
+    assert len(names) == 3
+    try:
+        nics = [_eth0(client, n) for n in names]
+        bridge = client.instances.get(names[0]).expanded_devices["eth0"]["network"]
+        net = client.networks.get(bridge)
+        assert net is not None
+        free = set(address.candidates(net))
+        for reserved, actual in nics:
+            # The container has the address the daemon reserved for it, from coi's half.
+            assert reserved == actual and reserved in free
+        assert len({a for a, _ in nics}) == 3
+        lo, hi = net.config["ipv4.dhcp.ranges"].split("-")
+        dhcp = range(int(ipaddress.IPv4Address(lo)), int(ipaddress.IPv4Address(hi)) + 1)
+        assert not [a for a, _ in nics if int(ipaddress.IPv4Address(a)) in dhcp]
+    finally:
+        run_coi("kill", "--all", "--force", env=env)
+
+
+def test_an_address_another_nic_holds_is_given_up_for_another(
+    client: IncusClient,
+    bridge: str,
+    pool: str,
+    unique: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two sandboxes made at the same moment can pick the same address: the daemon refuses
+    the second, and coi picks again instead of failing."""
+    net = client.networks.get(bridge)
+    assert net is not None and address.candidates(net), "coi setup gives coibr0 a DHCP pool"
+    held = address.candidates(net)[-1]
+    client.instances.create(
+        unique,
+        image="coi-tiny",
+        devices={
+            "root": {"type": "disk", "path": "/", "pool": pool},
+            "eth0": {"type": "nic", "network": bridge, "name": "eth0", "ipv4.address": held},
+        },
+    )
+    picks = iter([held])
+    real = address.random.choice
+    monkeypatch.setattr(address.random, "choice", lambda seq: next(picks, None) or real(seq))
+    monkeypatch.setenv("COI_HOME", str(tmp_path / "home"))
+    spec = SandboxSpec(
+        workspace=tmp_path, image="coi-tiny", persistent=False, kind="run",
+        pool=pool, network=bridge, templates=False,
+    )  # fmt: skip
+    box = Sandbox(client, spec, log=lambda _m: None)
+    try:
+        box.ensure_image()
+        box.choose_slot(None)
+        box.create_or_reuse()
+        assert box.address is not None and box.address.ip != held
+        assert _eth0(client, box.name) == (box.address.ip, box.address.ip)
+    finally:
+        client.instances.delete(unique, force=True)
+        if box.name:
+            client.instances.delete(box.name, force=True)
+        box.release()
+
+
+# -- spares ---------------------------------------------------------------------------------
+
+
+def _spares(client: IncusClient) -> list[str]:
+    return [n for n in client.instances.names() if n.startswith(template.SPARE_PREFIX)]
+
+
+def _ready(client: IncusClient) -> list[str]:
+    busy = client.instances.busy()
+    return [n for n in _spares(client) if n not in busy]
+
+
+@pytest.fixture
+def no_spares(client: IncusClient) -> Iterator[None]:
+    """Tests that count spares start and end without any."""
+    for n in _spares(client):
+        client.instances.delete(n, force=True)
+    yield
+    for n in _spares(client):
+        client.instances.delete(n, force=True)
+
+
+def test_a_sandbox_takes_a_ready_spare_and_a_new_one_is_made_after(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path, no_spares: None
+) -> None:
+    env = {**coi_env, "COI_IMAGE": "coi-tiny", "COI_SPARES": "1"}
+    first = run_coi("run", "-w", str(tmp_path), "--", "true", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "ready spare" not in first.stderr
+    wait_for(lambda: len(_ready(client)) == 1, "one ready spare after the first run")
+    (spare,) = _spares(client)
+    listing = run_coi("list", "--format", "json", env=env)
+    assert spare not in listing.stdout  # spares are not sessions
+
+    second = run_coi("run", "-w", str(tmp_path), "--", "true", env=env)
+    assert second.returncode == 0, second.stderr
+    assert "ready spare" in second.stderr
+    # The spare became the session's container (renamed), and a new spare replaces it.
+    wait_for(lambda: len(_ready(client)) == 1, "the spare to be replaced")
+    assert spare not in client.instances.names()
+
+    # A spare is configured like any sandbox: workspace, protection, network proof.
+    (tmp_path / "f").write_text("from the host")
+    tmp_path.chmod(0o755)  # root's folder: the agent (uid 1000 inside) may read, not write
+    third = run_coi("run", "-w", str(tmp_path), "--", "cat", "/workspace/f", env=env)
+    assert third.returncode == 0 and third.stdout == "from the host", third.stderr
+    assert "Network policy verified" in third.stderr and "ready spare" in third.stderr
+
+    # Turned off: no new spares, and `coi clean` removes the ones left.
+    off = {**env, "COI_SPARES": "0"}
+    wait_for(lambda: len(_ready(client)) == 1, "the spare after the third run")
+    assert run_coi("run", "-w", str(tmp_path), "--", "true", env=off).returncode == 0
+    assert len(_spares(client)) == 1
+    res = run_coi("clean", "--force", env=off)
+    assert res.returncode == 0 and "Deleting coispare-" in res.stdout, res.stdout
+    assert _spares(client) == []
+    wait_for(lambda: not coi_names(client, tmp_path), "the sandboxes to go")
+
+
+def test_a_sandbox_made_from_a_spare_has_its_own_name_as_hostname(
+    client: IncusClient, coi_env: dict[str, str], unique: str, tmp_path: Path, pool: str,
+    no_spares: None,
+) -> None:  # fmt: skip
+    """An image whose hostname template runs only at create and copy, as most images'
+    do: coi makes the template run at rename too, or a sandbox would carry the spare's name."""
+    client.instances.create(
+        unique, image="coi-tiny", devices={"root": {"type": "disk", "path": "/", "pool": pool}}
+    )
+    meta = client.instances.metadata(unique)
+    meta["templates"]["/etc/hostname"]["when"] = ["create", "copy"]
+    client.instances.set_metadata(unique, meta)
+    alias = f"{unique}-img"
+    fp = client.images.publish(instance=unique, aliases=(alias,))
+    client.instances.delete(unique, force=True)
+    env = {**coi_env, "COI_IMAGE": alias, "COI_SPARES": "1"}
+    try:
+        assert run_coi("run", "-w", str(tmp_path), "--", "true", env=env).returncode == 0
+        wait_for(lambda: len(_ready(client)) == 1, "a ready spare")
+        res = run_coi("run", "-w", str(tmp_path), "--", "hostname", env=env)
+        assert res.returncode == 0 and "ready spare" in res.stderr, res.stderr
+        name = re.search(r"Launching container (\S+) ", res.stderr)
+        assert name and res.stdout.strip() == name.group(1), res.stdout
+    finally:
+        for n in client.instances.names():
+            if fp[:12] in n:
+                client.instances.delete(n, force=True)
+        client.images.delete(fp)
+
+
+def test_a_spare_still_being_copied_is_never_taken(
+    client: IncusClient, coi_image: str, unique: str, pool: str, no_spares: None
+) -> None:
+    """Renaming a container the daemon is still copying breaks the copy (LXD 5.0 lets it):
+    coi only takes spares no operation is working on."""
+    fp = client.images.alias_target("coi")
+    assert fp
+    tmpl = template.ready(
+        client, fp, {}, pool=pool, lock_dir=Path("/tmp") / unique, log=lambda _m: None
+    )
+    assert tmpl
+    try:
+        # The `coi` image's copy takes the daemon about half a second: long enough to look.
+        assert template.replenish(client, tmpl, 1) == 1
+        (spare,) = _spares(client)
+        assert spare in client.instances.busy()
+        assert not template.claim(client, tmpl, unique)
+        assert client.instances.exists(spare) and not client.instances.exists(unique)
+        wait_for(lambda: spare not in client.instances.busy(), "the copy to finish")
+        assert template.replenish(client, tmpl, 1) == 0  # already enough
+        assert template.claim(client, tmpl, unique)
+        client.instances.start(unique)
+        res = client.exec.capture(unique, ExecRequest(["cat", "/etc/hostname"]))
+        assert res.stdout.decode().strip() == unique
+    finally:
+        for n in (unique, tmpl):
+            client.instances.delete(n, force=True)
+
+
+def test_a_new_template_drops_the_spares_of_the_old_one(
+    client: IncusClient, coi_env: dict[str, str], unique: str, tmp_path: Path, pool: str,
+    no_spares: None,
+) -> None:  # fmt: skip
+    # Two images of our own, so a rebuild can be played without touching coi-tiny.
+    client.instances.create(
+        unique, image="coi-tiny", devices={"root": {"type": "disk", "path": "/", "pool": pool}}
+    )
+    alias = f"{unique}-img"
+    fps = [client.images.publish(instance=unique, aliases=(alias,))]
+    env = {**coi_env, "COI_IMAGE": alias, "COI_SPARES": "1"}
+    try:
+        assert run_coi("run", "-w", str(tmp_path), "--", "true", env=env).returncode == 0
+        wait_for(lambda: len(_ready(client)) == 1, "a spare of the first image")
+        (old,) = _spares(client)
+        assert fps[0][:12] in old
+        fps.append(client.images.publish(instance=unique, aliases=(alias,)))  # "coi build"
+        assert fps[1] != fps[0]
+        res = run_coi("run", "-w", str(tmp_path), "--", "true", env=env)
+        assert res.returncode == 0 and "ready spare" not in res.stderr, res.stderr
+        assert not client.instances.exists(old)
+        wait_for(lambda: len(_ready(client)) == 1, "a spare of the new image")
+        assert fps[1][:12] in _spares(client)[0]
+    finally:
+        client.instances.delete(unique, force=True)
+        for n in [*_spares(client), *client.instances.names()]:
+            if any(fp[:12] in n for fp in fps):
+                client.instances.delete(n, force=True)
+        for fp in fps:
+            client.images.delete(fp)
+
+
+def test_a_template_another_coi_is_still_making_is_never_copied(
+    client: IncusClient, unique: str, pool: str, tmp_path: Path
+) -> None:
+    """Until its first start (the re-owning) is over, a template looks like a stopped
+    container: without the ready mark coi must not copy it. Under the lock, nobody is
+    making it, so a half-made one (coi killed midway) is made again."""
+    fp = client.images.alias_target("coi-tiny")
+    assert fp
+    name = template.template_name(fp, {})
+    client.instances.create(
+        name,
+        image=fp,
+        config={template.KIND_KEY: "template", template.IMAGE_KEY: fp},
+        devices={"root": {"type": "disk", "path": "/", "pool": pool}},
+    )
+    half = client.instances.get(name)
+    assert half.status == "Stopped" and template.READY_KEY not in half.config
+    try:
+        got = template.ready(client, fp, {}, pool=pool, lock_dir=tmp_path, log=lambda _m: None)
+        assert got == name
+        made = client.instances.get(name)
+        assert made.config[template.READY_KEY] == "true"
+        assert made.config["volatile.uuid"] != half.config["volatile.uuid"]  # made anew
+    finally:
+        client.instances.delete(name, force=True)
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+
+def test_setup_gives_an_older_coi_bridge_its_dhcp_pool_and_keeps_its_description(
+    client: IncusClient,
+) -> None:
+    name = f"coi-t{secrets.token_hex(3)}"
+    subnet = ipaddress.IPv4Network("10.231.77.0/24")
+    # A bridge of the test's own, clear of the machine's networks and resolver.
+    assert not [n for n in host_networks() if n.overlaps(subnet)], host_networks()
+    client.networks.create(
+        name,
+        config={"ipv4.address": "10.231.77.1/24", "ipv4.nat": "false", "ipv6.address": "none"},
+        description=provision.BRIDGE_DESCRIPTION,
+    )
+    try:
+        report = provision.SetupReport()
+        provision.ensure_bridge(report, client, provision.SetupOptions(network=name))
+        assert report.steps[-1].changed, report.steps
+        net = client.networks.get(name)
+        assert net is not None
+        assert net.config["ipv4.dhcp.ranges"] == "10.231.77.2-10.231.77.127"
+        assert net.description == provision.BRIDGE_DESCRIPTION
+        again = provision.SetupReport()
+        provision.ensure_bridge(again, client, provision.SetupOptions(network=name))
+        assert not again.steps[-1].changed
+    finally:
+        client.networks.delete(name)
+
+
+def test_setup_rebuilds_a_tiny_image_of_an_older_version(client: IncusClient) -> None:
+    """The project's coi-tiny was imported without a version (as by an older coi)."""
+    old = client.images.by_alias(tiny.TINY_ALIAS)
+    assert old is not None and tiny.VERSION_PROPERTY not in old.properties
+    report = provision.SetupReport()
+    provision.ensure_tiny_image(report, client)
+    assert "rebuilt" in report.steps[-1].message
+    new = client.images.by_alias(tiny.TINY_ALIAS)
+    assert new is not None and new.fingerprint != old.fingerprint
+    assert new.properties[tiny.VERSION_PROPERTY] == tiny.TINY_VERSION
+    assert not client.images.exists_fingerprint(old.fingerprint)
+    report = provision.SetupReport()
+    provision.ensure_tiny_image(report, client)
+    assert not report.steps[-1].changed and "present" in report.steps[-1].message
