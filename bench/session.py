@@ -2,17 +2,21 @@
 
     sudo .venv/bin/python bench/session.py [--runs 5] [--image coi] [--parallel 10]
 
-Rows (median [min..max] of --runs):
-- `coi run -- true` on the image, the whole command (interpreter start included), against
-  two floors measured with direct REST calls from this (already started) process:
-  A. create from the image, start, exec `true`, delete: what a client does without coi's
-     pre-shifted template;
-  B. the work coi asks of the daemon: copy the pre-shifted template, start, exec `true`,
-     stop an ephemeral container without waiting.
-- `coi shell --background --debug` until tmux runs, against create+start+exec tmux.
+Rows (median [min..max] of --runs; before each timed run the machine is left to settle: no
+sandbox still going away, no spare still being copied):
+- `coi run -- true` on the image, the whole command (interpreter start included), with a
+  spare ready (the default) and with spares off (`COI_SPARES=0`), against floors measured
+  with direct REST calls from this (already started) process:
+  A. create from the image, start, exec `true`, delete: what a client does without coi;
+  B. copy the pre-shifted template, start, exec `true`, stop without waiting: the daemon
+     work coi asks for without a spare;
+  C. rename a ready copy, set its devices, start, exec `true`, stop without waiting: the
+     daemon work coi asks for with a spare.
+- `coi shell --background --debug` until tmux runs, against floor C plus tmux.
 - `coi --version`, `coi --help`, and `coi list` with 10 containers against `lxc list`.
-- --parallel sessions (`coi shell --background`) started at once: time until all are up, and
-  the memory each idle sandbox uses.
+- --parallel sessions (`coi shell --background`) started at once, with that many spares
+  ready and with spares off: time until all are up, against the daemon alone doing the same
+  (C or B, plus tmux), and the memory each idle sandbox uses.
 - saving and restoring a 50 MB tool state directory (the session save/restore path) against
   `lxc file pull -r` / `lxc file push -r`.
 """
@@ -41,9 +45,10 @@ NET = os.environ.get("COI_NETWORK", "coibr0")
 COI = [sys.executable, "-m", "coi"]
 
 
-def coi(*args: str, cwd: Path | None = None) -> None:
+def coi(*args: str, spares: int = 2) -> None:
+    env = {**os.environ, "COI_SPARES": str(spares)}
     subprocess.run(
-        [*COI, *args], check=True, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*COI, *args], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
 
 
@@ -51,10 +56,26 @@ def coi_names(c: IncusClient) -> list[str]:
     return [n for n in c.instances.names() if n.startswith("coi-")]
 
 
-def wait_gone(c: IncusClient, names: list[str]) -> None:
-    deadline = time.monotonic() + 30
-    while any(c.instances.exists(n) for n in names) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def spares(c: IncusClient) -> list[str]:
+    return [n for n in c.instances.names() if n.startswith(template.SPARE_PREFIX)]
+
+
+def settle(c: IncusClient, want_spares: int | None = None) -> None:
+    """Wait (bounded) until no sandbox is going away and no copy is under way."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        busy = c.instances.busy()
+        have = spares(c)
+        enough = want_spares is None or len([n for n in have if n not in busy]) >= want_spares
+        if not busy and not coi_names(c) and enough:
+            return
+        time.sleep(0.1)
+    raise SystemExit("the machine did not settle within 60 s")
+
+
+def drop_spares(c: IncusClient) -> None:
+    for n in spares(c):
+        c.instances.delete(n, force=True)
 
 
 def devices(ws: Path) -> dict[str, dict[str, str]]:
@@ -74,20 +95,42 @@ def floor_a(c: IncusClient, image: str, ws: Path) -> Callable[[], None]:
     return run
 
 
-def floor_b(c: IncusClient, tmpl: str, ws: Path) -> Callable[[], None]:
+def floor_b(c: IncusClient, tmpl: str, ws: Path, name: str = "bench-fb") -> Callable[[], None]:
     def run() -> None:
         c.instances.create(
-            "bench-fb",
+            name,
             image="",
             source={"type": "copy", "source": tmpl},
             devices=devices(ws),
             ephemeral=True,
             start=True,
         )
-        c.exec.run("bench-fb", ExecRequest(["true"]))
-        c.instances.stop("bench-fb", force=True, wait=False)
+        c.exec.run(name, ExecRequest(["true"]))
 
     return run
+
+
+def copies(c: IncusClient, tmpl: str, n: int) -> list[str]:
+    """n stopped copies of the template, made before the clock starts (floor C's spares)."""
+    names = [f"bench-cp{i}" for i in range(n)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda m: c.instances.create(
+            m, image="", source={"type": "copy", "source": tmpl}), names))  # fmt: skip
+    return names
+
+
+def floor_c(c: IncusClient, spare: str, ws: Path, name: str = "bench-fc") -> Callable[[], None]:
+    def run() -> None:
+        c.instances.rename(spare, name)
+        c.instances.patch(name, {"devices": devices(ws), "ephemeral": True})
+        c.instances.start(name)
+        c.exec.run(name, ExecRequest(["true"]))
+
+    return run
+
+
+def stop_async(c: IncusClient, name: str) -> None:
+    c.instances.stop(name, force=True, wait=False)
 
 
 def row(name: str, mine: list[float], floor: list[float] | None, note: str = "") -> str:
@@ -106,27 +149,45 @@ def main() -> None:
     c = IncusClient.connect()
     ws = Path(tempfile.mkdtemp(prefix="coi-bench-"))
     out: list[str] = []
+    run_true = ("run", "--image", a.image, "-w", str(ws), "--", "true")
     try:
         # Warm-up: makes the template (once per image and user) and the policy bridge.
-        coi("run", "--image", a.image, "-w", str(ws), "--", "true")
+        coi(*run_true)
         fp = c.images.alias_target(a.image) or a.image
         tmpl = template.template_name(fp, {})
         assert c.instances.exists(tmpl), f"no template {tmpl}"
-        runs: list[float] = []
+        with_spare: list[float] = []
+        no_spare: list[float] = []
         fa: list[float] = []
         fb: list[float] = []
+        fc: list[float] = []
         for _ in range(a.runs):
-            runs.append(timed(lambda: coi("run", "--image", a.image, "-w", str(ws), "--", "true")))
-            wait_gone(c, coi_names(c))
+            template.replenish(c, tmpl, 1)
+            settle(c, want_spares=1)
+            with_spare.append(timed(lambda: coi(*run_true)))
+            settle(c)
+            drop_spares(c)
+            no_spare.append(timed(lambda: coi(*run_true, spares=0)))
+            settle(c)
             fa.append(timed(floor_a(c, a.image, ws)))
             fb.append(timed(floor_b(c, tmpl, ws)))
-            wait_gone(c, ["bench-fb"])
-        out.append(row(f"`coi run -- true` ({a.image}) vs floor A", runs, fa, "(A)"))
-        out.append(row(f"`coi run -- true` ({a.image}) vs floor B", runs, fb, "(B)"))
+            stop_async(c, "bench-fb")
+            (spare,) = copies(c, tmpl, 1)
+            fc.append(timed(floor_c(c, spare, ws)))
+            stop_async(c, "bench-fc")
+            settle(c)
+        out.append(row(f"`coi run -- true` ({a.image}), spare ready, vs floor A", with_spare, fa,
+                       "(A)"))  # fmt: skip
+        out.append(row("the same vs floor C (the daemon's work with a spare)", with_spare, fc,
+                       "(C)"))  # fmt: skip
+        out.append(row(f"`coi run -- true` ({a.image}), spares off, vs floor B", no_spare, fb,
+                       "(B)"))  # fmt: skip
 
         shells: list[float] = []
         raw: list[float] = []
         for _ in range(a.runs):
+            template.replenish(c, tmpl, 1)
+            settle(c, want_spares=1)
             shells.append(
                 timed(
                     lambda: coi(
@@ -135,15 +196,16 @@ def main() -> None:
                 )
             )
             coi("kill", "--all", "--force")
+            settle(c)
+            (spare,) = copies(c, tmpl, 1)
 
-            def raw_shell() -> None:
-                c.instances.create("bench-sh", image="", source={"type": "copy", "source": tmpl},
-                                   devices=devices(ws), start=True)  # fmt: skip
+            def raw_shell(spare: str = spare) -> None:
+                floor_c(c, spare, ws, "bench-sh")()
                 c.exec.run("bench-sh", ExecRequest(["tmux", "new-session", "-d", "-s", "x"]))
 
             raw.append(timed(raw_shell))
             c.instances.delete("bench-sh", force=True)
-        out.append(row("`coi shell --background` until tmux runs", shells, raw, "(B)"))
+        out.append(row("`coi shell --background` until tmux runs", shells, raw, "(C + tmux)"))
 
         version = [timed(lambda: coi("--version")) for _ in range(a.runs)]
         helps = [timed(lambda: coi("--help")) for _ in range(a.runs)]
@@ -161,25 +223,7 @@ def main() -> None:
                 c.instances.delete(n, force=True)
         out.append(row(f"`coi list`, 10 containers vs `{Path(cli()).name} list`", lists, lxc))
 
-        def one_shell(_i: int) -> None:
-            coi("shell", "--background", "--debug", "--image", a.image, "-w", str(ws))
-
-        up = timed(lambda: list(ThreadPoolExecutor(a.parallel).map(one_shell, range(a.parallel))))
-        time.sleep(5)  # let them settle into idle
-        mems = [c.instances.state(n).memory_usage for n in coi_names(c)]
-        started = len(mems)
-        coi("kill", "--all", "--force")
-        floor = parallel_floor(c, tmpl, ws, a.parallel)
-        out.append(
-            f"| {a.parallel} `coi shell --background` at once, until all are up | "
-            f"{up:.1f} s ({started} up) | {floor:.1f} s (B, and the network up) | "
-            f"{up / floor:.2f} |"
-        )
-        out.append(
-            f"| memory per idle sandbox | {statistics.median(mems) / 2**20:.0f} MiB "
-            f"[{min(mems) / 2**20:.0f}..{max(mems) / 2**20:.0f}] | | |"
-        )
-
+        out += parallel_rows(c, a.image, tmpl, ws, a.parallel)
         out += state_rows(c, a.image, a.runs, tmpl, ws)
     finally:
         for n in coi_names(c):
@@ -192,23 +236,53 @@ def main() -> None:
     print("\n".join(out))
 
 
-def parallel_floor(c: IncusClient, tmpl: str, ws: Path, n: int) -> float:
-    """The daemon alone: n template copies started at once, until each has its network."""
+def parallel_rows(c: IncusClient, image: str, tmpl: str, ws: Path, n: int) -> list[str]:
+    """n sessions at once, with n spares ready and with none, against the daemon alone."""
 
-    def one(i: int) -> None:
-        name = f"bench-par{i}"
-        c.instances.create(
-            name, image="", source={"type": "copy", "source": tmpl}, devices=devices(ws), start=True
-        )
-        wait = "while ! ip route | grep -q ^default; do sleep 0.02; done"
-        c.exec.run(name, ExecRequest(["sh", "-c", wait]))
-        c.exec.run(name, ExecRequest(["tmux", "new-session", "-d", "-s", "x"]))
+    def shells(spares: int) -> float:
+        def one(_i: int) -> None:
+            coi("shell", "--background", "--debug", "--image", image, "-w", str(ws),
+                spares=spares)  # fmt: skip
 
-    try:
         return timed(lambda: list(ThreadPoolExecutor(n).map(one, range(n))))
-    finally:
-        for i in range(n):
-            c.instances.delete(f"bench-par{i}", force=True)
+
+    def floor(make: Callable[[int], Callable[[], None]]) -> float:
+        def one(i: int) -> None:
+            make(i)()
+            c.exec.run(f"bench-par{i}", ExecRequest(["tmux", "new-session", "-d", "-s", "x"]))
+
+        try:
+            return timed(lambda: list(ThreadPoolExecutor(n).map(one, range(n))))
+        finally:
+            for i in range(n):
+                c.instances.delete(f"bench-par{i}", force=True)
+
+    # Spares ready: the first batch leaves n spares behind (made after they are up).
+    settle(c)
+    template.replenish(c, tmpl, n)
+    settle(c, want_spares=n)
+    up_spares = shells(n)
+    time.sleep(5)  # let them settle into idle
+    mems = [c.instances.state(m).memory_usage for m in coi_names(c)]
+    started = len(mems)
+    coi("kill", "--all", "--force")
+    settle(c)
+    drop_spares(c)
+    up_copies = shells(0)
+    coi("kill", "--all", "--force")
+    settle(c)
+    ready = copies(c, tmpl, n)
+    floor_spares = floor(lambda i: floor_c(c, ready[i], ws, f"bench-par{i}"))
+    floor_copies = floor(lambda i: floor_b(c, tmpl, ws, f"bench-par{i}"))
+    return [
+        f"| {n} `coi shell --background` at once, {n} spares ready, until all are up | "
+        f"{up_spares:.1f} s ({started} up) | {floor_spares:.1f} s (C + tmux) | "
+        f"{up_spares / floor_spares:.2f} |",
+        f"| {n} at once, spares off | {up_copies:.1f} s | {floor_copies:.1f} s (B + tmux) | "
+        f"{up_copies / floor_copies:.2f} |",
+        f"| memory per idle sandbox | {statistics.median(mems) / 2**20:.0f} MiB "
+        f"[{min(mems) / 2**20:.0f}..{max(mems) / 2**20:.0f}] | | |",
+    ]
 
 
 def state_rows(c: IncusClient, image: str, runs: int, tmpl: str, ws: Path) -> list[str]:

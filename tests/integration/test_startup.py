@@ -3,10 +3,13 @@ spare copies of the template, and the set-up that prepares both."""
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import re
 import secrets
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +23,7 @@ from coi.host import provision
 from coi.images import tiny
 from coi.network import address
 from coi.network.hostnet import host_networks
-from coi.sessions import template
+from coi.sessions import naming, template
 from coi.sessions.sandbox import Sandbox, SandboxSpec
 
 # -- reserved addresses ---------------------------------------------------------------------
@@ -34,21 +37,22 @@ def _eth0(client: IncusClient, name: str) -> tuple[str, str]:
     return nic.get("ipv4.address", ""), found.group(1) if found else ""
 
 
-def test_sandboxes_made_at_once_get_distinct_reserved_addresses_outside_the_dhcp_pool(
+def test_sandboxes_made_at_once_get_distinct_slots_and_reserved_addresses(
     client: IncusClient, coi_env: dict[str, str], tmp_path: Path
 ) -> None:
+    """Six sessions on one workspace at once. Each is quick (spares), so some end while
+    others still wait for the slot lock: a slot list taken before the lock gave two of them
+    one container ("duplicate session")."""
     env = {**coi_env, "COI_IMAGE": "coi-tiny"}
 
-    def shell(slot: int) -> subprocess.CompletedProcess[str]:
-        return run_coi(
-            "shell", "--background", "--debug", "--slot", str(slot), "-w", str(tmp_path), env=env
-        )
+    def shell(_i: int) -> subprocess.CompletedProcess[str]:
+        return run_coi("shell", "--background", "--debug", "-w", str(tmp_path), env=env)
 
-    with ThreadPoolExecutor(3) as pool:
-        res = list(pool.map(shell, (1, 2, 3)))
-    assert all(r.returncode == 0 for r in res), [r.stderr for r in res]
+    with ThreadPoolExecutor(6) as pool:
+        res = list(pool.map(shell, range(6)))
+    assert all(r.returncode == 0 for r in res), [r.stderr for r in res if r.returncode]
     names = coi_names(client, tmp_path)
-    assert len(names) == 3
+    assert len(names) == 6, names
     try:
         nics = [_eth0(client, n) for n in names]
         bridge = client.instances.get(names[0]).expanded_devices["eth0"]["network"]
@@ -58,7 +62,7 @@ def test_sandboxes_made_at_once_get_distinct_reserved_addresses_outside_the_dhcp
         for reserved, actual in nics:
             # The container has the address the daemon reserved for it, from coi's half.
             assert reserved == actual and reserved in free
-        assert len({a for a, _ in nics}) == 3
+        assert len({a for a, _ in nics}) == 6
         lo, hi = net.config["ipv4.dhcp.ranges"].split("-")
         dhcp = range(int(ipaddress.IPv4Address(lo)), int(ipaddress.IPv4Address(hi)) + 1)
         assert not [a for a, _ in nics if int(ipaddress.IPv4Address(a)) in dhcp]
@@ -107,6 +111,34 @@ def test_an_address_another_nic_holds_is_given_up_for_another(
         if box.name:
             client.instances.delete(box.name, force=True)
         box.release()
+
+
+def test_a_slot_is_chosen_from_the_containers_that_exist_once_the_lock_is_held(
+    client: IncusClient, pool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """coi A waits for the slot lock while coi B claims slot 1, makes its container and
+    ends (its claim released): A must see B's container, not a list from before the wait."""
+    monkeypatch.setenv("COI_HOME", str(tmp_path / "home"))
+    spec = SandboxSpec(workspace=tmp_path, image="coi-tiny", persistent=False, pool=pool)
+    box = Sandbox(client, spec, log=lambda _m: None)
+    lock = tmp_path / "home" / "locks" / f"{naming.workspace_hash(str(tmp_path))}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    name = naming.container_name(str(tmp_path), 1)
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # B holds the lock
+        chooser = threading.Thread(target=box.choose_slot, args=(None,))
+        chooser.start()
+        time.sleep(0.5)  # A is waiting for the lock now
+        client.instances.create(
+            name, image="coi-tiny", devices={"root": {"type": "disk", "path": "/", "pool": pool}}
+        )
+        fcntl.flock(fh, fcntl.LOCK_UN)  # B is done
+    try:
+        chooser.join(timeout=30)
+        assert box.slot == 2 and box.name == naming.container_name(str(tmp_path), 2)
+    finally:
+        box.release()
+        client.instances.delete(name, force=True)
 
 
 # -- spares ---------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect, unix_connect
-
+# websockets (about 20 ms to import) is imported where a socket is opened or read: commands
+# that never exec (coi list, coi health, ...) do not pay for it.
 from coi.backend.models import JSON, ExecResult
 from coi.errors import BackendError, OperationFailed
 
 if TYPE_CHECKING:
+    from websockets.sync.client import ClientConnection
+
     from coi.backend.client import IncusClient
 
 OutputSink = Callable[[bytes], None]
@@ -80,6 +81,8 @@ class ExecSession:
         self._control_lock = threading.Lock()
 
     def control(self, command: str, args: Mapping[str, str], **extra: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         ws = self.sockets.get("control")
         if ws is None:
             return
@@ -110,6 +113,8 @@ class ExecSession:
 
 
 def _pump_out(ws: ClientConnection, sink: OutputSink) -> None:
+    from websockets.exceptions import ConnectionClosed
+
     try:
         for msg in ws:
             if msg == "":
@@ -124,6 +129,8 @@ def _pump_out(ws: ClientConnection, sink: OutputSink) -> None:
 
 
 def _feed_in(ws: ClientConnection, source: bytes | BinaryIO | Iterable[bytes] | None) -> None:
+    from websockets.exceptions import ConnectionClosed
+
     try:
         if isinstance(source, bytes):
             for i in range(0, len(source), _CHUNK):
@@ -179,6 +186,8 @@ class ExecAPI:
         self._c = client
 
     def _connect_ws(self, op_id: str, secret: str) -> ClientConnection:
+        from websockets.sync.client import connect, unix_connect
+
         path = f"/1.0/operations/{op_id}/websocket?secret={quote(secret)}"
         if self._c.project != "default":
             path += f"&project={quote(self._c.project)}"
@@ -345,6 +354,8 @@ class ExecAPI:
 
 
 def _pump_stdin(fd: int, ws: ClientConnection, reader: threading.Thread) -> None:
+    from websockets.exceptions import ConnectionClosed
+
     eof = False
     while reader.is_alive():
         if eof:

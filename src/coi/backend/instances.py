@@ -61,11 +61,13 @@ class InstancesAPI:
         return Instance.from_api(self._c.get(_path(name)))
 
     def busy(self) -> set[str]:
-        """Names of the instances a running operation is working on (being created, copied,
-        started, ...): renaming one of those mid-copy would break the copy."""
+        """Names of the instances a running task (create, copy, start, stop, ...; not an
+        exec) is working on: renaming one of those mid-copy would break the copy."""
         ops = self._c.get("/1.0/operations", recursion=1) or {}
         names: set[str] = set()
         for op in ops.get("running") or ():
+            if op.get("class") != "task":
+                continue
             for urls in (op.get("resources") or {}).values():
                 for url in urls or ():
                     path = str(url).split("?", 1)[0]

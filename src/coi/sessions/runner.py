@@ -248,6 +248,7 @@ class ShellSession:
         self.box = Sandbox(client, spec, log=self.log)
         self.session_id = new_session_id()
         self.resumed: Metadata | None = None
+        self._left_running = False  # a background session's tmux was started by this coi
 
     def run(self) -> int:
         ws = str(self.spec.workspace)
@@ -417,7 +418,9 @@ class ShellSession:
         if not self.req.tmux:
             return self.client.exec.interactive(name, self.box.request(cmd, self._env()))
         session = naming.tmux_session(name)
-        if self._tmux(["has-session", "-t", session]) != 0:
+        # A container made just now runs no tmux yet: no need to ask (an exec in a booting
+        # container costs up to 0.1 s).
+        if self.box.created or self._tmux(["has-session", "-t", session]) != 0:
             # Exported in the pane too: a tmux server that already runs (a reused persistent
             # container) would otherwise hand the tool its own, older environment.
             pane_env = {**self.spec.env, **self._env()}
@@ -448,6 +451,7 @@ class ShellSession:
             self._tmux(["send-keys", "-t", session, shlex.join(cmd), "Enter"])
             sys.stderr.write(f"Sent command to existing tmux session: {session}\n")
         if self.req.background:
+            self._left_running = True
             if self.spec.monitor is not None and self.spec.monitor.enabled:
                 sys.stderr.write(
                     "Note: the security monitor watches while coi is attached: "
@@ -529,8 +533,11 @@ class ShellSession:
                 log("Container was stopped but kept for reuse")
             return
         try:
-            tmux_alive = (
-                inst.running and self._tmux(["has-session", "-t", naming.tmux_session(name)]) == 0
+            # Started in the background a moment ago: its tmux runs (the pane falls back to a
+            # shell when the tool exits), no exec needed to know.
+            tmux_alive = inst.running and (
+                self._left_running
+                or self._tmux(["has-session", "-t", naming.tmux_session(name)]) == 0
             )
         except BackendError as err:
             # No exec possible (e.g. its process limit is exhausted): the session is over.

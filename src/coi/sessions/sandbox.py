@@ -213,15 +213,25 @@ class Sandbox:
 
     def choose_slot(self, slot: int | None) -> None:
         """Pick the container: the given slot (or the next free after it), else the first free."""
-        existing = set(self.client.instances.names())
         ws = str(self.spec.workspace)
+        existing: set[str] = set()
+        listed = False
 
         def taken(n: int) -> bool:
+            # Listed under the claim lock, at the first slot looked at: a list taken before
+            # it would miss the container of a coi that claimed a slot, made its container
+            # and ended (releasing the claim) while this one waited for the lock.
+            nonlocal listed
+            if not listed:
+                existing.update(self.client.instances.names())
+                listed = True
             return naming.container_name(ws, n) in existing
 
         if slot:
-            name = naming.container_name(ws, slot)
-            running = name in existing and self.client.instances.get(name).running
+            try:
+                running = self.client.instances.get(naming.container_name(ws, slot)).running
+            except NotFound:
+                running = False
             if running and not self.spec.persistent:
                 new = self._claims.allocate(self._ws_hash, taken, start=slot + 1)
                 self.log(f"Slot {slot} is occupied, using slot {new} instead")
@@ -394,7 +404,7 @@ class Sandbox:
         """Start the copies that replace spares used up (not waited for)."""
         if self.template and self.spec.spares > 0:
             try:
-                template.replenish(self.client, self.template, self.spec.spares)
+                template.replenish(self.client, self.template, self.spec.spares, own=self.name)
             except BackendError as err:
                 self.log(f"Warning: could not prepare a spare sandbox: {err}")
 

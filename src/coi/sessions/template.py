@@ -182,9 +182,14 @@ def claim(client: IncusClient, tmpl: str, name: str) -> bool:
     return False
 
 
-def replenish(client: IncusClient, tmpl: str, want: int) -> int:
-    """Start copies of `tmpl` (not waited for) until `want` spares exist; how many started."""
-    if want <= 0:
+def replenish(client: IncusClient, tmpl: str, want: int, *, own: str = "") -> int:
+    """Start copies of `tmpl` (not waited for) until `want` spares exist; how many started.
+
+    Not while the daemon is creating, starting or stopping other containers (`own`, the
+    caller's, does not count): sessions started together would wait on copies made for
+    later ones. The last session of a burst finds the daemon idle and refills the pool.
+    """
+    if want <= 0 or client.instances.busy() - {own}:
         return 0
     prefix = _spare_prefix(tmpl)
     have = sum(1 for n in client.instances.names() if n.startswith(prefix))
