@@ -70,6 +70,7 @@ def test_sandboxes_made_at_once_get_distinct_slots_and_reserved_addresses(
         run_coi("kill", "--all", "--force", env=env)
 
 
+@pytest.mark.parametrize("via_spare", [False, True], ids=["copy", "spare"])
 def test_an_address_another_nic_holds_is_given_up_for_another(
     client: IncusClient,
     bridge: str,
@@ -77,9 +78,19 @@ def test_an_address_another_nic_holds_is_given_up_for_another(
     unique: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    via_spare: bool,
 ) -> None:
     """Two sandboxes made at the same moment can pick the same address: the daemon refuses
-    the second, and coi picks again instead of failing."""
+    the second when it starts, and coi picks again instead of failing (or, for a spare,
+    instead of throwing the spare away)."""
+    for n in _spares(client):
+        client.instances.delete(n, force=True)
+    if via_spare:
+        fp = client.images.alias_target("coi-tiny")
+        assert fp
+        tmpl = template.ready(client, fp, {}, pool=pool, lock_dir=tmp_path, log=lambda _m: None)
+        assert tmpl and template.replenish(client, tmpl, 1) == 1
+        wait_for(lambda: len(_ready(client)) == 1, "a ready spare")
     net = client.networks.get(bridge)
     assert net is not None and address.candidates(net), "coi setup gives coibr0 a DHCP pool"
     held = address.candidates(net)[-1]
@@ -97,15 +108,18 @@ def test_an_address_another_nic_holds_is_given_up_for_another(
     monkeypatch.setenv("COI_HOME", str(tmp_path / "home"))
     spec = SandboxSpec(
         workspace=tmp_path, image="coi-tiny", persistent=False, kind="run",
-        pool=pool, network=bridge, templates=False,
+        pool=pool, network=bridge, templates=via_spare, spares=1,
     )  # fmt: skip
-    box = Sandbox(client, spec, log=lambda _m: None)
+    logs: list[str] = []
+    box = Sandbox(client, spec, log=logs.append)
     try:
         box.ensure_image()
         box.choose_slot(None)
         box.create_or_reuse()
         assert box.address is not None and box.address.ip != held
         assert _eth0(client, box.name) == (box.address.ip, box.address.ip)
+        assert ("Taking a ready spare copy of the image" in logs) == via_spare, logs
+        assert not _spares(client)  # the spare became this sandbox
     finally:
         client.instances.delete(unique, force=True)
         if box.name:
@@ -244,6 +258,10 @@ def test_a_spare_still_being_copied_is_never_taken(
     try:
         # The `coi` image's copy takes the daemon about half a second: long enough to look.
         assert template.replenish(client, tmpl, 1) == 1
+        # The daemon lists the new instance a moment after it took the copy on.
+        deadline = time.monotonic() + 5
+        while not _spares(client) and time.monotonic() < deadline:
+            time.sleep(0.01)
         (spare,) = _spares(client)
         assert spare in client.instances.busy()
         assert not template.claim(client, tmpl, unique)

@@ -290,17 +290,28 @@ class _Listener:
         self.sock.close()
 
 
-def wait_for_network(client: IncusClient, container: str, address: Address | None) -> None:
-    """Return once the sandbox has a default route (commands expect a network at start)."""
+def wait_for_network(
+    client: IncusClient, container: str, address: Address | None, *, then: str = ""
+) -> None:
+    """Return once the sandbox has a default route (commands expect a network at start).
+    `then`: more shell to run in the same exec (one round trip instead of two)."""
     env = address.env() if address else {}
-    client.exec.quiet(container, ExecRequest(["sh", "-c", CONFIGURE + WAIT_ROUTE], env=env))
+    script = CONFIGURE + WAIT_ROUTE + then
+    client.exec.quiet(container, ExecRequest(["sh", "-c", script], env=env))
 
 
 def prove_enforced(
-    client: IncusClient, container: str, network: str, log: Log, address: Address | None = None
+    client: IncusClient,
+    container: str,
+    network: str,
+    log: Log,
+    address: Address | None = None,
+    *,
+    then: str = "",
 ) -> str:
     """From inside the sandbox: the bridge's DNS answers, a listener on the host does not.
-    Returns the bridge's address (the gateway it probed).
+    Returns the bridge's address (the gateway it probed). `then` runs after the proof, in the
+    same exec, when the proof passed.
 
     Nothing leaves the machine: both targets are the bridge's own address.
     :raises SessionError: the policy is not in force (the agent must not start).
@@ -309,7 +320,7 @@ def prove_enforced(
     listener = _Listener(gw)
     env = {**(address.env() if address else {}), "GW": gw, "PORT": str(listener.port)}
     try:
-        res = client.exec.capture(container, ExecRequest(["sh", "-c", _PROBE], env=env))
+        res = client.exec.capture(container, ExecRequest(["sh", "-c", _PROBE + then], env=env))
     finally:
         listener.close()
     out = res.stdout.decode(errors="replace").strip()

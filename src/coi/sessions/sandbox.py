@@ -189,6 +189,17 @@ def instance_devices(spec: SandboxSpec, addr: Address | None = None) -> dict[str
     return devices
 
 
+# Commands start a fraction of a second after the container: on a systemd image, wait (at
+# most 10 s) until its sockets listen, so the system bus and socket-activated services
+# (Docker) answer the very first command. Usually reached by the time the network is proven.
+BOOTED = r"""
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+  i=0; while [ $i -lt 500 ] && ! systemctl is-active --quiet sockets.target 2>/dev/null; do
+    sleep 0.02; i=$((i+1)); done
+fi
+"""
+
+
 class Sandbox:
     """A session's container: created (or reused), entered as the agent user, removed."""
 
@@ -380,20 +391,19 @@ class Sandbox:
         if self.spec.spares <= 0 or not template.claim(self.client, tmpl, self.name):
             return False
         self.log("Taking a ready spare copy of the image")
-        try:
-            self._with_address(
-                net,
-                lambda devices: self.client.instances.patch(
-                    self.name,
-                    {
-                        "config": {**dict.fromkeys(template.TEMPLATE_KEYS, ""), **config},
-                        "devices": devices,
-                        "ephemeral": self._ephemeral(),
-                        "description": self._description(),
-                    },
-                ),
-            )
+
+        def configure_and_start(devices: dict[str, dict[str, str]]) -> None:
+            body = {
+                "config": {**dict.fromkeys(template.TEMPLATE_KEYS, ""), **config},
+                "devices": devices,
+                "ephemeral": self._ephemeral(),
+                "description": self._description(),
+            }
+            self.client.instances.patch(self.name, body)
             self.client.instances.start(self.name)
+
+        try:
+            self._with_address(net, configure_and_start)
         except BackendError:
             # Leave nothing half-made behind; the error itself comes again from a plain copy.
             self.client.instances.delete(self.name, force=True)
@@ -487,12 +497,14 @@ class Sandbox:
         network = self.spec.network
         gateway = ""
         if policy is None or policy.mode == "open":
-            wait_for_network(self.client, self.name, self.address)
+            wait_for_network(self.client, self.name, self.address, then=BOOTED)
         else:
             # A reused container keeps the bridge it was made with.
             inst = self.client.instances.get(self.name)
             network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
-            gateway = prove_enforced(self.client, self.name, network, self.log, self.address)
+            gateway = prove_enforced(
+                self.client, self.name, network, self.log, self.address, then=BOOTED
+            )
         mon = self.spec.monitor
         if mon is not None and mon.enabled:
             from coi.monitor.monitor import net_context

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import random
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -167,9 +168,11 @@ def _spare_prefix(tmpl: str) -> str:
 def claim(client: IncusClient, tmpl: str, name: str) -> bool:
     """Rename a ready spare of `tmpl` to `name`; False when there is none to have."""
     prefix = _spare_prefix(tmpl)
-    spares = sorted(n for n in client.instances.names() if n.startswith(prefix))
+    spares = [n for n in client.instances.names() if n.startswith(prefix)]
     if not spares:
         return False
+    # Sessions started together each try a different spare first, not all the same one.
+    random.shuffle(spares)
     busy = client.instances.busy()  # still being copied
     for spare in spares:
         if spare in busy:
