@@ -64,7 +64,8 @@ def test_the_sandbox_boots_clean_with_only_what_it_uses(
         # (`--wait` as a user never returns: systemd does not tell unprivileged clients)
         "sudo -n systemctl is-system-running --wait; "
         "systemctl --failed --no-legend --plain | wc -l; "
-        "systemctl is-active systemd-udevd systemd-logind apt-daily.timer | sort -u; "
+        "systemctl is-active systemd-udevd systemd-logind systemd-sysusers systemd-remount-fs "
+        "apt-daily.timer | sort -u; "
         "hostname"
     )
     for _ in range(2):  # the second one from a spare

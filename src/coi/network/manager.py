@@ -255,15 +255,20 @@ tcp() {
 # The forbidden connect goes first, in the background: the host listener counts what arrives
 # (whatever the container says), and a refused connect would take a second to fail (TCP
 # retries after an ICMP reject), so it is not waited for. The control connect to the bridge's
-# DNS proves the path works; a SYN needs far less than the 0.1 s after it to cross the bridge.
-# A subshell, not a redirected function call: dash keeps copies of the redirected fds in a
+# DNS proves the path works; a SYN needs far less than the 0.1 s that must pass after it
+# (the sleeper) to cross the bridge. What the caller runs next (`then`) counts toward it.
+# Subshells, not redirected function calls: dash keeps copies of the redirected fds in a
 # function's children, and the daemon's exec would then wait for the output pipe to close.
 ( tcp "$GW" "$PORT" ) </dev/null >/dev/null 2>&1 &
+( sleep 0.1 ) </dev/null >/dev/null 2>&1 &
+SLEEPER=$!
 tcp "$GW" 53 || { echo control-failed; exit 3; }
-sleep 0.1
-echo blocked
 """
 )
+_PROBE_END = r"""
+wait "$SLEEPER"
+echo blocked
+"""
 
 
 class _Listener:
@@ -310,8 +315,8 @@ def prove_enforced(
     then: str = "",
 ) -> str:
     """From inside the sandbox: the bridge's DNS answers, a listener on the host does not.
-    Returns the bridge's address (the gateway it probed). `then` runs after the proof, in the
-    same exec, when the proof passed.
+    Returns the bridge's address (the gateway it probed). `then` runs in the same exec once
+    the control connection worked, while the proof's 0.1 s pass.
 
     Nothing leaves the machine: both targets are the bridge's own address.
     :raises SessionError: the policy is not in force (the agent must not start).
@@ -320,7 +325,8 @@ def prove_enforced(
     listener = _Listener(gw)
     env = {**(address.env() if address else {}), "GW": gw, "PORT": str(listener.port)}
     try:
-        res = client.exec.capture(container, ExecRequest(["sh", "-c", _PROBE + then], env=env))
+        script = _PROBE + then + _PROBE_END
+        res = client.exec.capture(container, ExecRequest(["sh", "-c", script], env=env))
     finally:
         listener.close()
     out = res.stdout.decode(errors="replace").strip()

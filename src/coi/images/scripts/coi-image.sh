@@ -92,13 +92,26 @@ step "Trimming the boot to what a sandbox uses"
 # binfmt and modprobe act on the host's kernel, which a container cannot touch; the apt and
 # dpkg timers would upgrade or back up at random moments of an agent's session. Nobody logs
 # in to a sandbox (coi enters it with exec): no logind (sudo works without it), no console
-# login, no utmp records. Measured: 0.8 s -> 0.3 s of CPU per boot.
+# login, no utmp records. On the way to sockets.target, which coi waits for before the
+# agent's first command: no fstab to remount, no modules to load, the system users exist
+# since the build, and the journal stays in /run. Measured: 0.8 s -> 0.3 s of CPU per
+# boot, sockets.target 0.28 s -> 0.21 s after systemd starts.
 systemctl mask systemd-udevd.service systemd-udevd-control.socket systemd-udevd-kernel.socket \
     systemd-udev-trigger.service systemd-udev-settle.service ifupdown-pre.service \
     e2scrub_reap.service e2scrub_all.timer modprobe@.service systemd-binfmt.service \
     proc-sys-fs-binfmt_misc.automount apt-daily.timer apt-daily-upgrade.timer \
     dpkg-db-backup.timer systemd-logind.service console-getty.service \
-    systemd-update-utmp.service systemd-update-utmp-runlevel.service
+    systemd-update-utmp.service systemd-update-utmp-runlevel.service \
+    systemd-remount-fs.service systemd-modules-load.service systemd-sysusers.service \
+    systemd-journal-flush.service
+# Generators run one after another before systemd starts any unit, each a program read
+# cold from a fresh container's disk: the ones for disks, encryption, hibernation and boot
+# loaders have nothing to find in a container. Measured: sockets.target 0.21 s -> 0.1 s.
+mkdir -p /etc/systemd/system-generators
+for g in cryptsetup debug gpt-auto hibernate-resume integritysetup system-update veritysetup \
+         run bless-boot; do
+    ln -sf /dev/null "/etc/systemd/system-generators/systemd-$g-generator"
+done
 
 step "Installing GitHub CLI"
 apt-get install -y gh || echo "gh is not available from this mirror"
