@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
-# websockets (about 20 ms to import) is imported where a socket is opened or read: commands
-# that never exec (coi list, coi health, ...) do not pay for it.
 from coi.backend.models import JSON, ExecResult
 from coi.errors import BackendError, OperationFailed
 
 if TYPE_CHECKING:
+    # websockets (about 20 ms to import) is imported where a socket is opened or read:
+    # commands that never exec (coi list, coi health, ...) do not pay for it.
     from websockets.sync.client import ClientConnection
 
     from coi.backend.client import IncusClient

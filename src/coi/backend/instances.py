@@ -104,8 +104,11 @@ class InstancesAPI:
         """Create a container from a local image alias or fingerprint (and start it).
 
         `source` replaces the image source entirely (e.g. a pull from an image server).
-        `wait=False` returns once the daemon has taken the operation on, with its id.
+        `wait=False` returns once the daemon has taken the operation on, with its id (not
+        with `start`: the start would have to wait for the create).
         """
+        if start and not wait:
+            raise ValueError("create(start=True) needs wait=True")
         if source is None:
             source = {"type": "image"}
             # A 64-hex string is a fingerprint; anything else is an alias.

@@ -33,8 +33,9 @@ HOST_PACKAGES = {
     "dnsmasq": "dnsmasq-base",
 }
 
-# Candidate bridge subnets; the first that overlaps nothing on the host is used.
+# How `coi setup` marks the bridge it made (a later setup may update only that one).
 BRIDGE_DESCRIPTION = "coi bridge"
+# Candidate bridge subnets; the first that overlaps nothing on the host is used.
 BRIDGE_SUBNETS = ("10.123.45.1/24", "10.187.23.1/24", "172.29.137.1/24", "192.168.231.1/24")
 
 

@@ -252,17 +252,17 @@ tcp() {
   fi
   timeout 3 bash -c "exec 3<>/dev/tcp/$1/$2" >/dev/null 2>&1
 }
-# The forbidden connect goes first, in the background: the host listener counts what arrives
-# (whatever the container says), and a refused connect would take a second to fail (TCP
-# retries after an ICMP reject), so it is not waited for. The control connect to the bridge's
-# DNS proves the path works; a SYN needs far less than the 0.1 s that must pass after it
-# (the sleeper) to cross the bridge. What the caller runs next (`then`) counts toward it.
+# The control connect to the bridge's DNS proves the path works. Then the forbidden connect,
+# in the background: the host listener counts what arrives (whatever the container says),
+# and a refused connect would take a second to fail (TCP retries after an ICMP reject), so
+# it is not waited for; a SYN needs far less than the 0.1 s that must pass after it (the
+# sleeper) to cross the bridge. What the caller runs next (`then`) counts toward those 0.1 s.
 # Subshells, not redirected function calls: dash keeps copies of the redirected fds in a
 # function's children, and the daemon's exec would then wait for the output pipe to close.
+tcp "$GW" 53 || { echo control-failed; exit 3; }
 ( tcp "$GW" "$PORT" ) </dev/null >/dev/null 2>&1 &
 ( sleep 0.1 ) </dev/null >/dev/null 2>&1 &
 SLEEPER=$!
-tcp "$GW" 53 || { echo control-failed; exit 3; }
 """
 )
 _PROBE_END = r"""
