@@ -499,9 +499,10 @@ class Sandbox:
         if policy is None or policy.mode == "open":
             wait_for_network(self.client, self.name, self.address, then=BOOTED)
         else:
-            # A reused container keeps the bridge it was made with.
-            inst = self.client.instances.get(self.name)
-            network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
+            if not self.created:
+                # A reused container keeps the bridge it was made with.
+                inst = self.client.instances.get(self.name)
+                network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
             gateway = prove_enforced(
                 self.client, self.name, network, self.log, self.address, then=BOOTED
             )
