@@ -38,11 +38,13 @@ from pathlib import Path
 from _common import cli, fmt, sh, timed
 
 from coi.backend import ExecRequest, IncusClient
+from coi.config.paths import coi_home
 from coi.sessions import template
 
 POOL = os.environ.get("COI_POOL", "coi")
 NET = os.environ.get("COI_NETWORK", "coibr0")
 COI = [sys.executable, "-m", "coi"]
+LOCKS = coi_home() / "locks"
 
 
 def coi(*args: str, spares: int = 2) -> None:
@@ -162,7 +164,7 @@ def main() -> None:
         fb: list[float] = []
         fc: list[float] = []
         for _ in range(a.runs):
-            template.replenish(c, tmpl, 1)
+            template.replenish(c, tmpl, 1, lock_dir=LOCKS)
             settle(c, want_spares=1)
             with_spare.append(timed(lambda: coi(*run_true)))
             settle(c)
@@ -186,7 +188,7 @@ def main() -> None:
         shells: list[float] = []
         raw: list[float] = []
         for _ in range(a.runs):
-            template.replenish(c, tmpl, 1)
+            template.replenish(c, tmpl, 1, lock_dir=LOCKS)
             settle(c, want_spares=1)
             shells.append(
                 timed(
@@ -259,7 +261,7 @@ def parallel_rows(c: IncusClient, image: str, tmpl: str, ws: Path, n: int) -> li
 
     # Spares ready: the first batch leaves n spares behind (made after they are up).
     settle(c)
-    template.replenish(c, tmpl, n)
+    template.replenish(c, tmpl, n, lock_dir=LOCKS)
     settle(c, want_spares=n)
     up_spares = shells(n)
     time.sleep(5)  # let them settle into idle

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import os
 import re
 import secrets
+import shutil
 import subprocess
 import threading
 import time
@@ -15,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from tests.conftest import run_coi
+from tests.conftest import coi_argv, run_coi
 from tests.integration.conftest import coi_names, wait_for
 
 from coi.backend import ExecRequest, IncusClient
@@ -89,7 +91,7 @@ def test_an_address_another_nic_holds_is_given_up_for_another(
         fp = client.images.alias_target("coi-tiny")
         assert fp
         tmpl = template.ready(client, fp, {}, pool=pool, lock_dir=tmp_path, log=lambda _m: None)
-        assert tmpl and template.replenish(client, tmpl, 1) == 1
+        assert tmpl and template.replenish(client, tmpl, 1, lock_dir=tmp_path) == 1
         wait_for(lambda: len(_ready(client)) == 1, "a ready spare")
     net = client.networks.get(bridge)
     assert net is not None and address.candidates(net), "coi setup gives coibr0 a DHCP pool"
@@ -251,13 +253,12 @@ def test_a_spare_still_being_copied_is_never_taken(
     coi only takes spares no operation is working on."""
     fp = client.images.alias_target("coi")
     assert fp
-    tmpl = template.ready(
-        client, fp, {}, pool=pool, lock_dir=Path("/tmp") / unique, log=lambda _m: None
-    )
+    locks = Path("/tmp") / unique
+    tmpl = template.ready(client, fp, {}, pool=pool, lock_dir=locks, log=lambda _m: None)
     assert tmpl
     try:
         # The `coi` image's copy takes the daemon about half a second: long enough to look.
-        assert template.replenish(client, tmpl, 1) == 1
+        assert template.replenish(client, tmpl, 1, lock_dir=locks) == 1
         # The daemon lists the new instance a moment after it took the copy on.
         deadline = time.monotonic() + 5
         while not _spares(client) and time.monotonic() < deadline:
@@ -267,7 +268,7 @@ def test_a_spare_still_being_copied_is_never_taken(
         assert not template.claim(client, tmpl, unique)
         assert client.instances.exists(spare) and not client.instances.exists(unique)
         wait_for(lambda: spare not in client.instances.busy(), "the copy to finish")
-        assert template.replenish(client, tmpl, 1) == 0  # already enough
+        assert template.replenish(client, tmpl, 1, lock_dir=locks) == 0  # already enough
         assert template.claim(client, tmpl, unique)
         client.instances.start(unique)
         res = client.exec.capture(unique, ExecRequest(["cat", "/etc/hostname"]))
@@ -275,6 +276,57 @@ def test_a_spare_still_being_copied_is_never_taken(
     finally:
         for n in (unique, tmpl):
             client.instances.delete(n, force=True)
+        shutil.rmtree(locks, ignore_errors=True)
+
+
+def test_no_spare_is_copied_while_another_sandbox_is_starting(
+    client: IncusClient, pool: str, tmp_path: Path, no_spares: None
+) -> None:
+    """A copy costs the daemon 0.4 s of CPU: sessions started together must not wait on
+    copies made for later ones, and two sessions ending together must not both refill."""
+    fp = client.images.alias_target("coi-tiny")
+    assert fp
+    tmpl = template.ready(client, fp, {}, pool=pool, lock_dir=tmp_path, log=lambda _m: None)
+    assert tmpl
+    with template.Starting(tmp_path):  # another sandbox of this user is starting
+        assert template.replenish(client, tmpl, 1, lock_dir=tmp_path) == 0
+    # Another coi is refilling right now: this one leaves it to that one.
+    fd = os.open(tmp_path / f"{template.SPARES_LOCK}.lock", os.O_RDONLY | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert template.replenish(client, tmpl, 1, lock_dir=tmp_path) == 0
+    finally:
+        os.close(fd)
+    assert not _spares(client)
+    assert template.replenish(client, tmpl, 1, lock_dir=tmp_path) == 1
+    wait_for(lambda: len(_ready(client)) == 1, "the spare copied once nobody is starting")
+
+
+def test_a_sandbox_holds_off_spare_copies_while_it_starts_and_refills_after(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path, no_spares: None
+) -> None:
+    """coi marks its sandbox as starting from the moment it begins until the agent runs; the
+    spare it leaves for the next sandbox is copied by a detached child."""
+    env = {**coi_env, "COI_IMAGE": "coi-tiny", "COI_SPARES": "1"}
+    locks = Path(env["COI_HOME"]) / "locks"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    argv = coi_argv("shell", "--background", "--debug", "-w", str(ws))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    held = False
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            held = held or template.someone_starting(locks)
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()
+        assert held, "the sandbox was never marked as starting"
+        assert not template.someone_starting(locks)
+        wait_for(lambda: len(_ready(client)) == 1, "the spare the detached child copies")
+    finally:
+        proc.kill()
+        run_coi("kill", "--all", "--force", env=env)
 
 
 def test_a_new_template_drops_the_spares_of_the_old_one(

@@ -162,11 +162,12 @@ class _Seen:
 
 
 def _retry_not_started(once: Callable[[], T], *, may_retry: Callable[[], bool]) -> T:
-    """Run `once`, starting it again when the daemon lost the child before it ran.
+    """Run `once`, starting it again when the daemon lost track of the child.
 
     Under load LXD sometimes fails an exec with "Failed to retrieve PID of executing child
-    process": nothing ran, so starting again is safe as long as no output was seen and the
-    input can be replayed.
+    process". Mostly nothing ran, but a command that ends at once may have run (seen with
+    `tmux new-session -d`): it is started again only when no output was seen and the input
+    can be replayed, and a caller whose command must not run twice checks for that.
     """
     for attempt in range(_START_ATTEMPTS):
         try:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
+from coi.backend.models import ExecResult
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound, SessionError
@@ -88,10 +89,11 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
     log = stderr_log("")
     check_server(spec.limits, client.server.kind)
     box = Sandbox(client, spec, log=log)
-    box.ensure_image()
     code = 1
     with cleanup_on_signals():
         try:
+            box.begin()
+            box.ensure_image()
             box.choose_slot(req.slot)
             log(f"Launching container {box.name} from image {spec.image}...")
             box.create_or_reuse()
@@ -103,6 +105,7 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             ), watching(box.guard, spec.verify_interval, log), monitoring(
                 client, box.name, spec.monitor, terminal_alert
             ) as mon:  # fmt: skip
+                box.up()
                 code = _execute(client, box, exec_req, req, log)
             code = _monitor_verdict(mon, code, log)
         except KeyboardInterrupt:
@@ -292,6 +295,7 @@ class ShellSession:
             if not self.box.running():
                 self.client.instances.start(self.box.name)
         else:
+            self.box.begin()
             self.box.ensure_image()
             self.box.choose_slot(self.req.slot)
             self.log(f"Container name: {self.box.name}")
@@ -416,11 +420,12 @@ class ShellSession:
         name = self.box.name
         cmd = self.tool_command()
         if not self.req.tmux:
+            self.box.up()
             return self.client.exec.interactive(name, self.box.request(cmd, self._env()))
         session = naming.tmux_session(name)
         # A container made just now runs no tmux yet: no need to ask (an exec in a booting
         # container costs up to 0.1 s).
-        if self.box.created or self._tmux(["has-session", "-t", session]) != 0:
+        if self.box.created or self._tmux(["has-session", "-t", session]).exit_code != 0:
             # Exported in the pane too: a tmux server that already runs (a reused persistent
             # container) would otherwise hand the tool its own, older environment.
             pane_env = {**self.spec.env, **self._env()}
@@ -429,24 +434,7 @@ class ShellSession:
             # with --debug the shell *is* the command, so one `exit` ends the session.
             fallback = "" if self.req.debug else "; exec bash"
             script = f"trap : INT; {exports}{shlex.join(cmd)}{fallback}"
-            self._tmux(
-                [
-                    "new-session",
-                    "-d",
-                    "-s",
-                    session,
-                    "-c",
-                    self.spec.workspace_target,
-                    "-x",
-                    "200",
-                    "-y",
-                    "50",
-                    "bash",
-                    "-c",
-                    script,
-                ],
-                check=True,
-            )
+            self._new_tmux_session(session, script)
         elif self.req.background:
             self._tmux(["send-keys", "-t", session, shlex.join(cmd), "Enter"])
             sys.stderr.write(f"Sent command to existing tmux session: {session}\n")
@@ -463,21 +451,32 @@ class ShellSession:
                 f"Use 'coi tmux send {name} \"<command>\"' to send commands\n"
             )
             return 0
+        self.box.up()
         self.client.exec.interactive(
             name, self.box.request(["tmux", "attach", "-t", session], self._env())
         )
         return 0
 
-    def _tmux(self, args: list[str], *, check: bool = False) -> int:
-        res = self.client.exec.capture(
+    def _tmux(self, args: list[str]) -> ExecResult:
+        return self.client.exec.capture(
             self.box.name, self.box.request(["tmux", *args], self._env())
         )
-        if check and res.exit_code != 0:
+
+    def _new_tmux_session(self, session: str, script: str) -> None:
+        size = ["-x", "200", "-y", "50"]
+        target = self.spec.workspace_target
+        res = self._tmux(
+            ["new-session", "-d", "-s", session, "-c", target, *size, "bash", "-c", script]
+        )
+        # Under load LXD can lose an exec whose command ran and ended at once, as `tmux
+        # new-session -d` does, and the backend starts it again: in a container made a
+        # moment ago, the session that is already there is the one the first start made.
+        duplicate = self.box.created and b"duplicate session" in res.stderr
+        if res.exit_code != 0 and not duplicate:
             raise SessionError(
                 "could not start tmux in the container: "
                 + res.stderr.decode(errors="replace").strip()
             )
-        return res.exit_code
 
     # -- cleanup --------------------------------------------------------------------------
 
@@ -537,7 +536,7 @@ class ShellSession:
             # shell when the tool exits), no exec needed to know.
             tmux_alive = inst.running and (
                 self._left_running
-                or self._tmux(["has-session", "-t", naming.tmux_session(name)]) == 0
+                or self._tmux(["has-session", "-t", naming.tmux_session(name)]).exit_code == 0
             )
         except BackendError as err:
             # No exec possible (e.g. its process limit is exhausted): the session is over.

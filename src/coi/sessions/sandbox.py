@@ -218,6 +218,7 @@ class Sandbox:
         # The template it was made from (None: from the image, or reused).
         self.template: str | None = None
         self._claims = SlotClaims(coi_home() / "locks")
+        self._starting = template.Starting(coi_home() / "locks")
         self._ws_hash = naming.workspace_hash(str(spec.workspace))
 
     # -- naming ---------------------------------------------------------------------------
@@ -275,6 +276,7 @@ class Sandbox:
 
     def create_or_reuse(self) -> None:
         """Create the container, or reuse this slot's persistent one (`ensure_image` first)."""
+        self.begin()
         inst = None
         try:
             inst = self.client.instances.get(self.name)
@@ -410,13 +412,37 @@ class Sandbox:
             return False
         return True
 
+    def begin(self) -> None:
+        """This process is about to make its sandbox: sandboxes started together are not
+        slowed by copies of spares (see `template.replenish`) until each is `up`."""
+        self._starting.enter()
+
+    def up(self) -> None:
+        """The agent or command runs: copying spares no longer slows this sandbox's start."""
+        self._starting.leave()
+
     def replenish(self) -> None:
-        """Start the copies that replace spares used up (not waited for)."""
-        if self.template and self.spec.spares > 0:
+        """Have the spares this sandbox used up replaced, without waiting: the requests go
+        from a detached child (with 2 CPUs busy they take the daemon up to a second)."""
+        self.up()
+        if not self.template or self.spec.spares <= 0:
+            return
+        tmpl, want, own = self.template, self.spec.spares, self.name
+        endpoint, project = self.client.endpoint, self.client.project
+
+        def refill() -> None:
+            log = coi_home() / "logs" / "spares.log"
             try:
-                template.replenish(self.client, self.template, self.spec.spares, own=self.name)
-            except BackendError as err:
-                self.log(f"Warning: could not prepare a spare sandbox: {err}")
+                with IncusClient(endpoint, project=project) as client:
+                    template.replenish(client, tmpl, want, lock_dir=coi_home() / "locks", own=own)
+            except (BackendError, OSError) as err:
+                # Nobody waits for this child: a failed refill only means the next sandbox
+                # is copied from the template, so it is noted, not shown.
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} spares of {tmpl}: {err}\n")
+
+        detached(refill)
 
     # -- protection and limits ------------------------------------------------------------
 
@@ -584,8 +610,30 @@ class Sandbox:
             self.client.instances.stop(self.name, force=True)
 
     def release(self) -> None:
+        self.up()
         if self.slot:
             self._claims.release(self._ws_hash, self.slot)
+
+
+def detached(fn: Callable[[], None]) -> None:
+    """Run `fn` in a grandchild of this process that outlives it and holds none of its files.
+
+    Its descriptors are closed first: a slot lock or the reading end of a pipe kept open by
+    the child would hold the slot, or keep a caller reading coi's output, until it ends.
+    """
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)  # the first child ends at once: no zombie is left
+        return
+    try:
+        if os.fork() == 0:
+            os.setsid()
+            os.closerange(0, os.sysconf("SC_OPEN_MAX"))
+            for _ in range(3):
+                os.open(os.devnull, os.O_RDWR)  # 0, 1 and 2, so stray writes go nowhere
+            fn()
+    finally:
+        os._exit(0)
 
 
 def build_spec(
