@@ -58,8 +58,8 @@ def _lock(lock_dir: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
-# Held shared by every sandbox of this user from when it is made until it is up; spares are
-# copied only under it exclusively, taken without waiting (see `replenish`).
+# Held shared by every sandbox of this user from when it is made until it is up; while anyone
+# holds it, no spare is copied (see `replenish`).
 STARTING_LOCK = "starting"
 # Held by the coi that is copying spares, so that two ending together do not both copy.
 SPARES_LOCK = "spares"
@@ -246,6 +246,7 @@ def replenish(client: IncusClient, tmpl: str, want: int, *, lock_dir: Path, own:
 
 
 def someone_starting(lock_dir: Path) -> bool:
+    """Whether a sandbox of this user is starting right now."""
     # Checked, not held: a sandbox starting a moment later does not wait for the refill.
     fd = _open_lock(lock_dir, STARTING_LOCK)
     try:
