@@ -21,12 +21,16 @@ from tests.conftest import coi_argv, run_coi
 from tests.integration.conftest import coi_names, wait_for
 
 from coi.backend import ExecRequest, IncusClient
+from coi.config.loader import Config
+from coi.errors import SessionError
 from coi.host import provision
 from coi.images import tiny
 from coi.network import address
 from coi.network.hostnet import host_networks
 from coi.sessions import naming, template
+from coi.sessions.runner import ShellRequest, ShellSession
 from coi.sessions.sandbox import Sandbox, SandboxSpec
+from coi.tools.registry import get_tool
 
 # -- reserved addresses ---------------------------------------------------------------------
 
@@ -124,6 +128,46 @@ def test_an_address_another_nic_holds_is_given_up_for_another(
         assert not _spares(client)  # the spare became this sandbox
     finally:
         client.instances.delete(unique, force=True)
+        if box.name:
+            client.instances.delete(box.name, force=True)
+        box.release()
+
+
+def test_a_tmux_session_a_lost_exec_already_made_is_accepted_only_in_a_new_sandbox(
+    client: IncusClient,
+    pool: str,
+    bridge: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under load LXD 5.0 can fail an exec ("Failed to retrieve PID of executing child
+    process") after its command ran, and coi starts it again: a second `tmux new-session`
+    then finds the session the first one made. In a sandbox coi made a moment ago that
+    session is the first start's; in any other container it is not coi's to take."""
+    monkeypatch.setenv("COI_HOME", str(tmp_path / "home"))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    spec = SandboxSpec(
+        workspace=ws, image="coi-tiny", persistent=False, kind="shell",
+        pool=pool, network=bridge, templates=False, spares=0,
+    )  # fmt: skip
+    shell = ShellSession(client, Config({}, {}), spec, ShellRequest(tool=get_tool("claude")))
+    box = shell.box
+    try:
+        box.ensure_image()
+        box.choose_slot(None)
+        box.create_or_reuse()
+        session = naming.tmux_session(box.name)
+        first = client.exec.capture(
+            box.name, box.request(["tmux", "new-session", "-d", "-s", session, "sleep 60"], {})
+        )
+        assert first.exit_code == 0, first.stderr
+        assert box.created
+        shell._new_tmux_session(session, "sleep 60")  # the retry of a start that ran
+        box.created = False  # a container coi did not just make: the session is not its own
+        with pytest.raises(SessionError, match="duplicate session"):
+            shell._new_tmux_session(session, "sleep 60")
+    finally:
         if box.name:
             client.instances.delete(box.name, force=True)
         box.release()
