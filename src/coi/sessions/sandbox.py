@@ -219,6 +219,7 @@ class Sandbox:
         self.template: str | None = None
         self._claims = SlotClaims(coi_home() / "locks")
         self._starting = template.Starting(coi_home() / "locks")
+        self._known_absent = False  # choose_slot saw that the slot has no container
         self._ws_hash = naming.workspace_hash(str(spec.workspace))
 
     # -- naming ---------------------------------------------------------------------------
@@ -253,6 +254,8 @@ class Sandbox:
             self.log(f"Auto-allocated slot {slot}")
         self.slot = slot
         self.name = naming.container_name(ws, slot)
+        # Listed under this slot's claim: no other coi makes its container meanwhile.
+        self._known_absent = listed and self.name not in existing
 
     def use_container(self, name: str) -> None:
         """Use an existing container by name (`--container`)."""
@@ -279,7 +282,8 @@ class Sandbox:
         self.begin()
         inst = None
         try:
-            inst = self.client.instances.get(self.name)
+            if not self._known_absent:
+                inst = self.client.instances.get(self.name)
         except NotFound:
             pass
         if inst is not None:
@@ -347,21 +351,10 @@ class Sandbox:
         devices, the NIC holding a reserved address. The daemon checks that address when the
         container starts: if a sandbox made at the same moment holds it, move to another."""
         self.address = address.choose(net) if net is not None else None
-        try:
-            make(instance_devices(self.spec, self.address))
-            return
-        except BackendError as err:
-            if self.address is None or not address.is_taken(err):
-                raise
-            failure = err
-        taken = {self.address.ip}
-        while net is not None and len(taken) < 16:
-            self.address = address.choose(net, avoid=taken)
-            if self.address is None:
-                break
-            taken.add(self.address.ip)
+        taken: set[str] = set()
+        while True:
             try:
-                if self.client.instances.exists(self.name):  # made, its start refused
+                if taken and self.client.instances.exists(self.name):  # made, start refused
                     self.client.instances.add_device(
                         self.name, "eth0", _nic(self.spec, self.address)
                     )
@@ -370,10 +363,12 @@ class Sandbox:
                     make(instance_devices(self.spec, self.address))
                 return
             except BackendError as err:
-                if not address.is_taken(err):
+                if net is None or self.address is None or not address.is_taken(err):
                     raise
-                failure = err
-        raise failure
+                taken.add(self.address.ip)
+                self.address = address.choose(net, avoid=taken) if len(taken) < 16 else None
+                if self.address is None:
+                    raise
 
     def _template(self, config: Mapping[str, str]) -> str | None:
         """The pre-shifted template to copy instead of unpacking the image (None: none)."""
