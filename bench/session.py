@@ -226,7 +226,7 @@ def main() -> None:
         out.append(row(f"`coi list`, 10 containers vs `{Path(cli()).name} list`", lists, lxc))
 
         out += parallel_rows(c, a.image, tmpl, ws, a.parallel)
-        out += state_rows(c, a.image, a.runs, tmpl, ws)
+        out += state_rows(c, a.runs, tmpl, ws)
     finally:
         for n in coi_names(c):
             c.instances.delete(n, force=True)
@@ -287,7 +287,7 @@ def parallel_rows(c: IncusClient, image: str, tmpl: str, ws: Path, n: int) -> li
     ]
 
 
-def state_rows(c: IncusClient, image: str, runs: int, tmpl: str, ws: Path) -> list[str]:
+def state_rows(c: IncusClient, runs: int, tmpl: str, ws: Path) -> list[str]:
     """Session save (pull the tool's state dir) and restore (push it), 50 MB in 200 files."""
     local = Path(tempfile.mkdtemp(prefix="coi-bench-state-"))
     src = local / "state"
