@@ -373,7 +373,7 @@ def test_a_sandbox_holds_off_spare_copies_while_it_starts_and_refills_after(
         run_coi("kill", "--all", "--force", env=env)
 
 
-def test_a_new_template_drops_the_spares_of_the_old_one(
+def test_a_new_template_drops_the_old_one_and_its_spares_but_not_other_images(
     client: IncusClient, coi_env: dict[str, str], unique: str, tmp_path: Path, pool: str,
     no_spares: None,
 ) -> None:  # fmt: skip
@@ -389,11 +389,22 @@ def test_a_new_template_drops_the_spares_of_the_old_one(
         wait_for(lambda: len(_ready(client)) == 1, "a spare of the first image")
         (old,) = _spares(client)
         assert fps[0][:12] in old
+        prefix = template.PREFIX + fps[0][:12]
+        (old_tmpl,) = [n for n in client.instances.names() if n.startswith(prefix)]
+        # Another image in use, for the same uid map: its template must outlive the rebuild.
+        cfg = client.instances.get(old_tmpl).config
+        idmap = {k: v for k, v in cfg.items() if k in template.IDMAP_KEYS}
+        tiny_fp = client.images.alias_target("coi-tiny")
+        assert tiny_fp
+        locks = tmp_path / "locks"
+        other = template.ready(client, tiny_fp, idmap, pool=pool, lock_dir=locks, log=print)
+        assert other and other.rsplit("-", 1)[1] == old_tmpl.rsplit("-", 1)[1]
         fps.append(client.images.publish(instance=unique, aliases=(alias,)))  # "coi build"
         assert fps[1] != fps[0]
         res = run_coi("run", "-w", str(tmp_path), "--", "true", env=env)
         assert res.returncode == 0 and "ready spare" not in res.stderr, res.stderr
-        assert not client.instances.exists(old)
+        assert not client.instances.exists(old) and not client.instances.exists(old_tmpl)
+        assert client.instances.exists(other)
         wait_for(lambda: len(_ready(client)) == 1, "a spare of the new image")
         assert fps[1][:12] in _spares(client)[0]
     finally:

@@ -106,7 +106,14 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
                 client, box.name, spec.monitor, terminal_alert
             ) as mon:  # fmt: skip
                 box.up()
-                code = _execute(client, box, exec_req, req, log)
+                try:
+                    code = _execute(client, box, exec_req, req, log)
+                except BackendError:
+                    # The monitor's kill can end the command's exec with a daemon error
+                    # instead of an exit code (seen: "Failed to retrieve PID of executing
+                    # child process"): the monitor's verdict stands all the same.
+                    if mon is None or not mon.responder.killed:
+                        raise
             code = _monitor_verdict(mon, code, log)
         except KeyboardInterrupt:
             log("\nReceived interrupt signal, cleaning up...")

@@ -109,7 +109,7 @@ def ready(
                 return name
             log("Preparing a ready-to-start copy of the image (once per image and user)...")
             _make(client, name, fingerprint, config, pool)
-            _drop_stale(client, name, config)
+            _drop_stale(client, name)
         return name
     except BackendError as err:
         log(f"Warning: no template ({err}); creating from the image instead")
@@ -164,17 +164,13 @@ def _render_on_rename(client: IncusClient, name: str) -> None:
         client.instances.set_metadata(name, meta)
 
 
-def _drop_stale(client: IncusClient, keep: str, config: Mapping[str, str]) -> None:
-    """Templates of older images for the same uid map (the image was rebuilt), and their
-    spares."""
-    suffix = keep.rsplit("-", 1)[1]
-    for other in client.instances.names():
-        if other.startswith(PREFIX) and other != keep and other.endswith(f"-{suffix}"):
-            client.instances.delete(other, force=True)
-        elif other.startswith(SPARE_PREFIX) and not other.startswith(_spare_prefix(keep)):
-            parts = other.removeprefix(SPARE_PREFIX).split("-")
-            if len(parts) == 3 and parts[1] == suffix:
-                client.instances.delete(other, force=True)
+def _drop_stale(client: IncusClient, keep: str) -> None:
+    """Templates and spares of images that were rebuilt or removed (`stale`): a template is
+    made for a new image, which is when an older one may have lost its alias. Templates of
+    other images still in use stay, whatever their uid map."""
+    for name in stale(client):
+        if name != keep:
+            client.instances.delete(name, force=True)
 
 
 def stale(client: IncusClient, *, keep_spares: bool = True) -> list[str]:
