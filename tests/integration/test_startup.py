@@ -384,6 +384,7 @@ def test_a_new_template_drops_the_old_one_and_its_spares_but_not_other_images(
     alias = f"{unique}-img"
     fps = [client.images.publish(instance=unique, aliases=(alias,))]
     env = {**coi_env, "COI_IMAGE": alias, "COI_SPARES": "1"}
+    other: str | None = None
     try:
         assert run_coi("run", "-w", str(tmp_path), "--", "true", env=env).returncode == 0
         wait_for(lambda: len(_ready(client)) == 1, "a spare of the first image")
@@ -412,6 +413,8 @@ def test_a_new_template_drops_the_old_one_and_its_spares_but_not_other_images(
         for n in [*_spares(client), *client.instances.names()]:
             if any(fp[:12] in n for fp in fps):
                 client.instances.delete(n, force=True)
+        if other:
+            client.instances.delete(other, force=True)
         for fp in fps:
             client.images.delete(fp)
 
@@ -425,6 +428,7 @@ def test_a_template_another_coi_is_still_making_is_never_copied(
     fp = client.images.alias_target("coi-tiny")
     assert fp
     name = template.template_name(fp, {})
+    client.instances.delete(name, force=True)  # a ready one another test left
     client.instances.create(
         name,
         image=fp,
