@@ -108,6 +108,7 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._collector: Collector | None = None
         self._lock = threading.Lock()
+        self._sweep_lock = threading.Lock()  # the loop and a suspicious flow may both sweep
         self._exec: execwatch.ExecWatcher | None = None
         self._exits: taskstats.ExitWatcher | None = None
         self._flows: flows.FlowWatcher | None = None
@@ -122,13 +123,14 @@ class Monitor:
         return Collector(cgdir, state.pid)
 
     def sweep_once(self) -> list[Event]:
-        if self._collector is None:
-            self._collector = self._attach()
+        with self._sweep_lock:
             if self._collector is None:
+                self._collector = self._attach()
+                if self._collector is None:
+                    return []
+                self._collector.sweep()  # what runs already is the baseline, not news
                 return []
-            self._collector.sweep()  # what runs already is the baseline, not news
-            return []
-        sweep = self._collector.sweep()
+            sweep = self._collector.sweep()
         return self._respond(threats_of(sweep, self.settings))
 
     def _respond(self, threats: list[Threat]) -> list[Event]:
@@ -146,10 +148,19 @@ class Monitor:
             self._respond(detect.scan_processes([proc], self.settings.workspace))
 
     def _on_flow(self, conn: Conn) -> None:
-        if not self.responder.killed and (
-            t := detect.suspicious_connection(conn, self.settings.net)
-        ):
-            self._respond([t])
+        if self.responder.killed:
+            return
+        threat = detect.suspicious_connection(conn, self.settings.net)
+        if threat is None:
+            return
+        # The process behind a connection says more than the connection (a reverse shell,
+        # not only a port): look at the processes first, and they may be what is acted on.
+        try:
+            self.sweep_once()
+        except (BackendError, OSError):
+            pass
+        if not self.responder.killed:
+            self._respond([threat])
 
     def _on_exit(self, ex: taskstats.Exit) -> None:
         if self._collector is not None:
