@@ -293,3 +293,40 @@ def test_sandboxes_start_from_a_template_and_clean_drops_stale_ones(
     assert res.returncode == 0, res.stderr
     assert f"Deleting {tmpls[0]}" in res.stdout
     assert not client.instances.exists(tmpls[0])
+
+
+def test_list_reads_saved_sessions_only_for_containers_that_lack_their_own_facts(
+    client: IncusClient, unique: str, tmp_path: Path, pool: str
+) -> None:
+    """`coi list` with hundreds of saved sessions: a sandbox carries its workspace and
+    persistence in its config, so the session files are read only for an older container
+    that does not (and then its metadata still fills the gaps)."""
+    from coi.sessions.inventory import SavedSession, containers
+    from coi.sessions.store import Metadata
+
+    root = {"root": {"type": "disk", "path": "/", "pool": pool}}
+    new, old = f"coi-{unique}-1", f"coi-{unique}-2"
+    facts = {"user.coi.persistent": "false", "user.coi.workspace": str(tmp_path)}
+    client.instances.create(new, image="coi-tiny", devices=root, config=facts)
+    reads: list[int] = []
+    meta = Metadata(
+        session_id="s1", container_name=old, persistent=True, workspace="/old/ws",
+        saved_at="2026-01-01T00:00:00Z", tool="claude",
+    )  # fmt: skip
+
+    def sessions() -> list[SavedSession]:
+        reads.append(1)
+        return [SavedSession("s1", "claude", tmp_path, meta, True)]
+
+    try:
+        (info,) = [c for c in containers(client, sessions) if unique in c.name]
+        assert reads == [] and info.workspace == str(tmp_path) and not info.persistent
+        client.instances.create(old, image="coi-tiny", devices=root)
+        listed = {c.name: c for c in containers(client, sessions) if unique in c.name}
+        assert reads == [1]
+        assert listed[old].workspace == "/old/ws" and listed[old].persistent
+        assert listed[new].workspace == str(tmp_path)
+    finally:
+        for n in (new, old):
+            if client.instances.exists(n):
+                client.instances.delete(n, force=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,14 +85,14 @@ def list_cmd(all_: bool, fmt: str) -> None:
     from coi.sessions.inventory import containers
 
     check_format(fmt, ("text", "json"))
-    sessions = _sessions()
+    sessions = cache(_sessions)  # read only if asked for (--all) or needed (old containers)
     _cfg, client = daemon()
     with client:
         active = containers(client, sessions)
     if fmt == "json":
         out: dict[str, Any] = {"active_containers": [_container_json(c) for c in active]}
         if all_:
-            out["saved_sessions"] = [_session_json(s) for s in sessions if s.has_state]
+            out["saved_sessions"] = [_session_json(s) for s in sessions() if s.has_state]
         echo_json(out)
         return
     click.echo("Active Containers:\n------------------")
@@ -101,7 +102,7 @@ def list_cmd(all_: bool, fmt: str) -> None:
         click.echo("  (none)")
     if all_:
         click.echo("\nSaved Sessions:\n---------------")
-        saved = [s for s in sessions if s.has_state]
+        saved = [s for s in sessions() if s.has_state]
         for s in saved:
             click.echo(f"  {s.id} ({s.tool})")
             click.echo(f"    Saved: {s.saved_at}")

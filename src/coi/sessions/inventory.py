@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,22 +116,31 @@ def container_info(inst: Instance, metadata: Mapping[str, Metadata]) -> Containe
     )
 
 
+def _self_described(inst: Instance) -> bool:
+    """coi writes a sandbox's facts into its config; older ones have them only in metadata."""
+    return "user.coi.persistent" in inst.config and "user.coi.workspace" in inst.config
+
+
 def containers(
-    client: IncusClient, sessions: Iterable[SavedSession] = (), *, with_state: bool = True
+    client: IncusClient,
+    sessions: Iterable[SavedSession] | Callable[[], Iterable[SavedSession]] = (),
+    *,
+    with_state: bool = True,
 ) -> list[ContainerInfo]:
-    """coi's containers (names with coi's prefix), sorted by name."""
+    """coi's containers (names with coi's prefix), sorted by name.
+
+    `sessions` (or a function that lists them) is read only when a container does not carry
+    its own facts: a user with hundreds of saved sessions should not wait for them to be read
+    to list two containers.
+    """
+    insts = [i for i in client.instances.list(with_state=with_state) if is_coi_name(i.name)]
     latest: dict[str, Metadata] = {}
-    for s in sorted(sessions, key=lambda s: s.saved_at):  # the newest session wins
-        if s.metadata:
-            latest[s.metadata.container_name] = s.metadata
-    return sorted(
-        (
-            container_info(i, latest)
-            for i in client.instances.list(with_state=with_state)
-            if is_coi_name(i.name)
-        ),
-        key=lambda c: c.name,
-    )
+    if not all(_self_described(i) for i in insts):
+        saved = sessions() if callable(sessions) else sessions
+        for s in sorted(saved, key=lambda s: s.saved_at):  # the newest session wins
+            if s.metadata:
+                latest[s.metadata.container_name] = s.metadata
+    return sorted((container_info(i, latest) for i in insts), key=lambda c: c.name)
 
 
 def saved_sessions(home: Path, state_dirs: Mapping[str, str]) -> list[SavedSession]:
