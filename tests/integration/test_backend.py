@@ -110,6 +110,30 @@ def test_exec_large_output_and_quiet(client: IncusClient, running: str) -> None:
     assert client.exec.quiet(running, ExecRequest(["sh", "-c", "exit 4"])) == 4
 
 
+def test_recorded_exec_reads_the_output_only_when_asked_and_removes_the_record(
+    client: IncusClient, running: str
+) -> None:
+    """No websockets: the daemon records the output, coi reads it when the command failed
+    (or when told to), and removes the record unless told to leave it with the instance."""
+
+    def records() -> set[str]:
+        return {p for p in client.get(f"/1.0/instances/{running}/logs") if "/exec_" in p}
+
+    def req(code: int) -> ExecRequest:
+        return ExecRequest(["sh", "-c", f"echo out; echo err >&2; exit {code}"])
+
+    before = records()
+    ok = client.exec.recorded(running, req(0))
+    assert (ok.exit_code, ok.stdout, ok.stderr) == (0, b"", b"")
+    failed = client.exec.recorded(running, req(3))
+    assert (failed.exit_code, failed.stdout, failed.stderr) == (3, b"out\n", b"err\n")
+    asked = client.exec.recorded(running, req(0), read_output=lambda code: True)
+    assert (asked.exit_code, asked.stdout, asked.stderr) == (0, b"out\n", b"err\n")
+    assert records() == before
+    left = client.exec.recorded(running, req(0), tidy=False)
+    assert left.exit_code == 0 and len(records() - before) == 2
+
+
 def test_exec_signal_reaches_the_command(client: IncusClient, running: str) -> None:
     def on_start(sess):  # type: ignore[no-untyped-def]
         threading.Timer(0.5, sess.signal, args=(15,)).start()

@@ -465,8 +465,9 @@ class ShellSession:
         return 0
 
     def _tmux(self, args: list[str]) -> ExecResult:
-        return self.client.exec.capture(
-            self.box.name, self.box.request(["tmux", *args], self._env())
+        """tmux in the sandbox; its output is read only when it failed (no websockets)."""
+        return self.client.exec.recorded(
+            self.box.name, self.box.request(["tmux", *args], self._env()), tidy=self.box.lasting
         )
 
     def _new_tmux_session(self, session: str, script: str) -> None:

@@ -525,8 +525,9 @@ class Sandbox:
                 inst = self.client.instances.get(self.name)
                 network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
             gateway = prove_enforced(
-                self.client, self.name, network, self.log, self.address, then=BOOTED
-            )
+                self.client, self.name, network, self.log, self.address, then=BOOTED,
+                tidy=self.lasting,
+            )  # fmt: skip
         mon = self.spec.monitor
         if mon is not None and mon.enabled:
             from coi.monitor.monitor import net_context
@@ -538,6 +539,12 @@ class Sandbox:
                 policy.allow_local if policy else True,
                 [t.cidr for t in policy.allowed] if policy else [],
             )
+
+    @property
+    def lasting(self) -> bool:
+        """The container outlives this session (persistent, or not made by it): the daemon's
+        records of the execs coi makes in it are removed, not left to pile up there."""
+        return self.spec.persistent or not self.created
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
