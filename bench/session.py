@@ -44,6 +44,10 @@ from coi.sessions import template
 POOL = os.environ.get("COI_POOL", "coi")
 NET = os.environ.get("COI_NETWORK", "coibr0")
 COI = [sys.executable, "-m", "coi"]
+# The sessions the benchmark makes are saved in a state directory of its own, removed at the
+# end: they would otherwise pile up in the user's ~/.coi (and slow `coi list --all`).
+HOME = Path(tempfile.mkdtemp(prefix="coi-bench-home-"))
+os.environ["COI_HOME"] = str(HOME)
 LOCKS = coi_home() / "locks"
 
 
@@ -231,6 +235,7 @@ def main() -> None:
         for n in coi_names(c):
             c.instances.delete(n, force=True)
         shutil.rmtree(ws, ignore_errors=True)
+        shutil.rmtree(HOME, ignore_errors=True)
     print(f"{c.server.display_name}, pool {POOL}, image {a.image}, {a.runs} runs, ", end="")
     print(f"{os.cpu_count()} CPUs\n")
     print("| row | coi | raw daemon floor | coi / floor |")
