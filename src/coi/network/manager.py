@@ -7,7 +7,6 @@ named `coi-<digest>` and marked managed, so `coi clean` removes it once nothing 
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import socket
 import threading
@@ -20,6 +19,7 @@ from coi.backend.exec import ExecRequest
 from coi.backend.models import Network
 from coi.config.loader import Config
 from coi.errors import Conflict, SessionError
+from coi.locks import held
 from coi.network import resources
 from coi.network.address import CONFIGURE, Address, dhcp_pool
 from coi.network.hostnet import free_subnet, host_addresses, host_networks
@@ -111,17 +111,6 @@ def allowlist_refresh(
         thread.join(timeout=5)
 
 
-@contextmanager
-def _lock(lock_dir: Path) -> Iterator[None]:
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with (lock_dir / "network.lock").open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _subnets_in_use(client: IncusClient) -> list[ipaddress.IPv4Network]:
     nets = host_networks()
     for n in client.networks.list():
@@ -141,7 +130,7 @@ def ensure_network(
         log(f"Network mode: open (no restrictions), bridge {default_network}")
         return default_network
     name = policy.name
-    with _lock(lock_dir):
+    with held(lock_dir / "network.lock"):
         net = client.networks.get(name)
         if net is None:
             subnet = free_subnet(_subnets_in_use(client))

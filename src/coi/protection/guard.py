@@ -11,7 +11,6 @@ symlink: a planted link cannot make coi read or write outside the workspace.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from typing import Any
 
 from coi.audit import AuditLog, Event
 from coi.config.paths import coi_home
+from coi.locks import held
 from coi.protection.paths import ProtectionPlan
 
 Log = Callable[[str], None]
@@ -285,16 +285,6 @@ class Guard:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.dir / "lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
     def _load(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.manifest_path.read_text())
         data["entries"] = {
@@ -322,7 +312,7 @@ class Guard:
     def record(self, p: ProtectionPlan) -> list[str]:
         """Record and copy every protected path of the plan; returns notes for the user."""
         notes: list[str] = []
-        with self._locked():
+        with held(self.dir / "lock"):
             backup = self.dir / "backup"
             shutil.rmtree(backup, ignore_errors=True)
             entries: dict[str, dict[str, Entry]] = {}
@@ -362,7 +352,7 @@ class Guard:
         report = Report()
         if not self.exists():
             return report
-        with self._locked():
+        with held(self.dir / "lock"):
             data = self._load()
             workspace = Path(data["workspace"])
             if not workspace.is_dir():

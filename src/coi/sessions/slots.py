@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from coi.errors import SessionError
+from coi.locks import held
 from coi.sessions.naming import MAX_SLOTS
 
 
@@ -33,15 +32,6 @@ class SlotClaims:
         self.dir = lock_dir
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    @contextmanager
-    def _locked(self, ws_hash: str) -> Iterator[None]:
-        with (self.dir / f"{ws_hash}.lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def _claim_path(self, ws_hash: str, slot: int) -> Path:
         return self.dir / f"{ws_hash}-{slot}.claim"
 
@@ -55,7 +45,7 @@ class SlotClaims:
 
     def allocate(self, ws_hash: str, taken: Callable[[int], bool], *, start: int = 1) -> int:
         """Claim the first slot from `start` that no container and no live process holds."""
-        with self._locked(ws_hash):
+        with held(self.dir / f"{ws_hash}.lock"):
             for slot in range(start, MAX_SLOTS + 1):
                 if self._claimed(ws_hash, slot) or taken(slot):
                     continue

@@ -18,12 +18,12 @@ import hashlib
 import os
 import random
 import secrets
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from coi.backend.client import IncusClient
 from coi.errors import BackendError, NotFound
+from coi.locks import held, open_lock
 
 PREFIX = "coitmpl-"  # not the session prefix: `coi list` and `coi clean` leave templates alone
 SPARE_PREFIX = "coispare-"
@@ -43,19 +43,8 @@ def template_name(fingerprint: str, config: Mapping[str, str]) -> str:
     return f"{PREFIX}{fingerprint[:12]}-{hashlib.sha256(idmap.encode()).hexdigest()[:8]}"
 
 
-def _open_lock(lock_dir: Path, name: str) -> int:
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    return os.open(lock_dir / f"{name}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-
-
-@contextmanager
-def _lock(lock_dir: Path, name: str) -> Iterator[None]:
-    fd = _open_lock(lock_dir, name)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _lock_path(lock_dir: Path, name: str) -> Path:
+    return lock_dir / f"{name}.lock"
 
 
 # Held shared by every sandbox of this user from when it is made until it is up; while anyone
@@ -74,7 +63,7 @@ class Starting:
 
     def enter(self) -> None:
         if self._fd < 0:
-            self._fd = _open_lock(self._lock_dir, STARTING_LOCK)
+            self._fd = open_lock(_lock_path(self._lock_dir, STARTING_LOCK))
             fcntl.flock(self._fd, fcntl.LOCK_SH)
 
     def leave(self) -> None:
@@ -104,7 +93,7 @@ def ready(
     try:
         if _usable(client, name, repair=False):
             return name
-        with _lock(lock_dir, name):
+        with held(_lock_path(lock_dir, name)):
             if _usable(client, name, repair=True):  # another coi made it while we waited
                 return name
             log("Preparing a ready-to-start copy of the image (once per image and user)...")
@@ -228,7 +217,7 @@ def replenish(client: IncusClient, tmpl: str, want: int, *, lock_dir: Path, own:
     """
     if want <= 0 or someone_starting(lock_dir):
         return 0
-    fd = _open_lock(lock_dir, SPARES_LOCK)
+    fd = open_lock(_lock_path(lock_dir, SPARES_LOCK))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -244,7 +233,7 @@ def replenish(client: IncusClient, tmpl: str, want: int, *, lock_dir: Path, own:
 def someone_starting(lock_dir: Path) -> bool:
     """Whether a sandbox of this user is starting right now."""
     # Checked, not held: a sandbox starting a moment later does not wait for the refill.
-    fd = _open_lock(lock_dir, STARTING_LOCK)
+    fd = open_lock(_lock_path(lock_dir, STARTING_LOCK))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
