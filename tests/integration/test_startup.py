@@ -29,7 +29,7 @@ from coi.network import address
 from coi.network.hostnet import host_networks
 from coi.sessions import naming, template
 from coi.sessions.runner import ShellRequest, ShellSession
-from coi.sessions.sandbox import Sandbox, SandboxSpec
+from coi.sessions.sandbox import BOOTED, Sandbox, SandboxSpec
 from coi.tools.registry import get_tool
 
 # -- reserved addresses ---------------------------------------------------------------------
@@ -171,6 +171,43 @@ def test_a_tmux_session_a_lost_exec_already_made_is_accepted_only_in_a_new_sandb
         if box.name:
             client.instances.delete(box.name, force=True)
         box.release()
+
+
+def test_the_boot_wait_asks_systemd_once_and_does_not_wait_out_a_bus_that_is_off(
+    client: IncusClient, pool: str, unique: str
+) -> None:
+    """The wait for `sockets.target` (`BOOTED`), in a tiny container dressed as a systemd
+    image whose `systemctl` is a stand-in that counts its calls and says "active". Without a
+    system bus systemd is asked at once; with a bus unit whose socket never appears (a bus
+    this image does not start) it is asked on the 10th turn, not after the 10 s bound."""
+    client.instances.create(
+        unique, image="coi-tiny", devices={"root": {"type": "disk", "path": "/", "pool": pool}},
+        start=True,
+    )  # fmt: skip
+    stub = '#!/bin/sh\necho "$*" >> /tmp/calls\nexit 0\n'
+
+    def wait() -> tuple[str, list[str]]:
+        res = client.exec.capture(unique, ExecRequest(["sh", "-c", BOOTED + "echo $i"]))
+        calls = client.exec.capture(
+            unique, ExecRequest(["sh", "-c", "cat /tmp/calls; rm -f /tmp/calls"])
+        )
+        return res.stdout.decode().strip(), calls.stdout.decode().splitlines()
+
+    try:
+        made = client.exec.capture(
+            unique,
+            ExecRequest(["sh", "-c", f"mkdir -p /run/systemd/system && printf '{stub}' > "
+                         "/bin/systemctl && chmod +x /bin/systemctl"]),
+        )  # fmt: skip
+        assert made.exit_code == 0, made.stderr
+        assert wait() == ("0", ["is-active --quiet sockets.target"])
+        client.exec.capture(
+            unique, ExecRequest(["sh", "-c", "mkdir -p /lib/systemd/system && "
+                                 "touch /lib/systemd/system/dbus.socket"])
+        )  # fmt: skip
+        assert wait() == ("9", ["is-active --quiet sockets.target"])
+    finally:
+        client.instances.delete(unique, force=True)
 
 
 def test_a_slot_is_chosen_from_the_containers_that_exist_once_the_lock_is_held(
