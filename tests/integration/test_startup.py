@@ -76,6 +76,45 @@ def test_sandboxes_made_at_once_get_distinct_slots_and_reserved_addresses(
         run_coi("kill", "--all", "--force", env=env)
 
 
+def test_a_pool_address_dhcp_gave_first_is_replaced_by_the_reserved_one_for_good(
+    client: IncusClient, bridge: str, pool: str, unique: str
+) -> None:
+    """When sandboxes start together the daemon's DHCP server can answer before it has read a
+    reservation, and the sandbox gets a pool address. Setting the reserved one from inside
+    (`address.CONFIGURE`) leaves it the only address; and a lease that arrives after it does
+    not replace it."""
+    net = client.networks.get(bridge)
+    assert net is not None
+    client.instances.create(
+        unique, image="coi-tiny", start=True,
+        devices={"root": {"type": "disk", "path": "/", "pool": pool},
+                 "eth0": {"type": "nic", "network": bridge, "name": "eth0"}},
+    )  # fmt: skip
+
+    def addresses() -> list[str]:
+        res = client.exec.capture(unique, ExecRequest(["ip", "-4", "addr", "show", "dev", "eth0"]))
+        return re.findall(r"inet (\S+)/", res.stdout.decode())
+
+    try:
+        wait_for(addresses, "a DHCP address")
+        (pool_address,) = addresses()
+        reserved = address.choose(net, avoid={pool_address})
+        assert reserved is not None
+        done = client.exec.capture(
+            unique, ExecRequest(["sh", "-c", address.CONFIGURE], env=reserved.env())
+        )
+        assert done.exit_code == 0, done.stderr
+        assert addresses() == [reserved.ip]
+        # The other order: the lease (a pool address) arrives after coi set the reserved
+        # one; the image's DHCP hook runs as udhcpc runs it.
+        lease = {"interface": "eth0", "ip": pool_address, "mask": "24", "router": reserved.gateway}
+        late = client.exec.capture(unique, ExecRequest(["/etc/udhcpc.script", "bound"], env=lease))
+        assert late.exit_code == 0, late.stderr
+        assert addresses() == [reserved.ip]
+    finally:
+        client.instances.delete(unique, force=True)
+
+
 @pytest.mark.parametrize("via_spare", [False, True], ids=["copy", "spare"])
 def test_an_address_another_nic_holds_is_given_up_for_another(
     client: IncusClient,

@@ -20,7 +20,7 @@ from coi.errors import SetupError
 TINY_ALIAS = "coi-tiny"
 DESCRIPTION = "coi tiny image (busybox, tmux)"
 # Raised whenever what goes into the image changes: `coi setup` then rebuilds it.
-TINY_VERSION = "3"
+TINY_VERSION = "4"
 VERSION_PROPERTY = "coi.tiny.version"
 
 _TERMINFO = (
@@ -55,13 +55,14 @@ exit 0
 _UDHCPC = """\
 #!/bin/sh
 # Minimal udhcpc hook: address, default route and resolver from the lease. coi may have set
-# the same address already (network/address.py): never drop it, not even for a moment.
+# the sandbox's reserved address already (network/address.py): an address on the interface is
+# kept, and the lease's added only when there is none (a DHCP server that has not yet read the
+# reservation hands out a pool address).
 case "$1" in
   bound|renew)
-    for old in $(ip -4 addr show dev "$interface" | awk '/inet /{print $2}'); do
-      [ "${old%/*}" = "$ip" ] || ip addr del "$old" dev "$interface"
-    done
-    ip addr add "$ip/${mask:-24}" dev "$interface" 2>/dev/null
+    if [ -z "$(ip -4 addr show dev "$interface" | awk '/inet /{print $2}')" ]; then
+      ip addr add "$ip/${mask:-24}" dev "$interface" 2>/dev/null
+    fi
     [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
     : > /etc/resolv.conf.new
     for ns in $dns; do echo "nameserver $ns" >> /etc/resolv.conf.new; done

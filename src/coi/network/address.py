@@ -104,9 +104,16 @@ def is_taken(err: Exception) -> bool:
 
 # Run as root inside, right after start; POSIX sh and busybox alike. The DHCP client may be
 # doing the same at the same moment: every step tolerates the address or route already set.
+# When sandboxes start together, the daemon's DHCP server can answer before it has read the
+# reservation and hand out a pool address (seen once in CI: six at once): any other address
+# on eth0 is removed first, so the sandbox has the reserved one only. First, because removing
+# the interface's primary address takes its secondary ones with it.
 CONFIGURE = r"""
 if [ -n "${ADDR:-}" ]; then
   ip link set eth0 up 2>/dev/null
+  for other in $(ip -4 addr show dev eth0 2>/dev/null | awk '/inet /{print $2}'); do
+    [ "${other%/*}" = "$ADDR" ] || ip addr del "$other" dev eth0 2>/dev/null
+  done
   ip addr add "$ADDR/$PREFIX" dev eth0 2>/dev/null
   ip route replace default via "$GW" dev eth0 2>/dev/null
   if [ ! -L /etc/resolv.conf ] && ! grep -qs "^nameserver $GW\$" /etc/resolv.conf; then
