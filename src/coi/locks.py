@@ -26,3 +26,19 @@ def held(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
+
+
+@contextmanager
+def tried(path: Path) -> Iterator[bool]:
+    """Take the lock file `path` exclusively if nobody holds it (shared or not): yields
+    whether it was taken; a lock taken is held for the block."""
+    fd = open_lock(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)

@@ -465,9 +465,13 @@ class ShellSession:
         return 0
 
     def _tmux(self, args: list[str]) -> ExecResult:
-        """tmux in the sandbox; its output is read only when it failed (no websockets)."""
+        """tmux in the sandbox (no websockets); its output is read only when it failed, and
+        not for `has-session`, whose failure is an answer (no such session)."""
         return self.client.exec.recorded(
-            self.box.name, self.box.request(["tmux", *args], self._env()), tidy=self.box.lasting
+            self.box.name,
+            self.box.request(["tmux", *args], self._env()),
+            read_output=lambda code: code != 0 and args[0] != "has-session",
+            tidy=self.box.lasting,
         )
 
     def _new_tmux_session(self, session: str, script: str) -> None:

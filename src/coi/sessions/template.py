@@ -23,7 +23,7 @@ from pathlib import Path
 
 from coi.backend.client import IncusClient
 from coi.errors import BackendError, NotFound
-from coi.locks import held, open_lock
+from coi.locks import held, open_lock, tried
 
 PREFIX = "coitmpl-"  # not the session prefix: `coi list` and `coi clean` leave templates alone
 SPARE_PREFIX = "coispare-"
@@ -217,30 +217,17 @@ def replenish(client: IncusClient, tmpl: str, want: int, *, lock_dir: Path, own:
     """
     if want <= 0 or someone_starting(lock_dir):
         return 0
-    fd = open_lock(_lock_path(lock_dir, SPARES_LOCK))
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 0  # another coi is refilling right now
-        if client.instances.busy() - {own}:
-            return 0
+    with tried(_lock_path(lock_dir, SPARES_LOCK)) as mine:
+        if not mine or client.instances.busy() - {own}:
+            return 0  # another coi is refilling right now, or the daemon is busy
         return _copy_spares(client, tmpl, want)
-    finally:
-        os.close(fd)
 
 
 def someone_starting(lock_dir: Path) -> bool:
     """Whether a sandbox of this user is starting right now."""
     # Checked, not held: a sandbox starting a moment later does not wait for the refill.
-    fd = open_lock(_lock_path(lock_dir, STARTING_LOCK))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    with tried(_lock_path(lock_dir, STARTING_LOCK)) as free:
+        return not free
 
 
 def _copy_spares(client: IncusClient, tmpl: str, want: int) -> int:
