@@ -25,6 +25,7 @@ from tests.integration.conftest import (
 )
 
 from coi.backend import IncusClient
+from coi.backend.exec import ExecRequest
 
 
 def test_run_as_user_ownership_exit_code_and_no_leftover(
@@ -256,3 +257,71 @@ def test_claude_settings_are_merged_not_overwritten(
     assert info is not None and (info.uid, info.mode) == (1000, 0o600)
     # The host's own file is untouched.
     assert json.loads((claude_dir / "settings.json").read_text()) == host_settings
+
+
+def test_settings_are_merged_with_the_containers_own_and_planted_links_are_not_followed(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """coi reads and writes the agent's settings as the agent user, in one command each way;
+    a file too big for that goes through the daemon's file API. The agent, between two
+    sessions of a persistent container, plants links to make coi read or write elsewhere."""
+    ws = user_dir(base / "ws", user)
+    claude_dir = user_dir(Path(uenv["HOME"]) / ".claude", user)
+    big = ("# notes\n" + "x" * 100 + "\n") * 1000  # 109 KB: over what one variable carries
+    (claude_dir / "CLAUDE.md").write_text(big)
+    argv = ("shell", "--tool", "claude", "--debug", "--background", "--persistent", "--slot")
+    argv += ("1", "--image", "coi-tiny", "-w", str(ws))
+    res = run_coi(*argv, env=uenv, user=USER)
+    assert res.returncode == 0, res.stderr
+    (name,) = coi_names(client, ws)
+
+    def sh(script: str, uid: int = 1000) -> str:
+        req = ExecRequest(["sh", "-c", script], env={"HOME": "/home/code"}, user=uid, group=uid)
+        r = client.exec.capture(name, req)
+        assert r.exit_code == 0, r.stderr
+        return r.stdout.decode()
+
+    try:
+        assert client.files.read(name, "/home/code/.claude/CLAUDE.md").decode() == big
+        info = client.files.stat(name, "/home/code/.claude/CLAUDE.md")
+        assert info is not None and (info.uid, info.mode) == (1000, 0o600)
+        # The background launch saved the state coi gave the sandbox.
+        (saved,) = (Path(uenv["COI_HOME"]) / "sessions-claude").iterdir()
+        settings = client.files.read(name, "/home/code/.claude/settings.json")
+        assert (saved / ".claude" / "settings.json").read_bytes() == settings
+        assert (saved / ".claude" / "CLAUDE.md").read_text() == big
+
+        # The agent's own settings, a link to a root-only file, a link to a file of its own.
+        sh(
+            'cd && echo \'{"model": "mine", "permissions": {"allow": ["Bash"]}}\''
+            " > .claude/settings.json && echo victim > /tmp/victim"
+            " && ln -sf /tmp/victim .claude/CLAUDE.md && ln -sf /root/secret.json .claude.json"
+        )
+        sh("echo '{\"root\": true}' > /root/secret.json && chmod 600 /root/secret.json", 0)
+        sh("tmux kill-server")  # so the next session starts tmux, with the files' command
+        (claude_dir / "CLAUDE.md").write_text("small notes\n")
+        res = run_coi(*argv, env=uenv, user=USER)
+        assert res.returncode == 0, res.stderr
+        assert coi_names(client, ws) == [name]  # the same container, reused
+        merged = json.loads(sh("cat ~/.claude/settings.json"))
+        assert merged["model"] == "mine"
+        assert merged["permissions"] == {"allow": ["Bash"], "defaultMode": "bypassPermissions"}
+        assert "/home/code/.claude.json cannot be read as code; left as it is" in res.stderr
+        assert sh("cat /root/secret.json", 0) == '{"root": true}\n'
+        # The link was replaced by the file, not written through.
+        assert sh("cat /tmp/victim") == "victim\n"
+        assert sh("cd && stat -c '%F %u %a' .claude/CLAUDE.md; cat .claude/CLAUDE.md") == (
+            "regular file 1000 600\nsmall notes\n"
+        )
+        # The contents travelled in the command's environment: tmux did not keep them.
+        assert "COI_FILE" not in sh("tmux show-environment -g")
+
+        # tmux runs: the session goes to it, the files written by a command of their own.
+        sh('cd && echo \'{"model": "again"}\' > .claude/settings.json')
+        res = run_coi(*argv, env=uenv, user=USER)
+        assert res.returncode == 0 and "Sent command to existing tmux session" in res.stderr
+        merged = json.loads(sh("cat ~/.claude/settings.json"))
+        assert merged["model"] == "again" and merged["effortLevel"] == "medium"
+    finally:
+        for n in coi_names(client, ws):
+            client.instances.delete(n, force=True)

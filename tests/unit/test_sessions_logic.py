@@ -85,3 +85,18 @@ def test_tool_registry_and_command_lines() -> None:
     ]
     with pytest.raises(UsageError, match="unknown tool: vim"):
         get_tool("vim")
+
+
+def test_home_file_listing_is_parsed_and_a_file_changing_midway_is_refused() -> None:
+    from coi.sessions.home import UNREADABLE, _parse
+
+    body = b'{"a": 1}\n12\n'  # content that itself looks like a size line
+    out = b"-\n?\n" + str(len(body)).encode() + b"\n" + body + b"   0\n"
+    assert _parse(out, ["a", "b", "c", "d"]) == [None, UNREADABLE, body, b""]
+    # `wc` said 20 bytes, `cat` then gave 8: the file was written meanwhile.
+    with pytest.raises(SessionError, match="changed in the container while coi read them"):
+        _parse(b"20\n12345678", ["a"])
+    with pytest.raises(SessionError, match="changed in the container"):
+        _parse(b"3\nabcEXTRA", ["a"])
+    with pytest.raises(SessionError, match="changed in the container"):
+        _parse(b"-\n", ["a", "b"])

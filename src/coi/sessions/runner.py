@@ -9,23 +9,23 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
-from coi.backend.models import ExecResult
+from coi.backend.models import ExecResult, Instance
 from coi.config.loader import Config
 from coi.config.paths import coi_home
-from coi.errors import BackendError, NotFound, SessionError
+from coi.errors import BackendError, SessionError
 from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
 from coi.protection.guard import settle_when_gone, watching
-from coi.sessions import naming
+from coi.sessions import home, naming
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
 from coi.tools.base import Tool
@@ -259,6 +259,10 @@ class ShellSession:
         self.session_id = new_session_id()
         self.resumed: Metadata | None = None
         self._left_running = False  # a background session's tmux was started by this coi
+        self._given: dict[str, home.HomeFile] = {}  # what coi wrote into the agent's home
+        self._host_files: dict[str, home.HomeFile] = {}
+        self._overlays: dict[str, dict[str, Any]] = {}
+        self._theirs: list[str] = []
 
     def run(self) -> int:
         ws = str(self.spec.workspace)
@@ -314,8 +318,7 @@ class ShellSession:
             if saved.is_dir() and self.box.created:
                 self.log(f"Restoring session data from {self.session_id}")
                 self._push_dir(saved, f"{self.spec.home}/{tool.state_dir}")
-        self._inject_credentials()
-        self._apply_sandbox_settings()
+        self._plan_home()
         self.log("Container setup complete!")
 
     def _push_dir(self, local: Path, remote: str) -> None:
@@ -325,44 +328,51 @@ class ShellSession:
             self.client.files.mkdir(self.box.name, parent, uid=uid, gid=uid, parents=True)
         self.client.files.push_tree(self.box.name, local, remote, uid=uid, gid=uid)
 
-    def _ensure_parent(self, dest: str) -> None:
-        parent = os.path.dirname(dest)
-        if parent != self.spec.home and self.client.files.stat(self.box.name, parent) is None:
-            uid = self.spec.code_uid
-            self.client.files.mkdir(
-                self.box.name, parent, uid=uid, gid=uid, mode=0o700, parents=True
-            )
-
-    def _inject_credentials(self) -> None:
-        """Copy the tool's own config files from the host home; never the environment."""
-        home = Path.home()
-        for rel in self.req.tool.credential_files:
-            src = home / rel
-            if not src.is_file():
-                continue
-            dest = f"{self.spec.home}/{rel}"
-            self._ensure_parent(dest)
-            self.client.files.push_file(
-                self.box.name, src, dest, uid=self.spec.code_uid, gid=self.spec.code_uid, mode=0o600
-            )
-
-    def _apply_sandbox_settings(self) -> None:
-        """Lay coi's settings over the tool's settings files: merged, never overwritten."""
+    def _plan_home(self) -> None:
+        """What goes into the agent's home: the tool's own config files from the host home
+        (never the environment), and coi's settings, to be laid over the tool's settings
+        files (merged, never overwritten). Written with the command that starts tmux."""
         tool = self.req.tool
+        self._host_files = {}
+        for rel in tool.credential_files:
+            src = Path.home() / rel
+            if src.is_file():
+                self._host_files[rel] = home.HomeFile(rel, src.read_bytes())
         prefix = f"tool.{tool.name}."
         options = {k[len(prefix) :]: v for k, v in self.cfg.values.items() if k.startswith(prefix)}
-        overlays = tool.sandbox_settings(bypass=self.req.bypass, options=options)
-        for rel, overlay in overlays.items():
+        self._overlays = tool.sandbox_settings(bypass=self.req.bypass, options=options)
+        # The settings files the container's own copy of which the merge goes over.
+        self._theirs = [rel for rel in self._overlays if rel not in self._host_files]
+
+    def _home_files(
+        self, inside: Mapping[str, bytes | home.Unreadable | None], warnings: list[str]
+    ) -> dict[str, home.HomeFile]:
+        """The files for the agent's home, given the container's own settings files; what is
+        left as it is, and why, goes to `warnings`."""
+        files = dict(self._host_files)
+        for rel, overlay in self._overlays.items():
             dest = f"{self.spec.home}/{rel}"
-            info = self.client.files.stat(self.box.name, dest)
-            existing = self.client.files.read(self.box.name, dest) if info else None
+            existing = files[rel].data if rel in files else inside.get(rel)
+            if isinstance(existing, home.Unreadable):
+                warnings.append(f"{dest} cannot be read as {self.spec.code_user}; left as it is")
+                continue
             merged = merge_json_text(existing, overlay)
             if merged is None:
-                self.log(f"Warning: {dest} is not a JSON object; left as it is")
+                warnings.append(f"{dest} is not a JSON object; left as it is")
                 continue
-            self._ensure_parent(dest)
-            uid = self.spec.code_uid
-            self.client.files.push_bytes(self.box.name, dest, merged, uid=uid, gid=uid, mode=0o600)
+            files[rel] = home.HomeFile(rel, merged)
+        return files
+
+    def _lay_home(self) -> None:
+        """Read the container's own settings files, merge, write: one command each way."""
+        warnings: list[str] = []
+        self._given = self._home_files(home.read(self.client, self.box, self._theirs), warnings)
+        home.write(self.client, self.box, list(self._given.values()))
+        self._warn(warnings)
+
+    def _warn(self, warnings: list[str]) -> None:
+        for w in warnings:
+            self.log(f"Warning: {w}")
 
     def _save_metadata(self) -> None:
         self.store.write_metadata(
@@ -427,6 +437,7 @@ class ShellSession:
         name = self.box.name
         cmd = self.tool_command()
         if not self.req.tmux:
+            self._lay_home()
             self.box.up()
             return self.client.exec.interactive(name, self.box.request(cmd, self._env()))
         session = naming.tmux_session(name)
@@ -442,9 +453,11 @@ class ShellSession:
             fallback = "" if self.req.debug else "; exec bash"
             script = f"trap : INT; {exports}{shlex.join(cmd)}{fallback}"
             self._new_tmux_session(session, script)
-        elif self.req.background:
-            self._tmux(["send-keys", "-t", session, shlex.join(cmd), "Enter"])
-            sys.stderr.write(f"Sent command to existing tmux session: {session}\n")
+        else:
+            self._lay_home()
+            if self.req.background:
+                self._tmux(["send-keys", "-t", session, shlex.join(cmd), "Enter"])
+                sys.stderr.write(f"Sent command to existing tmux session: {session}\n")
         if self.req.background:
             self._left_running = True
             if self.spec.monitor is not None and self.spec.monitor.enabled:
@@ -467,19 +480,44 @@ class ShellSession:
     def _tmux(self, args: list[str]) -> ExecResult:
         """tmux in the sandbox (no websockets); its output is read only when it failed, and
         not for `has-session`, whose failure is an answer (no such session)."""
+        return self._recorded(["tmux", *args], {}, quiet=args[0] == "has-session")
+
+    def _recorded(
+        self, argv: list[str], env: Mapping[str, str], *, quiet: bool = False
+    ) -> ExecResult:
         return self.client.exec.recorded(
             self.box.name,
-            self.box.request(["tmux", *args], self._env()),
-            read_output=lambda code: code != 0 and args[0] != "has-session",
+            self.box.request(argv, {**self._env(), **env}),
+            read_output=lambda code: code != 0 and not quiet,
             tidy=self.box.lasting,
         )
 
     def _new_tmux_session(self, session: str, script: str) -> None:
+        """Start tmux, the files for the agent's home written by the same command.
+
+        That command assumes the container has none of the settings files coi merges into
+        (true of a fresh sandbox from any image coi builds) and stops before writing if one
+        is there; then they are read and merged first (`_lay_home`) and tmux started alone.
+        """
         size = ["-x", "200", "-y", "50"]
         target = self.spec.workspace_target
-        res = self._tmux(
-            ["new-session", "-d", "-s", session, "-c", target, *size, "bash", "-c", script]
-        )
+        args = ["new-session", "-d", "-s", session, "-c", target, *size, "bash", "-c", script]
+        warnings: list[str] = []
+        files = list(self._home_files({}, warnings).values())
+        res: ExecResult | None = None
+        if home.inlinable(files):
+            argv, env = home.command(self.box, files, absent=self._theirs, then=["tmux", *args])
+            res = self._recorded(argv, env)
+            if res.exit_code == home.WRITE_FAILED:
+                raise home.failed(self.box, files, res.stderr)
+            if res.exit_code == home.PRESENT:
+                res = None
+            else:
+                self._given = {f.rel: f for f in files}
+                self._warn(warnings)
+        if res is None:
+            self._lay_home()
+            res = self._tmux(args)
         # Under load LXD can lose an exec whose command ran and ended at once, as `tmux
         # new-session -d` does, and the backend starts it again: in a container made a
         # moment ago, the session that is already there is the one the first start made.
@@ -500,10 +538,14 @@ class ShellSession:
             if self.box.name:
                 if self.box.out_of_time():
                     log(f"Session stopped: max_duration {self.spec.limits.duration_text} reached")
-                self._save_state(log)
+                # Looked up once: the state, the container's fate and the last check of the
+                # protected paths all go by it.
+                inst = self.box.instance()
+                if inst is not None:
+                    self._save_state(log)
                 self._save_metadata()
-                self._finish_container(log)
-                self.box.settle_protection(removed=not self.box.exists())
+                gone = self._finish_container(inst, log)
+                self.box.settle_protection(removed=gone)
             self.box.replenish()
             self.box.release()
         finally:
@@ -511,18 +553,19 @@ class ShellSession:
 
     def _save_state(self, log: Log) -> None:
         tool = self.req.tool
-        if not tool.state_dir or not self.box.exists():
+        if not tool.state_dir:
             return
         remote = f"{self.spec.home}/{tool.state_dir}"
         target_parent = self.store.dir(self.session_id)
         target_parent.mkdir(parents=True, exist_ok=True)
-        # Pull beside the destination (same filesystem) so the final swap is a rename.
+        # Made beside the destination (same filesystem) so the final swap is a rename.
         tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=target_parent))
         try:
-            if self.client.files.stat(self.box.name, remote) is None:
-                return
+            if not self._given_state(tmp / "state"):
+                if self.client.files.stat(self.box.name, remote) is None:
+                    return
+                self.client.files.pull_tree(self.box.name, remote, tmp / "state")
             log(f"Saving session data to {target_parent}")
-            self.client.files.pull_tree(self.box.name, remote, tmp / "state")
             self.store.replace_state(self.session_id, tool.state_dir, tmp / "state")
             log("Session data saved successfully")
         except BackendError as err:
@@ -530,19 +573,39 @@ class ShellSession:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _finish_container(self, log: Log) -> None:
+    def _given_state(self, dest: Path) -> bool:
+        """A background session in a sandbox made just now: its state is what coi gave it a
+        moment ago (the restored conversation, credentials and settings): made in `dest`
+        from that instead of read back, and True; False for any other session. Reading it
+        back would be the session's only use of the daemon's file API, whose first request
+        on a container costs the daemon a helper process (see `coi.sessions.home`)."""
+        tool = self.req.tool
+        given = home.under(self._given, tool.state_dir)
+        if not (self._left_running and self.box.created and given):
+            return False
+        if self.resumed:
+            saved = self.store.state_path(self.session_id, tool.state_dir)
+            if saved.is_dir():
+                shutil.copytree(saved, dest, symlinks=True)
+        for rel, data in given.items():
+            path = dest / rel
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.write_bytes(data)
+            path.chmod(0o600)
+        return True
+
+    def _finish_container(self, inst: Instance | None, log: Log) -> bool:
+        """Keep or remove the container; whether it is gone."""
         name = self.box.name
-        try:
-            inst = self.client.instances.get(name)
-        except NotFound:
+        if inst is None:
             log("Container was already removed")
-            return
+            return True
         if self.spec.persistent or self.req.container:
             if inst.running:
                 sys.stderr.write(_KEPT_HINT)
             else:
                 log("Container was stopped but kept for reuse")
-            return
+            return False
         try:
             # Started in the background a moment ago: its tmux runs (the pane falls back to a
             # shell when the tool exits), no exec needed to know.
@@ -556,10 +619,11 @@ class ShellSession:
             tmux_alive = False
         if tmux_alive:
             sys.stderr.write(_KEPT_HINT)
-            return
+            return False
         log("Container was stopped, removing..." if not inst.running else "Removing container...")
         self.box.remove()
         log("Container removed (session data saved for --resume)")
+        return True
 
 
 _KEPT_HINT = (

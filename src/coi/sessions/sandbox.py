@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
-from coi.backend.models import Network
+from coi.backend.models import Instance, Network
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, ConfigError, NotFound, SessionError
@@ -581,10 +581,15 @@ class Sandbox:
         return bool(self.name) and self.client.instances.exists(self.name)
 
     def running(self) -> bool:
+        inst = self.instance()
+        return inst is not None and inst.running
+
+    def instance(self) -> Instance | None:
+        """The container as the daemon has it now; None if it is gone."""
         try:
-            return self.client.instances.get(self.name).running
+            return self.client.instances.get(self.name)
         except NotFound:
-            return False
+            return None
 
     def remove(self) -> None:
         """Delete the container, whatever state it is in."""
