@@ -325,3 +325,47 @@ def test_settings_are_merged_with_the_containers_own_and_planted_links_are_not_f
     finally:
         for n in coi_names(client, ws):
             client.instances.delete(n, force=True)
+
+
+def test_a_link_the_agent_left_in_its_saved_state_does_not_take_a_write_out_to_the_host(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """The agent replaces a file coi gives it (the host's CLAUDE.md) with a link to a host
+    path; the session's state, link included, is saved when it ends. A background resume
+    then saves the state coi gave its new sandbox over that saved tree: the link is replaced,
+    and the host file it names stays as it was."""
+    ws = user_dir(base / "ws", user)
+    claude_dir = user_dir(Path(uenv["HOME"]) / ".claude", user)
+    (claude_dir / "CLAUDE.md").write_text("notes\n")
+    victim = base / "victim"
+    victim.write_text("precious\n")
+    os.chown(victim, user.pw_uid, user.pw_gid)
+    argv = coi_argv(
+        "shell", "--tool", "claude", "--debug", "--image", "coi-tiny", "-w", str(ws), user=USER
+    )  # fmt: skip
+    child = pexpect.spawn(argv[0], argv[1:], env=uenv, encoding="utf-8", timeout=60)
+    try:
+        child.expect("Mode: Interactive")
+        time.sleep(1)  # let tmux draw its shell before we type
+        child.sendline(f"ln -sf {victim} ~/.claude/CLAUDE.md; exit")
+        child.expect("Session data saved successfully")
+        child.expect(pexpect.EOF, timeout=60)
+    finally:
+        child.close()
+    (saved,) = (Path(uenv["COI_HOME"]) / "sessions-claude").iterdir()
+    assert os.readlink(saved / ".claude" / "CLAUDE.md") == str(victim)  # the agent's link
+    wait_gone(client, ws)
+    try:
+        res = run_coi(
+            "shell", "--tool", "claude", "--debug", "--background", "--resume", "--image",
+            "coi-tiny", "-w", str(ws), env=uenv, user=USER,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert "Session data saved successfully" in res.stderr
+    finally:
+        for n in coi_names(client, ws):
+            client.instances.delete(n, force=True)
+    assert victim.read_text() == "precious\n"
+    kept = saved / ".claude" / "CLAUDE.md"
+    assert not kept.is_symlink() and kept.read_text() == "notes\n"
+    assert (kept.stat().st_mode & 0o777) == 0o600

@@ -341,7 +341,7 @@ class ShellSession:
         prefix = f"tool.{tool.name}."
         options = {k[len(prefix) :]: v for k, v in self.cfg.values.items() if k.startswith(prefix)}
         self._overlays = tool.sandbox_settings(bypass=self.req.bypass, options=options)
-        # The settings files the container's own copy of which the merge goes over.
+        # Settings files with no copy from the host: the merge goes over the container's own.
         self._theirs = [rel for rel in self._overlays if rel not in self._host_files]
 
     def _home_files(
@@ -568,7 +568,7 @@ class ShellSession:
             log(f"Saving session data to {target_parent}")
             self.store.replace_state(self.session_id, tool.state_dir, tmp / "state")
             log("Session data saved successfully")
-        except BackendError as err:
+        except (BackendError, OSError) as err:
             log(f"Warning: could not save session data: {err}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -588,10 +588,7 @@ class ShellSession:
             if saved.is_dir():
                 shutil.copytree(saved, dest, symlinks=True)
         for rel, data in given.items():
-            path = dest / rel
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path.write_bytes(data)
-            path.chmod(0o600)
+            _write_within(dest, rel, data)
         return True
 
     def _finish_container(self, inst: Instance | None, log: Log) -> bool:
@@ -624,6 +621,26 @@ class ShellSession:
         self.box.remove()
         log("Container removed (session data saved for --resume)")
         return True
+
+
+def _write_within(root: Path, rel: str, data: bytes) -> None:
+    """Write `root/rel` (mode 0600) in a tree that came out of a sandbox: a symbolic link the
+    agent left in it, at that path or above it, is replaced, never followed, so the write
+    stays inside `root` (coi may run as root on the host)."""
+    root.mkdir(mode=0o700, exist_ok=True)
+    path = root
+    for part in Path(rel).parent.parts:
+        path = path / part
+        if path.is_symlink():
+            path.unlink()
+        path.mkdir(mode=0o700, exist_ok=True)
+    path = root / rel
+    tmp = path.with_name(path.name + ".coi-part")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)  # a link standing at `path` is replaced, not written through
 
 
 _KEPT_HINT = (
