@@ -65,6 +65,12 @@ def coi_names(client: IncusClient, ws: Path) -> list[str]:
     return [n for n in client.instances.names() if h in n]
 
 
+def remove_containers(client: IncusClient, ws: Path) -> None:
+    """Force-delete every container of the workspace (a test's cleanup)."""
+    for n in coi_names(client, ws):
+        client.instances.delete(n, force=True)
+
+
 def wait_for(cond: Callable[[], object], what: str, timeout: float = 30) -> None:
     """Poll `cond` (bounded) until it is true; fail the test naming `what` otherwise."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import USER, coi_names, user_dir, wait_for, wait_gone
+from tests.integration.conftest import (
+    USER,
+    coi_names,
+    remove_containers,
+    user_dir,
+    wait_for,
+    wait_gone,
+)
 
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
@@ -251,8 +258,7 @@ def test_host_secrets_keys_and_daemon_socket_are_out_of_reach(
             for d in client.instances.get(name).expanded_devices.values()
         )
     finally:
-        for n in coi_names(client, ws):
-            client.instances.delete(n, force=True)
+        remove_containers(client, ws)
 
 
 def test_home_directory_as_workspace_is_refused(
@@ -367,8 +373,7 @@ def test_duration_limit_stops_run_and_detached_shell(
         wait_for(lambda: not client.instances.get(name).running, "the time limit", timeout=40)
         stopped_after = time.monotonic() - started
     finally:
-        for n in coi_names(client, ws):
-            client.instances.delete(n, force=True)
+        remove_containers(client, ws)
     assert stopped_after < 25, stopped_after
     assert any(e["category"] == "limits" for e in _audit(uenv, name))
 

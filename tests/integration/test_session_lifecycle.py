@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     USER,
     coi_names,
     converse,
+    remove_containers,
     spawn_shell,
     user_dir,
     wait_for,
@@ -65,8 +66,7 @@ def background(
     try:
         yield ws, name
     finally:
-        for n in coi_names(client, ws):
-            client.instances.delete(n, force=True)
+        remove_containers(client, ws)
 
 
 def test_list_tmux_as_the_agent_persist_freeze_resume_kill(

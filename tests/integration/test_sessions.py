@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     coi_names,
     converse,
     leave,
+    remove_containers,
     spawn_shell,
     user_dir,
     wait_gone,
@@ -216,8 +217,7 @@ def test_persistent_container_keeps_installed_files(
         child.expect(pexpect.EOF, timeout=60)
         child.close()
     finally:
-        for n in coi_names(client, ws):
-            client.instances.delete(n, force=True)
+        remove_containers(client, ws)
 
 
 def test_claude_settings_are_merged_not_overwritten(
@@ -323,8 +323,7 @@ def test_settings_are_merged_with_the_containers_own_and_planted_links_are_not_f
         merged = json.loads(sh("cat ~/.claude/settings.json"))
         assert merged["model"] == "again" and merged["effortLevel"] == "medium"
     finally:
-        for n in coi_names(client, ws):
-            client.instances.delete(n, force=True)
+        remove_containers(client, ws)
 
 
 def test_a_link_the_agent_left_in_its_saved_state_does_not_take_a_write_out_to_the_host(
@@ -363,8 +362,7 @@ def test_a_link_the_agent_left_in_its_saved_state_does_not_take_a_write_out_to_t
         assert res.returncode == 0, res.stderr
         assert "Session data saved successfully" in res.stderr
     finally:
-        for n in coi_names(client, ws):
-            client.instances.delete(n, force=True)
+        remove_containers(client, ws)
     assert victim.read_text() == "precious\n"
     kept = saved / ".claude" / "CLAUDE.md"
     assert not kept.is_symlink() and kept.read_text() == "notes\n"
