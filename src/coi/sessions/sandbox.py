@@ -192,10 +192,11 @@ def instance_devices(spec: SandboxSpec, addr: Address | None = None) -> dict[str
 # Commands start a fraction of a second after the container: on a systemd image, wait until
 # its sockets listen, so the system bus and socket-activated services (Docker) answer the very
 # first command. Polling cost CPU when it counts most (ten sandboxes booting at once on two
-# cores: 22 `sleep` and 5 `systemctl` per sandbox, counted with process accounting), so the
-# wait blocks in systemd instead: once systemd's own socket is there (some 0.1 s into the
-# boot), one `systemctl start sockets.target` joins the boot's job for that target and returns
-# when it is done; in a booted system it changes nothing, the target being active. Bounded:
+# cores ran 22 `sleep` and 5 `systemctl` per sandbox, most of them this wait's, counted with
+# process accounting), so the wait blocks in systemd instead: once systemd's own socket is
+# there (some 0.1 s into the boot), one `systemctl start sockets.target` joins the boot's job
+# for that target and returns when it is done; in a booted system it changes nothing, the
+# target being active. Bounded:
 # 10 s for systemd's socket, 10 s for the target.
 BOOTED = r"""
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
