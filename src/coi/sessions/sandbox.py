@@ -196,8 +196,7 @@ def instance_devices(spec: SandboxSpec, addr: Address | None = None) -> dict[str
 # process accounting), so the wait blocks in systemd instead: once systemd's own socket is
 # there (some 0.1 s into the boot), one `systemctl start sockets.target` joins the boot's job
 # for that target and returns when it is done; in a booted system it changes nothing, the
-# target being active. Bounded:
-# 10 s for systemd's socket, 10 s for the target.
+# target being active. Bounded: 10 s for systemd's socket, 10 s for the target.
 BOOTED = r"""
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
   i=0
