@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +16,13 @@ def _print_error(message: str, details: str | None = None, resolution: str | Non
     sys.stderr.write("\n".join(out) + "\n")
 
 
+def loaded() -> None:
+    """The command has what it needs loaded: collect garbage again, leaving all of that out of
+    it for good (see `main`)."""
+    gc.freeze()
+    gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the coi CLI and return its exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -25,6 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(f"coi version {__version__}\n")
         return 0
 
+    # Importing allocates much and frees almost nothing, so collecting garbage meanwhile is
+    # wasted: 15-20 % of a short command's CPU (`perf stat`, 20 runs of `coi list`), in every
+    # one of ten sessions started at once. Collection resumes once the command has connected
+    # to the daemon (`loaded`), by when its modules are in; a command that never connects
+    # (`coi setup`, `coi config`) runs without it, allocating little.
+    gc.disable()
     import click
 
     from coi.cli.app import cli

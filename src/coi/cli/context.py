@@ -27,6 +27,10 @@ def daemon() -> tuple[Config, IncusClient]:
 def connect(cfg: Config) -> IncusClient:
     """A client for the configured daemon and project."""
     from coi.backend.client import IncusClient
+    from coi.cli import loaded
 
     remote = cfg.get_str("incus.remote") or None
-    return IncusClient.connect(env=os.environ, remote=remote, project=cfg.get_str("incus.project"))
+    project = cfg.get_str("incus.project")
+    client = IncusClient.connect(env=os.environ, remote=remote, project=project)
+    loaded()
+    return client
