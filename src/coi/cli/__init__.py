@@ -39,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # to the daemon (`loaded`), by when its modules are in; a command that never connects
     # (`coi setup`, `coi config`) runs without it, allocating little.
     gc.disable()
+    try:
+        return _dispatch(args)
+    finally:
+        gc.enable()  # for a caller that goes on in this process
+
+
+def _dispatch(args: list[str]) -> int:
     import click
 
     from coi.cli.app import cli
