@@ -157,7 +157,10 @@ def failed(box: Sandbox, files: Sequence[HomeFile], stderr: bytes) -> SessionErr
 
 def write(client: IncusClient, box: Sandbox, files: Sequence[HomeFile]) -> None:
     """Write these files into the agent's home as the agent user, folders made as needed."""
-    inline = [f for f in files if _inlinable(f.data)]
+    inline: list[HomeFile] = []
+    big: list[HomeFile] = []
+    for f in files:
+        (inline if _inlinable(f.data) else big).append(f)
     if inline:
         argv, env = command(box, inline)
         res = client.exec.recorded(
@@ -165,9 +168,8 @@ def write(client: IncusClient, box: Sandbox, files: Sequence[HomeFile]) -> None:
         )
         if res.exit_code != 0:
             raise failed(box, inline, res.stderr)
-    for f in files:
-        if not _inlinable(f.data):
-            _push(client, box, f)
+    for f in big:
+        _push(client, box, f)
 
 
 def _inlinable(data: bytes) -> bool:

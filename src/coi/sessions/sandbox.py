@@ -577,9 +577,6 @@ class Sandbox:
             group=self.spec.code_uid,
         )
 
-    def exists(self) -> bool:
-        return bool(self.name) and self.client.instances.exists(self.name)
-
     def running(self) -> bool:
         inst = self.instance()
         return inst is not None and inst.running
