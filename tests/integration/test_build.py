@@ -19,6 +19,9 @@ import pytest
 from tests.conftest import run_coi
 
 from coi.backend import IncusClient
+from coi.backend.exec import ExecRequest
+from coi.network import address
+from coi.sessions import template
 
 pytestmark = pytest.mark.timeout(2400)
 
@@ -75,6 +78,52 @@ def test_the_sandbox_boots_clean_with_only_what_it_uses(
         name = re.search(r"Launching container (\S+) ", res.stderr)
         assert name, res.stderr
         assert lines == ["active", "running", "0", "inactive", name.group(1)], res.stdout
+
+
+def test_the_reserved_address_is_set_at_boot_and_no_dhcp_client_runs(
+    client: IncusClient, build_env: dict[str, str], coi_image: str, tmp_path: Path, unique: str
+) -> None:
+    """The image takes the address coi reserved from the container's config at boot: one
+    address, no DHCP client, also for a sandbox started without coi (a persistent one after
+    `incus start`)."""
+    tmp_path.chmod(0o755)
+    script = (
+        "ip -4 -o addr show dev eth0 | awk '{print $4}'; echo \"$COI_ADDRESS\"; "
+        "pgrep -c dhclient; systemctl is-active coi-address networking; true"
+    )
+    res = run_coi("run", "-w", str(tmp_path), "--", "sh", "-c", script, env=build_env)
+    assert res.returncode == 0, res.stderr
+    cidr, given, dhclients, *units = res.stdout.split("\n")[:5]
+    assert given.startswith(cidr + " ") and dhclients == "0", res.stdout
+    assert units == ["active", "inactive"], res.stdout
+
+    # Started by the daemon alone, nothing of coi's execs: only the boot sets the address.
+    fp = client.images.alias_target("coi")
+    assert fp
+    tmpl = next(n for n in client.instances.names() if n.startswith(template.PREFIX + fp[:12]))
+    net = client.networks.get("coibr0")
+    addr = address.choose(net)
+    assert addr is not None, "coi setup gives coibr0 a DHCP pool in its lower half only"
+    nic = {"type": "nic", "network": "coibr0", "name": "eth0", "ipv4.address": addr.ip}
+    client.instances.create(
+        unique,
+        image="",
+        source={"type": "copy", "source": tmpl, "instance_only": True},
+        config=addr.config(),
+        devices={"eth0": nic},
+        start=True,
+    )
+    try:
+        booted = (  # systemd's socket first (bounded): an exec can come before init is up
+            "i=0; while [ $i -lt 100 ] && [ ! -e /run/systemd/private ]; do sleep 0.1; "
+            "i=$((i+1)); done; systemctl is-system-running --wait >/dev/null; "
+        )
+        out = client.exec.run(unique, ExecRequest(["sh", "-c", booted + script])).stdout
+        cidr = f"{addr.ip}/{addr.prefix}"
+        expected = [cidr, f"{cidr} {addr.gateway}", "0", "active", "inactive"]
+        assert out.decode().split("\n")[:5] == expected, out
+    finally:
+        client.instances.delete(unique, force=True)
 
 
 def test_docker_build_and_run_as_the_agent(

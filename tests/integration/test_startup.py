@@ -68,6 +68,12 @@ def test_sandboxes_made_at_once_get_distinct_slots_and_reserved_addresses(
         for reserved, actual in nics:
             # The container has the address the daemon reserved for it, from coi's half.
             assert reserved == actual and reserved in free
+        gw = ipaddress.IPv4Interface(net.config["ipv4.address"])
+        for n, (reserved, _) in zip(names, nics, strict=True):
+            # What the `coi` image sets at boot is that address, also after a sandbox moved
+            # to another one because a sandbox made at the same moment held it.
+            boot = client.instances.get(n).config[address.BOOT_KEY]
+            assert boot == f"{reserved}/{gw.network.prefixlen} {gw.ip}"
         assert len({a for a, _ in nics}) == 6
         lo, hi = net.config["ipv4.dhcp.ranges"].split("-")
         dhcp = range(int(ipaddress.IPv4Address(lo)), int(ipaddress.IPv4Address(hi)) + 1)

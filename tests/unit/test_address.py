@@ -86,3 +86,9 @@ def test_a_spare_count_out_of_range_is_a_config_error(tmp_path: Path, value: str
     with pytest.raises(ConfigError, match=r"incus\.spares must be between 0 and 64") as err:
         build_spec(cfg, tmp_path, mounts=[], env={})
     assert str(f) in str(err.value.details)
+
+
+def test_the_boot_config_carries_address_prefix_and_gateway_for_the_image() -> None:
+    # images/scripts/coi-image.sh splits it at the space: "ADDR/PREFIX GATEWAY".
+    a = address.Address("10.123.45.200", 24, "10.123.45.1")
+    assert a.config() == {"environment.COI_ADDRESS": "10.123.45.200/24 10.123.45.1"}

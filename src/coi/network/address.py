@@ -3,7 +3,8 @@
 DHCP in a booting container costs about a third of a second before anything can use the
 network. Instead coi reserves an address for the sandbox's NIC with the daemon (`ipv4.address`,
 which the daemon refuses if another NIC holds it, and which its DHCP server then hands to this
-NIC only) and sets it from inside right after start. The container's own DHCP client later
+NIC only) and sets it from inside right after start. The `coi` image sets it at boot already
+(`BOOT_KEY`) and runs no DHCP client; in other images the container's own DHCP client later
 gets the same address and changes nothing.
 
 Only networks whose DHCP pool leaves part of the subnet free are used this way (coi's own
@@ -22,6 +23,10 @@ from coi.backend.models import Network
 
 # The lower half of a coi bridge's subnet is its DHCP pool; the upper half is for coi.
 _KEY = "ipv4.dhcp.ranges"
+# The daemon puts `environment.*` keys in init's environment: the `coi` image sets the address
+# at boot from this one and starts no DHCP client (images/scripts/coi-image.sh). Exec'd
+# commands see it too; it is only the sandbox's own address.
+BOOT_KEY = "environment.COI_ADDRESS"
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,10 @@ class Address:
     def env(self) -> dict[str, str]:
         """For the in-container script `CONFIGURE` (and the probe that starts with it)."""
         return {"ADDR": self.ip, "PREFIX": str(self.prefix), "GW": self.gateway}
+
+    def config(self) -> dict[str, str]:
+        """Instance config that hands the address to the container's init (`BOOT_KEY`)."""
+        return {BOOT_KEY: f"{self.ip}/{self.prefix} {self.gateway}"}
 
 
 def dhcp_pool(subnet: str) -> dict[str, str]:

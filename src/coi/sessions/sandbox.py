@@ -321,11 +321,11 @@ class Sandbox:
             source = {"type": "copy", "source": self.template} if self.template else None
             self._with_address(
                 net,
-                lambda devices: self.client.instances.create(
+                lambda devices, boot: self.client.instances.create(
                     self.name,
                     image=self.spec.image,
                     source=source,
-                    config=config,
+                    config={**config, **boot},
                     devices=devices,
                     ephemeral=self._ephemeral(),
                     start=True,
@@ -351,22 +351,27 @@ class Sandbox:
         return f"coi session for {self.spec.workspace}"
 
     def _with_address(
-        self, net: Network | None, make: Callable[[dict[str, dict[str, str]]], object]
+        self,
+        net: Network | None,
+        make: Callable[[dict[str, dict[str, str]], dict[str, str]], object],
     ) -> None:
         """`make` creates and starts the sandbox (or readies a spare and starts it), given its
-        devices, the NIC holding a reserved address. The daemon checks that address when the
-        container starts: if a sandbox made at the same moment holds it, move to another."""
+        devices, the NIC holding a reserved address, and the config that hands that address
+        to the container's init. The daemon checks the address when the container starts: if
+        a sandbox made at the same moment holds it, move to another."""
         self.address = address.choose(net) if net is not None else None
         taken: set[str] = set()
         while True:
+            boot = self.address.config() if self.address else {}
             try:
                 if taken and self.client.instances.exists(self.name):  # made, start refused
-                    self.client.instances.add_device(
-                        self.name, "eth0", _nic(self.spec, self.address)
+                    nic = _nic(self.spec, self.address)
+                    self.client.instances.patch(
+                        self.name, {"config": boot, "devices": {"eth0": nic}}
                     )
                     self.client.instances.start(self.name)
                 else:
-                    make(instance_devices(self.spec, self.address))
+                    make(instance_devices(self.spec, self.address), boot)
                 return
             except BackendError as err:
                 if net is None or self.address is None or not address.is_taken(err):
@@ -395,9 +400,9 @@ class Sandbox:
             return False
         self.log("Taking a ready spare copy of the image")
 
-        def configure_and_start(devices: dict[str, dict[str, str]]) -> None:
+        def configure_and_start(devices: dict[str, dict[str, str]], boot: dict[str, str]) -> None:
             body = {
-                "config": {**dict.fromkeys(template.TEMPLATE_KEYS, ""), **config},
+                "config": {**dict.fromkeys(template.TEMPLATE_KEYS, ""), **config, **boot},
                 "devices": devices,
                 "ephemeral": self._ephemeral(),
                 "description": self._description(),
