@@ -236,7 +236,9 @@ def test_allowlist_refresh_updates_the_rules_in_place(
     policy = _allow_test_name(refresh_minutes=60)
     # First resolved while the name pointed elsewhere (a CDN that moved).
     stale, _ = resolved(policy, cache_dir=tmp_path, lookup=lambda _n: [netkit.OTHER_INTERNET])
-    name = ensure_network(client, stale, default_network="", lock_dir=tmp_path, log=lambda _m: None)
+    name, _ = ensure_network(
+        client, stale, default_network="", lock_dir=tmp_path, log=lambda _m: None
+    )
     assert f"{netkit.OTHER_INTERNET}/32" in str(client.networks.acl(name).egress)
     with allowlist_refresh(
         client, stale, cache_dir=tmp_path, lock_dir=tmp_path, log=lambda _m: None
@@ -293,7 +295,7 @@ def test_a_live_connection_survives_an_allowlist_refresh(
     )
     log: list[str] = []
     assert (
-        ensure_network(client, moved, default_network="", lock_dir=tmp_path, log=log.append)
+        ensure_network(client, moved, default_network="", lock_dir=tmp_path, log=log.append)[0]
         == network
     )
     assert str(client.networks.acl(network).egress) != before, log

@@ -16,17 +16,19 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from tests.conftest import coi_argv, run_coi
 from tests.integration.conftest import coi_names, wait_for
 
 from coi.backend import ExecRequest, IncusClient
-from coi.config.loader import Config
+from coi.config.loader import Config, load_config
 from coi.errors import SessionError
 from coi.host import provision
 from coi.images import tiny
 from coi.network import address
 from coi.network.hostnet import host_networks
+from coi.network.manager import ensure_network, policy_from_config
 from coi.sessions import naming, template
 from coi.sessions.runner import ShellRequest, ShellSession
 from coi.sessions.sandbox import BOOTED, Sandbox, SandboxSpec
@@ -176,6 +178,56 @@ def test_an_address_another_nic_holds_is_given_up_for_another(
         if box.name:
             client.instances.delete(box.name, force=True)
         box.release()
+
+
+class _Counted(httpx.BaseTransport):
+    """The real transport, each request noted (method, path)."""
+
+    def __init__(self, inner: httpx.BaseTransport, seen: list[tuple[str, str]]) -> None:
+        self.inner, self.seen = inner, seen
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append((request.method, request.url.path))
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_sandbox_start_reads_its_policy_bridge_once(
+    client: IncusClient, pool: str, bridge: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge as read to check the policy's settings is the one the address is chosen
+    from: no second request for it."""
+    monkeypatch.setenv("COI_HOME", str(tmp_path / "home"))
+    policy, _ = policy_from_config(load_config(cwd=tmp_path, env={}, files=[]), cache_dir=tmp_path)
+    assert policy.mode == "restricted"
+    # Made (or brought up to date) first: a bridge made or changed just now is read again.
+    ensure_network(client, policy, default_network=bridge, lock_dir=tmp_path, log=lambda _m: None)
+    seen: list[tuple[str, str]] = []
+    sock = client.endpoint.socket_path
+    assert sock
+    counted = IncusClient(
+        client.endpoint,
+        project=client.project,
+        transport=_Counted(httpx.HTTPTransport(uds=sock), seen),
+    )
+    spec = SandboxSpec(
+        workspace=tmp_path, image="coi-tiny", persistent=False, kind="run",
+        pool=pool, network=bridge, templates=False, spares=0, policy=policy,
+    )  # fmt: skip
+    box = Sandbox(counted, spec, log=lambda _m: None)
+    try:
+        box.ensure_image()
+        box.choose_slot(None)
+        box.create_or_reuse()
+        assert box.address is not None
+    finally:
+        if box.name:
+            client.instances.delete(box.name, force=True)
+        box.release()
+        counted.close()
+    assert seen.count(("GET", f"/1.0/networks/{policy.name}")) == 1, seen
 
 
 def test_a_tmux_session_a_lost_exec_already_made_is_accepted_only_in_a_new_sandbox(

@@ -271,7 +271,7 @@ def _network_restriction(cfg: Config, client: IncusClient) -> Check:
         return check(WARNING, "cannot verify: image 'coi-tiny' missing", resolution="coi setup")
     name = f"coi-health-{secrets.token_hex(3)}"
     try:
-        network = ensure_network(
+        network, _ = ensure_network(
             client,
             policy,
             default_network=cfg.get_str("incus.network"),

@@ -124,11 +124,15 @@ def _subnets_in_use(client: IncusClient) -> list[ipaddress.IPv4Network]:
 
 def ensure_network(
     client: IncusClient, policy: Policy, *, default_network: str, lock_dir: Path, log: Log
-) -> str:
-    """The network a sandbox with this policy attaches to (made or updated as needed)."""
+) -> tuple[str, Network | None]:
+    """The network a sandbox with this policy attaches to (made or updated as needed).
+
+    With it, the network as read here when nothing had to change (None: made or changed just
+    now, or not read), so that the caller need not ask the daemon for it again.
+    """
     if policy.mode == "open":
         log(f"Network mode: open (no restrictions), bridge {default_network}")
-        return default_network
+        return default_network, None
     name = policy.name
     with held(lock_dir / "network.lock"):
         net = client.networks.get(name)
@@ -152,10 +156,10 @@ def ensure_network(
             except Conflict:
                 pass  # another coi made it a moment ago (another user, no shared lock)
             log(f"Created network {name} ({policy.mode}, {subnet})")
-        else:
-            _refresh(client, policy, net, log)
+        elif _refresh(client, policy, net, log):
+            net = None
     log(_describe(policy, name))
-    return name
+    return name, net
 
 
 def _enforced_config(policy: Policy) -> dict[str, str]:
@@ -176,8 +180,9 @@ def _marks(policy: Policy) -> dict[str, str]:
     return {**resources.managed_config(), "user.coi.mode": policy.mode}
 
 
-def _refresh(client: IncusClient, policy: Policy, net: Network, log: Log) -> None:
-    """Bring an existing policy network up to date (allowlist addresses move)."""
+def _refresh(client: IncusClient, policy: Policy, net: Network, log: Log) -> bool:
+    """Bring an existing policy network up to date (allowlist addresses move); whether the
+    bridge's own config changed."""
     config = net.config
     subnet = str(ipaddress.IPv4Interface(config["ipv4.address"]).network)
     rules = acl_egress_rules(policy, subnet)
@@ -198,6 +203,7 @@ def _refresh(client: IncusClient, policy: Policy, net: Network, log: Log) -> Non
     if drift:
         client.networks.patch(policy.name, drift, description=net.description)
         log(f"Restored the policy settings of {policy.name}: {', '.join(sorted(drift))}")
+    return bool(drift)
 
 
 def _describe(policy: Policy, name: str) -> str:

@@ -312,11 +312,11 @@ class Sandbox:
             self.log("Found stopped leftover container from previous session, deleting...")
             self.client.instances.delete(self.name, force=True)
         self._protect()
-        self._attach_network()
+        net = self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
         config = instance_config(self.spec)
         self.template = self._template(config)
-        net = self.client.networks.get(self.spec.network)
+        net = net or self.client.networks.get(self.spec.network)
         if not (self.template and self._from_spare(self.template, config, net)):
             source = {"type": "copy", "source": self.template} if self.template else None
             self._with_address(
@@ -512,16 +512,18 @@ class Sandbox:
         if self.guard is not None:
             settle(self.name, removed=removed, log=self.log)
 
-    def _attach_network(self) -> None:
+    def _attach_network(self) -> Network | None:
+        """Make or update the policy's network; the network as read, when still current."""
         if self.spec.policy is None:
-            return
-        self.spec.network = ensure_network(
+            return None
+        self.spec.network, net = ensure_network(
             self.client,
             self.spec.policy,
             default_network=self.spec.network,
             lock_dir=coi_home() / "locks",
             log=self.log,
         )
+        return net
 
     def verify_network(self) -> None:
         """Refuse to go on unless the policy is in force, checked from inside."""
