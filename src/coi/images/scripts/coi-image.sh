@@ -124,7 +124,7 @@ fi
 # config (environment.COI_ADDRESS="ADDR/PREFIX GATEWAY", which the daemon hands to init; see
 # coi/network/address.py). It is set here at boot and ifupdown's DHCP client is skipped: that
 # client would only ask for the same address, at the cost of some fifty processes per boot
-# (40-60 ms of CPU), and could add a pool address beside it when the daemon's DHCP server
+# (about 70 ms of CPU), and could add a pool address beside it when the daemon's DHCP server
 # answers before it has read the reservation. A container without the key (one coi did not
 # make) gets DHCP as before, and so does one where setting the address failed.
 mkdir -p /usr/local/lib/coi /etc/systemd/system/networking.service.d
