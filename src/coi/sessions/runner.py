@@ -262,7 +262,6 @@ class ShellSession:
         self._given: dict[str, home.HomeFile] = {}  # what coi wrote into the agent's home
         self._host_files: dict[str, home.HomeFile] = {}
         self._overlays: dict[str, dict[str, Any]] = {}
-        self._theirs: list[str] = []
 
     def run(self) -> int:
         ws = str(self.spec.workspace)
@@ -341,8 +340,11 @@ class ShellSession:
         prefix = f"tool.{tool.name}."
         options = {k[len(prefix) :]: v for k, v in self.cfg.values.items() if k.startswith(prefix)}
         self._overlays = tool.sandbox_settings(bypass=self.req.bypass, options=options)
-        # Settings files with no copy from the host: the merge goes over the container's own.
-        self._theirs = [rel for rel in self._overlays if rel not in self._host_files]
+
+    @property
+    def _theirs(self) -> list[str]:
+        """Settings files with no copy from the host: the merge goes over the container's own."""
+        return [rel for rel in self._overlays if rel not in self._host_files]
 
     def _home_files(
         self, inside: Mapping[str, bytes | home.Unreadable | None], warnings: list[str]
