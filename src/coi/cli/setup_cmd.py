@@ -9,6 +9,7 @@ from coi.cli.app import CoiCommand
 EXAMPLES = """\
   sudo coi setup                    # as root, once per machine
   sudo coi setup --user alice       # also let alice use coi (socket group, uid mapping)
+  sudo coi setup --daemon lxd       # LXD instead of Incus
   coi setup                         # later runs: check that everything is still in place"""
 
 
@@ -36,10 +37,30 @@ EXAMPLES = """\
     help="Size of a btrfs pool's sparse loop file.",
 )
 @click.option("--no-image", is_flag=True, help="Do not build the tiny test image.")
-def setup_cmd(users: tuple[str, ...], storage: str, pool_size: int, no_image: bool) -> None:
+@click.option(
+    "--daemon",
+    type=click.Choice(["auto", "incus", "lxd"]),
+    default="auto",
+    show_default=True,
+    help="The daemon to install and use: auto is Incus, or LXD where Incus cannot be had.",
+)
+@click.option(
+    "--no-backports",
+    is_flag=True,
+    help="On Debian 12, do not enable bookworm-backports for Incus (LXD is installed instead).",
+)
+def setup_cmd(
+    users: tuple[str, ...],
+    storage: str,
+    pool_size: int,
+    no_image: bool,
+    daemon: str,
+    no_backports: bool,
+) -> None:
     """Make this machine ready for coi (safe to run again).
 
-    Installs Incus (or LXD where Incus is not packaged) and the host tools coi uses, starts
+    Installs Incus (on Debian 12 from bookworm-backports; LXD only where Incus cannot be had,
+    or with --daemon lxd) and the host tools coi uses, starts
     the daemon (without systemd, coi starts it in the background), creates a storage pool
     (btrfs when the kernel has it), a bridge, the uid mapping entries, and the tiny image.
     """
@@ -60,6 +81,8 @@ def setup_cmd(users: tuple[str, ...], storage: str, pool_size: int, no_image: bo
         users=list(users),
         project=cfg.get_str("incus.project"),
         build_tiny=not no_image,
+        daemon="lxd" if daemon == "lxd" else "incus" if daemon == "incus" else "auto",
+        backports=not no_backports,
     )
     report = run_setup(opts, progress=show)
     click.echo("Setup complete." if report.changed else "Nothing to do: this machine is ready.")

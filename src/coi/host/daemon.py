@@ -7,8 +7,10 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from coi.backend.connection import INCUS_SOCKETS, LXD_SOCKETS
 from coi.errors import SetupError
@@ -19,7 +21,7 @@ class DaemonKind:
     """How one daemon flavour is installed and started."""
 
     name: str  # incus | lxd
-    package: str
+    packages: tuple[str, ...]  # what apt installs, without recommends
     binary: str  # the daemon binary
     group: str
     service: str
@@ -27,10 +29,28 @@ class DaemonKind:
     log_dir: str
 
 
+# incus-base is the container-only daemon: the `incus` package adds VM support, and with its
+# recommends QEMU and a desktop stack (hundreds of MB) that a container sandbox never uses.
 INCUS = DaemonKind(
-    "incus", "incus", "incusd", "incus-admin", "incus", INCUS_SOCKETS, "/var/log/incus"
+    "incus",
+    ("incus-base", "incus-client"),
+    "incusd",
+    "incus-admin",
+    "incus",
+    INCUS_SOCKETS,
+    "/var/log/incus",
 )
-LXD = DaemonKind("lxd", "lxd", "lxd", "lxd", "lxd", LXD_SOCKETS, "/var/log/lxd")
+LXD = DaemonKind("lxd", ("lxd",), "lxd", "lxd", "lxd", LXD_SOCKETS, "/var/log/lxd")
+KINDS = {"incus": INCUS, "lxd": LXD}
+
+DaemonChoice = Literal["auto", "incus", "lxd"]
+
+# Debian releases whose own suite has no Incus but whose backports suite does.
+BACKPORTS = {"bookworm": "bookworm-backports"}
+BACKPORTS_SOURCE = Path("/etc/apt/sources.list.d/coi-backports.sources")
+APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
 def _which(binary: str) -> str | None:
@@ -45,38 +65,180 @@ def _which(binary: str) -> str | None:
     return None
 
 
-def installed_kind() -> DaemonKind | None:
-    """The daemon whose binary is installed, Incus first."""
-    for kind in (INCUS, LXD):
+def installed_kind(choice: DaemonChoice = "auto") -> DaemonKind | None:
+    """The daemon whose binary is installed (Incus first), or the one asked for if it is."""
+    kinds = (INCUS, LXD) if choice == "auto" else (KINDS[choice],)
+    for kind in kinds:
         if _which(kind.binary):
             return kind
     return None
 
 
-def apt_candidate(package: str) -> bool:
-    """Whether apt can install `package` (it has a candidate version)."""
+def apt_candidate(package: str, *, release: str | None = None) -> str | None:
+    """The version apt would install for `package` (from `release`), or None."""
     if not shutil.which("apt-cache"):
-        return False
-    out = subprocess.run(
-        ["apt-cache", "policy", package], capture_output=True, text=True, check=False
-    ).stdout
-    for line in out.splitlines():
-        if line.strip().startswith("Candidate:"):
-            return "(none)" not in line
+        return None
+    argv = ["apt-cache", "policy", package]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+    return candidate_from_policy(out, release=release)
+
+
+def candidate_from_policy(policy: str, *, release: str | None = None) -> str | None:
+    """Read `apt-cache policy` output: the candidate, or with `release` the best version
+    that suite offers (backports are pinned at 100, below the candidate of the main suite)."""
+    if release is None:
+        for line in policy.splitlines():
+            if line.strip().startswith("Candidate:"):
+                value = line.split(":", 1)[1].strip()
+                return None if value == "(none)" else value
+        return None
+    version: str | None = None
+    for line in policy.splitlines():
+        words = line.replace("***", "").split()
+        # A version line: "<version> <priority>"; its sources follow, indented deeper.
+        if len(words) == 2 and words[1].lstrip("-").isdigit() and not line.startswith("  " * 4):
+            version = words[0]
+        elif version and any(w.startswith(release + "/") for w in words):
+            return version
+    return None
+
+
+def os_release(path: Path = Path("/etc/os-release")) -> dict[str, str]:
+    """/etc/os-release as a dict (empty when it is missing)."""
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def _source_files() -> list[Path]:
+    files: list[Path] = []
+    for p in APT_SOURCES:
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix in (".list", ".sources"))
+    return files
+
+
+def has_suite(suite: str, files: list[Path] | None = None) -> bool:
+    """Whether an enabled apt source already names `suite` (ours or the admin's)."""
+    for f in _source_files() if files is None else files:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.split("#", 1)[0]
+            if f.suffix == ".list" and line.split()[:1] != ["deb"]:
+                continue
+            if suite in line.split():
+                return True
     return False
 
 
-def kind_to_install() -> DaemonKind:
-    """Incus where the distribution packages it, else LXD."""
-    if apt_candidate("incus"):
-        return INCUS
-    if apt_candidate("lxd"):
-        return LXD
+def debian_mirror(files: list[Path] | None = None) -> str:
+    """The Debian mirror the machine already uses (so backports come from the same place)."""
+    for f in _source_files() if files is None else files:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split("#", 1)[0].split()
+            head = "URIs:" if f.suffix == ".sources" else "deb"
+            if words[:1] != [head]:
+                continue
+            uris = [w for w in words[1:] if w.rstrip("/").endswith("/debian")]
+            if uris:
+                return uris[0].rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def backports_source(suite: str, mirror: str) -> str:
+    """The deb822 source file coi writes to enable a backports suite."""
+    return (
+        "# Written by 'coi setup': Incus comes from here on this Debian release.\n"
+        "Types: deb\n"
+        f"URIs: {mirror}\n"
+        f"Suites: {suite}\n"
+        "Components: main\n"
+        f"Signed-By: {DEBIAN_KEYRING}\n"
+    )
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    """What `coi setup` installs for the daemon, and from where."""
+
+    kind: DaemonKind
+    packages: tuple[str, ...]
+    release: str | None = None  # apt's -t, for a backports suite
+    enable_backports: bool = False  # write BACKPORTS_SOURCE first
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_install(
+    choice: DaemonChoice = "auto",
+    *,
+    backports: bool = True,
+    release_info: Mapping[str, str] | None = None,
+    candidate: Callable[..., str | None] = apt_candidate,
+    suite_enabled: Callable[[str], bool] = has_suite,
+) -> InstallPlan:
+    """Pick the daemon to install: Incus from the distribution, else from Debian backports
+    (enabled here unless refused), else LXD; or what `choice` names.
+
+    `candidate(package, release=...)` is apt's answer after any `apt-get update`; the caller
+    runs that update first.
+    """
+    info = os_release() if release_info is None else release_info
+    codename = info.get("VERSION_CODENAME", "")
+    suite = BACKPORTS.get(codename) if info.get("ID") == "debian" else None
+    if choice in ("auto", "incus"):
+        if candidate("incus-base"):
+            return InstallPlan(INCUS, INCUS.packages)
+        if candidate("incus"):
+            # A distribution without the split packages: the whole daemon.
+            return InstallPlan(INCUS, ("incus",))
+        if suite and candidate("incus-base", release=suite):
+            return InstallPlan(INCUS, INCUS.packages, release=suite)
+        if suite and backports and not suite_enabled(suite):
+            return InstallPlan(INCUS, INCUS.packages, release=suite, enable_backports=True)
+        if choice == "incus":
+            raise SetupError(
+                "Incus cannot be installed from this machine's package sources",
+                details=(
+                    f"Debian {codename} has Incus only in {suite}, and --no-backports refused it."
+                    if suite and not backports
+                    else None
+                ),
+                resolution="Install Incus (https://linuxcontainers.org/incus/docs/main/installing/)"
+                " and run 'coi setup' again, or use 'coi setup --daemon lxd'.",
+            )
+    if candidate("lxd"):
+        notes = []
+        if choice == "auto":
+            notes.append("Incus is not packaged here: installing LXD instead")
+        return InstallPlan(LXD, LXD.packages, notes=notes)
     raise SetupError(
-        "neither incus nor lxd can be installed from this machine's package sources",
+        f"{'neither incus nor lxd' if choice == 'auto' else choice} can be installed from this "
+        "machine's package sources",
         resolution="Install Incus (https://linuxcontainers.org/incus/docs/main/installing/) "
         "and run 'coi setup' again.",
     )
+
+
+def enable_backports(suite: str) -> str:
+    """Write coi's deb822 source for `suite`; returns the path written."""
+    BACKPORTS_SOURCE.write_text(backports_source(suite, debian_mirror()))
+    return str(BACKPORTS_SOURCE)
 
 
 def systemd_running() -> bool:

@@ -78,6 +78,8 @@ class SetupOptions:
     users: list[str] = field(default_factory=list)
     project: str = "default"
     build_tiny: bool = True
+    daemon: dmn.DaemonChoice = "auto"
+    backports: bool = True
 
 
 def _need_root(step: str) -> SetupError:
@@ -99,51 +101,82 @@ def _missing_packages() -> list[str]:
     )
 
 
-def _apt_install(packages: Iterable[str]) -> None:
+def _apt(argv: list[str], what: str) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    pkgs = list(packages)
-    upd = subprocess.run(
-        ["apt-get", "update"], capture_output=True, text=True, env=env, check=False
-    )
-    res = subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *pkgs],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise SetupError(
-            "installing packages failed: " + " ".join(pkgs),
-            details=(res.stderr or res.stdout or upd.stderr).strip()[-2000:],
+            what,
+            details=(res.stderr or res.stdout).strip()[-2000:],
             resolution="Fix the package sources (apt-get update) and run 'coi setup' again.",
         )
 
 
-def ensure_packages(report: SetupReport, *, is_root: bool) -> dmn.DaemonKind:
-    kind = dmn.installed_kind()
+def _apt_update() -> None:
+    _apt(["apt-get", "update"], "apt-get update failed")
+
+
+def _apt_install(packages: Iterable[str], *, release: str | None = None) -> None:
+    pkgs = list(packages)
+    target = ["-t", release] if release else []
+    _apt(
+        ["apt-get", "install", "-y", "--no-install-recommends", *target, *pkgs],
+        "installing packages failed: " + " ".join(pkgs),
+    )
+
+
+def ensure_packages(
+    report: SetupReport,
+    *,
+    is_root: bool,
+    daemon: dmn.DaemonChoice = "auto",
+    backports: bool = True,
+) -> dmn.DaemonKind:
+    kind = dmn.installed_kind(daemon)
     wanted = _missing_packages()
-    if kind is None:
-        if not is_root:
-            raise _need_root("installing the container daemon")
-        kind = dmn.kind_to_install()
-        wanted.append(kind.package)
-    if not wanted:
+    if kind is not None and not wanted:
         report.add("packages", changed=False, message=f"{kind.name} and host tools installed")
         return kind
+    what = ", ".join(wanted) if kind is not None else "the container daemon"
     if not is_root:
-        raise _need_root("installing " + ", ".join(wanted))
+        raise _need_root("installing " + what)
     if not shutil.which("apt-get"):
         raise SetupError(
-            "cannot install " + ", ".join(wanted) + ": no apt-get on this machine",
-            resolution="Install them with your package manager.",
+            f"cannot install {what}: no apt-get on this machine",
+            resolution="Install them with your package manager (Incus: "
+            "https://linuxcontainers.org/incus/docs/main/installing/).",
         )
-    _apt_install(wanted)
-    report.add("packages", changed=True, message="installed " + ", ".join(wanted))
-    return kind
+    _apt_update()
+    if kind is not None:
+        _apt_install(wanted)
+        report.add("packages", changed=True, message="installed " + ", ".join(wanted))
+        return kind
+    plan = dmn.plan_install(daemon, backports=backports)
+    for note in plan.notes:
+        report.add("daemon choice", changed=False, message=note)
+    if plan.enable_backports and plan.release:
+        path = dmn.enable_backports(plan.release)
+        _apt_update()
+        report.add(
+            "package sources",
+            changed=True,
+            message=f"enabled Debian {plan.release} for Incus ({path}; "
+            "'coi setup --no-backports' refuses this and installs LXD)",
+        )
+    if wanted:
+        _apt_install(wanted)
+    _apt_install(plan.packages, release=plan.release)
+    origin = f" from {plan.release}" if plan.release else ""
+    report.add(
+        "packages",
+        changed=True,
+        message="installed " + ", ".join([*wanted, *plan.packages]) + origin,
+    )
+    return plan.kind
 
 
 def ensure_running(report: SetupReport, kind: dmn.DaemonKind, *, is_root: bool) -> None:
+    """Start the daemon if it does not answer."""
     from coi.backend.client import IncusClient
     from coi.backend.connection import Endpoint
     from coi.errors import BackendError
@@ -183,7 +216,7 @@ def ensure_subids(report: SetupReport, uids: list[int], *, is_root: bool) -> boo
             changed = True
         if changed:
             path.write_text("\n".join(lines) + "\n")
-    who = ", ".join(str(u) for u in uids) or "none"
+    who = ", ".join(str(u) for u in sorted(uids)) or "none"
     report.add(
         "uid mapping",
         changed=changed,
@@ -338,18 +371,22 @@ def run_setup(
 
     report = SetupReport(on_step=progress)
     is_root = os.geteuid() == 0
-    kind = ensure_packages(report, is_root=is_root)
+    kind = ensure_packages(report, is_root=is_root, daemon=opts.daemon, backports=opts.backports)
     ensure_group_members(report, kind, opts.users, is_root=is_root)
-    subids_changed = ensure_subids(report, users_to_map(opts.users), is_root=is_root)
     ensure_running(report, kind, is_root=is_root)
-    if subids_changed:
+    sock = dmn.socket_of(kind)
+    if not sock:
+        raise SetupError(f"{kind.name} runs but its socket was not found")
+    with IncusClient(Endpoint(sock), timeout=10) as client:
+        # Where the runtime shifts ownership with idmapped mounts, host root can be the
+        # agent's uid too: root's own folders are then writable by the agent.
+        map_root = client.server.idmapped_mounts
+    uids = users_to_map(opts.users) + ([0] if map_root else [])
+    if ensure_subids(report, uids, is_root=is_root):
         if not is_root:
             raise _need_root(f"restarting {kind.name}")
         how = dmn.restart_daemon(kind)
         report.add("daemon", changed=True, message=f"restarted to load the uid mapping ({how})")
-    sock = dmn.socket_of(kind)
-    if not sock:
-        raise SetupError(f"{kind.name} runs but its socket was not found")
     with IncusClient(Endpoint(sock), project=opts.project) as client:
         ensure_pool(report, client, opts)
         ensure_bridge(report, client, opts)
