@@ -134,6 +134,29 @@ def test_recorded_exec_reads_the_output_only_when_asked_and_removes_the_record(
     assert left.exit_code == 0 and len(records() - before) == 2
 
 
+def test_a_command_that_cannot_start_exits_as_a_shell_would(
+    client: IncusClient, running: str
+) -> None:
+    """Incus fails the exec operation and answers its wait with an error envelope under
+    HTTP 200; coi once waited again and got "Operation not found" after 5 s. Every exec form
+    gives the shell's exit code and message instead."""
+    client.exec.quiet(
+        running, ExecRequest(["sh", "-c", "echo x > /tmp/plain; chmod 644 /tmp/plain"])
+    )
+    for argv, code, text in (
+        (["no-such-cmd"], 127, b"no-such-cmd: command not found\n"),
+        (["/tmp/plain"], 126, b"/tmp/plain: Permission denied\n"),
+    ):
+        req = ExecRequest(argv)
+        streamed = client.exec.run(running, req)
+        assert (streamed.exit_code, streamed.stderr) == (code, text)
+        assert client.exec.quiet(running, req) == code
+        recorded = client.exec.recorded(running, req)
+        assert (recorded.exit_code, recorded.stderr) == (code, text)
+    # The daemon and the client are fine afterwards: the next exec works at once.
+    assert client.exec.quiet(running, ExecRequest(["true"])) == 0
+
+
 def test_exec_signal_reaches_the_command(client: IncusClient, running: str) -> None:
     def on_start(sess):  # type: ignore[no-untyped-def]
         threading.Timer(0.5, sess.signal, args=(15,)).start()

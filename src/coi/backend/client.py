@@ -267,6 +267,12 @@ class IncusClient:
             timeout=timeout,
         )
         body: JSON = resp.json()
+        if body.get("type") == "error":
+            # An error envelope can come with HTTP 200 (see wait_operation); it is an error all
+            # the same.
+            raise _error_from_envelope(
+                int(body.get("error_code") or 500), str(body.get("error") or ""), f"{method} {path}"
+            )
         if body.get("type") == "async":
             op = body.get("metadata") or {}
             return self.wait_operation(str(op.get("id")), what=f"{method} {path}") if wait else op
@@ -275,12 +281,21 @@ class IncusClient:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
-    def wait_operation(self, op_id: str, *, what: str = "operation", timeout: float = -1) -> JSON:
+    def wait_operation(
+        self,
+        op_id: str,
+        *,
+        what: str = "operation",
+        timeout: float = -1,
+        failure_ok: bool = False,
+    ) -> JSON:
         """Block on `/1.0/operations/<id>/wait` until the operation ends; return it.
 
         The daemon holds the request open until the operation finishes, so this never polls.
+        With `failure_ok` a failed operation is returned (its `metadata` may still say what
+        happened, e.g. an exec's exit code) instead of raised.
 
-        :raises OperationFailed: the operation ended in failure.
+        :raises OperationFailed: the operation ended in failure (unless `failure_ok`).
         """
         remaining = timeout
         while True:
@@ -291,17 +306,44 @@ class IncusClient:
                 params={"timeout": slice_s},
                 timeout=slice_s + 30,
             )
-            op: JSON = resp.json().get("metadata") or {}
+            body: JSON = resp.json()
+            if body.get("type") == "error":
+                # Incus answers the wait of a failed operation with HTTP 200 and an error
+                # envelope holding only the operation's error: the operation itself (with its
+                # metadata) is read once more. It stays readable for 5 s after it ends, so
+                # waiting again instead, as coi once did, ended in "Operation not found".
+                op = self._finished_operation(op_id) or {
+                    "status": "Failure",
+                    "err": str(body.get("error") or "failed"),
+                }
+            else:
+                op = body.get("metadata") or {}
             status = op.get("status")
             if status == "Success":
                 return op
             if status in ("Failure", "Cancelled"):
+                if failure_ok:
+                    return op
                 err = str(op.get("err") or status)
                 raise _operation_error(err, what)
+            if status not in ("Running", "Pending", "Cancelling"):
+                raise BackendError(
+                    f"{what}: operation {op_id} is in an unexpected state", details=str(body)
+                )
             if remaining >= 0:
                 remaining -= slice_s
                 if remaining <= 0:
                     raise IncusTimeout(f"{what}: operation {op_id} still running after {timeout}s")
+
+    def _finished_operation(self, op_id: str) -> JSON | None:
+        """The operation's record if it has ended and the daemon still has it, else None."""
+        try:
+            op = self.raw_request("GET", f"/1.0/operations/{op_id}").json().get("metadata")
+        except BackendError:
+            return None
+        if isinstance(op, dict) and op.get("status") in ("Success", "Failure", "Cancelled"):
+            return op
+        return None
 
 
 def _operation_error(err: str, what: str) -> BackendError:

@@ -73,9 +73,11 @@ class ExecSession:
         op: JSON,
         sockets: dict[str, ClientConnection],
         stack: contextlib.ExitStack,
+        command: Sequence[str] = (),
     ):
         self._client = client
         self._op_id = str(op["id"])
+        self._command = command
         self.sockets = sockets
         self._stack = stack
         self._control_lock = threading.Lock()
@@ -104,12 +106,42 @@ class ExecSession:
         with contextlib.suppress(Exception):
             self._stack.close()
 
-    def wait(self) -> int:
-        """Close our side and return the command's exit code."""
+    def wait(self, on_stderr: OutputSink | None = None) -> int:
+        """Close our side and return the command's exit code.
+
+        A command the daemon could not start (not found, not executable) ends with the
+        shell's exit code, and the shell's message goes to `on_stderr`.
+        """
         self.close()
-        op = self._client.wait_operation(self._op_id, what="exec")
-        meta = op.get("metadata") or {}
+        op = self._client.wait_operation(self._op_id, what="exec", failure_ok=True)
+        return exit_code(op, self._command, on_stderr)
+
+
+# What the daemon says when it could not start the command, and what a shell would print
+# and exit with instead (coi passes exit codes on, and scripts test for 127).
+_START_ERRORS = {
+    "command not found": (127, "command not found"),
+    "command not executable": (126, "Permission denied"),
+}
+
+
+def exit_code(op: JSON, command: Sequence[str], on_stderr: OutputSink | None = None) -> int:
+    """The exit code of a finished exec operation, failed or not.
+
+    :raises OperationFailed: the exec failed without running anything (no exit code).
+    """
+    meta = op.get("metadata") or {}
+    if op.get("status") == "Success":
         return int(meta.get("return", -1))
+    err = str(op.get("err") or "")
+    known = _START_ERRORS.get(err.strip().lower())
+    if known is not None:
+        code, text = known
+        if on_stderr is not None:
+            name = command[0] if command else ""
+            on_stderr(f"{name}: {text}\n".encode())
+        return int(meta.get("return", code)) if isinstance(meta.get("return"), int) else code
+    raise OperationFailed(f"exec: {err or op.get('status') or 'failed'}")
 
 
 def _pump_out(ws: ClientConnection, sink: OutputSink) -> None:
@@ -243,7 +275,7 @@ class ExecAPI:
         except Exception as err:
             stack.close()
             raise BackendError(f"exec in '{instance}': websocket connect failed: {err}") from err
-        return ExecSession(self._c, op, sockets, stack)
+        return ExecSession(self._c, op, sockets, stack, req.command)
 
     def run(
         self,
@@ -300,7 +332,7 @@ class ExecAPI:
             # caller is tearing the sandbox down.
             sess.close()
             raise
-        return sess.wait()
+        return sess.wait(on_stderr)
 
     def capture(self, instance: str, req: ExecRequest, *, stdin: bytes | None = None) -> ExecResult:
         """Run a command and return its exit code and output."""
@@ -310,11 +342,20 @@ class ExecAPI:
         """Run a command whose output nobody wants: no websockets, one round trip."""
         body = req.body(interactive=False)
         body["wait-for-websocket"] = False
+        op = _retry_not_started(lambda: self._post_and_wait(instance, body), may_retry=lambda: True)
+        return exit_code(op, req.command)
+
+    def _post_and_wait(self, instance: str, body: JSON) -> JSON:
+        """Start a command with no websockets and wait for it; a failed start is returned."""
         url = f"/1.0/instances/{quote(instance, safe='')}/exec"
-        op = _retry_not_started(
-            lambda: self._c.request("POST", url, json=body), may_retry=lambda: True
-        )
-        return int((op.get("metadata") or {}).get("return", -1))
+        op = self._c.request("POST", url, json=body, wait=False)
+        done = self._c.wait_operation(str(op.get("id")), what="exec", failure_ok=True)
+        if done.get("status") != "Success" and (done.get("err") or "").strip().lower() not in (
+            _START_ERRORS
+        ):
+            # Raised here, inside the retry, so a lost child is started again.
+            exit_code(done, body.get("command") or ())
+        return done
 
     def recorded(
         self,
@@ -334,12 +375,10 @@ class ExecAPI:
         body = req.body(interactive=False)
         body["wait-for-websocket"] = False
         body["record-output"] = True
-        url = f"/1.0/instances/{quote(instance, safe='')}/exec"
-        op = _retry_not_started(
-            lambda: self._c.request("POST", url, json=body), may_retry=lambda: True
-        )
+        op = _retry_not_started(lambda: self._post_and_wait(instance, body), may_retry=lambda: True)
         meta = op.get("metadata") or {}
-        code = int(meta.get("return", -1))
+        shell_err: list[bytes] = []
+        code = exit_code(op, req.command, shell_err.append)
         logs: dict[str, str] = meta.get("output") or {}
         out: dict[str, bytes] = {}
         try:
@@ -349,7 +388,7 @@ class ExecAPI:
             if tidy:
                 for path in logs.values():
                     self._c.instances.delete_log(path)
-        return ExecResult(code, out.get("1", b""), out.get("2", b""))
+        return ExecResult(code, out.get("1", b""), out.get("2", b"") + b"".join(shell_err))
 
     def interactive(
         self,
@@ -386,7 +425,7 @@ class ExecAPI:
         with _raw_terminal(stdin_fd), _forward_winch(sess, stdin_fd):
             _pump_stdin(stdin_fd, pty_ws, reader)
         reader.join(timeout=2)
-        return sess.wait()
+        return sess.wait(sink)
 
 
 def _pump_stdin(fd: int, ws: ClientConnection, reader: threading.Thread) -> None:
