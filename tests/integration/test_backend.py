@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import stat
@@ -117,7 +118,12 @@ def test_recorded_exec_reads_the_output_only_when_asked_and_removes_the_record(
     (or when told to), and removes the record unless told to leave it with the instance."""
 
     def records() -> set[str]:
-        return {p for p in client.get(f"/1.0/instances/{running}/logs") if "/exec_" in p}
+        # LXD lists the records with the instance's logs, Incus in a folder of their own.
+        logs = f"/1.0/instances/{running}/logs"
+        found = set(client.get(logs))
+        with contextlib.suppress(NotFound):
+            found |= set(client.get(f"{logs}/exec-output"))
+        return {p for p in found if "/exec_" in p}
 
     def req(code: int) -> ExecRequest:
         return ExecRequest(["sh", "-c", f"echo out; echo err >&2; exit {code}"])

@@ -55,6 +55,52 @@ def test_run_as_user_ownership_exit_code_and_no_leftover(
     wait_gone(client, ws)
 
 
+def test_root_on_a_root_owned_folder_writes_as_root_or_is_refused_first(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Root running coi on its own folder: where the daemon can map host root (idmapped mounts
+    and 'root:0:1', which coi setup adds), the agent's files come back owned by root; where
+    it cannot, coi refuses before any container is made instead of a read-only workspace."""
+    ws = tmp_path / "rootws"
+    ws.mkdir()
+    assert ws.stat().st_uid == 0 and os.getuid() == 0
+    res = run_coi(
+        "run",
+        "--image",
+        "coi-tiny",
+        "-w",
+        str(ws),
+        "--",
+        "sh",
+        "-c",
+        "id -u; touch /workspace/x",
+        env=coi_env,
+    )
+    if client.server.idmapped_mounts:
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ["1000"]
+        assert (ws / "x").stat().st_uid == 0 and (ws / "x").stat().st_gid == 0
+    else:
+        assert res.returncode == 1
+        assert "belongs to root" in res.stderr and "could not write it" in res.stderr
+        assert "Launching container" not in res.stderr
+        assert not (ws / "x").exists()
+    assert coi_names(client, ws) == [] or wait_gone(client, ws) is None
+
+
+def test_a_command_that_does_not_exist_exits_127_like_a_shell(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    ws = user_dir(base / "ws", user)
+    res = run_coi(
+        "run", "--image", "coi-tiny", "-w", str(ws), "--", "no-such-cmd", env=uenv, user=USER
+    )
+    assert res.returncode == 127, res.stderr
+    assert "no-such-cmd: command not found" in res.stderr
+    assert "Operation not found" not in res.stderr
+    wait_gone(client, ws)
+
+
 def test_run_capture_json_keeps_exit_code(
     base: Path, uenv: dict[str, str], user: pwd.struct_passwd
 ) -> None:

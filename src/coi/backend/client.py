@@ -350,6 +350,7 @@ def _operation_error(err: str, what: str) -> BackendError:
     lowered = err.lower()
     if "not found" in lowered:
         return NotFound(f"{what}: {err}")
-    if "already exists" in lowered:
+    # Incus reports a name taken by a concurrent create as its database's constraint.
+    if "already exists" in lowered or "unique constraint failed" in lowered:
         return Conflict(f"{what}: {err}")
     return OperationFailed(f"{what}: {err}")

@@ -41,6 +41,16 @@ class ServerInfo:
     def display_name(self) -> str:
         return ("Incus" if self.kind == "incus" else "LXD") + f" {self.version}"
 
+    @property
+    def idmapped_mounts(self) -> bool:
+        """Whether the daemon's container runtime shifts ownership with idmapped mounts: a
+        container then starts without its root filesystem re-owned, and host uid 0 can be
+        mapped into it (LXD 5.0 reports the kernel's support but its LXC lacks it)."""
+        env = self.raw.get("environment") or {}
+        lxc = env.get("lxc_features") or {}
+        kernel = env.get("kernel_features") or {}
+        return lxc.get("idmapped_mounts_v2") == "true" and kernel.get("idmapped_mounts") == "true"
+
 
 @dataclass(frozen=True)
 class Instance:

@@ -29,7 +29,7 @@ from coi.protection.guard import Guard, settle
 from coi.sessions import naming, template
 from coi.sessions.inventory import owner_config
 from coi.sessions.slots import SlotClaims
-from coi.sessions.workspace import Mount, host_owner_gid, host_owner_uid
+from coi.sessions.workspace import Mount, host_owner_gid, host_owner_uid, root_mapping_problem
 
 if TYPE_CHECKING:
     from coi.monitor.monitor import Settings as MonitorSettings
@@ -151,14 +151,14 @@ def instance_config(spec: SandboxSpec) -> dict[str, str]:
     }
     if spec.limits.tmpfs_size:
         config["raw.lxc"] = spec.limits.raw_lxc()
-    if owner != 0:
-        # The agent's uid inside *is* the user's uid outside, for the whole container: files
-        # it creates in the workspace belong to the user who ran coi.
-        config["raw.idmap"] = (
-            f"both {owner} {spec.code_uid}"
-            if owner == gid
-            else f"uid {owner} {spec.code_uid}\ngid {gid} {spec.code_uid}"
-        )
+    # The agent's uid inside *is* the user's uid outside, for the whole container: files it
+    # creates in the workspace belong to the user who ran coi (root too, where the daemon can
+    # map it: Sandbox.check_owner refuses first where it cannot).
+    config["raw.idmap"] = (
+        f"both {owner} {spec.code_uid}"
+        if owner == gid
+        else f"uid {owner} {spec.code_uid}\ngid {gid} {spec.code_uid}"
+    )
     return config
 
 
@@ -283,8 +283,27 @@ class Sandbox:
                 resolution="Build it with 'coi build', or pass --image coi-tiny for a minimal one.",
             )
 
+    def check_owner(self) -> None:
+        """Refuse, before anything is made, a workspace the agent could not write: one owned
+        by root where the daemon cannot map host root to the agent's uid."""
+        if host_owner_uid(self.spec.workspace) != 0:
+            return
+        problem = root_mapping_problem(
+            self.client.server.idmapped_mounts, local=self.client.endpoint.is_local
+        )
+        if problem is None:
+            return
+        raise SessionError(
+            f"the workspace {self.spec.workspace} belongs to root and {problem}: the agent "
+            f"(uid {self.spec.code_uid}) could not write it",
+            resolution="Run coi as the user who owns the folder (or with sudo from that user), "
+            "or chown the folder to a regular user. On Incus, 'sudo coi setup' adds "
+            "'root:0:1' to /etc/subuid and /etc/subgid so root's own folders can be mapped.",
+        )
+
     def create_or_reuse(self) -> None:
         """Create the container, or reuse this slot's persistent one (`ensure_image` first)."""
+        self.check_owner()
         self.begin()
         inst = None
         try:

@@ -160,6 +160,32 @@ def host_owner_uid(workspace: Path, env: Mapping[str, str] | None = None) -> int
     return uid
 
 
+ROOT_SUBID = "root:0:1"
+SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+def root_mapping_problem(
+    idmapped_mounts: bool, *, local: bool, subid_files: Iterable[Path] = SUBID_FILES
+) -> str | None:
+    """Why host root cannot be the agent's uid in a container, or None when it can.
+
+    The daemon maps host uid 0 with `raw.idmap` only where its runtime shifts ownership with
+    idmapped mounts (LXD 5.0's start-up re-owns the container with the map and fails), and
+    only if root may delegate uid 0: `root:0:1` in /etc/subuid and /etc/subgid.
+    """
+    if not idmapped_mounts:
+        return "this daemon cannot map host root into a container (no idmapped mounts)"
+    if local:
+        for f in subid_files:
+            try:
+                lines = f.read_text().split()
+            except OSError:
+                lines = []
+            if ROOT_SUBID not in lines:
+                return f"{f} has no '{ROOT_SUBID}' entry, so the daemon may not map host root"
+    return None
+
+
 def host_owner_gid(workspace: Path, uid: int, env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     if uid == os.getuid():
