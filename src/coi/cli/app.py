@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "health": ("coi.cli.health_cmd", "health_cmd"),
     "build": ("coi.cli.build_cmd", "build_cmd"),
     "config": ("coi.cli.config_cmd", "config_cmd"),
+    "trust": ("coi.cli.trust_cmd", "trust_cmd"),
+    "untrust": ("coi.cli.trust_cmd", "untrust_cmd"),
     "version": ("coi.cli.version_cmd", "version_cmd"),
     "list": ("coi.cli.lifecycle_cmds", "list_cmd"),
     "info": ("coi.cli.lifecycle_cmds", "info_cmd"),

@@ -13,9 +13,14 @@ if TYPE_CHECKING:
 
 def load_settings(*, profile: str | None = None, cli: dict[str, Any] | None = None) -> Config:
     """The merged config for this invocation."""
+    import sys
+
     from coi.config.loader import load_config
 
-    return load_config(cwd=Path.cwd(), env=os.environ, profile=profile, cli=cli)
+    cfg = load_config(cwd=Path.cwd(), env=os.environ, profile=profile, cli=cli)
+    for warning in cfg.warnings:
+        sys.stderr.write(f"Warning: {warning}\n")
+    return cfg
 
 
 def daemon() -> tuple[Config, IncusClient]:

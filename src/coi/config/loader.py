@@ -12,10 +12,33 @@ from pathlib import Path
 from typing import Any
 
 from coi.config.schema import BY_KEY, PROFILE_KEYS, Setting
+from coi.config.trust import (
+    TRUST_ALL_ENV,
+    WORKSPACE_FILES,
+    TrustStore,
+    Unreadable,
+    read_nofollow,
+    trust_all,
+)
+from coi.config.untrusted import Dropped, judge
 from coi.errors import ConfigError
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass
+class WorkspaceFile:
+    """A config file found in the working directory, and whether it is trusted."""
+
+    path: Path
+    status: str  # "untrusted", "trusted", "changed", "trust-all" or "unreadable"
+    sha256: str = ""
+    key: Path | None = None  # its real path: what `coi trust` pins
+
+    @property
+    def trusted(self) -> bool:
+        return self.status in ("trusted", "trust-all")
 
 
 @dataclass
@@ -24,8 +47,13 @@ class Config:
 
     values: dict[str, Any]
     origins: dict[str, str]
-    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # name -> key -> (value, origin, from an untrusted file)
+    profiles: dict[str, dict[str, tuple[Any, str, bool]]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    workspace: list[WorkspaceFile] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
+    # For the user, on stderr, each time config is loaded (the CLI prints them).
+    warnings: list[str] = field(default_factory=list)
 
     def get(self, key: str) -> Any:
         return self.values[key]
@@ -53,11 +81,16 @@ class Config:
         self.origins[key] = origin
 
 
-def config_files(cwd: Path, env: Mapping[str, str]) -> list[Path]:
-    """Config files in the order they apply (later wins); missing ones are skipped later."""
+def own_files(env: Mapping[str, str]) -> list[Path]:
+    """The user's and the system's config files, which apply before the workspace's."""
     home = Path(env.get("HOME") or Path.home())
     xdg = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
-    files = [Path("/etc/coi/config.toml"), xdg / "coi" / "config.toml", cwd / ".coi.toml"]
+    return [Path("/etc/coi/config.toml"), xdg / "coi" / "config.toml"]
+
+
+def config_files(cwd: Path, env: Mapping[str, str]) -> list[Path]:
+    """Config files in the order they apply (later wins); missing ones are skipped later."""
+    files = [*own_files(env), *(cwd / rel for rel in WORKSPACE_FILES)]
     if env.get("COI_CONFIG"):
         files.append(Path(env["COI_CONFIG"]).expanduser())
     return files
@@ -167,36 +200,158 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"failed to load config: {path}: {err.strerror}") from err
 
 
-def _apply_layer(cfg: Config, data: Mapping[str, Any], origin: str) -> None:
+def _profile_layer(cfg: Config, data: Mapping[str, Any], origin: str, untrusted: bool) -> None:
     profiles = data.get("profiles", {})
     if not isinstance(profiles, dict):
+        if untrusted:
+            cfg.dropped.append(Dropped("profiles", profiles, origin, "not a table"))
+            return
         raise ConfigError(f"{origin}: [profiles] must be a table of named profiles")
     for name, body in profiles.items():
         if not isinstance(body, dict):
+            if untrusted:
+                cfg.dropped.append(Dropped(f"profiles.{name}", body, origin, "not a table"))
+                continue
             raise ConfigError(f"{origin}: [profiles.{name}] must be a table")
-        flat = _flatten(body)
-        for k, v in flat.items():
-            if k not in PROFILE_KEYS:
+        for k, v in _flatten(body).items():
+            s = PROFILE_KEYS.get(k)
+            if s is None and untrusted:
+                cfg.dropped.append(Dropped(f"profiles.{name}.{k}", v, origin, "unknown key"))
+                continue
+            if s is None:
                 raise ConfigError(
                     f"{origin}: unknown key 'profiles.{name}.{k}'",
                     resolution=_suggest(k, list(PROFILE_KEYS)),
                 )
-            cfg.profiles.setdefault(name, {})[PROFILE_KEYS[k].key] = (
-                _coerce(PROFILE_KEYS[k], v, origin),
-                origin,
-            )
+            value = _coerce_or_drop(cfg, s, v, origin, untrusted, f"profiles.{name}.{k}")
+            if value is not _BAD:
+                cfg.profiles.setdefault(name, {})[s.key] = (value, origin, untrusted)
+
+
+_BAD = object()
+
+
+def _coerce_or_drop(
+    cfg: Config, s: Setting, value: Any, origin: str, untrusted: bool, shown: str
+) -> Any:
+    """The coerced value; from an untrusted file a bad one is dropped (_BAD), not an error."""
+    try:
+        return _coerce(s, value, origin)
+    except ConfigError as err:
+        if not untrusted:
+            raise
+        cfg.dropped.append(Dropped(shown, value, origin, err.message.split(": ", 1)[-1]))
+        return _BAD
+
+
+def _allowed(cfg: Config, s: Setting, value: Any, origin: str, shown: str) -> bool:
+    """May this value from an untrusted file replace (or extend) what is in force?"""
+    reason = judge(s, value, cfg.values[s.key])
+    if reason is None:
+        return True
+    cfg.dropped.append(Dropped(shown, value, origin, reason))
+    return False
+
+
+def _apply_layer(
+    cfg: Config, data: Mapping[str, Any], origin: str, *, untrusted: bool = False
+) -> None:
+    """Apply one file. From an untrusted file, what would loosen safety (and any unknown or
+    malformed key) is dropped and recorded in `cfg.dropped` instead."""
+    _profile_layer(cfg, data, origin, untrusted)
     rest = {k: v for k, v in data.items() if k != "profiles"}
     for key, value in _flatten(rest).items():
         s = BY_KEY.get(key)
+        if s is None and untrusted:
+            cfg.dropped.append(Dropped(key, value, origin, "unknown key"))
+            continue
         if s is None:
             raise ConfigError(
                 f"{origin}: unknown key '{key}'", resolution=_suggest(key, list(BY_KEY))
             )
-        value = _coerce(s, value, origin)
+        value = _coerce_or_drop(cfg, s, value, origin, untrusted, key)
+        if value is _BAD or (untrusted and not _allowed(cfg, s, value, origin, key)):
+            continue
         if s.append and cfg.origins.get(key, "default") != "default":
             value = [*cfg.values[key], *value]
         cfg.values[key] = value
         cfg.origins[key] = origin
+
+
+def _apply_workspace(cfg: Config, cwd: Path, rel: str, env: Mapping[str, str]) -> None:
+    """Read a workspace file once (no links followed), check its pin, apply what it may set."""
+    shown = cwd / rel
+    try:
+        read = read_nofollow(cwd, rel)
+    except Unreadable as err:
+        cfg.workspace.append(WorkspaceFile(shown, "unreadable"))
+        cfg.warnings.append(f"{err}: not read (a workspace config file must be a regular file)")
+        return
+    except OSError as err:
+        raise ConfigError(f"failed to load config: {shown}: {err.strerror}") from err
+    if read is None:
+        return
+    pinned = TrustStore(env=env).pinned(read.path)
+    if trust_all(env):
+        status = "trust-all"
+    elif pinned == read.sha256:
+        status = "trusted"
+    else:
+        status = "changed" if pinned else "untrusted"
+    entry = WorkspaceFile(shown, status, read.sha256, read.path)
+    cfg.workspace.append(entry)
+    cfg.files.append(shown)
+    try:
+        data = tomllib.loads(read.data.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        if entry.trusted:
+            raise ConfigError(
+                f"failed to load config: {shown}: {err}",
+                resolution="Fix the TOML syntax in that file.",
+            ) from err
+        cfg.dropped.append(Dropped("(whole file)", "", str(shown), f"not valid TOML: {err}"))
+        return
+    _apply_layer(cfg, data, str(shown), untrusted=not entry.trusted)
+
+
+def _workspace_warnings(cfg: Config, env: Mapping[str, str]) -> None:
+    if trust_all(env):
+        names = ", ".join(str(w.path) for w in cfg.workspace) or "none found here"
+        cfg.warnings.append(
+            f"{TRUST_ALL_ENV}=1: every workspace config file is trusted without a check "
+            f"({names}); settings in it that weaken the sandbox apply"
+        )
+    for w in cfg.workspace:
+        dropped = [d for d in cfg.dropped if d.file == str(w.path)]
+        if w.status == "changed":
+            head = f"{w.path} changed since you trusted it, so it is untrusted again"
+            hint = f"review the change, then 'coi trust {w.path}' trusts it as it is now"
+        else:
+            head = f"{w.path} is not trusted"
+            hint = f"after reviewing it, 'coi trust {w.path}' applies all of it"
+        if dropped:
+            lines = "".join(f"\n  {d.line()}" for d in dropped)
+            cfg.warnings.append(
+                f"{head}; these settings from it are dropped:{lines}\n"
+                f"  (a workspace file may only make the sandbox stricter; {hint})"
+            )
+        elif w.status == "changed":
+            cfg.warnings.append(f"{head} (nothing in it needs trust now); {hint}")
+
+
+def _apply_profile(cfg: Config, profile: str) -> None:
+    if profile not in cfg.profiles:
+        known = ", ".join(sorted(cfg.profiles)) or "none defined"
+        raise ConfigError(
+            f"unknown profile '{profile}'", resolution=f"Profiles in your config: {known}."
+        )
+    for key, (value, origin, untrusted) in cfg.profiles[profile].items():
+        # Judged now, against what the files gave: the profile applies over all of them.
+        shown = f"profiles.{profile}.{key.removeprefix('defaults.')}"
+        if untrusted and not _allowed(cfg, BY_KEY[key], value, origin, shown):
+            continue
+        cfg.values[key] = value
+        cfg.origins[key] = f"{origin} [profiles.{profile}]"
 
 
 def load_config(
@@ -209,7 +364,12 @@ def load_config(
 ) -> Config:
     """Merge defaults < config files < [profiles.NAME] < COI_* env < CLI flags.
 
-    :raises ConfigError: a file is malformed, a key is unknown or a value has the wrong type.
+    The workspace files (./.coi.toml, ./.coi/config.toml) are untrusted unless pinned with
+    `coi trust`: only what tightens the sandbox applies from them; what is dropped is in
+    `Config.dropped`, and `Config.warnings` says so.
+
+    :raises ConfigError: a file is malformed, a key is unknown or a value has the wrong type
+        (from an untrusted file such keys are dropped instead).
     """
     env = os.environ if env is None else env
     cwd = Path.cwd() if cwd is None else cwd
@@ -217,19 +377,16 @@ def load_config(
         values={k: copy.deepcopy(s.default) for k, s in BY_KEY.items()},
         origins=dict.fromkeys(BY_KEY, "default"),
     )
+    workspace = {cwd / rel: rel for rel in WORKSPACE_FILES}
     for path in config_files(cwd, env) if files is None else files:
-        if path.is_file():
+        if path in workspace:
+            _apply_workspace(cfg, cwd, workspace[path], env)
+        elif path.is_file():
             cfg.files.append(path)
             _apply_layer(cfg, _read_file(path), str(path))
     if profile:
-        if profile not in cfg.profiles:
-            known = ", ".join(sorted(cfg.profiles)) or "none defined"
-            raise ConfigError(
-                f"unknown profile '{profile}'", resolution=f"Profiles in your config: {known}."
-            )
-        for key, (value, origin) in cfg.profiles[profile].items():
-            cfg.values[key] = value
-            cfg.origins[key] = f"{origin} [profiles.{profile}]"
+        _apply_profile(cfg, profile)
+    _workspace_warnings(cfg, env)
     for s in BY_KEY.values():
         for var in s.env:
             if env.get(var) not in (None, ""):
@@ -241,3 +398,26 @@ def load_config(
     if cfg.origins["incus.claude_uid"] != "default" and cfg.origins["incus.code_uid"] == "default":
         cfg.values["incus.code_uid"] = cfg.values["incus.claude_uid"]
     return cfg
+
+
+def judge_file(data: Mapping[str, Any], origin: str, env: Mapping[str, str]) -> list[Dropped]:
+    """What an untrusted file would lose next to the user's own config files (for `coi trust`).
+
+    :raises ConfigError: the file is malformed as a trusted file would be.
+    """
+    cfg = Config(
+        values={k: copy.deepcopy(s.default) for k, s in BY_KEY.items()},
+        origins=dict.fromkeys(BY_KEY, "default"),
+    )
+    for path in own_files(env):
+        if path.is_file():
+            _apply_layer(cfg, _read_file(path), str(path))
+    trusted = copy.deepcopy(cfg)
+    _apply_layer(trusted, data, origin)  # raises on what would break a trusted load
+    _apply_layer(cfg, data, origin, untrusted=True)
+    for name, body in cfg.profiles.items():
+        for key, (value, prof_origin, untrusted) in body.items():
+            if untrusted:
+                shown = f"profiles.{name}.{key.removeprefix('defaults.')}"
+                _allowed(cfg, BY_KEY[key], value, prof_origin, shown)
+    return cfg.dropped

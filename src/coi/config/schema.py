@@ -21,6 +21,29 @@ class Setting:
     append: bool = False  # lists from later files extend earlier ones instead of replacing
     choices: tuple[str, ...] = ()
     profile: bool = False  # may also appear under [profiles.NAME]
+    # How a value from an untrusted workspace file (./.coi.toml, ./.coi/config.toml) is
+    # judged: one of TRUST_RULES. Every key must declare one (a unit test checks); an
+    # undeclared one is treated as "never".
+    trust: str = ""
+    order: tuple[str, ...] = ()  # "order": the values, loosest first
+    measure: str = ""  # "lower": how to read the value (see coi.config.untrusted)
+
+
+# What a workspace file that is not trusted may do with a key (coi.config.untrusted).
+# A value equal to the one already in force is always accepted: it changes nothing.
+TRUST_RULES: dict[str, str] = {
+    "any": "no bearing on safety: always applies",
+    "never": "never taken from an untrusted file (host paths, commands, images, credentials, "
+    "the daemon and its resources)",
+    "true": "a switch whose safe side is true: may be turned on, not off",
+    "false": "a switch whose safe side is false: may be turned off, not on",
+    "order": "one of `order`, loosest first: may only move towards the strict end",
+    "lower": "a limit or threshold: may only be lowered; unset, '' or 0 means none (loosest)",
+    "smaller": "a number that may only be lowered (0 is the strictest)",
+    "higher": "a number that may only be raised; 0 means no cap (the strictest)",
+    "subset": "a list that may only lose entries (what is allowed)",
+    "superset": "a list that may only gain entries (what is protected)",
+}
 
 
 def _s(key: str, kind: str, default: Any, help: str, **kw: Any) -> Setting:
@@ -46,6 +69,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Image alias new sessions start from.",
         env=("COI_IMAGE", "CLAUDE_ON_INCUS_IMAGE"),
         profile=True,
+        trust="never",
     ),
     _s(
         "defaults.persistent",
@@ -54,15 +78,23 @@ SETTINGS: tuple[Setting, ...] = (
         "Keep containers after the session ends.",
         env=("COI_PERSISTENT", "CLAUDE_ON_INCUS_PERSISTENT"),
         profile=True,
+        trust="false",
     ),
-    _s("defaults.model", "str", "", "Unused; accepted for compatibility."),
-    _s("defaults.mount_claude_config", "bool", False, "Unused; accepted for compatibility."),
+    _s("defaults.model", "str", "", "Unused; accepted for compatibility.", trust="any"),
+    _s(
+        "defaults.mount_claude_config",
+        "bool",
+        False,
+        "Unused; accepted for compatibility.",
+        trust="false",
+    ),
     _s(
         "defaults.environment",
         "table",
         {},
         "Environment variables set inside every session.",
         profile=True,
+        trust="never",
     ),
     # [paths]
     _s(
@@ -71,6 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
         "~/.coi/sessions",
         "Legacy; sessions live in ~/.coi/sessions-<tool>.",
         env=("CLAUDE_ON_INCUS_SESSIONS_DIR",),
+        trust="never",
     ),
     _s(
         "paths.storage_dir",
@@ -78,16 +111,25 @@ SETTINGS: tuple[Setting, ...] = (
         "~/.coi/storage",
         "Scratch storage for coi.",
         env=("CLAUDE_ON_INCUS_STORAGE_DIR",),
+        trust="never",
     ),
-    _s("paths.logs_dir", "str", "~/.coi/logs", "Where coi writes its logs."),
+    _s("paths.logs_dir", "str", "~/.coi/logs", "Where coi writes its logs.", trust="never"),
     _s(
         "paths.preserve_workspace_path",
         "bool",
         False,
         "Mount the workspace at its host path instead of /workspace.",
+        trust="false",
     ),
     # [incus]
-    _s("incus.project", "str", "default", "Daemon project coi works in.", env=("COI_PROJECT",)),
+    _s(
+        "incus.project",
+        "str",
+        "default",
+        "Daemon project coi works in.",
+        env=("COI_PROJECT",),
+        trust="never",
+    ),
     _s(
         "incus.remote",
         "str",
@@ -95,6 +137,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Remote daemon: a remote name from the incus/lxc client "
         "config, or an https:// URL. Empty: the local daemon.",
         env=("COI_REMOTE",),
+        trust="never",
     ),
     _s(
         "incus.pool",
@@ -102,6 +145,7 @@ SETTINGS: tuple[Setting, ...] = (
         "coi",
         "Storage pool for containers (made by 'coi setup').",
         env=("COI_POOL",),
+        trust="never",
     ),
     _s(
         "incus.network",
@@ -109,8 +153,15 @@ SETTINGS: tuple[Setting, ...] = (
         "coibr0",
         "Bridge containers attach to (made by 'coi setup').",
         env=("COI_NETWORK",),
+        trust="never",
     ),
-    _s("incus.group", "str", "incus-admin", "Unix group that may use the daemon socket."),
+    _s(
+        "incus.group",
+        "str",
+        "incus-admin",
+        "Unix group that may use the daemon socket.",
+        trust="never",
+    ),
     _s(
         "incus.templates",
         "bool",
@@ -119,6 +170,7 @@ SETTINGS: tuple[Setting, ...] = (
         "'coitmpl-*' container per image and user): saves re-owning the root filesystem at "
         "every start when the daemon cannot shift it on the fly (LXD 5.0).",
         env=("COI_TEMPLATES",),
+        trust="never",
     ),
     _s(
         "incus.spares",
@@ -129,11 +181,24 @@ SETTINGS: tuple[Setting, ...] = (
         "in the background when its session ends. Set it to how many sessions you start at "
         "once; 0 turns spares off.",
         env=("COI_SPARES",),
+        trust="never",
     ),
-    _s("incus.code_uid", "int", 1000, "Uid of the agent user inside the container."),
-    _s("incus.code_user", "str", "code", "Name of the agent user inside the container."),
-    _s("incus.disable_shift", "bool", False, "Unused (coi maps uids with raw.idmap)."),
-    _s("incus.claude_uid", "int", 1000, "Legacy name of incus.code_uid; accepted."),
+    _s("incus.code_uid", "int", 1000, "Uid of the agent user inside the container.", trust="never"),
+    _s(
+        "incus.code_user",
+        "str",
+        "code",
+        "Name of the agent user inside the container.",
+        trust="never",
+    ),
+    _s(
+        "incus.disable_shift",
+        "bool",
+        False,
+        "Unused (coi maps uids with raw.idmap).",
+        trust="never",
+    ),
+    _s("incus.claude_uid", "int", 1000, "Legacy name of incus.code_uid; accepted.", trust="never"),
     # [network]
     _s(
         "network.mode",
@@ -143,26 +208,37 @@ SETTINGS: tuple[Setting, ...] = (
         env=("COI_NETWORK_MODE",),
         choices=("restricted", "allowlist", "open"),
         profile=True,
+        trust="order",
+        order=("open", "restricted", "allowlist"),
     ),
-    _s("network.block_private_networks", "bool", True, "Block RFC1918 ranges."),
-    _s("network.block_metadata_endpoint", "bool", True, "Block 169.254.0.0/16 (cloud metadata)."),
+    _s("network.block_private_networks", "bool", True, "Block RFC1918 ranges.", trust="true"),
+    _s(
+        "network.block_metadata_endpoint",
+        "bool",
+        True,
+        "Block 169.254.0.0/16 (cloud metadata).",
+        trust="true",
+    ),
     _s(
         "network.allowed_domains",
         "list",
         DEFAULT_ALLOWED_DOMAINS,
         "Domains, IPs and CIDRs reachable in allowlist mode (optionally host:port).",
+        trust="subset",
     ),
     _s(
         "network.refresh_interval_minutes",
         "int",
         30,
         "Re-resolve allowlisted domains this often (0: never).",
+        trust="any",
     ),
     _s(
         "network.allow_local_network_access",
         "bool",
         False,
         "Allow private ranges in restricted and allowlist modes.",
+        trust="false",
     ),
     _s(
         "network.resolver",
@@ -170,18 +246,31 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "DNS server (ip or ip:port) coi uses on the host to resolve allowed_domains; "
         "empty: the host's resolver.",
+        trust="never",
     ),
-    _s("network.logging.enabled", "bool", True, "Log network policy changes."),
-    _s("network.logging.path", "str", "~/.coi/logs/network.log", "Network log file."),
+    _s("network.logging.enabled", "bool", True, "Log network policy changes.", trust="true"),
+    _s(
+        "network.logging.path", "str", "~/.coi/logs/network.log", "Network log file.", trust="never"
+    ),
     # [tool]
-    _s("tool.name", "str", "claude", "Agent tool to run.", env=("COI_TOOL",), profile=True),
-    _s("tool.binary", "str", "", "Override the tool's executable."),
+    _s(
+        "tool.name",
+        "str",
+        "claude",
+        "Agent tool to run.",
+        env=("COI_TOOL",),
+        profile=True,
+        trust="never",
+    ),
+    _s("tool.binary", "str", "", "Override the tool's executable.", trust="never"),
     _s(
         "tool.permission_mode",
         "str",
         "bypass",
         "bypass: the tool never asks; interactive: it asks.",
         choices=("bypass", "interactive"),
+        trust="order",
+        order=("bypass", "interactive"),
     ),
     _s(
         "tool.forward_env",
@@ -190,6 +279,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Host environment variables (e.g. ANTHROPIC_API_KEY) "
         "passed into the session. Nothing else from the host environment goes in.",
         profile=True,
+        trust="never",
     ),
     _s(
         "tool.claude.effort_level",
@@ -197,6 +287,7 @@ SETTINGS: tuple[Setting, ...] = (
         "medium",
         "Claude effort level.",
         choices=("low", "medium", "high"),
+        trust="any",
     ),
     # [mounts]
     _s(
@@ -205,6 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
         [],
         "Extra mounts: [[mounts.default]] host=..., container=...",
         append=True,
+        trust="never",
     ),
     # [limits]
     _s(
@@ -214,6 +306,8 @@ SETTINGS: tuple[Setting, ...] = (
         "CPUs: a count (2), a range (0-3) or a list (0,1).",
         env=("COI_LIMIT_CPU",),
         profile=True,
+        trust="lower",
+        measure="cpus",
     ),
     _s(
         "limits.cpu.allowance",
@@ -222,8 +316,10 @@ SETTINGS: tuple[Setting, ...] = (
         "CPU time: 50% (a share) or 25ms/100ms (a hard cap).",
         env=("COI_LIMIT_CPU_ALLOWANCE",),
         profile=True,
+        trust="lower",
+        measure="allowance",
     ),
-    _s("limits.cpu.priority", "int", 0, "CPU priority 0-10.", profile=True),
+    _s("limits.cpu.priority", "int", 0, "CPU priority 0-10.", profile=True, trust="lower"),
     _s(
         "limits.memory.limit",
         "str",
@@ -231,6 +327,8 @@ SETTINGS: tuple[Setting, ...] = (
         "Memory: 2GiB or 50%.",
         env=("COI_LIMIT_MEMORY",),
         profile=True,
+        trust="lower",
+        measure="memory",
     ),
     _s(
         "limits.memory.enforce",
@@ -240,6 +338,8 @@ SETTINGS: tuple[Setting, ...] = (
         "memory pressure. Upstream defaults to soft, which caps nothing.",
         choices=("hard", "soft"),
         profile=True,
+        trust="order",
+        order=("soft", "hard"),
     ),
     _s(
         "limits.memory.swap",
@@ -248,6 +348,8 @@ SETTINGS: tuple[Setting, ...] = (
         "true, false or a size.",
         env=("COI_LIMIT_MEMORY_SWAP",),
         profile=True,
+        trust="lower",
+        measure="swap",
     ),
     _s(
         "limits.disk.read",
@@ -256,6 +358,8 @@ SETTINGS: tuple[Setting, ...] = (
         "Read rate: 10MB/s or 1000iops.",
         env=("COI_LIMIT_DISK_READ",),
         profile=True,
+        trust="lower",
+        measure="rate",
     ),
     _s(
         "limits.disk.write",
@@ -264,9 +368,19 @@ SETTINGS: tuple[Setting, ...] = (
         "Write rate: 10MB/s or 1000iops.",
         env=("COI_LIMIT_DISK_WRITE",),
         profile=True,
+        trust="lower",
+        measure="rate",
     ),
-    _s("limits.disk.max", "str", "", "Read+write rate.", profile=True),
-    _s("limits.disk.priority", "int", 0, "Disk priority 0-10.", profile=True),
+    _s(
+        "limits.disk.max",
+        "str",
+        "",
+        "Read+write rate.",
+        profile=True,
+        trust="lower",
+        measure="rate",
+    ),
+    _s("limits.disk.priority", "int", 0, "Disk priority 0-10.", profile=True, trust="lower"),
     _s(
         "limits.disk.tmpfs_size",
         "str",
@@ -274,6 +388,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Mount a RAM-backed /tmp of this size (it counts against the memory limit).",
         env=("COI_LIMIT_TMPFS",),
         profile=True,
+        trust="never",
     ),
     _s(
         "limits.runtime.max_duration",
@@ -282,14 +397,24 @@ SETTINGS: tuple[Setting, ...] = (
         "Stop the container after this long (2h, 30m).",
         env=("COI_LIMIT_DURATION",),
         profile=True,
+        trust="lower",
+        measure="duration",
     ),
-    _s("limits.runtime.max_processes", "int", 0, "Process limit (0: none).", profile=True),
+    _s(
+        "limits.runtime.max_processes",
+        "int",
+        0,
+        "Process limit (0: none).",
+        profile=True,
+        trust="lower",
+    ),
     _s(
         "limits.runtime.auto_stop",
         "bool",
         True,
         "Stop the container when max_duration ends.",
         profile=True,
+        trust="true",
     ),
     _s(
         "limits.runtime.stop_graceful",
@@ -297,14 +422,16 @@ SETTINGS: tuple[Setting, ...] = (
         True,
         "Stop gracefully before forcing.",
         profile=True,
+        trust="false",
     ),
     # [git] / [security]
-    _s("git.writable_hooks", "bool", False, "Legacy: disable protected paths."),
+    _s("git.writable_hooks", "bool", False, "Legacy: disable protected paths.", trust="false"),
     _s(
         "security.protected_paths",
         "list",
         DEFAULT_PROTECTED,
         "Workspace paths the agent may not change.",
+        trust="superset",
     ),
     _s(
         "security.additional_protected_paths",
@@ -312,14 +439,16 @@ SETTINGS: tuple[Setting, ...] = (
         [],
         "Appended to protected_paths.",
         append=True,
+        trust="any",
     ),
-    _s("security.disable_protection", "bool", False, "Turn protected paths off."),
+    _s("security.disable_protection", "bool", False, "Turn protected paths off.", trust="false"),
     _s(
         "security.verify_interval_seconds",
         "int",
         5,
         "While coi runs, compare protected paths with their copy this often (0: only at start "
         "and end of a session).",
+        trust="lower",
     ),
     # [build]
     _s(
@@ -330,6 +459,7 @@ SETTINGS: tuple[Setting, ...] = (
         "answers, else debootstrap), 'server', 'debootstrap' (built locally from the mirror, "
         "needs root once; cached as image 'coi-base-debian-12'), or a local image alias.",
         env=("COI_BUILD_BASE",),
+        trust="never",
     ),
     _s(
         "build.image_server",
@@ -337,13 +467,21 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Simplestreams image server for the base, e.g. https://images.linuxcontainers.org "
         "(empty: none, so 'auto' means debootstrap).",
+        trust="never",
     ),
-    _s("build.image_server_alias", "str", "debian/12", "Base image alias on the image server."),
+    _s(
+        "build.image_server_alias",
+        "str",
+        "debian/12",
+        "Base image alias on the image server.",
+        trust="never",
+    ),
     _s(
         "build.mirror",
         "str",
         "http://deb.debian.org/debian",
         "Debian mirror for debootstrap and apt inside the build.",
+        trust="never",
     ),
     _s(
         "build.host_ca_certificates",
@@ -351,30 +489,65 @@ SETTINGS: tuple[Setting, ...] = (
         True,
         "Copy the host's extra CA certificates (/usr/local/share/ca-certificates) into built "
         "images, so builds and agents work behind a TLS-inspecting proxy.",
+        trust="never",
     ),
     _s(
         "build.tools",
         "list",
         ["claude", "opencode", "codex", "gemini", "aider"],
         "Agent CLIs `coi build` installs (a failure is reported; fatal only for tool.name).",
+        trust="never",
     ),
     # [monitoring]
-    _s("monitoring.enabled", "bool", False, "Run the security monitor for sessions."),
-    _s("monitoring.auto_pause_on_high", "bool", True, "Freeze the container on HIGH threats."),
-    _s("monitoring.auto_kill_on_critical", "bool", True, "Kill the container on CRITICAL threats."),
-    _s("monitoring.poll_interval_sec", "int", 2, "Seconds between monitor sweeps."),
+    _s("monitoring.enabled", "bool", False, "Run the security monitor for sessions.", trust="true"),
+    _s(
+        "monitoring.auto_pause_on_high",
+        "bool",
+        True,
+        "Freeze the container on HIGH threats.",
+        trust="true",
+    ),
+    _s(
+        "monitoring.auto_kill_on_critical",
+        "bool",
+        True,
+        "Kill the container on CRITICAL threats.",
+        trust="true",
+    ),
+    _s(
+        "monitoring.poll_interval_sec", "int", 2, "Seconds between monitor sweeps.", trust="smaller"
+    ),
     # Upstream's 50 MB and 10 MB/s flag (and pause) every `npm install` or `git clone`.
-    _s("monitoring.file_read_threshold_mb", "float", 200.0, "Read volume per interval: HIGH."),
-    _s("monitoring.file_read_rate_mb_per_sec", "float", 100.0, "Read rate: HIGH."),
-    _s("monitoring.file_write_threshold_mb", "float", 200.0, "Write volume per interval: HIGH."),
-    _s("monitoring.file_write_rate_mb_per_sec", "float", 100.0, "Write rate: HIGH."),
-    _s("monitoring.audit_log_retention_days", "int", 30, "Days audit logs are kept."),
+    _s(
+        "monitoring.file_read_threshold_mb",
+        "float",
+        200.0,
+        "Read volume per interval: HIGH.",
+        trust="lower",
+    ),
+    _s("monitoring.file_read_rate_mb_per_sec", "float", 100.0, "Read rate: HIGH.", trust="lower"),
+    _s(
+        "monitoring.file_write_threshold_mb",
+        "float",
+        200.0,
+        "Write volume per interval: HIGH.",
+        trust="lower",
+    ),
+    _s("monitoring.file_write_rate_mb_per_sec", "float", 100.0, "Write rate: HIGH.", trust="lower"),
+    _s(
+        "monitoring.audit_log_retention_days",
+        "int",
+        30,
+        "Days audit logs are kept.",
+        trust="higher",
+    ),
     _s(
         "monitoring.nft.enabled",
         "bool",
         False,
         "Unused: coi reads connections from the host's /proc and, as root, gets every exec "
         "and exit from the kernel; no firewall rules or sudo needed.",
+        trust="any",
     ),
     _s(
         "monitoring.nft.rate_limit_per_second",
@@ -382,15 +555,19 @@ SETTINGS: tuple[Setting, ...] = (
         1000,
         "Most exec events per second the monitor inspects (root; 0: all). Upstream's 100 "
         "would let an agent hide a command behind 100 quick decoys.",
+        trust="higher",
     ),
     _s(
         "monitoring.nft.dns_query_threshold",
         "int",
         100,
         "DNS exchanges per minute above which a WARNING is raised.",
+        trust="lower",
     ),
-    _s("monitoring.nft.log_dns_queries", "bool", True, "Unused (no kernel log rules)."),
-    _s("monitoring.nft.lima_host", "str", "", "Unused on Linux hosts."),
+    _s(
+        "monitoring.nft.log_dns_queries", "bool", True, "Unused (no kernel log rules).", trust="any"
+    ),
+    _s("monitoring.nft.lima_host", "str", "", "Unused on Linux hosts.", trust="never"),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
