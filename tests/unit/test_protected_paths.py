@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from coi.config.loader import load_config
+from coi.config.schema import DEFAULT_PROTECTED
 from coi.errors import ConfigError
 from coi.protection.guard import Guard
-from coi.protection.paths import configured_paths, devices, plan
+from coi.protection.paths import configured_paths, devices, expand, plan, summary
 
 RELS = [".git/hooks", ".git/config", ".husky", ".vscode"]
 
@@ -82,9 +83,12 @@ def test_plan_without_git_watches_only(tmp_path: Path) -> None:
 
 def test_configured_paths_validation(tmp_path: Path) -> None:
     cfg = load_config(cwd=tmp_path, env={"HOME": str(tmp_path)}, files=[])
-    assert configured_paths(cfg) == RELS
+    assert configured_paths(cfg) == DEFAULT_PROTECTED
     cfg.set("security.additional_protected_paths", ["./Makefile", ".git/hooks"], "test")
-    assert configured_paths(cfg) == [*RELS, "Makefile"]
+    assert configured_paths(cfg) == [*DEFAULT_PROTECTED, "Makefile"]
+    # coi's own workspace config stays protected when the list is replaced.
+    cfg.set("security.protected_paths", [".git/hooks"], "test")
+    assert configured_paths(cfg) == [".git/hooks", "Makefile", ".coi.toml", ".coi"]
     cfg.set("security.additional_protected_paths", ["../outside"], "test")
     with pytest.raises(ConfigError, match=r"security\.additional_protected_paths"):
         configured_paths(cfg)
@@ -180,3 +184,92 @@ def test_forget_and_missing_record(guard: Guard) -> None:
     guard.forget()
     assert not guard.exists()
     assert guard.enforce().changes == []
+
+
+# -- workspace config and the rest of git's host-side files ----------------------------------
+
+
+@pytest.fixture
+def full_repo(repo: Path) -> Path:
+    """A repository with coi config, submodules (one a link), a worktree and git's extras."""
+    (repo / ".coi.toml").write_text('[limits.memory]\nlimit = "1GiB"\n')
+    (repo / ".coi").mkdir()
+    (repo / ".coi" / "config.toml").write_text("")
+    (repo / ".git" / "config.worktree").write_text("[core]\n")
+    for mod in ("a", "b"):
+        (repo / ".git" / "modules" / mod).mkdir(parents=True)
+        (repo / ".git" / "modules" / mod / "config").write_text("[core]\n")
+    (repo / ".git" / "modules" / "a" / "hooks").mkdir()
+    (repo / ".git" / "modules" / "evil").symlink_to(repo / ".git" / "modules" / "a")
+    (repo / ".git" / "worktrees" / "wt").mkdir(parents=True)
+    (repo / ".git" / "worktrees" / "wt" / "commondir").write_text("../..\n")
+    return repo
+
+
+def test_patterns_match_real_directories_only(full_repo: Path) -> None:
+    assert expand(full_repo, ".git/modules/*/config") == [
+        ".git/modules/a/config",
+        ".git/modules/b/config",
+    ]  # not through the link "evil"
+    # The leaf is kept when absent (watched for creation); b's hooks do not exist yet.
+    assert expand(full_repo, ".git/modules/*/hooks") == [
+        ".git/modules/a/hooks",
+        ".git/modules/b/hooks",
+    ]
+    assert expand(full_repo, ".git/worktrees/*/config.worktree") == [
+        ".git/worktrees/wt/config.worktree"
+    ]
+    assert expand(full_repo, ".nothing/*/x") == []
+    assert expand(full_repo, ".husky") == [".husky"]
+
+
+def test_default_plan_guards_coi_config_and_git_extras(full_repo: Path) -> None:
+    p = plan(full_repo, DEFAULT_PROTECTED)
+    kinds = {e.rel: e.kind for e in p.paths}
+    assert kinds[".coi.toml"] == "file" and kinds[".coi"] == "dir"
+    assert kinds[".git/config.worktree"] == "file"
+    assert kinds[".git/info"] == "dir"  # made, so `attributes` cannot be created inside
+    assert kinds[".git/modules/a/config"] == kinds[".git/modules/b/config"] == "file"
+    assert kinds[".git/modules/b/hooks"] == "dir"  # made like .git/hooks
+    assert kinds[".git/worktrees/wt/commondir"] == "file"
+    assert kinds[".git/worktrees/wt/config.worktree"] == "absent"
+    assert not any("evil" in rel for rel in kinds)
+    devs = devices(p, "/workspace")
+    for rel in (".coi.toml", ".coi", ".git/info", ".git/modules/b/hooks", ".git/config.worktree"):
+        (dev,) = [d for d in devs.values() if d["path"] == f"/workspace/{rel}"]
+        assert dev["readonly"] == "true" and dev["source"] == str(full_repo / rel)
+    assert p.git_dir_mount
+    assert summary(p).startswith("Protected paths (mounted read-only): .git/hooks, .git/config")
+
+
+def test_absent_coi_config_is_watched(tmp_path: Path) -> None:
+    p = plan(tmp_path, DEFAULT_PROTECTED)  # not a repository, no coi config
+    assert [(e.rel, e.kind) for e in p.paths] == [
+        (".husky", "absent"),
+        (".vscode", "absent"),
+        (".coi.toml", "absent"),
+        (".coi", "absent"),
+    ]
+    assert devices(p, "/workspace") == {}
+
+
+def test_agent_written_coi_config_is_undone(full_repo: Path, tmp_path: Path) -> None:
+    (full_repo / ".coi.toml").unlink()
+    g = Guard("coi-test-2", home=tmp_path / "home2")
+    g.record(plan(full_repo, DEFAULT_PROTECTED))
+    (full_repo / ".coi.toml").write_text('[network]\nmode = "open"\n')
+    (full_repo / ".coi" / "config.toml").write_text('[tool]\nbinary = "/workspace/x"\n')
+    (full_repo / ".git" / "info" / "attributes").write_text("* filter=evil\n")
+    (full_repo / ".git" / "modules" / "a" / "hooks" / "post-checkout").write_text("evil\n")
+    report = g.enforce()
+    assert {str(c) for c in report.changes} == {
+        ".coi.toml (created)",
+        ".coi/config.toml (content changed)",
+        ".git/info/attributes (created)",
+        ".git/modules/a/hooks/post-checkout (created)",
+    }
+    assert not (full_repo / ".coi.toml").exists()
+    assert (full_repo / ".coi" / "config.toml").read_text() == ""
+    assert not (full_repo / ".git" / "info" / "attributes").exists()
+    assert report.quarantine is not None
+    assert "open" in (report.quarantine / ".coi.toml").read_text()

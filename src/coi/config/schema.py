@@ -58,7 +58,22 @@ DEFAULT_ALLOWED_DOMAINS = [
     "api.anthropic.com",
     "platform.claude.com",
 ]
-DEFAULT_PROTECTED = [".git/hooks", ".git/config", ".husky", ".vscode"]
+# What runs or is read by host-side git or editors. `*` matches one path component, when a
+# session starts. `.git/info` as a whole: an agent may not create `attributes` there either.
+DEFAULT_PROTECTED = [
+    ".git/hooks",
+    ".git/config",
+    ".husky",
+    ".vscode",
+    ".coi.toml",
+    ".coi",
+    ".git/config.worktree",
+    ".git/info",
+    ".git/worktrees/*/config.worktree",
+    ".git/worktrees/*/commondir",
+    ".git/modules/*/config",
+    ".git/modules/*/hooks",
+]
 
 SETTINGS: tuple[Setting, ...] = (
     # [defaults]

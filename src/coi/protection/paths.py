@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import posixpath
 import re
@@ -41,6 +42,12 @@ class ProtectionPlan:
         return [p.rel for p in self.paths]
 
 
+# coi's own workspace config is protected whatever the list says (while protection is on):
+# an agent that could write it would choose the next session's settings (see
+# coi.config.untrusted for the second line of defence).
+ALWAYS = (".coi.toml", ".coi")
+
+
 def configured_paths(cfg: Config) -> list[str]:
     """The protected list from config, normalised; [] when protection is turned off.
 
@@ -54,7 +61,7 @@ def configured_paths(cfg: Config) -> list[str]:
             rel = normalise(str(raw), key)
             if rel not in out:
                 out.append(rel)
-    return out
+    return out + [rel for rel in ALWAYS if rel not in out]
 
 
 def normalise(raw: str, key: str = "security.protected_paths") -> str:
@@ -88,11 +95,50 @@ def _symlinked_parent(workspace: Path, rel: str) -> str | None:
     return None
 
 
+# Folders made (empty) when absent, so they can be mounted read-only instead of being
+# created by the agent; `git init` makes them in every repository anyway.
+_MADE = re.compile(r"\.git/hooks|\.git/info|\.git/modules/[^/]+/hooks")
+
+
+def _is_dir(path: Path) -> bool:
+    return _kind(path) == "dir"
+
+
+def expand(workspace: Path, rel: str) -> list[str]:
+    """The paths a pattern names now: `*` (also `?`, `[...]`) matches within one component.
+
+    Only real directories are descended into (a symlink on the way matches nothing); a
+    pattern without wildcards is returned as it is, whether it exists or not.
+    """
+    if not any(c in rel for c in "*?["):
+        return [rel]
+    found = [""]
+    for part in rel.split("/"):
+        step: list[str] = []
+        for prefix in found:
+            here = workspace / prefix if prefix else workspace
+            if not _is_dir(here):
+                continue
+            if not any(c in part for c in "*?["):
+                names = [part]  # kept even when absent: it is watched for creation
+            else:
+                names = sorted(n for n in os.listdir(here) if fnmatch.fnmatchcase(n, part))
+            step += [f"{prefix}/{n}" if prefix else n for n in names]
+        found = step
+    return found
+
+
 def plan(workspace: Path, rels: list[str]) -> ProtectionPlan:
-    """Decide what to protect in `workspace` (creating `.git/hooks` in a repository without one)."""
+    """Decide what to protect in `workspace` (creating `.git/hooks` and `.git/info` in a
+    repository without them).
+
+    Patterns (`.git/modules/*/hooks`) are expanded to what exists now; a match that appears
+    later is not watched.
+    """
     result = ProtectionPlan(workspace)
     if not rels:
         return result
+    rels = list(dict.fromkeys(r for pattern in rels for r in expand(workspace, pattern)))
     git = workspace / ".git"
     git_kind = _kind(git)
     wanted = list(rels)
@@ -104,8 +150,13 @@ def plan(workspace: Path, rels: list[str]) -> ProtectionPlan:
         if ".git" not in wanted:
             wanted.insert(0, ".git")
         result.notes.append(".git is a file (worktree): protecting the pointer file itself")
-    elif git_kind == "dir" and ".git/hooks" in wanted and not (git / "hooks").exists():
-        (git / "hooks").mkdir(mode=0o755)
+    elif git_kind == "dir":
+        # A folder that exists can be mounted read-only; one that does not could be made
+        # by the agent. So an absent one is made (empty), as `git init` would have.
+        for rel in wanted:
+            folder = workspace / rel
+            if _MADE.fullmatch(rel) and _is_dir(folder.parent) and _kind(folder) == "absent":
+                folder.mkdir(mode=0o755)
     for rel in wanted:
         bad_parent = _symlinked_parent(workspace, rel)
         if bad_parent:
