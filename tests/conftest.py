@@ -27,6 +27,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: 1 if item.get_closest_marker("incus") else 0)
 
 
+def pytest_report_header() -> str:
+    """Which daemon this run talks to, at the top of its output."""
+    try:
+        with IncusClient.connect() as client:
+            return f"daemon: {client.server.display_name} at {client.endpoint.describe()}"
+    except CoiError as err:
+        return f"daemon: none ({err})"
+
+
 def _daemon_or_skip() -> IncusClient:
     try:
         client = IncusClient.connect()

@@ -57,6 +57,8 @@ def uenv(test_project: str, base: Path, user: pwd.struct_passwd) -> dict[str, st
         "PYTHONPATH": f"{ROOT / 'src'}:{STANDIN / 'plugin'}",
         "TERM": "xterm",
         "SECRET_TOKEN": "s3cr3t-on-the-host",
+        # Which daemon the run talks to (scripts/test.sh names it for each part).
+        **{k: os.environ[k] for k in ("INCUS_SOCKET", "LXD_SOCKET") if os.environ.get(k)},
     }
 
 

@@ -15,6 +15,9 @@ import pytest
 from coi.backend import ExecRequest, IncusClient
 from coi.errors import Conflict, NotFound
 
+# The REST client is what both daemons must answer alike.
+pytestmark = pytest.mark.lxd
+
 
 def _devices(pool: str, bridge: str | None = None) -> dict[str, dict[str, str]]:
     devs = {"root": {"type": "disk", "path": "/", "pool": pool}}

@@ -8,6 +8,8 @@ stand-in 169.254.169.254, all in a network namespace routed from the host.
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,16 @@ from coi.errors import SessionError
 from coi.network import resources
 from coi.network.manager import allowlist_refresh, ensure_network, prove_enforced, resolved
 from coi.network.policy import Policy, build_policy
+
+# Network policy is the daemon's firewall: both daemons must enforce it alike.
+pytestmark = pytest.mark.lxd
+
+
+@pytest.fixture(autouse=True)
+def _workspaces_of_the_test_user(tmp_path: Path, user: pwd.struct_passwd) -> None:
+    """coi runs as root here, on folders of the test user: LXD cannot map host root into a
+    container, and coi refuses a root-owned workspace there."""
+    os.chown(tmp_path, user.pw_uid, user.pw_gid)
 
 
 @pytest.fixture
@@ -156,6 +168,7 @@ def test_two_sessions_keep_their_own_policies(
     for label, mode in (("restricted", "restricted"), ("open", "open"), ("peer", "restricted")):
         ws = tmp_path / label
         ws.mkdir()
+        os.chown(ws, tmp_path.stat().st_uid, tmp_path.stat().st_gid)
         res = run_coi(
             "shell", "--background", "--debug", "--network", mode, "--writable-git-hooks",
             "-w", str(ws), env=net_env, timeout=120,

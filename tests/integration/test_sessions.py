@@ -29,6 +29,7 @@ from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
 
 
+@pytest.mark.lxd
 def test_run_as_user_ownership_exit_code_and_no_leftover(
     client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
 ) -> None:
@@ -55,6 +56,7 @@ def test_run_as_user_ownership_exit_code_and_no_leftover(
     wait_gone(client, ws)
 
 
+@pytest.mark.lxd
 def test_root_on_a_root_owned_folder_writes_as_root_or_is_refused_first(
     client: IncusClient, coi_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -88,6 +90,7 @@ def test_root_on_a_root_owned_folder_writes_as_root_or_is_refused_first(
     assert coi_names(client, ws) == [] or wait_gone(client, ws) is None
 
 
+@pytest.mark.lxd
 def test_a_command_that_does_not_exist_exits_127_like_a_shell(
     client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
 ) -> None:
@@ -204,6 +207,7 @@ def test_shell_without_tmux_saves_the_conversation(
     wait_gone(client, ws)
 
 
+@pytest.mark.lxd
 def test_shell_saves_conversation_and_resumes_only_in_its_workspace(
     client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
 ) -> None:
@@ -376,9 +380,9 @@ def test_a_link_the_agent_left_in_its_saved_state_does_not_take_a_write_out_to_t
     client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
 ) -> None:
     """The agent replaces a file coi gives it (the host's CLAUDE.md) with a link to a host
-    path; the session's state, link included, is saved when it ends. A background resume
-    then saves the state coi gave its new sandbox over that saved tree: the link is replaced,
-    and the host file it names stays as it was."""
+    path; the session's state is saved when it ends, without the link (what comes out is
+    data). A background resume then saves the state coi gave its new sandbox over that saved
+    tree, and the host file the link named stays as it was."""
     ws = user_dir(base / "ws", user)
     claude_dir = user_dir(Path(uenv["HOME"]) / ".claude", user)
     (claude_dir / "CLAUDE.md").write_text("notes\n")
@@ -398,7 +402,9 @@ def test_a_link_the_agent_left_in_its_saved_state_does_not_take_a_write_out_to_t
     finally:
         child.close()
     (saved,) = (Path(uenv["COI_HOME"]) / "sessions-claude").iterdir()
-    assert os.readlink(saved / ".claude" / "CLAUDE.md") == str(victim)  # the agent's link
+    # The agent's link is not saved (what comes out of a sandbox is data).
+    assert not (saved / ".claude" / "CLAUDE.md").is_symlink()
+    assert not (saved / ".claude" / "CLAUDE.md").exists()
     wait_gone(client, ws)
     try:
         res = run_coi(

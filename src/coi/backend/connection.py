@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,22 @@ def _is_socket(path: str) -> bool:
         return False
 
 
+def _listening(path: str) -> bool:
+    """Whether a daemon listens on the socket: a stopped one may leave its socket file (both
+    daemons installed, one stopped: the other must be found). A refused connect takes
+    microseconds; a socket we may not open counts as listening (the caller says why)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+    return True
+
+
 def candidate_sockets(env: Mapping[str, str]) -> list[str]:
     """Sockets to try, in order: explicit env first, then Incus's, then LXD's."""
     explicit = [env[k] for k in ("INCUS_SOCKET", "LXD_SOCKET") if env.get(k)]
@@ -64,7 +81,7 @@ def find_local_socket(env: Mapping[str, str]) -> str:
                 resolution="Unset the variable or point it at the daemon's unix.socket.",
             )
     for path in candidates:
-        if _is_socket(path):
+        if _is_socket(path) and (path in explicit or _listening(path)):
             if not os.access(path, os.R_OK | os.W_OK):
                 raise PermissionDenied(
                     f"permission denied on the daemon socket {path}",
