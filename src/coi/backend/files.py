@@ -1,4 +1,5 @@
-"""Instance files: streamed push and pull of files, directories and symlinks, with modes."""
+"""Instance files: streamed push of files, directories and symlinks, with modes; pulls that
+bring out data only (see `coi.backend.intake`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import os
 import posixpath
 import stat
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from urllib.parse import quote
 
-from coi.errors import BackendError, NotFound
+from coi.backend.intake import PullReport, check_name, host_mode, kind_of, new_file, shown
+from coi.backend.sftp import Attrs, SFTPSession, SFTPUnavailable
+from coi.errors import NotFound, UsageError
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -166,31 +170,58 @@ class FilesAPI:
     def delete(self, instance: str, path: str) -> None:
         self._c.request("DELETE", self._url(instance), params={"path": path})
 
-    def pull_file(self, instance: str, path: str, local: Path) -> FileInfo:
-        """Stream a file out of the instance to `local`, with its mode."""
-        # Streamed so big files never sit in memory.
-        with self._c.stream(self._url(instance), params={"path": path}) as resp:
-            info = self._info(resp.headers)
-            if info.type == "symlink":
-                target = resp.read().decode()
-                # The daemon reports a relative link as an absolute path; inside the pulled
-                # tree it must stay relative or it would point at the host's filesystem.
-                parent = posixpath.dirname(path.rstrip("/"))
-                if target.startswith(parent + "/"):
-                    target = posixpath.relpath(target, parent)
-                if local.is_symlink() or local.exists():
-                    local.unlink()
-                local.symlink_to(target)
-                return info
-            if info.type == "directory":
-                return info
-            tmp = local.with_name(local.name + ".coi-part")
-            with tmp.open("wb") as fh:
-                for chunk in resp.iter_bytes(_CHUNK):
-                    fh.write(chunk)
-            os.chmod(tmp, info.mode)
-            tmp.replace(local)
-        return info
+    def pull_file(self, instance: str, path: str, local: Path) -> PullReport:
+        """Copy a regular file out of the instance to `local`, with its permission bits (never
+        setuid, setgid, sticky or world-writable: see `coi.backend.intake`).
+
+        It is written to a new temporary file beside `local` and renamed over it, so a link
+        standing at `local` is replaced, never written through.
+
+        :raises UsageError: the path is a link, FIFO, socket or device (nothing is written);
+            or `local` is a symbolic link or a directory.
+        """
+        report = PullReport()
+        if local.is_symlink() or local.is_dir():
+            what = "a symbolic link" if local.is_symlink() else "a directory"
+            raise UsageError(f"destination {local} is {what}; not written through or over")
+        with self._source(instance) as src:
+            attrs = src.lstat(path)
+            kind = kind_of(attrs.mode)
+            if kind != "file":
+                raise UsageError(
+                    f"{instance}:{shown(path)} is a {kind}: only files and directories are "
+                    "copied out of a container",
+                    details=_link_details(src, path, kind),
+                    resolution="Pull the file it names instead (a path to a regular file).",
+                )
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{local.name}.", suffix=".coi-part", dir=local.parent
+            )
+            try:
+                copied = src.copy_file(path, fd)
+                if copied is None:
+                    raise UsageError(f"{instance}:{shown(path)} stopped being a regular file")
+                mode, removed = host_mode(copied, directory=False)
+                os.fchmod(fd, mode)
+                os.close(fd)
+                fd = -1
+                os.replace(tmp, local)  # a link put at `local` meanwhile is replaced, too
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        report.strip(path, removed)
+        report.entries = 1
+        return report
+
+    def _source(self, instance: str) -> _Source:
+        """How to read the instance's files: SFTP (true types and modes) where the daemon has
+        it, else the files API (which cannot tell a FIFO or device from an empty file)."""
+        try:
+            return _SFTPSource(SFTPSession.open(self._c, instance))
+        except SFTPUnavailable:
+            return _FilesAPISource(self, instance)
 
     # -- trees ---------------------------------------------------------------------------
 
@@ -262,32 +293,182 @@ class FilesAPI:
             mode=stat.S_IMODE(st.st_mode),
         )
 
-    def pull_tree(self, instance: str, path: str, local: Path) -> int:
-        """Copy a directory tree out of the instance into `local` (created). Returns entries.
+    def pull_tree(self, instance: str, path: str, local: Path) -> PullReport:
+        """Copy a directory tree out of the instance into `local` (created); what comes out is
+        data: plain files and directories only, with permission bits only.
 
-        `local` should be a fresh directory: the container decides the names in it, and a
-        name that is not a plain file name is refused so nothing lands outside `local`.
+        Symbolic links, FIFOs, sockets and device nodes are left out, setuid, setgid, sticky
+        and world-writable bits removed; the report names each. A name that is not one plain
+        file name is refused, so nothing lands outside `local`. Entries are created new
+        (never an existing one, never through a link), so `local` should be a fresh folder.
+
+        :raises UsageError: `path` is no directory, or `local` is a symbolic link.
         """
-        count = 0
-        info = self.stat(instance, path)
-        if info is None:
-            raise NotFound(f"{instance}:{path} does not exist")
-        local.mkdir(parents=True, exist_ok=True)
-        names = self.listdir(instance, path)
-        for name in names:
-            if name in ("", ".", "..") or "/" in name or "\0" in name:
-                raise BackendError(f"refusing unsafe file name {name!r} in {instance}:{path}")
+        if local.is_symlink():
+            raise UsageError(f"destination {local} is a symbolic link; not written through")
+        report = PullReport()
+        with self._source(instance) as src:
+            attrs = src.lstat(path)
+            if kind_of(attrs.mode) != "directory":
+                raise UsageError(
+                    f"{instance}:{shown(path)} is a {kind_of(attrs.mode)}, not a directory"
+                )
+            local.mkdir(parents=True, exist_ok=True)
+            if local.is_symlink() or not local.is_dir():
+                raise UsageError(f"destination {local} is not a plain directory")
+            dir_modes: list[tuple[Path, int]] = []
+            mode, removed = host_mode(attrs.mode or 0o700, directory=True)
+            report.strip(path, removed)
+            dir_modes.append((local, mode))
+            todo = [(path, local)]
+            while todo:
+                rdir, ldir = todo.pop()
+                for name, child in sorted(src.listdir(rdir)):
+                    check_name(name, f"{instance}:{shown(rdir)}")
+                    rpath = posixpath.join(rdir, os.fsdecode(name))
+                    lpath = ldir / os.fsdecode(name)
+                    kind = kind_of(child.mode)
+                    if kind == "directory":
+                        os.mkdir(lpath, 0o700)
+                        mode, removed = host_mode(child.mode or 0o700, directory=True)
+                        dir_modes.append((lpath, mode))
+                        todo.append((rpath, lpath))
+                    elif kind == "file":
+                        fd = new_file(lpath)
+                        try:
+                            copied = src.copy_file(rpath, fd)
+                            if copied is not None:
+                                mode, removed = host_mode(copied, directory=False)
+                                os.fchmod(fd, mode)
+                        finally:
+                            os.close(fd)
+                        if copied is None:
+                            lpath.unlink()
+                            report.drop(rpath, "changed into a non-file while copied")
+                            continue
+                    else:
+                        report.drop(rpath, _why(src, rpath, kind))
+                        continue
+                    report.strip(rpath, removed)
+                    report.entries += 1
+            # Deepest first, so no directory loses write permission before it is filled.
+            for d, m in reversed(dir_modes):
+                os.chmod(d, m)
+        return report
 
-        def pull(name: str) -> FileInfo:
-            return self.pull_file(instance, posixpath.join(path, name), local / name)
 
-        # A directory's entries travel side by side: one request each, so latency dominates.
-        for name, child in zip(names, _side_by_side(pull, names), strict=True):
-            if child.type == "directory":
-                count += self.pull_tree(instance, posixpath.join(path, name), local / name)
-            count += 1
-        os.chmod(local, info.mode)
-        return count
+def _why(src: _Source, path: str, kind: str) -> str:
+    if kind != "symbolic link":
+        return kind
+    return f"symbolic link -> {shown(src.readlink(path))}"
+
+
+def _link_details(src: _Source, path: str, kind: str) -> str | None:
+    return f"It is a {_why(src, path, kind)}." if kind == "symbolic link" else None
+
+
+class _Source:
+    """Reads an instance's entries for a copy out; `mode` is a full st_mode (type bits)."""
+
+    def __enter__(self) -> _Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def lstat(self, path: str) -> Attrs:
+        raise NotImplementedError
+
+    def listdir(self, path: str) -> list[tuple[bytes, Attrs]]:
+        raise NotImplementedError
+
+    def readlink(self, path: str) -> bytes:
+        raise NotImplementedError
+
+    def copy_file(self, path: str, fd: int) -> int | None:
+        """Copy a regular file's bytes to `fd`; its mode, or None if it is no longer a file."""
+        raise NotImplementedError
+
+
+class _SFTPSource(_Source):
+    def __init__(self, session: SFTPSession) -> None:
+        self.s = session
+
+    def close(self) -> None:
+        self.s.close()
+
+    def lstat(self, path: str) -> Attrs:
+        return self.s.lstat(path)
+
+    def listdir(self, path: str) -> list[tuple[bytes, Attrs]]:
+        return self.s.listdir(path)
+
+    def readlink(self, path: str) -> bytes:
+        return self.s.readlink(path)
+
+    def copy_file(self, path: str, fd: int) -> int | None:
+        # Listed as a file, but the agent may have swapped in something else since: what
+        # was opened is checked (a FIFO swapped in makes the open itself wait: the session's
+        # timeout ends that).
+        handle, attrs = self.s.open_read(path)
+        try:
+            if kind_of(attrs.mode) != "file" or attrs.mode is None:
+                return None
+            self.s.read_into(handle, path, fd, attrs.size or 0)
+            return attrs.mode
+        finally:
+            self.s.close_handle(handle, path)
+
+
+class _FilesAPISource(_Source):
+    """The files API: it reports links, but calls every other non-directory a "file" with
+    its permission bits only. An empty "file" is not read (a FIFO's read would never end);
+    a device node reads as empty (the daemon sends st_size bytes)."""
+
+    def __init__(self, api: FilesAPI, instance: str) -> None:
+        self.api = api
+        self.instance = instance
+
+    def lstat(self, path: str) -> Attrs:
+        c = self.api._c
+        try:
+            method = "HEAD" if c.has_extension("instance_file_head") else "GET"
+            resp = c.raw_request(method, self.api._url(self.instance), params={"path": path})
+        except NotFound:
+            raise NotFound(f"{self.instance}:{path} does not exist") from None
+        info = self.api._info(resp.headers)
+        fmt = {"directory": stat.S_IFDIR, "symlink": stat.S_IFLNK}.get(info.type, stat.S_IFREG)
+        size = resp.headers.get("content-length")
+        return Attrs(fmt | info.mode, int(size) if size else None, info.uid, info.gid)
+
+    def listdir(self, path: str) -> list[tuple[bytes, Attrs]]:
+        names = self.api.listdir(self.instance, path)
+        return [(os.fsencode(n), self.lstat(posixpath.join(path, n))) for n in names]
+
+    def readlink(self, path: str) -> bytes:
+        return self.api.read(self.instance, path)
+
+    def copy_file(self, path: str, fd: int) -> int | None:
+        attrs = self.lstat(path)
+        if kind_of(attrs.mode) != "file" or attrs.mode is None:
+            return None
+        if not attrs.size:
+            return attrs.mode
+        left = attrs.size
+        with self.api._c.stream(self.api._url(self.instance), params={"path": path}) as resp:
+            if self.api._info(resp.headers).type != "file":
+                return None
+            for chunk in resp.iter_bytes(_CHUNK):
+                view = memoryview(chunk)[:left]
+                while view:
+                    view = view[os.write(fd, view) :]
+                left -= min(left, len(chunk))
+                if not left:
+                    break
+        return attrs.mode
 
 
 T = TypeVar("T")

@@ -1,4 +1,5 @@
-"""`coi file push|pull`: copy files and directory trees in and out of containers, with modes."""
+"""`coi file push|pull`: copy files and directory trees in and out of containers, with modes;
+what a pull brings out is data only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from coi.backend.intake import PullReport, check_destination
 from coi.cli.app import CoiGroup
 from coi.cli.container_cmds import print_help_when_bare
 from coi.cli.context import daemon
@@ -82,8 +84,15 @@ def push_cmd(local: Path, dest: str, recursive: bool, uid: int, gid: int) -> Non
 @click.argument("local", type=click.Path(path_type=Path))
 @click.option("-r", "--recursive", is_flag=True, help="Copy a directory tree.")
 def pull_cmd(source: str, local: Path, recursive: bool) -> None:
-    """Copy CONTAINER:PATH (or with -r a directory) to a local path."""
+    """Copy CONTAINER:PATH (or with -r a directory) to a local path.
+
+    What comes out is data: plain files and directories only. Symbolic links, FIFOs,
+    sockets and device nodes are not copied, and setuid, setgid, sticky and world-writable
+    bits are removed; a warning names each. coi never writes through a symbolic link on
+    the host: a destination that is or goes through one is refused.
+    """
     name, path = split_remote(source, "source")
+    local = check_destination(local, trusted=(Path.cwd(), Path.home()))
     with daemon()[1] as client:
         if not client.instances.exists(name):
             raise NotFound(f"container {name} not found")
@@ -93,26 +102,34 @@ def pull_cmd(source: str, local: Path, recursive: bool) -> None:
         if info.type == "directory":
             if not recursive:
                 raise UsageError("source is a directory, use -r flag")
-            _pull_dir(client, name, path, local)
+            _warn(_pull_dir(client, name, path, local))
             click.echo(f"Pulled directory {name}:{path} -> {local}", err=True)
             return
         target = local / posixpath.basename(path) if local.is_dir() else local
-        client.files.pull_file(name, path, target)
+        target = check_destination(target)
+        _warn(client.files.pull_file(name, path, target))
         click.echo(f"Pulled file {name}:{path} -> {target}", err=True)
 
 
-def _pull_dir(client: IncusClient, name: str, path: str, local: Path) -> None:
+def _warn(report: PullReport) -> None:
+    for line in report.warnings():
+        click.echo(f"Warning: {line}", err=True)
+
+
+def _pull_dir(client: IncusClient, name: str, path: str, local: Path) -> PullReport:
     """Pull into a fresh directory beside `local`, then swap it in: a failed pull leaves the
     old `local` untouched, and nothing the container names can land outside it."""
-    local = local.absolute()
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.pull-", dir=local.parent))
     try:
-        client.files.pull_tree(name, path, tmp / "tree")
-        if local.is_dir() and not local.is_symlink():
+        report = client.files.pull_tree(name, path, tmp / "tree")
+        if local.is_symlink():  # made meanwhile: replaced, not followed
+            local.unlink()
+        elif local.is_dir():
             shutil.rmtree(local)
-        elif local.exists() or local.is_symlink():
+        elif local.exists():
             local.unlink()
         (tmp / "tree").rename(local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return report

@@ -21,7 +21,7 @@ from coi.backend.exec import ExecRequest
 from coi.backend.models import ExecResult, Instance
 from coi.config.loader import Config
 from coi.config.paths import coi_home
-from coi.errors import BackendError, SessionError
+from coi.errors import BackendError, CoiError, SessionError
 from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
 from coi.protection.guard import settle_when_gone, watching
@@ -566,11 +566,15 @@ class ShellSession:
             if not self._given_state(tmp / "state"):
                 if self.client.files.stat(self.box.name, remote) is None:
                     return
-                self.client.files.pull_tree(self.box.name, remote, tmp / "state")
+                for line in self.client.files.pull_tree(
+                    self.box.name, remote, tmp / "state"
+                ).warnings():
+                    log(f"Warning: {line}")
             log(f"Saving session data to {target_parent}")
-            self.store.replace_state(self.session_id, tool.state_dir, tmp / "state")
+            for line in self.store.replace_state(self.session_id, tool.state_dir, tmp / "state"):
+                log(f"Warning: {line}")
             log("Session data saved successfully")
-        except (BackendError, OSError) as err:
+        except (CoiError, OSError) as err:
             log(f"Warning: could not save session data: {err}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from coi.backend.intake import sanitize_tree
 from coi.errors import SessionError
 from coi.sessions.naming import parse_name, workspace_hash
 
@@ -126,8 +127,15 @@ class SessionStore:
     def state_path(self, session_id: str, state_dir: str) -> Path:
         return self.dir(session_id) / state_dir
 
-    def replace_state(self, session_id: str, state_dir: str, fresh: Path) -> None:
-        """Swap in a freshly pulled state directory (same filesystem, so the rename is atomic)."""
+    def replace_state(self, session_id: str, state_dir: str, fresh: Path) -> list[str]:
+        """Swap in a freshly pulled state directory (same filesystem, so the rename is atomic);
+        warnings for what was left out of it.
+
+        Only plain files and directories are kept, without setuid/setgid/sticky/world-writable
+        bits: a pull leaves out the rest already, this also cleans state carried over from a
+        copy of an older save (see `coi.backend.intake`).
+        """
+        warnings = sanitize_tree(fresh).warnings()
         target = self.state_path(session_id, state_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         old = target.with_name(target.name + ".old")
@@ -140,3 +148,4 @@ class SessionStore:
                 old.rename(target)
             raise SessionError(f"could not save session data: {err}") from err
         shutil.rmtree(old, ignore_errors=True)
+        return warnings
