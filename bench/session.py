@@ -12,6 +12,8 @@ sandbox still going away, no spare still being copied):
      work coi asks for without a spare;
   C. rename a ready copy, set its devices, start, exec `true`, stop without waiting: the
      daemon work coi asks for with a spare.
+  W. start a stopped copy made beforehand and exec `true`: the warm floor.
+  and with templates off (`COI_TEMPLATES=0`: every sandbox created from the image).
 - `coi shell --background --debug` until tmux runs, against floor C plus tmux.
 - `coi --version`, `coi --help`, and `coi list` with 10 containers against `lxc list`.
 - --parallel sessions (`coi shell --background`) started at once, with that many spares
@@ -51,8 +53,8 @@ os.environ["COI_HOME"] = str(HOME)
 LOCKS = coi_home() / "locks"
 
 
-def coi(*args: str, spares: int = 2) -> None:
-    env = {**os.environ, "COI_SPARES": str(spares)}
+def coi(*args: str, spares: int = 2, templates: bool = True) -> None:
+    env = {**os.environ, "COI_SPARES": str(spares), "COI_TEMPLATES": "1" if templates else "0"}
     subprocess.run(
         [*COI, *args], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -135,6 +137,16 @@ def floor_c(c: IncusClient, spare: str, ws: Path, name: str = "bench-fc") -> Cal
     return run
 
 
+def floor_w(c: IncusClient, copy: str) -> Callable[[], None]:
+    """The warm floor: start a stopped copy made beforehand and exec `true` in it."""
+
+    def run() -> None:
+        c.instances.start(copy)
+        c.exec.run(copy, ExecRequest(["true"]))
+
+    return run
+
+
 def stop_async(c: IncusClient, name: str) -> None:
     c.instances.stop(name, force=True, wait=False)
 
@@ -167,6 +179,8 @@ def main() -> None:
         fa: list[float] = []
         fb: list[float] = []
         fc: list[float] = []
+        fw: list[float] = []
+        no_tmpl: list[float] = []
         for _ in range(a.runs):
             template.replenish(c, tmpl, 1, lock_dir=LOCKS)
             settle(c, want_spares=1)
@@ -182,12 +196,24 @@ def main() -> None:
             fc.append(timed(floor_c(c, spare, ws)))
             stop_async(c, "bench-fc")
             settle(c)
+            # Templates off: every sandbox is created from the image (what the daemon's
+            # idmapped mounts make cheap, where it has them).
+            no_tmpl.append(timed(lambda: coi(*run_true, spares=0, templates=False)))
+            settle(c)
+            (warm,) = copies(c, tmpl, 1)
+            fw.append(timed(floor_w(c, warm)))
+            c.instances.delete(warm, force=True)
         out.append(row(f"`coi run -- true` ({a.image}), spare ready, vs floor A", with_spare, fa,
                        "(A)"))  # fmt: skip
         out.append(row("the same vs floor C (the daemon's work with a spare)", with_spare, fc,
                        "(C)"))  # fmt: skip
         out.append(row(f"`coi run -- true` ({a.image}), spares off, vs floor B", no_spare, fb,
                        "(B)"))  # fmt: skip
+        out.append(row(f"`coi run -- true` ({a.image}), templates off, vs floor A", no_tmpl, fa,
+                       "(A)"))  # fmt: skip
+        out.append(row("the warm floor W: start a prepared copy, exec `true` (no coi)", fw, None))
+        out.append(row("`coi run -- true`, spare ready, vs the warm floor W", with_spare, fw,
+                       "(W)"))  # fmt: skip
 
         shells: list[float] = []
         raw: list[float] = []
@@ -212,6 +238,19 @@ def main() -> None:
             raw.append(timed(raw_shell))
             c.instances.delete("bench-sh", force=True)
         out.append(row("`coi shell --background` until tmux runs", shells, raw, "(C + tmux)"))
+        plain: list[float] = []
+        for _ in range(a.runs):
+            settle(c)
+            plain.append(
+                timed(
+                    lambda: coi(
+                        "shell", "--background", "--debug", "--image", a.image, "-w", str(ws),
+                        spares=0, templates=False,
+                    )
+                )
+            )  # fmt: skip
+            coi("kill", "--all", "--force")
+        out.append(row("`coi shell --background`, templates off", plain, raw, "(C + tmux)"))
 
         version = [timed(lambda: coi("--version")) for _ in range(a.runs)]
         helps = [timed(lambda: coi("--help")) for _ in range(a.runs)]

@@ -7,6 +7,8 @@ import re
 
 from tests.conftest import run_coi
 
+from coi.backend import IncusClient
+
 
 def test_version_and_help() -> None:
     out = run_coi("version").stdout.splitlines()
@@ -47,6 +49,13 @@ def test_setup_is_idempotent_and_health_names_the_backend(coi_env: dict[str, str
     assert data["backend"]["bridge"]
     assert data["checks"]["network_restriction"]["status"] == "ok", data["checks"]
     assert "restricted in force" in data["checks"]["network_restriction"]["message"]
+    # Root's own folders: mapped where the server shifts with idmapped mounts (setup added
+    # root:0:1), refused with a warning elsewhere (this test runs as root).
+    root_check = data["checks"]["root_workspaces"]
+    with IncusClient.connect() as server:
+        mappable = server.server.idmapped_mounts
+    assert root_check["details"]["idmapped_mounts"] is mappable
+    assert root_check["status"] == ("ok" if mappable else "warning"), root_check
     # The 'coi' image is not built in the test project: degraded, exit 1.
     assert res.returncode == {"healthy": 0, "degraded": 1, "unhealthy": 2}[data["status"]]
 

@@ -40,7 +40,7 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-def _listening(path: str) -> bool:
+def is_listening(path: str) -> bool:
     """Whether a daemon listens on the socket: a stopped one may leave its socket file (both
     daemons installed, one stopped: the other must be found). A refused connect takes
     microseconds; a socket we may not open counts as listening (the caller says why)."""
@@ -81,7 +81,7 @@ def find_local_socket(env: Mapping[str, str]) -> str:
                 resolution="Unset the variable or point it at the daemon's unix.socket.",
             )
     for path in candidates:
-        if _is_socket(path) and (path in explicit or _listening(path)):
+        if _is_socket(path) and (path in explicit or is_listening(path)):
             if not os.access(path, os.R_OK | os.W_OK):
                 raise PermissionDenied(
                     f"permission denied on the daemon socket {path}",

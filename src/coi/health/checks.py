@@ -236,6 +236,7 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
             )
         )
     checks.append(_network_restriction(cfg, client))
+    checks.append(_root_workspaces(client))
     prefix = os.environ.get("COI_CONTAINER_PREFIX", "coi-")
     running = [i for i in client.instances.list() if i.name.startswith(prefix) and i.running]
     checks.append(
@@ -249,6 +250,26 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
         )
     )
     return checks
+
+
+def _root_workspaces(client: IncusClient) -> Check:
+    """Can root's own folders be workspaces (host root mapped to the agent's uid)?"""
+    from coi.sessions.workspace import root_mapping_problem
+
+    problem = root_mapping_problem(client.server.idmapped_mounts, local=client.endpoint.is_local)
+    details = {"idmapped_mounts": client.server.idmapped_mounts}
+    if problem is None:
+        return Check(
+            "root_workspaces", "Root's folders", "SYSTEM", OK,
+            "mapped to the agent's uid (files it writes there stay root's)", details,
+        )  # fmt: skip
+    # Only a warning for whom it concerns: root running coi.
+    status = WARNING if os.geteuid() == 0 else OK
+    return Check(
+        "root_workspaces", "Root's folders", "SYSTEM", status,
+        f"refused as workspaces: {problem}",
+        {**details, "resolution": "Run coi as a regular user, or 'sudo coi setup' on Incus."},
+    )  # fmt: skip
 
 
 def _network_restriction(cfg: Config, client: IncusClient) -> Check:

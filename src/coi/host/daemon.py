@@ -66,12 +66,23 @@ def _which(binary: str) -> str | None:
 
 
 def installed_kind(choice: DaemonChoice = "auto") -> DaemonKind | None:
-    """The daemon whose binary is installed (Incus first), or the one asked for if it is."""
-    kinds = (INCUS, LXD) if choice == "auto" else (KINDS[choice],)
-    for kind in kinds:
-        if _which(kind.binary):
+    """The daemon asked for if it is installed; for "auto" the one that runs, else the one
+    installed, Incus first (with both installed, a second must not be started beside the
+    first: they name their bridges alike)."""
+    if choice != "auto":
+        return KINDS[choice] if _which(KINDS[choice].binary) else None
+    installed = [k for k in (INCUS, LXD) if _which(k.binary)]
+    for kind in installed:
+        if running_socket(kind):
             return kind
-    return None
+    return installed[0] if installed else None
+
+
+def running_socket(kind: DaemonKind) -> str | None:
+    """The daemon's socket if it answers a connect there."""
+    from coi.backend.connection import is_listening
+
+    return next((s for s in kind.sockets if is_listening(s)), None)
 
 
 def apt_candidate(package: str, *, release: str | None = None) -> str | None:
