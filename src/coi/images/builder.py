@@ -21,6 +21,16 @@ HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 _PROGRESS = "==> "
 
 
+def packaged_script() -> bytes:
+    """The build script shipped inside coi (`coi/images/scripts/coi-image.sh`).
+
+    The default build never reads a script or image definition from the current folder or
+    a workspace: the agent can write there, and the image runs every later session. Only an
+    explicit `coi build custom NAME --script PATH` runs a script of the user's choosing.
+    """
+    return resources.files("coi.images").joinpath("scripts/coi-image.sh").read_bytes()
+
+
 @dataclass
 class BuildOptions:
     """What to build and from where (from flags and the [build] config)."""
@@ -115,7 +125,7 @@ class Builder:
         version = version_alias(f"{opts.alias}-")
         self.log.say(f"Building image '{opts.alias}' as version '{version}'")
         source = self.resolve_base(opts)
-        script = resources.files("coi.images").joinpath("scripts/coi-image.sh").read_bytes()
+        script = packaged_script()
         env = {
             "COI_MIRROR": opts.mirror,
             "COI_TOOLS": " ".join(opts.tools),
