@@ -18,7 +18,9 @@ from tests.conftest import coi_argv, run_coi
 from tests.integration.conftest import USER, coi_names, remove_containers, user_dir, wait_gone
 
 from coi.backend import IncusClient
+from coi.backend import files as files_mod
 from coi.backend.exec import ExecRequest
+from coi.backend.sftp import SFTPUnavailable
 
 # Built as root inside: every kind of entry the agent could leave for a copy out. A device
 # node cannot be made in an unprivileged container (mknod is refused), but root in it can
@@ -199,3 +201,32 @@ def test_the_session_save_leaves_out_what_the_agent_planted(
         assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH)
     assert (saved / ".claude" / "notes").read_text() == "kept\n"
     wait_gone(client, ws)
+
+
+def test_without_sftp_the_files_api_fallback_brings_nothing_special_and_never_hangs(
+    client: IncusClient, box: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon without the SFTP endpoint: the files API calls a FIFO or device a "file" of
+    size 0, so they arrive as empty files, unread (reading the FIFO would never end)."""
+
+    def no_sftp(*args: object) -> None:
+        raise SFTPUnavailable("no SFTP in this test")
+
+    monkeypatch.setattr(files_mod.SFTPSession, "open", no_sftp)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    report = client.files.pull_tree(box, "/srv/t", out)
+    assert time.monotonic() - started < 30
+    found = _kinds(out)
+    assert sorted(found) == [
+        "bound", "esc\x1b[31mred", "fifo", "open", "plain", "sgid", "sub", "sub/deep", "suid",
+    ]  # fmt: skip
+    for mode in found.values():
+        assert stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+        assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH)
+    assert (out / "fifo").read_bytes() == b"" and (out / "bound").read_bytes() == b""
+    assert (out / "plain").read_text() == "data\n"
+    assert [why for _, why in report.dropped] == [
+        "symbolic link -> /etc/passwd",
+        "symbolic link -> /srv/t/plain",
+    ]
