@@ -9,22 +9,31 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coi.config.schema import BY_KEY, PROFILE_KEYS, Setting
-from coi.config.trust import (
-    TRUST_ALL_ENV,
-    WORKSPACE_FILES,
-    TrustStore,
-    Unreadable,
-    read_nofollow,
-    trust_all,
-)
-from coi.config.untrusted import Dropped, judge
 from coi.errors import ConfigError
+
+if TYPE_CHECKING:
+    from coi.config.untrusted import Dropped
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# Workspace config files, relative to the working directory, in the order they apply. They
+# are untrusted (coi.config.trust, coi.config.untrusted: imported only when one exists).
+WORKSPACE_FILES = (".coi.toml", ".coi/config.toml")
+TRUST_ALL_ENV = "COI_TRUST_ALL"
+
+
+def trust_all(env: Mapping[str, str]) -> bool:
+    """Does the environment ask to trust every workspace config file?"""
+    return env.get(TRUST_ALL_ENV, "").strip().lower() in _TRUE
+
+
+def _drop(cfg: Config, key: str, value: Any, origin: str, reason: str) -> None:
+    from coi.config.untrusted import Dropped
+
+    cfg.dropped.append(Dropped(key, value, origin, reason))
 
 
 @dataclass
@@ -204,19 +213,19 @@ def _profile_layer(cfg: Config, data: Mapping[str, Any], origin: str, untrusted:
     profiles = data.get("profiles", {})
     if not isinstance(profiles, dict):
         if untrusted:
-            cfg.dropped.append(Dropped("profiles", profiles, origin, "not a table"))
+            _drop(cfg, "profiles", profiles, origin, "not a table")
             return
         raise ConfigError(f"{origin}: [profiles] must be a table of named profiles")
     for name, body in profiles.items():
         if not isinstance(body, dict):
             if untrusted:
-                cfg.dropped.append(Dropped(f"profiles.{name}", body, origin, "not a table"))
+                _drop(cfg, f"profiles.{name}", body, origin, "not a table")
                 continue
             raise ConfigError(f"{origin}: [profiles.{name}] must be a table")
         for k, v in _flatten(body).items():
             s = PROFILE_KEYS.get(k)
             if s is None and untrusted:
-                cfg.dropped.append(Dropped(f"profiles.{name}.{k}", v, origin, "unknown key"))
+                _drop(cfg, f"profiles.{name}.{k}", v, origin, "unknown key")
                 continue
             if s is None:
                 raise ConfigError(
@@ -240,16 +249,18 @@ def _coerce_or_drop(
     except ConfigError as err:
         if not untrusted:
             raise
-        cfg.dropped.append(Dropped(shown, value, origin, err.message.split(": ", 1)[-1]))
+        _drop(cfg, shown, value, origin, err.message.split(": ", 1)[-1])
         return _BAD
 
 
 def _allowed(cfg: Config, s: Setting, value: Any, origin: str, shown: str) -> bool:
     """May this value from an untrusted file replace (or extend) what is in force?"""
+    from coi.config.untrusted import judge
+
     reason = judge(s, value, cfg.values[s.key])
     if reason is None:
         return True
-    cfg.dropped.append(Dropped(shown, value, origin, reason))
+    _drop(cfg, shown, value, origin, reason)
     return False
 
 
@@ -263,7 +274,7 @@ def _apply_layer(
     for key, value in _flatten(rest).items():
         s = BY_KEY.get(key)
         if s is None and untrusted:
-            cfg.dropped.append(Dropped(key, value, origin, "unknown key"))
+            _drop(cfg, key, value, origin, "unknown key")
             continue
         if s is None:
             raise ConfigError(
@@ -281,6 +292,10 @@ def _apply_layer(
 def _apply_workspace(cfg: Config, cwd: Path, rel: str, env: Mapping[str, str]) -> None:
     """Read a workspace file once (no links followed), check its pin, apply what it may set."""
     shown = cwd / rel
+    if not os.path.lexists(shown):
+        return  # the common case: nothing to read, nothing more to import
+    from coi.config.trust import TrustStore, Unreadable, read_nofollow
+
     try:
         read = read_nofollow(cwd, rel)
     except Unreadable as err:
@@ -309,7 +324,7 @@ def _apply_workspace(cfg: Config, cwd: Path, rel: str, env: Mapping[str, str]) -
                 f"failed to load config: {shown}: {err}",
                 resolution="Fix the TOML syntax in that file.",
             ) from err
-        cfg.dropped.append(Dropped("(whole file)", "", str(shown), f"not valid TOML: {err}"))
+        _drop(cfg, "(whole file)", "", str(shown), f"not valid TOML: {err}")
         return
     _apply_layer(cfg, data, str(shown), untrusted=not entry.trusted)
 

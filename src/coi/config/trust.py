@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coi.config.loader import TRUST_ALL_ENV, WORKSPACE_FILES, trust_all
 from coi.config.paths import coi_home
 from coi.errors import ConfigError
 
+__all__ = ["TRUST_ALL_ENV", "WORKSPACE_FILES", "FileRead", "TrustStore", "trust_all"]
 MAX_BYTES = 1 << 20
-# Workspace config files, relative to the working directory, in the order they apply.
-WORKSPACE_FILES = (".coi.toml", ".coi/config.toml")
-TRUST_ALL_ENV = "COI_TRUST_ALL"
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -44,10 +43,6 @@ class FileRead:
 
 class Unreadable(Exception):
     """The file is there but not something coi reads (a link, not a regular file, too big)."""
-
-
-def trust_all(env: Mapping[str, str]) -> bool:
-    return env.get(TRUST_ALL_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _read_fd(fd: int, shown: str) -> bytes:
