@@ -301,7 +301,7 @@ def _serve(sock: socket.socket, content: bytes, cap: int) -> None:
     def send(ptype: int, payload: bytes) -> None:
         sock.sendall(struct.pack(">IB", len(payload) + 1, ptype) + payload)
 
-    while (p := packet()) is not None:
+    while (p := packet()) is not None:  # None: the client closed its side
         ptype, body = p
         if ptype == 1:
             send(2, struct.pack(">I", 3))
@@ -316,37 +316,39 @@ def _serve(sock: socket.socket, content: bytes, cap: int) -> None:
             send(101, struct.pack(">II", req, 1) + struct.pack(">I", 0) * 2)
 
 
+def _read_through_fake_server(
+    tmp_path: Path, content: bytes, cap: int, size: int
+) -> tuple[int, bytes]:
+    """`read_into` against `_serve`; the server thread ends when the client side closes."""
+    a, b = socket.socketpair()
+    server = threading.Thread(target=_serve, args=(b, content, cap))
+    server.start()
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        s = SFTPSession(a, b"", "box")
+        n = s.read_into(b"h", "/f", fd, size)
+    finally:
+        os.close(fd)
+        a.close()
+        server.join(timeout=10)
+        b.close()
+    return n, out.read_bytes()
+
+
 @pytest.mark.parametrize("cap", [32 * 1024, 10_000, 1])
 def test_sftp_reads_are_complete_and_in_order_even_when_answers_are_short(
     tmp_path: Path, cap: int
 ) -> None:
     content = os.urandom(200_000 if cap > 1 else 3000)
-    a, b = socket.socketpair()
-    t = threading.Thread(target=_serve, args=(b, content, cap), daemon=True)
-    t.start()
-    s = SFTPSession(a, b"", "box")
-    out = tmp_path / "out"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        # Asked for more than the file holds (it shrank since fstat): stops at the end.
-        n = s.read_into(b"h", "/f", fd, len(content) + 5000)
-    finally:
-        os.close(fd)
-        s.close()
-        b.close()
-    assert n == len(content) and out.read_bytes() == content
+    # Asked for more than the file holds (it shrank since fstat): stops at the end.
+    assert _read_through_fake_server(tmp_path, content, cap, len(content) + 5000) == (
+        len(content),
+        content,
+    )
 
 
 def test_sftp_copies_a_growing_file_as_it_was_when_opened(tmp_path: Path) -> None:
     content = os.urandom(100_000)
-    a, b = socket.socketpair()
-    threading.Thread(target=_serve, args=(b, content, 32 * 1024), daemon=True).start()
-    s = SFTPSession(a, b"", "box")
-    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        assert s.read_into(b"h", "/f", fd, 40_000) == 40_000
-    finally:
-        os.close(fd)
-        s.close()
-        b.close()
-    assert (tmp_path / "out").read_bytes() == content[:40_000]
+    n, data = _read_through_fake_server(tmp_path, content, 32 * 1024, 40_000)
+    assert n == 40_000 and data == content[:40_000]
