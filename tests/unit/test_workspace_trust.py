@@ -59,7 +59,9 @@ def test_every_key_declares_a_trust_rule() -> None:
     for s in SETTINGS:
         if s.trust == "order":
             assert s.order and set(s.order) >= set(s.choices), s.key
-        if s.measure:
+        if s.measure == "workspace-paths":
+            assert s.kind == "list" and s.trust == "superset", s.key
+        elif s.measure:
             assert s.trust == "lower" and s.measure in _MEASURES, s.key
         if s.append:
             assert s.trust in ("any", "never", "superset"), s.key
@@ -243,6 +245,39 @@ def test_protection_lists_may_only_grow(ws: Path, home: Path) -> None:
     assert cfg.values["security.protected_paths"][-1] == "Makefile"
     assert cfg.values["security.additional_protected_paths"] == ["setup.py", "ci/"]
     assert cfg.dropped == []
+
+
+def test_protected_paths_outside_the_workspace_are_dropped_not_fatal(ws: Path, home: Path) -> None:
+    from coi.protection.paths import configured_paths
+
+    (ws / ".coi.toml").write_text(
+        '[security]\nadditional_protected_paths = ["../outside", "ok"]\n'
+        'protected_paths = ["/etc", ".git/hooks"]\n'
+    )
+    cfg = load(ws, home)
+    assert {d.key: d.reason for d in cfg.dropped} == {
+        "security.additional_protected_paths": "names a path outside the workspace: ../outside",
+        "security.protected_paths": "names a path outside the workspace: /etc",
+    }
+    assert ".git/hooks" in configured_paths(cfg)  # nothing raised: the session can start
+
+
+def test_an_unreadable_workspace_file_is_a_warning(
+    ws: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root inside can leave a file coi may not read (mode 000, another owner)."""
+    import errno
+
+    from coi.config import trust
+
+    def denied(base: Path, rel: str) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    (ws / ".coi.toml").write_text('[network]\nmode = "open"\n')
+    monkeypatch.setattr(trust, "read_nofollow", denied)
+    cfg = load(ws, home)
+    assert "not read (Permission denied)" in said(cfg)
+    assert cfg.get("network.mode") == "restricted"
 
 
 def test_a_value_equal_to_the_one_in_force_says_nothing(ws: Path, home: Path) -> None:

@@ -303,7 +303,11 @@ def _apply_workspace(cfg: Config, cwd: Path, rel: str, env: Mapping[str, str]) -
         cfg.warnings.append(f"{err}: not read (a workspace config file must be a regular file)")
         return
     except OSError as err:
-        raise ConfigError(f"failed to load config: {shown}: {err.strerror}") from err
+        # The agent can make the file unreadable to coi (root inside, mode 000): a warning,
+        # not an error that would stop every later command in this folder.
+        cfg.workspace.append(WorkspaceFile(shown, "unreadable"))
+        cfg.warnings.append(f"{shown}: not read ({err.strerror})")
+        return
     if read is None:
         return
     pinned = TrustStore(env=env).pinned(read.path)

@@ -26,7 +26,9 @@ class Setting:
     # undeclared one is treated as "never".
     trust: str = ""
     order: tuple[str, ...] = ()  # "order": the values, loosest first
-    measure: str = ""  # "lower": how to read the value (see coi.config.untrusted)
+    # "lower": how to read the value; "workspace-paths": list entries must stay inside the
+    # workspace (see coi.config.untrusted)
+    measure: str = ""
 
 
 # What a workspace file that is not trusted may do with a key (coi.config.untrusted).
@@ -42,7 +44,8 @@ TRUST_RULES: dict[str, str] = {
     "smaller": "a number that may only be lowered (0 is the strictest)",
     "higher": "a number that may only be raised; 0 means no cap (the strictest)",
     "subset": "a list that may only lose entries (what is allowed)",
-    "superset": "a list that may only gain entries (what is protected)",
+    "superset": "a list that may only gain entries (what is protected); for a list that is "
+    "appended, any entries may be added",
 }
 
 
@@ -447,6 +450,7 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_PROTECTED,
         "Workspace paths the agent may not change.",
         trust="superset",
+        measure="workspace-paths",
     ),
     _s(
         "security.additional_protected_paths",
@@ -454,7 +458,8 @@ SETTINGS: tuple[Setting, ...] = (
         [],
         "Appended to protected_paths.",
         append=True,
-        trust="any",
+        trust="superset",
+        measure="workspace-paths",
     ),
     _s("security.disable_protection", "bool", False, "Turn protected paths off.", trust="false"),
     _s(

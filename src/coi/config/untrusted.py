@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,17 @@ def _norm(items: list[Any]) -> set[str]:
     return {str(x).strip().lower().rstrip("/") for x in items}
 
 
+def _outside(entries: list[Any]) -> str:
+    """The first entry that is not a path inside the workspace ('' when all are)."""
+    for e in entries:
+        rel = posixpath.normpath(str(e).strip())
+        if not str(e).strip() or str(e).startswith("/") or rel == "." or rel.startswith("../"):
+            return str(e)
+        if rel == "..":
+            return str(e)
+    return ""
+
+
 def _lower(s: Setting, new: Any, cur: Any) -> str | None:
     try:
         n = _limit(s, new)
@@ -185,10 +197,12 @@ def judge(s: Setting, new: Any, cur: Any) -> str | None:
     rule = s.trust or "never"
     if rule == "any":
         return None
+    if s.measure == "workspace-paths" and (bad := _outside(new)):
+        return f"names a path outside the workspace: {bad}"
     if s.append:
         if not new:
             return None
-        return None if rule in ("superset", "any") else "an untrusted file may not add these"
+        return None if rule == "superset" else "an untrusted file may not add these"
     if new == cur:
         return None
     if rule == "never":
