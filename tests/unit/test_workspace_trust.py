@@ -363,6 +363,16 @@ def test_untrusted_profiles_are_judged_when_applied(ws: Path, home: Path) -> Non
     assert cfg.get("limits.memory.limit") == "256MiB" and cfg.dropped == []
 
 
+def test_untrusted_profile_entries_cannot_loosen_the_users_profile(ws: Path, home: Path) -> None:
+    user = '[profiles.p.limits.memory]\nlimit = "512MiB"\n'
+    (ws / ".coi.toml").write_text('[profiles.p.limits.memory]\nlimit = "1GiB"\n')
+    cfg = load(ws, home, user, profile="p")
+    assert cfg.get("limits.memory.limit") == "512MiB"
+    assert [d.key for d in cfg.dropped] == ["profiles.p.limits.memory.limit"]
+    (ws / ".coi.toml").write_text('[profiles.p.limits.memory]\nlimit = "256MiB"\n')
+    assert load(ws, home, user, profile="p").get("limits.memory.limit") == "256MiB"
+
+
 # -- trust pins --------------------------------------------------------------------------
 
 

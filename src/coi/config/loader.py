@@ -232,9 +232,25 @@ def _profile_layer(cfg: Config, data: Mapping[str, Any], origin: str, untrusted:
                     f"{origin}: unknown key 'profiles.{name}.{k}'",
                     resolution=_suggest(k, list(PROFILE_KEYS)),
                 )
-            value = _coerce_or_drop(cfg, s, v, origin, untrusted, f"profiles.{name}.{k}")
-            if value is not _BAD:
-                cfg.profiles.setdefault(name, {})[s.key] = (value, origin, untrusted)
+            shown = f"profiles.{name}.{k}"
+            value = _coerce_or_drop(cfg, s, v, origin, untrusted, shown)
+            if value is _BAD or (untrusted and not _beside(cfg, name, s, value, origin, shown)):
+                continue
+            cfg.profiles.setdefault(name, {})[s.key] = (value, origin, untrusted)
+
+
+def _beside(cfg: Config, name: str, s: Setting, value: Any, origin: str, shown: str) -> bool:
+    """May an untrusted profile entry replace the one an earlier file gave this profile?
+    (It is judged again, against everything in force, when the profile applies.)"""
+    from coi.config.untrusted import judge
+
+    earlier = cfg.profiles.get(name, {}).get(s.key)
+    if earlier is None:
+        return True
+    reason = judge(s, value, earlier[0])
+    if reason is not None:
+        _drop(cfg, shown, value, origin, f"{reason} (the profile from {earlier[1]})")
+    return reason is None
 
 
 _BAD = object()
