@@ -230,3 +230,24 @@ def test_without_sftp_the_files_api_fallback_brings_nothing_special_and_never_ha
         "symbolic link -> /etc/passwd",
         "symbolic link -> /srv/t/plain",
     ]
+
+
+def test_without_sftp_and_head_a_fifo_is_left_out_after_a_bounded_wait(
+    client: IncusClient, box: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older daemon without HEAD on the files API: coi's stat is a GET, which opens the
+    entry; the FIFO's never answers, and after a bounded wait it is left out as a FIFO."""
+
+    def no_sftp(*args: object) -> None:
+        raise SFTPUnavailable("no SFTP in this test")
+
+    monkeypatch.setattr(files_mod.SFTPSession, "open", no_sftp)
+    monkeypatch.setattr(files_mod, "_GET_WAIT", 3.0)
+    real = client.has_extension
+    monkeypatch.setattr(client, "has_extension", lambda n: n != "instance_file_head" and real(n))
+    started = time.monotonic()
+    report = client.files.pull_tree(box, "/srv/t", tmp_path / "out")
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "out" / "fifo").exists()
+    assert ("/srv/t/fifo", "FIFO") in report.dropped
+    assert (tmp_path / "out" / "plain").read_text() == "data\n"

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from coi.backend.intake import PullReport, check_name, host_mode, kind_of, new_file, shown
 from coi.backend.sftp import Attrs, SFTPSession, SFTPUnavailable
-from coi.errors import NotFound, UsageError
+from coi.errors import IncusTimeout, NotFound, UsageError
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -423,10 +423,14 @@ class _SFTPSource(_Source):
             self.s.close_handle(handle, path)
 
 
+_GET_WAIT = 10.0  # seconds a files API GET may stay silent before it is taken for a FIFO
+
+
 class _FilesAPISource(_Source):
     """The files API: it reports links, but calls every other non-directory a "file" with
     its permission bits only. An empty "file" is not read (a FIFO's read would never end);
-    a device node reads as empty (the daemon sends st_size bytes)."""
+    a device node reads as empty (the daemon sends st_size bytes). Without HEAD (an old
+    daemon) even a stat opens the entry: one silent for `_GET_WAIT` is left out as a FIFO."""
 
     def __init__(self, api: FilesAPI, instance: str) -> None:
         self.api = api
@@ -434,11 +438,21 @@ class _FilesAPISource(_Source):
 
     def lstat(self, path: str) -> Attrs:
         c = self.api._c
+        head = c.has_extension("instance_file_head")
         try:
-            method = "HEAD" if c.has_extension("instance_file_head") else "GET"
-            resp = c.raw_request(method, self.api._url(self.instance), params={"path": path})
+            resp = c.raw_request(
+                "HEAD" if head else "GET",
+                self.api._url(self.instance),
+                params={"path": path},
+                timeout=None if head else _GET_WAIT,
+            )
         except NotFound:
             raise NotFound(f"{self.instance}:{path} does not exist") from None
+        except IncusTimeout:
+            # Without HEAD, the GET opens the entry, and on a FIFO the daemon never answers.
+            if head:
+                raise
+            return Attrs(stat.S_IFIFO, 0, None, None)
         info = self.api._info(resp.headers)
         fmt = {"directory": stat.S_IFDIR, "symlink": stat.S_IFLNK}.get(info.type, stat.S_IFREG)
         size = resp.headers.get("content-length")
