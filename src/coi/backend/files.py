@@ -459,8 +459,14 @@ class _FilesAPISource(_Source):
         return Attrs(fmt | info.mode, int(size) if size else None, info.uid, info.gid)
 
     def listdir(self, path: str) -> list[tuple[bytes, Attrs]]:
-        names = self.api.listdir(self.instance, path)
-        return [(os.fsencode(n), self.lstat(posixpath.join(path, n))) for n in names]
+        out = []
+        for n in self.api.listdir(self.instance, path):
+            try:
+                attrs = self.lstat(posixpath.join(path, n))
+            except NotFound:  # gone, or a name the API's JSON could not carry (not UTF-8)
+                attrs = Attrs(None, None, None, None)
+            out.append((os.fsencode(n), attrs))
+        return out
 
     def readlink(self, path: str) -> bytes:
         return self.api.read(self.instance, path)

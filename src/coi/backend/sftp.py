@@ -227,20 +227,20 @@ class SFTPSession:
     # -- operations -----------------------------------------------------------------------
 
     def lstat(self, path: str) -> Attrs:
-        ptype, r = self._call(_LSTAT, _s(path.encode()), path)
+        ptype, r = self._call(_LSTAT, _s(os.fsencode(path)), path)
         if ptype != _ATTRS:
             raise BackendError(f"SFTP with {self.where}: lstat {path} answered {ptype}")
         return r.attrs()
 
     def readlink(self, path: str) -> bytes:
-        ptype, r = self._call(_READLINK, _s(path.encode()), path)
+        ptype, r = self._call(_READLINK, _s(os.fsencode(path)), path)
         if ptype != _NAME or r.u32() < 1:
             return b"?"
         return r.string()
 
     def listdir(self, path: str) -> list[tuple[bytes, Attrs]]:
         """Every entry of a directory but `.` and `..`, with its attributes."""
-        handle = self._handle(_OPENDIR, _s(path.encode()), path)
+        handle = self._handle(_OPENDIR, _s(os.fsencode(path)), path)
         out: list[tuple[bytes, Attrs]] = []
         try:
             while True:
@@ -262,7 +262,7 @@ class SFTPSession:
     def open_read(self, path: str) -> tuple[bytes, Attrs]:
         """Open a file for reading: its handle, and what the opened file is (fstat): the entry
         may have changed since it was listed."""
-        handle = self._handle(_OPEN, _s(path.encode()) + struct.pack(">II", _FXF_READ, 0), path)
+        handle = self._handle(_OPEN, _s(os.fsencode(path)) + struct.pack(">II", _FXF_READ, 0), path)
         try:
             ptype, r = self._call(_FSTAT, _s(handle), path)
             if ptype != _ATTRS:
