@@ -257,3 +257,21 @@ def test_without_sftp_and_head_a_fifo_is_left_out_after_a_bounded_wait(
     assert not (tmp_path / "out" / "fifo").exists()
     assert ("/srv/t/fifo", "FIFO") in report.dropped
     assert (tmp_path / "out" / "plain").read_text() == "data\n"
+
+
+def test_a_home_reached_through_a_link_is_the_users_own(
+    coi_env: dict[str, str], box: str, tmp_path: Path
+) -> None:
+    """Links above the home folder are the user's set-up: a pull into a real folder in a
+    home reached through a link works; a link planted below the home is still refused."""
+    (tmp_path / "real-home" / "in").mkdir(parents=True)
+    home = tmp_path / "home"
+    home.symlink_to(tmp_path / "real-home")
+    env = {**coi_env, "HOME": str(home)}
+    res = run_coi("file", "pull", f"{box}:/srv/t/plain", str(home / "in"), env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (home / "in" / "plain").read_text() == "data\n"
+    (home / "planted").symlink_to(tmp_path / "real-home" / "in")
+    res = run_coi("file", "pull", f"{box}:/srv/t/plain", str(home / "planted" / "x"), env=env)
+    assert res.returncode == 2 and "goes through a symbolic link" in res.stderr
+    assert not (home / "in" / "x").exists()

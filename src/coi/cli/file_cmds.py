@@ -92,7 +92,10 @@ def pull_cmd(source: str, local: Path, recursive: bool) -> None:
     the host: a destination that is or goes through one is refused.
     """
     name, path = split_remote(source, "source")
-    local = check_destination(local, trusted=(Path.cwd(), Path.home()))
+    # Links above the current and home folders are the user's own set-up (a home reached
+    # through a link); below them, coi follows none.
+    trusted = (Path.cwd(), Path.home())
+    local = check_destination(local, trusted=trusted)
     with daemon()[1] as client:
         if not client.instances.exists(name):
             raise NotFound(f"container {name} not found")
@@ -106,7 +109,7 @@ def pull_cmd(source: str, local: Path, recursive: bool) -> None:
             click.echo(f"Pulled directory {name}:{path} -> {local}", err=True)
             return
         target = local / posixpath.basename(path) if local.is_dir() else local
-        target = check_destination(target)
+        target = check_destination(target, trusted=trusted)
         _warn(client.files.pull_file(name, path, target))
         click.echo(f"Pulled file {name}:{path} -> {target}", err=True)
 
