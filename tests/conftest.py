@@ -99,9 +99,28 @@ def test_project(tiny_tarball: Path) -> Iterator[str]:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+def _other_run_alive(client: IncusClient) -> bool:
+    """Is another test run (another live pytest with its own project) going on?"""
+    for name in client.projects.names():
+        if not name.startswith("coi-test-"):
+            continue
+        desc = str(client.get(f"/1.0/projects/{name}").get("description") or "")
+        if desc.rsplit("pid ", 1)[-1] != str(os.getpid()) and _owner_alive(client, name):
+            return True
+    return False
+
+
 def remove_unused_coi_networks(client: IncusClient) -> None:
-    """Policy bridges and ACLs live in the default project; sessions of the run made some."""
+    """Policy bridges and ACLs live in the default project; sessions of the run made some.
+
+    Left alone while another test run goes on: a bridge that run has just made is unused
+    until its sandbox exists, and deleting it then left the bridge's dnsmasq running with
+    no network (seen with two runs at once: every later restricted session failed).
+    """
     from coi.network import resources
+
+    if _other_run_alive(client):
+        return
 
     for n in resources.unused_networks(client):
         client.networks.delete(n.name)
