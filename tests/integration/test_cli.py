@@ -8,6 +8,7 @@ import re
 from tests.conftest import run_coi
 
 from coi.backend import IncusClient
+from coi.sessions.workspace import MAP_ROOT_KEY
 
 
 def test_version_and_help() -> None:
@@ -53,8 +54,9 @@ def test_setup_is_idempotent_and_health_names_the_backend(coi_env: dict[str, str
     # root:0:1), refused with a warning elsewhere (this test runs as root).
     root_check = data["checks"]["root_workspaces"]
     with IncusClient.connect() as server:
-        mappable = server.server.idmapped_mounts
-    assert root_check["details"]["idmapped_mounts"] is mappable
+        pool = server.networks.pool(data["backend"]["storage_pool"])
+        mappable = pool is not None and pool.config.get(MAP_ROOT_KEY) == "true"
+    assert root_check["details"]["can_map_root"] is mappable
     assert root_check["status"] == ("ok" if mappable else "warning"), root_check
     # The 'coi' image is not built in the test project: degraded, exit 1.
     assert res.returncode == {"healthy": 0, "degraded": 1, "unhealthy": 2}[data["status"]]

@@ -27,6 +27,7 @@ from tests.integration.conftest import (
 
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
+from coi.sessions.workspace import MAP_ROOT_KEY
 
 
 @pytest.mark.lxd
@@ -58,7 +59,7 @@ def test_run_as_user_ownership_exit_code_and_no_leftover(
 
 @pytest.mark.lxd
 def test_root_on_a_root_owned_folder_writes_as_root_or_is_refused_first(
-    client: IncusClient, coi_env: dict[str, str], tmp_path: Path
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path, pool: str
 ) -> None:
     """Root running coi on its own folder: where the daemon can map host root (idmapped mounts
     and 'root:0:1', which coi setup adds), the agent's files come back owned by root; where
@@ -78,7 +79,10 @@ def test_root_on_a_root_owned_folder_writes_as_root_or_is_refused_first(
         "id -u; touch /workspace/x",
         env=coi_env,
     )
-    if client.server.idmapped_mounts:
+    verdict = (client.networks.pool(pool) or pytest.fail("no pool")).config.get(MAP_ROOT_KEY)
+    # coi setup probed the daemon: it must have said, one way or the other.
+    assert verdict in ("true", "false")
+    if verdict == "true":
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines() == ["1000"]
         assert (ws / "x").stat().st_uid == 0 and (ws / "x").stat().st_gid == 0

@@ -143,3 +143,19 @@ def test_os_release_is_parsed(tmp_path: Path) -> None:
     )
     assert dmn.os_release(f)["VERSION_CODENAME"] == "bookworm"
     assert dmn.os_release(tmp_path / "missing") == {}
+
+
+def test_subids_get_root_entries_and_lose_a_second_range_for_root() -> None:
+    from coi.host.provision import subid_lines
+
+    debian_after_lxd = [
+        "coitest:100000:65536",
+        "root:1000000:1000000000",
+        "root:1500:1",
+        "_lxd:1001000000:10000001",
+        "root:1001000000:10000001",
+    ]
+    lines, added, removed = subid_lines(debian_after_lxd, [0, 1500])
+    assert added == ["root:0:1"] and removed == ["root:1001000000:10000001"]
+    assert lines == [*debian_after_lxd[:4], "root:0:1"]
+    assert subid_lines(lines, [0, 1500]) == (lines, [], [])

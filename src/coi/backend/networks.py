@@ -123,6 +123,12 @@ class NetworksAPI:
         except NotFound:
             return None
 
+    def patch_pool(self, name: str, config: Mapping[str, str]) -> None:
+        """Merge `config` into a storage pool's config."""
+        self._c.request(
+            "PATCH", f"/1.0/storage-pools/{quote(name, safe='')}", json={"config": dict(config)}
+        )
+
     def create_pool(self, name: str, *, driver: str, config: Mapping[str, str]) -> None:
         self._c.request(
             "POST",

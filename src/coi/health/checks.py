@@ -236,7 +236,7 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
             )
         )
     checks.append(_network_restriction(cfg, client))
-    checks.append(_root_workspaces(client))
+    checks.append(_root_workspaces(client, pool_name))
     prefix = os.environ.get("COI_CONTAINER_PREFIX", "coi-")
     running = [i for i in client.instances.list() if i.name.startswith(prefix) and i.running]
     checks.append(
@@ -252,12 +252,14 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
     return checks
 
 
-def _root_workspaces(client: IncusClient) -> Check:
+def _root_workspaces(client: IncusClient, pool_name: str) -> Check:
     """Can root's own folders be workspaces (host root mapped to the agent's uid)?"""
-    from coi.sessions.workspace import root_mapping_problem
+    from coi.sessions.workspace import can_map_root, root_mapping_problem
 
-    problem = root_mapping_problem(client.server.idmapped_mounts, local=client.endpoint.is_local)
-    details = {"idmapped_mounts": client.server.idmapped_mounts}
+    pool = client.networks.pool(pool_name)
+    can_map = can_map_root(pool.config if pool else {}, client.server.idmapped_mounts)
+    problem = root_mapping_problem(can_map, local=client.endpoint.is_local)
+    details = {"idmapped_mounts": client.server.idmapped_mounts, "can_map_root": can_map}
     if problem is None:
         return Check(
             "root_workspaces", "Root's folders", "SYSTEM", OK,

@@ -200,27 +200,53 @@ def _id_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def ensure_subids(report: SetupReport, uids: list[int], *, is_root: bool) -> bool:
+def subid_lines(lines: list[str], uids: list[int]) -> tuple[list[str], list[str], list[str]]:
+    """/etc/subuid (or subgid) with `root:UID:1` for each uid; returns (lines, added, removed).
+
+    A second range for root of more than one id is removed: Debian's lxd package adds
+    `root:1001000000:10000001` beside the usual `root:1000000:1000000000`, and Incus then
+    maps container root twice, so no container starts ("newuidmap: write to uid_map failed").
+    Both daemons use the first range.
+    """
+    out: list[str] = []
+    removed: list[str] = []
+    seen_range = False
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] == "root" and parts[2].isdigit() and int(parts[2]) > 1:
+            if seen_range:
+                removed.append(line.strip())
+                continue
+            seen_range = True
+        out.append(line)
+    added = [f"root:{uid}:1" for uid in uids if f"root:{uid}:1" not in {x.strip() for x in out}]
+    return out + added, added, removed
+
+
+def ensure_subids(
+    report: SetupReport, uids: list[int], *, is_root: bool, quiet: bool = False
+) -> bool:
     """Let the daemon (root) map each user's uid/gid into containers (`raw.idmap`)."""
     changed = False
+    notes: list[str] = []
     for fname in ("/etc/subuid", "/etc/subgid"):
         path = Path(fname)
-        lines = _id_lines(path)
-        for uid in uids:
-            entry = f"root:{uid}:1"
-            if entry in lines:
-                continue
-            if not is_root:
-                raise _need_root(f"adding '{entry}' to {fname}")
-            lines.append(entry)
-            changed = True
-        if changed:
-            path.write_text("\n".join(lines) + "\n")
+        lines, added, removed = subid_lines(_id_lines(path), uids)
+        if not (added or removed):
+            continue
+        if not is_root:
+            raise _need_root(f"changing {fname} ({', '.join(added + removed)})")
+        path.write_text("\n".join(lines) + "\n")
+        changed = True
+        notes += [f"removed {r} from {fname} (a second range for root)" for r in removed]
+    if quiet and not changed:
+        return False
     who = ", ".join(str(u) for u in sorted(uids)) or "none"
     report.add(
         "uid mapping",
         changed=changed,
-        message=("added" if changed else "present") + f" root:UID:1 for uid {who}",
+        message=f"root:UID:1 for uid {who}"
+        + "".join(f"; {n}" for n in notes),
     )
     return changed
 
@@ -362,6 +388,70 @@ def ensure_group_members(
         )
 
 
+def _restart(report: SetupReport, kind: dmn.DaemonKind, *, is_root: bool) -> None:
+    if not is_root:
+        raise _need_root(f"restarting {kind.name}")
+    how = dmn.restart_daemon(kind)
+    report.add("daemon", changed=True, message=f"restarted to load the uid mapping ({how})")
+
+
+def probe_reowns(client: IncusClient, opts: SetupOptions, image: str) -> bool:
+    """Start a throw-away container and see whether the daemon re-owned its files on disk.
+
+    A daemon that shifts ownership with idmapped mounts leaves the files as the image had
+    them and records an empty `volatile.last_state.idmap`; one that re-owns them (LXD 5.0)
+    records the map it applied. Only the former can map host root into a container.
+    """
+    import secrets
+
+    name = f"coi-probe-{secrets.token_hex(3)}"
+    client.instances.create(
+        name,
+        image=image,
+        devices={"root": {"type": "disk", "path": "/", "pool": opts.pool}},
+        start=True,
+    )
+    try:
+        inst = client.instances.get(name)
+        return inst.config.get("volatile.last_state.idmap", "") not in ("", "[]")
+    finally:
+        client.instances.delete(name, force=True)
+
+
+def ensure_root_verdict(report: SetupReport, client: IncusClient, opts: SetupOptions) -> bool:
+    """Find out once whether root's own folders can be workspaces; kept on the pool."""
+    from coi.errors import CoiError
+    from coi.images.tiny import TINY_ALIAS
+    from coi.sessions.workspace import MAP_ROOT_KEY
+
+    pool = client.networks.pool(opts.pool)
+    known = (pool.config if pool else {}).get(MAP_ROOT_KEY)
+    if known in ("true", "false"):
+        report.add("root's folders", changed=False, message=_verdict_text(known == "true"))
+        return known == "true"
+    if client.images.by_alias(TINY_ALIAS) is None:
+        report.add("root's folders", changed=False, message="not probed (no tiny image)")
+        return False
+    try:
+        map_root = not probe_reowns(client, opts, TINY_ALIAS)
+        client.networks.patch_pool(opts.pool, {MAP_ROOT_KEY: "true" if map_root else "false"})
+    except CoiError as err:
+        report.add("root's folders", changed=False, message=f"not probed: {err.message}")
+        return False
+    report.add("root's folders", changed=True, message=_verdict_text(map_root))
+    return map_root
+
+
+def _verdict_text(map_root: bool) -> str:
+    return (
+        "the daemon starts containers without re-owning their files: root's folders can be "
+        "workspaces (mapped to the agent)"
+        if map_root
+        else "the daemon re-owns a container's files at start: it cannot map host root, and "
+        "coi refuses root's own folders as workspaces"
+    )
+
+
 def run_setup(
     opts: SetupOptions, *, progress: Callable[[StepResult], None] | None = None
 ) -> SetupReport:
@@ -377,19 +467,14 @@ def run_setup(
     sock = dmn.socket_of(kind)
     if not sock:
         raise SetupError(f"{kind.name} runs but its socket was not found")
-    with IncusClient(Endpoint(sock), timeout=10) as client:
-        # Where the runtime shifts ownership with idmapped mounts, host root can be the
-        # agent's uid too: root's own folders are then writable by the agent.
-        map_root = client.server.idmapped_mounts
-    uids = users_to_map(opts.users) + ([0] if map_root else [])
-    if ensure_subids(report, uids, is_root=is_root):
-        if not is_root:
-            raise _need_root(f"restarting {kind.name}")
-        how = dmn.restart_daemon(kind)
-        report.add("daemon", changed=True, message=f"restarted to load the uid mapping ({how})")
+    if ensure_subids(report, users_to_map(opts.users), is_root=is_root):
+        _restart(report, kind, is_root=is_root)
     with IncusClient(Endpoint(sock), project=opts.project) as client:
         ensure_pool(report, client, opts)
         ensure_bridge(report, client, opts)
         if opts.build_tiny:
             ensure_tiny_image(report, client)
+        map_root = ensure_root_verdict(report, client, opts)
+    if map_root and ensure_subids(report, [0], is_root=is_root, quiet=True):
+        _restart(report, kind, is_root=is_root)
     return report

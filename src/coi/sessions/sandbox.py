@@ -29,7 +29,13 @@ from coi.protection.guard import Guard, settle
 from coi.sessions import naming, template
 from coi.sessions.inventory import owner_config
 from coi.sessions.slots import SlotClaims
-from coi.sessions.workspace import Mount, host_owner_gid, host_owner_uid, root_mapping_problem
+from coi.sessions.workspace import (
+    Mount,
+    can_map_root,
+    host_owner_gid,
+    host_owner_uid,
+    root_mapping_problem,
+)
 
 if TYPE_CHECKING:
     from coi.monitor.monitor import Settings as MonitorSettings
@@ -288,8 +294,10 @@ class Sandbox:
         by root where the daemon cannot map host root to the agent's uid."""
         if host_owner_uid(self.spec.workspace) != 0:
             return
+        pool = self.client.networks.pool(self.spec.pool)
         problem = root_mapping_problem(
-            self.client.server.idmapped_mounts, local=self.client.endpoint.is_local
+            can_map_root(pool.config if pool else {}, self.client.server.idmapped_mounts),
+            local=self.client.endpoint.is_local,
         )
         if problem is None:
             return

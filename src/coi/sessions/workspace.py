@@ -162,19 +162,33 @@ def host_owner_uid(workspace: Path, env: Mapping[str, str] | None = None) -> int
 
 ROOT_SUBID = "root:0:1"
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+# On coi's storage pool: whether the daemon starts containers without re-owning their files
+# ("true"/"false"), as `coi setup` saw it (the API has no flag that says so: LXD 5.0 reports
+# idmapped mounts and still re-owns every container at its first start).
+MAP_ROOT_KEY = "user.coi.map_root"
+
+
+def can_map_root(pool_config: Mapping[str, str], idmapped_mounts: bool) -> bool:
+    """Whether host root can be mapped into a container: setup's verdict, else the server's
+    idmapped mount flags."""
+    verdict = pool_config.get(MAP_ROOT_KEY)
+    return verdict == "true" if verdict in ("true", "false") else idmapped_mounts
 
 
 def root_mapping_problem(
-    idmapped_mounts: bool, *, local: bool, subid_files: Iterable[Path] = SUBID_FILES
+    can_map: bool, *, local: bool, subid_files: Iterable[Path] = SUBID_FILES
 ) -> str | None:
     """Why host root cannot be the agent's uid in a container, or None when it can.
 
-    The daemon maps host uid 0 with `raw.idmap` only where its runtime shifts ownership with
-    idmapped mounts (LXD 5.0's start-up re-owns the container with the map and fails), and
-    only if root may delegate uid 0: `root:0:1` in /etc/subuid and /etc/subgid.
+    The daemon maps host uid 0 with `raw.idmap` only where it does not re-own a container's
+    files at its start (LXD 5.0's start-up re-owns them with the map and fails), and only if
+    root may delegate uid 0: `root:0:1` in /etc/subuid and /etc/subgid.
     """
-    if not idmapped_mounts:
-        return "this daemon cannot map host root into a container (no idmapped mounts)"
+    if not can_map:
+        return (
+            "this daemon cannot map host root into a container "
+            "(it re-owns a container's files at its start)"
+        )
     if local:
         for f in subid_files:
             try:
