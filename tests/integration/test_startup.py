@@ -31,7 +31,7 @@ from coi.network.hostnet import host_networks
 from coi.network.manager import ensure_network, policy_from_config
 from coi.sessions import naming, template
 from coi.sessions.runner import ShellRequest, ShellSession
-from coi.sessions.sandbox import BOOTED, Sandbox, SandboxSpec
+from coi.sessions.sandbox import BOOTED, Sandbox, SandboxSpec, instance_config
 from coi.tools.registry import get_tool
 
 # -- reserved addresses ---------------------------------------------------------------------
@@ -141,7 +141,9 @@ def test_an_address_another_nic_holds_is_given_up_for_another(
     if via_spare:
         fp = client.images.alias_target("coi-tiny")
         assert fp
-        tmpl = template.ready(client, fp, {}, pool=pool, lock_dir=tmp_path, log=lambda _m: None)
+        # The template of the sandbox's own uid map (root's folder: host root is mapped).
+        idmap = instance_config(SandboxSpec(workspace=tmp_path, image="coi-tiny", persistent=False))
+        tmpl = template.ready(client, fp, idmap, pool=pool, lock_dir=tmp_path, log=lambda _m: None)
         assert tmpl and template.replenish(client, tmpl, 1, lock_dir=tmp_path) == 1
         wait_for(lambda: len(_ready(client)) == 1, "a ready spare")
     net = client.networks.get(bridge)

@@ -143,7 +143,16 @@ class InstancesAPI:
         already gone (an ephemeral instance vanishes as it stops)."""
         try:
             if force and self.get(name).status in ("Running", "Frozen"):
-                _while_busy(lambda: self.stop(name, force=True))
+                try:
+                    _while_busy(lambda: self.stop(name, force=True))
+                except NotFound:
+                    raise
+                except BackendError:
+                    # It stopped by itself between the look and the stop (a graceful stop
+                    # that timed out still finishes; an init that died): "container is not
+                    # running" is then no reason not to delete it.
+                    if self.get(name).status in ("Running", "Frozen"):
+                        raise
             _while_busy(lambda: self._c.request("DELETE", _path(name)))
         except NotFound:
             if not force:

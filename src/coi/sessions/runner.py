@@ -89,6 +89,7 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
     log = stderr_log("")
     check_server(spec.limits, client.server.kind)
     box = Sandbox(client, spec, log=log)
+    box.check_owner()
     code = 1
     with cleanup_on_signals():
         try:
