@@ -7,9 +7,12 @@ stand-in 169.254.169.254, all in a network namespace routed from the host.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pwd
+import secrets
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +26,16 @@ from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.errors import SessionError
 from coi.network import resources
-from coi.network.manager import allowlist_refresh, ensure_network, prove_enforced, resolved
+from coi.network.hostnet import host_networks
+from coi.network.manager import (
+    allowlist_refresh,
+    ensure_network,
+    gateway_of,
+    prove_enforced,
+    resolved,
+)
 from coi.network.policy import Policy, build_policy
+from coi.sessions.sandbox import NIC_FILTERING
 
 # Network policy is the daemon's firewall: both daemons must enforce it alike.
 pytestmark = pytest.mark.lxd
@@ -316,3 +327,168 @@ def test_a_live_connection_survives_an_allowlist_refresh(
     while echoed() != ["one", "two"]:
         assert time.monotonic() < deadline, "the live connection died with the rule change"
         time.sleep(0.2)
+
+
+def _sandbox(client: IncusClient, env: dict[str, str], ws: Path, *extra: str) -> str:
+    """Start a detached session on `ws`; return its container's name."""
+    before = set(client.instances.names())
+    res = run_coi(
+        "shell", "--background", "--debug", "--writable-git-hooks", "-w", str(ws), *extra,
+        env=env, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    (name,) = [n for n in set(client.instances.names()) - before if n.startswith("coi-")]
+    return name
+
+
+def _as_root(client: IncusClient, name: str, script: str) -> tuple[int, str]:
+    res = client.exec.capture(name, ExecRequest(["sh", "-c", script]))
+    return res.exit_code, (res.stdout + res.stderr).decode()
+
+
+def _user_ws(tmp_path: Path, label: str) -> Path:
+    ws = tmp_path / label
+    ws.mkdir()
+    os.chown(ws, tmp_path.stat().st_uid, tmp_path.stat().st_gid)
+    return ws
+
+
+def test_root_inside_cannot_take_another_address_or_mac(
+    client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The daemon's filtering on the NIC, host-side: a second address, a neighbour's
+    address or another MAC gets no packet out, whatever root inside configures."""
+    netkit.check_routes(topology)
+    attacker = _sandbox(client, net_env, _user_ws(tmp_path, "a"))
+    victim = _sandbox(client, net_env, _user_ws(tmp_path, "b"))
+    nic = client.instances.get(attacker).expanded_devices["eth0"]
+    assert {k: nic.get(k) for k in NIC_FILTERING} == NIC_FILTERING
+    own = client.instances.state(attacker).ipv4()
+    theirs = client.instances.state(victim).ipv4()
+    gw = gateway_of(client, nic["network"])
+    prefix = own.rsplit(".", 1)[0]
+    spare = next(
+        f"{prefix}.{i}" for i in range(250, 200, -1) if f"{prefix}.{i}" not in (own, theirs)
+    )
+    ping = f"ping -c2 -W2 {netkit.INTERNET}"
+    # The internet host answers the sandbox from its own address and MAC: the checks below
+    # fail for the spoofing alone.
+    assert _as_root(client, attacker, ping)[0] == 0
+    assert _as_root(client, attacker, f"ping -c2 -W2 {theirs}")[0] != 0  # port isolation
+    code, out = _as_root(client, attacker, f"ip addr add {spare}/24 dev eth0 && {ping} -I {spare}")
+    assert code != 0 and "2 packets transmitted, 0 packets received" in out, out
+    code, out = _as_root(client, attacker, f"ip addr add {theirs}/24 dev eth0; {ping} -I {theirs}")
+    assert code != 0 and "0 packets received" in out, out
+    code, out = _as_root(
+        client,
+        attacker,
+        f"ip addr del {spare}/24 dev eth0; ip addr del {theirs}/24 dev eth0; "
+        "ip link set eth0 down && ip link set eth0 address 02:00:5e:10:00:99 && "
+        f"ip link set eth0 up && ip route replace default via {gw} && {ping}",
+    )
+    assert code != 0 and "0 packets received" in out, out
+
+
+def test_ipv6_never_leaves_a_sandbox_whatever_root_inside_does(
+    client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A ULA neighbour the test puts on the sandbox's own bridge: root inside turns IPv6 on
+    and addresses it; the daemon drops every IPv6 frame of the sandbox on the bridge."""
+    lan6 = "fd00:77:1::10"
+    assert not any(n.overlaps(ipaddress.ip_network("fd00:77:1::/64")) for n in host_networks())
+    name = _sandbox(client, net_env, _user_ws(tmp_path, "v6"))
+    bridge = client.instances.get(name).expanded_devices["eth0"]["network"]
+    ns, port = f"coiv6-{secrets.token_hex(3)}", f"cv6{secrets.token_hex(3)}"
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(
+            ["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns],
+            check=True,
+        )
+        subprocess.run(["ip", "link", "set", port, "master", bridge, "up"], check=True)
+        nsx = ["ip", "netns", "exec", ns]
+        for cmd in (
+            ["ip", "link", "set", "eth0", "up"],
+            ["ip", "-6", "addr", "add", f"{lan6}/64", "dev", "eth0", "nodad"],
+            ["nft", "add", "table", "ip6", "count"],
+            [
+                "nft",
+                "add",
+                "chain",
+                "ip6",
+                "count",
+                "in",
+                "{ type filter hook prerouting priority 0; }",
+            ],
+            [
+                "nft",
+                "add",
+                "rule",
+                "ip6",
+                "count",
+                "in",
+                "ip6",
+                "saddr",
+                "fd00:77:1::/64",
+                "counter",
+            ],
+        ):
+            subprocess.run([*nsx, *cmd], check=True)
+        code, out = _as_root(
+            client,
+            name,
+            "sysctl -w net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.eth0.disable_ipv6=0; "
+            "ip -6 addr add fd00:77:1::2/64 dev eth0 && sleep 2 && ip -6 addr show dev eth0; "
+            f"ping -6 -c3 -W1 {lan6}",
+        )
+        # The address is there (the attempt is real), and nothing came back.
+        assert "fd00:77:1::2/64" in out and "0 packets received" in out and code != 0, out
+        counted = subprocess.run(
+            [*nsx, "nft", "list", "table", "ip6", "count"], capture_output=True, text=True
+        ).stdout
+        assert "counter packets 0 bytes 0" in counted, counted
+    finally:
+        subprocess.run(["ip", "link", "del", port], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_a_boot_script_left_in_a_persistent_sandbox_is_blocked_from_its_first_packet(
+    client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The agent (root) adds a boot script to its persistent container that reaches for the
+    LAN as soon as the network is up; the next session's boot runs it before coi checks
+    anything. The bridge's policy holds from the first packet: the internet answers the
+    script, the LAN does not."""
+    netkit.check_routes(topology)
+    ws = _user_ws(tmp_path, "boot")
+    name = _sandbox(client, net_env, ws, "--persistent")
+    script = (
+        "i=0; until ping -c1 -W1 " + netkit.INTERNET + " >/dev/null 2>&1 || [ $i -ge 20 ]; "
+        "do i=$((i+1)); sleep 0.2; done; "
+        "ping -c1 -W1 " + netkit.INTERNET + " >/dev/null 2>&1 && echo internet-ok > /root/boot; "
+        f"wget -q -T 3 -O /root/lan http://{netkit.LAN}:8080/ && echo lan-ok >> /root/boot; "
+        "echo done >> /root/boot"
+    )
+    code, out = _as_root(
+        client,
+        name,
+        f"printf '%s\\n' '#!/bin/sh' '{script}' > /etc/init.d/reach && chmod +x /etc/init.d/reach"
+        " && echo '::sysinit:/etc/init.d/reach' >> /etc/inittab && rm -f /root/boot",
+    )
+    assert code == 0, out
+    stopped = run_coi("container", "stop", name, env=net_env, timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    before = set(client.instances.names())
+    res = run_coi(
+        "shell", "--background", "--debug", "--writable-git-hooks", "-w", str(ws),
+        "--persistent", "--slot", "1", env=net_env, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert set(client.instances.names()) == before  # the same container, started again
+    wait = (
+        "i=0; until grep -q done /root/boot 2>/dev/null || [ $i -ge 50 ]; "
+        "do i=$((i+1)); sleep 0.2; done"
+    )
+    code, out = _as_root(client, name, wait + "; cat /root/boot")
+    assert out.split() == ["internet-ok", "done"], out
+    client.instances.delete(name, force=True)

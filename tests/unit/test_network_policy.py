@@ -52,10 +52,18 @@ def test_allowlist_rules_ports_and_pinned_dns() -> None:
     )
     rules = acl_egress_rules(p, "10.200.1.0/24")
     assert rules[0]["action"] == "reject"
-    assert {"action": "allow", "destination": "203.0.113.0/24", "state": "enabled",
-            "description": "allowlist"} in rules  # fmt: skip
+    # TCP, UDP and ICMP echo only: no allow rule without a protocol (GRE, SCTP, ... drop).
+    assert all(r.get("protocol") for r in rules[1:])
+    whole = [r for r in rules if r["destination"] == "203.0.113.0/24"]
+    assert {(r["protocol"], r.get("destination_port")) for r in whole} == {
+        ("tcp", None),
+        ("udp", None),
+    }
     ported = [r for r in rules if r.get("destination_port") == "443"]
     assert {r["protocol"] for r in ported} == {"tcp", "udp"}
+    (echo,) = [r for r in rules if r.get("protocol") == "icmp4"]
+    assert echo["icmp_type"] == "8"
+    assert set(echo["destination"].split(",")) == {"198.51.100.10/32", "203.0.113.0/24"}
     assert not any(r["destination"] == "0.0.0.0/0" for r in rules)
     assert dnsmasq_config(p).splitlines() == [
         "no-resolv",

@@ -135,13 +135,20 @@ def acl_egress_rules(policy: Policy, bridge_subnet: str) -> list[dict[str, str]]
     by_port: dict[int | None, list[str]] = {}
     for t in policy.allowed:
         by_port.setdefault(t.port, []).append(t.cidr)
+    # Only TCP, UDP and ICMP echo reach an allowed destination: any other IP protocol (GRE,
+    # SCTP, raw IP, ...) is a way around port rules and tunnels, and is dropped by the ACL's
+    # default rule. The daemon's ACLs cannot bound a rate, so echo is limited by destination.
     for port, cidrs in sorted(by_port.items(), key=lambda kv: kv[0] or 0):
         dest = ",".join(sorted(set(cidrs)))
-        if port is None:
-            rules.append(_rule("allow", dest, "allowlist"))
-        else:
-            for proto in ("tcp", "udp"):
-                rules.append(_rule("allow", dest, f"allowlist :{port}", proto, str(port)))
+        what = "allowlist" if port is None else f"allowlist :{port}"
+        for proto in ("tcp", "udp"):
+            rules.append(_rule("allow", dest, what, proto, "" if port is None else str(port)))
+    every = sorted({t.cidr for t in policy.allowed})
+    v4_allowed = [c for c in every if ":" not in c]
+    if v4_allowed:
+        echo = _rule("allow", ",".join(v4_allowed), "allowlist ping", "icmp4")
+        echo["icmp_type"] = "8"
+        rules.append(echo)
     return rules
 
 
@@ -151,6 +158,7 @@ def _rule(
     rule = {"action": action, "destination": dest, "state": "enabled", "description": description}
     if protocol:
         rule["protocol"] = protocol
+    if port:
         rule["destination_port"] = port
     return rule
 

@@ -168,10 +168,24 @@ def instance_config(spec: SandboxSpec) -> dict[str, str]:
     return config
 
 
-def _nic(spec: SandboxSpec, addr: Address | None) -> dict[str, str]:
+# The daemon's own anti-spoofing on the sandbox's NIC, enforced host-side on the bridge where
+# root inside cannot undo it: frames only from the NIC's own MAC, IPv4 only from its own
+# address (no second address, no neighbour's), and no IPv6 at all on coi's IPv4-only bridges
+# (the daemon drops every IPv6 frame when the bridge has no IPv6 of its own), whatever
+# sysctls root inside changes. Needs the `container_nic_ipfilter` API extension.
+NIC_FILTERING = {
+    "security.mac_filtering": "true",
+    "security.ipv4_filtering": "true",
+    "security.ipv6_filtering": "true",
+}
+
+
+def _nic(spec: SandboxSpec, addr: Address | None, *, filtering: bool) -> dict[str, str]:
     nic = {"type": "nic", "network": spec.network, "name": "eth0"}
     if addr is not None:
         nic["ipv4.address"] = addr.ip
+    if filtering:
+        nic.update(NIC_FILTERING)
     if spec.policy is not None and spec.policy.mode != "open":
         # Sandboxes sharing a policy bridge cannot talk to each other even where the host
         # does not pass bridged traffic through the firewall (no br_netfilter).
@@ -179,10 +193,12 @@ def _nic(spec: SandboxSpec, addr: Address | None) -> dict[str, str]:
     return nic
 
 
-def instance_devices(spec: SandboxSpec, addr: Address | None = None) -> dict[str, dict[str, str]]:
+def instance_devices(
+    spec: SandboxSpec, addr: Address | None = None, *, filtering: bool = True
+) -> dict[str, dict[str, str]]:
     devices: dict[str, dict[str, str]] = {
         "root": {"type": "disk", "path": "/", "pool": spec.pool, **spec.limits.root_disk},
-        "eth0": _nic(spec, addr),
+        "eth0": _nic(spec, addr, filtering=filtering),
         "workspace": {"type": "disk", "source": str(spec.workspace), "path": spec.workspace_target},
     }
     if spec.protection is not None:
@@ -324,6 +340,7 @@ class Sandbox:
                 nic = inst.expanded_devices.get("eth0") or {}
                 self.address = address.of_nic(self.client.networks.get(nic.get("network", "")), nic)
                 self._protect()
+                self._harden_nic(inst)
                 self._refresh_limits(inst.expanded_devices, running=inst.running)
                 if inst.status == "Frozen":
                     self.client.instances.unfreeze(self.name)
@@ -392,13 +409,16 @@ class Sandbox:
             boot = self.address.config() if self.address else {}
             try:
                 if taken and self.client.instances.exists(self.name):  # made, start refused
-                    nic = _nic(self.spec, self.address)
+                    nic = _nic(self.spec, self.address, filtering=self._filtering)
                     self.client.instances.patch(
                         self.name, {"config": boot, "devices": {"eth0": nic}}
                     )
                     self.client.instances.start(self.name)
                 else:
-                    make(instance_devices(self.spec, self.address), boot)
+                    make(
+                        instance_devices(self.spec, self.address, filtering=self._filtering),
+                        boot,
+                    )
                 return
             except BackendError as err:
                 if net is None or self.address is None or not address.is_taken(err):
@@ -407,6 +427,18 @@ class Sandbox:
                 self.address = address.choose(net, avoid=taken) if len(taken) < 16 else None
                 if self.address is None:
                     raise
+
+    @property
+    def _filtering(self) -> bool:
+        return self.client.has_extension("container_nic_ipfilter")
+
+    def _harden_nic(self, inst: Instance) -> None:
+        """A persistent container made before coi filtered NICs gets the filtering now,
+        before the agent's next boot or command (the daemon applies it to a running one)."""
+        nic = dict(inst.devices.get("eth0") or {})
+        if not nic or not self._filtering or all(nic.get(k) == v for k, v in NIC_FILTERING.items()):
+            return
+        self.client.instances.patch(self.name, {"devices": {"eth0": {**nic, **NIC_FILTERING}}})
 
     def _template(self, config: Mapping[str, str]) -> str | None:
         """The pre-shifted template to copy instead of unpacking the image (None: none)."""
