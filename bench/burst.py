@@ -52,7 +52,7 @@ def burst(c: IncusClient, tmpl: str, n: int, image: str, ws: str) -> str:
     template.replenish(c, tmpl, n, lock_dir=LOCKS)
     settle(c, want_spares=n)
     time.sleep(1)
-    env = {**os.environ, "COI_SPARES": str(n)}
+    env = {**os.environ, "COI_SPARES": str(n), "COI_TEMPLATES": "always" if n else "auto"}
     cmd = [*COI, "shell", "--background", "--debug", "--image", image, "-w", ws]
     busy0, steal0 = machine_cpu()
     lxd0, kids0 = daemon_cpu(), os.times()

@@ -79,6 +79,7 @@ def per_nic_rows(c: IncusClient, runs: int) -> list[str]:
                     nic["security.acls"] = acls
                 devices = {"root": {"type": "disk", "path": "/", "pool": POOL}, "eth0": nic}
                 c.instances.create(name, image="coi-tiny", devices=devices)
+
                 def start_exec(name: str = name) -> None:
                     c.instances.start(name)
                     c.exec.run(name, ExecRequest(["true"]))

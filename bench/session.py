@@ -13,7 +13,8 @@ sandbox still going away, no spare still being copied):
   C. rename a ready copy, set its devices, start, exec `true`, stop without waiting: the
      daemon work coi asks for with a spare.
   W. start a stopped copy made beforehand and exec `true`: the warm floor.
-  and with templates off (`COI_TEMPLATES=0`: every sandbox created from the image).
+  and with templates off (`COI_TEMPLATES=never`: every sandbox created from the image; the
+  other rows force templates and spares on with `always`).
 - `coi shell --background --debug` until tmux runs, against floor C plus tmux.
 - `coi --version`, `coi --help`, and `coi list` with 10 containers against `lxc list`.
 - --parallel sessions (`coi shell --background`) started at once, with that many spares
@@ -42,6 +43,7 @@ from _common import cli, fmt, sh, timed
 from coi.backend import ExecRequest, IncusClient
 from coi.config.paths import coi_home
 from coi.sessions import template
+from coi.sessions.sandbox import SandboxSpec, instance_config
 
 POOL = os.environ.get("COI_POOL", "coi")
 NET = os.environ.get("COI_NETWORK", "coibr0")
@@ -54,7 +56,11 @@ LOCKS = coi_home() / "locks"
 
 
 def coi(*args: str, spares: int = 2, templates: bool = True) -> None:
-    env = {**os.environ, "COI_SPARES": str(spares), "COI_TEMPLATES": "1" if templates else "0"}
+    env = {
+        **os.environ,
+        "COI_SPARES": str(spares),
+        "COI_TEMPLATES": "always" if templates else "never",
+    }
     subprocess.run(
         [*COI, *args], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -172,7 +178,9 @@ def main() -> None:
         # Warm-up: makes the template (once per image and user) and the policy bridge.
         coi(*run_true)
         fp = c.images.alias_target(a.image) or a.image
-        tmpl = template.template_name(fp, {})
+        # The template of the sandboxes' own uid map (root's folder: host root is mapped).
+        idmap = instance_config(SandboxSpec(workspace=ws, image=a.image, persistent=False))
+        tmpl = template.template_name(fp, idmap)
         assert c.instances.exists(tmpl), f"no template {tmpl}"
         with_spare: list[float] = []
         no_spare: list[float] = []

@@ -362,7 +362,7 @@ def no_spares(client: IncusClient) -> Iterator[None]:
 def test_a_sandbox_takes_a_ready_spare_and_a_new_one_is_made_after(
     client: IncusClient, coi_env: dict[str, str], tmp_path: Path, no_spares: None
 ) -> None:
-    env = {**coi_env, "COI_IMAGE": "coi-tiny", "COI_SPARES": "1"}
+    env = {**coi_env, "COI_IMAGE": "coi-tiny", "COI_SPARES": "1", "COI_TEMPLATES": "always"}
     first = run_coi("run", "-w", str(tmp_path), "--", "true", env=env)
     assert first.returncode == 0, first.stderr
     assert "ready spare" not in first.stderr
@@ -411,7 +411,7 @@ def test_a_sandbox_made_from_a_spare_has_its_own_name_as_hostname(
     alias = f"{unique}-img"
     fp = client.images.publish(instance=unique, aliases=(alias,))
     client.instances.delete(unique, force=True)
-    env = {**coi_env, "COI_IMAGE": alias, "COI_SPARES": "1"}
+    env = {**coi_env, "COI_IMAGE": alias, "COI_SPARES": "1", "COI_TEMPLATES": "always"}
     try:
         assert run_coi("run", "-w", str(tmp_path), "--", "true", env=env).returncode == 0
         wait_for(lambda: len(_ready(client)) == 1, "a ready spare")
@@ -487,7 +487,7 @@ def test_a_sandbox_holds_off_spare_copies_while_it_starts_and_refills_after(
 ) -> None:
     """coi marks its sandbox as starting from the moment it begins until the agent runs; the
     spare it leaves for the next sandbox is copied by a detached child."""
-    env = {**coi_env, "COI_IMAGE": "coi-tiny", "COI_SPARES": "1"}
+    env = {**coi_env, "COI_IMAGE": "coi-tiny", "COI_SPARES": "1", "COI_TEMPLATES": "always"}
     locks = Path(env["COI_HOME"]) / "locks"
     ws = tmp_path / "ws"
     ws.mkdir()
@@ -519,7 +519,7 @@ def test_a_new_template_drops_the_old_one_and_its_spares_but_not_other_images(
     )
     alias = f"{unique}-img"
     fps = [client.images.publish(instance=unique, aliases=(alias,))]
-    env = {**coi_env, "COI_IMAGE": alias, "COI_SPARES": "1"}
+    env = {**coi_env, "COI_IMAGE": alias, "COI_SPARES": "1", "COI_TEMPLATES": "always"}
     other: str | None = None
     try:
         assert run_coi("run", "-w", str(tmp_path), "--", "true", env=env).returncode == 0

@@ -17,6 +17,7 @@ from coi.cli.render import check_format, confirm, echo_json, human_size, local_t
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
+    from coi.config.loader import Config
     from coi.sessions.cleanup import CleanPlan
     from coi.sessions.inventory import ContainerInfo, SavedSession
 
@@ -503,7 +504,11 @@ def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: b
             leftovers=cleanup.plan_leftovers(coi_home(), all_sessions),
             acls=acls,
             networks=nets,
-            templates=template.stale(client, keep_spares=cfg.get_int("incus.spares") > 0),
+            templates=template.stale(
+                client,
+                keep_spares=cfg.get_int("incus.spares") > 0,
+                keep_templates=_templates_wanted(client, cfg),
+            ),
         )
         _report_orphans(plan)
         found_any |= bool(plan.count())
@@ -557,3 +562,13 @@ def _report_orphans(plan: CleanPlan) -> None:
         click.echo(f"  Leftover session files ({len(plan.leftovers)}):")
         for p in plan.leftovers:
             click.echo(f"    - {p}")
+
+
+def _templates_wanted(client: IncusClient, cfg: Config) -> bool:
+    """Keep templates unless turned off, or (auto) where they do not pay off."""
+    from coi.sessions import template
+
+    mode = cfg.get_str("incus.templates")
+    if mode in ("never", "false"):
+        return False
+    return mode == "always" or template.pay_off(client, cfg.get_str("incus.pool"))

@@ -118,6 +118,9 @@ def _bad(s: Setting, value: Any, origin: str, expected: str) -> ConfigError:
 
 
 def _to_str(s: Setting, v: Any, origin: str) -> Any:
+    if "true" in s.choices and (isinstance(v, bool) or str(v).lower() in _TRUE | _FALSE):
+        # A key that grew from a switch into a choice keeps taking the switch's values.
+        v = "true" if (v if isinstance(v, bool) else str(v).lower() in _TRUE) else "false"
     if not isinstance(v, str):
         raise _bad(s, v, origin, "a string")
     if s.choices and v not in s.choices:

@@ -182,12 +182,16 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _s(
         "incus.templates",
-        "bool",
-        True,
+        "str",
+        "auto",
         "Start sandboxes as copies of a pre-shifted template of the image (a stopped "
-        "'coitmpl-*' container per image and user): saves re-owning the root filesystem at "
-        "every start when the daemon cannot shift it on the fly (LXD 5.0).",
+        "'coitmpl-*' container per image and user), with spares: saves re-owning the root "
+        "filesystem at every start where the daemon cannot shift it on the fly (LXD 5.0). "
+        "'auto' uses them only there (on Incus a sandbox made from the image starts as fast: "
+        "docs/performance.md); 'always' or 'never' decide for every daemon (true = auto, "
+        "false = never).",
         env=("COI_TEMPLATES",),
+        choices=("auto", "always", "never", "true", "false"),
         trust="never",
     ),
     _s(

@@ -245,8 +245,7 @@ def ensure_subids(
     report.add(
         "uid mapping",
         changed=changed,
-        message=f"root:UID:1 for uid {who}"
-        + "".join(f"; {n}" for n in notes),
+        message=f"root:UID:1 for uid {who}" + "".join(f"; {n}" for n in notes),
     )
     return changed
 

@@ -99,7 +99,7 @@ class SandboxSpec:
     monitor: MonitorSettings | None = None
     # Start from a pre-shifted copy of the image, and keep this many spare copies ready
     # (see sessions/template.py).
-    templates: bool = True
+    templates: bool | None = True
     spares: int = 2
 
     @property
@@ -442,7 +442,9 @@ class Sandbox:
 
     def _template(self, config: Mapping[str, str]) -> str | None:
         """The pre-shifted template to copy instead of unpacking the image (None: none)."""
-        if not self.spec.templates or not self.fingerprint:
+        if self.spec.templates is False or not self.fingerprint:
+            return None
+        if self.spec.templates is None and not template.pay_off(self.client, self.spec.pool):
             return None
         return template.ready(
             self.client,
@@ -731,9 +733,14 @@ def build_spec(
         project=cfg.get_str("incus.project"),
         remote=cfg.get_str("incus.remote") or None,
         verify_interval=float(cfg.get_int("security.verify_interval_seconds")),
-        templates=cfg.get_bool("incus.templates"),
+        templates=_templates(cfg.get_str("incus.templates")),
         spares=_spares(cfg),
     )
+
+
+def _templates(value: str) -> bool | None:
+    """`incus.templates` for the spec: None is "where they pay off" (`template.pay_off`)."""
+    return {"always": True, "never": False, "false": False}.get(value)
 
 
 def _spares(cfg: Config) -> int:

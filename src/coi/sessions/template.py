@@ -162,16 +162,34 @@ def _drop_stale(client: IncusClient, keep: str) -> None:
             client.instances.delete(name, force=True)
 
 
-def stale(client: IncusClient, *, keep_spares: bool = True) -> list[str]:
+def pay_off(client: IncusClient, pool: str) -> bool:
+    """Whether templates and spares make sandboxes start faster on this daemon: only where
+    it re-owns a container's files at its first start. Where it shifts them on the fly
+    (idmapped mounts: Incus 6.0 here) a sandbox made from the image starts as fast as a
+    copy of a template (measured: docs/performance.md), and templates are only clutter.
+    `coi setup`'s verdict is kept on the pool; without it, the server's idmapped flags."""
+    from coi.sessions.workspace import can_map_root
+
+    found = client.networks.pool(pool)
+    return not can_map_root(found.config if found else {}, client.server.idmapped_mounts)
+
+
+def stale(
+    client: IncusClient, *, keep_spares: bool = True, keep_templates: bool = True
+) -> list[str]:
     """For `coi clean`: templates and spares whose image is gone or no longer the target of
-    any alias, and every spare when spares are turned off."""
+    any alias, every spare when spares are turned off, and all of them when templates are."""
     current = {fp for img in client.images.list() for fp in [img.fingerprint] if img.aliases}
     out = []
     for inst in client.instances.list():
         spare = inst.name.startswith(SPARE_PREFIX)
         if not (spare or inst.name.startswith(PREFIX)):
             continue
-        if inst.config.get(IMAGE_KEY) not in current or (spare and not keep_spares):
+        if (
+            inst.config.get(IMAGE_KEY) not in current
+            or (spare and not keep_spares)
+            or not keep_templates
+        ):
             out.append(inst.name)
     return out
 
