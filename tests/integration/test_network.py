@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import pwd
+import re
 import secrets
 import subprocess
 import time
@@ -25,7 +26,7 @@ from tests.conftest import remove_unused_coi_networks, run_coi
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.errors import SessionError
-from coi.network import resources
+from coi.network import echolimit, resources
 from coi.network.hostnet import host_networks
 from coi.network.manager import (
     allowlist_refresh,
@@ -492,3 +493,29 @@ def test_a_boot_script_left_in_a_persistent_sandbox_is_blocked_from_its_first_pa
     code, out = _as_root(client, name, wait + "; cat /root/boot")
     assert out.split() == ["internet-ok", "done"], out
     client.instances.delete(name, force=True)
+
+
+def test_icmp_echo_out_of_a_sandbox_is_rate_limited(
+    client: IncusClient, topology: netkit.Topology, net_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The daemon's ACLs have no rate: coi setup's own table bounds echo per sandbox (a burst
+    of 20, then 10 a second). The test's internet host counts the echo requests it gets."""
+    netkit.check_routes(topology)
+    assert echolimit.installed(), "coi setup loads the table"
+    nsx = ["ip", "netns", "exec", topology.ns, "nft"]
+    subprocess.run([*nsx, "delete", "table", "inet", "echo"], capture_output=True)
+    for cmd in (
+        ["add", "table", "inet", "echo"],
+        ["add", "chain", "inet", "echo", "in", "{ type filter hook prerouting priority 0; }"],
+        ["add", "rule", "inet", "echo", "in", "icmp", "type", "echo-request", "counter"],
+    ):
+        subprocess.run([*nsx, *cmd], check=True)
+    name = _sandbox(client, net_env, _user_ws(tmp_path, "echo"))
+    started = time.monotonic()
+    _code, out = _as_root(client, name, f"ping -q -c 100 -i 0.01 -W 2 {netkit.INTERNET}")
+    took = time.monotonic() - started
+    listed = subprocess.run([*nsx, "list", "table", "inet", "echo"], capture_output=True, text=True)
+    arrived = int(re.search(r"counter packets (\d+)", listed.stdout).group(1))  # type: ignore[union-attr]
+    # The burst gets through (ping works), the flood does not.
+    assert 20 <= arrived <= 20 + 10 * (took + 1), (arrived, took, out)
+    assert "100 packets transmitted" in out, out

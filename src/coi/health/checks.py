@@ -237,6 +237,7 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
         )
     checks.append(_network_restriction(cfg, client))
     checks.append(_root_workspaces(client, pool_name))
+    checks.append(_echo_limit())
     prefix = os.environ.get("COI_CONTAINER_PREFIX", "coi-")
     running = [i for i in client.instances.list() if i.name.startswith(prefix) and i.running]
     checks.append(
@@ -250,6 +251,25 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
         )
     )
     return checks
+
+
+def _echo_limit() -> Check:
+    """The host's rate limit on ICMP echo out of sandboxes (gone after a reboot)."""
+    from coi.network import echolimit
+
+    found = echolimit.installed()
+    if found is None:
+        return Check(
+            "echo_limit", "Echo rate limit", "NETWORKING", OK,
+            "not checked (only root may read the host's firewall)",
+        )  # fmt: skip
+    if found:
+        return Check("echo_limit", "Echo rate limit", "NETWORKING", OK, echolimit.RATE)
+    return Check(
+        "echo_limit", "Echo rate limit", "NETWORKING", WARNING,
+        "missing: ICMP echo out of sandboxes is not rate-limited (the table goes at a reboot)",
+        {"resolution": "Run 'sudo coi setup'."},
+    )  # fmt: skip
 
 
 def _root_workspaces(client: IncusClient, pool_name: str) -> Check:

@@ -387,6 +387,28 @@ def ensure_group_members(
         )
 
 
+def ensure_echo_limit(report: SetupReport, *, is_root: bool) -> None:
+    """The host's rate limit on ICMP echo out of policy bridges (the daemon's ACLs have none).
+
+    Firewall tables do not survive a reboot: `coi setup` after one puts it back (and starts
+    the daemon, where no systemd does); `coi health` says when it is missing.
+    """
+    from coi.network import echolimit
+
+    if echolimit.installed():
+        report.add("echo limit", changed=False, message=f"in place ({echolimit.RATE})")
+        return
+    if not is_root:
+        raise _need_root("loading coi's nftables table (the rate limit on ICMP echo)")
+    echolimit.install()
+    report.add(
+        "echo limit",
+        changed=True,
+        message=f"nftables table inet {echolimit.TABLE}: ICMP echo out of sandboxes at most "
+        f"{echolimit.RATE} per sandbox",
+    )
+
+
 def _restart(report: SetupReport, kind: dmn.DaemonKind, *, is_root: bool) -> None:
     if not is_root:
         raise _need_root(f"restarting {kind.name}")
@@ -468,6 +490,7 @@ def run_setup(
         raise SetupError(f"{kind.name} runs but its socket was not found")
     if ensure_subids(report, users_to_map(opts.users), is_root=is_root):
         _restart(report, kind, is_root=is_root)
+    ensure_echo_limit(report, is_root=is_root)
     with IncusClient(Endpoint(sock), project=opts.project) as client:
         ensure_pool(report, client, opts)
         ensure_bridge(report, client, opts)
