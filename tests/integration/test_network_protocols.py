@@ -80,6 +80,21 @@ def _count_protocols(ns: str) -> None:
         )  # fmt: skip
 
 
+def _counted_run(
+    client: IncusClient, ns: str, env: dict[str, str], ws: Path, mode: str, host: str
+) -> tuple[dict[str, int], str]:
+    """Run SEND to `host` in a `mode` sandbox on `ws`; what arrived (by protocol), its output."""
+    before = _counters(ns)
+    res = run_coi(
+        "run", "--network", mode, "--writable-git-hooks", "-w", str(ws), "--",
+        "sudo", "python3", "-c", SEND.format(host=host), env=env, timeout=300,
+    )  # fmt: skip
+    remove_containers(client, ws)
+    assert res.returncode == 0, res.stderr
+    after = _counters(ns)
+    return {k: after[k] - before.get(k, 0) for k in after}, res.stdout
+
+
 def test_allowlist_lets_out_tcp_udp_and_echo_and_no_other_protocol(
     client: IncusClient,
     topology: netkit.Topology,
@@ -97,19 +112,12 @@ def test_allowlist_lets_out_tcp_udp_and_echo_and_no_other_protocol(
         "refresh_interval_minutes = 0\n"
     )
     env = {**coi_env, "COI_IMAGE": "coi"}
-    script = SEND.format(host=netkit.INTERNET)
-    results = {}
-    for mode in ("allowlist", "open"):
-        ws = user_dir(tmp_path / mode, user)
-        before = _counters(topology.ns)
-        res = run_coi(
-            "run", "--network", mode, "--writable-git-hooks", "-w", str(ws), "--",
-            "sudo", "python3", "-c", script, env=env, timeout=300,
-        )  # fmt: skip
-        remove_containers(client, ws)
-        assert res.returncode == 0, res.stderr
-        after = _counters(topology.ns)
-        results[mode] = ({k: after[k] - before.get(k, 0) for k in after}, res.stdout)
+    results = {
+        mode: _counted_run(
+            client, topology.ns, env, user_dir(tmp_path / mode, user), mode, netkit.INTERNET
+        )
+        for mode in ("allowlist", "open")
+    }
     allow, allow_out = results["allowlist"]
     open_, open_out = results["open"]
     # Open: every protocol arrives (the counters and the packets work).
@@ -133,17 +141,11 @@ def test_restricted_keeps_the_lan_closed_to_every_protocol(
     netkit.check_routes(topology)
     _count_protocols(topology.ns)
     env = {**coi_env, "COI_IMAGE": "coi"}
-    ws = user_dir(tmp_path / "r", user)
-    before = _counters(topology.ns)
-    res = run_coi(
-        "run", "--writable-git-hooks", "-w", str(ws), "--",
-        "sudo", "python3", "-c", SEND.format(host=netkit.LAN), env=env, timeout=300,
-    )  # fmt: skip
-    remove_containers(client, ws)
-    assert res.returncode == 0, res.stderr
-    after = _counters(topology.ns)
-    assert "ping 1" in res.stdout and "http ok" not in res.stdout, res.stdout
-    assert {k: after[k] - before.get(k, 0) for k in ("gre", "sctp", "icmp")} == {
+    got, out = _counted_run(
+        client, topology.ns, env, user_dir(tmp_path / "r", user), "restricted", netkit.LAN
+    )
+    assert "ping 1" in out and "http ok" not in out, out
+    assert {k: got[k] for k in ("gre", "sctp", "icmp")} == {
         "gre": 0,
         "sctp": 0,
         "icmp": 0,

@@ -7,7 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -138,37 +138,33 @@ def _source_files() -> list[Path]:
     return files
 
 
-def has_suite(suite: str, files: list[Path] | None = None) -> bool:
-    """Whether an enabled apt source already names `suite` (ours or the admin's)."""
+def _source_words(files: list[Path] | None) -> Iterator[tuple[str, list[str]]]:
+    """(file suffix, words) of every line of the apt sources, comments left out."""
     for f in _source_files() if files is None else files:
         try:
             text = f.read_text()
         except OSError:
             continue
         for line in text.splitlines():
-            line = line.split("#", 1)[0]
-            if f.suffix == ".list" and line.split()[:1] != ["deb"]:
-                continue
-            if suite in line.split():
-                return True
-    return False
+            yield f.suffix, line.split("#", 1)[0].split()
+
+
+def has_suite(suite: str, files: list[Path] | None = None) -> bool:
+    """Whether an enabled apt source already names `suite` (ours or the admin's)."""
+    return any(
+        suite in words and (suffix != ".list" or words[:1] == ["deb"])
+        for suffix, words in _source_words(files)
+    )
 
 
 def debian_mirror(files: list[Path] | None = None) -> str:
     """The Debian mirror the machine already uses (so backports come from the same place)."""
-    for f in _source_files() if files is None else files:
-        try:
-            text = f.read_text()
-        except OSError:
+    for suffix, words in _source_words(files):
+        if words[:1] != ["URIs:" if suffix == ".sources" else "deb"]:
             continue
-        for line in text.splitlines():
-            words = line.split("#", 1)[0].split()
-            head = "URIs:" if f.suffix == ".sources" else "deb"
-            if words[:1] != [head]:
-                continue
-            uris = [w for w in words[1:] if w.rstrip("/").endswith("/debian")]
-            if uris:
-                return uris[0].rstrip("/")
+        uris = [w for w in words[1:] if w.rstrip("/").endswith("/debian")]
+        if uris:
+            return uris[0].rstrip("/")
     return DEFAULT_MIRROR
 
 
