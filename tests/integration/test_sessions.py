@@ -43,15 +43,17 @@ def test_run_as_user_ownership_exit_code_and_no_leftover(
         str(ws),
         "-e",
         "FOO=bar",
+        "-e",
+        "X=a,b=c",
         "--",
         "sh",
         "-c",
-        'id -u; echo "FOO=$FOO SECRET=$SECRET_TOKEN"; touch /workspace/x; exit 7',
+        'id -u; echo "FOO=$FOO SECRET=$SECRET_TOKEN"; echo "X=$X"; touch /workspace/x; exit 7',
         env=uenv,
         user=USER,
     )
     assert res.returncode == 7, res.stderr
-    assert res.stdout.splitlines() == ["1000", "FOO=bar SECRET="]
+    assert res.stdout.splitlines() == ["1000", "FOO=bar SECRET=", "X=a,b=c"]
     assert (ws / "x").stat().st_uid == user.pw_uid
     assert (ws / "x").stat().st_gid == user.pw_gid
     wait_gone(client, ws)

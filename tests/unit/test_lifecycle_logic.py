@@ -92,3 +92,13 @@ def test_stale_claims_are_those_of_dead_processes(tmp_path: Path) -> None:
     (tmp_path / "aaaa0000-2.claim").write_text("999999999\n")
     (tmp_path / "aaaa0000-3.claim").write_text("garbage")
     assert [p.name for p in stale_claims(tmp_path)] == ["aaaa0000-2.claim", "aaaa0000-3.claim"]
+
+
+def test_list_json_gives_an_empty_string_for_a_container_without_an_address() -> None:
+    from coi.cli.lifecycle_cmds import _container_json
+    from coi.sessions.inventory import ContainerInfo
+
+    stopped = ContainerInfo(
+        "coi-abc-1", "Stopped", "2026-12-06T08:00:00Z", "coi", True, None, "/w", "shell", "h", 1
+    )
+    assert _container_json(stopped)["ipv4"] == ""

@@ -48,6 +48,8 @@ def test_mounts_validated(tmp_path: Path) -> None:
 
 def test_env_parsing_and_term() -> None:
     assert parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    # A value arrives exactly as given: commas and `=` in it are not separators.
+    assert parse_env(["X=a,b=c", "Y=1,2"]) == {"X": "a,b=c", "Y": "1,2"}
     with pytest.raises(SessionError):
         parse_env(["novalue"])
     assert sanitize_term("xterm-kitty") == "xterm-256color"

@@ -45,7 +45,8 @@ def _container_json(c: ContainerInfo) -> dict[str, Any]:
         "created_at": c.created_at,
         "image": c.image,
         "persistent": c.persistent,
-        "ipv4": c.ipv4,
+        # "" for none, as upstream gives (scripts test it as a string), never null.
+        "ipv4": c.ipv4 or "",
         "workspace": c.workspace,
         "kind": c.kind,
     }

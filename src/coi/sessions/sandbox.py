@@ -108,14 +108,18 @@ class SandboxSpec:
 
 
 def parse_env(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """`KEY=VALUE` items (also comma-separated, as upstream accepts) -> dict."""
+    """`KEY=VALUE` items -> dict. The value is everything after the first `=`, exactly as
+    given: upstream's splitting at commas cut values holding `,` and `=` (its bug, not kept);
+    repeat `-e` for several variables."""
     env: dict[str, str] = {}
     for item in pairs:
-        for part in item.split(",") if "," in item and "=" in item.split(",")[-1] else [item]:
-            key, sep, value = part.partition("=")
-            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise SessionError(f"invalid environment variable '{part}': expected KEY=VALUE")
-            env[key] = value
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise SessionError(
+                f"invalid environment variable '{item}': expected KEY=VALUE",
+                resolution="Give one variable per -e, e.g. -e A=1 -e B=2.",
+            )
+        env[key] = value
     return env
 
 
