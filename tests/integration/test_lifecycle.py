@@ -261,8 +261,11 @@ def test_sandboxes_start_from_a_template_and_clean_drops_stale_ones(
     client: IncusClient, coi_env: dict[str, str], unique: str, tmp_path: Path, pool: str
 ) -> None:
     """The pre-shifted template: made on first use, invisible to `coi list`, reused, and
-    removed by `coi clean` once its image is gone."""
+    removed by `coi clean` once its image is gone. Forced on (`always`): by default only a
+    daemon that re-owns files at start gets templates (next test)."""
     from coi.sessions import template
+
+    coi_env = {**coi_env, "COI_TEMPLATES": "always"}
 
     # An image of our own (a different fingerprint from coi-tiny) so deleting it is safe.
     client.instances.create(
@@ -332,3 +335,47 @@ def test_list_reads_saved_sessions_only_for_containers_that_lack_their_own_facts
         for n in (new, old):
             if client.instances.exists(n):
                 client.instances.delete(n, force=True)
+
+
+def test_templates_are_made_only_where_they_pay_off_and_cleaned_where_they_do_not(
+    client: IncusClient, coi_env: dict[str, str], unique: str, tmp_path: Path, pool: str
+) -> None:
+    """By default (`auto`) a sandbox is a copy of a template only on a daemon that re-owns a
+    container's files at its first start (coi setup's verdict on the pool); elsewhere it is
+    made from the image, and `coi clean` removes templates an older coi left."""
+    from coi.sessions import template
+
+    client.instances.create(
+        unique, image="coi-tiny", devices={"root": {"type": "disk", "path": "/", "pool": pool}}
+    )
+    fp = client.images.publish(instance=unique, aliases=(f"{unique}-img",))
+    client.instances.delete(unique, force=True)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+
+    def templates() -> list[str]:
+        return [n for n in client.instances.names() if n.startswith(template.PREFIX + fp[:12])]
+
+    pays = template.pay_off(client, pool)
+    try:
+        res = run_coi("run", "--image", f"{unique}-img", "-w", str(ws), "--", "true", env=coi_env)
+        assert res.returncode == 0, res.stderr
+        assert bool(templates()) == pays, (pays, client.instances.names())
+        if not pays:
+            # One an older coi (or `always`) made: the default clean removes it.
+            forced = {**coi_env, "COI_TEMPLATES": "always", "COI_SPARES": "0"}
+            res = run_coi(
+                "run", "--image", f"{unique}-img", "-w", str(ws), "--", "true", env=forced
+            )
+            assert res.returncode == 0 and templates(), res.stderr
+            res = run_coi("clean", "--force", env=coi_env)
+            assert res.returncode == 0, res.stderr
+            assert templates() == [], res.stdout
+            assert not [n for n in client.instances.names() if n.startswith(template.SPARE_PREFIX)]
+    finally:
+        for n in templates():
+            client.instances.delete(n, force=True)
+        for n in client.instances.names():
+            if n.startswith(template.SPARE_PREFIX):
+                client.instances.delete(n, force=True)
+        client.images.delete(fp)
