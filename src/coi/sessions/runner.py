@@ -26,6 +26,8 @@ from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
 from coi.protection.guard import settle_when_gone, watching
 from coi.sessions import home, naming
+from coi.sessions.keeper import dismiss as dismiss_keeper
+from coi.sessions.keeper import spawn as spawn_keeper
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
 from coi.tools.base import Tool
@@ -90,12 +92,15 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
     check_server(spec.limits, client.server.kind)
     box = Sandbox(client, spec, log=log)
     box.check_owner()
+    keeper = None
     code = 1
     with cleanup_on_signals():
         try:
             box.begin()
             box.ensure_image()
             box.choose_slot(req.slot)
+            # Before the sandbox exists: a coi killed from here on leaves nothing running.
+            keeper = spawn_keeper(box.name, project=spec.project, remote=spec.remote)
             log(f"Launching container {box.name} from image {spec.image}...")
             box.create_or_reuse()
             log("Executing: " + " ".join(req.command))
@@ -124,6 +129,7 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             code = 128 + t.signum
         finally:
             _finish_run(box, spec)
+            dismiss_keeper(keeper)
     return code
 
 

@@ -1,0 +1,145 @@
+"""The keeper of a `coi run` sandbox: a detached host process that ends it if coi dies.
+
+`coi run` removes its sandbox when the command ends, on Ctrl-C and on SIGTERM. Killed with
+SIGKILL (or by the OOM killer, or a lost terminal session) it can do nothing, and its
+sandbox would run on with no owner, no monitor and no cleanup. So before it makes the
+sandbox, `coi run` starts this keeper in a session of its own. The keeper watches coi's
+process (its pid and start time, so a reused pid does not fool it) once a second; when coi
+is gone without having dismissed it, it force-stops the container (an ephemeral one is
+deleted by the daemon as it stops; a persistent one is left stopped, as `coi run` leaves it)
+and writes an audit event. A container still being created when coi died is waited for,
+a bounded time, and ended as it appears. `coi run` dismisses the keeper (SIGTERM) once it
+has ended the sandbox itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from coi.audit import AuditLog, Event
+
+# How often the owner is looked at: a dead coi's sandbox is stopped within about this long,
+# plus the daemon's stop.
+POLL = 1.0
+# A create the daemon had under way when coi died lands within this long, or not at all.
+LANDING = 60.0
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (None: no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def alive(pid: int, start: str) -> bool:
+    return process_start(pid) == start
+
+
+def spawn(container: str, *, project: str, remote: str | None) -> subprocess.Popen[bytes]:
+    """Start the keeper of `container` for this process, detached from it."""
+    argv = [
+        sys.executable,
+        "-m",
+        "coi.sessions.keeper",
+        container,
+        str(os.getpid()),
+        process_start(os.getpid()) or "",
+        "--project",
+        project,
+    ]
+    if remote:
+        argv += ["--remote", remote]
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not killed with coi's terminal or process group
+        close_fds=True,
+    )
+
+
+def dismiss(keeper: subprocess.Popen[bytes] | None) -> None:
+    """coi ended its sandbox itself: the keeper has nothing left to do."""
+    if keeper is None:
+        return
+    try:
+        keeper.send_signal(signal.SIGTERM)
+        keeper.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def keep(container: str, owner: int, start: str, *, project: str, remote: str | None) -> int:
+    from coi.backend.client import IncusClient
+    from coi.errors import BackendError, NotFound
+
+    while alive(owner, start):
+        time.sleep(POLL)
+    # coi is gone and did not dismiss us: end what it left, including a container whose
+    # create (or start) the daemon was still carrying out, for as long as one may land.
+    landing = time.monotonic() + LANDING
+    acted = False
+    with IncusClient.connect(env=os.environ, remote=remote, project=project) as client:
+        while time.monotonic() < landing:
+            try:
+                inst = client.instances.get(container)
+                persistent = inst.config.get("user.coi.persistent") == "true"
+                if inst.running:
+                    client.instances.stop(container, force=True)
+                    if not acted:
+                        _audit(container, owner)
+                    acted = True
+                elif not persistent:
+                    client.instances.delete(container, force=True)
+                    acted = True
+                elif acted:
+                    return 0  # a persistent one, stopped: as coi run leaves it
+            except NotFound:
+                if acted:
+                    return 0
+            except BackendError:
+                pass  # busy with the create or start still: look again
+            time.sleep(POLL)
+    return 0
+
+
+def _audit(container: str, owner: int) -> None:
+    AuditLog(container).write(
+        Event(
+            level="warning",
+            category="lifecycle",
+            title="Owner gone",
+            description=f"{container} stopped: the coi run that owned it died (pid {owner})",
+            evidence={"owner_pid": owner},
+            action="stopped",
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="coi-keeper")
+    ap.add_argument("container")
+    ap.add_argument("owner", type=int)
+    ap.add_argument("start")
+    ap.add_argument("--project", default="default")
+    ap.add_argument("--remote", default=None)
+    a = ap.parse_args(argv)
+    try:
+        return keep(a.container, a.owner, a.start, project=a.project, remote=a.remote)
+    except Exception:  # a detached helper has nowhere to report; the audit log says if it acted
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
