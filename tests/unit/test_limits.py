@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from coi.config.loader import load_config
+from coi.config.units import parse_duration
 from coi.errors import UsageError
-from coi.limits.spec import check_server, limits_from_config, parse_duration
+from coi.limits.spec import check_server, limits_from_config
 
 
 def limits(tmp_path: Path, cli: dict[str, Any] | None = None, toml: str = "") -> Any:

@@ -267,3 +267,12 @@ def test_dns_tunnel_shaped_lookups_and_tmp_usage() -> None:
     assert detect.dns_tunnel(proc(f"echo {label}.example")) is None
     assert detect.tmp_usage(90, 100) is not None
     assert detect.tmp_usage(50, 100) is None and detect.tmp_usage(0, 0) is None
+
+
+def test_the_monitors_defaults_are_the_schemas(tmp_path: Path) -> None:
+    """Declared once: a monitor made without config thresholds like one made from it."""
+    from coi.config.loader import load_config
+    from coi.monitor.monitor import Settings
+
+    cfg = load_config(cwd=tmp_path, env={"HOME": str(tmp_path)}, files=[])
+    assert Settings.from_config(cfg) == Settings()

@@ -142,7 +142,7 @@ class InstancesAPI:
         """Delete an instance. With `force`: stop it first if it runs, and succeed if it is
         already gone (an ephemeral instance vanishes as it stops)."""
         try:
-            if force and self.get(name).status in ("Running", "Frozen"):
+            if force and self.get(name).active:
                 try:
                     _while_busy(lambda: self.stop(name, force=True))
                 except NotFound:
@@ -151,7 +151,7 @@ class InstancesAPI:
                     # It stopped by itself between the look and the stop (a graceful stop
                     # that timed out still finishes; an init that died): "container is not
                     # running" is then no reason not to delete it.
-                    if self.get(name).status in ("Running", "Frozen"):
+                    if self.get(name).active:
                         raise
             _while_busy(lambda: self._c.request("DELETE", _path(name)))
         except NotFound:

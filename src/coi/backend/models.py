@@ -87,6 +87,11 @@ class Instance:
         return self.status == "Running"
 
     @property
+    def active(self) -> bool:
+        """Running or frozen: it holds processes (and memory) until stopped."""
+        return self.status in ("Running", "Frozen")
+
+    @property
     def state(self) -> InstanceState | None:
         """The state embedded by `?recursion=2` listings, if present."""
         st = self.raw.get("state")

@@ -97,7 +97,7 @@ def delete_cmd(name: str, force: bool) -> None:
 
     _cfg, client = daemon()
     with client:
-        if not force and client.instances.get(name).status in ("Running", "Frozen"):
+        if not force and client.instances.get(name).active:
             raise Conflict(
                 f"container {name} is running",
                 resolution=f"Stop it first, or use 'coi container delete {name} --force'.",

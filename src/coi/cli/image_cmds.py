@@ -133,7 +133,7 @@ def publish_cmd(container: str, alias: str, description: str) -> None:
                 f"image alias '{alias}' already exists",
                 resolution=f"Pick another alias or delete it: coi image delete {alias}",
             )
-        if client.instances.get(container).status in ("Running", "Frozen"):
+        if client.instances.get(container).active:
             client.instances.stop(container, force=True)
         props = {"description": description} if description else {}
         fp = client.images.publish(instance=container, aliases=(alias,), properties=props)

@@ -373,7 +373,7 @@ def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) 
         click.echo(f"Shutting down container {n} (timeout: {timeout}s)...")
         if not _exists(client, n):
             return False
-        if client.instances.get(n).status in ("Running", "Frozen"):
+        if client.instances.get(n).active:
             click.echo("  Attempting graceful shutdown...")
             try:
                 client.instances.stop(n, timeout=timeout)

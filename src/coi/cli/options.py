@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
+from coi.config.schema import NETWORK_MODES
 from coi.limits.spec import FLAG_KEYS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,7 +84,7 @@ def session_options(func: F) -> F:
         click.option(
             "--network",
             default=None,
-            type=click.Choice(["restricted", "allowlist", "open"]),
+            type=click.Choice(NETWORK_MODES),
             help="Network mode (default: restricted).",
         ),
         click.option(

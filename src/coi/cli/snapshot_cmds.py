@@ -152,7 +152,7 @@ def restore_cmd(
     with daemon()[1] as client:
         c = _target(client, container, workspace)
         _find(client, c, name)
-        was_running = client.instances.get(c).status in ("Running", "Frozen")
+        was_running = client.instances.get(c).active
         if not force:
             click.echo(
                 f"WARNING: This will restore container '{c}' to snapshot '{name}'.", err=True

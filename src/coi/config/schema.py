@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
+
+# The network modes, named once: the config, the CLI and the policies take them from here.
+NetworkMode = Literal["restricted", "allowlist", "open"]
+NETWORK_MODES: tuple[NetworkMode, ...] = get_args(NetworkMode)
 
 # Value kinds a key can have. "mounts" is a list of {host, container} tables.
 KINDS = ("str", "bool", "int", "float", "list", "table", "mounts")
@@ -228,7 +232,7 @@ SETTINGS: tuple[Setting, ...] = (
         "restricted",
         "Network policy: restricted, allowlist or open.",
         env=("COI_NETWORK_MODE",),
-        choices=("restricted", "allowlist", "open"),
+        choices=NETWORK_MODES,
         profile=True,
         trust="order",
         order=("open", "restricted", "allowlist"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coi.config.schema import Setting
+from coi.config.units import parse_duration
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,6 @@ def _rate(text: str) -> _Q:
 
 
 def _duration(text: str) -> _Q:
-    from coi.limits.spec import parse_duration
-
     return _Q(parse_duration(text))
 
 

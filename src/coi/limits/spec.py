@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from coi.config.loader import Config
+from coi.config.units import parse_duration
 from coi.errors import UsageError
 
 # config key -> the flag that sets it (errors name whichever the user wrote).
@@ -29,34 +30,6 @@ _CPU = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 _ALLOWANCE = re.compile(r"(\d+)%|(\d+)ms/(\d+)ms")
 _SIZE = re.compile(r"\d+[KMGT]i?B")
 _RATE = re.compile(r"(\d+[KMGT]i?B)/s|\d+iops")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_duration(text: str) -> float:
-    """Go-style duration (`90s`, `1h30m`, `1.5h`) in seconds.
-
-    :raises ValueError: not a duration, or not positive.
-    """
-    text = text.strip()
-    pos, total = 0, 0.0
-    while pos < len(text):
-        m = _DURATION_PART.match(text, pos)
-        if not m:
-            raise ValueError(text)
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if not text or total <= 0:
-        raise ValueError(text)
-    return total
 
 
 @dataclass

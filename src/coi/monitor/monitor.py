@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from coi.audit import AuditLog, Event, prune
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
+from coi.config.schema import BY_KEY
 from coi.errors import BackendError, NotFound
 from coi.monitor import detect, execwatch, flows, taskstats
 from coi.monitor.collect import Collector, Conn, Proc, Sweep, cgroup_dir, cgroup_name
@@ -21,23 +23,28 @@ from coi.monitor.respond import Responder
 Log = Callable[[str], None]
 
 
+def _default(key: str) -> Any:
+    return BY_KEY[key].default
+
+
 @dataclass
 class Settings:
     """`[monitoring]` as the monitor uses it."""
 
-    enabled: bool = False
-    interval: float = 2.0
-    auto_pause: bool = True
-    auto_kill: bool = True
-    read_mb: float = 50.0
-    read_rate: float = 10.0
-    write_mb: float = 50.0
-    write_rate: float = 10.0
-    dns_threshold: int = 100
-    exec_rate: int = 1000
+    # The defaults are the schema's, declared once there (they had drifted apart here).
+    enabled: bool = _default("monitoring.enabled")
+    interval: float = float(_default("monitoring.poll_interval_sec"))
+    auto_pause: bool = _default("monitoring.auto_pause_on_high")
+    auto_kill: bool = _default("monitoring.auto_kill_on_critical")
+    read_mb: float = _default("monitoring.file_read_threshold_mb")
+    read_rate: float = _default("monitoring.file_read_rate_mb_per_sec")
+    write_mb: float = _default("monitoring.file_write_threshold_mb")
+    write_rate: float = _default("monitoring.file_write_rate_mb_per_sec")
+    dns_threshold: int = _default("monitoring.nft.dns_query_threshold")
+    exec_rate: int = _default("monitoring.nft.rate_limit_per_second")
     # Use the kernel's exec and exit events when root (off: /proc sweeps only).
     kernel_events: bool = True
-    retention_days: int = 30
+    retention_days: int = _default("monitoring.audit_log_retention_days")
     workspace: str = "/workspace"
     net: NetContext = field(default_factory=NetContext)
 

@@ -8,13 +8,14 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from coi.config.schema import NETWORK_MODES
 from coi.errors import UsageError
 
 PRIVATE_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 # Carrier-grade NAT space is private in practice (many cloud VPCs and Tailscale use it).
 SHARED_RANGE = "100.64.0.0/10"
 LINK_LOCAL = "169.254.0.0/16"  # includes the cloud metadata address 169.254.169.254
-MODES = ("restricted", "allowlist", "open")
+MODES = NETWORK_MODES
 
 
 @dataclass(frozen=True)

@@ -674,7 +674,7 @@ class Sandbox:
             inst = self.client.instances.get(self.name)
         except NotFound:
             return ""
-        if inst.ephemeral and inst.status in ("Running", "Frozen"):
+        if inst.ephemeral and inst.active:
             try:
                 return self.client.instances.stop(self.name, force=True, wait=False) or "-"
             except BackendError:

@@ -1,0 +1,66 @@
+"""The shape of the code: `cli` -> domain packages -> `backend`, with no cycle between packages."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+
+from tests.conftest import ROOT
+
+SRC = ROOT / "src" / "coi"
+# What the REST client may use besides itself: it knows nothing of sessions.
+BACKEND_MAY_USE = {"backend", "errors"}
+
+
+def _imports() -> dict[str, set[tuple[str, str]]]:
+    """package -> {(package it imports, from which file)} for coi's own imports."""
+    out: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for f in SRC.rglob("*.py"):
+        rel = f.relative_to(SRC)
+        pkg = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "coi" and len(parts) > 1 and parts[1] != pkg:
+                    out[pkg].add((parts[1], str(rel)))
+    return out
+
+
+def test_the_backend_knows_nothing_of_the_layers_above_it() -> None:
+    wrong = sorted((f, tgt) for tgt, f in _imports()["backend"] if tgt not in BACKEND_MAY_USE)
+    assert wrong == []
+
+
+def test_only_the_entry_point_imports_the_cli() -> None:
+    wrong = sorted(
+        (f, pkg)
+        for pkg, deps in _imports().items()
+        for tgt, f in deps
+        if tgt == "cli" and pkg != "__main__"
+    )
+    assert wrong == []
+
+
+def test_no_two_packages_import_each_other_even_through_others() -> None:
+    deps = {pkg: {tgt for tgt, _ in found} for pkg, found in _imports().items()}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            cur = todo.pop()
+            for nxt in deps.get(cur, ()):
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    cycles = sorted(pkg for pkg in deps if reaches(pkg, pkg))
+    assert cycles == [], {p: sorted(deps[p]) for p in cycles}
