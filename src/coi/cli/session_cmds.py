@@ -100,7 +100,11 @@ def run_cmd(
     timeout: int | None,
     **params: Any,
 ) -> None:
-    """Run one command in a fresh sandbox; its exit code is coi's exit code."""
+    """Run one command in a fresh sandbox; its exit code is coi's exit code.
+
+    The container is ephemeral: it is removed when the command ends (also on Ctrl-C, and
+    when coi itself is killed), unless --persistent keeps it, stopped, for the next run.
+    """
     from coi.cli.context import connect
     from coi.sessions.runner import RunRequest, run_command
 
