@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -110,7 +111,10 @@ def main() -> None:
     a = ap.parse_args()
     c = IncusClient.connect()
     locks = Path(tempfile.mkdtemp(prefix="coi-bench-locks-"))
-    rows = policy_rows(c, a.runs, locks) + per_nic_rows(c, a.runs)
+    try:
+        rows = policy_rows(c, a.runs, locks) + per_nic_rows(c, a.runs)
+    finally:
+        shutil.rmtree(locks, ignore_errors=True)
     print(f"{c.server.display_name}, firewall {c.server.firewall}, {a.runs} runs\n")
     print("| row | time |")
     print("|---|---|")

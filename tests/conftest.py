@@ -54,14 +54,20 @@ def tiny_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tarball(tmp_path_factory.mktemp("img") / "tiny.tar")
 
 
-def _owner_alive(client: IncusClient, project: str) -> bool:
-    """Is the pytest process that made this test project still running?"""
+def _owner_pid(client: IncusClient, project: str) -> int | None:
+    """The pid of the pytest process that made this test project (from its description)."""
     desc = str(client.get(f"/1.0/projects/{project}").get("description") or "")
     pid = desc.rsplit("pid ", 1)[-1]
-    if not pid.isdigit():
+    return int(pid) if pid.isdigit() else None
+
+
+def _owner_alive(client: IncusClient, project: str, pid: int | None = None) -> bool:
+    """Is the pytest process that made this test project still running?"""
+    pid = _owner_pid(client, project) if pid is None else pid
+    if pid is None:
         return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -104,8 +110,8 @@ def _other_run_alive(client: IncusClient) -> bool:
     for name in client.projects.names():
         if not name.startswith("coi-test-"):
             continue
-        desc = str(client.get(f"/1.0/projects/{name}").get("description") or "")
-        if desc.rsplit("pid ", 1)[-1] != str(os.getpid()) and _owner_alive(client, name):
+        pid = _owner_pid(client, name)
+        if pid != os.getpid() and _owner_alive(client, name, pid):
             return True
     return False
 

@@ -350,11 +350,9 @@ class ExecAPI:
         url = f"/1.0/instances/{quote(instance, safe='')}/exec"
         op = self._c.request("POST", url, json=body, wait=False)
         done = self._c.wait_operation(str(op.get("id")), what="exec", failure_ok=True)
-        if done.get("status") != "Success" and (done.get("err") or "").strip().lower() not in (
-            _START_ERRORS
-        ):
-            # Raised here, inside the retry, so a lost child is started again.
-            exit_code(done, body.get("command") or ())
+        # A failure that is no exit code raises here, inside the retry: a lost child is
+        # started again.
+        exit_code(done, body.get("command") or ())
         return done
 
     def recorded(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from coi.backend.client import IncusClient
+from coi.backend.models import StoragePool
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import CoiError
@@ -236,7 +237,7 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
             )
         )
     checks.append(_network_restriction(cfg, client))
-    checks.append(_root_workspaces(client, pool_name))
+    checks.append(_root_workspaces(client, pool))
     checks.append(_echo_limit())
     prefix = os.environ.get("COI_CONTAINER_PREFIX", "coi-")
     running = [i for i in client.instances.list() if i.name.startswith(prefix) and i.running]
@@ -272,11 +273,10 @@ def _echo_limit() -> Check:
     )  # fmt: skip
 
 
-def _root_workspaces(client: IncusClient, pool_name: str) -> Check:
+def _root_workspaces(client: IncusClient, pool: StoragePool | None) -> Check:
     """Can root's own folders be workspaces (host root mapped to the agent's uid)?"""
     from coi.sessions.workspace import can_map_root, root_mapping_problem
 
-    pool = client.networks.pool(pool_name)
     can_map = can_map_root(pool.config if pool else {}, client.server.idmapped_mounts)
     problem = root_mapping_problem(can_map, local=client.endpoint.is_local)
     details = {"idmapped_mounts": client.server.idmapped_mounts, "can_map_root": can_map}

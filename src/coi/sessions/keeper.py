@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-from coi.audit import AuditLog, Event
-
 # How often the owner is looked at: a dead coi's sandbox is stopped within about this long,
 # plus the daemon's stop.
 POLL = 1.0
@@ -115,6 +113,10 @@ def keep(container: str, owner: int, start: str, *, project: str, remote: str | 
 
 
 def _audit(container: str, owner: int) -> None:
+    # Imported when acting only: the keeper of every coi run starts, the audit log (and the
+    # config it reads) is 40 ms of imports few of them need.
+    from coi.audit import AuditLog, Event
+
     AuditLog(container).write(
         Event(
             level="warning",

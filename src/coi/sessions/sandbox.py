@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,6 @@ from coi.sessions.inventory import owner_config
 from coi.sessions.slots import SlotClaims
 from coi.sessions.workspace import (
     Mount,
-    can_map_root,
     host_owner_gid,
     host_owner_uid,
     root_mapping_problem,
@@ -309,16 +309,18 @@ class Sandbox:
                 resolution="Build it with 'coi build', or pass --image coi-tiny for a minimal one.",
             )
 
+    @cached_property
+    def _shifts(self) -> bool:
+        """Whether the daemon shifts ownership on the fly (one read of the pool, then kept):
+        it can map host root, and templates do not pay off there."""
+        return not template.pay_off(self.client, self.spec.pool)
+
     def check_owner(self) -> None:
         """Refuse, before anything is made, a workspace the agent could not write: one owned
         by root where the daemon cannot map host root to the agent's uid."""
         if host_owner_uid(self.spec.workspace) != 0:
             return
-        pool = self.client.networks.pool(self.spec.pool)
-        problem = root_mapping_problem(
-            can_map_root(pool.config if pool else {}, self.client.server.idmapped_mounts),
-            local=self.client.endpoint.is_local,
-        )
+        problem = root_mapping_problem(self._shifts, local=self.client.endpoint.is_local)
         if problem is None:
             return
         raise SessionError(
@@ -448,7 +450,7 @@ class Sandbox:
         """The pre-shifted template to copy instead of unpacking the image (None: none)."""
         if self.spec.templates is False or not self.fingerprint:
             return None
-        if self.spec.templates is None and not template.pay_off(self.client, self.spec.pool):
+        if self.spec.templates is None and self._shifts:
             return None
         return template.ready(
             self.client,
