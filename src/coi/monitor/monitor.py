@@ -254,6 +254,11 @@ class Monitor:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+        # A response a watcher's thread has under way (a kill, then its audit event) ends
+        # before coi goes on to exit: those threads are daemon threads, and the event was
+        # once lost when the killed command's end reached coi before the kill returned.
+        if self._lock.acquire(timeout=30):
+            self._lock.release()
 
 
 def net_context(mode: str, gateway: str, allow_private: bool, allowed: list[str]) -> NetContext:
