@@ -8,15 +8,8 @@ from typing import Any, TypeVar
 import click
 
 from coi.config.schema import NETWORK_MODES
-from coi.limits.spec import FLAG_KEYS
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# flag parameter name -> config key (only flags given on the command line apply).
-LIMIT_FLAGS: dict[str, str] = {
-    flag.removeprefix("--").replace("-", "_"): key for key, flag in FLAG_KEYS.items()
-}
-
 
 def _apply(func: F, opts: list[Callable[[F], F]]) -> F:
     for opt in reversed(opts):

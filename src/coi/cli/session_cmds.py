@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
 from coi.cli.app import CoiCommand
-from coi.cli.options import LIMIT_FLAGS, merged_params, session_options, shell_options
+from coi.cli.options import merged_params, session_options, shell_options
+
+if TYPE_CHECKING:
+    from coi.sessions.prepare import Prepared, SessionOptions
 
 RUN_EXAMPLES = """\
   coi run -- make test
@@ -23,54 +26,41 @@ SHELL_EXAMPLES = """\
   coi shell --persistent --slot 2 # keep the container (and what you installed)"""
 
 
-def _config_overrides(p: dict[str, Any]) -> dict[str, Any]:
-    cli: dict[str, Any] = {
-        "defaults.image": p.get("image"),
-        "defaults.persistent": p.get("persistent"),
-        "network.mode": p.get("network"),
-        "tool.name": p.get("tool"),
-        "monitoring.enabled": p.get("monitor"),
-        "git.writable_hooks": p.get("writable_git_hooks"),
-    }
-    for flag, key in LIMIT_FLAGS.items():
-        if p.get(flag) is not None:
-            cli[key] = str(p[flag]) if not isinstance(p[flag], int) else p[flag]
-    return cli
+def _options(p: dict[str, Any], kind: Literal["run", "shell"]) -> SessionOptions:
+    """The session the flags ask for."""
+    from coi.sessions.prepare import LIMIT_NAMES, SessionOptions
+    from coi.sessions.sandbox import parse_env
+
+    limits = {n: p[f"limit_{n}"] for n in LIMIT_NAMES if p.get(f"limit_{n}") is not None}
+    return SessionOptions(
+        workspace=p.get("workspace"),
+        image=p.get("image"),
+        persistent=p.get("persistent"),
+        network=p.get("network"),
+        tool=p.get("tool"),
+        monitor=p.get("monitor"),
+        writable_git_hooks=p.get("writable_git_hooks"),
+        limits=limits,
+        mounts=tuple(p.get("mounts") or ()),
+        env=parse_env(p.get("env") or ()),
+        profile=p.get("profile"),
+        container=p.get("container"),
+        kind=kind,
+    )
 
 
-def _prepare(p: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """Config, workspace and sandbox spec from the flags."""
-    from coi.cli.context import load_settings
-    from coi.config.paths import coi_home
-    from coi.limits import limits_from_config
-    from coi.network.manager import policy_from_config
-    from coi.protection.paths import configured_paths, plan
-    from coi.sessions.sandbox import build_spec, parse_env
-    from coi.sessions.workspace import check_no_credentials, merge_mounts, resolve_workspace
+def _prepare(p: dict[str, Any], kind: Literal["run", "shell"]) -> Prepared:
+    """The prepared session, its warnings and notes shown."""
+    from coi.sessions.prepare import load, prepare
 
-    cfg = load_settings(profile=p.get("profile"), cli=_config_overrides(p))
-    workspace = resolve_workspace(p.get("workspace"))
-    limits = limits_from_config(cfg)  # validated before anything is created
-    protected = configured_paths(cfg)
-    target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
-    mounts = merge_mounts(cfg.get("mounts.default"), p.get("mounts") or (), target)
-    check_no_credentials([workspace, *(m.host for m in mounts)])
-    env = {k: os.environ[k] for k in cfg.get_list("tool.forward_env") if k in os.environ}
-    env.update(parse_env(p.get("env") or ()))
-    spec = build_spec(cfg, workspace, mounts=mounts, env=env)
-    spec.limits = limits
-    if cfg.get_bool("monitoring.enabled"):
-        from coi.monitor.monitor import Settings as MonitorSettings
-
-        spec.monitor = MonitorSettings.from_config(cfg, target)
-    for note in limits.notes:
-        click.echo(f"Note: {note}", err=True)
-    if p.get("container") is None:
-        spec.protection = plan(workspace, protected)
-    spec.policy, warnings = policy_from_config(cfg, cache_dir=coi_home() / "network-cache")
-    for warning in warnings:
+    options = _options(p, kind)
+    cfg = load(options, cwd=Path.cwd())
+    for warning in cfg.warnings:  # shown first: they may explain an error that follows
         click.echo(f"Warning: {warning}", err=True)
-    return cfg, workspace, spec
+    prepared = prepare(options, config=cfg)
+    for line in prepared.messages:
+        click.echo(line, err=True)
+    return prepared
 
 
 @click.command(
@@ -111,12 +101,11 @@ def run_cmd(
     if fmt and not capture:
         raise click.UsageError("--format flag requires --capture flag")
     p = merged_params(ctx, params)
-    cfg, _ws, spec = _prepare(p)
-    spec.kind = "run"
-    with connect(cfg) as client:
+    prepared = _prepare(p, "run")
+    with connect(prepared.config) as client:
         code = run_command(
             client,
-            spec,
+            prepared.spec,
             RunRequest(
                 command=list(command),
                 slot=p.get("slot") or None,
@@ -133,7 +122,8 @@ def run_shell(ctx: click.Context, params: dict[str, Any]) -> int:
     from coi.tools.registry import get_tool
 
     p = merged_params(ctx, params)
-    cfg, _ws, spec = _prepare(p)
+    prepared = _prepare(p, "shell")
+    cfg, spec = prepared.config, prepared.spec
     tool = get_tool(cfg.get_str("tool.name"))
     resume = p.get("continue_") or p.get("resume")
     req = ShellRequest(

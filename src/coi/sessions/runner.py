@@ -9,22 +9,23 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from coi.backend.client import IncusClient
-from coi.backend.exec import ExecRequest
 from coi.backend.models import ExecResult, Instance
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, CoiError, SessionError
 from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
-from coi.protection.guard import settle_when_gone, watching
+from coi.network.policy import Policy
+from coi.protection.guard import Guard, settle_when_gone, watching
 from coi.sessions import home, naming
 from coi.sessions.keeper import dismiss as dismiss_keeper
 from coi.sessions.keeper import spawn as spawn_keeper
@@ -74,6 +75,93 @@ def cleanup_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def terminal_alert(text: str) -> None:
+    """An alert box on the user's terminal (which may be in raw mode under tmux)."""
+    sys.stderr.write("\r\n" + text.replace("\n", "\r\n") + "\r\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def guarded(
+    client: IncusClient,
+    name: str,
+    *,
+    policy: Policy | None = None,
+    guard: Guard | None = None,
+    verify_interval: float = 0,
+    monitor: Settings | None = None,
+    log: Log,
+    protect_log: Log | None = None,
+    alert: Log = terminal_alert,
+) -> Iterator[Monitor | None]:
+    """What watches a live sandbox while coi is with it: the allowlist's refresh, the checks
+    of the protected paths and the security monitor (each only where configured). The one
+    composition `coi run`, `coi shell`, `coi attach` and the SDK all use."""
+    with allowlist_refresh(
+        client, policy, cache_dir=coi_home() / "network-cache",
+        lock_dir=coi_home() / "locks", log=log,
+    ), watching(guard, verify_interval, protect_log or log), monitoring(
+        client, name, monitor, alert
+    ) as mon:  # fmt: skip
+        yield mon
+
+
+def guarded_box(
+    box: Sandbox, *, protect_log: Log | None = None
+) -> AbstractContextManager[Monitor | None]:
+    """`guarded` for a sandbox this process made or reused."""
+    return guarded(
+        box.client,
+        box.name,
+        policy=box.spec.policy,
+        guard=box.guard,
+        verify_interval=box.spec.verify_interval,
+        monitor=box.monitor,
+        log=box.log,
+        protect_log=protect_log,
+    )
+
+
+@dataclass
+class Live:
+    """A sandbox that is up, with its watchers running (see `open_sandbox`)."""
+
+    box: Sandbox
+    monitor: Monitor | None
+
+    @property
+    def killed(self) -> bool:
+        """The security monitor killed the container."""
+        return self.monitor is not None and self.monitor.responder.killed
+
+
+@contextmanager
+def open_sandbox(
+    client: IncusClient, spec: SandboxSpec, *, slot: int | None = None, log: Log
+) -> Iterator[Live]:
+    """A sandbox for as long as the block runs: made (or this slot's persistent one reused),
+    watched, then removed, or stopped and kept when persistent. A keeper process stops and
+    removes it should this process die first (`coi.sessions.keeper`)."""
+    check_server(spec.limits, client.server.kind)
+    box = Sandbox(client, spec, log=log)
+    box.check_owner()
+    keeper = None
+    try:
+        box.begin()
+        box.ensure_image()
+        box.choose_slot(slot)
+        # Before the sandbox exists: a coi killed from here on leaves nothing running.
+        keeper = spawn_keeper(box.name, project=spec.project, remote=spec.remote)
+        log(f"Launching container {box.name} from image {spec.image}...")
+        box.create_or_reuse()
+        with guarded_box(box) as mon:
+            box.up()
+            yield Live(box, mon)
+    finally:
+        finish_run(box, log)
+        dismiss_keeper(keeper)
+
+
 # -- coi run ------------------------------------------------------------------------------
 
 
@@ -89,53 +177,33 @@ class RunRequest:
 def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
     """Run one command in a fresh sandbox; stream its output; return its exit code."""
     log = stderr_log("")
-    check_server(spec.limits, client.server.kind)
-    box = Sandbox(client, spec, log=log)
-    box.check_owner()
-    keeper = None
     code = 1
     with cleanup_on_signals():
         try:
-            box.begin()
-            box.ensure_image()
-            box.choose_slot(req.slot)
-            # Before the sandbox exists: a coi killed from here on leaves nothing running.
-            keeper = spawn_keeper(box.name, project=spec.project, remote=spec.remote)
-            log(f"Launching container {box.name} from image {spec.image}...")
-            box.create_or_reuse()
-            log("Executing: " + " ".join(req.command))
-            exec_req = box.request(req.command, {})
-            with allowlist_refresh(
-                client, spec.policy, cache_dir=coi_home() / "network-cache",
-                lock_dir=coi_home() / "locks", log=log,
-            ), watching(box.guard, spec.verify_interval, log), monitoring(
-                client, box.name, spec.monitor, terminal_alert
-            ) as mon:  # fmt: skip
-                box.up()
+            with open_sandbox(client, spec, slot=req.slot, log=log) as live:
+                log("Executing: " + " ".join(req.command))
                 try:
-                    code = _execute(client, box, exec_req, req, log)
+                    code = _execute(client, live.box, req, log)
                 except BackendError:
                     # The monitor's kill can end the command's exec with a daemon error
                     # instead of an exit code (seen: "Failed to retrieve PID of executing
                     # child process"): the monitor's verdict stands all the same.
-                    if mon is None or not mon.responder.killed:
+                    if not live.killed:
                         raise
-            code = _monitor_verdict(mon, code, log)
+            if live.killed:
+                log("\nThe security monitor killed the container (see the alert above)")
+                code = 137
         except KeyboardInterrupt:
             log("\nReceived interrupt signal, cleaning up...")
             code = 130
         except Terminated as t:
             log("\nReceived termination signal, cleaning up...")
             code = 128 + t.signum
-        finally:
-            _finish_run(box, spec)
-            dismiss_keeper(keeper)
     return code
 
 
-def _execute(
-    client: IncusClient, box: Sandbox, exec_req: ExecRequest, req: RunRequest, log: Log
-) -> int:
+def _execute(client: IncusClient, box: Sandbox, req: RunRequest, log: Log) -> int:
+    exec_req = box.request(req.command, {})
     if req.capture:
         res = client.exec.capture(box.name, exec_req)
         code = _time_limited(box, res.exit_code, log)
@@ -156,19 +224,6 @@ def _execute(
     return code
 
 
-def terminal_alert(text: str) -> None:
-    """An alert box on the user's terminal (which may be in raw mode under tmux)."""
-    sys.stderr.write("\r\n" + text.replace("\n", "\r\n") + "\r\n")
-    sys.stderr.flush()
-
-
-def _monitor_verdict(mon: Monitor | None, code: int, log: Log) -> int:
-    if mon is not None and mon.responder.killed:
-        log("\nThe security monitor killed the container (see the alert above)")
-        return 137
-    return code
-
-
 def _time_limited(box: Sandbox, code: int, log: Log) -> int:
     """124 (as timeout(1) does) when the command ended because max_duration stopped it."""
     if box.out_of_time():
@@ -177,17 +232,17 @@ def _time_limited(box: Sandbox, code: int, log: Log) -> int:
     return code
 
 
-def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
-    # Signals are ignored while we clean up, so a second Ctrl-C cannot leave a container.
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+def finish_run(box: Sandbox, log: Log) -> None:
+    """Remove a run's sandbox (or stop and keep it, when persistent); release its slot."""
+    spec = box.spec
+    with no_interrupts():
         if box.name:
             if spec.persistent:
-                sys.stderr.write(f"Stopping persistent container {box.name}...\n")
+                log(f"Stopping persistent container {box.name}...")
                 box.stop()
                 box.settle_protection(removed=False)
             else:
-                sys.stderr.write(f"Cleaning up container {box.name}...\n")
+                log(f"Cleaning up container {box.name}...")
                 # The daemon removes the sandbox without coi waiting for it; the last check
                 # of the protected paths runs once nothing inside is alive any more.
                 op = box.discard()
@@ -197,6 +252,18 @@ def _finish_run(box: Sandbox, spec: SandboxSpec) -> None:
                     box.settle_protection(removed=True)
         box.replenish()
         box.release()
+
+
+@contextmanager
+def no_interrupts() -> Iterator[None]:
+    """Ctrl-C is ignored while the block runs (cleanup: a second one cannot leave a
+    container behind). Only in the main thread, where signals are handled at all."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
     finally:
         signal.signal(signal.SIGINT, old)
 
@@ -278,7 +345,8 @@ class ShellSession:
             word = "Auto-detected" if self.req.resume == "auto" else "Resuming"
             sys.stderr.write(f"{word} session: {self.session_id}\n")
             if not self.req.persistent_explicit and self.resumed.persistent:
-                self.spec.persistent = True
+                self.spec = replace(self.spec, persistent=True)
+                self.box = Sandbox(self.client, self.spec, log=self.log)
                 sys.stderr.write("Inherited persistent mode from session\n")
         sys.stderr.write(f"Setting up session {self.session_id}...\n")
         check_server(self.spec.limits, self.client.server.kind)
@@ -286,14 +354,7 @@ class ShellSession:
             try:
                 self._setup()
                 self._banner()
-                with allowlist_refresh(
-                    self.client, self.spec.policy, cache_dir=coi_home() / "network-cache",
-                    lock_dir=coi_home() / "locks", log=self.log,
-                ), watching(
-                    self.box.guard, self.spec.verify_interval, stderr_log("[protect] ")
-                ), monitoring(
-                    self.client, self.box.name, self.spec.monitor, terminal_alert
-                ):  # fmt: skip
+                with guarded_box(self.box, protect_log=stderr_log("[protect] ")):
                     return self._run_tool()
             except KeyboardInterrupt:
                 sys.stderr.write("\nReceived interrupt signal, cleaning up...\n")
@@ -469,7 +530,7 @@ class ShellSession:
                 sys.stderr.write(f"Sent command to existing tmux session: {session}\n")
         if self.req.background:
             self._left_running = True
-            if self.spec.monitor is not None and self.spec.monitor.enabled:
+            if self.box.monitor is not None and self.box.monitor.enabled:
                 sys.stderr.write(
                     "Note: the security monitor watches while coi is attached: "
                     f"run 'coi attach {name}' to have it watch this session\n"
@@ -540,8 +601,7 @@ class ShellSession:
     # -- cleanup --------------------------------------------------------------------------
 
     def _cleanup(self) -> None:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        with no_interrupts():
             sys.stderr.write("\nCleaning up session...\n")
             log = stderr_log("[cleanup] ")
             if self.box.name:
@@ -557,8 +617,6 @@ class ShellSession:
                 self.box.settle_protection(removed=gone)
             self.box.replenish()
             self.box.release()
-        finally:
-            signal.signal(signal.SIGINT, old)
 
     def _save_state(self, log: Log) -> None:
         tool = self.req.tool

@@ -7,10 +7,10 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
@@ -69,9 +69,10 @@ def stderr_log(prefix: str) -> Log:
     return log
 
 
-@dataclass
+@dataclass(frozen=True)
 class SandboxSpec:
-    """Everything needed to create a session's container."""
+    """Everything needed to create a session's container, fixed before it is made: what
+    changes while the sandbox lives (its network, the monitor's view of it) is `Sandbox`'s."""
 
     workspace: Path
     image: str
@@ -84,7 +85,7 @@ class SandboxSpec:
     pool: str = "coi"
     network: str = "coibr0"
     # "run" sandboxes live as long as their coi process; "shell" ones outlive it (detach).
-    kind: str = "shell"
+    kind: Literal["run", "shell"] = "shell"
     # The network policy; None keeps the plain bridge (`network`) with no rules.
     policy: Policy | None = None
     # Protected paths (None or empty: protection off) and resource/time limits.
@@ -184,8 +185,10 @@ NIC_FILTERING = {
 }
 
 
-def _nic(spec: SandboxSpec, addr: Address | None, *, filtering: bool) -> dict[str, str]:
-    nic = {"type": "nic", "network": spec.network, "name": "eth0"}
+def _nic(
+    spec: SandboxSpec, addr: Address | None, *, filtering: bool, network: str | None = None
+) -> dict[str, str]:
+    nic = {"type": "nic", "network": network or spec.network, "name": "eth0"}
     if addr is not None:
         nic["ipv4.address"] = addr.ip
     if filtering:
@@ -198,11 +201,16 @@ def _nic(spec: SandboxSpec, addr: Address | None, *, filtering: bool) -> dict[st
 
 
 def instance_devices(
-    spec: SandboxSpec, addr: Address | None = None, *, filtering: bool = True
+    spec: SandboxSpec,
+    addr: Address | None = None,
+    *,
+    filtering: bool = True,
+    network: str | None = None,
 ) -> dict[str, dict[str, str]]:
+    """The sandbox's devices; `network`: the bridge it is on (default: the spec's)."""
     devices: dict[str, dict[str, str]] = {
         "root": {"type": "disk", "path": "/", "pool": spec.pool, **spec.limits.root_disk},
-        "eth0": _nic(spec, addr, filtering=filtering),
+        "eth0": _nic(spec, addr, filtering=filtering, network=network),
         "workspace": {"type": "disk", "source": str(spec.workspace), "path": spec.workspace_target},
     }
     if spec.protection is not None:
@@ -249,6 +257,10 @@ class Sandbox:
         self.address: Address | None = None
         # The template it was made from (None: from the image, or reused).
         self.template: str | None = None
+        # The bridge it is on: the policy's (see `_attach_network`), else the spec's.
+        self.network = spec.network
+        # The monitor's settings, with its view of this sandbox's network once known.
+        self.monitor = replace(spec.monitor) if spec.monitor is not None else None
         self._claims = SlotClaims(coi_home() / "locks")
         self._starting = template.Starting(coi_home() / "locks")
         self._known_absent = False  # choose_slot saw that the slot has no container
@@ -366,7 +378,7 @@ class Sandbox:
         self.log(f"Creating container from {self.spec.image}...")
         config = instance_config(self.spec)
         self.template = self._template(config)
-        net = net or self.client.networks.get(self.spec.network)
+        net = net or self.client.networks.get(self.network)
         if not (self.template and self._from_spare(self.template, config, net)):
             source = {"type": "copy", "source": self.template} if self.template else None
             self._with_address(
@@ -415,16 +427,18 @@ class Sandbox:
             boot = self.address.config() if self.address else {}
             try:
                 if taken and self.client.instances.exists(self.name):  # made, start refused
-                    nic = _nic(self.spec, self.address, filtering=self._filtering)
+                    nic = _nic(
+                        self.spec, self.address, filtering=self._filtering, network=self.network
+                    )
                     self.client.instances.patch(
                         self.name, {"config": boot, "devices": {"eth0": nic}}
                     )
                     self.client.instances.start(self.name)
                 else:
-                    make(
-                        instance_devices(self.spec, self.address, filtering=self._filtering),
-                        boot,
+                    devices = instance_devices(
+                        self.spec, self.address, filtering=self._filtering, network=self.network
                     )
+                    make(devices, boot)
                 return
             except BackendError as err:
                 if net is None or self.address is None or not address.is_taken(err):
@@ -583,7 +597,7 @@ class Sandbox:
         """Make or update the policy's network; the network as read, when still current."""
         if self.spec.policy is None:
             return None
-        self.spec.network, net = ensure_network(
+        self.network, net = ensure_network(
             self.client,
             self.spec.policy,
             default_network=self.spec.network,
@@ -595,7 +609,7 @@ class Sandbox:
     def verify_network(self) -> None:
         """Refuse to go on unless the policy is in force, checked from inside."""
         policy = self.spec.policy
-        network = self.spec.network
+        network = self.network
         gateway = ""
         if policy is None or policy.mode == "open":
             wait_for_network(self.client, self.name, self.address, then=BOOTED)
@@ -608,7 +622,7 @@ class Sandbox:
                 self.client, self.name, network, self.log, self.address, then=BOOTED,
                 tidy=self.lasting,
             )  # fmt: skip
-        mon = self.spec.monitor
+        mon = self.monitor
         if mon is not None and mon.enabled:
             from coi.monitor.monitor import net_context
 
@@ -721,9 +735,18 @@ def detached(fn: Callable[[], None]) -> None:
 
 
 def build_spec(
-    cfg: Config, workspace: Path, *, mounts: list[Mount], env: dict[str, str]
+    cfg: Config,
+    workspace: Path,
+    *,
+    mounts: list[Mount],
+    env: dict[str, str],
+    kind: Literal["run", "shell"] = "shell",
+    limits: Limits | None = None,
+    monitor: MonitorSettings | None = None,
+    policy: Policy | None = None,
+    protection: protected.ProtectionPlan | None = None,
 ) -> SandboxSpec:
-    """The sandbox a config describes."""
+    """The sandbox a config describes (see `coi.sessions.prepare` for the whole of it)."""
     target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
     return SandboxSpec(
         workspace=workspace,
@@ -741,6 +764,11 @@ def build_spec(
         verify_interval=float(cfg.get_int("security.verify_interval_seconds")),
         templates=_templates(cfg.get_str("incus.templates")),
         spares=_spares(cfg),
+        kind=kind,
+        limits=limits if limits is not None else Limits(),
+        monitor=monitor,
+        policy=policy,
+        protection=protection,
     )
 
 

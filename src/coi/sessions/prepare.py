@@ -1,0 +1,141 @@
+"""From what a caller asks (flags, SDK arguments) to a sandbox spec: config, workspace, policy."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from coi.config.loader import Config, load_config
+from coi.config.paths import coi_home
+from coi.config.schema import NetworkMode
+from coi.errors import UsageError
+from coi.limits import limits_from_config
+from coi.limits.spec import FLAG_KEYS
+from coi.network.manager import policy_from_config
+from coi.protection.paths import configured_paths, plan
+from coi.sessions.sandbox import SandboxSpec, build_spec, parse_env
+from coi.sessions.workspace import check_no_credentials, merge_mounts, resolve_workspace
+
+# Short names of the limits (`cpu`, `memory`, `duration`, ...) -> config keys: the CLI's
+# `--limit-NAME` flags and the SDK's `limits={NAME: value}` use the same names.
+LIMIT_NAMES: dict[str, str] = {
+    flag.removeprefix("--limit-").replace("-", "_"): key for key, flag in FLAG_KEYS.items()
+}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What a caller asks of one session; None (or empty) keeps what the config says."""
+
+    workspace: str | Path | None = None
+    image: str | None = None
+    persistent: bool | None = None
+    network: NetworkMode | None = None
+    tool: str | None = None
+    monitor: bool | None = None
+    writable_git_hooks: bool | None = None
+    # By short name (`LIMIT_NAMES`): {"memory": "2GiB", "duration": "30m"}.
+    limits: Mapping[str, str | int] = field(default_factory=dict)
+    mounts: tuple[str, ...] = ()  # HOST:CONTAINER[:ro]
+    env: Mapping[str, str] = field(default_factory=dict)
+    profile: str | None = None
+    # An existing container (`--container`): coi did not make it, so it plans no protection.
+    container: str | None = None
+    # "run" sandboxes live as long as their coi process; "shell" ones outlive it (detach).
+    kind: Literal["run", "shell"] = "shell"
+
+    def overrides(self) -> dict[str, Any]:
+        """The config keys these options set (None: not set)."""
+        out: dict[str, Any] = {
+            "defaults.image": self.image,
+            "defaults.persistent": self.persistent,
+            "network.mode": self.network,
+            "tool.name": self.tool,
+            "monitoring.enabled": self.monitor,
+            "git.writable_hooks": self.writable_git_hooks,
+        }
+        for name, value in self.limits.items():
+            if name not in LIMIT_NAMES:
+                raise UsageError(
+                    f"unknown limit '{name}'",
+                    resolution=f"Use one of: {', '.join(LIMIT_NAMES)}.",
+                )
+            out[LIMIT_NAMES[name]] = value if isinstance(value, int) else str(value)
+        return out
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A session ready to be made: its config, workspace and spec, and what to tell the user
+    (each line already starts with `Warning:` or `Note:`), in order."""
+
+    config: Config
+    workspace: Path
+    spec: SandboxSpec
+    messages: tuple[str, ...] = ()
+
+
+def load(
+    options: SessionOptions, *, cwd: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """The config for these options: defaults < files (the workspace's own untrusted) <
+    profile < COI_* environment < the options."""
+    return load_config(
+        cwd=cwd,
+        env=os.environ if environ is None else environ,
+        profile=options.profile,
+        cli=options.overrides(),
+    )
+
+
+def prepare(
+    options: SessionOptions,
+    *,
+    cwd: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    config: Config | None = None,
+) -> Prepared:
+    """Config, workspace and the sandbox spec for `options`; nothing is made yet. A `config`
+    given was loaded (`load`) and its warnings shown by the caller.
+
+    Everything is validated here, before any container exists: the limits, the mounts (no
+    folder holding the user's keys), the environment, the network policy.
+
+    :raises UsageError, ConfigError: bad input, with what to do about it.
+    """
+    environ = os.environ if environ is None else environ
+    messages: list[str] = []
+    if config is None:
+        config = load(options, cwd=cwd, environ=environ)
+        messages += [f"Warning: {w}" for w in config.warnings]
+    cfg = config
+    workspace = resolve_workspace(None if options.workspace is None else str(options.workspace))
+    limits = limits_from_config(cfg)
+    target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
+    mounts = merge_mounts(cfg.get("mounts.default"), options.mounts, target)
+    check_no_credentials([workspace, *(m.host for m in mounts)])
+    env = {k: environ[k] for k in cfg.get_list("tool.forward_env") if k in environ}
+    env.update(parse_env([f"{k}={v}" for k, v in options.env.items()]))
+    monitor = None
+    if cfg.get_bool("monitoring.enabled"):
+        from coi.monitor.monitor import Settings as MonitorSettings
+
+        monitor = MonitorSettings.from_config(cfg, target)
+    messages += [f"Note: {note}" for note in limits.notes]
+    policy, warnings = policy_from_config(cfg, cache_dir=coi_home() / "network-cache")
+    messages += [f"Warning: {w}" for w in warnings]
+    spec = build_spec(
+        cfg,
+        workspace,
+        mounts=mounts,
+        env=env,
+        kind=options.kind,
+        limits=limits,
+        monitor=monitor,
+        policy=policy,
+        protection=None if options.container else plan(workspace, configured_paths(cfg)),
+    )
+    return Prepared(cfg, workspace, spec, tuple(messages))
