@@ -7,8 +7,8 @@ import re
 
 from tests.conftest import run_coi
 
+from coi import labels
 from coi.backend import IncusClient
-from coi.sessions.workspace import MAP_ROOT_KEY
 
 
 def test_version_and_help() -> None:
@@ -55,7 +55,7 @@ def test_setup_is_idempotent_and_health_names_the_backend(coi_env: dict[str, str
     root_check = data["checks"]["root_workspaces"]
     with IncusClient.connect() as server:
         pool = server.networks.pool(data["backend"]["storage_pool"])
-        mappable = pool is not None and pool.config.get(MAP_ROOT_KEY) == "true"
+        mappable = pool is not None and pool.config.get(labels.MAP_ROOT) == "true"
     assert root_check["details"]["can_map_root"] is mappable
     assert root_check["status"] == ("ok" if mappable else "warning"), root_check
     # The 'coi' image is not built in the test project: degraded, exit 1.

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tests.conftest import run_coi
 
+from coi import labels
 from coi.backend import IncusClient
 
 
@@ -287,7 +288,7 @@ def test_sandboxes_start_from_a_template_and_clean_drops_stale_ones(
         tmpls = [n for n in client.instances.names() if n.startswith(template.PREFIX + fp[:12])]
         assert len(tmpls) == 1, client.instances.names()
         inst = client.instances.get(tmpls[0])
-        assert inst.status == "Stopped" and inst.config[template.READY_KEY] == "true"
+        assert inst.status == "Stopped" and inst.config[labels.TEMPLATE_READY] == "true"
         listing = run_coi("list", "--format", "json", env=coi_env)
         assert tmpls[0] not in listing.stdout
         kept = run_coi("clean", "--force", env=coi_env)

@@ -23,6 +23,7 @@ import pytest
 from tests import netkit
 from tests.conftest import remove_unused_coi_networks, run_coi
 
+from coi import labels
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.errors import SessionError
@@ -243,11 +244,11 @@ def test_clean_removes_policy_networks_once_unused(
 ) -> None:
     res = run_coi("run", "--writable-git-hooks", "-w", str(tmp_path), "--", "true", env=net_env)
     assert res.returncode == 0, res.stderr
-    ours = [n.name for n in client.networks.list() if n.config.get(resources.MANAGED_KEY)]
+    ours = [n.name for n in client.networks.list() if n.config.get(labels.MANAGED)]
     assert ours
     res = run_coi("clean", "--force", env=net_env)
     assert res.returncode == 0, res.stderr
-    left = [n.name for n in client.networks.list() if n.config.get(resources.MANAGED_KEY)]
+    left = [n.name for n in client.networks.list() if n.config.get(labels.MANAGED)]
     assert left == [] and resources.coi_acls(client) == []
     assert json.loads(run_coi("list", "--format", "json", env=net_env).stdout) == {
         "active_containers": []

@@ -25,9 +25,9 @@ from tests.integration.conftest import (
     wait_gone,
 )
 
+from coi import labels
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
-from coi.sessions.workspace import MAP_ROOT_KEY
 
 
 @pytest.mark.lxd
@@ -81,7 +81,7 @@ def test_root_on_a_root_owned_folder_writes_as_root_or_is_refused_first(
         "id -u; touch /workspace/x",
         env=coi_env,
     )
-    verdict = (client.networks.pool(pool) or pytest.fail("no pool")).config.get(MAP_ROOT_KEY)
+    verdict = (client.networks.pool(pool) or pytest.fail("no pool")).config.get(labels.MAP_ROOT)
     # coi setup probed the daemon: it must have said, one way or the other.
     assert verdict in ("true", "false")
     if verdict == "true":

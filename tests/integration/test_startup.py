@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import coi_argv, run_coi
 from tests.integration.conftest import coi_names, wait_for
 
+from coi import labels
 from coi.backend import ExecRequest, IncusClient
 from coi.config.loader import Config, load_config
 from coi.errors import SessionError
@@ -568,16 +569,16 @@ def test_a_template_another_coi_is_still_making_is_never_copied(
     client.instances.create(
         name,
         image=fp,
-        config={template.KIND_KEY: "template", template.IMAGE_KEY: fp},
+        config={labels.KIND: "template", labels.TEMPLATE_IMAGE: fp},
         devices={"root": {"type": "disk", "path": "/", "pool": pool}},
     )
     half = client.instances.get(name)
-    assert half.status == "Stopped" and template.READY_KEY not in half.config
+    assert half.status == "Stopped" and labels.TEMPLATE_READY not in half.config
     try:
         got = template.ready(client, fp, {}, pool=pool, lock_dir=tmp_path, log=lambda _m: None)
         assert got == name
         made = client.instances.get(name)
-        assert made.config[template.READY_KEY] == "true"
+        assert made.config[labels.TEMPLATE_READY] == "true"
         assert made.config["volatile.uuid"] != half.config["volatile.uuid"]  # made anew
     finally:
         client.instances.delete(name, force=True)

@@ -19,7 +19,9 @@ def _imports() -> dict[str, set[tuple[str, str]]]:
         rel = f.relative_to(SRC)
         pkg = rel.parts[0] if len(rel.parts) > 1 else rel.stem
         for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
+            if isinstance(node, ast.ImportFrom) and node.module == "coi":
+                names = [f"coi.{a.name}" for a in node.names]  # from coi import labels
+            elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -64,3 +66,30 @@ def test_no_two_packages_import_each_other_even_through_others() -> None:
 
     cycles = sorted(pkg for pkg in deps if reaches(pkg, pkg))
     assert cycles == [], {p: sorted(deps[p]) for p in cycles}
+
+
+# Leaves: anything may use them, they use nothing of coi's.
+LEAVES = {"errors", "labels"}
+# The layers above the domain packages: only they (and the package's lazy public names) may
+# use the SDK, and nothing but the entry point uses them.
+ABOVE = {"cli", "mcp", "sdk"}
+
+
+def test_leaves_use_nothing_of_coi() -> None:
+    imports = _imports()
+    assert {leaf: sorted(imports[leaf]) for leaf in LEAVES if imports[leaf]} == {}
+
+
+def test_the_domain_never_reaches_up_to_the_sdk_mcp_or_cli() -> None:
+    wrong = sorted(
+        (f, tgt)
+        for pkg, deps in _imports().items()
+        for tgt, f in deps
+        if tgt in ABOVE and pkg not in ABOVE | {"__init__", "__main__"}
+    )
+    assert wrong == []
+
+
+def test_images_do_not_use_sessions() -> None:
+    """Building an image knows nothing of sessions (the labels both write are in labels.py)."""
+    assert sorted(f for tgt, f in _imports()["images"] if tgt == "sessions") == []

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from coi.backend.client import IncusClient
     from coi.config.loader import Config
     from coi.sessions.cleanup import CleanPlan
+    from coi.sessions.control import Outcome
     from coi.sessions.inventory import ContainerInfo, SavedSession
 
 
@@ -190,50 +191,26 @@ def attach_cmd(
     ctx: click.Context, name: str | None, slot: int | None, workspace: str | None, bash: bool
 ) -> None:
     """Attach to a running session's tmux (or a bash in it)."""
-    from coi.monitor.monitor import Settings, context_of, monitoring
-    from coi.protection.guard import Guard, settle, watching
-    from coi.sessions import access, naming
-    from coi.sessions.inventory import containers
-    from coi.sessions.runner import terminal_alert
-    from coi.sessions.workspace import resolve_workspace
+    from coi.sessions import control
 
     cfg, client = daemon()
     with client:
-        if slot:
-            name = naming.container_name(str(resolve_workspace(workspace)), slot)
-            access.running_instance(client, name)
-            click.echo(f"Attaching to {name} (slot {slot})...", err=True)
-        elif name is None:
-            running = [c.name for c in containers(client, with_state=False) if c.running]
-            if not running:
+        target = control.attach_target(client, name, slot=slot, workspace=workspace)
+        if not target.name:
+            if not target.running:
                 click.echo("No active sessions")
                 return
-            if len(running) > 1:
-                click.echo("Active sessions:")
-                for i, n in enumerate(running, 1):
-                    click.echo(f"  {i}. {n}")
-                click.echo("\nUse: coi attach <container-name>")
-                return
-            name = running[0]
+            click.echo("Active sessions:")
+            for i, n in enumerate(target.running, 1):
+                click.echo(f"  {i}. {n}")
+            click.echo("\nUse: coi attach <container-name>")
+            return
+        name = target.name
+        if target.slot:
+            click.echo(f"Attaching to {name} (slot {slot})...", err=True)
+        elif target.running:
             click.echo(f"Attaching to {name}...", err=True)
-        inst = access.running_instance(client, name)
-        agent = access.agent_of(
-            inst, uid=cfg.get_int("incus.code_uid"), user=cfg.get_str("incus.code_user")
-        )
-        guard = Guard(name)
-        settings = Settings.from_config(cfg)
-        if settings.enabled:
-            settings.net = context_of(client, name)
-        with (
-            watching(
-                guard if guard.exists() else None,
-                cfg.get_int("security.verify_interval_seconds"),
-                _protect_log,
-            ),
-            monitoring(client, name, settings, terminal_alert),
-        ):
-            code = access.attach(client, agent, bash=bash)
-        settle(name, removed=not client.instances.exists(name), log=_protect_log)
+        code = control.attach(client, cfg, name, bash=bash, protect_log=_protect_log)
     if code in (0, 130, 137, 143):
         return
     if not bash:
@@ -319,6 +296,15 @@ def _protect_log(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _show(outcome: Outcome) -> bool:
+    """Render what an action did; whether it acted."""
+    for w in outcome.warnings:
+        click.echo(f"  Warning: {w}", err=True)
+    for step in outcome.steps:
+        click.echo(f"  {step}")
+    return outcome.done
+
+
 def _exists(client: IncusClient, name: str) -> bool:
     if client.instances.exists(name):
         return True
@@ -366,24 +352,11 @@ def persist_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
 @click.option("--timeout", type=int, default=60, show_default=True, help="Seconds to wait.")
 def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) -> None:
     """Stop containers gracefully (force after --timeout), then delete them."""
-    from coi.errors import BackendError
-    from coi.protection.guard import settle
+    from coi.sessions import control
 
     def one(client: IncusClient, n: str) -> bool:
         click.echo(f"Shutting down container {n} (timeout: {timeout}s)...")
-        if not _exists(client, n):
-            return False
-        if client.instances.get(n).active:
-            click.echo("  Attempting graceful shutdown...")
-            try:
-                client.instances.stop(n, timeout=timeout)
-                click.echo("  Graceful shutdown successful")
-            except BackendError:
-                click.echo("  Timeout reached, force-killing...")
-        client.instances.delete(n, force=True)
-        settle(n, removed=True, log=_protect_log)
-        click.echo(f"  ✓ Shutdown {n}")
-        return True
+        return _show(control.shutdown(client, n, timeout=timeout, log=_protect_log))
 
     _run_bulk(names, all_, force, verb="Shutdown", noun="shutdown", past="Shutdown", one=one)
 
@@ -396,16 +369,11 @@ def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) 
 @_bulk_options
 def kill_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
     """Stop and delete containers at once (persistent ones too)."""
-    from coi.protection.guard import settle
+    from coi.sessions import control
 
     def one(client: IncusClient, n: str) -> bool:
         click.echo(f"Killing container {n}...")
-        if not _exists(client, n):
-            return False
-        client.instances.delete(n, force=True)
-        settle(n, removed=True, log=_protect_log)
-        click.echo(f"  ✓ Killed {n}")
-        return True
+        return _show(control.kill(client, n, log=_protect_log))
 
     _run_bulk(names, all_, force, verb="Kill", noun="kill", past="Killed", one=one)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coi import labels
 from coi.errors import SetupError
 from coi.host import daemon as dmn
 from coi.network.address import dhcp_pool
@@ -443,10 +444,9 @@ def ensure_root_verdict(report: SetupReport, client: IncusClient, opts: SetupOpt
     """Find out once whether root's own folders can be workspaces; kept on the pool."""
     from coi.errors import CoiError
     from coi.images.tiny import TINY_ALIAS
-    from coi.sessions.workspace import MAP_ROOT_KEY
 
     pool = client.networks.pool(opts.pool)
-    known = (pool.config if pool else {}).get(MAP_ROOT_KEY)
+    known = (pool.config if pool else {}).get(labels.MAP_ROOT)
     if known in ("true", "false"):
         report.add("root's folders", changed=False, message=_verdict_text(known == "true"))
         return known == "true"
@@ -455,7 +455,7 @@ def ensure_root_verdict(report: SetupReport, client: IncusClient, opts: SetupOpt
         return False
     try:
         map_root = not probe_reowns(client, opts, TINY_ALIAS)
-        client.networks.patch_pool(opts.pool, {MAP_ROOT_KEY: "true" if map_root else "false"})
+        client.networks.patch_pool(opts.pool, {labels.MAP_ROOT: "true" if map_root else "false"})
     except CoiError as err:
         report.add("root's folders", changed=False, message=f"not probed: {err.message}")
         return False

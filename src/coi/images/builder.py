@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from coi import labels
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.backend.models import JSON
@@ -14,7 +15,6 @@ from coi.errors import BackendError, UsageError
 from coi.images import base as base_images
 from coi.images.buildlog import BuildLog
 from coi.images.versions import version_alias
-from coi.sessions.inventory import owner_config
 
 COI_DESCRIPTION = "coi image (agent CLIs, Node.js, Python, Docker, GitHub CLI, tmux)"
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
@@ -213,7 +213,7 @@ class Builder:
             source=source,
             config={
                 "security.nesting": "true",
-                **owner_config("build"),
+                **labels.owner_config("build"),
             },
             devices={
                 "root": {"type": "disk", "path": "/", "pool": opts.pool},

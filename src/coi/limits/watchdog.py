@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 
+from coi import labels
 from coi.audit import AuditLog, Event
 
-DEADLINE_KEY = "user.coi.deadline"
 # Wake up this often to notice that the container is gone (then the watchdog exits).
 _CHECK_EVERY = 30.0
 
@@ -58,7 +58,7 @@ def watch(container: str, deadline: float, *, project: str, remote: str | None, 
                 inst = client.instances.get(container)
             except NotFound:
                 return 0
-            if inst.config.get(DEADLINE_KEY) != f"{deadline:.3f}" or not inst.running:
+            if inst.config.get(labels.DEADLINE) != f"{deadline:.3f}" or not inst.running:
                 return 0  # replaced, limit changed, or already stopped
             left = deadline - time.time()
             if left <= 0:

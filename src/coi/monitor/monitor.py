@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from coi import labels
 from coi.audit import AuditLog, Event, prune
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
@@ -294,7 +295,7 @@ def context_of(client: IncusClient, container: str) -> NetContext:
     net = client.networks.get(network) if network else None
     if net is None:
         return NetContext(mode="open")
-    mode = net.config.get("user.coi.mode", "open")
+    mode = net.config.get(labels.NETWORK_MODE, "open")
     gateway = str(ipaddress.IPv4Interface(net.config.get("ipv4.address", "0.0.0.0/0")).ip)
     # The allowlist's addresses live in the bridge's ACL; without them, judge as restricted.
     return net_context("restricted" if mode == "allowlist" else mode, gateway, mode == "open", [])

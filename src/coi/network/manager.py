@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from coi import labels
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.backend.models import Network
@@ -177,7 +178,7 @@ def _enforced_config(policy: Policy) -> dict[str, str]:
 
 
 def _marks(policy: Policy) -> dict[str, str]:
-    return {**resources.managed_config(), "user.coi.mode": policy.mode}
+    return {**resources.managed_config(), labels.NETWORK_MODE: policy.mode}
 
 
 def _refresh(client: IncusClient, policy: Policy, net: Network, log: Log) -> bool:

@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from coi import labels
 from coi.backend.client import IncusClient
 from coi.backend.models import Network, NetworkACL
 from coi.errors import NotFound
 
 # Every bridge and ACL coi creates carries this key; nothing else is ever removed.
-MANAGED_KEY = "user.coi.managed"
 NAME_PREFIX = "coi-"
 
 
 def managed_config() -> dict[str, str]:
     """Config keys that mark a bridge or ACL as coi's."""
-    return {MANAGED_KEY: "true"}
+    return {labels.MANAGED: "true"}
 
 
 def _ours(name: str, config: Mapping[str, str]) -> bool:
-    return name.startswith(NAME_PREFIX) and config.get(MANAGED_KEY) == "true"
+    return name.startswith(NAME_PREFIX) and config.get(labels.MANAGED) == "true"
 
 
 def coi_acls(client: IncusClient) -> list[NetworkACL]:

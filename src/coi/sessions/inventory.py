@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from coi import labels
 from coi.backend.client import IncusClient
 from coi.backend.models import Instance
 from coi.errors import NotFound, UsageError
@@ -44,15 +45,6 @@ class ContainerInfo:
         if self.owner_host != socket.gethostname():
             return False  # made on another machine: we cannot tell, so we keep it
         return not _is_coi_process(self.owner_pid)
-
-
-def owner_config(kind: str) -> dict[str, str]:
-    """Keys that say what made a container and which process owns it (read by `coi clean`)."""
-    return {
-        "user.coi.kind": kind,
-        "user.coi.owner_host": socket.gethostname(),
-        "user.coi.owner_pid": str(os.getpid()),
-    }
 
 
 def _is_coi_process(pid: int) -> bool:
@@ -96,10 +88,10 @@ def is_coi_name(name: str, env: Mapping[str, str] | None = None) -> bool:
 def container_info(inst: Instance, metadata: Mapping[str, Metadata]) -> ContainerInfo:
     cfg = inst.config
     meta = metadata.get(inst.name)
-    persistent = cfg.get("user.coi.persistent") == "true" or bool(meta and meta.persistent)
+    persistent = cfg.get(labels.PERSISTENT) == "true" or bool(meta and meta.persistent)
     state = inst.state
     try:
-        pid = int(cfg.get("user.coi.owner_pid") or 0)
+        pid = int(cfg.get(labels.OWNER_PID) or 0)
     except ValueError:
         pid = 0
     return ContainerInfo(
@@ -109,16 +101,16 @@ def container_info(inst: Instance, metadata: Mapping[str, Metadata]) -> Containe
         image=cfg.get("image.description", ""),
         persistent=persistent,
         ipv4=state.ipv4() if state else None,
-        workspace=cfg.get("user.coi.workspace") or (meta.workspace if meta else None) or None,
-        kind=cfg.get("user.coi.kind", ""),
-        owner_host=cfg.get("user.coi.owner_host", ""),
+        workspace=cfg.get(labels.WORKSPACE) or (meta.workspace if meta else None) or None,
+        kind=cfg.get(labels.KIND, ""),
+        owner_host=cfg.get(labels.OWNER_HOST, ""),
         owner_pid=pid,
     )
 
 
 def _self_described(inst: Instance) -> bool:
     """coi writes a sandbox's facts into its config; older ones have them only in metadata."""
-    return "user.coi.persistent" in inst.config and "user.coi.workspace" in inst.config
+    return labels.PERSISTENT in inst.config and labels.WORKSPACE in inst.config
 
 
 def containers(
@@ -171,7 +163,7 @@ def mark_persistent(client: IncusClient, name: str, sessions: Iterable[SavedSess
 
     :returns: how many session metadata files were updated.
     """
-    client.instances.set_config(name, {"user.coi.persistent": "true"})
+    client.instances.set_config(name, {labels.PERSISTENT: "true"})
     inst = client.instances.get(name)
     if inst.ephemeral:
         client.instances.patch(name, {"ephemeral": False})

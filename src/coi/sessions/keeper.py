@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from coi import labels
+
 # How often the owner is looked at: a dead coi's sandbox is stopped within about this long,
 # plus the daemon's stop.
 POLL = 1.0
@@ -92,7 +94,7 @@ def keep(container: str, owner: int, start: str, *, project: str, remote: str | 
         while time.monotonic() < landing:
             try:
                 inst = client.instances.get(container)
-                persistent = inst.config.get("user.coi.persistent") == "true"
+                persistent = inst.config.get(labels.PERSISTENT) == "true"
                 if inst.running:
                     client.instances.stop(container, force=True)
                     if not acted:

@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from coi import labels
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.backend.models import Instance, Network
@@ -19,7 +20,6 @@ from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, ConfigError, NotFound, SessionError
 from coi.limits import Limits
-from coi.limits.watchdog import DEADLINE_KEY
 from coi.limits.watchdog import spawn as spawn_watchdog
 from coi.network import address
 from coi.network.address import Address
@@ -28,7 +28,6 @@ from coi.network.policy import Policy
 from coi.protection import paths as protected
 from coi.protection.guard import Guard, settle
 from coi.sessions import naming, template
-from coi.sessions.inventory import owner_config
 from coi.sessions.slots import SlotClaims
 from coi.sessions.workspace import (
     Mount,
@@ -154,10 +153,10 @@ def instance_config(spec: SandboxSpec) -> dict[str, str]:
     gid = host_owner_gid(spec.workspace, owner)
     config = {
         **docker_ready_config(),
-        "user.coi.workspace": str(spec.workspace),
-        "user.coi.persistent": "true" if spec.persistent else "false",
+        labels.WORKSPACE: str(spec.workspace),
+        labels.PERSISTENT: "true" if spec.persistent else "false",
         # Who made it: `coi clean` removes a `coi run` sandbox whose coi process died.
-        **owner_config(spec.kind),
+        **labels.owner_config(spec.kind),
         **spec.limits.config,
     }
     if spec.limits.tmpfs_size:
@@ -354,7 +353,7 @@ class Sandbox:
         except NotFound:
             pass
         if inst is not None:
-            if self.spec.persistent or inst.config.get("user.coi.persistent") == "true":
+            if self.spec.persistent or inst.config.get(labels.PERSISTENT) == "true":
                 nic = inst.expanded_devices.get("eth0") or {}
                 self.address = address.of_nic(self.client.networks.get(nic.get("network", "")), nic)
                 self._protect()
@@ -575,7 +574,7 @@ class Sandbox:
         if not limits.max_duration or not limits.auto_stop:
             return
         self.deadline = time.time() + limits.max_duration
-        self.client.instances.set_config(self.name, {DEADLINE_KEY: f"{self.deadline:.3f}"})
+        self.client.instances.set_config(self.name, {labels.DEADLINE: f"{self.deadline:.3f}"})
         spawn_watchdog(
             self.name,
             self.deadline,

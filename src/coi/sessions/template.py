@@ -21,17 +21,15 @@ import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from coi import labels
 from coi.backend.client import IncusClient
 from coi.errors import BackendError, NotFound
 from coi.locks import held, open_lock, tried
 
 PREFIX = "coitmpl-"  # not the session prefix: `coi list` and `coi clean` leave templates alone
 SPARE_PREFIX = "coispare-"
-KIND_KEY = "user.coi.kind"
-IMAGE_KEY = "user.coi.template.image"
 # Set once the first start (the re-owning) is over and the template is stopped again. Until
 # then another coi must not copy it: a copy taken mid-start fails or comes out half-shifted.
-READY_KEY = "user.coi.template.ready"
 # Config keys that decide how files are owned on disk: they must match the copy's.
 IDMAP_KEYS = ("raw.idmap", "security.privileged", "security.idmap.isolated", "security.idmap.base")
 
@@ -112,7 +110,7 @@ def _usable(client: IncusClient, name: str, *, repair: bool) -> bool:
         inst = client.instances.get(name)
     except NotFound:
         return False
-    if inst.status == "Stopped" and inst.config.get(READY_KEY) == "true":
+    if inst.status == "Stopped" and inst.config.get(labels.TEMPLATE_READY) == "true":
         return True
     if repair:
         client.instances.delete(name, force=True)
@@ -123,7 +121,7 @@ def _make(
     client: IncusClient, name: str, fingerprint: str, config: Mapping[str, str], pool: str
 ) -> None:
     tconfig = {k: config[k] for k in IDMAP_KEYS if k in config}
-    tconfig.update({KIND_KEY: "template", IMAGE_KEY: fingerprint})
+    tconfig.update({labels.KIND: "template", labels.TEMPLATE_IMAGE: fingerprint})
     client.instances.create(
         name,
         image=fingerprint,
@@ -134,7 +132,7 @@ def _make(
     )
     client.instances.stop(name, force=True)
     _render_on_rename(client, name)
-    client.instances.set_config(name, {READY_KEY: "true"})
+    client.instances.set_config(name, {labels.TEMPLATE_READY: "true"})
 
 
 def _render_on_rename(client: IncusClient, name: str) -> None:
@@ -186,7 +184,7 @@ def stale(
         if not (spare or inst.name.startswith(PREFIX)):
             continue
         if (
-            inst.config.get(IMAGE_KEY) not in current
+            inst.config.get(labels.TEMPLATE_IMAGE) not in current
             or (spare and not keep_spares)
             or not keep_templates
         ):
@@ -197,7 +195,7 @@ def stale(
 # -- spares ---------------------------------------------------------------------------------
 
 # Keys a spare carries from its template that a sandbox must not keep.
-TEMPLATE_KEYS = (KIND_KEY, IMAGE_KEY, READY_KEY)
+TEMPLATE_KEYS = (labels.KIND, labels.TEMPLATE_IMAGE, labels.TEMPLATE_READY)
 
 
 def _spare_prefix(tmpl: str) -> str:

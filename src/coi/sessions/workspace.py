@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from coi import labels
 from coi.errors import UsageError
 
 FORBIDDEN_TARGETS = (
@@ -165,13 +166,12 @@ SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 # On coi's storage pool: whether the daemon starts containers without re-owning their files
 # ("true"/"false"), as `coi setup` saw it (the API has no flag that says so: LXD 5.0 reports
 # idmapped mounts and still re-owns every container at its first start).
-MAP_ROOT_KEY = "user.coi.map_root"
 
 
 def can_map_root(pool_config: Mapping[str, str], idmapped_mounts: bool) -> bool:
     """Whether host root can be mapped into a container: setup's verdict, else the server's
     idmapped mount flags."""
-    verdict = pool_config.get(MAP_ROOT_KEY)
+    verdict = pool_config.get(labels.MAP_ROOT)
     return verdict == "true" if verdict in ("true", "false") else idmapped_mounts
 
 

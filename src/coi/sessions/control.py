@@ -1,0 +1,115 @@
+"""Acting on sessions that run: attach (with its watchers), shut down, kill; each returns what
+happened for the caller to show."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from coi.backend.client import IncusClient
+from coi.config.loader import Config
+from coi.errors import BackendError
+from coi.protection.guard import Guard, settle
+from coi.sessions import access, naming
+from coi.sessions.inventory import containers
+from coi.sessions.runner import guarded, terminal_alert
+from coi.sessions.workspace import resolve_workspace
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an action on one container did: whether it acted, and the steps to show."""
+
+    name: str
+    done: bool
+    steps: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def _missing(name: str) -> Outcome:
+    return Outcome(name, False, warnings=(f"Container {name} does not exist",))
+
+
+def shutdown(client: IncusClient, name: str, *, timeout: int, log: Log) -> Outcome:
+    """Stop gracefully (forced after `timeout` seconds), delete, settle protected paths."""
+    if not client.instances.exists(name):
+        return _missing(name)
+    steps: list[str] = []
+    if client.instances.get(name).active:
+        steps.append("Attempting graceful shutdown...")
+        try:
+            client.instances.stop(name, timeout=timeout)
+            steps.append("Graceful shutdown successful")
+        except BackendError:
+            steps.append("Timeout reached, force-killing...")
+    client.instances.delete(name, force=True)
+    settle(name, removed=True, log=log)
+    return Outcome(name, True, (*steps, f"✓ Shutdown {name}"))
+
+
+def kill(client: IncusClient, name: str, *, log: Log) -> Outcome:
+    """Stop and delete at once (persistent ones too); settle protected paths."""
+    if not client.instances.exists(name):
+        return _missing(name)
+    client.instances.delete(name, force=True)
+    settle(name, removed=True, log=log)
+    return Outcome(name, True, (f"✓ Killed {name}",))
+
+
+@dataclass(frozen=True)
+class AttachTarget:
+    """Which container `coi attach` means; `name` empty when it cannot tell (`running` lists
+    the candidates, none or several)."""
+
+    name: str
+    running: tuple[str, ...] = field(default=())
+    slot: int | None = None
+
+
+def attach_target(
+    client: IncusClient, name: str | None, *, slot: int | None, workspace: str | None
+) -> AttachTarget:
+    """The container named, else the workspace's slot, else the only running one.
+
+    :raises SessionError: the named (or slot's) container does not run.
+    """
+    if slot:
+        name = naming.container_name(str(resolve_workspace(workspace)), slot)
+        access.running_instance(client, name)
+        return AttachTarget(name, slot=slot)
+    if name:
+        return AttachTarget(name)
+    running = tuple(c.name for c in containers(client, with_state=False) if c.running)
+    return AttachTarget(running[0] if len(running) == 1 else "", running)
+
+
+def attach(client: IncusClient, cfg: Config, name: str, *, bash: bool, protect_log: Log) -> int:
+    """Join a running session on this terminal, its protected paths checked and (when
+    configured) its monitor watching while attached; the exit code of tmux (or bash).
+
+    :raises SessionError: the container does not run.
+    """
+    from coi.monitor.monitor import Settings, context_of
+
+    inst = access.running_instance(client, name)
+    agent = access.agent_of(
+        inst, uid=cfg.get_int("incus.code_uid"), user=cfg.get_str("incus.code_user")
+    )
+    guard = Guard(name)
+    settings = Settings.from_config(cfg)
+    if settings.enabled:
+        settings.net = context_of(client, name)
+    with guarded(
+        client,
+        name,
+        guard=guard if guard.exists() else None,
+        verify_interval=cfg.get_int("security.verify_interval_seconds"),
+        monitor=settings,
+        log=protect_log,
+        alert=terminal_alert,
+    ):
+        code = access.attach(client, agent, bash=bash)
+    settle(name, removed=not client.instances.exists(name), log=protect_log)
+    return code
