@@ -11,6 +11,7 @@ from coi.config.schema import NETWORK_MODES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 def _apply(func: F, opts: list[Callable[[F], F]]) -> F:
     for opt in reversed(opts):
         func = opt(func)
