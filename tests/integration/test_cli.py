@@ -29,11 +29,11 @@ def test_version_and_help() -> None:
 
 def test_unknown_command_and_flag() -> None:
     res = run_coi("frobnicate")
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert 'Error: unknown command "frobnicate" for "coi"' in res.stderr
     assert "Run 'coi --help' for usage." in res.stderr
     res = run_coi("health", "--bogus")
-    assert res.returncode == 1 and "unknown flag: --bogus" in res.stderr
+    assert res.returncode == 2 and "unknown flag: --bogus" in res.stderr
 
 
 def test_setup_is_idempotent_and_health_names_the_backend(coi_env: dict[str, str]) -> None:

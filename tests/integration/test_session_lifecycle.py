@@ -299,6 +299,6 @@ def test_completion_scripts_load_and_complete_a_running_container(
         )  # fmt: skip
         assert zsh_reply.stdout.split("\n")[:2] == ["plain", name]
         res = run_coi("completion", "powershell", env=coi_env)
-        assert res.returncode == 1 and "powershell" in res.stderr
+        assert res.returncode == 2 and "powershell" in res.stderr
     finally:
         client.instances.delete(name, force=True)

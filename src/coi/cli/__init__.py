@@ -65,7 +65,9 @@ def _dispatch(args: list[str]) -> int:
         from coi.cli.app import usage_error_text
 
         sys.stderr.write(usage_error_text(err))
-        return 1
+        # One code for every usage mistake, the parser's and coi's own checks alike (upstream
+        # exits 1 for cobra's and 2 for its own: scripts could not tell them from failures).
+        return 2
     except click.ClickException as err:
         _print_error(err.format_message())
         return err.exit_code

@@ -99,7 +99,9 @@ def run_cmd(
     from coi.sessions.runner import RunRequest, run_command
 
     if fmt and not capture:
-        raise click.UsageError("--format flag requires --capture flag")
+        from coi.errors import UsageError
+
+        raise UsageError("--format flag requires --capture flag")
     p = merged_params(ctx, params)
     prepared = _prepare(p, "run")
     with connect(prepared.config) as client:
