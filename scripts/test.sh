@@ -19,9 +19,11 @@ fi
 # coi and Incus (LXD, if an earlier run left it running, is stopped first).
 "$ROOT/scripts/switch-daemon.sh" incus --user "$TEST_USER"
 
-# The completion tests load coi's scripts in zsh and fish too.
-if [ "$(id -u)" -eq 0 ] && ! { command -v zsh && command -v fish; } >/dev/null 2>&1; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q zsh fish >/dev/null
+# The completion tests load coi's scripts in zsh and fish too; the image script's agent-CLI
+# part reads its recipes with jq (tests/unit/test_tools.py runs it).
+if [ "$(id -u)" -eq 0 ] \
+    && ! { command -v zsh && command -v fish && command -v jq; } >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q zsh fish jq >/dev/null
 fi
 
 # The test user runs coi from this checkout: in CI, make the folders above it traversable.

@@ -519,11 +519,15 @@ SETTINGS: tuple[Setting, ...] = (
         "images, so builds and agents work behind a TLS-inspecting proxy.",
         trust="never",
     ),
+    # The tool names come from the tool registry when `coi build` runs (each tool's file says
+    # whether it is in the default image): config loading imports no tool.
     _s(
         "build.tools",
         "list",
-        ["claude", "opencode", "codex", "gemini", "aider"],
-        "Agent CLIs `coi build` installs (a failure is reported; fatal only for tool.name).",
+        ["default"],
+        'Agent CLIs `coi build` installs: tool names; "default" stands for the tools of the '
+        'default image, e.g. ["default", "pi"]. tool.name is always installed; a failure is '
+        "reported, and fatal only for tool.name.",
         trust="never",
     ),
     # [monitoring]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,6 +16,7 @@ from coi.errors import BackendError, UsageError
 from coi.images import base as base_images
 from coi.images.buildlog import BuildLog
 from coi.images.versions import version_alias
+from coi.tools import registry
 
 COI_DESCRIPTION = "coi image (agent CLIs, Node.js, Python, Docker, GitHub CLI, tmux)"
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
@@ -42,6 +44,8 @@ class BuildOptions:
     image_server_alias: str = "debian/12"
     mirror: str = "http://deb.debian.org/debian"
     host_ca_certificates: bool = True
+    # `[build] tools`: tool names; "default" (or an empty list) stands for the built-in tools
+    # marked for the default image. The required tool is installed in any case.
     tools: list[str] = field(default_factory=list)
     required_tool: str = "claude"
     pool: str = "coi"
@@ -57,6 +61,19 @@ class BuildResult:
     fingerprint: str = ""
     version: str = ""
     tools: dict[str, str] = field(default_factory=dict)  # name -> "ok <version>" / "FAILED ..."
+
+
+def tool_env(opts: BuildOptions) -> dict[str, str]:
+    """What the build script is told about the agent CLIs: which to install (COI_TOOLS), which
+    one must not fail (COI_REQUIRED_TOOL), and how to install each (COI_TOOL_RECIPES: JSON,
+    tool name -> `Install.recipe()`, from each tool's file in coi/tools/builtin/ or a plugin).
+    A name without a recipe is reported by the script as one coi cannot install."""
+    tools = registry.build_tools(opts.tools, opts.required_tool)
+    return {
+        "COI_TOOLS": " ".join(tools),
+        "COI_REQUIRED_TOOL": opts.required_tool,
+        "COI_TOOL_RECIPES": json.dumps(registry.install_recipes(tools), separators=(",", ":")),
+    }
 
 
 class _Progress:
@@ -126,11 +143,7 @@ class Builder:
         self.log.say(f"Building image '{opts.alias}' as version '{version}'")
         source = self.resolve_base(opts)
         script = packaged_script()
-        env = {
-            "COI_MIRROR": opts.mirror,
-            "COI_TOOLS": " ".join(opts.tools),
-            "COI_REQUIRED_TOOL": opts.required_tool,
-        }
+        env = {"COI_MIRROR": opts.mirror, **tool_env(opts)}
         progress = _Progress(self.log)
         fp = self._build(opts, source, script, env, progress, version, COI_DESCRIPTION)
         with self.log.step(f"Pointing '{opts.alias}' at {version}"):

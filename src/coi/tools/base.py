@@ -1,4 +1,5 @@
-"""What an agent tool is: its binary, state directory, command lines and credentials."""
+"""What an agent tool is: its binary, state directory, command lines, credentials, and how
+`coi build` installs it."""
 
 from __future__ import annotations
 
@@ -8,9 +9,51 @@ from pathlib import Path
 from typing import Any
 
 
+class Install:
+    """How `coi build` puts a tool into the `coi` image: exactly one of `npm`, `pypi`, `script`.
+
+    The build script (coi/images/scripts/coi-image.sh) gets these as data from the builder
+    (`recipe()`), installs the tool, then runs `<binary> --version` to prove it works.
+    """
+
+    # A plain class, not a dataclass: making a frozen dataclass costs 0.4 ms (measured), and
+    # every session imports this module, `coi run` too.
+    __slots__ = ("default", "npm", "pypi", "script")
+
+    def __init__(
+        self, *, npm: str = "", pypi: str = "", script: str = "", default: bool = True
+    ) -> None:
+        given = [k for k, v in (("npm", npm), ("pypi", pypi), ("script", script)) if v]
+        if len(given) != 1:
+            raise ValueError(f"Install needs exactly one of npm, pypi, script (got {given})")
+        # npm: an npm package, installed globally (Node.js 22 and npm 10 are in the image).
+        # pypi: a PyPI package, installed with `uv tool install` into a venv of its own.
+        # script: bash run as root in the build container (`set -euo pipefail`); it must put
+        # the tool's binary on PATH, e.g. in /usr/local/bin.
+        self.npm, self.pypi, self.script = npm, pypi, script
+        # In the image when `[build] tools` says "default" (its default). False: only when
+        # named there, or when it is the configured tool (`[tool] name`).
+        self.default = default
+
+    def __repr__(self) -> str:
+        way = next(
+            f"{k}={getattr(self, k)!r}" for k in ("npm", "pypi", "script") if getattr(self, k)
+        )
+        return f"Install({way}, default={self.default})"
+
+    def recipe(self, binary: str) -> dict[str, str]:
+        """What the build script reads for this tool (JSON in COI_TOOL_RECIPES)."""
+        if self.npm:
+            return {"kind": "npm", "package": self.npm, "binary": binary}
+        if self.pypi:
+            return {"kind": "pypi", "package": self.pypi, "binary": binary}
+        return {"kind": "script", "script": self.script, "binary": binary}
+
+
 @dataclass(frozen=True)
 class Tool:
-    """An agent CLI coi can run. Adding a tool means writing one of these (see tools/builtin/)."""
+    """An agent CLI coi can run. Adding a tool means writing one of these in a module of its
+    own, named after the tool, in tools/builtin/ (docs/tools.md)."""
 
     name: str
     binary: str
@@ -29,6 +72,8 @@ class Tool:
     env_keys: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    # How `coi build` installs it; None: coi cannot (the tool must already be in the image).
+    install: Install | None = None
 
     def command(
         self,

@@ -1,14 +1,20 @@
 #!/bin/bash
 # Turns a Debian 12 base into the `coi` image. Runs as root inside the build container.
 # Lines starting with "==> " are progress for the user; everything else goes to the log.
-# Environment: COI_MIRROR, COI_TOOLS (space separated), COI_REQUIRED_TOOL, COI_NPM_REGISTRY,
+# Environment: COI_MIRROR, COI_TOOLS (space separated; empty: every tool in the recipes),
+# COI_REQUIRED_TOOL (its failure fails the build), COI_TOOL_RECIPES, COI_NPM_REGISTRY,
 # COI_NODE_MAJOR, COI_NPM_MAJOR.
+# COI_TOOL_RECIPES is JSON from coi (coi/images/builder.py, from each tool's `install` in
+# coi/tools/builtin/): {"NAME": {"kind": "npm"|"pypi"|"script", "binary": "...",
+# "package": "..." (npm, pypi) or "script": "..." (script)}}. Nothing here names a tool.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 MIRROR="${COI_MIRROR:-http://deb.debian.org/debian}"
 SECURITY_MIRROR="${MIRROR%/debian}/debian-security"
-TOOLS="${COI_TOOLS:-claude opencode codex gemini aider}"
-REQUIRED="${COI_REQUIRED_TOOL:-claude}"
+TOOLS="${COI_TOOLS:-}"
+REQUIRED="${COI_REQUIRED_TOOL:-}"
+RECIPES='{}'
+[ -z "${COI_TOOL_RECIPES:-}" ] || RECIPES="$COI_TOOL_RECIPES"
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 NPM_REGISTRY="${COI_NPM_REGISTRY:-https://registry.npmjs.org}"
 NODE_MAJOR="${COI_NODE_MAJOR:-22}"
@@ -186,6 +192,13 @@ done
 echo "NODE_EXTRA_CA_CERTS=$CA_BUNDLE" >> /etc/environment
 printf 'export NODE_EXTRA_CA_CERTS=%s\n' "$CA_BUNDLE" > /etc/profile.d/coi-ca.sh
 
+# The agent CLIs, from here to "Cleaning up" (tests/unit/test_tools.py runs this part with
+# stand-ins for npm and uv). jq is here since "Installing base tools"; recipes that are not
+# JSON stop the build (set -e).
+recipe() {  # name field -> the field of the tool's recipe, empty when there is none
+    jq -r --arg t "$1" --arg f "$2" '.[$t][$f] // empty' <<<"$RECIPES"
+}
+[ -n "$TOOLS" ] || TOOLS="$(jq -r 'keys_unsorted | join(" ")' <<<"$RECIPES")"
 step "Installing agent CLIs: $TOOLS"
 export NPM_CONFIG_UPDATE_NOTIFIER=false
 npm config set --global cafile "$CA_BUNDLE"
@@ -194,36 +207,42 @@ npm config set --global fund false
 npm config set --global audit false
 export NODE_EXTRA_CA_CERTS="$CA_BUNDLE" PIP_CERT="$CA_BUNDLE" SSL_CERT_FILE="$CA_BUNDLE"
 failed=()
+installed() {  # name binary -> "ok VERSION" when the binary runs, else false
+    "$2" --version >/tmp/v 2>&1 && echo "==> tool $1: ok $(head -n1 /tmp/v)"
+}
+failure() {  # name what
+    cat /tmp/v 2>/dev/null || true
+    echo "==> tool $1: FAILED ($2)"; failed+=("$1")
+}
 npm_tool() {  # name package binary
     rm -f /tmp/v
-    if npm install --global --no-fund --no-audit "$2" && "$3" --version >/tmp/v 2>&1; then
-        echo "==> tool $1: ok $(head -n1 /tmp/v)"
-    else
-        cat /tmp/v 2>/dev/null || true
-        echo "==> tool $1: FAILED (npm package $2)"; failed+=("$1")
-    fi
+    if npm install --global --no-fund --no-audit "$2" && installed "$1" "$3"; then :
+    else failure "$1" "npm package $2"; fi
 }
-aider_tool() {
+uv_ready() {  # uv itself, once, in a venv of its own
+    [ -x /opt/coi/uv/bin/uv ] || {
+        python3 -m venv /opt/coi/uv && /opt/coi/uv/bin/pip install --no-cache-dir --quiet uv
+    }
+}
+pypi_tool() {  # name package binary: a venv of its own under /opt/coi/tools, binary on PATH
     rm -f /tmp/v
-    python3 -m venv /opt/coi/uv
-    /opt/coi/uv/bin/pip install --no-cache-dir --quiet uv
-    if UV_TOOL_DIR=/opt/coi/tools UV_TOOL_BIN_DIR=/usr/local/bin UV_NATIVE_TLS=1 \
+    if uv_ready && UV_TOOL_DIR=/opt/coi/tools UV_TOOL_BIN_DIR=/usr/local/bin UV_NATIVE_TLS=1 \
         UV_PYTHON_DOWNLOADS=never UV_NO_CACHE=1 \
-        /opt/coi/uv/bin/uv tool install --python /usr/bin/python3 aider-chat \
-        && aider --version >/tmp/v 2>&1; then
-        echo "==> tool aider: ok $(head -n1 /tmp/v)"
-    else
-        cat /tmp/v 2>/dev/null || true
-        echo "==> tool aider: FAILED (PyPI package aider-chat)"; failed+=(aider)
-    fi
+        /opt/coi/uv/bin/uv tool install --python /usr/bin/python3 "$2" \
+        && installed "$1" "$3"; then :
+    else failure "$1" "PyPI package $2"; fi
+}
+script_tool() {  # name script binary
+    rm -f /tmp/v
+    if (cd /tmp && bash -euo pipefail -c "$2") && installed "$1" "$3"; then :
+    else failure "$1" "install script"; fi
 }
 for tool in $TOOLS; do
-    case "$tool" in
-        claude) npm_tool claude @anthropic-ai/claude-code claude ;;
-        opencode) npm_tool opencode opencode-ai opencode ;;
-        codex) npm_tool codex @openai/codex codex ;;
-        gemini) npm_tool gemini @google/gemini-cli gemini ;;
-        aider) aider_tool ;;
+    binary="$(recipe "$tool" binary)"
+    case "$(recipe "$tool" kind)" in
+        npm) npm_tool "$tool" "$(recipe "$tool" package)" "$binary" ;;
+        pypi) pypi_tool "$tool" "$(recipe "$tool" package)" "$binary" ;;
+        script) script_tool "$tool" "$(recipe "$tool" script)" "$binary" ;;
         *) echo "==> tool $tool: FAILED (coi does not know how to install it)"; failed+=("$tool") ;;
     esac
 done

@@ -1,6 +1,6 @@
 """aider."""
 
-from coi.tools.base import Tool
+from coi.tools.base import Install, Tool
 
 TOOL = Tool(
     name="aider",
@@ -11,4 +11,5 @@ TOOL = Tool(
     credential_files=(".aider.conf.yml",),
     env_keys=("ANTHROPIC_API_KEY", "OPENAI_API_KEY"),
     description="aider (aider-chat)",
+    install=Install(pypi="aider-chat"),
 )

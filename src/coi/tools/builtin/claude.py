@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from coi.tools.base import Tool
+from coi.tools.base import Install, Tool
 
 
 class Claude(Tool):
@@ -57,4 +57,5 @@ TOOL = Claude(
     ),
     env_keys=("ANTHROPIC_API_KEY", "CLAUDE_CODE_USE_BEDROCK", "AWS_REGION"),
     description="Anthropic's Claude Code",
+    install=Install(npm="@anthropic-ai/claude-code"),
 )

@@ -1,6 +1,6 @@
 """OpenAI Codex CLI."""
 
-from coi.tools.base import Tool
+from coi.tools.base import Install, Tool
 
 TOOL = Tool(
     name="codex",
@@ -11,4 +11,5 @@ TOOL = Tool(
     credential_files=(".codex/auth.json", ".codex/config.toml"),
     env_keys=("OPENAI_API_KEY",),
     description="OpenAI Codex CLI",
+    install=Install(npm="@openai/codex"),
 )

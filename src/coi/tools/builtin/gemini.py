@@ -1,6 +1,6 @@
 """Google gemini-cli."""
 
-from coi.tools.base import Tool
+from coi.tools.base import Install, Tool
 
 TOOL = Tool(
     name="gemini",
@@ -10,4 +10,5 @@ TOOL = Tool(
     credential_files=(".gemini/settings.json", ".gemini/oauth_creds.json"),
     env_keys=("GEMINI_API_KEY", "GOOGLE_API_KEY"),
     description="Google gemini-cli",
+    install=Install(npm="@google/gemini-cli"),
 )

@@ -3,7 +3,7 @@
 from collections.abc import Mapping
 from typing import Any
 
-from coi.tools.base import Tool
+from coi.tools.base import Install, Tool
 
 
 class OpenCode(Tool):
@@ -27,4 +27,5 @@ TOOL = OpenCode(
     env={"XDG_DATA_HOME": "/workspace/.local/share", "XDG_STATE_HOME": "/workspace/.local/state"},
     env_keys=("ANTHROPIC_API_KEY", "OPENAI_API_KEY"),
     description="opencode (sst)",
+    install=Install(npm="opencode-ai"),
 )
