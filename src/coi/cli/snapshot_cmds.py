@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -15,7 +15,6 @@ from coi.cli.options import stacked
 from coi.cli.render import check_format, confirm, echo_json, local_time, table
 
 if TYPE_CHECKING:
-    from coi.backend.client import IncusClient
     from coi.backend.models import Snapshot
 
 
@@ -31,13 +30,6 @@ _container_options = stacked(
 )
 
 
-def _target(client: IncusClient, container: str | None, workspace: str | None) -> str:
-    from coi.sessions.inventory import resolve_container
-    from coi.sessions.workspace import resolve_workspace
-
-    return resolve_container(client, container, str(resolve_workspace(workspace)))
-
-
 def _snap_json(s: Snapshot) -> dict[str, Any]:
     out: dict[str, Any] = {"name": s.name, "created_at": s.created_at, "stateful": s.stateful}
     if s.expires_at:
@@ -45,18 +37,6 @@ def _snap_json(s: Snapshot) -> dict[str, Any]:
     if s.description:
         out["description"] = s.description
     return out
-
-
-def _find(client: IncusClient, container: str, name: str) -> Snapshot:
-    from coi.errors import NotFound
-
-    for s in client.instances.snapshots(container):
-        if s.name == name:
-            return s
-    raise NotFound(
-        f"snapshot '{name}' not found for container '{container}'",
-        resolution=f"See its snapshots with 'coi snapshot list -c {container}'.",
-    )
 
 
 @click.group(
@@ -83,16 +63,14 @@ def create_cmd(
     name: str | None, container: str | None, workspace: str | None, stateful: bool
 ) -> None:
     """Snapshot a container (default name snap-YYYYMMDD-HHMMSS)."""
-    from coi.errors import Conflict
+    from coi.sessions import snapshots
 
-    name = name or datetime.now().strftime("snap-%Y%m%d-%H%M%S")
     with daemon()[1] as client:
-        c = _target(client, container, workspace)
-        if any(s.name == name for s in client.instances.snapshots(c)):
-            raise Conflict(f"snapshot '{name}' already exists for container '{c}'")
-        client.instances.create_snapshot(c, name, stateful=stateful)
-    kind = "stateful snapshot" if stateful else "snapshot"
-    click.echo(f"Created {kind} '{name}' for container '{c}'", err=True)
+        made = snapshots.create(
+            client, name, container=container, workspace=workspace, stateful=stateful
+        )
+    kind = "stateful snapshot" if made.stateful else "snapshot"
+    click.echo(f"Created {kind} '{made.name}' for container '{made.container}'", err=True)
 
 
 @snapshot_cmd.command("list", examples="  coi snapshot list --all --format json")
@@ -101,27 +79,25 @@ def create_cmd(
 @click.option("-a", "--all", "all_", is_flag=True, help="Every coi container's snapshots.")
 def list_cmd(container: str | None, workspace: str | None, fmt: str, all_: bool) -> None:
     """List a container's snapshots."""
-    from coi.sessions.inventory import containers
+    from coi.sessions import snapshots
 
     check_format(fmt, ("text", "json"))
     with daemon()[1] as client:
         if all_:
-            names = [c.name for c in containers(client, with_state=False)]
-            snaps = {n: client.instances.snapshots(n) for n in names}
+            every = snapshots.of_every_container(client)
         else:
-            c = _target(client, container, workspace)
-            snaps = {c: client.instances.snapshots(c)}
+            one = snapshots.of_container(client, container, workspace)
     if all_:
         if fmt == "json":
-            echo_json({n: [_snap_json(s) for s in ss] for n, ss in snaps.items()})
+            echo_json({n.container: [_snap_json(s) for s in n.snapshots] for n in every})
             return
-        if not snaps:
+        if not every:
             click.echo("No COI containers found", err=True)
-        for n, ss in snaps.items():
-            click.echo(f"\nSnapshots for {n}:")
-            click.echo(_snap_table(ss, indent="  ") if ss else "  (none)")
+        for n in every:
+            click.echo(f"\nSnapshots for {n.container}:")
+            click.echo(_snap_table(n.snapshots, indent="  ") if n.snapshots else "  (none)")
         return
-    ((c, ss),) = snaps.items()
+    c, ss = one.container, one.snapshots
     if fmt == "json":
         echo_json({"container": c, "snapshots": [_snap_json(s) for s in ss]})
         return
@@ -130,7 +106,7 @@ def list_cmd(container: str | None, workspace: str | None, fmt: str, all_: bool)
     click.echo(f"\nTotal: {len(ss)} snapshot{'' if len(ss) == 1 else 's'}")
 
 
-def _snap_table(snaps: list[Snapshot], indent: str = "") -> str:
+def _snap_table(snaps: Sequence[Snapshot], indent: str = "") -> str:
     rows = [["NAME", "CREATED", "STATEFUL"]]
     rows += [[s.name, local_time(s.created_at), "yes" if s.stateful else "no"] for s in snaps]
     return table(rows, indent=indent)
@@ -148,11 +124,11 @@ def restore_cmd(
 ) -> None:
     """Bring a container back to a snapshot (a running one is stopped and started again)."""
     from coi.errors import Conflict
+    from coi.sessions import snapshots
 
     with daemon()[1] as client:
-        c = _target(client, container, workspace)
-        _find(client, c, name)
-        was_running = client.instances.get(c).active
+        plan = snapshots.prepare_restore(client, name, container=container, workspace=workspace)
+        c, was_running = plan.container, plan.was_running
         if not force:
             click.echo(
                 f"WARNING: This will restore container '{c}' to snapshot '{name}'.", err=True
@@ -168,11 +144,7 @@ def restore_cmd(
                     )
                 click.echo("Aborted", err=True)
                 return
-        if was_running:
-            client.instances.stop(c, force=True)
-        client.instances.restore_snapshot(c, name, stateful=stateful)
-        if was_running:
-            client.instances.start(c)
+        snapshots.restore(client, plan, stateful=stateful)
     click.echo(f"Restored container '{c}' from snapshot '{name}'", err=True)
 
 
@@ -188,18 +160,21 @@ def delete_cmd(
 ) -> None:
     """Delete a snapshot (or, with --all, every snapshot of the container)."""
     from coi.errors import UsageError
+    from coi.sessions import snapshots
 
     if not name and not all_:
         raise UsageError("snapshot name required (or use --all to delete all snapshots)")
     with daemon()[1] as client:
-        c = _target(client, container, workspace)
         if not all_:
             assert name is not None
-            _find(client, c, name)
-            client.instances.delete_snapshot(c, name)
-            click.echo(f"Deleted snapshot '{name}' from container '{c}'", err=True)
+            gone = snapshots.delete(client, name, container=container, workspace=workspace)
+            click.echo(
+                f"Deleted snapshot '{gone.snapshot.name}' from container '{gone.container}'",
+                err=True,
+            )
             return
-        snaps = client.instances.snapshots(c)
+        listed = snapshots.of_container(client, container, workspace)
+        c, snaps = listed.container, listed.snapshots
         if not snaps:
             click.echo(f"No snapshots to delete for container '{c}'", err=True)
             return
@@ -210,9 +185,11 @@ def delete_cmd(
             if not confirm("Continue?", err=True):
                 click.echo("Aborted", err=True)
                 return
-        for s in snaps:
-            client.instances.delete_snapshot(c, s.name)
-            click.echo(f"Deleted snapshot '{s.name}'", err=True)
+        snapshots.delete_all(client, listed, log=_log)
+
+
+def _log(message: str) -> None:
+    click.echo(message, err=True)
 
 
 @snapshot_cmd.command("info", examples="  coi snapshot info before-refactor --format json")
@@ -221,10 +198,12 @@ def delete_cmd(
 @click.option("--format", "fmt", default="text", metavar="FORMAT", help="text or json.")
 def info_cmd(name: str, container: str | None, workspace: str | None, fmt: str) -> None:
     """Show one snapshot."""
+    from coi.sessions import snapshots
+
     check_format(fmt, ("text", "json"))
     with daemon()[1] as client:
-        c = _target(client, container, workspace)
-        s = _find(client, c, name)
+        found = snapshots.info(client, name, container=container, workspace=workspace)
+    c, s = found.container, found.snapshot
     if fmt == "json":
         echo_json({"container": c, "snapshot": _snap_json(s)})
         return
