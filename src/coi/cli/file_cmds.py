@@ -4,21 +4,14 @@ what a pull brings out is data only."""
 from __future__ import annotations
 
 import posixpath
-import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from coi.backend.intake import PullReport, check_destination
 from coi.cli.app import CoiGroup
 from coi.cli.container_cmds import print_help_when_bare
 from coi.cli.context import daemon
-from coi.errors import NotFound, UsageError
-
-if TYPE_CHECKING:
-    from coi.backend.client import IncusClient
+from coi.errors import UsageError
 
 
 def split_remote(value: str, what: str) -> tuple[str, str]:
@@ -60,23 +53,13 @@ def file_cmd(ctx: click.Context) -> None:
 @click.option("--gid", type=int, default=0, show_default=True, help="Group inside.")
 def push_cmd(local: Path, dest: str, recursive: bool, uid: int, gid: int) -> None:
     """Copy a local file (or with -r a directory) to CONTAINER:PATH (parents are created)."""
+    from coi.sessions import files
+
     name, path = split_remote(dest, "destination")
-    if not local.exists() and not local.is_symlink():
-        raise NotFound(f"source does not exist: {local}")
-    if local.is_dir() and not recursive:
-        raise UsageError("source is a directory, use -r flag")
+    files.check_push_source(local, recursive=recursive)
     with daemon()[1] as client:
-        if not client.instances.exists(name):
-            raise NotFound(f"container {name} not found")
-        parent = posixpath.dirname(path)
-        if parent != "/" and client.files.stat(name, parent) is None:
-            client.files.mkdir(name, parent, uid=uid, gid=gid, parents=True)
-        if local.is_dir():
-            client.files.push_tree(name, local, path, uid=uid, gid=gid)
-            click.echo(f"Pushed directory {local} -> {name}:{path}", err=True)
-        else:
-            client.files.push_file(name, local, path, uid=uid, gid=gid)
-            click.echo(f"Pushed file {local} -> {name}:{path}", err=True)
+        done = files.push(client, local, name, path, uid=uid, gid=gid)
+    click.echo(f"Pushed {done.kind} {done.local} -> {done.container}:{done.path}", err=True)
 
 
 @file_cmd.command("pull", examples="  coi file pull -r my-box:/workspace/out ./out")
@@ -91,48 +74,12 @@ def pull_cmd(source: str, local: Path, recursive: bool) -> None:
     bits are removed; a warning names each. coi never writes through a symbolic link on
     the host: a destination that is or goes through one is refused.
     """
+    from coi.sessions import files
+
     name, path = split_remote(source, "source")
-    # Links above the current and home folders are the user's own set-up (a home reached
-    # through a link); below them, coi follows none.
-    trusted = (Path.cwd(), Path.home())
-    local = check_destination(local, trusted=trusted)
+    local = files.pull_destination(local)
     with daemon()[1] as client:
-        if not client.instances.exists(name):
-            raise NotFound(f"container {name} not found")
-        info = client.files.stat(name, path)
-        if info is None:
-            raise NotFound(f"source does not exist: {name}:{path}")
-        if info.type == "directory":
-            if not recursive:
-                raise UsageError("source is a directory, use -r flag")
-            _warn(_pull_dir(client, name, path, local))
-            click.echo(f"Pulled directory {name}:{path} -> {local}", err=True)
-            return
-        target = local / posixpath.basename(path) if local.is_dir() else local
-        target = check_destination(target, trusted=trusted)
-        _warn(client.files.pull_file(name, path, target))
-        click.echo(f"Pulled file {name}:{path} -> {target}", err=True)
-
-
-def _warn(report: PullReport) -> None:
-    for line in report.warnings():
+        done = files.pull(client, name, path, local, recursive=recursive)
+    for line in done.warnings:
         click.echo(f"Warning: {line}", err=True)
-
-
-def _pull_dir(client: IncusClient, name: str, path: str, local: Path) -> PullReport:
-    """Pull into a fresh directory beside `local`, then swap it in: a failed pull leaves the
-    old `local` untouched, and nothing the container names can land outside it."""
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.pull-", dir=local.parent))
-    try:
-        report = client.files.pull_tree(name, path, tmp / "tree")
-        if local.is_symlink():  # made meanwhile: replaced, not followed
-            local.unlink()
-        elif local.is_dir():
-            shutil.rmtree(local)
-        elif local.exists():
-            local.unlink()
-        (tmp / "tree").rename(local)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return report
+    click.echo(f"Pulled {done.kind} {done.container}:{done.path} -> {done.target}", err=True)
