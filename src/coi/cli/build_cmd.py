@@ -125,21 +125,13 @@ def custom_cmd(name: str, script: Path, base: str, force: bool, verbose: bool) -
 @click.option("--force", is_flag=True, help="Rebuild even if the image exists.")
 def tiny_cmd(force: bool) -> None:
     """Build the tiny busybox+tmux image (seconds; used by tests and probes)."""
-    import tempfile
-
     from coi.cli.context import connect, load_settings
-    from coi.images.tiny import DESCRIPTION, TINY_ALIAS, build_tarball
+    from coi.images import manage
 
     cfg = load_settings()
     with connect(cfg) as client:
-        old = client.images.alias_target(TINY_ALIAS)
-        if old and not force:
-            click.echo(f"Image '{TINY_ALIAS}' already exists. Use --force to rebuild.", err=True)
-            return
-        with tempfile.TemporaryDirectory(prefix="coi-tiny-") as tmp:
-            tarball = build_tarball(Path(tmp) / "tiny.tar")
-            fp = client.images.import_tarball(tarball, properties={"description": DESCRIPTION})
-        client.images.set_alias(TINY_ALIAS, fp)
-        if old and old != fp:
-            client.images.delete(old)
-    click.echo(json.dumps({"alias": TINY_ALIAS, "fingerprint": fp}), nl=True)
+        res = manage.build_tiny(client, force=force)
+    if res.skipped:
+        click.echo(f"Image '{res.alias}' already exists. Use --force to rebuild.", err=True)
+        return
+    click.echo(json.dumps({"alias": res.alias, "fingerprint": res.fingerprint}), nl=True)

@@ -46,9 +46,10 @@ def _session_ids() -> list[str]:
 
 def _image_aliases() -> list[str]:
     from coi.cli.context import connect, load_settings
+    from coi.images import manage
 
     with connect(load_settings()) as client:
-        return [a for i in client.images.list() for a in i.aliases]
+        return manage.aliases(client)
 
 
 def _completer(fetch: Callable[[], list[str]]) -> Callable[..., list[CompletionItem]]:

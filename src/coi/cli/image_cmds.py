@@ -25,8 +25,10 @@ KNOWN = {
 
 
 def _images() -> list[Image]:
+    from coi.images import manage
+
     with daemon()[1] as client:
-        return client.images.list()
+        return manage.images(client)
 
 
 def _image_json(i: Image) -> dict[str, Any]:
@@ -125,20 +127,11 @@ def images_cmd(all_: bool, prefix: str | None, fmt: str) -> None:
 @click.option("--description", default="", help="Image description.")
 def publish_cmd(container: str, alias: str, description: str) -> None:
     """Publish a container as an image (the container is stopped, then deleted)."""
-    from coi.errors import Conflict
+    from coi.images import manage
 
     with daemon()[1] as client:
-        if client.images.exists(alias):
-            raise Conflict(
-                f"image alias '{alias}' already exists",
-                resolution=f"Pick another alias or delete it: coi image delete {alias}",
-            )
-        if client.instances.get(container).active:
-            client.instances.stop(container, force=True)
-        props = {"description": description} if description else {}
-        fp = client.images.publish(instance=container, aliases=(alias,), properties=props)
-        client.instances.delete(container, force=True)
-    click.echo(json.dumps({"fingerprint": fp, "alias": alias}))
+        done = manage.publish(client, container, alias, description=description)
+    click.echo(json.dumps({"fingerprint": done.fingerprint, "alias": done.alias}))
 
 
 @image_cmd.command("exists", examples="  coi image exists coi || coi build")
@@ -146,23 +139,20 @@ def publish_cmd(container: str, alias: str, description: str) -> None:
 @click.pass_context
 def exists_cmd(ctx: click.Context, alias: str) -> None:
     """Exit 0 if the image alias exists, 1 if not (prints nothing)."""
+    from coi.images import manage
+
     with daemon()[1] as client:
-        ctx.exit(0 if client.images.exists(alias) else 1)
+        ctx.exit(0 if manage.exists(client, alias) else 1)
 
 
 @image_cmd.command("delete", examples="  coi image delete my-image")
 @click.argument("alias", shell_complete=complete_images)
 def delete_cmd(alias: str) -> None:
     """Delete the image an alias names."""
-    from coi.errors import NotFound
+    from coi.images import manage
 
     with daemon()[1] as client:
-        fp = client.images.alias_target(alias)
-        if fp is None:
-            raise NotFound(
-                f"image '{alias}' not found", resolution="See the images with 'coi image list'."
-            )
-        client.images.delete(fp)
+        manage.delete(client, alias)
     click.echo(f"Deleted image {alias}", err=True)
 
 
