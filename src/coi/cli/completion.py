@@ -24,17 +24,18 @@ def _safely(fetch: Callable[[], list[str]], incomplete: str) -> list[CompletionI
 
 def _container_names() -> list[str]:
     from coi.cli.context import connect, load_settings
-    from coi.sessions.inventory import is_coi_name
+    from coi.sessions import containers
 
     with connect(load_settings()) as client:
-        return [n for n in client.instances.names() if is_coi_name(n)]
+        return containers.names(client, coi_only=True)
 
 
 def _all_container_names() -> list[str]:
     from coi.cli.context import connect, load_settings
+    from coi.sessions import containers
 
     with connect(load_settings()) as client:
-        return client.instances.names()
+        return containers.names(client)
 
 
 def _session_ids() -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import click
 
@@ -11,9 +10,6 @@ from coi.cli.app import CoiGroup
 from coi.cli.completion import complete_any_container, complete_images
 from coi.cli.context import daemon
 from coi.cli.render import check_format, echo_json, local_time, table
-
-if TYPE_CHECKING:
-    pass
 
 GROUP_EXAMPLES = """\
   coi container launch coi my-box
@@ -49,20 +45,17 @@ def container_cmd(ctx: click.Context) -> None:
 @click.option("--ephemeral", is_flag=True, help="Delete the container when it stops.")
 def launch_cmd(image: str, name: str, ephemeral: bool) -> None:
     """Create and start a container from an image (Docker-ready settings)."""
-    from coi.sessions.sandbox import docker_ready_config
+    from coi.sessions import containers
 
     cfg, client = daemon()
     with client:
-        client.instances.create(
+        containers.launch(
+            client,
+            image,
             name,
-            image=image,
-            config=docker_ready_config(),
-            devices={
-                "root": {"type": "disk", "path": "/", "pool": cfg.get_str("incus.pool")},
-                "eth0": {"type": "nic", "network": cfg.get_str("incus.network"), "name": "eth0"},
-            },
+            pool=cfg.get_str("incus.pool"),
+            network=cfg.get_str("incus.network"),
             ephemeral=ephemeral,
-            start=True,
         )
     click.echo(f"Container {name} launched from {image}", err=True)
 
@@ -71,9 +64,11 @@ def launch_cmd(image: str, name: str, ephemeral: bool) -> None:
 @click.argument("name", shell_complete=complete_any_container)
 def start_cmd(name: str) -> None:
     """Start a stopped container."""
+    from coi.sessions import containers
+
     _cfg, client = daemon()
     with client:
-        client.instances.start(name)
+        containers.start(client, name)
     click.echo(f"Container {name} started", err=True)
 
 
@@ -82,9 +77,11 @@ def start_cmd(name: str) -> None:
 @click.option("--force", is_flag=True, help="Kill it instead of a clean shutdown.")
 def stop_cmd(name: str, force: bool) -> None:
     """Stop a running container."""
+    from coi.sessions import containers
+
     _cfg, client = daemon()
     with client:
-        client.instances.stop(name, force=force)
+        containers.stop(client, name, force=force)
     click.echo(f"Container {name} stopped", err=True)
 
 
@@ -93,16 +90,11 @@ def stop_cmd(name: str, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Delete it even if it is running.")
 def delete_cmd(name: str, force: bool) -> None:
     """Delete a container."""
-    from coi.errors import Conflict
+    from coi.sessions import containers
 
     _cfg, client = daemon()
     with client:
-        if not force and client.instances.get(name).active:
-            raise Conflict(
-                f"container {name} is running",
-                resolution=f"Stop it first, or use 'coi container delete {name} --force'.",
-            )
-        client.instances.delete(name, force=force)
+        containers.delete(client, name, force=force)
     click.echo(f"Container {name} deleted", err=True)
 
 
@@ -111,9 +103,11 @@ def delete_cmd(name: str, force: bool) -> None:
 @click.pass_context
 def exists_cmd(ctx: click.Context, name: str) -> None:
     """Exit 0 if the container exists, 1 if not (prints nothing)."""
+    from coi.sessions import containers
+
     _cfg, client = daemon()
     with client:
-        ctx.exit(0 if client.instances.exists(name) else 1)
+        ctx.exit(0 if containers.exists(client, name) else 1)
 
 
 @container_cmd.command("running")
@@ -121,14 +115,11 @@ def exists_cmd(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def running_cmd(ctx: click.Context, name: str) -> None:
     """Exit 0 if the container is running, 1 if not (prints nothing)."""
-    from coi.errors import NotFound
+    from coi.sessions import containers
 
     _cfg, client = daemon()
     with client:
-        try:
-            running = client.instances.get(name).running
-        except NotFound:
-            running = False
+        running = containers.running(client, name)
     ctx.exit(0 if running else 1)
 
 
@@ -162,10 +153,9 @@ def exec_cmd(
     tty: bool,
 ) -> None:
     """Run a command in a container; its exit code is coi's exit code."""
-    from coi.backend.exec import ExecRequest
     from coi.errors import UsageError
+    from coi.sessions import containers
     from coi.sessions.runner import print_capture, stream_writer
-    from coi.sessions.sandbox import parse_env
 
     if not command:
         raise UsageError("no command specified (use -- before command)")
@@ -175,24 +165,27 @@ def exec_cmd(
         check_format(fmt or "json", ("json", "raw"))
     if tty and capture:
         raise UsageError("--tty and --capture cannot be used together")
+    stream = not (tty or capture)
     _cfg, client = daemon()
     with client:
-        inst = client.instances.get(name)
-        if cwd is None:
-            cwd = (inst.devices.get("workspace") or {}).get("path") or None
-        req = ExecRequest(
-            command=list(command), env=parse_env(env), cwd=cwd, user=user, group=group
+        res = containers.run_command(
+            client,
+            name,
+            command,
+            env=env,
+            cwd=cwd,
+            user=user,
+            group=group,
+            mode="tty" if tty else "capture" if capture else "stream",
+            on_stdout=stream_writer(sys.stdout) if stream else None,
+            on_stderr=stream_writer(sys.stderr) if stream else None,
         )
-        if tty:
-            ctx.exit(client.exec.interactive(name, req))
-        if capture:
-            res = client.exec.capture(name, req)
-            # Unlike upstream, a failed command's exit code is passed on in JSON mode too.
-            print_capture(fmt or "json", res.stdout, res.stderr, res.exit_code)
-            ctx.exit(res.exit_code)
-        res = client.exec.run(
-            name, req, on_stdout=stream_writer(sys.stdout), on_stderr=stream_writer(sys.stderr)
-        )
+    if tty:
+        ctx.exit(res.exit_code)
+    if capture:
+        # Unlike upstream, a failed command's exit code is passed on in JSON mode too.
+        print_capture(fmt or "json", res.stdout, res.stderr, res.exit_code)
+        ctx.exit(res.exit_code)
     if res.exit_code != 0:
         click.echo(f"Error: command failed: exit status {res.exit_code}", err=True)
     ctx.exit(res.exit_code)
@@ -213,18 +206,12 @@ def exec_cmd(
 @click.option("--readonly", is_flag=True, help="Mount read-only.")
 def mount_cmd(name: str, device: str, source: str, path: str, shift: bool, readonly: bool) -> None:
     """Add a host directory to a container as a disk device."""
-    from coi.errors import UsageError
+    from coi.sessions import containers
 
-    if not path.startswith("/"):
-        raise UsageError(f"container path must be absolute: {path}")
-    spec = {"type": "disk", "source": source, "path": path}
-    if shift:
-        spec["shift"] = "true"
-    if readonly:
-        spec["readonly"] = "true"
+    spec = containers.disk_device(source, path, shift=shift, readonly=readonly)
     _cfg, client = daemon()
     with client:
-        client.instances.add_device(name, device, spec)
+        containers.mount(client, name, device, spec)
     click.echo(f"Disk mounted: {source} -> {name}:{path}", err=True)
 
 
@@ -232,10 +219,12 @@ def mount_cmd(name: str, device: str, source: str, path: str, shift: bool, reado
 @click.option("--format", "fmt", default="text", metavar="FORMAT", help="text or json.")
 def list_cmd(fmt: str) -> None:
     """List every container of the project (not only coi's)."""
+    from coi.sessions import containers
+
     check_format(fmt, ("json", "text"))
     _cfg, client = daemon()
     with client:
-        instances = client.instances.list(with_state=True)
+        instances = containers.every_container(client)
     if fmt == "json":
         echo_json([dict(i.raw) for i in instances])
         return
