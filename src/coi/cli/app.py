@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "snapshot": ("coi.cli.snapshot_cmds", "snapshot_cmd"),
     "tmux": ("coi.cli.tmux_cmds", "tmux_cmd"),
     "completion": ("coi.cli.completion", "completion_cmd"),
+    "mcp": ("coi.cli.mcp_cmd", "mcp_cmd"),
 }
 
 

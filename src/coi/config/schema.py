@@ -600,6 +600,14 @@ SETTINGS: tuple[Setting, ...] = (
         "monitoring.nft.log_dns_queries", "bool", True, "Unused (no kernel log rules).", trust="any"
     ),
     _s("monitoring.nft.lima_host", "str", "", "Unused on Linux hosts.", trust="never"),
+    # [mcp]
+    _s(
+        "mcp.allow_open_network",
+        "bool",
+        False,
+        "Let `coi mcp` clients ask for a network mode looser than network.mode (open too).",
+        trust="never",
+    ),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
