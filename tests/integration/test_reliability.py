@@ -14,6 +14,7 @@ from tests.conftest import coi_argv, run_coi
 from tests.integration.conftest import USER, coi_names, user_dir, wait_for
 
 from coi.backend import IncusClient
+from coi.sessions import checkpoint
 
 # coi's keeper looks at its owner once a second; the daemon's forced stop takes a moment.
 WITHIN = 10
@@ -73,3 +74,58 @@ def test_a_run_that_ends_dismisses_its_keeper(
     res = run_coi("run", "--image", "coi-tiny", "-w", str(ws), "--", "true", env=uenv, user=USER)
     assert res.returncode == 0, res.stderr
     assert _keepers() == []
+
+
+def _stopped(pid: int) -> bool:
+    """The process stopped itself (SIGSTOP at its test step)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.parametrize("step", checkpoint.RUN_STEPS)
+def test_kill_9_at_each_step_of_coi_run_leaves_nothing(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd, step: str
+) -> None:
+    """coi frozen at a named step (COI_TEST_STOP_AT), then SIGKILLed: within 10 s no
+    container, no slot claim, no keeper of that run is left, and the next run works."""
+    ws = user_dir(base / "ws", user)
+    home = Path(uenv["COI_HOME"])
+    command = ["true"] if step == "cleaning-up" else ["sleep", "120"]  # it ends, or it runs
+    argv = coi_argv("run", "--image", "coi-tiny", "-w", str(ws), "--", *command, user=USER)
+    proc = subprocess.Popen(
+        argv,
+        env={**uenv, checkpoint.ENV: step},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _stopped(proc.pid), f"coi to stop at {step}", 60)
+    finally:
+        _kill_hard(proc)  # type: ignore[arg-type]
+    killed_at = time.monotonic()
+
+    def claims() -> list[Path]:
+        return sorted((home / "locks").glob("*.claim"))
+
+    if step == "slot-claimed":
+        # Killed before its keeper started: only the slot's claim is left, naming a dead
+        # process; the next run in the folder drops it (asserted below).
+        assert coi_names(client, ws) == []
+    else:
+        wait_for(
+            lambda: not coi_names(client, ws) and not claims(),
+            f"the sandbox and slot claim of coi killed at {step} to go",
+            WITHIN + 20,
+        )
+        took = time.monotonic() - killed_at
+        assert took < WITHIN, f"gone after {took:.1f} s"
+    wait_for(lambda: not _keepers(), "the keeper to end", 70)
+    again = run_coi(
+        "run", "--image", "coi-tiny", "-w", str(ws), "--", "echo", "again", env=uenv, user=USER
+    )
+    assert again.returncode == 0 and again.stdout.strip() == "again", again.stderr
+    assert "slot 1" in again.stderr  # the dead run's slot is free again
+    assert claims() == [] and coi_names(client, ws) == []

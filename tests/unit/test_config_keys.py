@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import ast
 
-from coi.config.schema import BY_KEY
 from tests.conftest import ROOT
+
+from coi.config.schema import BY_KEY
 
 # Config's typed readers (no other class in coi has these names), and plain `cfg.get(...)`.
 TYPED = {"get_str", "get_bool", "get_int", "get_float", "get_list", "get_table"}

@@ -45,8 +45,11 @@ def alive(pid: int, start: str) -> bool:
     return process_start(pid) == start
 
 
-def spawn(container: str, *, project: str, remote: str | None) -> subprocess.Popen[bytes]:
-    """Start the keeper of `container` for this process, detached from it."""
+def spawn(
+    container: str, *, project: str, remote: str | None, claim: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the keeper of `container` for this process, detached from it; `claim`: the
+    file claiming its slot, removed with it."""
     argv = [
         sys.executable,
         "-m",
@@ -59,6 +62,8 @@ def spawn(container: str, *, project: str, remote: str | None) -> subprocess.Pop
     ]
     if remote:
         argv += ["--remote", remote]
+    if claim is not None:
+        argv += ["--claim", str(claim)]
     return subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -80,20 +85,54 @@ def dismiss(keeper: subprocess.Popen[bytes] | None) -> None:
         pass
 
 
-def keep(container: str, owner: int, start: str, *, project: str, remote: str | None) -> int:
+def keep(
+    container: str,
+    owner: int,
+    start: str,
+    *,
+    project: str,
+    remote: str | None,
+    claim: Path | None = None,
+) -> int:
+    while alive(owner, start):
+        time.sleep(POLL)
+    # coi is gone and did not dismiss us: free its slot, end what it left (including a
+    # container whose create the daemon was still carrying out), then check its protected
+    # paths once nothing inside can change them any more.
+    _unclaim(claim, owner)
+    gone = _end(container, owner, project=project, remote=remote)
+    _settle(container, removed=gone)
+    return 0
+
+
+def _unclaim(claim: Path | None, owner: int) -> None:
+    try:
+        if claim is not None and int(claim.read_text().strip() or "0") == owner:
+            claim.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _settle(container: str, *, removed: bool) -> None:
+    from coi.protection.guard import Guard, settle
+
+    if Guard(container).exists():
+        settle(container, removed=removed)
+
+
+def _end(container: str, owner: int, *, project: str, remote: str | None) -> bool:
+    """Stop the container (the daemon deletes an ephemeral one); whether it is gone."""
     from coi.backend.client import IncusClient
     from coi.errors import BackendError, NotFound
 
-    while alive(owner, start):
-        time.sleep(POLL)
-    # coi is gone and did not dismiss us: end what it left, including a container whose
-    # create (or start) the daemon was still carrying out, for as long as one may land.
     landing = time.monotonic() + LANDING
     acted = False
+    absent = 0  # looks in a row that found no container and no task of the daemon's on it
     with IncusClient.connect(env=os.environ, remote=remote, project=project) as client:
         while time.monotonic() < landing:
             try:
                 inst = client.instances.get(container)
+                absent = 0
                 persistent = inst.config.get(labels.PERSISTENT) == "true"
                 if inst.running:
                     client.instances.stop(container, force=True)
@@ -103,15 +142,21 @@ def keep(container: str, owner: int, start: str, *, project: str, remote: str | 
                 elif not persistent:
                     client.instances.delete(container, force=True)
                     acted = True
-                elif acted:
-                    return 0  # a persistent one, stopped: as coi run leaves it
+                elif acted or container not in client.instances.busy():
+                    return False  # a persistent one, stopped: as coi run leaves it
             except NotFound:
                 if acted:
-                    return 0
+                    return True
+                # Never made, or its create not begun: seen twice, a second apart, with no
+                # task of the daemon's on it, it is not coming (a request coi sent just
+                # before it died has become a task by then).
+                absent = 0 if container in client.instances.busy() else absent + 1
+                if absent >= 2:
+                    return True
             except BackendError:
                 pass  # busy with the create or start still: look again
             time.sleep(POLL)
-    return 0
+    return not acted
 
 
 def _audit(container: str, owner: int) -> None:
@@ -138,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("start")
     ap.add_argument("--project", default="default")
     ap.add_argument("--remote", default=None)
+    ap.add_argument("--claim", type=Path, default=None)
     a = ap.parse_args(argv)
     try:
-        return keep(a.container, a.owner, a.start, project=a.project, remote=a.remote)
+        return keep(
+            a.container, a.owner, a.start, project=a.project, remote=a.remote, claim=a.claim
+        )
     except Exception:  # a detached helper has nowhere to report; the audit log says if it acted
         return 1
 

@@ -26,7 +26,7 @@ from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
 from coi.network.policy import Policy
 from coi.protection.guard import Guard, settle_when_gone, watching
-from coi.sessions import home, naming
+from coi.sessions import checkpoint, home, naming
 from coi.sessions.keeper import dismiss as dismiss_keeper
 from coi.sessions.keeper import spawn as spawn_keeper
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
@@ -150,14 +150,20 @@ def open_sandbox(
         box.begin()
         box.ensure_image()
         box.choose_slot(slot)
+        checkpoint.step("slot-claimed")
         # Before the sandbox exists: a coi killed from here on leaves nothing running.
-        keeper = spawn_keeper(box.name, project=spec.project, remote=spec.remote)
+        keeper = spawn_keeper(
+            box.name, project=spec.project, remote=spec.remote, claim=box.claim_path
+        )
+        checkpoint.step("keeper-started")
         log(f"Launching container {box.name} from image {spec.image}...")
         box.create_or_reuse()
+        checkpoint.step("container-made")
         with guarded_box(box) as mon:
             box.up()
             yield Live(box, mon)
     finally:
+        checkpoint.step("cleaning-up")
         finish_run(box, log)
         dismiss_keeper(keeper)
 
@@ -214,6 +220,7 @@ def _execute(client: IncusClient, box: Sandbox, req: RunRequest, log: Log) -> in
             exec_req,
             on_stdout=stream_writer(sys.stdout),
             on_stderr=stream_writer(sys.stderr),
+            on_start=lambda _session: checkpoint.step("command-running"),
         )
         code = _time_limited(box, res.exit_code, log)
         log(

@@ -706,6 +706,11 @@ class Sandbox:
         except BackendError:
             self.client.instances.stop(self.name, force=True)
 
+    @property
+    def claim_path(self) -> Path | None:
+        """The file claiming this sandbox's slot (None: no slot claimed)."""
+        return self._claims.path(self._ws_hash, self.slot) if self.slot else None
+
     def release(self) -> None:
         self.up()
         if self.slot:

@@ -32,11 +32,11 @@ class SlotClaims:
         self.dir = lock_dir
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _claim_path(self, ws_hash: str, slot: int) -> Path:
+    def path(self, ws_hash: str, slot: int) -> Path:
         return self.dir / f"{ws_hash}-{slot}.claim"
 
     def _claimed(self, ws_hash: str, slot: int) -> bool:
-        p = self._claim_path(ws_hash, slot)
+        p = self.path(ws_hash, slot)
         try:
             pid = int(p.read_text().strip() or "0")
         except (OSError, ValueError):
@@ -46,10 +46,13 @@ class SlotClaims:
     def allocate(self, ws_hash: str, taken: Callable[[int], bool], *, start: int = 1) -> int:
         """Claim the first slot from `start` that no container and no live process holds."""
         with held(self.dir / f"{ws_hash}.lock"):
+            # Claims of processes that died (kill -9 before their keeper ran) go first.
+            for stale in stale_claims(self.dir, f"{ws_hash}-*.claim"):
+                stale.unlink(missing_ok=True)
             for slot in range(start, MAX_SLOTS + 1):
                 if self._claimed(ws_hash, slot) or taken(slot):
                     continue
-                self._claim_path(ws_hash, slot).write_text(f"{os.getpid()}\n")
+                self.path(ws_hash, slot).write_text(f"{os.getpid()}\n")
                 return slot
         raise SessionError(
             f"all {MAX_SLOTS} slots are in use",
@@ -57,7 +60,7 @@ class SlotClaims:
         )
 
     def release(self, ws_hash: str, slot: int) -> None:
-        p = self._claim_path(ws_hash, slot)
+        p = self.path(ws_hash, slot)
         try:
             if int(p.read_text().strip() or "0") == os.getpid():
                 p.unlink()
@@ -65,10 +68,10 @@ class SlotClaims:
             pass
 
 
-def stale_claims(lock_dir: Path) -> list[Path]:
+def stale_claims(lock_dir: Path, pattern: str = "*.claim") -> list[Path]:
     """Claim files of processes that died (kill -9) without releasing their slot."""
     out = []
-    for p in sorted(lock_dir.glob("*.claim")) if lock_dir.is_dir() else ():
+    for p in sorted(lock_dir.glob(pattern)) if lock_dir.is_dir() else ():
         try:
             pid = int(p.read_text().strip() or "0")
         except (OSError, ValueError):

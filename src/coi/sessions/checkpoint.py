@@ -1,0 +1,28 @@
+"""Named steps of a session's life where a fault-injection test can freeze coi (then kill it).
+
+`COI_TEST_STOP_AT=<step>` makes coi stop itself (SIGSTOP) when it reaches that step; the
+test sees the stopped process and kills it with SIGKILL, which is how a crash at exactly
+that step is reproduced. Unset (always, outside the test suite), a step costs a dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "COI_TEST_STOP_AT"
+
+# In the order `coi run` passes them.
+RUN_STEPS = (
+    "slot-claimed",  # a slot is claimed; no keeper yet, no container
+    "keeper-started",  # the keeper watches; the container is not made yet
+    "container-made",  # made and started, the network proven; the command not started
+    "command-running",  # the command runs (reached once its exec has been sent)
+    "cleaning-up",  # the command ended; the sandbox not removed yet
+)
+
+
+def step(name: str) -> None:
+    """Reached `name`: stop here if a test asked for it."""
+    if os.environ.get(ENV) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)
