@@ -17,7 +17,6 @@ from coi.cli.render import check_format, confirm, echo_json, human_size, local_t
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
-    from coi.config.loader import Config
     from coi.sessions.cleanup import CleanPlan
     from coi.sessions.control import Outcome
     from coi.sessions.inventory import ContainerInfo, SavedSession
@@ -210,7 +209,7 @@ def attach_cmd(
             click.echo(f"Attaching to {name} (slot {slot})...", err=True)
         elif target.running:
             click.echo(f"Attaching to {name}...", err=True)
-        code = control.attach(client, cfg, name, bash=bash, protect_log=_protect_log)
+        code = control.attach(client, cfg, name, bash=bash, protect_log=_to_stderr)
     if code in (0, 130, 137, 143):
         return
     if not bash:
@@ -292,7 +291,7 @@ def _run_bulk(
         raise CoiError(f"failed to {noun} specified containers")
 
 
-def _protect_log(message: str) -> None:
+def _to_stderr(message: str) -> None:
     click.echo(message, err=True)
 
 
@@ -303,13 +302,6 @@ def _show(outcome: Outcome) -> bool:
     for step in outcome.steps:
         click.echo(f"  {step}")
     return outcome.done
-
-
-def _exists(client: IncusClient, name: str) -> bool:
-    if client.instances.exists(name):
-        return True
-    click.echo(f"  Warning: Container {name} does not exist", err=True)
-    return False
 
 
 _bulk_options = stacked(
@@ -327,18 +319,13 @@ _bulk_options = stacked(
 @_bulk_options
 def persist_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
     """Keep ephemeral session containers after their session ends."""
-    from coi.sessions.inventory import mark_persistent
+    from coi.sessions import control
 
     sessions = _sessions()
 
     def one(client: IncusClient, n: str) -> bool:
         click.echo(f"Persisting container {n}...")
-        if not _exists(client, n):
-            return False
-        if not mark_persistent(client, n, sessions):
-            click.echo(f"  Warning: no session metadata found for container {n}", err=True)
-        click.echo(f"  ✓ Persisted {n}")
-        return True
+        return _show(control.persist(client, n, sessions))
 
     _run_bulk(names, all_, force, verb="Persist", noun="persist", past="Persisted", one=one)
 
@@ -356,7 +343,7 @@ def shutdown_cmd(names: tuple[str, ...], all_: bool, force: bool, timeout: int) 
 
     def one(client: IncusClient, n: str) -> bool:
         click.echo(f"Shutting down container {n} (timeout: {timeout}s)...")
-        return _show(control.shutdown(client, n, timeout=timeout, log=_protect_log))
+        return _show(control.shutdown(client, n, timeout=timeout, log=_to_stderr))
 
     _run_bulk(names, all_, force, verb="Shutdown", noun="shutdown", past="Shutdown", one=one)
 
@@ -373,7 +360,7 @@ def kill_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
 
     def one(client: IncusClient, n: str) -> bool:
         click.echo(f"Killing container {n}...")
-        return _show(control.kill(client, n, log=_protect_log))
+        return _show(control.kill(client, n, log=_to_stderr))
 
     _run_bulk(names, all_, force, verb="Kill", noun="kill", past="Killed", one=one)
 
@@ -390,25 +377,15 @@ def kill_cmd(names: tuple[str, ...], all_: bool, force: bool) -> None:
 @click.argument("name", required=False, shell_complete=complete_containers)
 def resume_cmd(name: str | None) -> None:
     """Resume containers the security monitor paused (frozen)."""
-    from coi.errors import NotFound, UsageError
-    from coi.sessions.inventory import containers
+    from coi.sessions import control
 
     _cfg, client = daemon()
     with client:
         if name:
-            try:
-                status = client.instances.get(name).status
-            except NotFound:
-                raise NotFound(f"container {name} not found: container not found") from None
-            if status != "Frozen":
-                raise UsageError(f"container {name} is not frozen (status: {status.upper()})")
-            client.instances.unfreeze(name)
-            click.echo(f"Resumed container: {name}", err=True)
+            for step in control.resume(client, name).steps:
+                click.echo(step, err=True)
             return
-        frozen = [c.name for c in containers(client, with_state=False) if c.status == "Frozen"]
-        for n in frozen:
-            client.instances.unfreeze(n)
-            click.echo(f"Resumed container: {n}", err=True)
+        frozen = control.resume_frozen(client, log=_to_stderr)
         click.echo(
             f"Resumed {len(frozen)} container(s)" if frozen else "No frozen COI containers found",
             err=True,
@@ -431,7 +408,7 @@ def resume_cmd(name: str | None) -> None:
 def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: bool) -> None:
     """Remove stopped sandboxes, orphaned resources and (with --sessions) saved sessions."""
     from coi.config.paths import coi_home
-    from coi.sessions import cleanup, template
+    from coi.sessions import cleanup
 
     all_sessions = _sessions()
     cfg, client = daemon()
@@ -457,7 +434,7 @@ def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: b
                 cleaned += cleanup.execute(client, plan, log)
         if all_ or sessions:
             click.echo("\nChecking for saved session data...")
-            plan = cleanup.CleanPlan(sessions=all_sessions)
+            plan = cleanup.plan_sessions(all_sessions)
             if all_sessions:
                 click.echo(f"Found {len(all_sessions)} session(s):")
                 for s in all_sessions:
@@ -468,17 +445,7 @@ def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: b
             if all_sessions and ask("\nDelete all session data?"):
                 cleaned += cleanup.execute(client, plan, log)
         click.echo("\nScanning for orphaned resources...")
-        acls, nets = cleanup.plan_network(client)
-        plan = cleanup.CleanPlan(
-            leftovers=cleanup.plan_leftovers(coi_home(), all_sessions),
-            acls=acls,
-            networks=nets,
-            templates=template.stale(
-                client,
-                keep_spares=cfg.get_int("incus.spares") > 0,
-                keep_templates=_templates_wanted(client, cfg),
-            ),
-        )
+        plan = cleanup.plan_orphans(client, cfg, coi_home(), all_sessions)
         _report_orphans(plan)
         found_any |= bool(plan.count())
         if plan.count() and ask("\nClean up orphaned resources?"):
@@ -516,7 +483,7 @@ def _report_orphans(plan: CleanPlan) -> None:
         click.echo("  (no orphaned resources found)")
         return
     click.echo(f"Found {plan.count()} orphaned resource(s):")
-    if plan.networks or plan.acls:
+    if plan.resources:
         click.echo(f"  Unused network objects ({len(plan.resources)}):")
         for r in plan.resources:
             click.echo(f"    - {r}")
@@ -531,13 +498,3 @@ def _report_orphans(plan: CleanPlan) -> None:
         click.echo(f"  Leftover session files ({len(plan.leftovers)}):")
         for p in plan.leftovers:
             click.echo(f"    - {p}")
-
-
-def _templates_wanted(client: IncusClient, cfg: Config) -> bool:
-    """Keep templates unless turned off, or (auto) where they do not pay off."""
-    from coi.sessions import template
-
-    mode = cfg.get_str("incus.templates")
-    if mode in ("never", "false"):
-        return False
-    return mode == "always" or template.pay_off(client, cfg.get_str("incus.pool"))

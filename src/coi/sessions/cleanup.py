@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coi.backend.client import IncusClient
+from coi.config.loader import Config
 from coi.errors import BackendError, NotFound
 from coi.network import resources
 from coi.protection.guard import settle
-from coi.sessions import inventory
+from coi.sessions import inventory, template
 from coi.sessions.inventory import ContainerInfo, SavedSession
 from coi.sessions.slots import stale_claims
 
@@ -82,6 +83,37 @@ def plan_network(client: IncusClient) -> tuple[list[str], list[str]]:
         if all(u.split("?", 1)[0] in going for u in a.used_by)
     ]
     return acls, nets
+
+
+def plan_sessions(all_sessions: list[SavedSession]) -> CleanPlan:
+    """Every saved session (`coi clean --sessions` removes them all)."""
+    return CleanPlan(sessions=list(all_sessions))
+
+
+def plan_orphans(
+    client: IncusClient, cfg: Config, home: Path, all_sessions: list[SavedSession]
+) -> CleanPlan:
+    """What nothing uses any more: network objects, leftover session files, and templates
+    and spares of images gone (or all of them where templates or spares are turned off)."""
+    acls, nets = plan_network(client)
+    return CleanPlan(
+        leftovers=plan_leftovers(home, all_sessions),
+        acls=acls,
+        networks=nets,
+        templates=template.stale(
+            client,
+            keep_spares=cfg.get_int("incus.spares") > 0,
+            keep_templates=templates_wanted(client, cfg),
+        ),
+    )
+
+
+def templates_wanted(client: IncusClient, cfg: Config) -> bool:
+    """Keep templates unless turned off, or (auto) where they do not pay off."""
+    mode = cfg.get_str("incus.templates")
+    if mode in ("never", "false"):
+        return False
+    return mode == "always" or template.pay_off(client, cfg.get_str("incus.pool"))
 
 
 def execute(client: IncusClient, plan: CleanPlan, log: Callable[[str], None]) -> int:

@@ -1,17 +1,17 @@
-"""Acting on sessions that run: attach (with its watchers), shut down, kill; each returns what
-happened for the caller to show."""
+"""Acting on sessions that run: attach (with its watchers), persist, shut down, kill, resume;
+each returns what happened for the caller to show."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
-from coi.errors import BackendError
+from coi.errors import BackendError, NotFound, UsageError
 from coi.protection.guard import Guard, settle
 from coi.sessions import access, naming
-from coi.sessions.inventory import containers
+from coi.sessions.inventory import SavedSession, containers, mark_persistent
 from coi.sessions.runner import guarded, terminal_alert
 from coi.sessions.workspace import resolve_workspace
 
@@ -49,6 +49,17 @@ def shutdown(client: IncusClient, name: str, *, timeout: int, log: Log) -> Outco
     return Outcome(name, True, (*steps, f"✓ Shutdown {name}"))
 
 
+def persist(client: IncusClient, name: str, sessions: Iterable[SavedSession]) -> Outcome:
+    """Keep an ephemeral container after its session ends (in the daemon and in the
+    metadata of its saved sessions)."""
+    if not client.instances.exists(name):
+        return _missing(name)
+    warnings: tuple[str, ...] = ()
+    if not mark_persistent(client, name, sessions):
+        warnings = (f"no session metadata found for container {name}",)
+    return Outcome(name, True, (f"✓ Persisted {name}",), warnings)
+
+
 def kill(client: IncusClient, name: str, *, log: Log) -> Outcome:
     """Stop and delete at once (persistent ones too); settle protected paths."""
     if not client.instances.exists(name):
@@ -56,6 +67,31 @@ def kill(client: IncusClient, name: str, *, log: Log) -> Outcome:
     client.instances.delete(name, force=True)
     settle(name, removed=True, log=log)
     return Outcome(name, True, (f"✓ Killed {name}",))
+
+
+def resume(client: IncusClient, name: str) -> Outcome:
+    """Unfreeze a container the security monitor paused.
+
+    :raises NotFound: no such container.
+    :raises UsageError: it is not frozen.
+    """
+    try:
+        status = client.instances.get(name).status
+    except NotFound:
+        raise NotFound(f"container {name} not found: container not found") from None
+    if status != "Frozen":
+        raise UsageError(f"container {name} is not frozen (status: {status.upper()})")
+    client.instances.unfreeze(name)
+    return Outcome(name, True, (f"Resumed container: {name}",))
+
+
+def resume_frozen(client: IncusClient, *, log: Log) -> tuple[str, ...]:
+    """Unfreeze every frozen coi container, logging each as it goes; their names."""
+    frozen = tuple(c.name for c in containers(client, with_state=False) if c.status == "Frozen")
+    for n in frozen:
+        client.instances.unfreeze(n)
+        log(f"Resumed container: {n}")
+    return frozen
 
 
 @dataclass(frozen=True)
