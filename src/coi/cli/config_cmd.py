@@ -41,7 +41,7 @@ def show_cmd(profile: str | None, fmt: str) -> None:
     if fmt == "json":
         data = {k: {"value": cfg.values[k], "origin": cfg.origins[k]} for k in sorted(cfg.values)}
         out = {
-            "files": [str(f) for f in cfg.files],
+            "files": [str(f) for f in cfg.files_read],
             "workspace_files": [
                 {"path": str(w.path), "trust": w.status, "sha256": w.sha256} for w in cfg.workspace
             ],
@@ -53,7 +53,7 @@ def show_cmd(profile: str | None, fmt: str) -> None:
         }
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo("Config files read: " + (", ".join(str(f) for f in cfg.files) or "(none)"))
+    click.echo("Config files read: " + (", ".join(str(f) for f in cfg.files_read) or "(none)"))
     for w in cfg.workspace:
         click.echo(f"Workspace file {w.path}: {_TRUST_WORDS.get(w.status, w.status)}")
     for key in sorted(cfg.values):

@@ -58,7 +58,7 @@ class Config:
     origins: dict[str, str]
     # name -> key -> (value, origin, from an untrusted file)
     profiles: dict[str, dict[str, tuple[Any, str, bool]]] = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list)
+    files_read: list[Path] = field(default_factory=list)  # the config files applied, in order
     workspace: list[WorkspaceFile] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
     # For the user, on stderr, each time config is loaded (the CLI prints them).
@@ -338,7 +338,7 @@ def _apply_workspace(cfg: Config, cwd: Path, rel: str, env: Mapping[str, str]) -
         status = "changed" if pinned else "untrusted"
     entry = WorkspaceFile(shown, status, read.sha256, read.path)
     cfg.workspace.append(entry)
-    cfg.files.append(shown)
+    cfg.files_read.append(shown)
     try:
         data = tomllib.loads(read.data.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
@@ -420,7 +420,7 @@ def load_config(
         if path in workspace:
             _apply_workspace(cfg, cwd, workspace[path], env)
         elif path.is_file():
-            cfg.files.append(path)
+            cfg.files_read.append(path)
             _apply_layer(cfg, _read_file(path), str(path))
     if profile:
         _apply_profile(cfg, profile)

@@ -349,7 +349,7 @@ def _local_checks(cfg: Config) -> list[Check]:
             "Config loaded",
             "CONFIGURATION",
             OK,
-            ", ".join(str(f) for f in cfg.files) or "defaults only",
+            ", ".join(str(f) for f in cfg.files_read) or "defaults only",
         )
     ]
     home = coi_home()
