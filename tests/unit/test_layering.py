@@ -93,3 +93,26 @@ def test_the_domain_never_reaches_up_to_the_sdk_mcp_or_cli() -> None:
 def test_images_do_not_use_sessions() -> None:
     """Building an image knows nothing of sessions (the labels both write are in labels.py)."""
     assert sorted(f for tgt, f in _imports()["images"] if tgt == "sessions") == []
+
+
+# The REST client's sub-APIs (`client.instances`, `client.exec`, ...): the CLI parses flags,
+# calls a domain function and renders what it returns; it never talks to the daemon itself.
+DAEMON_APIS = {"instances", "files", "exec", "images", "networks", "projects", "storage"}
+# (file under src/coi/cli, expression) allowed to read one anyway, each with its reason.
+# None: a name that only looks like one is renamed instead (Config.files_read).
+DAEMON_API_ALLOWED: set[tuple[str, str]] = set()
+
+
+def test_the_cli_never_talks_to_the_daemon_itself() -> None:
+    """No `<anything>.instances` (nor .files, .exec, .images, .networks, .projects,
+    .storage) under src/coi/cli: the name alone counts, whatever object it is read from."""
+    cli = SRC / "cli"
+    wrong = sorted(
+        f"src/coi/cli/{rel}:{node.lineno}: {expr}"
+        for f in cli.rglob("*.py")
+        for node in ast.walk(ast.parse(f.read_text(), filename=str(f)))
+        if isinstance(node, ast.Attribute) and node.attr in DAEMON_APIS
+        for rel, expr in [(str(f.relative_to(cli)), ast.unparse(node))]
+        if (rel, expr) not in DAEMON_API_ALLOWED
+    )
+    assert wrong == [], "move these daemon calls into a domain module:\n" + "\n".join(wrong)

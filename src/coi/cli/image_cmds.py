@@ -28,7 +28,7 @@ def _images() -> list[Image]:
     from coi.images import manage
 
     with daemon()[1] as client:
-        return manage.images(client)
+        return manage.local_images(client)
 
 
 def _image_json(i: Image) -> dict[str, Any]:

@@ -28,7 +28,7 @@ class TinyBuild:
     skipped: bool = False
 
 
-def images(client: IncusClient) -> list[Image]:
+def local_images(client: IncusClient) -> list[Image]:
     """Every local image."""
     return client.images.list()
 
