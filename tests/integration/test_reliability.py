@@ -129,3 +129,47 @@ def test_kill_9_at_each_step_of_coi_run_leaves_nothing(
     assert again.returncode == 0 and again.stdout.strip() == "again", again.stderr
     assert "slot 1" in again.stderr  # the dead run's slot is free again
     assert claims() == [] and coi_names(client, ws) == []
+
+
+BARRIER = (
+    "touch /workspace/$(hostname); i=0; "
+    "while [ $(ls /workspace | wc -l) -lt 20 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done"
+)
+# Rounds of the twenty-at-once test; scripts/stress.sh runs it five times over.
+ROUNDS = int(os.environ.get("COI_STRESS_ROUNDS", "1"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(ROUNDS))
+def test_twenty_runs_at_once_on_one_workspace(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd, round_: int
+) -> None:
+    """Twenty `coi run` started together in one folder (slots allowed: 20, where upstream
+    stops at 10): twenty slots, each run's own exit code, and nothing left after."""
+    ws = user_dir(base / "ws", user)
+    env = {**uenv, "COI_MAX_SLOTS": "20"}
+    procs = []
+    for i in range(20):
+        argv = coi_argv(
+            "run", "--image", "coi-tiny", "-w", str(ws), "--",
+            # Each waits (bounded) until all twenty run: they are at once, not in turn.
+            "sh", "-c", f"{BARRIER}; hostname; exit {i % 7}", user=USER,
+        )  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    hosts, failures = [], []
+    for i, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=300)
+        if proc.returncode != i % 7:
+            failures.append(f"run {i}: exit {proc.returncode}, wanted {i % 7}: {err[-400:]}")
+        hosts.append(out.strip())
+    assert failures == []
+    assert len(set(hosts)) == 20, hosts  # twenty distinct containers
+    slots = sorted(int(h.rsplit("-", 1)[1]) for h in hosts)
+    assert slots == list(range(1, 21))
+    wait_for(lambda: not coi_names(client, ws), "the twenty sandboxes to go", 60)
+    assert sorted((Path(uenv["COI_HOME"]) / "locks").glob("*.claim")) == []
+    wait_for(lambda: not _keepers(), "the keepers to end", 30)

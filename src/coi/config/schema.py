@@ -102,6 +102,14 @@ SETTINGS: tuple[Setting, ...] = (
         profile=True,
         trust="false",
     ),
+    _s(
+        "defaults.max_slots",
+        "int",
+        10,
+        "Most sessions (slots) at once on one workspace (upstream's 10; up to 99).",
+        env=("COI_MAX_SLOTS",),
+        trust="false",
+    ),
     _s("defaults.model", "str", "", "Unused; accepted for compatibility.", trust="any"),
     _s(
         "defaults.mount_claude_config",

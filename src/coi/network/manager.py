@@ -140,11 +140,16 @@ def ensure_network(
         if net is None:
             subnet = free_subnet(_subnets_in_use(client))
             rules = acl_egress_rules(policy, str(ipaddress.IPv4Interface(subnet).network))
+            made = False
             if client.networks.acl(name) is None:
-                client.networks.create_acl(
-                    name, egress=rules, description=f"coi {policy.mode}", config=_marks(policy)
-                )
-            else:
+                try:
+                    client.networks.create_acl(
+                        name, egress=rules, description=f"coi {policy.mode}", config=_marks(policy)
+                    )
+                    made = True
+                except Conflict:
+                    pass  # another coi made it a moment ago (its own lock folder): set it ours
+            if not made:
                 client.networks.update_acl(name, egress=rules, ingress=[], config=_marks(policy))
             config = {
                 "ipv4.address": subnet,
@@ -255,7 +260,10 @@ tcp() {
 # sleeper) to cross the bridge. What the caller runs next (`then`) counts toward those 0.1 s.
 # Subshells, not redirected function calls: dash keeps copies of the redirected fds in a
 # function's children, and the daemon's exec would then wait for the output pipe to close.
-tcp "$GW" 53 || { echo control-failed; exit 3; }
+# dnsmasq serves at most 20 TCP connections at once (a child each): with many sandboxes
+# starting together the control connect may wait its turn, so it is tried three times.
+control() { tcp "$GW" 53 || { sleep 0.2; tcp "$GW" 53; } || { sleep 0.5; tcp "$GW" 53; }; }
+control || { echo control-failed; exit 3; }
 ( tcp "$GW" "$PORT" ) </dev/null >/dev/null 2>&1 &
 ( sleep 0.1 ) </dev/null >/dev/null 2>&1 &
 SLEEPER=$!

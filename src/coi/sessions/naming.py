@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 
-MAX_SLOTS = 10
+MAX_SLOTS = 10  # the default of defaults.max_slots, as upstream
 
 
 def prefix(env: Mapping[str, str] | None = None) -> str:

@@ -101,6 +101,8 @@ class SandboxSpec:
     # (see sessions/template.py).
     templates: bool | None = True
     spares: int = 2
+    # Most sessions at once on one workspace.
+    max_slots: int = naming.MAX_SLOTS
 
     @property
     def home(self) -> str:
@@ -289,11 +291,13 @@ class Sandbox:
             except NotFound:
                 running = False
             if running and not self.spec.persistent:
-                new = self._claims.allocate(self._ws_hash, taken, start=slot + 1)
+                new = self._claims.allocate(
+                    self._ws_hash, taken, start=slot + 1, most=self.spec.max_slots
+                )
                 self.log(f"Slot {slot} is occupied, using slot {new} instead")
                 slot = new
         else:
-            slot = self._claims.allocate(self._ws_hash, taken)
+            slot = self._claims.allocate(self._ws_hash, taken, most=self.spec.max_slots)
             self.log(f"Auto-allocated slot {slot}")
         self.slot = slot
         self.name = naming.container_name(ws, slot)
@@ -768,6 +772,7 @@ def build_spec(
         verify_interval=float(cfg.get_int("security.verify_interval_seconds")),
         templates=_templates(cfg.get_str("incus.templates")),
         spares=_spares(cfg),
+        max_slots=_bounded(cfg, "defaults.max_slots", 1, 99, "how many sessions you run at once"),
         kind=kind,
         limits=limits if limits is not None else Limits(),
         monitor=monitor,
@@ -782,11 +787,16 @@ def _templates(value: str) -> bool | None:
 
 
 def _spares(cfg: Config) -> int:
-    n = cfg.get_int("incus.spares")
-    if not 0 <= n <= 64:
+    advice = "how many sessions you start at once (default 2); 0 turns it off"
+    return _bounded(cfg, "incus.spares", 0, 64, advice)
+
+
+def _bounded(cfg: Config, key: str, low: int, high: int, advice: str) -> int:
+    n = cfg.get_int(key)
+    if not low <= n <= high:
         raise ConfigError(
-            f"incus.spares must be between 0 and 64, got {n}",
-            details=f"set in {cfg.origins.get('incus.spares', 'the defaults')}",
-            resolution="Use how many sessions you start at once (default 2); 0 turns it off.",
+            f"{key} must be between {low} and {high}, got {n}",
+            details=f"set in {cfg.origins.get(key, 'the defaults')}",
+            resolution=f"Use {advice}.",
         )
     return n

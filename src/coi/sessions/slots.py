@@ -43,20 +43,29 @@ class SlotClaims:
             return False
         return pid != os.getpid() and _alive(pid)
 
-    def allocate(self, ws_hash: str, taken: Callable[[int], bool], *, start: int = 1) -> int:
-        """Claim the first slot from `start` that no container and no live process holds."""
+    def allocate(
+        self,
+        ws_hash: str,
+        taken: Callable[[int], bool],
+        *,
+        start: int = 1,
+        most: int = MAX_SLOTS,
+    ) -> int:
+        """Claim the first slot from `start` to `most` that no container and no live process
+        holds."""
         with held(self.dir / f"{ws_hash}.lock"):
             # Claims of processes that died (kill -9 before their keeper ran) go first.
             for stale in stale_claims(self.dir, f"{ws_hash}-*.claim"):
                 stale.unlink(missing_ok=True)
-            for slot in range(start, MAX_SLOTS + 1):
+            for slot in range(start, most + 1):
                 if self._claimed(ws_hash, slot) or taken(slot):
                     continue
                 self.path(ws_hash, slot).write_text(f"{os.getpid()}\n")
                 return slot
         raise SessionError(
-            f"all {MAX_SLOTS} slots are in use",
-            resolution="Stop a session ('coi list', 'coi kill NAME').",
+            f"all {most} slots are in use",
+            resolution="Stop a session ('coi list', 'coi kill NAME'), or allow more with "
+            "[defaults] max_slots (COI_MAX_SLOTS).",
         )
 
     def release(self, ws_hash: str, slot: int) -> None:
