@@ -68,6 +68,9 @@ class Result:
     stderr_bytes: bytes
     duration: float
     timed_out: bool = False
+    # With `max_output`: only the stream's last bytes were kept.
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -308,20 +311,24 @@ class Sandbox:
         timeout: float | None = None,
         root: bool = False,
         on_output: Callable[[Output], None] | None = None,
+        max_output: int | None = None,
     ) -> Result:
         """Run a command to its end. A string runs with `sh -c`; a list runs as it is.
 
         `on_output` sees the output as it comes (it is in the result all the same).
         `timeout` (seconds) ends the command and its children: exit code 124.
         `root` runs it as root inside the sandbox instead of the agent user.
+        `max_output` (bytes): keep only each stream's last this many (memory stays bounded
+        whatever the command prints); the result says which streams were cut.
         """
         req = self._request(command, env, cwd, timeout, root)
-        out: list[bytes] = []
-        err: list[bytes] = []
+        if max_output is not None and max_output < 0:
+            raise UsageError(f"max_output must be 0 or more, got {max_output}")
+        out, err = _Tail(max_output), _Tail(max_output)
 
-        def sink(channel: Channel, buf: list[bytes]) -> Callable[[bytes], None]:
+        def sink(channel: Channel, buf: _Tail) -> Callable[[bytes], None]:
             def write(data: bytes) -> None:
-                buf.append(data)
+                buf.add(data)
                 if on_output is not None:
                     on_output(Output(channel, data))
 
@@ -341,10 +348,12 @@ class Sandbox:
         timed_out = timeout is not None and res.exit_code in (124, 137, 143) and duration >= timeout
         return Result(
             124 if timed_out else res.exit_code,
-            b"".join(out),
-            b"".join(err),
+            out.data(),
+            err.data(),
             duration,
             timed_out,
+            out.cut,
+            err.cut,
         )
 
     def stream(
@@ -500,6 +509,28 @@ class Sandbox:
 
     def __repr__(self) -> str:
         return f"<coi.Sandbox {self.name} workspace={str(self.workspace)!r}>"
+
+
+class _Tail:
+    """A stream's output, or only its last `keep` bytes (None: all of it)."""
+
+    def __init__(self, keep: int | None) -> None:
+        self.keep = keep
+        self.buf = bytearray()
+        self.cut = False
+
+    def add(self, data: bytes) -> None:
+        self.buf += data
+        # Trimmed once it holds twice the limit: each byte is moved about once.
+        if self.keep is not None and len(self.buf) > 2 * self.keep + 65536:
+            del self.buf[: len(self.buf) - self.keep]
+            self.cut = True
+
+    def data(self) -> bytes:
+        if self.keep is not None and len(self.buf) > self.keep:
+            del self.buf[: len(self.buf) - self.keep]
+            self.cut = True
+        return bytes(self.buf)
 
 
 _END = object()

@@ -348,12 +348,6 @@ async def _result(work: Callable[[], Awaitable[BaseModel]]) -> CallToolResult:
     return CallToolResult(content=_text(model), structured_content=model.model_dump(mode="json"))
 
 
-def _tail(data: bytes) -> tuple[str, bool]:
-    if len(data) <= MAX_OUTPUT:
-        return data.decode(errors="replace"), False
-    return data[-MAX_OUTPUT:].decode(errors="replace"), True
-
-
 class _Notes:
     """Output pieces -> progress messages: each channel decoded as a stream (a character
     split between two pieces comes out whole), stderr marked, long runs cut in the middle."""
@@ -586,23 +580,22 @@ def _exec_tool(server: MCPServer[Any], state: Sandboxes) -> None:
                         timeout=timeout,
                         root=root,
                         on_output=on_output,
+                        max_output=MAX_OUTPUT,
                     )
                 finally:
                     try:
                         anyio.from_thread.run_sync(send.close, token=token)
                     except Exception:
                         pass
-                out, out_cut = _tail(res.stdout_bytes)
-                err, err_cut = _tail(res.stderr_bytes)
                 return ExecResult(
                     sandbox=sandbox,
                     exit_code=res.exit_code,
-                    stdout=out,
-                    stderr=err,
+                    stdout=res.stdout,
+                    stderr=res.stderr,
                     duration=round(res.duration, 3),
                     timed_out=res.timed_out,
-                    stdout_truncated=out_cut,
-                    stderr_truncated=err_cut,
+                    stdout_truncated=res.stdout_truncated,
+                    stderr_truncated=res.stderr_truncated,
                 )
 
             async with anyio.create_task_group() as tg:
