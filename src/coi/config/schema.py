@@ -616,6 +616,85 @@ SETTINGS: tuple[Setting, ...] = (
         "Let `coi mcp` clients ask for a network mode looser than network.mode (open too).",
         trust="never",
     ),
+    # [credentials]: the credential broker (docs/credentials.md). Per-provider tables are keyed
+    # by provider name (anthropic, openai, gemini).
+    _s(
+        "credentials.mode",
+        "str",
+        "broker",
+        "broker: the agent gets a placeholder and a base URL of a host-side broker that adds "
+        "the real credential (tools that cannot be brokered fall back to copy, said at start); "
+        "copy: the tool's credential files are copied into the sandbox; none: neither.",
+        env=("COI_CREDENTIALS",),
+        choices=("broker", "copy", "none"),
+        trust="order",
+        order=("copy", "broker", "none"),
+    ),
+    _s(
+        "credentials.max_requests",
+        "int",
+        0,
+        "Most requests the broker forwards per session (0: no limit).",
+        trust="lower",
+    ),
+    _s(
+        "credentials.max_request_bytes",
+        "int",
+        0,
+        "Most request-body bytes the broker forwards per session (0: no limit).",
+        trust="lower",
+    ),
+    _s(
+        "credentials.max_duration",
+        "str",
+        "",
+        "The broker forwards nothing after this long into the session (2h, 30m; '': no limit).",
+        trust="lower",
+        measure="duration",
+    ),
+    _s(
+        "credentials.key_file",
+        "table",
+        {},
+        'Per provider, a file holding its API key (e.g. anthropic = "~/.secrets/anthropic").',
+        trust="never",
+    ),
+    _s(
+        "credentials.key_command",
+        "table",
+        {},
+        "Per provider, a command (run with /bin/sh) printing its API key on its first line.",
+        trust="never",
+    ),
+    _s(
+        "credentials.oauth_file",
+        "table",
+        {},
+        "Per provider, the login file to use instead of the tool's own "
+        "(anthropic: ~/.claude/.credentials.json); the broker refreshes it in place.",
+        trust="never",
+    ),
+    _s(
+        "credentials.upstream",
+        "table",
+        {},
+        "Per provider, the API's base URL instead of the built-in one (a gateway, a test).",
+        trust="never",
+    ),
+    _s(
+        "credentials.token_url",
+        "table",
+        {},
+        "Per provider, the OAuth token endpoint that refreshes a login.",
+        trust="never",
+    ),
+    _s(
+        "credentials.ca_bundle",
+        "str",
+        "",
+        "PEM file of the CAs the broker trusts for upstream TLS (empty: the usual ones).",
+        trust="never",
+    ),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

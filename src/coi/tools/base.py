@@ -50,6 +50,45 @@ class Install:
         return {"kind": "script", "script": self.script, "binary": binary}
 
 
+class Broker:
+    """How a tool reaches one provider through coi's credential broker (docs/credentials.md).
+
+    The broker is a host-side HTTP server per session; the tool inside is pointed at it with
+    its own documented settings and given a per-session placeholder token, never the real
+    credential. In `env` and `settings` values, `{url}` is the broker's base URL for this
+    provider as the sandbox sees it (`http://127.0.0.1:<port>/<provider>`, no trailing slash)
+    and `{token}` the placeholder. `settings` are JSON laid over the tool's settings files
+    like `Tool.sandbox_settings` (paths relative to the agent's home).
+    """
+
+    # A plain class, like Install: every session imports this module.
+    __slots__ = ("env", "provider", "settings")
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        env: Mapping[str, str] | None = None,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.provider = provider
+        self.env: dict[str, str] = dict(env or {})
+        self.settings: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (settings or {}).items()}
+
+    def __repr__(self) -> str:
+        return f"Broker(provider={self.provider!r}, env={self.env!r}, settings={self.settings!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Broker) and (self.provider, self.env, self.settings) == (
+            other.provider,
+            other.env,
+            other.settings,
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.provider)
+
+
 @dataclass(frozen=True)
 class Tool:
     """An agent CLI coi can run. Adding a tool means writing one of these in a module of its
@@ -71,6 +110,12 @@ class Tool:
     # them in [tool] forward_env (nothing from the host environment goes in by default).
     env_keys: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # Of `credential_files`, those that hold a secret (a key, a login's tokens): never copied
+    # into the sandbox when credentials are brokered or `[credentials] mode = "none"`.
+    secret_files: tuple[str, ...] = ()
+    # The providers the tool can reach through the credential broker, and how it is pointed
+    # at it; empty: it cannot be brokered (its credentials are copied, said at session start).
+    brokers: tuple[Broker, ...] = ()
     description: str = ""
     # How `coi build` installs it; None: coi cannot (the tool must already be in the image).
     install: Install | None = None

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from coi.tools.base import Install, Tool
+from coi.tools.base import Broker, Install, Tool
 
 
 class Claude(Tool):
@@ -56,6 +56,16 @@ TOOL = Claude(
         ".claude.json",
     ),
     env_keys=("ANTHROPIC_API_KEY", "CLAUDE_CODE_USE_BEDROCK", "AWS_REGION"),
+    secret_files=(".claude/.credentials.json",),
+    # Claude Code's documented gateway settings: ANTHROPIC_BASE_URL, and ANTHROPIC_AUTH_TOKEN
+    # (sent as `Authorization: Bearer`). Not ANTHROPIC_API_KEY: interactive Claude Code asks
+    # once before it uses a key from the environment; the auth token needs no approval.
+    brokers=(
+        Broker(
+            provider="anthropic",
+            env={"ANTHROPIC_BASE_URL": "{url}", "ANTHROPIC_AUTH_TOKEN": "{token}"},
+        ),
+    ),
     description="Anthropic's Claude Code",
     install=Install(npm="@anthropic-ai/claude-code"),
 )

@@ -1,0 +1,305 @@
+"""What a session gets: the mode in force for its tool, and the broker started for it
+(`session_broker`, the one entry point the session code calls)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coi.config.paths import coi_home
+from coi.config.units import parse_duration
+from coi.credentials.providers import PROVIDERS, Provider
+from coi.credentials.sources import Credential, find_credential, sources_described
+from coi.errors import ConfigError
+
+if TYPE_CHECKING:
+    from coi.backend import IncusClient
+    from coi.config.loader import Config
+    from coi.tools.base import Broker, Tool
+
+# Where the broker listens inside the sandbox (its loopback; the proxy device's listener).
+BROKER_PORT = 41240
+DEVICE = "coi-broker"
+
+
+@dataclass(frozen=True)
+class Brokered:
+    """One provider the session's broker serves."""
+
+    broker: Broker
+    provider: Provider
+    credential: Credential
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the session does with the tool's credentials (`plan`)."""
+
+    mode: str  # in force: "broker", "copy" or "none"
+    brokered: tuple[Brokered, ...] = ()
+    # Of the tool's credential_files, those not to copy; host variables never to forward.
+    withhold_files: tuple[str, ...] = ()
+    withhold_env: tuple[str, ...] = ()
+    # For the user at session start (stderr); a fallback to copying is said here.
+    notices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BrokerHandle:
+    """What the session code needs from the broker while the session runs."""
+
+    mode: str  # "broker", "copy" or "none"
+    # Set in the agent's environment, over everything else (base URLs and placeholders).
+    env: dict[str, str] = field(default_factory=dict)
+    # JSON laid over the tool's settings files, like Tool.sandbox_settings (merged after it).
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The proxy device (already on the container with attach=True); None: no broker.
+    device: dict[str, str] | None = None
+    device_name: str = DEVICE
+    providers: tuple[str, ...] = ()
+    withhold_files: tuple[str, ...] = ()
+    withhold_env: tuple[str, ...] = ()
+    notices: tuple[str, ...] = ()
+    socket: Path | None = None
+
+    def credential_files(self, tool: Tool) -> tuple[str, ...]:
+        """The tool's credential files to copy from the host home (the rest stay out)."""
+        return tuple(f for f in tool.credential_files if f not in self.withhold_files)
+
+    def forward_env(self, names: list[str]) -> list[str]:
+        """Of the host variables the user asked to forward, those that may go in."""
+        return [n for n in names if n not in self.withhold_env]
+
+
+def _secret_env(tool: Tool) -> tuple[str, ...]:
+    names: list[str] = []
+    for b in tool.brokers:
+        p = PROVIDERS.get(b.provider)
+        if p is not None:
+            names += [n for n in (*p.key_env, *p.oauth_env) if n not in names]
+    return tuple(names)
+
+
+def plan(
+    tool: Tool,
+    cfg: Config,
+    *,
+    env: Mapping[str, str] | None = None,
+    home: Path | None = None,
+    local: bool = True,
+) -> Plan:
+    """Decide the credentials mode for `tool` and find each brokered provider's credential.
+
+    `[credentials] mode = "broker"` brokers every provider of the tool for which a credential
+    is found on the host; it falls back to copying, with a notice, for a tool that declares
+    no broker, with a remote daemon (the broker's socket is on this machine), or when no
+    credential is found. `local`: the daemon runs on this machine.
+
+    :raises ConfigError: a provider the tool names is unknown, or a configured source of a
+        credential is broken.
+    """
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME") or Path.home()) if home is None else home
+    mode = cfg.get_str("credentials.mode")
+    secret_files = tuple(f for f in tool.secret_files if f in tool.credential_files)
+    if mode == "none":
+        # A tool that does not say which of its files are secret keeps all of them out.
+        secret_files = secret_files if tool.secret_files else tool.credential_files
+        note = "Credentials: none (mode = none): the tool's logins and keys stay on the host."
+        return Plan(
+            "none", withhold_files=secret_files, withhold_env=_secret_env(tool), notices=(note,)
+        )
+    copying = (
+        "its credential files are copied into the sandbox, where the agent can read them and "
+        'send them anywhere it can reach ([credentials] mode = "none" keeps them out)'
+    )
+    if mode == "copy":
+        return Plan("copy", notices=(f"Credentials: copy mode: {copying}.",))
+    if not tool.brokers:
+        return Plan("copy", notices=(f"Credentials: {tool.name} cannot be brokered: {copying}.",))
+    if not local:
+        note = f"Credentials: the daemon is remote, so {tool.name} cannot be brokered: {copying}."
+        return Plan("copy", notices=(note,))
+    found: list[Brokered] = []
+    missing: list[str] = []
+    for b in tool.brokers:
+        provider = PROVIDERS.get(b.provider)
+        if provider is None:
+            raise ConfigError(f"tool {tool.name}: unknown broker provider {b.provider!r}")
+        cred = find_credential(provider, cfg.values, env, home)
+        if cred is None:
+            missing.append(f"{provider.name} (looked in {sources_described(provider)})")
+        else:
+            found.append(Brokered(b, provider, cred))
+    if not found:
+        note = f"Credentials: no credential to broker for {tool.name}: " + "; ".join(missing)
+        return Plan("copy", notices=(note, f"Credentials: so {copying}."))
+    via = ", ".join(f"{f.provider.name} from {f.credential.source}" for f in found)
+    notes = [f"Credentials: brokered ({via}); the sandbox gets a placeholder, never the key."]
+    if missing:
+        notes.append("Credentials: not brokered, none found: " + "; ".join(missing))
+    return Plan(
+        "broker",
+        brokered=tuple(found),
+        withhold_files=secret_files,
+        withhold_env=_secret_env(tool),
+        notices=tuple(notes),
+    )
+
+
+def _fill(value: Any, url: str, token: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{url}", url).replace("{token}", token)
+    if isinstance(value, dict):
+        return {k: _fill(v, url, token) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, url, token) for v in value]
+    return value
+
+
+def _merge(into: dict[str, Any], overlay: Mapping[str, Any]) -> None:
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def tool_settings(
+    brokered: tuple[Brokered, ...], tokens: Mapping[str, str], port: int
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """The environment and settings overlays that point the tool at the broker."""
+    env: dict[str, str] = {}
+    settings: dict[str, dict[str, Any]] = {}
+    for b in brokered:
+        url = f"http://127.0.0.1:{port}/{b.provider.name}"
+        token = tokens[b.provider.name]
+        env.update(_fill(b.broker.env, url, token))
+        for rel, overlay in b.broker.settings.items():
+            _merge(settings.setdefault(rel, {}), _fill(overlay, url, token))
+    return env, settings
+
+
+def proxy_device(socket_path: Path, port: int = BROKER_PORT) -> dict[str, str]:
+    """The Incus proxy device that gives the container (and only it) the broker: a listener
+    on its own loopback, bound inside the container, connecting to the host socket. The
+    forkproxy process drops to coi's uid and gid, so it reaches the 0600 socket as its owner."""
+    return {
+        "type": "proxy",
+        "listen": f"tcp:127.0.0.1:{port}",
+        "connect": f"unix:{socket_path}",
+        "bind": "container",
+        "security.uid": str(os.getuid()),
+        "security.gid": str(os.getgid()),
+    }
+
+
+def limits_from(cfg: Config) -> Any:
+    """The per-session limits of `[credentials]`.
+
+    :raises ConfigError: max_duration is not a duration.
+    """
+    from coi.credentials.broker import Limits
+
+    text = cfg.get_str("credentials.max_duration").strip()
+    try:
+        duration = parse_duration(text) if text else 0.0
+    except ValueError as err:
+        raise ConfigError(
+            f"[credentials] max_duration: not a duration: {text!r}",
+            resolution="Use a duration such as 2h or 30m, or '' for none.",
+        ) from err
+    return Limits(
+        max_requests=max(0, cfg.get_int("credentials.max_requests")),
+        max_request_bytes=max(0, cfg.get_int("credentials.max_request_bytes")),
+        max_duration=duration,
+    )
+
+
+@contextlib.contextmanager
+def session_broker(
+    client: IncusClient,
+    container: str,
+    tool: Tool,
+    cfg: Config,
+    *,
+    attach: bool = True,
+    port: int = BROKER_PORT,
+    env: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> Iterator[BrokerHandle]:
+    """Start the credential broker of one session, for as long as the `with` block runs.
+
+    In broker mode: finds the real credentials on the host, starts the broker (a thread of
+    this process, serving a 0600 unix socket in coi's state dir), and with `attach` adds the
+    proxy device to `container` (which must exist; running or not). Yields what the agent
+    gets: the environment (base URLs, placeholders), settings overlays, the files not to
+    copy. On exit the broker stops (requests in flight are cut, later ones fail) and the
+    device is removed if the container is still there. In copy and none mode nothing starts;
+    the handle says what to withhold. Nothing of a real credential is in the handle, the
+    device or the container's config.
+
+    :raises ConfigError: a configured credential source is broken.
+    :raises SessionError: the broker could not start.
+    :raises BackendError: the device could not be added.
+    """
+    from coi.audit.log import AuditLog
+    from coi.credentials.broker import Broker, Route
+    from coi.credentials.server import BrokerServer
+    from coi.errors import BackendError
+
+    env = os.environ if env is None else env
+    p = plan(tool, cfg, env=env, home=home, local=client.endpoint.is_local)
+    if p.mode != "broker":
+        yield BrokerHandle(
+            mode=p.mode,
+            withhold_files=p.withhold_files,
+            withhold_env=p.withhold_env,
+            notices=p.notices,
+        )
+        return
+    upstreams = dict(cfg.get_table("credentials.upstream"))
+    token_urls = dict(cfg.get_table("credentials.token_url"))
+    tokens = {b.provider.name: secrets.token_urlsafe(32) for b in p.brokered}
+    routes = {
+        b.provider.name: Route(
+            provider=b.provider,
+            token=tokens[b.provider.name],
+            credential=b.credential,
+            upstream=(upstreams.get(b.provider.name) or b.provider.upstream).rstrip("/"),
+            token_url=token_urls.get(b.provider.name)
+            or (b.provider.oauth_file.token_url if b.provider.oauth_file else ""),
+        )
+        for b in p.brokered
+    }
+    broker = Broker(
+        container, routes, limits=limits_from(cfg), audit=AuditLog(container, coi_home(env))
+    )
+    path = coi_home(env) / "brokers" / f"{container}-{secrets.token_hex(3)}.sock"
+    server = BrokerServer(broker, path, ca_bundle=cfg.get_str("credentials.ca_bundle"))
+    server.start()
+    device = proxy_device(path, port)
+    env_out, settings = tool_settings(p.brokered, tokens, port)
+    try:
+        if attach:
+            client.instances.add_device(container, DEVICE, device)
+        yield BrokerHandle(
+            mode="broker",
+            env=env_out,
+            settings=settings,
+            device=device,
+            providers=tuple(routes),
+            withhold_files=p.withhold_files,
+            withhold_env=p.withhold_env,
+            notices=p.notices,
+            socket=path,
+        )
+    finally:
+        server.stop()
+        with contextlib.suppress(BackendError):
+            client.instances.remove_device(container, DEVICE)
