@@ -145,6 +145,8 @@ def attach(client: IncusClient, cfg: Config, name: str, *, bash: bool, protect_l
         monitor=settings,
         log=protect_log,
         alert=terminal_alert,
+        service=True,
+        remote=cfg.get_str("incus.remote") or None,
     ):
         code = access.attach(client, agent, bash=bash)
     settle(name, removed=not client.instances.exists(name), log=protect_log)

@@ -21,7 +21,7 @@ from coi.backend.client import IncusClient
 from coi.backend.models import ExecResult, Instance
 from coi.config.loader import Config
 from coi.config.paths import coi_home
-from coi.errors import BackendError, CoiError, SessionError
+from coi.errors import BackendError, CoiError, DaemonLost, SessionError
 from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
 from coi.network.policy import Policy
@@ -93,10 +93,23 @@ def guarded(
     log: Log,
     protect_log: Log | None = None,
     alert: Log = terminal_alert,
+    service: bool = False,
+    remote: str | None = None,
 ) -> Iterator[Monitor | None]:
     """What watches a live sandbox while coi is with it: the allowlist's refresh, the checks
     of the protected paths and the security monitor (each only where configured). The one
-    composition `coi run`, `coi shell`, `coi attach` and the SDK all use."""
+    composition `coi run`, `coi shell`, `coi attach` and the SDK all use.
+
+    `service`: the sandbox outlives this coi (a shell): a detached monitor service stands by
+    and watches whenever this coi does not (see `coi.monitor.service`).
+    """
+    if service and monitor is not None and monitor.enabled:
+        with _handover(client, name, monitor, remote), guarded(
+            client, name, policy=policy, guard=guard, verify_interval=verify_interval,
+            monitor=monitor, log=log, protect_log=protect_log, alert=alert,
+        ) as mon:  # fmt: skip
+            yield mon
+        return
     with allowlist_refresh(
         client, policy, cache_dir=coi_home() / "network-cache",
         lock_dir=coi_home() / "locks", log=log,
@@ -106,8 +119,21 @@ def guarded(
         yield mon
 
 
+@contextmanager
+def _handover(
+    client: IncusClient, name: str, settings: Settings, remote: str | None
+) -> Iterator[None]:
+    """The container's monitor service on standby, and its lock held while this coi's own
+    monitor runs."""
+    from coi.monitor import service
+
+    service.spawn(settings, name, project=client.project, remote=remote)
+    with service.watching_here(name):
+        yield
+
+
 def guarded_box(
-    box: Sandbox, *, protect_log: Log | None = None
+    box: Sandbox, *, protect_log: Log | None = None, service: bool = False
 ) -> AbstractContextManager[Monitor | None]:
     """`guarded` for a sandbox this process made or reused."""
     return guarded(
@@ -119,6 +145,8 @@ def guarded_box(
         monitor=box.monitor,
         log=box.log,
         protect_log=protect_log,
+        service=service,
+        remote=box.spec.remote,
     )
 
 
@@ -164,8 +192,30 @@ def open_sandbox(
             yield Live(box, mon)
     finally:
         checkpoint.step("cleaning-up")
-        finish_run(box, log)
+        try:
+            finish_run(box, log)
+        except BackendError as err:
+            # The daemon cannot be asked to remove it: the keeper, left running, ends the
+            # sandbox as soon as the daemon answers again.
+            raise lost_daemon(client, err, box.name) from err
         dismiss_keeper(keeper)
+
+
+def lost_daemon(client: IncusClient, err: BackendError, name: str) -> BackendError:
+    """`err` as it should be told: DaemonLost when the daemon no longer answers, or is
+    another process than the one the session started with (it restarted)."""
+    if isinstance(err, DaemonLost):
+        return err
+    now = client.now_serving()
+    if now is not None and now.pid == client.server.pid:
+        return err  # the same daemon, answering: the error is what it said
+    what = "stopped answering" if now is None else "restarted"
+    return DaemonLost(
+        f"the container daemon {what} during the session ({err.message})",
+        details=f"sandbox: {name or '(not made yet)'}",
+        resolution="Once the daemon answers again ('coi setup' starts it; 'coi health'), "
+        "coi's keeper stops and removes a 'coi run' sandbox; 'coi list' shows what is left.",
+    )
 
 
 # -- coi run ------------------------------------------------------------------------------
@@ -190,12 +240,12 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
                 log("Executing: " + " ".join(req.command))
                 try:
                     code = _execute(client, live.box, req, log)
-                except BackendError:
+                except BackendError as err:
                     # The monitor's kill can end the command's exec with a daemon error
                     # instead of an exit code (seen: "Failed to retrieve PID of executing
                     # child process"): the monitor's verdict stands all the same.
                     if not live.killed:
-                        raise
+                        raise lost_daemon(client, err, live.box.name) from err
             if live.killed:
                 log("\nThe security monitor killed the container (see the alert above)")
                 code = 137
@@ -361,7 +411,7 @@ class ShellSession:
             try:
                 self._setup()
                 self._banner()
-                with guarded_box(self.box, protect_log=stderr_log("[protect] ")):
+                with guarded_box(self.box, protect_log=stderr_log("[protect] "), service=True):
                     return self._run_tool()
             except KeyboardInterrupt:
                 sys.stderr.write("\nReceived interrupt signal, cleaning up...\n")
@@ -539,8 +589,8 @@ class ShellSession:
             self._left_running = True
             if self.box.monitor is not None and self.box.monitor.enabled:
                 sys.stderr.write(
-                    "Note: the security monitor watches while coi is attached: "
-                    f"run 'coi attach {name}' to have it watch this session\n"
+                    "The security monitor keeps watching this session from the host "
+                    "(its audit log: 'coi monitor " + name + "')\n"
                 )
             sys.stderr.write(
                 f"Created background tmux session: {session}\n"
