@@ -5,6 +5,7 @@
      ├── ConfigError              a config file or value is wrong (exit 2)
      ├── BackendError             anything the Incus/LXD daemon said or did not say
      │    ├── DaemonUnreachable   no socket, daemon down
+     │    │    └── DaemonLost     it went away during a session (exit 75: try again later)
      │    ├── PermissionDenied    socket exists but we may not use it
      │    ├── NotFound            404
      │    ├── Conflict            409 / "already exists"
@@ -72,6 +73,13 @@ class BackendError(CoiError):
 
 class DaemonUnreachable(BackendError):
     """No daemon answers on any known socket or remote address."""
+
+
+class DaemonLost(DaemonUnreachable):
+    """The daemon stopped answering while a session ran (killed, restarted, crashed)."""
+
+    # EX_TEMPFAIL (sysexits.h): nothing the user did wrong; the same command can work later.
+    exit_code: ClassVar[int] = 75
 
 
 class PermissionDenied(BackendError):

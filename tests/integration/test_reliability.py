@@ -7,13 +7,25 @@ import pwd
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pexpect
 import pytest
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import USER, coi_names, user_dir, wait_for
+from tests.integration.conftest import (
+    USER,
+    coi_names,
+    converse,
+    leave,
+    spawn_shell,
+    user_dir,
+    wait_for,
+    wait_gone,
+)
 
 from coi.backend import IncusClient
+from coi.backend.exec import ExecRequest
 from coi.sessions import checkpoint
 
 # coi's keeper looks at its owner once a second; the daemon's forced stop takes a moment.
@@ -173,3 +185,64 @@ def test_twenty_runs_at_once_on_one_workspace(
     wait_for(lambda: not coi_names(client, ws), "the twenty sandboxes to go", 60)
     assert sorted((Path(uenv["COI_HOME"]) / "locks").glob("*.claim")) == []
     wait_for(lambda: not _keepers(), "the keepers to end", 30)
+
+
+@pytest.fixture
+def small_home(
+    base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> Iterator[dict[str, str]]:
+    """coi's state folder on a 4 MiB tmpfs of the test user's: a disk that fills."""
+    home = user_dir(base / "small-home", user)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size=4m,mode=0755,uid={user.pw_uid},gid={user.pw_gid}",
+         "coi-test-small", str(home)],
+        check=True,
+    )  # fmt: skip
+    try:
+        yield {**uenv, "COI_HOME": str(home / ".coi")}
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+def test_a_full_disk_during_the_save_keeps_the_previous_session(
+    client: IncusClient, base: Path, small_home: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """The session's state no longer fits on the disk of coi's state folder: the save fails
+    with a warning, and the session saved before is intact and resumes."""
+    ws = user_dir(base / "ws", user)
+    child = spawn_shell(small_home, ws)
+    converse(child, "turn one")
+    leave(child)
+    (saved,) = (Path(small_home["COI_HOME"]) / "sessions-standin").iterdir()
+    log = saved / ".standin" / "conversation.log"
+    assert log.read_text() == "turn one\n"
+    wait_gone(client, ws)
+
+    child = spawn_shell(small_home, ws, "--resume")
+    child.expect("earlier: turn one")
+    converse(child, "turn two")
+    (name,) = coi_names(client, ws)
+    # 8 MiB of state: twice what the disk holds.
+    big = client.exec.run(
+        name,
+        ExecRequest(
+            ["sh", "-c", "head -c 8388608 /dev/urandom > /home/code/.standin/big"],
+            user=1000, group=1000,
+        ),
+    )  # fmt: skip
+    assert big.exit_code == 0, big.stderr
+    child.expect("standin> ")
+    child.sendline("/exit")
+    child.expect("bye")
+    child.sendline("exit")
+    child.expect("could not save session data")
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
+    assert log.read_text() == "turn one\n"  # the earlier save, whole
+    assert not list(saved.parent.glob("**/.pull-*"))  # no half-written copy left
+    wait_gone(client, ws)
+
+    child = spawn_shell(small_home, ws, "--resume")
+    child.expect("earlier: turn one")
+    leave(child)
+    wait_gone(client, ws)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cached_property
@@ -62,6 +63,17 @@ def map_transport_errors(endpoint: Endpoint) -> Iterator[None]:
             f"connection to the daemon at {endpoint.describe()} failed",
             details=str(err) or type(err).__name__,
         ) from err
+
+
+def _accepts(path: str, timeout: float) -> bool:
+    """Whether something accepts connections on the unix socket `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def _error_from_envelope(status: int, message: str, what: str) -> BackendError:
@@ -178,6 +190,26 @@ class IncusClient:
     def server(self) -> ServerInfo:
         """Server kind, version and API extensions (fetched once per client)."""
         return ServerInfo.from_api(self.get("/1.0"))
+
+    def answers(self, timeout: float = 3.0) -> bool:
+        """Whether the daemon answers now (a GET of /1.0, bounded)."""
+        return self.now_serving(timeout) is not None
+
+    def now_serving(self, timeout: float = 3.0) -> ServerInfo | None:
+        """The daemon as it answers now (None: it does not), read afresh: its `pid` against
+        `server.pid` tells whether it restarted since this client first asked."""
+        if self.endpoint.socket_path and not _accepts(self.endpoint.socket_path, timeout):
+            # Asked of the socket itself first: a refused connect through httpx leaves its
+            # socket for the garbage collector to close (a ResourceWarning per look).
+            return None
+        try:
+            with map_transport_errors(self.endpoint):
+                resp = self._http.get("/1.0", timeout=timeout)
+            if resp.status_code >= 500:
+                return None
+            return ServerInfo.from_api(resp.json().get("metadata") or {})
+        except (BackendError, ValueError):
+            return None
 
     def has_extension(self, name: str) -> bool:
         return self.server.has(name)

@@ -38,6 +38,12 @@ class ServerInfo:
         return extension in self.api_extensions
 
     @property
+    def pid(self) -> int:
+        """The daemon's process id (0: not said): another one means it restarted."""
+        pid = (self.raw.get("environment") or {}).get("server_pid")
+        return pid if isinstance(pid, int) else 0
+
+    @property
     def display_name(self) -> str:
         return ("Incus" if self.kind == "incus" else "LXD") + f" {self.version}"
 

@@ -21,14 +21,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coi import labels
+
+if TYPE_CHECKING:
+    from coi.backend.client import IncusClient
 
 # How often the owner is looked at: a dead coi's sandbox is stopped within about this long,
 # plus the daemon's stop.
 POLL = 1.0
 # A create the daemon had under way when coi died lands within this long, or not at all.
 LANDING = 60.0
+# A daemon that does not answer (killed, restarting) is waited for this long: the sandbox
+# runs on without it (its processes are not the daemon's), so it must be ended once it is back.
+DAEMON_BACK = 900.0
 
 
 def process_start(pid: int) -> str | None:
@@ -123,40 +130,68 @@ def _settle(container: str, *, removed: bool) -> None:
 def _end(container: str, owner: int, *, project: str, remote: str | None) -> bool:
     """Stop the container (the daemon deletes an ephemeral one); whether it is gone."""
     from coi.backend.client import IncusClient
-    from coi.errors import BackendError, NotFound
+    from coi.errors import BackendError, DaemonUnreachable
 
     landing = time.monotonic() + LANDING
-    acted = False
-    absent = 0  # looks in a row that found no container and no task of the daemon's on it
-    with IncusClient.connect(env=os.environ, remote=remote, project=project) as client:
-        while time.monotonic() < landing:
-            try:
-                inst = client.instances.get(container)
-                absent = 0
-                persistent = inst.config.get(labels.PERSISTENT) == "true"
-                if inst.running:
-                    client.instances.stop(container, force=True)
-                    if not acted:
-                        _audit(container, owner)
-                    acted = True
-                elif not persistent:
-                    client.instances.delete(container, force=True)
-                    acted = True
-                elif acted or container not in client.instances.busy():
-                    return False  # a persistent one, stopped: as coi run leaves it
-            except NotFound:
-                if acted:
-                    return True
-                # Never made, or its create not begun: seen twice, a second apart, with no
-                # task of the daemon's on it, it is not coming (a request coi sent just
-                # before it died has become a task by then).
-                absent = 0 if container in client.instances.busy() else absent + 1
-                if absent >= 2:
-                    return True
-            except BackendError:
-                pass  # busy with the create or start still: look again
-            time.sleep(POLL)
-    return not acted
+    give_up = time.monotonic() + DAEMON_BACK
+    state = _Ending(container, owner)
+    while time.monotonic() < landing:
+        try:
+            # Connected afresh after a failure: a restarting daemon has no socket for a while,
+            # and a connection to the one that died is no use.
+            with IncusClient.connect(env=os.environ, remote=remote, project=project) as client:
+                while time.monotonic() < landing:
+                    done = state.look(client)
+                    if done is not None:
+                        return done
+                    time.sleep(POLL)
+        except DaemonUnreachable:
+            # Gone or restarting: the landing clock waits with it, up to DAEMON_BACK.
+            landing = min(max(landing, time.monotonic() + LANDING), give_up)
+        except (BackendError, OSError, ValueError):
+            pass  # busy with the create or start still, or half up: look again
+        time.sleep(POLL)
+    return not state.acted
+
+
+class _Ending:
+    """What the keeper has seen and done of its container, one look at a time."""
+
+    def __init__(self, container: str, owner: int) -> None:
+        self.container = container
+        self.owner = owner
+        self.acted = False
+        self.absent = 0  # looks in a row that found no container and no daemon task on it
+
+    def look(self, client: IncusClient) -> bool | None:
+        """One look and what it calls for; whether the container is gone once done (None:
+        not done, look again)."""
+        from coi.errors import NotFound
+
+        name = self.container
+        try:
+            inst = client.instances.get(name)
+        except NotFound:
+            if self.acted:
+                return True
+            # Never made, or its create not begun: seen twice, a second apart, with no task
+            # of the daemon's on it, it is not coming (a request coi sent just before it died
+            # has become a task by then).
+            self.absent = 0 if name in client.instances.busy() else self.absent + 1
+            return True if self.absent >= 2 else None
+        self.absent = 0
+        persistent = inst.config.get(labels.PERSISTENT) == "true"
+        if inst.running:
+            client.instances.stop(name, force=True)
+            if not self.acted:
+                _audit(name, self.owner)
+            self.acted = True
+        elif not persistent:
+            client.instances.delete(name, force=True)
+            self.acted = True
+        elif self.acted or name not in client.instances.busy():
+            return False  # a persistent one, stopped: as coi run leaves it
+        return None
 
 
 def _audit(container: str, owner: int) -> None:
