@@ -6,6 +6,7 @@ import os
 import pwd
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,3 +247,44 @@ def test_a_full_disk_during_the_save_keeps_the_previous_session(
     child.expect("earlier: turn one")
     leave(child)
     wait_gone(client, ws)
+
+
+def test_coi_clean_never_takes_a_sandbox_from_a_live_coi(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """Two `coi clean --force` going round while six `coi run` start (a sandbox is Stopped
+    between its create and its start, and its bridge unused until it attaches): every run
+    works, and what clean removes is only what nobody owns."""
+    ws = user_dir(base / "ws", user)
+    runs = [
+        subprocess.Popen(
+            coi_argv(
+                "run", "--image", "coi-tiny", "-w", str(ws), "--", "sh", "-c", "exit 3", user=USER
+            ),
+            env=uenv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    cleans: list[subprocess.CompletedProcess[str]] = []
+
+    def clean_while_running() -> None:
+        deadline = time.monotonic() + 120
+        while any(r.poll() is None for r in runs) and time.monotonic() < deadline:
+            cleans.append(run_coi("clean", "--force", env=uenv, user=USER, timeout=120))
+
+    threads = [threading.Thread(target=clean_while_running) for _ in range(2)]
+    for t in threads:
+        t.start()
+    failures = []
+    for r in runs:
+        _, err = r.communicate(timeout=240)
+        if r.returncode != 3:
+            failures.append(f"exit {r.returncode}: {err[-600:]}")
+    for t in threads:
+        t.join(timeout=240)
+    assert failures == []
+    assert cleans and all(c.returncode == 0 for c in cleans), [c.stderr for c in cleans]
+    wait_for(lambda: not coi_names(client, ws), "the runs' sandboxes to go", 60)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
+from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound
+from coi.locks import tried
 from coi.network import resources
 from coi.protection.guard import settle
 from coi.sessions import inventory, template
 from coi.sessions.inventory import ContainerInfo, SavedSession
-from coi.sessions.slots import stale_claims
+from coi.sessions.slots import claimed_containers, stale_claims
 
 
 @dataclass
@@ -56,7 +58,12 @@ def plan_containers(client: IncusClient, sessions: list[SavedSession]) -> CleanP
     removing them is what `coi kill` is for.
     """
     plan = CleanPlan()
+    # A coi that holds the slot is making, using or removing that container: a sandbox being
+    # made is Stopped between its create and its start, and must not go from under it.
+    live = claimed_containers(coi_home() / "locks")
     for c in inventory.containers(client, sessions, with_state=False):
+        if c.name in live:
+            continue
         if c.status == "Stopped":
             (plan.kept if c.persistent else plan.stopped).append(c)
         elif c.running and c.orphaned:
@@ -147,6 +154,21 @@ def execute(client: IncusClient, plan: CleanPlan, log: Callable[[str], None]) ->
         else:
             p.unlink(missing_ok=True)
         done += 1
+    if plan.networks or plan.acls:
+        # Not while a sandbox is starting (between making its bridge and attaching to it a
+        # bridge looks unused): every starting coi holds this lock shared.
+        with tried(coi_home() / "locks" / f"{template.STARTING_LOCK}.lock") as quiet:
+            if quiet:
+                done += _delete_network_objects(client, plan, log)
+            else:
+                log("Sandboxes are starting: unused network objects are left for the next clean")
+    return done
+
+
+def _delete_network_objects(
+    client: IncusClient, plan: CleanPlan, log: Callable[[str], None]
+) -> int:
+    done = 0
     # Bridges first: an ACL cannot be deleted while a bridge still names it.
     for kind, names, delete in (
         ("network", plan.networks, resources.delete_network),

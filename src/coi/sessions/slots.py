@@ -8,7 +8,7 @@ from pathlib import Path
 
 from coi.errors import SessionError
 from coi.locks import held
-from coi.sessions.naming import MAX_SLOTS
+from coi.sessions.naming import MAX_SLOTS, prefix
 
 
 def _alive(pid: int) -> bool:
@@ -87,4 +87,19 @@ def stale_claims(lock_dir: Path, pattern: str = "*.claim") -> list[Path]:
             pid = 0
         if not pid or not _alive(pid):
             out.append(p)
+    return out
+
+
+def claimed_containers(lock_dir: Path) -> set[str]:
+    """Names of the containers whose slot a live coi process holds (being made, running or
+    being removed by it): not for `coi clean` to take."""
+    out = set()
+    for p in sorted(lock_dir.glob("*.claim")) if lock_dir.is_dir() else ():
+        ws_hash, _, slot = p.stem.rpartition("-")
+        try:
+            pid = int(p.read_text().strip() or "0")
+        except (OSError, ValueError):
+            continue
+        if pid and _alive(pid) and slot.isdigit():
+            out.add(f"{prefix()}{ws_hash}-{slot}")
     return out
