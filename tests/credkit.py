@@ -1,0 +1,269 @@
+"""A stand-in model provider for the credential broker's tests and bench: an HTTPS server
+with a throw-away CA, at an address in 203.0.113.0/24 inside a network namespace the test
+makes. It records the headers of every request, accepts only the real test key (or the
+access token its own token endpoint issued), and refreshes logins at /v1/oauth/token.
+
+Nothing is sent anywhere before the namespace, its veth and the host route exist and
+`ip route get` shows the address routes into the namespace (the pattern of tests/netkit.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coi.network.hostnet import host_networks
+
+NET = ipaddress.ip_network("203.0.113.0/24")  # TEST-NET-3: never a real host
+
+_SERVER = r"""
+import http.server, json, socketserver, ssl, sys, time
+cert, key, log_path, addr, real_key, refresh_token, new_access = sys.argv[1:8]
+log = open(log_path, "a", buffering=1)
+state = {"access": None}
+
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def _answer(self, status, body, ctype="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def _handle(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else b""
+        log.write(json.dumps({"method": self.command, "path": self.path,
+                              "headers": dict(self.headers.items()), "bytes": len(body)}) + "\n")
+        if self.path == "/v1/oauth/token":
+            got = json.loads(body or b"{}")
+            grant, token = got.get("grant_type"), got.get("refresh_token")
+            if grant == "refresh_token" and token == refresh_token:
+                state["access"] = new_access
+                return self._answer(200, {"access_token": new_access, "refresh_token": "rt-rotated",
+                                          "expires_in": 3600})
+            return self._answer(400, {"error": "invalid_grant"})
+        if not self.path.startswith("/v1/"):
+            return self._answer(404, {"error": "not found"})
+        ok = self.headers.get("x-api-key") == real_key or (
+            state["access"] and self.headers.get("authorization") == "Bearer " + state["access"])
+        if not ok:
+            return self._answer(401, {"type": "error", "error": {"type": "authentication_error",
+                                                                 "message": "invalid x-api-key"}})
+        if b'"stream": true' in body or b'"stream":true' in body:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(3):
+                chunk = f"event: delta\ndata: {i}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk)); self.wfile.flush()
+                time.sleep(0.05)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        return self._answer(200, {"ok": True, "path": self.path})
+    do_GET = do_POST = _handle
+    def log_message(self, *a): pass
+
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+srv = S((addr, 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"""
+
+
+@dataclass
+class StandIn:
+    """The running stand-in: its address, CA and what it received."""
+
+    ns: str
+    veth: str
+    host_side: str
+    addr: str
+    ca: Path
+    log: Path
+    key: str  # the real test key the stand-in accepts
+    refresh_token: str  # the refresh token its token endpoint accepts
+    new_access: str  # the access token it issues for it
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.addr}"
+
+    def requests(self) -> list[dict[str, object]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _pick_subnet() -> ipaddress.IPv4Network:
+    """A /30 of 203.0.113.0/24 nothing on this machine uses (another run may hold one)."""
+    used = host_networks()
+    subnets = list(NET.subnets(new_prefix=30))
+    for _ in range(64):
+        sub = secrets.choice(subnets)
+        if not any(sub.overlaps(u) for u in used):
+            return sub
+    raise RuntimeError("no free /30 in 203.0.113.0/24 on this machine")
+
+
+def check_route(s: StandIn) -> None:
+    """The stand-in's address must route into our namespace, or nothing may be sent."""
+    out = subprocess.run(
+        ["ip", "-o", "route", "get", s.addr], capture_output=True, text=True, check=True
+    ).stdout
+    if f" dev {s.veth} " not in out + " ":
+        raise RuntimeError(f"{s.addr} does not route into the test namespace: {out.strip()}")
+
+
+def make_ca(tmp: Path, addr: str) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate for `addr` signed by it: (ca, cert, key) PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "coi test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, addr)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(addr))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def create(tmp: Path) -> StandIn:
+    """Namespace, veth, route (checked), CA, then the server: in that order."""
+    sub = _pick_subnet()
+    host_ip, ns_ip = (str(h) for h in list(sub.hosts())[:2])
+    tag = secrets.token_hex(3)
+    s = StandIn(
+        ns=f"coicred-{tag}",
+        veth=f"cc{tag}",
+        host_side=f"{host_ip}/30",
+        addr=ns_ip,
+        ca=tmp / "ca.pem",
+        log=tmp / "standin.jsonl",
+        key=f"sk-test-{secrets.token_hex(16)}",
+        refresh_token=f"rt-test-{secrets.token_hex(16)}",
+        new_access=f"at-new-{secrets.token_hex(16)}",
+    )
+    peer = f"cq{tag}"
+    try:
+        _run("ip", "netns", "add", s.ns)
+        _run("ip", "link", "add", s.veth, "type", "veth", "peer", "name", peer)
+        _run("ip", "link", "set", peer, "netns", s.ns)
+        _run("ip", "addr", "add", s.host_side, "dev", s.veth)
+        _run("ip", "link", "set", s.veth, "up")
+        _run("ip", "-n", s.ns, "addr", "add", f"{ns_ip}/30", "dev", peer)
+        _run("ip", "-n", s.ns, "link", "set", peer, "up")
+        _run("ip", "-n", s.ns, "link", "set", "lo", "up")
+        check_route(s)
+        _, cert, key = make_ca(tmp, s.addr)
+        argv = [str(cert), str(key), str(s.log), s.addr, s.key, s.refresh_token, s.new_access]
+        s.procs.append(
+            subprocess.Popen(
+                ["ip", "netns", "exec", s.ns, sys.executable, "-c", _SERVER, *argv],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        _wait_listening(s)
+    except BaseException:
+        destroy(s)
+        raise
+    return s
+
+
+def _wait_listening(s: StandIn) -> None:
+    for _ in range(100):
+        out = subprocess.run(
+            ["ip", "netns", "exec", s.ns, "ss", "-ltn"], capture_output=True, text=True
+        ).stdout
+        if f"{s.addr}:443 " in out:
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the stand-in provider did not start")
+
+
+def destroy(s: StandIn) -> None:
+    for p in s.procs:
+        p.kill()
+        p.wait(timeout=5)
+    subprocess.run(["ip", "link", "del", s.veth], capture_output=True)
+    subprocess.run(["ip", "netns", "del", s.ns], capture_output=True)
