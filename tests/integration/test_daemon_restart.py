@@ -4,6 +4,8 @@ background session's tmux and network policy are still there."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import time
@@ -152,3 +154,74 @@ def test_a_background_session_survives_a_daemon_restart_with_its_policy(
         }
     finally:
         remove_containers(client, ws)
+
+
+def _cut_power(client: IncusClient, names: list[str]) -> None:
+    """A power loss, for these containers: the daemon, their monitors and every process in
+    them die at once (SIGKILL), with coi's keepers and monitor services."""
+    from coi.monitor.collect import cgroup_dir, cgroup_pids
+
+    for helper in ("coi.sessions.keeper", "coi.monitor.service", "coi.limits.watchdog"):
+        subprocess.run(["pkill", "-9", "-f", helper], check=False)
+    cgroups = [cgroup_dir(client.project, n) for n in names]
+    _kill_daemon(client)
+    for n in names:
+        subprocess.run(["pkill", "-9", "-f", f"lxc monitor.*{client.project}_{n}$"], check=False)
+    for cg in cgroups:
+        for _ in range(20):
+            pids = cgroup_pids(cg) if cg is not None and cg.exists() else []
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            time.sleep(0.1)
+        assert cg is None or not cg.exists() or not cgroup_pids(cg), f"{cg} still has processes"
+
+
+def test_after_a_power_loss_nothing_runs_unwatched_and_a_persistent_session_comes_back(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path, daemon_back: None
+) -> None:
+    """The daemon and the containers' processes killed at once, then the daemon started: it
+    starts none of coi's sandboxes by itself (an agent's @reboot job would run unwatched);
+    `coi list` and `coi clean` agree; the persistent session comes back at its next start
+    with its network proven."""
+    env = {**coi_env, "COI_IMAGE": "coi-tiny"}
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    kept.mkdir()
+    gone.mkdir()
+    res = run_coi("shell", "--background", "--debug", "--persistent", "--writable-git-hooks",
+                  "-w", str(kept), env=env, timeout=180)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    run = subprocess.Popen(
+        coi_argv("run", "-w", str(gone), "--", "sleep", "300"),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(coi_names(client, gone)) == 1, "the run's sandbox", 60)
+        (p,), (e,) = coi_names(client, kept), coi_names(client, gone)
+        wait_for(lambda: client.instances.get(e).running, "the run's sandbox to run", 60)
+        run.kill()  # coi goes with the power too
+        run.wait(timeout=10)
+        _cut_power(client, [p, e])
+        _start_daemon(client)
+        time.sleep(10)  # the daemon starts what it means to start within a few seconds
+        assert client.instances.get(p).status == "Stopped"
+        assert client.instances.get(e).status == "Stopped"
+        listed = json.loads(run_coi("list", "--format", "json", env=env).stdout)
+        states = {c["name"]: c["status"] for c in listed["active_containers"]}
+        assert states == {p: "Stopped", e: "Stopped"}
+        cleaned = run_coi("clean", "--force", env=env)
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert set(coi_names(client, kept) + coi_names(client, gone)) == {p}  # kept: persistent
+        again = run_coi("shell", "--background", "--debug", "--persistent", "--slot", "1",
+                        "--writable-git-hooks", "-w", str(kept), env=env, timeout=180)  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        assert "Network policy verified" in again.stderr
+        assert client.instances.get(p).running
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        remove_containers(client, kept)
+        remove_containers(client, gone)

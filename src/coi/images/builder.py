@@ -226,6 +226,8 @@ class Builder:
             source=source,
             config={
                 "security.nesting": "true",
+                # A build cut by a power loss is not started again by the daemon.
+                "boot.autostart": "false",
                 **labels.owner_config("build"),
             },
             devices={

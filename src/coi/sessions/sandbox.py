@@ -150,11 +150,19 @@ def docker_ready_config() -> dict[str, str]:
     }
 
 
+# Never started by the daemon itself (after a power loss or a host reboot it would start what
+# was running): a sandbox runs only with a coi that watches it, its network proven, its
+# time limit and monitor in place. Without this, what the agent left to run at boot (a cron
+# @reboot, a unit) would run unwatched; a persistent sandbox comes back at its next session.
+NO_AUTOSTART = {"boot.autostart": "false"}
+
+
 def instance_config(spec: SandboxSpec) -> dict[str, str]:
     owner = host_owner_uid(spec.workspace)
     gid = host_owner_gid(spec.workspace, owner)
     config = {
         **docker_ready_config(),
+        **NO_AUTOSTART,
         labels.WORKSPACE: str(spec.workspace),
         labels.PERSISTENT: "true" if spec.persistent else "false",
         # Who made it: `coi clean` removes a `coi run` sandbox whose coi process died.
@@ -362,6 +370,8 @@ class Sandbox:
                 self.address = address.of_nic(self.client.networks.get(nic.get("network", "")), nic)
                 self._protect()
                 self._harden_nic(inst)
+                if inst.config.get("boot.autostart") != "false":
+                    self.client.instances.set_config(self.name, NO_AUTOSTART)
                 self._refresh_limits(inst.expanded_devices, running=inst.running)
                 if inst.status == "Frozen":
                     self.client.instances.unfreeze(self.name)
