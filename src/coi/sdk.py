@@ -111,6 +111,7 @@ def connect(
         env=environ,
         remote=cfg.get_str("incus.remote") or None,
         project=cfg.get_str("incus.project"),
+        timeout=float(cfg.get_int("incus.timeout")),
     )
     return Client(backend, cfg, environ=environ, profile=profile)
 

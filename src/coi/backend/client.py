@@ -127,11 +127,13 @@ class IncusClient:
         env: Mapping[str, str] | None = None,
         remote: str | None = None,
         project: str = "default",
+        timeout: float = 60.0,
     ) -> IncusClient:
-        """Connect to the local daemon (or `remote`), Incus preferred over LXD."""
+        """Connect to the local daemon (or `remote`), Incus preferred over LXD; `timeout`:
+        seconds a request may go unanswered."""
         env = os.environ if env is None else env
         endpoint = remote_endpoint(remote, env) if remote else Endpoint(find_local_socket(env))
-        return cls(endpoint, project=project)
+        return cls(endpoint, project=project, timeout=timeout)
 
     def with_project(self, project: str) -> IncusClient:
         """A client on the same connection settings, scoped to another project."""

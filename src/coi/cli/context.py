@@ -36,6 +36,7 @@ def connect(cfg: Config) -> IncusClient:
 
     remote = cfg.get_str("incus.remote") or None
     project = cfg.get_str("incus.project")
-    client = IncusClient.connect(env=os.environ, remote=remote, project=project)
+    timeout = float(cfg.get_int("incus.timeout"))
+    client = IncusClient.connect(env=os.environ, remote=remote, project=project, timeout=timeout)
     loaded()
     return client

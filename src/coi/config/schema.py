@@ -161,6 +161,14 @@ SETTINGS: tuple[Setting, ...] = (
         trust="never",
     ),
     _s(
+        "incus.timeout",
+        "int",
+        60,
+        "Seconds to wait for the daemon to answer a request before saying it does not.",
+        env=("COI_DAEMON_TIMEOUT",),
+        trust="any",
+    ),
+    _s(
         "incus.remote",
         "str",
         "",
