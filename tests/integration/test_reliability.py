@@ -288,3 +288,41 @@ def test_coi_clean_never_takes_a_sandbox_from_a_live_coi(
     assert failures == []
     assert cleans and all(c.returncode == 0 for c in cleans), [c.stderr for c in cleans]
     wait_for(lambda: not coi_names(client, ws), "the runs' sandboxes to go", 60)
+
+
+def test_kill_9_while_a_session_is_saved_keeps_the_previous_save(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """coi shell killed between pulling the conversation out and swapping it in: the save
+    made before is whole, `coi clean` removes the half-made copy, and --resume works."""
+    ws = user_dir(base / "ws", user)
+    child = spawn_shell(uenv, ws)
+    converse(child, "turn one")
+    leave(child)
+    (saved,) = (Path(uenv["COI_HOME"]) / "sessions-standin").iterdir()
+    log = saved / ".standin" / "conversation.log"
+    wait_gone(client, ws)
+
+    child = spawn_shell({**uenv, checkpoint.ENV: "shell-saving"}, ws, "--resume")
+    converse(child, "turn two")
+    child.expect("standin> ")
+    child.sendline("/exit")
+    child.expect("bye")
+    child.sendline("exit")
+    child.expect("Saving session data")
+    wait_for(lambda: _stopped(child.pid), "coi to stop at the save", 30)
+    os.kill(child.pid, signal.SIGKILL)
+    child.close(force=True)
+    assert log.read_text() == "turn one\n"  # the earlier save, whole
+    half = list(saved.glob(".pull-*"))
+    assert half  # the copy it was making
+    cleaned = run_coi("clean", "--force", env=uenv, user=USER)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert not list(saved.glob(".pull-*"))
+    for name in coi_names(client, ws):  # its container, which coi did not get to remove
+        client.instances.delete(name, force=True)
+
+    child = spawn_shell(uenv, ws, "--resume")
+    child.expect("earlier: turn one")
+    leave(child)
+    wait_gone(client, ws)

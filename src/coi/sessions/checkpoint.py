@@ -20,6 +20,8 @@ RUN_STEPS = (
     "command-running",  # the command runs (reached once its exec has been sent)
     "cleaning-up",  # the command ended; the sandbox not removed yet
 )
+# `coi shell`'s: the conversation is pulled out beside the saved one, not yet swapped in.
+SHELL_STEPS = ("shell-saving",)
 
 
 def step(name: str) -> None:

@@ -693,6 +693,7 @@ class ShellSession:
                 ).warnings():
                     log(f"Warning: {line}")
             log(f"Saving session data to {target_parent}")
+            checkpoint.step("shell-saving")  # pulled, not yet swapped in
             for line in self.store.replace_state(self.session_id, tool.state_dir, tmp / "state"):
                 log(f"Warning: {line}")
             log("Session data saved successfully")
