@@ -24,13 +24,16 @@ from coi.network.hostnet import host_networks
 NET = ipaddress.ip_network("203.0.113.0/24")  # TEST-NET-3: never a real host
 
 _SERVER = r"""
-import http.server, json, socketserver, ssl, sys, time
+import http.server, json, socket, socketserver, ssl, sys, time
 cert, key, log_path, addr, real_key, refresh_token, new_access = sys.argv[1:8]
 log = open(log_path, "a", buffering=1)
 state = {"access": None}
 
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    def setup(self):
+        super().setup()  # headers and body go in separate writes: no Nagle delay between
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     def _answer(self, status, body, ctype="application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)

@@ -423,9 +423,13 @@ def test_refusals_are_403_with_a_clear_error_and_never_reach_the_upstream(tmp_pa
             _msg(path="/anthropic/admin/keys"),
             _msg(path="/openai/v1/chat/completions"),
             _msg(path="/anthropic/v1/../../etc"),
+            # A percent-encoded provider name must not shift where the forwarded path
+            # starts (it would have made the upstream "api.example.testic").
+            _msg(path="/%61nthropic/v1/messages"),
+            _msg(path="/anthropic/v1/x%2F..%2F..%2Fadmin"),
         ],
     )
-    assert [a.status_code for a in answers] == [403] * 5
+    assert [a.status_code for a in answers] == [403] * 7
     messages = [a.json()["error"]["message"] for a in answers]
     assert "wrong session token" in messages[0] and "wrong session token" in messages[1]
     assert "not an API path of anthropic" in messages[2]

@@ -193,3 +193,33 @@ def test_the_broker_socket_is_not_reachable_by_a_stranger_path(tmp_path: Path) -
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(h.socket))  # we (its owner) may
         s.close()
+
+
+def test_the_device_can_be_added_in_the_background(tmp_path: Path) -> None:
+    client: Any = FakeClient()
+    gate = threading.Event()
+    plain = client.instances.add_device
+
+    def slow_add(name: str, device: str, spec: dict[str, str]) -> None:
+        gate.wait(5)  # the daemon takes about a second for a proxy device
+        plain(name, device, spec)
+
+    client.instances.add_device = slow_add
+    env = _env(tmp_path, ANTHROPIC_API_KEY=KEY)
+    cfg = load_config(files=[], env=env)
+    with session_broker(client, "c1", TOOL, cfg, env=env, background=True) as h:
+        assert client.instances.devices == {}  # not yet: the session goes on meanwhile
+        gate.set()
+        h.wait_attached()
+        assert client.instances.devices["c1"][DEVICE] == h.device
+    assert client.instances.devices["c1"] == {}
+
+    def failing(name: str, device: str, spec: dict[str, str]) -> None:
+        raise NotFound("instance 'c1' not found")
+
+    client.instances.add_device = failing
+    with (
+        session_broker(client, "c1", TOOL, cfg, env=env, background=True) as h,
+        pytest.raises(NotFound),
+    ):
+        h.wait_attached()

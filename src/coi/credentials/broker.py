@@ -243,8 +243,13 @@ class Broker:
             raise Refused(403, "only origin-form request targets are forwarded", "target")
         name, _, rest = path[1:].partition("/")
         rest = "/" + rest
-        raw_rest = raw_path[len(name) + 1 :] or b"/"
         route = self.routes.get(name)
+        prefix = f"/{name}/".encode()
+        if route is not None and not raw_path.startswith(prefix):
+            # The provider's name must be spelled plainly: what is forwarded is the raw path
+            # after it, and a percent-encoded name would shift where that starts.
+            raise Refused(403, "the provider prefix must not be percent-encoded", "path")
+        raw_rest = raw_path[len(prefix) - 1 :]
         if route is None:
             known = ", ".join(sorted(self.routes)) or "none"
             raise Refused(
@@ -420,7 +425,12 @@ class Broker:
             await self.refresh(route)
             refreshed = True
         qs = upstream_query(query, route.provider)
-        url = route.upstream + raw_rest.decode("latin-1") + (f"?{qs}" if qs else "")
+        base = httpx.URL(route.upstream)
+        # Only the path and query come from the request: scheme, host and port are the
+        # upstream's, whatever the path holds.
+        url = base.copy_with(raw_path=raw_rest + (f"?{qs}".encode() if qs else b""))
+        if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+            raise Refused(403, "the request would leave the provider's host", "path")
 
         async def send() -> httpx.Response:
             req = self.client.build_request(  # type: ignore[union-attr]

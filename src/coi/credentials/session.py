@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,16 @@ class BrokerHandle:
     withhold_env: tuple[str, ...] = ()
     notices: tuple[str, ...] = ()
     socket: Path | None = None
+    _attached: Callable[[float], None] | None = field(default=None, repr=False, compare=False)
+
+    def wait_attached(self, timeout: float = 60.0) -> None:
+        """With `background=True`: wait until the device is on the container (start the
+        agent only after this).
+
+        :raises BackendError: the device could not be added.
+        """
+        if self._attached is not None:
+            self._attached(timeout)
 
     def credential_files(self, tool: Tool) -> tuple[str, ...]:
         """The tool's credential files to copy from the host home (the rest stay out)."""
@@ -229,6 +240,7 @@ def session_broker(
     cfg: Config,
     *,
     attach: bool = True,
+    background: bool = False,
     port: int = BROKER_PORT,
     env: Mapping[str, str] | None = None,
     home: Path | None = None,
@@ -240,7 +252,10 @@ def session_broker(
     proxy device to `container` (which must exist; running or not). Yields what the agent
     gets: the environment (base URLs, placeholders), settings overlays, the files not to
     copy. On exit the broker stops (requests in flight are cut, later ones fail) and the
-    device is removed if the container is still there. In copy and none mode nothing starts;
+    device is removed if the container is still there. Adding a proxy device takes the
+    daemon about a second (it polls its forkproxy's log once a second): with `background`
+    the device is added by a thread while the session sets up the rest, and
+    `handle.wait_attached()` waits for it. In copy and none mode nothing starts;
     the handle says what to withhold. Nothing of a real credential is in the handle, the
     device or the container's config.
 
@@ -285,9 +300,10 @@ def session_broker(
     server.start()
     device = proxy_device(path, port)
     env_out, settings = tool_settings(p.brokered, tokens, port)
+    adder = _Attach(client, container, device) if attach else None
     try:
-        if attach:
-            client.instances.add_device(container, DEVICE, device)
+        if adder is not None:
+            adder.start(background)
         yield BrokerHandle(
             mode="broker",
             env=env_out,
@@ -298,8 +314,44 @@ def session_broker(
             withhold_env=p.withhold_env,
             notices=p.notices,
             socket=path,
+            _attached=adder.wait if adder is not None else None,
         )
     finally:
         server.stop()
+        if adder is not None:
+            with contextlib.suppress(Exception):
+                adder.wait(60.0)  # not added behind the removal's back
         with contextlib.suppress(BackendError):
             client.instances.remove_device(container, DEVICE)
+
+
+class _Attach:
+    """Adds the proxy device, now or in a thread of its own."""
+
+    def __init__(self, client: IncusClient, container: str, device: dict[str, str]) -> None:
+        self.client, self.container, self.device = client, container, device
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _add(self) -> None:
+        try:
+            self.client.instances.add_device(self.container, DEVICE, self.device)
+        except BaseException as err:  # handed to wait()
+            self.error = err
+
+    def start(self, background: bool) -> None:
+        if not background:
+            self.client.instances.add_device(self.container, DEVICE, self.device)
+            return
+        self.thread = threading.Thread(target=self._add, name="coi-broker-attach", daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                from coi.errors import BackendError
+
+                raise BackendError(f"adding the broker's device to {self.container} took too long")
+        if self.error is not None:
+            raise self.error
