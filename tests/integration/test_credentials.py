@@ -9,6 +9,8 @@ import os
 import shlex
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 from tests import credkit
+from tests.conftest import ROOT
 
 from coi.audit.log import AuditLog
 from coi.backend import ExecRequest, IncusClient
@@ -308,3 +311,69 @@ def test_request_limit_and_an_expired_login_refreshed_on_the_host(
         last = events[-1]
         assert last["action"] == "refused" and last["evidence"]["reason"] == "max_requests"
         assert any(e["action"] == "refreshed" for e in events)
+
+
+_AS_USER = r"""
+import json, os, sys
+from coi.backend import IncusClient
+from coi.config.loader import load_config
+from coi.credentials import session_broker
+from coi.tools.base import Broker, Tool
+project, box, url, ca = sys.argv[1:5]
+tool = Tool(name="standin", binary="sh",
+            brokers=(Broker(provider="anthropic", env={"API_TOKEN": "{token}"}),))
+cfg = load_config(files=[], env=os.environ)
+cfg.set("credentials.upstream", {"anthropic": url}, "test")
+cfg.set("credentials.ca_bundle", ca, "test")
+with IncusClient.connect(project=project) as c, session_broker(c, box, tool, cfg) as h:
+    st = os.stat(h.socket)
+    print(json.dumps({"token": h.env["API_TOKEN"], "uid": os.getuid(), "owner": st.st_uid,
+                      "device": h.device}), flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_broker_of_an_unprivileged_user_serves_the_sandbox(
+    project_client: IncusClient,
+    box: str,
+    standin: credkit.StandIn,
+    test_project: str,
+    user: Any,
+    base: Path,
+) -> None:
+    """coi as a plain user: its 0600 socket is reached by the daemon's forkproxy, which drops
+    to that user (security.uid/gid) before connecting."""
+    ca = base / "ca.pem"
+    ca.write_bytes(standin.ca.read_bytes())
+    home = base / "home"
+    home.mkdir()
+    os.chown(home, user.pw_uid, user.pw_gid)
+    child_env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(home),
+        "COI_HOME": str(home / ".coi"),
+        "PYTHONPATH": str(ROOT / "src"),
+        "ANTHROPIC_API_KEY": standin.key,
+        **{k: os.environ[k] for k in ("INCUS_SOCKET",) if os.environ.get(k)},
+    }
+    argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups"]
+    argv += ["--", sys.executable, "-c", _AS_USER, test_project, box, standin.url, str(ca)]
+    with subprocess.Popen(
+        argv, env=child_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        try:
+            got = json.loads(child.stdout.readline() or "{}")
+            assert got, "the user's broker did not start"
+            assert got["uid"] == got["owner"] == user.pw_uid
+            assert got["device"]["security.uid"] == str(user.pw_uid)
+            before = len(standin.requests())
+            answer = _http(project_client, box, got["token"])
+            assert _status(answer) == 200, answer
+            sent = standin.requests()[before]["headers"]
+            assert {k.lower(): v for k, v in sent.items()}["x-api-key"] == standin.key  # type: ignore[union-attr]
+        finally:
+            child.stdin.close()
+            child.wait(timeout=30)
+    assert child.returncode == 0
+    assert DEVICE not in json.dumps(project_client.get(f"/1.0/instances/{box}")["devices"])
