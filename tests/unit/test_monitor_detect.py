@@ -276,3 +276,29 @@ def test_the_monitors_defaults_are_the_schemas(tmp_path: Path) -> None:
 
     cfg = load_config(cwd=tmp_path, env={"HOME": str(tmp_path)}, files=[])
     assert Settings.from_config(cfg) == Settings()
+
+
+def _sock_proc(pid: int, cmd: str, stdio: dict[int, str]) -> Proc:
+    p = Proc(pid=pid, nspid=pid, ppid=1, uid=1000, cmdline=cmd, start=1)
+    p.stdio.update(stdio)
+    return p
+
+
+def test_a_process_with_its_stdio_on_a_remote_tcp_connection_is_a_reverse_shell() -> None:
+    from coi.monitor.collect import Conn
+    from coi.monitor.detect import socket_shells
+
+    conns = [
+        Conn("tcp", "10.0.0.2:40000", "203.0.113.7:443", "ESTABLISHED", 1000, inode=4242),
+        Conn("tcp", "127.0.0.1:40001", "127.0.0.1:8080", "ESTABLISHED", 1000, inode=77),
+        Conn("tcp", "10.0.0.2:40002", "203.0.113.7:80", "SYN_SENT", 1000, inode=78),
+    ]
+    renamed = _sock_proc(10, "/tmp/kworker -i", {0: "socket:[4242]", 1: "socket:[4242]"})
+    local = _sock_proc(11, "nc localhost 8080", {0: "socket:[77]"})  # loopback: not a peer
+    connecting = _sock_proc(12, "x", {1: "socket:[78]"})  # not established
+    agent = _sock_proc(13, "claude", {0: "/dev/pts/0", 1: "/dev/pts/0", 2: "/dev/pts/0"})
+    piped = _sock_proc(14, "git", {0: "pipe:[5]", 1: "socket:[999]"})  # unknown inode
+    found = socket_shells([renamed, local, connecting, agent, piped], conns)
+    assert [(t.level, t.category) for t in found] == [("critical", "reverse_shell")]
+    assert "PID 10" in found[0].description and "203.0.113.7:443" in found[0].description
+    assert found[0].evidence["connection"] == {"remote": "203.0.113.7:443", "fd": 0}

@@ -72,6 +72,8 @@ class Proc:
     io_read: int = -1  # bytes read (rchar); -1 when not readable by this user
     io_write: int = -1
     files: list[str] = field(default_factory=list)  # open files, when readable
+    # What standard input, output and error are (fd -> link target, e.g. "socket:[123]").
+    stdio: dict[int, str] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -115,15 +117,23 @@ def read_proc(pid: int, *, files: bool = False) -> Proc | None:
     except OSError:
         pass  # another user's process: /proc/<pid>/io needs ptrace rights
     if files:
-        try:
-            for fd in os.listdir(base / "fd"):
-                try:
-                    proc.files.append(os.readlink(base / "fd" / fd))
-                except OSError:
-                    continue
-        except OSError:
-            pass
+        read_fds(proc, base)
     return proc
+
+
+def read_fds(proc: Proc, base: Path) -> None:
+    """The process's open files, and what its fds 0-2 are (needs ptrace rights: root)."""
+    try:
+        for fd in os.listdir(base / "fd"):
+            try:
+                target = os.readlink(base / "fd" / fd)
+            except OSError:
+                continue
+            proc.files.append(target)
+            if fd in ("0", "1", "2"):
+                proc.stdio[int(fd)] = target
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,7 @@ class Conn:
     remote: str
     state: str
     uid: int
+    inode: int = 0  # the socket's inode: what /proc/<pid>/fd/N links to, as socket:[inode]
 
     @property
     def remote_ip(self) -> str:
@@ -173,7 +184,8 @@ def read_connections(init_pid: int) -> list[Conn]:
             if remote.endswith(":0"):
                 continue  # a listener or an unconnected UDP socket
             state = TCP_STATES.get(parts[3], parts[3]) if proto.startswith("tcp") else "UDP"
-            out.append(Conn(proto.rstrip("6"), local, remote, state, int(parts[7])))
+            inode = int(parts[9]) if len(parts) > 9 and parts[9].isdigit() else 0
+            out.append(Conn(proto.rstrip("6"), local, remote, state, int(parts[7]), inode))
     return out
 
 

@@ -78,6 +78,47 @@ def reverse_shell(p: Proc) -> Threat | None:
     return None
 
 
+def socket_shells(procs: Iterable[Proc], conns: Iterable[Conn]) -> list[Threat]:
+    """Processes whose standard input or output is a TCP connection to another machine: a
+    shell (or any program) driven from the network, whatever its name, its arguments or its
+    port. What a reverse shell *is*, so a renamed bash on port 443 is one too; an agent's tools
+    talk to the network through sockets of their own, never through their stdio."""
+    peers = {
+        c.inode: c
+        for c in conns
+        if c.inode and c.proto == "tcp" and c.state == "ESTABLISHED" and not _loopback(c)
+    }
+    found = []
+    for p in procs:
+        for fd, target in sorted(p.stdio.items()):
+            m = _SOCKET.fullmatch(target)
+            if not m or (c := peers.get(int(m.group(1)))) is None:
+                continue
+            found.append(
+                Threat(
+                    CRITICAL,
+                    "reverse_shell",
+                    "Reverse shell detected",
+                    f"Process '{p.cmdline[:200]}' (PID {p.nspid}) has its "
+                    f"{_STDIO[fd]} on a network connection to {c.remote}",
+                    {**_proc_evidence(p), "connection": {"remote": c.remote, "fd": fd}},
+                )
+            )
+            break
+    return found
+
+
+_SOCKET = re.compile(r"socket:\[(\d+)\]")
+_STDIO = {0: "standard input", 1: "standard output", 2: "standard error"}
+
+
+def _loopback(c: Conn) -> bool:
+    try:
+        return ipaddress.ip_address(c.remote_ip).is_loopback
+    except ValueError:
+        return False
+
+
 # -- environment and credential scanning ---------------------------------------------------
 
 _SECRET_WORDS = r"(api|key|token|secret|passw|credential|auth|aws_|private)"

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from coi import labels
@@ -17,7 +18,15 @@ from coi.config.loader import Config
 from coi.config.schema import BY_KEY
 from coi.errors import BackendError, NotFound
 from coi.monitor import detect, execwatch, flows, taskstats
-from coi.monitor.collect import Collector, Conn, Proc, Sweep, cgroup_dir, cgroup_name
+from coi.monitor.collect import (
+    Collector,
+    Conn,
+    Proc,
+    Sweep,
+    cgroup_dir,
+    cgroup_name,
+    read_fds,
+)
 from coi.monitor.detect import NetContext, Threat
 from coi.monitor.respond import Responder
 
@@ -70,6 +79,8 @@ class Settings:
 def threats_of(sweep: Sweep, s: Settings) -> list[Threat]:
     """Every detector over one sweep (no side effects)."""
     found = detect.scan_processes(sweep.new_processes, s.workspace)
+    # Every process, not only new ones: a program may move its stdio onto a socket later.
+    found += detect.socket_shells(sweep.processes, sweep.connections)
     for c in sweep.new_connections:
         if t := detect.suspicious_connection(c, s.net):
             found.append(t)
@@ -153,8 +164,17 @@ class Monitor:
     def _on_exec(self, proc: Proc) -> None:
         if self._collector is not None:
             self._collector.note_exec(proc)
-        if not self.responder.killed:
-            self._respond(detect.scan_processes([proc], self.settings.workspace))
+        if self.responder.killed:
+            return
+        self._respond(detect.scan_processes([proc], self.settings.workspace))
+        # Born with a socket for stdin or stdout (`x -i >& /dev/tcp/...`): look now, with the
+        # connections, instead of at the next sweep.
+        read_fds(proc, Path(f"/proc/{proc.pid}"))
+        if not self.responder.killed and any(t.startswith("socket:") for t in proc.stdio.values()):
+            try:
+                self.sweep_once()
+            except (BackendError, OSError):
+                pass
 
     def _on_flow(self, conn: Conn) -> None:
         if self.responder.killed:
