@@ -343,3 +343,47 @@ def test_a_large_read_shorter_than_a_sweep_is_seen_by_the_last_look(
     reads = [e for e in _events(env) if e["title"] == "Large read burst"]
     assert reads, _events(env)
     assert reads[0]["evidence"]["filesystem"]["read_mb"] >= 250
+
+
+def test_a_fork_bomb_that_never_execs_is_killed_at_once(
+    client: IncusClient, mon_env: dict[str, str], ws: Path
+) -> None:
+    """Subshells forking subshells: no exec for the exec watcher, too quick for a sweep. The
+    pids cgroup's counters see it (a safety limit of 3000 processes, never reached)."""
+    t0 = time.monotonic()
+    res = run_coi(
+        "run", "--image", "coi-tiny", "--limit-processes", "3000", "-w", str(ws), "--",
+        "sh", "-c", "f() { f | f & }; f; sleep 60", env=mon_env, timeout=120,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    assert res.returncode == 137, res.stderr
+    bombs = [e for e in _events(mon_env) if e["title"] == "Fork bomb detected"]
+    assert bombs and bombs[0]["level"] == "critical" and bombs[0]["action"] == "killed"
+    assert took < 30
+
+
+def test_a_process_flood_at_the_limit_is_paused(
+    client: IncusClient, mon_env: dict[str, str], ws: Path
+) -> None:
+    """A slow flood that fills the process limit (each fork refused there is counted)."""
+    proc = subprocess.Popen(
+        coi_argv(
+            "run", "--image", "coi-tiny", "--limit-processes", "60", "-w", str(ws), "--",
+            "sh", "-c", "i=0; while [ $i -lt 200 ]; do sleep 120 & i=$((i+1)); done; wait",
+        ),
+        env=mon_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: any(e["title"] == "Process limit reached" for e in _events(mon_env)),
+            "the flood to be seen",
+            30,
+        )
+        (event,) = [e for e in _events(mon_env) if e["title"] == "Process limit reached"]
+        assert (event["level"], event["action"]) == ("high", "paused")
+        (name,) = [n for n in client.instances.names() if n.startswith("coi-")]
+        wait_for(lambda: client.instances.get(name).status == "Frozen", "the pause", 10)
+        client.instances.delete(name, force=True)
+    finally:
+        proc.kill()
+        proc.communicate()

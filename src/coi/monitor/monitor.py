@@ -17,7 +17,7 @@ from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.config.schema import BY_KEY
 from coi.errors import BackendError, NotFound
-from coi.monitor import detect, execwatch, flows, taskstats
+from coi.monitor import detect, execwatch, flows, storms, taskstats
 from coi.monitor.collect import (
     Collector,
     Conn,
@@ -132,6 +132,7 @@ class Monitor:
         self._exec: execwatch.ExecWatcher | None = None
         self._exits: taskstats.ExitWatcher | None = None
         self._flows: flows.FlowWatcher | None = None
+        self._storms: storms.StormWatcher | None = None
         self._ip = ""  # the container's address, read with its state at attach time
 
     def _attach(self) -> Collector | None:
@@ -189,6 +190,10 @@ class Monitor:
         except (BackendError, OSError):
             pass
         if not self.responder.killed:
+            self._respond([threat])
+
+    def _on_storm(self, threat: Threat) -> None:
+        if not self.responder.killed and not self.responder.paused:
             self._respond([threat])
 
     def _on_exit(self, ex: taskstats.Exit) -> None:
@@ -264,12 +269,16 @@ class Monitor:
             if self._ip and flows.available():
                 self._flows = flows.FlowWatcher(self._ip, self._on_flow)
                 self._flows.start()
+        if self._collector is not None:
+            # The pids cgroup's counters: a fork bomb within a fifth of a second.
+            self._storms = storms.StormWatcher(self._collector.cgdir, self._on_storm)
+            self._storms.start()
         self._thread = threading.Thread(target=self._loop, name="coi-monitor", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self.last_look()
-        for watcher in (self._exec, self._exits, self._flows):
+        for watcher in (self._exec, self._exits, self._flows, self._storms):
             if watcher:
                 watcher.stop()
         self._stop.set()

@@ -1,0 +1,122 @@
+"""Process storms from the container's own pids cgroup: a fork bomb that never execs a program
+is invisible to exec events and too quick for a sweep, but not to the cgroup's counters.
+
+A thread reads `pids.current` and the `max` count of `pids.events` (how often a fork was
+refused at the limit) five times a second: two small files, no process listing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from coi.monitor.detect import CRITICAL, HIGH, Threat
+
+# Samples per second, and the growth in one second that no build reaches (`make -j` and test
+# runners add tens of processes a second; a fork bomb thousands).
+RATE = 5
+SURGE = 300
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # seconds (monotonic)
+    current: int  # processes (tasks) in the cgroup now
+    refused: int  # forks refused at pids.max so far (pids.events "max")
+    limit: int  # pids.max (0: none)
+
+
+def read_sample(cgdir: Path, at: float) -> Sample | None:
+    try:
+        current = int((cgdir / "pids.current").read_text())
+        events = (cgdir / "pids.events").read_text().split()
+        raw_max = (cgdir / "pids.max").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    refused = int(events[1]) if len(events) >= 2 and events[0] == "max" else 0
+    return Sample(at, current, refused, 0 if raw_max == "max" else int(raw_max))
+
+
+def storm(window: list[Sample], refused_before: int | None = None) -> Threat | None:
+    """What the last second of samples says (oldest first), or None. `refused_before`: the
+    refusals counted when last looked at (default: the window's first sample's)."""
+    if not window:
+        return None
+    first, last = window[0], window[-1]
+    grew = last.current - first.current
+    refused = last.refused - (first.refused if refused_before is None else refused_before)
+    evidence = {
+        "process": {"count": last.current, "grew": grew, "refused": refused, "limit": last.limit}
+    }
+    if len(window) >= 2 and grew >= SURGE:
+        return Threat(
+            CRITICAL,
+            "process",
+            "Fork bomb detected",
+            f"{grew} more processes in {last.at - first.at:.1f} s ({last.current} now)",
+            evidence,
+        )
+    if refused > 0:
+        return Threat(
+            HIGH,
+            "process",
+            "Process limit reached",
+            f"{refused} forks refused at the limit of {last.limit or '?'} processes "
+            f"({last.current} now): a fork bomb or a process flood",
+            evidence,
+        )
+    return None
+
+
+class StormWatcher:
+    """Calls `on_threat` when the cgroup's counters show a storm (at most once a second)."""
+
+    def __init__(self, cgdir: Path, on_threat: Callable[[Threat], None]) -> None:
+        self.cgdir = cgdir
+        self.on_threat = on_threat
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._baseline: Sample | None = None
+
+    def start(self) -> None:
+        import time
+
+        # Read now, before the command starts: what it does first counts, and refusals from
+        # before (a reused container) do not.
+        self._baseline = read_sample(self.cgdir, time.monotonic())
+        self._thread = threading.Thread(target=self._run, name="coi-storms", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        import time
+
+        window: deque[Sample] = deque(maxlen=RATE + 1)
+        if self._baseline is not None:
+            window.append(self._baseline)
+        refused = self._baseline.refused if self._baseline is not None else 0
+        quiet_until = 0.0
+        while not self._stop.wait(1 / RATE):
+            now = time.monotonic()
+            sample = read_sample(self.cgdir, now)
+            if sample is None:
+                if not self.cgdir.exists():
+                    return  # the container is gone
+                continue
+            window.append(sample)
+            if now < quiet_until:
+                continue
+            threat = storm(list(window), refused)
+            refused = sample.refused
+            if threat is not None:
+                self.on_threat(threat)
+                quiet_until = now + 1.0
+                window.clear()
+                window.append(sample)
