@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
-from coi import labels
+from coi import helpers, labels
 from coi.audit import AuditLog, Event
 
 # Wake up this often to notice that the container is gone (then the watchdog exits).
@@ -24,28 +23,10 @@ def spawn(
     container: str, deadline: float, *, project: str, remote: str | None, graceful: bool
 ) -> int:
     """Start the watchdog detached from this process; returns its pid."""
-    argv = [
-        sys.executable,
-        "-m",
-        "coi.limits.watchdog",
-        container,
-        f"{deadline:.3f}",
-        "--project",
-        project,
-    ]
-    if remote:
-        argv += ["--remote", remote]
-    if not graceful:
-        argv.append("--force")
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # not killed with coi's terminal or process group
-        close_fds=True,
-    )
-    return proc.pid
+    extra = () if graceful else ("--force",)
+    return helpers.spawn(
+        "coi.limits.watchdog", container, f"{deadline:.3f}", *extra, project=project, remote=remote
+    ).pid
 
 
 def watch(container: str, deadline: float, *, project: str, remote: str | None, force: bool) -> int:

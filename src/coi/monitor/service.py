@@ -18,7 +18,6 @@ import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coi import helpers
 from coi.config.paths import coi_home
 from coi.locks import open_lock
 
@@ -66,21 +66,10 @@ def spawn(settings: Settings, container: str, *, project: str, remote: str | Non
     """Start the container's service unless one lives; its pid."""
     if pid := running_service(container):
         return pid
-    argv = [
-        sys.executable, "-m", "coi.monitor.service", container,
-        "--project", project, "--settings", settings_json(settings),
-    ]  # fmt: skip
-    if remote:
-        argv += ["--remote", remote]
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # not killed with coi's terminal or process group
-        close_fds=True,
-    )
-    return proc.pid
+    return helpers.spawn(
+        "coi.monitor.service", container, "--settings", settings_json(settings),
+        project=project, remote=remote,
+    ).pid  # fmt: skip
 
 
 @contextlib.contextmanager

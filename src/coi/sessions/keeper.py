@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coi import labels
+from coi import helpers, labels
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -57,28 +57,12 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start the keeper of `container` for this process, detached from it; `claim`: the
     file claiming its slot, removed with it."""
-    argv = [
-        sys.executable,
-        "-m",
-        "coi.sessions.keeper",
-        container,
-        str(os.getpid()),
-        process_start(os.getpid()) or "",
-        "--project",
-        project,
-    ]
-    if remote:
-        argv += ["--remote", remote]
-    if claim is not None:
-        argv += ["--claim", str(claim)]
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # not killed with coi's terminal or process group
-        close_fds=True,
-    )
+    extra = ("--claim", str(claim)) if claim is not None else ()
+    start = process_start(os.getpid()) or ""
+    return helpers.spawn(
+        "coi.sessions.keeper", container, str(os.getpid()), start, *extra,
+        project=project, remote=remote,
+    )  # fmt: skip
 
 
 def dismiss(keeper: subprocess.Popen[bytes] | None) -> None:
