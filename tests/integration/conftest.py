@@ -92,6 +92,15 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[netkit.Topolo
         netkit.destroy(top)
 
 
+def proc_state(pid: int) -> str:
+    """A process's state letter from /proc (R, S, T stopped, Z zombie...); "" when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 def wait_gone(client: IncusClient, ws: Path, timeout: float = 15) -> None:
     """No container of the workspace is left (`coi run` lets the daemon finish removing)."""
     wait_for(lambda: not coi_names(client, ws), f"the containers of {ws} to go", timeout)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tests import netkit
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import coi_names, remove_containers, wait_for
+from tests.integration.conftest import coi_names, proc_state, remove_containers, wait_for
 
 from coi.backend import IncusClient
 
@@ -24,11 +24,7 @@ pytestmark = [pytest.mark.incus, pytest.mark.slow]
 
 def _dead(pid: int) -> bool:
     """Gone, or a zombie (without systemd nobody may reap the daemon)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    return proc_state(pid) in ("", "Z")
 
 
 def _kill_daemon(client: IncusClient) -> None:

@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     coi_names,
     converse,
     leave,
+    proc_state,
     spawn_shell,
     user_dir,
     wait_for,
@@ -91,11 +92,7 @@ def test_a_run_that_ends_dismisses_its_keeper(
 
 def _stopped(pid: int) -> bool:
     """The process stopped itself (SIGSTOP at its test step)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] == "T"
+    return proc_state(pid) == "T"
 
 
 @pytest.mark.parametrize("step", checkpoint.RUN_STEPS)
