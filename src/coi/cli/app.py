@@ -51,6 +51,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "completion": ("coi.cli.completion", "completion_cmd"),
     "mcp": ("coi.cli.mcp_cmd", "mcp_cmd"),
 }
+# Upstream 0.8+'s names for commands coi has under their 0.7 names: both work, the help lists
+# the 0.7 name with the other beside it.
+ALIASES: dict[str, str] = {"unfreeze": "resume"}
 
 
 class CoiCommand(click.Command):
@@ -77,17 +80,20 @@ class CoiGroup(click.Group):
         self,
         *args: Any,
         lazy: dict[str, tuple[str, str]] | None = None,
+        aliases: dict[str, str] | None = None,
         examples: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = dict(lazy or {})
+        self.aliases = dict(aliases or {})
         self.examples = examples
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd_name = self.aliases.get(cmd_name, cmd_name)
         if cmd_name in self.lazy:
             module, attr = self.lazy[cmd_name]
             cmd = getattr(importlib.import_module(module), attr)
@@ -109,7 +115,9 @@ class CoiGroup(click.Group):
             cmd = self.get_command(ctx, name)
             if cmd is None or cmd.hidden:
                 continue
-            rows.append((name, cmd.get_short_help_str(limit=70)))
+            also = [a for a, target in self.aliases.items() if target == name]
+            label = f"{name} ({', '.join(also)})" if also else name
+            rows.append((label, cmd.get_short_help_str(limit=70)))
         if rows:
             with formatter.section("Available Commands"):
                 formatter.write_dl(rows)
@@ -152,6 +160,7 @@ def usage_error_text(err: click.UsageError) -> str:
 @click.group(
     cls=CoiGroup,
     lazy=COMMANDS,
+    aliases=ALIASES,
     invoke_without_command=True,
     help=f"{SHORT_HELP}\n\n{LONG_HELP}",
     short_help=SHORT_HELP,

@@ -157,6 +157,7 @@ def info_cmd(session_id: str | None) -> None:
         lines.append(f"Workspace:      {s.workspace}")
     if s.metadata and s.metadata.saved_at:
         lines.append(f"Saved At:       {s.metadata.saved_at}")
+    lines.append(f"Credentials:    {_credentials(s.tool)}")
     if s.has_state:
         what = f"{state} directory" if state else "metadata"
         lines.append(f"Session Data:   ✓ Present ({what})")
@@ -170,6 +171,21 @@ def info_cmd(session_id: str | None) -> None:
         shown = "~" + shown[len(home) :]
     lines += ["", f"Session Path:   {shown}", "", f"Resume:         coi shell --resume={s.id}"]
     click.echo("\n".join(lines))
+
+
+def _credentials(tool_name: str) -> str:
+    """What a session of this tool does with its credentials now (the current config)."""
+    from coi.cli.context import load_settings
+    from coi.credentials import plan
+    from coi.errors import CoiError
+    from coi.tools.registry import get_tool
+
+    try:
+        cfg = load_settings()
+        local = not cfg.get_str("incus.remote")
+        return plan(get_tool(tool_name), cfg, local=local, run_command=False).summary
+    except CoiError as err:
+        return f"unknown ({err.message})"
 
 
 # -- attach -------------------------------------------------------------------------------
@@ -306,8 +322,8 @@ def _show(outcome: Outcome) -> bool:
 
 _bulk_options = stacked(
     click.argument("names", nargs=-1, shell_complete=complete_containers),
-    click.option("--all", "all_", is_flag=True, help="Every coi container."),
-    click.option("--force", is_flag=True, help="Do not ask for confirmation."),
+    click.option("-a", "--all", "all_", is_flag=True, help="Every coi container."),
+    click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation."),
 )
 
 
@@ -400,8 +416,8 @@ def resume_cmd(name: str | None) -> None:
     cls=CoiCommand,
     examples="  coi clean --dry-run\n  coi clean --force\n  coi clean --all --force",
 )
-@click.option("--all", "all_", is_flag=True, help="Containers, saved sessions and orphans.")
-@click.option("--force", is_flag=True, help="Do not ask for confirmation.")
+@click.option("-a", "--all", "all_", is_flag=True, help="Containers, saved sessions and orphans.")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--sessions", is_flag=True, help="Delete saved session data (all of it).")
 @click.option("--orphans", is_flag=True, help="Only orphaned resources (no containers).")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")

@@ -1,0 +1,23 @@
+"""Upstream 0.8+'s names work beside coi's 0.7 ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from coi.cli import main
+
+
+def test_unfreeze_is_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["unfreeze", "--help"]) == 0
+    assert "Resume containers the security monitor paused" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    assert "resume (unfreeze)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["kill", "shutdown", "persist", "clean"])
+def test_all_and_force_have_their_short_flags(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "-a, --all" in out and "-f, --force" in out
