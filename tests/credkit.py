@@ -13,12 +13,14 @@ import datetime
 import ipaddress
 import json
 import secrets
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coi.backend import ExecRequest, IncusClient
 from coi.network.hostnet import host_networks
 
 NET = ipaddress.ip_network("203.0.113.0/24")  # TEST-NET-3: never a real host
@@ -270,3 +272,38 @@ def destroy(s: StandIn) -> None:
         p.wait(timeout=5)
     subprocess.run(["ip", "link", "del", s.veth], capture_output=True)
     subprocess.run(["ip", "netns", "del", s.ns], capture_output=True)
+
+
+def _pattern(secret: str) -> str:
+    """A grep pattern matching `secret` whose own text does not (grep's command line is in
+    /proc too)."""
+    return f"{secret[:3]}[{secret[3]}]{secret[4:]}"
+
+
+def find_inside(client: IncusClient, box: str, *found: str, files: bool = True) -> str:
+    """Every place inside the sandbox, searched as root, that holds one of `found`: each
+    regular file (not /proc, /sys, /dev), each process's environment and command line."""
+    pats = " ".join(f"-e {shlex.quote(_pattern(x))}" for x in found)
+    script = (
+        "find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f "
+        f"-exec grep -l {pats} {{}} + 2>/dev/null; "
+        if files
+        else ""
+    ) + (
+        "for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do "
+        f"tr '\\0' '\\n' < $f 2>/dev/null | grep -q {pats} && echo $f; done; true"
+    )
+    res = client.exec.capture(box, ExecRequest(["sh", "-c", script], user=0))
+    assert res.exit_code == 0, res.stderr
+    return res.stdout.decode().strip()
+
+
+def daemon_view(client: IncusClient, box: str) -> str:
+    """The container's config and devices as the daemon has them (incus config show
+    --expanded), and the proxy device's log."""
+    inst = client.get(f"/1.0/instances/{box}")
+    logs = ""
+    for d in Path("/var/log/incus").glob(f"*_{box}"):
+        for f in d.glob("proxy.*"):
+            logs += f.read_text(errors="replace")
+    return json.dumps(inst) + logs

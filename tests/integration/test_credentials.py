@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import socket
 import ssl
 import subprocess
@@ -124,41 +123,6 @@ def _status(answer: str) -> int:
     return int(answer.split(" ", 2)[1]) if answer.startswith("HTTP/") else 0
 
 
-def _pattern(secret: str) -> str:
-    """A grep pattern matching `secret` whose own text does not (grep's command line is in
-    /proc too)."""
-    return f"{secret[:3]}[{secret[3]}]{secret[4:]}"
-
-
-def _find_inside(client: IncusClient, box: str, *found: str, files: bool = True) -> str:
-    """Every place inside the sandbox, searched as root, that holds one of `found`: each
-    regular file (not /proc, /sys, /dev), each process's environment and command line."""
-    pats = " ".join(f"-e {shlex.quote(_pattern(x))}" for x in found)
-    script = (
-        "find / \\( -path /proc -o -path /sys -o -path /dev \\) -prune -o -type f "
-        f"-exec grep -l {pats} {{}} + 2>/dev/null; "
-        if files
-        else ""
-    ) + (
-        "for f in /proc/[0-9]*/environ /proc/[0-9]*/cmdline; do "
-        f"tr '\\0' '\\n' < $f 2>/dev/null | grep -q {pats} && echo $f; done; true"
-    )
-    res = client.exec.capture(box, ExecRequest(["sh", "-c", script], user=0))
-    assert res.exit_code == 0, res.stderr
-    return res.stdout.decode().strip()
-
-
-def _daemon_view(client: IncusClient, box: str) -> str:
-    """The container's config and devices as the daemon has them (incus config show
-    --expanded), and the proxy device's log."""
-    inst = client.get(f"/1.0/instances/{box}")
-    logs = ""
-    for d in Path("/var/log/incus").glob(f"*_{box}"):
-        for f in d.glob("proxy.*"):
-            logs += f.read_text(errors="replace")
-    return json.dumps(inst) + logs
-
-
 def _with_agent(client: IncusClient, box: str, env: dict[str, str]) -> None:
     """A long-lived 'agent' process with the session's environment, as a tool would run."""
     client.exec.quiet(
@@ -205,9 +169,9 @@ def test_the_sandbox_reaches_the_provider_only_through_the_broker_with_the_real_
         # A marker planted in a file proves the search reads files; the key is not found.
         marker = f"marker-{token[:12]}"
         client.exec.quiet(box, ExecRequest(["sh", "-c", 'echo "$M" > /root/m'], env={"M": marker}))
-        assert _find_inside(client, box, standin.key, marker) == "/root/m"
-        assert "/environ" in _find_inside(client, box, token, files=False)
-        view = _daemon_view(client, box)
+        assert credkit.find_inside(client, box, standin.key, marker) == "/root/m"
+        assert "/environ" in credkit.find_inside(client, box, token, files=False)
+        view = credkit.daemon_view(client, box)
         assert standin.key not in view
         assert DEVICE in view and str(h.socket) in view
 
@@ -304,8 +268,8 @@ def test_request_limit_and_an_expired_login_refreshed_on_the_host(
         assert saved["accessToken"] == standin.new_access
         assert saved["refreshToken"] == "rt-rotated" and saved["expiresAt"] > time.time() * 1000
         secrets = (standin.refresh_token, "rt-rotated", standin.new_access)
-        assert _find_inside(client, box, *secrets) == ""
-        view = _daemon_view(client, box)
+        assert credkit.find_inside(client, box, *secrets) == ""
+        view = credkit.daemon_view(client, box)
         assert not [x for x in secrets if x in view]
         events = AuditLog(box, Path(env["COI_HOME"])).read()
         last = events[-1]

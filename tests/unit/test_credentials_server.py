@@ -92,7 +92,9 @@ class FakeInstances:
     def add_device(self, name: str, device: str, spec: dict[str, str]) -> None:
         self.devices.setdefault(name, {})[device] = dict(spec)
 
-    def remove_device(self, name: str, device: str) -> None:
+    def remove_device(
+        self, name: str, device: str, *, expect: dict[str, str] | None = None
+    ) -> None:
         if device not in self.devices.get(name, {}):
             raise NotFound(f"instance '{name}' has no device '{device}'")
         del self.devices[name][device]

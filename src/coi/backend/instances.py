@@ -197,17 +197,23 @@ class InstancesAPI:
     def add_device(self, name: str, device: str, spec: Mapping[str, str]) -> None:
         self.patch(name, {"devices": {device: dict(spec)}})
 
-    def remove_device(self, name: str, device: str) -> None:
+    def remove_device(
+        self, name: str, device: str, *, expect: Mapping[str, str] | None = None
+    ) -> None:
         """Remove a device. PATCH cannot remove, so GET, edit and PUT the whole object.
 
         PUT replaces everything, volatile keys included: sending back exactly what GET
-        returned (with its ETag) keeps the daemon's volatile keys intact.
+        returned (with its ETag) keeps the daemon's volatile keys intact. `expect`: remove
+        it only if it is exactly this device (NotFound otherwise); the ETag makes the
+        check and the removal one step (a change in between fails the PUT).
         """
         resp = self._c.raw_request("GET", _path(name))
         inst = resp.json()["metadata"]
         devices = dict(inst.get("devices") or {})
         if device not in devices:
             raise NotFound(f"instance '{name}' has no device '{device}'")
+        if expect is not None and dict(devices[device]) != dict(expect):
+            raise NotFound(f"instance '{name}' has another device '{device}'")
         del devices[device]
         body = {
             k: inst[k]

@@ -109,3 +109,8 @@ PROVIDERS: dict[str, Provider] = {
 def get_provider(name: str) -> Provider:
     """:raises KeyError: no such provider."""
     return PROVIDERS[name]
+
+
+def key_variables() -> frozenset[str]:
+    """Every host variable a provider's credential may be in (`key_env`, `oauth_env`)."""
+    return frozenset(n for p in PROVIDERS.values() for n in (*p.key_env, *p.oauth_env))

@@ -1,10 +1,11 @@
-"""Run a broker on a unix socket: uvicorn in a thread of coi's own, with its own event loop.
+"""Run a broker on a unix socket: uvicorn in a thread, with its own event loop.
 
-A thread, not a child process: it dies with coi whatever kills coi (SIGKILL included), so
-no broker holding a credential can outlive its session; the credential never has to be
-handed to another process (argv, environment or a pipe); and starting it costs a thread,
-not an interpreter (measured in docs/performance.md). The price is sharing coi's GIL, which
-matters little: the broker waits on sockets nearly all the time.
+Through the API (`session_broker`), a thread of the caller: it dies with it whatever kills
+it (SIGKILL included), the credential is never handed to another process, and starting it
+costs a thread, not an interpreter (measured in docs/performance.md); the price is sharing
+the caller's GIL, which matters little: the broker waits on sockets nearly all the time.
+`coi shell` runs the same thread in a host process of its own (`coi.credentials.service`):
+its sandbox outlives the coi that made it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import httpx
 import uvicorn
 
 from coi.credentials.broker import Broker
+from coi.credentials.session import MAX_SOCKET_PATH
 from coi.errors import SessionError
 
 # uvicorn's own loggers say nothing on coi's terminal (the agent's tmux is there); the
@@ -29,9 +31,6 @@ from coi.errors import SessionError
 _QUIET = logging.getLogger("uvicorn")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
-
-# A unix socket's path must fit in sun_path (108 bytes with its NUL).
-MAX_SOCKET_PATH = 107
 
 
 def http_client(ca_bundle: str = "", *, trust_env: bool = True) -> httpx.AsyncClient:

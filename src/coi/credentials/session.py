@@ -21,11 +21,14 @@ from coi.errors import ConfigError
 if TYPE_CHECKING:
     from coi.backend import IncusClient
     from coi.config.loader import Config
+    from coi.credentials.broker import Limits, Route
     from coi.tools.base import Broker, Tool
 
 # Where the broker listens inside the sandbox (its loopback; the proxy device's listener).
 BROKER_PORT = 41240
 DEVICE = "coi-broker"
+# A unix socket's path must fit in sun_path (108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,17 @@ class Plan:
     withhold_env: tuple[str, ...] = ()
     # For the user at session start (stderr); a fallback to copying is said here.
     notices: tuple[str, ...] = ()
+    # Why this mode, in a few words (copy: why not brokered).
+    why: str = ""
+
+    @property
+    def summary(self) -> str:
+        """One line for `coi info` and `coi health`: "broker (anthropic from $KEY)",
+        "copy (why)", "none (why)"."""
+        if self.mode == "broker":
+            via = ", ".join(f"{b.provider.name} from {b.credential.source}" for b in self.brokered)
+            return f"broker ({via})"
+        return f"{self.mode} ({self.why})" if self.why else self.mode
 
 
 @dataclass(frozen=True)
@@ -103,13 +117,15 @@ def plan(
     env: Mapping[str, str] | None = None,
     home: Path | None = None,
     local: bool = True,
+    run_command: bool = True,
 ) -> Plan:
     """Decide the credentials mode for `tool` and find each brokered provider's credential.
 
     `[credentials] mode = "broker"` brokers every provider of the tool for which a credential
     is found on the host; it falls back to copying, with a notice, for a tool that declares
     no broker, with a remote daemon (the broker's socket is on this machine), or when no
-    credential is found. `local`: the daemon runs on this machine.
+    credential is found. `local`: the daemon runs on this machine. Without `run_command`
+    a configured `key_command` is not run (for a summary: it may ask for a passphrase).
 
     :raises ConfigError: a provider the tool names is unknown, or a configured source of a
         credential is broken.
@@ -123,33 +139,39 @@ def plan(
         secret_files = secret_files if tool.secret_files else tool.credential_files
         note = "Credentials: none (mode = none): the tool's logins and keys stay on the host."
         return Plan(
-            "none", withhold_files=secret_files, withhold_env=_secret_env(tool), notices=(note,)
+            "none",
+            withhold_files=secret_files,
+            withhold_env=_secret_env(tool),
+            notices=(note,),
+            why='mode = "none"',
         )
     copying = (
         "its credential files are copied into the sandbox, where the agent can read them and "
         'send them anywhere it can reach ([credentials] mode = "none" keeps them out)'
     )
     if mode == "copy":
-        return Plan("copy", notices=(f"Credentials: copy mode: {copying}.",))
+        return Plan("copy", notices=(f"Credentials: copy mode: {copying}.",), why='mode = "copy"')
     if not tool.brokers:
-        return Plan("copy", notices=(f"Credentials: {tool.name} cannot be brokered: {copying}.",))
+        note = f"Credentials: {tool.name} cannot be brokered: {copying}."
+        return Plan("copy", notices=(note,), why=f"{tool.name} cannot be brokered")
     if not local:
         note = f"Credentials: the daemon is remote, so {tool.name} cannot be brokered: {copying}."
-        return Plan("copy", notices=(note,))
+        return Plan("copy", notices=(note,), why="the daemon is remote")
     found: list[Brokered] = []
     missing: list[str] = []
     for b in tool.brokers:
         provider = PROVIDERS.get(b.provider)
         if provider is None:
             raise ConfigError(f"tool {tool.name}: unknown broker provider {b.provider!r}")
-        cred = find_credential(provider, cfg.values, env, home)
+        cred = find_credential(provider, cfg.values, env, home, run_command=run_command)
         if cred is None:
             missing.append(f"{provider.name} (looked in {sources_described(provider)})")
         else:
             found.append(Brokered(b, provider, cred))
     if not found:
         note = f"Credentials: no credential to broker for {tool.name}: " + "; ".join(missing)
-        return Plan("copy", notices=(note, f"Credentials: so {copying}."))
+        why = "no credential found for " + ", ".join(b.provider for b in tool.brokers)
+        return Plan("copy", notices=(note, f"Credentials: so {copying}."), why=why)
     via = ", ".join(f"{f.provider.name} from {f.credential.source}" for f in found)
     notes = [f"Credentials: brokered ({via}); the sandbox gets a placeholder, never the key."]
     if missing:
@@ -244,6 +266,8 @@ def session_broker(
     port: int = BROKER_PORT,
     env: Mapping[str, str] | None = None,
     home: Path | None = None,
+    service: bool = False,
+    planned: Plan | None = None,
 ) -> Iterator[BrokerHandle]:
     """Start the credential broker of one session, for as long as the `with` block runs.
 
@@ -259,17 +283,23 @@ def session_broker(
     the handle says what to withhold. Nothing of a real credential is in the handle, the
     device or the container's config.
 
+    `service`: the broker runs in a detached host process instead (`coi.credentials.service`,
+    handed the routes over a pipe), for a session whose container outlives this process
+    (`coi shell`: `--background`, detached, coi killed). On exit it is stopped, and the device
+    removed, unless the agent was started (`wait_attached` returned) and the container still
+    runs: then it serves on until the container is gone or stopped, or a later session
+    replaces its device. `planned`: the `plan` already made for this tool (not made again:
+    a `key_command` runs once).
+
     :raises ConfigError: a configured credential source is broken.
     :raises SessionError: the broker could not start.
     :raises BackendError: the device could not be added.
     """
-    from coi.audit.log import AuditLog
-    from coi.credentials.broker import Broker, Route
-    from coi.credentials.server import BrokerServer
+    from coi.credentials.broker import Route
     from coi.errors import BackendError
 
     env = os.environ if env is None else env
-    p = plan(tool, cfg, env=env, home=home, local=client.endpoint.is_local)
+    p = planned or plan(tool, cfg, env=env, home=home, local=client.endpoint.is_local)
     if p.mode != "broker":
         yield BrokerHandle(
             mode=p.mode,
@@ -292,15 +322,26 @@ def session_broker(
         )
         for b in p.brokered
     }
-    broker = Broker(
-        container, routes, limits=limits_from(cfg), audit=AuditLog(container, coi_home(env))
-    )
+    limits = limits_from(cfg)
+    ca_bundle = cfg.get_str("credentials.ca_bundle")
     path = coi_home(env) / "brokers" / f"{container}-{secrets.token_hex(3)}.sock"
-    server = BrokerServer(broker, path, ca_bundle=cfg.get_str("credentials.ca_bundle"))
-    server.start()
+    runner: _Runner = (
+        _ServiceRunner(client, container, routes, limits, path, coi_home(env), ca_bundle)
+        if service
+        else _ThreadRunner(container, routes, limits, path, coi_home(env), ca_bundle)
+    )
     device = proxy_device(path, port)
     env_out, settings = tool_settings(p.brokered, tokens, port)
     adder = _Attach(client, container, device) if attach else None
+    started = False
+
+    def attached(timeout: float) -> None:
+        nonlocal started
+        runner.ready(timeout)
+        if adder is not None:
+            adder.wait(timeout)
+        started = True
+
     try:
         if adder is not None:
             adder.start(background)
@@ -314,15 +355,93 @@ def session_broker(
             withhold_env=p.withhold_env,
             notices=p.notices,
             socket=path,
-            _attached=adder.wait if adder is not None else None,
+            _attached=attached,
         )
     finally:
-        server.stop()
         if adder is not None:
             with contextlib.suppress(Exception):
                 adder.wait(60.0)  # not added behind the removal's back
-        with contextlib.suppress(BackendError):
-            client.instances.remove_device(container, DEVICE)
+        if not (service and started and _runs(client, container)):
+            runner.stop()
+            with contextlib.suppress(BackendError):  # not a later session's
+                client.instances.remove_device(container, DEVICE, expect=device)
+
+
+def _runs(client: IncusClient, container: str) -> bool:
+    """The container runs (or the daemon cannot say: the service decides for itself)."""
+    from coi.errors import BackendError, NotFound
+
+    try:
+        return client.instances.get(container).active
+    except NotFound:
+        return False
+    except BackendError:
+        return True
+
+
+class _Runner:
+    """Where the broker runs: a thread of this process, or a detached service."""
+
+    def ready(self, timeout: float) -> None:
+        """Wait until it serves. :raises SessionError: it did not start."""
+
+    def stop(self) -> None:
+        """Stop it; its socket is gone afterwards."""
+
+
+class _ThreadRunner(_Runner):
+    def __init__(
+        self,
+        container: str,
+        routes: dict[str, Route],
+        limits: Limits,
+        path: Path,
+        home: Path,
+        ca_bundle: str,
+    ) -> None:
+        from coi.audit.log import AuditLog
+        from coi.credentials.broker import Broker
+        from coi.credentials.server import BrokerServer
+
+        broker = Broker(container, routes, limits=limits, audit=AuditLog(container, home))
+        self.server = BrokerServer(broker, path, ca_bundle=ca_bundle)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class _ServiceRunner(_Runner):
+    def __init__(
+        self,
+        client: IncusClient,
+        container: str,
+        routes: dict[str, Route],
+        limits: Limits,
+        path: Path,
+        home: Path,
+        ca_bundle: str,
+    ) -> None:
+        from coi.credentials import service
+        from coi.errors import SessionError
+
+        if len(str(path)) > MAX_SOCKET_PATH:  # said here, not by a service that ends at once
+            raise SessionError(
+                f"the broker's socket path is too long for a unix socket: {path}",
+                resolution="Set COI_HOME to a shorter folder.",
+            )
+        data = service.payload(routes, limits, socket=path, home=home, ca_bundle=ca_bundle)
+        socket_path = client.endpoint.socket_path
+        assert socket_path is not None  # only a local daemon gets a broker (`plan`)
+        self.service = service.spawn(
+            container, data, daemon_socket=socket_path, project=client.project
+        )
+
+    def ready(self, timeout: float) -> None:
+        self.service.ready(timeout)
+
+    def stop(self) -> None:
+        self.service.stop()
 
 
 class _Attach:

@@ -219,18 +219,23 @@ def find_credential(
     values: Mapping[str, Any],
     env: Mapping[str, str],
     home: Path,
+    *,
+    run_command: bool = True,
 ) -> Credential | None:
     """The provider's real credential, from the first source that has one: [credentials]
     key_command, key_file, oauth_file; the host environment (API key, then OAuth token
     variables); the tools' own key files and login file in `home`. None: nowhere.
 
-    `values` are the config values (`Config.values`).
+    `values` are the config values (`Config.values`). Without `run_command`, a configured
+    key_command is not run (it may ask for a passphrase): its credential has no secret.
 
     :raises ConfigError: a source named in config is broken (a missing file, a failing
         command): an explicit choice is never skipped silently.
     """
     name = provider.name
     command = dict(values.get("credentials.key_command") or {}).get(name)
+    if command and not run_command:
+        return Credential(kind="key", secret="", source="[credentials] key_command (not run)")
     if command:
         return _from_command(command, env)
     key_file = dict(values.get("credentials.key_file") or {}).get(name)

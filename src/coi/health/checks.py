@@ -366,7 +366,27 @@ def _local_checks(cfg: Config) -> list[Check]:
     )
     sessions = sum(1 for d in home.glob("sessions-*/*") if d.is_dir()) if home.exists() else 0
     checks.append(Check("saved_sessions", "Saved sessions", "STATUS", OK, f"{sessions} saved"))
+    checks.append(_credentials(cfg))
     return checks
+
+
+def _credentials(cfg: Config) -> Check:
+    """What the configured tool's sessions do with its credentials (docs/credentials.md)."""
+    from coi.credentials import plan
+    from coi.tools.registry import get_tool
+
+    try:
+        tool = get_tool(cfg.get_str("tool.name"))
+        p = plan(tool, cfg, local=not cfg.get_str("incus.remote"), run_command=False)
+    except CoiError as err:
+        return Check(
+            "credentials", "Credentials", "CONFIGURATION", FAILED, err.message,
+            {"resolution": err.resolution} if err.resolution else {},
+        )  # fmt: skip
+    return Check(
+        "credentials", "Credentials", "CONFIGURATION", OK, f"{tool.name}: {p.summary}",
+        {"mode": p.mode, "providers": [b.provider.name for b in p.brokered]},
+    )  # fmt: skip
 
 
 def render_text(report: HealthReport) -> str:

@@ -118,7 +118,18 @@ def prepare(
     mounts = merge_mounts(cfg.get("mounts.default"), options.mounts, target)
     check_no_credentials([workspace, *(m.host for m in mounts)])
     env = {k: environ[k] for k in cfg.get_list("tool.forward_env") if k in environ}
-    env.update(parse_env([f"{k}={v}" for k, v in options.env.items()]))
+    if options.kind == "run" and cfg.get_str("credentials.mode") == "none":
+        # No agent credential in any sandbox: a command gets none of the providers' keys
+        # either (a shell's tool is told what to keep out by `coi.credentials.plan`).
+        from coi.credentials.providers import key_variables
+
+        kept = sorted(set(env) & key_variables())
+        env = {k: v for k, v in env.items() if k not in kept}
+        if kept:
+            messages.append(f"Note: credentials mode none: not forwarded: {', '.join(kept)}")
+    explicit = parse_env([f"{k}={v}" for k, v in options.env.items()])
+    host_env = tuple(k for k in env if k not in explicit)
+    env.update(explicit)
     monitor = None
     if cfg.get_bool("monitoring.enabled"):
         from coi.monitor.monitor import Settings as MonitorSettings
@@ -137,5 +148,6 @@ def prepare(
         monitor=monitor,
         policy=policy,
         protection=None if options.container else plan(workspace, configured_paths(cfg)),
+        host_env=host_env,
     )
     return Prepared(cfg, workspace, spec, tuple(messages))

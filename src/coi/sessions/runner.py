@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -32,9 +32,10 @@ from coi.sessions.keeper import spawn as spawn_keeper
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
 from coi.tools.base import Tool
-from coi.tools.settings import merge_json_text
+from coi.tools.settings import deep_merge, merge_json_text
 
 if TYPE_CHECKING:
+    from coi.credentials import BrokerHandle, Plan
     from coi.monitor.monitor import Monitor, Settings
 
 
@@ -393,6 +394,12 @@ class ShellSession:
         self._given: dict[str, home.HomeFile] = {}  # what coi wrote into the agent's home
         self._host_files: dict[str, home.HomeFile] = {}
         self._overlays: dict[str, dict[str, Any]] = {}
+        # The credentials: what mode applies, and the broker once the container runs; the
+        # broker's `with` is left after the cleanup (`_leave`).
+        self._credentials_plan: Plan | None = None
+        self.broker: BrokerHandle | None = None
+        self._leave = ExitStack()
+        self._agent_runs = False  # a reused container's tmux session runs the agent already
 
     def run(self) -> int:
         ws = str(self.spec.workspace)
@@ -407,6 +414,7 @@ class ShellSession:
                 sys.stderr.write("Inherited persistent mode from session\n")
         sys.stderr.write(f"Setting up session {self.session_id}...\n")
         check_server(self.spec.limits, self.client.server.kind)
+        self._plan_credentials()
         with cleanup_on_signals():
             try:
                 self._setup()
@@ -420,7 +428,11 @@ class ShellSession:
                 sys.stderr.write("\nReceived termination signal, cleaning up...\n")
                 return 0
             finally:
-                self._cleanup()
+                try:
+                    self._cleanup()
+                finally:
+                    with no_interrupts():
+                        self._leave.close()  # the broker: stopped, or left serving
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -429,12 +441,13 @@ class ShellSession:
             self.box.use_container(self.req.container)
             if not self.box.running():
                 self.client.instances.start(self.box.name)
+            self._start_broker()
         else:
             self.box.begin()
             self.box.ensure_image()
             self.box.choose_slot(self.req.slot)
             self.log(f"Container name: {self.box.name}")
-            self.box.create_or_reuse()
+            self.box.create_or_reuse(then=self._start_broker)
         self._save_metadata()
         tool = self.req.tool
         if tool.state_dir and self.resumed:
@@ -452,19 +465,96 @@ class ShellSession:
             self.client.files.mkdir(self.box.name, parent, uid=uid, gid=uid, parents=True)
         self.client.files.push_tree(self.box.name, local, remote, uid=uid, gid=uid)
 
+    # -- credentials ----------------------------------------------------------------------
+
+    def _plan_credentials(self) -> None:
+        """Which credentials mode applies (said now, before anything is made; a broken
+        configured source is an error here), and the host variables it keeps out of the
+        sandbox: a key in `tool.forward_env` is not forwarded when the broker holds it."""
+        from coi.credentials import plan
+
+        p = plan(self.req.tool, self.cfg, local=self.client.endpoint.is_local)
+        self._credentials_plan = p
+        for line in p.notices:
+            self.log(line)
+        kept = [n for n in self.spec.host_env if n in p.withhold_env]
+        if kept:
+            self.log(f"Credentials: not forwarded, kept on the host: {', '.join(kept)}")
+            env = {k: v for k, v in self.spec.env.items() if k not in kept}
+            host_env = tuple(n for n in self.spec.host_env if n not in kept)
+            self.spec = replace(self.spec, env=env, host_env=host_env)
+            self.box = Sandbox(self.client, self.spec, log=self.log)
+        for name in (n for n in p.withhold_env if n in self.spec.env):
+            self.log(
+                f"Warning: {name} is given to the sandbox explicitly (-e or [defaults] "
+                "environment): the agent can read it and send it anywhere it can reach"
+            )
+
+    def _start_broker(self) -> None:
+        """The session's credential broker, started as soon as the container runs: its
+        device takes the daemon a second, added while the rest is set up. It runs in a host
+        process of its own that serves the container as long as it runs (the session
+        outlives coi: `--background`, detached, coi killed). None when the agent of a reused
+        container runs already: it keeps the broker it was started with."""
+        from coi.credentials import BrokerHandle, session_broker
+
+        p = self._credentials_plan
+        assert p is not None
+        self._agent_runs = (
+            self.req.tmux
+            and not self.box.created
+            and self._tmux(["has-session", "-t", naming.tmux_session(self.box.name)]).exit_code == 0
+        )
+        if self._agent_runs:
+            self.log(
+                "Credentials: the agent in this container runs already (its tmux session): "
+                "it keeps the credentials it was started with"
+            )
+            self.broker = BrokerHandle(
+                mode=p.mode, withhold_files=p.withhold_files, withhold_env=p.withhold_env
+            )
+            return
+        self.broker = self._leave.enter_context(
+            session_broker(
+                self.client,
+                self.box.name,
+                self.req.tool,
+                self.cfg,
+                background=True,
+                service=True,
+                planned=p,
+            )
+        )
+
+    def _broker_ready(self) -> None:
+        """Just before the agent starts: the broker serves and its device is on."""
+        if self.broker is not None:
+            self.broker.wait_attached()
+
     def _plan_home(self) -> None:
         """What goes into the agent's home: the tool's own config files from the host home
-        (never the environment), and coi's settings, to be laid over the tool's settings
-        files (merged, never overwritten). Written with the command that starts tmux."""
+        (never the environment; its secret ones not when the broker holds the credential),
+        and coi's settings, to be laid over the tool's settings files (merged, never
+        overwritten), the broker's (its base URLs) last. Written with the command that
+        starts tmux."""
         tool = self.req.tool
+        broker = self.broker
+        files = broker.credential_files(tool) if broker is not None else tool.credential_files
+        if self._agent_runs and broker is not None and broker.mode == "broker":
+            # The running agent's settings files point at its own broker: merged in place,
+            # not replaced by the host's copy.
+            theirs = {rel for b in tool.brokers for rel in b.settings}
+            files = tuple(f for f in files if f not in theirs)
         self._host_files = {}
-        for rel in tool.credential_files:
+        for rel in files:
             src = Path.home() / rel
             if src.is_file():
                 self._host_files[rel] = home.HomeFile(rel, src.read_bytes())
         prefix = f"tool.{tool.name}."
         options = {k[len(prefix) :]: v for k, v in self.cfg.values.items() if k.startswith(prefix)}
         self._overlays = tool.sandbox_settings(bypass=self.req.bypass, options=options)
+        for rel, overlay in (broker.settings if broker is not None else {}).items():
+            self._overlays[rel] = deep_merge(self._overlays.get(rel, {}), overlay)
 
     @property
     def _theirs(self) -> list[str]:
@@ -558,19 +648,20 @@ class ShellSession:
         )
 
     def _env(self) -> dict[str, str]:
-        return dict(self.req.tool.env)
+        """The tool's environment; the broker's (base URLs, placeholders) over it."""
+        return {**self.req.tool.env, **(self.broker.env if self.broker is not None else {})}
 
     def _run_tool(self) -> int:
         name = self.box.name
         cmd = self.tool_command()
         if not self.req.tmux:
             self._lay_home()
+            self._broker_ready()
             self.box.up()
             return self.client.exec.interactive(name, self.box.request(cmd, self._env()))
         session = naming.tmux_session(name)
-        # A container made just now runs no tmux yet: no need to ask (an exec in a booting
-        # container costs up to 0.1 s).
-        if self.box.created or self._tmux(["has-session", "-t", session]).exit_code != 0:
+        # Asked when the container came up (`_start_broker`); one made just now runs no tmux.
+        if not self._agent_runs:
             # Exported in the pane too: a tmux server that already runs (a reused persistent
             # container) would otherwise hand the tool its own, older environment.
             pane_env = {**self.spec.env, **self._env()}
@@ -579,6 +670,7 @@ class ShellSession:
             # with --debug the shell *is* the command, so one `exit` ends the session.
             fallback = "" if self.req.debug else "; exec bash"
             script = f"trap : INT; {exports}{shlex.join(cmd)}{fallback}"
+            self._broker_ready()
             self._new_tmux_session(session, script)
         else:
             self._lay_home()
@@ -591,6 +683,11 @@ class ShellSession:
                 sys.stderr.write(
                     "The security monitor keeps watching this session from the host "
                     "(its audit log: 'coi monitor " + name + "')\n"
+                )
+            if self.broker is not None and self.broker.mode == "broker" and not self._agent_runs:
+                sys.stderr.write(
+                    "The credential broker keeps serving this session from the host until "
+                    "its container stops\n"
                 )
             sys.stderr.write(
                 f"Created background tmux session: {session}\n"

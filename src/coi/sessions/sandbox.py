@@ -103,6 +103,9 @@ class SandboxSpec:
     spares: int = 2
     # Most sessions at once on one workspace.
     max_slots: int = naming.MAX_SLOTS
+    # Of `env`, the names whose values come from the host's environment (`tool.forward_env`):
+    # a credential among them stays out when the session brokers it.
+    host_env: tuple[str, ...] = ()
 
     @property
     def home(self) -> str:
@@ -354,8 +357,11 @@ class Sandbox:
             "'root:0:1' to /etc/subuid and /etc/subgid so root's own folders can be mapped.",
         )
 
-    def create_or_reuse(self) -> None:
-        """Create the container, or reuse this slot's persistent one (`ensure_image` first)."""
+    def create_or_reuse(self, then: Callable[[], None] | None = None) -> None:
+        """Create the container, or reuse this slot's persistent one (`ensure_image` first).
+
+        `then` runs as soon as the container runs, before its network is proven: work that
+        can overlap the proof (the credential broker's device takes the daemon a second)."""
         self.check_owner()
         self.begin()
         inst = None
@@ -381,6 +387,8 @@ class Sandbox:
                     self.wait_ready()
                 else:
                     self.log("Container already running, reusing...")
+                if then is not None:
+                    then()
                 self.verify_network()
                 self._start_clock()
                 return
@@ -408,6 +416,8 @@ class Sandbox:
                 ),
             )
         self.created = True
+        if then is not None:
+            then()
         try:
             # A started container takes exec at once; no separate readiness round trip.
             self.verify_network()
@@ -763,6 +773,7 @@ def build_spec(
     monitor: MonitorSettings | None = None,
     policy: Policy | None = None,
     protection: protected.ProtectionPlan | None = None,
+    host_env: tuple[str, ...] = (),
 ) -> SandboxSpec:
     """The sandbox a config describes (see `coi.sessions.prepare` for the whole of it)."""
     target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
@@ -788,6 +799,7 @@ def build_spec(
         monitor=monitor,
         policy=policy,
         protection=protection,
+        host_env=host_env,
     )
 
 
