@@ -323,3 +323,36 @@ def test_kill_9_while_a_session_is_saved_keeps_the_previous_save(
     child.expect("earlier: turn one")
     leave(child)
     wait_gone(client, ws)
+
+
+def test_kill_9_of_a_folder_pull_before_its_swap_keeps_the_old_folder(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path, unique: str
+) -> None:
+    """`coi file pull -r` killed with all of it pulled beside the destination, not yet swapped
+    in (the file-pulled step): the old folder is whole; the next pull swaps in the new one and
+    removes the dead pull's leftover."""
+    res = run_coi("container", "launch", "coi-tiny", unique, env=coi_env)
+    assert res.returncode == 0, res.stderr
+    try:
+        made = client.exec.capture(
+            unique, ExecRequest(["sh", "-c", "mkdir -p /data && echo new > /data/a"])
+        )
+        assert made.exit_code == 0, made.stderr
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "a").write_text("old\n")
+        argv = coi_argv("file", "pull", "-r", f"{unique}:/data", str(out))
+        proc = subprocess.Popen(argv, env={**coi_env, checkpoint.ENV: "file-pulled"})
+        try:
+            wait_for(lambda: _stopped(proc.pid), "coi to stop before the swap", 60)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        assert (out / "a").read_text() == "old\n"
+        assert [p.name for p in tmp_path.glob(".out.pull-*")]  # the dead pull's copy
+        again = run_coi("file", "pull", "-r", f"{unique}:/data", str(out), env=coi_env)
+        assert again.returncode == 0, again.stderr
+        assert (out / "a").read_text() == "new\n"
+        assert list(tmp_path.glob(".out.pull-*")) == []
+    finally:
+        client.instances.delete(unique, force=True)

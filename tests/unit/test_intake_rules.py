@@ -266,7 +266,7 @@ def test_pull_file_replaces_a_link_at_the_destination_never_writes_through(
     assert dst.read_bytes() == b"new" and stat.S_IMODE(dst.stat().st_mode) == 0o755
     assert report.warnings() == ["/f: copied without its setuid bit and setgid bit"]
     assert victim.read_text() == "precious"
-    assert [p.name for p in tmp_path.iterdir() if "coi-part" in p.name] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "victim"]  # no temporary left
 
 
 @pytest.mark.parametrize("mode", [stat.S_IFLNK | 0o777, stat.S_IFIFO | 0o644])
@@ -352,3 +352,27 @@ def test_sftp_copies_a_growing_file_as_it_was_when_opened(tmp_path: Path) -> Non
     content = os.urandom(100_000)
     n, data = _read_through_fake_server(tmp_path, content, 32 * 1024, 40_000)
     assert n == 40_000 and data == content[:40_000]
+
+
+def test_a_pull_killed_half_way_leaves_parts_the_next_pull_removes(tmp_path: Path) -> None:
+    import subprocess
+
+    from coi.backend.intake import drop_stale_parts, part_prefix
+
+    dest = tmp_path / "out[1]"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    stale_dir = tmp_path / f".out[1].pull-{dead.pid}-abc"
+    stale_dir.mkdir()
+    (stale_dir / "x").write_text("half")
+    stale_file = tmp_path / f".out[1].part-{dead.pid}-xyz"
+    stale_file.write_text("half")
+    live = tmp_path / (part_prefix(dest, "pull") + "mine")  # this process's: in use
+    live.mkdir()
+    other = tmp_path / ".other.pull-1-abc"  # another destination's
+    other.mkdir()
+    assert sorted(p.name for p in drop_stale_parts(dest)) == sorted(
+        [stale_dir.name, stale_file.name]
+    )
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert live.exists() and other.exists()

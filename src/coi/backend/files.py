@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 from urllib.parse import quote
 
-from coi.backend.intake import PullReport, check_name, host_mode, kind_of, new_file, shown
+from coi.backend.intake import (
+    PullReport,
+    check_name,
+    drop_stale_parts,
+    host_mode,
+    kind_of,
+    new_file,
+    part_prefix,
+    shown,
+)
 from coi.backend.sftp import Attrs, SFTPSession, SFTPUnavailable
 from coi.errors import IncusTimeout, NotFound, UsageError
 
@@ -194,9 +203,8 @@ class FilesAPI:
                     details=_link_details(src, path, kind),
                     resolution="Pull the file it names instead (a path to a regular file).",
                 )
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{local.name}.", suffix=".coi-part", dir=local.parent
-            )
+            drop_stale_parts(local)
+            fd, tmp = tempfile.mkstemp(prefix=part_prefix(local, "part"), dir=local.parent)
             try:
                 copied = src.copy_file(path, fd)
                 if copied is None:

@@ -170,3 +170,44 @@ def sanitize_tree(root: Path, report: PullReport | None = None) -> PullReport:
             report.strip(rel, removed)
             report.entries += 1
     return report
+
+
+def part_prefix(local: Path, kind: str) -> str:
+    """The name a pull's temporary file or folder beside `local` starts with: it carries this
+    process's id, so a pull killed half way is recognised, and removed, by the next one."""
+    return f".{local.name}.{kind}-{os.getpid()}-"
+
+
+def drop_stale_parts(local: Path) -> list[Path]:
+    """Remove what pulls into `local` that died half way (kill -9) left beside it: their
+    temporary files and folders, named by `part_prefix`, of processes that no longer run."""
+    import shutil
+
+    gone: list[Path] = []
+    if not local.parent.is_dir():
+        return gone
+    for p in local.parent.glob(f".{glob_escape(local.name)}.*-*-*"):
+        kind, _, rest = p.name[len(local.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("part", "pull") or not pid.isdigit() or _runs(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -22,6 +22,8 @@ RUN_STEPS = (
 )
 # `coi shell`'s: the conversation is pulled out beside the saved one, not yet swapped in.
 SHELL_STEPS = ("shell-saving",)
+# `coi file pull -r`'s: the tree is pulled beside the destination, not yet swapped in.
+FILE_STEPS = ("file-pulled",)
 
 
 def step(name: str) -> None:

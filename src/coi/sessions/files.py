@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 from coi.backend.client import IncusClient
-from coi.backend.intake import PullReport, check_destination
+from coi.backend.intake import PullReport, check_destination, drop_stale_parts, part_prefix
 from coi.errors import NotFound, UsageError
+from coi.sessions import checkpoint
 
 Kind = Literal["file", "directory"]
 
@@ -104,9 +105,11 @@ def _pull_dir(client: IncusClient, name: str, path: str, local: Path) -> PullRep
     """Pull into a fresh directory beside `local`, then swap it in: a failed pull leaves the
     old `local` untouched, and nothing the container names can land outside it."""
     local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.pull-", dir=local.parent))
+    drop_stale_parts(local)
+    tmp = Path(tempfile.mkdtemp(prefix=part_prefix(local, "pull"), dir=local.parent))
     try:
         report = client.files.pull_tree(name, path, tmp / "tree")
+        checkpoint.step("file-pulled")  # all of it beside `local`, not yet swapped in
         if local.is_symlink():  # made meanwhile: replaced, not followed
             local.unlink()
         elif local.is_dir():
