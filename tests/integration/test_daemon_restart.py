@@ -175,6 +175,19 @@ def _cut_power(client: IncusClient, names: list[str]) -> None:
         assert cg is None or not cg.exists() or not cgroup_pids(cg), f"{cg} still has processes"
 
 
+def _drop_cgroups(project: str, names: list[str]) -> None:
+    """The empty cgroups containers killed without their monitor leave on the host."""
+    for name in names:
+        for kind in ("payload", "monitor"):
+            root = Path("/sys/fs/cgroup")
+            cg = f"lxc.{kind}.{project}_{name}"
+            for d in [*root.glob(f"*/{cg}"), *root.glob(cg)]:  # v1 controllers, or v2
+                for sub in [*sorted(d.rglob("*"), key=lambda x: -len(x.parts)), d]:
+                    if sub.is_dir():
+                        with contextlib.suppress(OSError):
+                            sub.rmdir()
+
+
 def test_after_a_power_loss_nothing_runs_unwatched_and_a_persistent_session_comes_back(
     client: IncusClient, coi_env: dict[str, str], tmp_path: Path, daemon_back: None
 ) -> None:
@@ -189,6 +202,7 @@ def test_after_a_power_loss_nothing_runs_unwatched_and_a_persistent_session_come
     res = run_coi("shell", "--background", "--debug", "--persistent", "--writable-git-hooks",
                   "-w", str(kept), env=env, timeout=180)  # fmt: skip
     assert res.returncode == 0, res.stderr
+    cut: list[str] = []  # the containers whose power is cut
     run = subprocess.Popen(
         coi_argv("run", "-w", str(gone), "--", "sleep", "300"),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -196,6 +210,7 @@ def test_after_a_power_loss_nothing_runs_unwatched_and_a_persistent_session_come
     try:
         wait_for(lambda: len(coi_names(client, gone)) == 1, "the run's sandbox", 60)
         (p,), (e,) = coi_names(client, kept), coi_names(client, gone)
+        cut += [p, e]
         wait_for(lambda: client.instances.get(e).running, "the run's sandbox to run", 60)
         run.kill()  # coi goes with the power too
         run.wait(timeout=10)
@@ -221,3 +236,4 @@ def test_after_a_power_loss_nothing_runs_unwatched_and_a_persistent_session_come
             run.wait()
         remove_containers(client, kept)
         remove_containers(client, gone)
+        _drop_cgroups(client.project, cut)

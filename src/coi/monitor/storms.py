@@ -8,6 +8,7 @@ refused at the limit) five times a second: two small files, no process listing.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,8 +83,6 @@ class StormWatcher:
         self._baseline: Sample | None = None
 
     def start(self) -> None:
-        import time
-
         # Read now, before the command starts: what it does first counts, and refusals from
         # before (a reused container) do not.
         self._baseline = read_sample(self.cgdir, time.monotonic())
@@ -96,8 +95,6 @@ class StormWatcher:
             self._thread.join(timeout=2)
 
     def _run(self) -> None:
-        import time
-
         window: deque[Sample] = deque(maxlen=RATE + 1)
         if self._baseline is not None:
             window.append(self._baseline)
