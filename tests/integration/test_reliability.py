@@ -29,6 +29,7 @@ from tests.integration.conftest import (
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.sessions import checkpoint
+from coi.sessions.naming import workspace_hash
 
 # coi's keeper looks at its owner once a second; the daemon's forced stop takes a moment.
 WITHIN = 10
@@ -47,9 +48,11 @@ def _kill_hard(proc: subprocess.Popen[str]) -> None:
     proc.wait(timeout=10)
 
 
-def _keepers() -> list[str]:
+def _keepers(ws: Path) -> list[str]:
+    """The keepers of this workspace's sandboxes (other tests may run at the same time)."""
     out = subprocess.run(["pgrep", "-af", "coi.sessions.keeper"], capture_output=True, text=True)
-    return out.stdout.splitlines()
+    mine = f" coi-{workspace_hash(str(ws))}-"
+    return [line for line in out.stdout.splitlines() if mine in line]
 
 
 @pytest.mark.parametrize("when", ["running", "launching"])
@@ -68,13 +71,13 @@ def test_a_killed_coi_run_leaves_nothing_running(
         time.sleep(1)  # the command is under way
     else:
         # As soon as coi has a name for it: the create is what is under way.
-        wait_for(lambda: bool(_keepers()), "coi to start its keeper")
+        wait_for(lambda: bool(_keepers(ws)), "coi to start its keeper")
     _kill_hard(proc)
     killed_at = time.monotonic()
     wait_for(lambda: not coi_names(client, ws), "the sandbox of the killed coi to go", WITHIN + 20)
     took = time.monotonic() - killed_at
     assert took < WITHIN, f"gone after {took:.1f} s"
-    wait_for(lambda: not _keepers(), "the keeper to end", 10)
+    wait_for(lambda: not _keepers(ws), "the keeper to end", 10)
     again = run_coi(
         "run", "--image", "coi-tiny", "-w", str(ws), "--", "echo", "again", env=uenv, user=USER
     )
@@ -87,7 +90,7 @@ def test_a_run_that_ends_dismisses_its_keeper(
     ws = user_dir(base / "ws", user)
     res = run_coi("run", "--image", "coi-tiny", "-w", str(ws), "--", "true", env=uenv, user=USER)
     assert res.returncode == 0, res.stderr
-    assert _keepers() == []
+    assert _keepers(ws) == []
 
 
 def _stopped(pid: int) -> bool:
@@ -132,7 +135,7 @@ def test_kill_9_at_each_step_of_coi_run_leaves_nothing(
         )
         took = time.monotonic() - killed_at
         assert took < WITHIN, f"gone after {took:.1f} s"
-    wait_for(lambda: not _keepers(), "the keeper to end", 70)
+    wait_for(lambda: not _keepers(ws), "the keeper to end", 70)
     again = run_coi(
         "run", "--image", "coi-tiny", "-w", str(ws), "--", "echo", "again", env=uenv, user=USER
     )
@@ -182,7 +185,7 @@ def test_twenty_runs_at_once_on_one_workspace(
     assert slots == list(range(1, 21))
     wait_for(lambda: not coi_names(client, ws), "the twenty sandboxes to go", 60)
     assert sorted((Path(uenv["COI_HOME"]) / "locks").glob("*.claim")) == []
-    wait_for(lambda: not _keepers(), "the keepers to end", 30)
+    wait_for(lambda: not _keepers(ws), "the keepers to end", 30)
 
 
 @pytest.fixture
@@ -287,42 +290,72 @@ def test_coi_clean_never_takes_a_sandbox_from_a_live_coi(
     wait_for(lambda: not coi_names(client, ws), "the runs' sandboxes to go", 60)
 
 
-def test_kill_9_while_a_session_is_saved_keeps_the_previous_save(
-    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+@pytest.mark.parametrize("step", checkpoint.SHELL_STEPS)
+def test_kill_9_at_each_step_of_coi_shell(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd, step: str
 ) -> None:
-    """coi shell killed between pulling the conversation out and swapping it in: the save
-    made before is whole, `coi clean` removes the half-made copy, and --resume works."""
+    """coi shell frozen at a named step, then SIGKILLed: while the sandbox is made (before
+    tmux runs), and while the ended session is saved and removed, nothing is meant to outlive
+    coi. Within 10 s its keeper has saved the conversation (when the session had ended),
+    removed the sandbox and freed the slot; the earlier save is never lost, and --resume
+    continues from the newest one."""
     ws = user_dir(base / "ws", user)
+    home = Path(uenv["COI_HOME"])
     child = spawn_shell(uenv, ws)
     converse(child, "turn one")
     leave(child)
-    (saved,) = (Path(uenv["COI_HOME"]) / "sessions-standin").iterdir()
+    (saved,) = (home / "sessions-standin").iterdir()
     log = saved / ".standin" / "conversation.log"
     wait_gone(client, ws)
 
-    child = spawn_shell({**uenv, checkpoint.ENV: "shell-saving"}, ws, "--resume")
-    converse(child, "turn two")
-    child.expect("standin> ")
-    child.sendline("/exit")
-    child.expect("bye")
-    child.sendline("exit")
-    child.expect("Saving session data")
-    wait_for(lambda: _stopped(child.pid), "coi to stop at the save", 30)
+    child = spawn_shell({**uenv, checkpoint.ENV: step}, ws, "--resume")
+    if step != "shell-made":
+        converse(child, "turn two")
+        child.expect("standin> ")
+        child.sendline("/exit")
+        child.expect("bye")
+        child.sendline("exit")
+        child.expect("Cleaning up session")
+    wait_for(lambda: _stopped(child.pid), f"coi to stop at {step}", 60)
+    assert coi_names(client, ws)  # its sandbox, left to the keeper
     os.kill(child.pid, signal.SIGKILL)
     child.close(force=True)
-    assert log.read_text() == "turn one\n"  # the earlier save, whole
-    half = list(saved.glob(".pull-*"))
-    assert half  # the copy it was making
+    killed_at = time.monotonic()
+    wait_for(
+        lambda: not coi_names(client, ws) and not list((home / "locks").glob("*.claim")),
+        f"the sandbox and slot claim of coi shell killed at {step} to go",
+        WITHIN + 20,
+    )
+    took = time.monotonic() - killed_at
+    assert took < WITHIN, f"gone after {took:.1f} s"
+    wait_for(lambda: not _keepers(ws), "the keeper to end", 30)
+    turns = "turn one\n" if step == "shell-made" else "turn one\nturn two\n"
+    assert log.read_text() == turns  # never less than the earlier save
+    assert not (saved / ".standin.old").exists()
     cleaned = run_coi("clean", "--force", env=uenv, user=USER)
     assert cleaned.returncode == 0, cleaned.stderr
-    assert not list(saved.glob(".pull-*"))
-    for name in coi_names(client, ws):  # its container, which coi did not get to remove
-        client.instances.delete(name, force=True)
+    assert not list(saved.glob(".pull-*"))  # a copy the killed coi was making, if any
 
     child = spawn_shell(uenv, ws, "--resume")
     child.expect("earlier: turn one")
+    if step != "shell-made":
+        child.expect("earlier: turn two")
     leave(child)
     wait_gone(client, ws)
+
+
+def test_a_save_killed_between_its_renames_is_recovered(tmp_path: Path) -> None:
+    """The swap of a saved conversation is two renames; killed between them, the previous
+    save sits at `<dir>.old` and the next reader puts it back."""
+    from coi.sessions.store import SessionStore
+
+    store = SessionStore(tmp_path, "standin")
+    state = store.dir("s1") / ".standin"
+    state.mkdir(parents=True)
+    (state / "conversation.log").write_text("turn one\n")
+    state.rename(state.with_name(".standin.old"))  # the first rename done, then killed
+    assert (store.state_path("s1", ".standin") / "conversation.log").read_text() == "turn one\n"
+    assert not state.with_name(".standin.old").exists()
 
 
 def test_kill_9_of_a_folder_pull_before_its_swap_keeps_the_old_folder(

@@ -20,8 +20,12 @@ RUN_STEPS = (
     "command-running",  # the command runs (reached once its exec has been sent)
     "cleaning-up",  # the command ended; the sandbox not removed yet
 )
-# `coi shell`'s: the conversation is pulled out beside the saved one, not yet swapped in.
-SHELL_STEPS = ("shell-saving",)
+# `coi shell`'s, in order.
+SHELL_STEPS = (
+    "shell-made",  # the sandbox is made and runs; tmux (and the agent) not started yet
+    "shell-cleaning",  # the session is over: its conversation not saved, the sandbox not removed
+    "shell-saving",  # the conversation is pulled out beside the saved one, not yet swapped in
+)
 # `coi file pull -r`'s: the tree is pulled beside the destination, not yet swapped in.
 FILE_STEPS = ("file-pulled",)
 

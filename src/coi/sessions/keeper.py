@@ -38,14 +38,7 @@ LANDING = 60.0
 DAEMON_BACK = 900.0
 
 
-def process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (None: no such process)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces and parentheses.
-    return stat.rsplit(")", 1)[1].split()[19]
+process_start = helpers.process_start
 
 
 def alive(pid: int, start: str) -> bool:
@@ -53,16 +46,17 @@ def alive(pid: int, start: str) -> bool:
 
 
 def spawn(
-    container: str, *, project: str, remote: str | None, claim: Path | None = None
+    container: str,
+    *,
+    project: str,
+    remote: str | None,
+    claim: Path | None = None,
+    save: tuple[str, Path] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start the keeper of `container` for this process, detached from it; `claim`: the
-    file claiming its slot, removed with it."""
-    extra = ("--claim", str(claim)) if claim is not None else ()
-    start = process_start(os.getpid()) or ""
-    return helpers.spawn(
-        "coi.sessions.keeper", container, str(os.getpid()), start, *extra,
-        project=project, remote=remote,
-    )  # fmt: skip
+    file claiming its slot, removed with it; `save`: (the conversation's folder in the
+    container, its saved copy on the host) to save before it ends the container."""
+    return helpers.keeper(container, project=project, remote=remote, claim=claim, save=save)
 
 
 def dismiss(keeper: subprocess.Popen[bytes] | None) -> None:
@@ -84,6 +78,7 @@ def keep(
     project: str,
     remote: str | None,
     claim: Path | None = None,
+    save: tuple[str, Path] | None = None,
 ) -> int:
     while alive(owner, start):
         time.sleep(POLL)
@@ -91,7 +86,7 @@ def keep(
     # container whose create the daemon was still carrying out), then check its protected
     # paths once nothing inside can change them any more.
     _unclaim(claim, owner)
-    gone = _end(container, owner, project=project, remote=remote)
+    gone = _end(container, owner, project=project, remote=remote, save=save)
     _settle(container, removed=gone)
     return 0
 
@@ -111,14 +106,21 @@ def _settle(container: str, *, removed: bool) -> None:
         settle(container, removed=removed)
 
 
-def _end(container: str, owner: int, *, project: str, remote: str | None) -> bool:
+def _end(
+    container: str,
+    owner: int,
+    *,
+    project: str,
+    remote: str | None,
+    save: tuple[str, Path] | None = None,
+) -> bool:
     """Stop the container (the daemon deletes an ephemeral one); whether it is gone."""
     from coi.backend.client import IncusClient
     from coi.errors import BackendError, DaemonUnreachable
 
     landing = time.monotonic() + LANDING
     give_up = time.monotonic() + DAEMON_BACK
-    state = _Ending(container, owner)
+    state = _Ending(container, owner, save)
     while time.monotonic() < landing:
         try:
             # Connected afresh after a failure: a restarting daemon has no socket for a while,
@@ -128,6 +130,10 @@ def _end(container: str, owner: int, *, project: str, remote: str | None) -> boo
                     done = state.look(client)
                     if done is not None:
                         return done
+                    if state.waiting:
+                        # The daemon still works on it (a publish, a long create): its task
+                        # ends on its own, then the container is ended.
+                        landing = min(max(landing, time.monotonic() + LANDING), give_up)
                     time.sleep(POLL)
         except DaemonUnreachable:
             # Gone or restarting: the landing clock waits with it, up to DAEMON_BACK.
@@ -141,11 +147,13 @@ def _end(container: str, owner: int, *, project: str, remote: str | None) -> boo
 class _Ending:
     """What the keeper has seen and done of its container, one look at a time."""
 
-    def __init__(self, container: str, owner: int) -> None:
+    def __init__(self, container: str, owner: int, save: tuple[str, Path] | None = None) -> None:
         self.container = container
         self.owner = owner
+        self.save = save  # the conversation to save first, once
         self.acted = False
         self.absent = 0  # looks in a row that found no container and no daemon task on it
+        self.waiting = False  # the last look found a task of the daemon's on it
 
     def look(self, client: IncusClient) -> bool | None:
         """One look and what it calls for; whether the container is gone once done (None:
@@ -153,6 +161,7 @@ class _Ending:
         from coi.errors import NotFound
 
         name = self.container
+        self.waiting = False
         try:
             inst = client.instances.get(name)
         except NotFound:
@@ -166,16 +175,48 @@ class _Ending:
         self.absent = 0
         persistent = inst.config.get(labels.PERSISTENT) == "true"
         if inst.running:
+            if self.save is not None:
+                save, self.save = self.save, None
+                _save(client, name, *save)
             client.instances.stop(name, force=True)
             if not self.acted:
                 _audit(name, self.owner)
             self.acted = True
         elif not persistent:
+            if name in client.instances.busy():
+                # Stopped with a task of the daemon's on it (an image being published from
+                # it): deleting it now could cut that short; the task ends on its own.
+                self.waiting = True
+                return None
             client.instances.delete(name, force=True)
             self.acted = True
         elif self.acted or name not in client.instances.busy():
             return False  # a persistent one, stopped: as coi run leaves it
         return None
+
+
+def _save(client: IncusClient, container: str, remote: str, target: Path) -> None:
+    """Save the conversation coi was saving when it died (as `coi shell` would have): pulled
+    beside the saved copy and swapped in whole; the previous save stays if anything fails."""
+    import shutil
+    import tempfile
+
+    from coi.errors import CoiError
+    from coi.sessions.store import now_rfc3339, swap_in, update_metadata
+
+    try:
+        if client.files.stat(container, remote) is None:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=target.parent))
+        try:
+            client.files.pull_tree(container, remote, tmp / "state")
+            swap_in(target, tmp / "state")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        update_metadata(target.parent, saved_at=now_rfc3339())
+    except (CoiError, OSError, ValueError):
+        pass  # the previous save is whole; the container is ended all the same
 
 
 def _audit(container: str, owner: int) -> None:
@@ -188,7 +229,7 @@ def _audit(container: str, owner: int) -> None:
             level="warning",
             category="lifecycle",
             title="Owner gone",
-            description=f"{container} stopped: the coi run that owned it died (pid {owner})",
+            description=f"{container} stopped: the coi process that owned it died (pid {owner})",
             evidence={"owner_pid": owner},
             action="stopped",
         )
@@ -203,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project", default="default")
     ap.add_argument("--remote", default=None)
     ap.add_argument("--claim", type=Path, default=None)
+    ap.add_argument("--save", nargs=2, metavar=("REMOTE", "TARGET"), default=None)
     a = ap.parse_args(argv)
+    save = (a.save[0], Path(a.save[1])) if a.save else None
     try:
         return keep(
-            a.container, a.owner, a.start, project=a.project, remote=a.remote, claim=a.claim
-        )
+            a.container, a.owner, a.start,
+            project=a.project, remote=a.remote, claim=a.claim, save=save,
+        )  # fmt: skip
     except Exception:  # a detached helper has nowhere to report; the audit log says if it acted
         return 1
 

@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -400,6 +401,9 @@ class ShellSession:
         self.broker: BrokerHandle | None = None
         self._leave = ExitStack()
         self._agent_runs = False  # a reused container's tmux session runs the agent already
+        # Ends the sandbox should this coi die while nothing in it is meant to outlive coi:
+        # while it is made (before tmux runs) and while it is saved and removed.
+        self._keeper: subprocess.Popen[bytes] | None = None
 
     def run(self) -> int:
         ws = str(self.spec.workspace)
@@ -447,7 +451,11 @@ class ShellSession:
             self.box.ensure_image()
             self.box.choose_slot(self.req.slot)
             self.log(f"Container name: {self.box.name}")
+            if not self.spec.persistent:
+                # A persistent sandbox may be one a session runs in already: never ended.
+                self._keeper = self._spawn_keeper()
             self.box.create_or_reuse(then=self._start_broker)
+        checkpoint.step("shell-made")
         self._save_metadata()
         tool = self.req.tool
         if tool.state_dir and self.resumed:
@@ -672,6 +680,9 @@ class ShellSession:
             script = f"trap : INT; {exports}{shlex.join(cmd)}{fallback}"
             self._broker_ready()
             self._new_tmux_session(session, script)
+            # tmux runs: the session is meant to outlive this coi from here on.
+            dismiss_keeper(self._keeper)
+            self._keeper = None
         else:
             self._lay_home()
             if self.req.background:
@@ -764,13 +775,37 @@ class ShellSession:
                 # Looked up once: the state, the container's fate and the last check of the
                 # protected paths all go by it.
                 inst = self.box.instance()
+                ending = self._ending(inst, log)
+                if ending and inst is not None and inst.running:
+                    # Killed from here on, this coi leaves the keeper to save and remove.
+                    dismiss_keeper(self._keeper)
+                    self._keeper = self._spawn_keeper(save=True)
+                checkpoint.step("shell-cleaning")
                 if inst is not None:
                     self._save_state(log)
                 self._save_metadata()
-                gone = self._finish_container(inst, log)
+                gone = self._finish_container(inst, log, remove=ending)
                 self.box.settle_protection(removed=gone)
             self.box.replenish()
             self.box.release()
+            dismiss_keeper(self._keeper)
+            self._keeper = None
+
+    def _spawn_keeper(self, *, save: bool = False) -> subprocess.Popen[bytes]:
+        tool = self.req.tool
+        what = None
+        if save and tool.state_dir:
+            what = (
+                f"{self.spec.home}/{tool.state_dir}",
+                self.store.dir(self.session_id) / tool.state_dir,
+            )
+        return spawn_keeper(
+            self.box.name,
+            project=self.spec.project,
+            remote=self.spec.remote,
+            claim=self.box.claim_path,
+            save=what,
+        )
 
     def _save_state(self, log: Log) -> None:
         tool = self.req.tool
@@ -817,17 +852,10 @@ class ShellSession:
             _write_within(dest, rel, data)
         return True
 
-    def _finish_container(self, inst: Instance | None, log: Log) -> bool:
-        """Keep or remove the container; whether it is gone."""
+    def _ending(self, inst: Instance | None, log: Log) -> bool:
+        """Is the session over, its container to be removed (not kept, no tmux in it)?"""
         name = self.box.name
-        if inst is None:
-            log("Container was already removed")
-            return True
-        if self.spec.persistent or self.req.container:
-            if inst.running:
-                sys.stderr.write(_KEPT_HINT)
-            else:
-                log("Container was stopped but kept for reuse")
+        if inst is None or self.spec.persistent or self.req.container:
             return False
         try:
             # Started in the background a moment ago: its tmux runs (the pane falls back to a
@@ -840,8 +868,18 @@ class ShellSession:
             # No exec possible (e.g. its process limit is exhausted): the session is over.
             log(f"Container does not answer ({err}); removing it")
             tmux_alive = False
-        if tmux_alive:
-            sys.stderr.write(_KEPT_HINT)
+        return not tmux_alive
+
+    def _finish_container(self, inst: Instance | None, log: Log, *, remove: bool) -> bool:
+        """Keep or remove the container; whether it is gone."""
+        if inst is None:
+            log("Container was already removed")
+            return True
+        if not remove:
+            if inst.running:
+                sys.stderr.write(_KEPT_HINT)
+            else:
+                log("Container was stopped but kept for reuse")
             return False
         log("Container was stopped, removing..." if not inst.running else "Removing container...")
         self.box.remove()

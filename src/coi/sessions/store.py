@@ -11,6 +11,7 @@ from pathlib import Path
 
 from coi.backend.intake import sanitize_tree
 from coi.errors import SessionError
+from coi.fsio import sync_dir, write_atomic
 from coi.sessions.naming import parse_name, workspace_hash
 
 
@@ -51,9 +52,7 @@ def read_metadata(session_dir: Path) -> Metadata | None:
 
 def _write_json(path: Path, data: object) -> None:
     """Pretty-printed, one key per line (upstream's parser is line-based), written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o644)
 
 
 def update_metadata(session_dir: Path, **changes: object) -> None:
@@ -125,27 +124,51 @@ class SessionStore:
         return meta
 
     def state_path(self, session_id: str, state_dir: str) -> Path:
-        return self.dir(session_id) / state_dir
+        target = self.dir(session_id) / state_dir
+        recover(target)
+        return target
 
     def replace_state(self, session_id: str, state_dir: str, fresh: Path) -> list[str]:
-        """Swap in a freshly pulled state directory (same filesystem, so the rename is atomic);
-        warnings for what was left out of it.
+        """Swap in a freshly pulled state directory; warnings for what was left out of it."""
+        return swap_in(self.dir(session_id) / state_dir, fresh)
 
-        Only plain files and directories are kept, without setuid/setgid/sticky/world-writable
-        bits: a pull leaves out the rest already, this also cleans state carried over from a
-        copy of an older save (see `coi.backend.intake`).
-        """
-        warnings = sanitize_tree(fresh).warnings()
-        target = self.state_path(session_id, state_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        old = target.with_name(target.name + ".old")
-        if target.exists():
-            target.rename(old)
-        try:
-            fresh.rename(target)
-        except OSError as err:
-            if old.exists():
-                old.rename(target)
-            raise SessionError(f"could not save session data: {err}") from err
+
+def swap_in(target: Path, fresh: Path) -> list[str]:
+    """Put the freshly pulled state directory `fresh` at `target` (same filesystem, so each
+    step is a rename); warnings for what was left out of it. A coi killed between the two
+    renames leaves the previous save at `<target>.old`, which `recover` puts back.
+
+    Only plain files and directories are kept, without setuid/setgid/sticky/world-writable
+    bits: a pull leaves out the rest already, this also cleans state carried over from a
+    copy of an older save (see `coi.backend.intake`).
+    """
+    warnings = sanitize_tree(fresh).warnings()
+    recover(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        target.rename(old)
+    try:
+        fresh.rename(target)
+    except OSError as err:
+        if old.exists():
+            old.rename(target)
+        raise SessionError(f"could not save session data: {err}") from err
+    sync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return warnings
+
+
+def recover(target: Path) -> None:
+    """Finish a swap a killed coi left half done: the previous save back in place when the
+    new one never arrived, or the previous one removed when it did."""
+    old = target.with_name(target.name + ".old")
+    if not old.is_dir() or old.is_symlink():
+        return
+    if target.exists():
         shutil.rmtree(old, ignore_errors=True)
-        return warnings
+    else:
+        try:
+            old.rename(target)
+        except OSError:
+            pass
