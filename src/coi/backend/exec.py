@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
 from coi.backend.models import JSON, ExecResult
-from coi.errors import BackendError, OperationFailed
+from coi.errors import BackendError, IncusTimeout, NotFound, OperationFailed
 
 if TYPE_CHECKING:
     # websockets (about 20 ms to import) is imported where a socket is opened or read:
@@ -81,6 +81,19 @@ class ExecSession:
         self.sockets = sockets
         self._stack = stack
         self._control_lock = threading.Lock()
+        # The daemon keeps a finished operation for 5 s only: asked after that (a slow
+        # consumer of the output, a loaded machine, a hiccup of the daemon's socket), it says
+        # "Operation not found" and the exit code is lost. So the wait is asked at once, by a
+        # thread that holds it open while the command runs.
+        self._outcome: list[JSON | BaseException] = []
+        self._waiter = threading.Thread(target=self._wait_op, daemon=True)
+        self._waiter.start()
+
+    def _wait_op(self) -> None:
+        try:
+            self._outcome.append(finished_exec(self._client, self._op_id))
+        except BaseException as err:  # handed to the caller of `wait`
+            self._outcome.append(err)
 
     def control(self, command: str, args: Mapping[str, str], **extra: Any) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -113,8 +126,44 @@ class ExecSession:
         shell's exit code, and the shell's message goes to `on_stderr`.
         """
         self.close()
-        op = self._client.wait_operation(self._op_id, what="exec", failure_ok=True)
-        return exit_code(op, self._command, on_stderr)
+        self._waiter.join()
+        outcome = self._outcome[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return exit_code(outcome, self._command, on_stderr)
+
+
+# A wait cut short by the daemon (its socket reset, a 5xx) is asked again this many times.
+_WAIT_ATTEMPTS = 4
+
+
+def finished_exec(client: IncusClient, op_id: str) -> JSON:
+    """The exec operation `op_id` once it has ended, failed or not.
+
+    A brief daemon error during the wait is not the command's failure: the wait is asked
+    again. If the operation is gone when asked again (it ended meanwhile and the daemon
+    dropped it, or the daemon restarted), the error says so, not "Operation not found".
+
+    :raises OperationFailed: the daemon no longer knows the operation.
+    """
+    err: BackendError | None = None
+    for attempt in range(_WAIT_ATTEMPTS):
+        try:
+            return client.wait_operation(op_id, what="exec", failure_ok=True)
+        except NotFound:
+            break
+        except (IncusTimeout, OperationFailed):
+            raise
+        except BackendError as e:
+            # A daemon that is gone for good is told by the caller (coi run: exit 75).
+            err = e
+            time.sleep(0.2 * (attempt + 1))
+    raise OperationFailed(
+        f"exec: the daemon lost track of the command (operation {op_id} is gone); its exit "
+        "code is unknown",
+        details=str(err) if err is not None else None,
+        resolution="Run it again; if the daemon restarted, 'coi health' says whether it is back.",
+    )
 
 
 # What the daemon says when it could not start the command, and what a shell would print
@@ -349,7 +398,7 @@ class ExecAPI:
         """Start a command with no websockets and wait for it; a failed start is returned."""
         url = f"/1.0/instances/{quote(instance, safe='')}/exec"
         op = self._c.request("POST", url, json=body, wait=False)
-        done = self._c.wait_operation(str(op.get("id")), what="exec", failure_ok=True)
+        done = finished_exec(self._c, str(op.get("id")))
         # A failure that is no exit code raises here, inside the retry: a lost child is
         # started again.
         exit_code(done, body.get("command") or ())

@@ -200,18 +200,23 @@ def exec_cmd(
 @click.argument("path")
 @click.option(
     "--shift/--no-shift",
-    default=False,
-    help="Shift owners with an idmapped mount (needs kernel and daemon support).",
+    default=None,
+    help="Shift owners with an idmapped mount, so host owners stay owners inside "
+    "(default: on where the daemon can, as upstream; --no-shift: a plain mount).",
 )
 @click.option("--readonly", is_flag=True, help="Mount read-only.")
-def mount_cmd(name: str, device: str, source: str, path: str, shift: bool, readonly: bool) -> None:
+def mount_cmd(
+    name: str, device: str, source: str, path: str, shift: bool | None, readonly: bool
+) -> None:
     """Add a host directory to a container as a disk device."""
     from coi.sessions import containers
 
-    spec = containers.disk_device(source, path, shift=shift, readonly=readonly)
+    spec = containers.disk_device(source, path, shift=shift is not False, readonly=readonly)
     _cfg, client = daemon()
     with client:
-        containers.mount(client, name, device, spec)
+        note = containers.mount(client, name, device, spec, shift_auto=shift is None)
+    if note:
+        click.echo(f"Note: {note}", err=True)
     click.echo(f"Disk mounted: {source} -> {name}:{path}", err=True)
 
 

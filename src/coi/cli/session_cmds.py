@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 RUN_EXAMPLES = """\
   coi run -- make test
+  coi run                         # the workspace's executable ./coi-run, in the sandbox
   coi run --workspace ~/project -e FOO=bar -- sh -c 'echo $FOO'
   coi run --capture --format json -- ls /workspace"""
 
@@ -79,7 +80,7 @@ def _prepare(p: dict[str, Any], kind: Literal["run", "shell"]) -> Prepared:
     help="With --capture: json ({stdout, stderr, exit_code}) or raw.",
 )
 @click.option("--timeout", type=int, default=None, help="Accepted for compatibility.")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def run_cmd(
     ctx: click.Context,
@@ -94,6 +95,9 @@ def run_cmd(
 
     The container is ephemeral: it is removed when the command ends (also on Ctrl-C, and
     when coi itself is killed), unless --persistent keeps it, stopped, for the next run.
+
+    With no command, the workspace's executable coi-run runs (inside the sandbox, from the
+    workspace mount; its shebang picks the interpreter).
     """
     from coi.cli.context import connect
     from coi.sessions.runner import RunRequest, run_command
@@ -104,6 +108,10 @@ def run_cmd(
         raise UsageError("--format flag requires --capture flag")
     p = merged_params(ctx, params)
     prepared = _prepare(p, "run")
+    if not command:
+        from coi.sessions.environment import run_script
+
+        command = tuple(run_script(prepared.workspace, prepared.spec.workspace_target))
     with connect(prepared.config) as client:
         code = run_command(
             client,

@@ -126,6 +126,16 @@ SETTINGS: tuple[Setting, ...] = (
         profile=True,
         trust="never",
     ),
+    _s(
+        "defaults.forward_env",
+        "list",
+        [],
+        "Host environment variables passed into every session by name (upstream's "
+        "[defaults] forward_env); nothing by default. A name not set on the host is skipped "
+        "with a warning. Joined with tool.forward_env.",
+        profile=True,
+        trust="subset",
+    ),
     # [paths]
     _s(
         "paths.sessions_dir",
@@ -468,6 +478,52 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     # [git] / [security]
     _s("git.writable_hooks", "bool", False, "Legacy: disable protected paths.", trust="false"),
+    # The agent's commit identity (sessions/identity.py): who the commits appear to be from is
+    # the user's to say, never a cloned repository's.
+    _s(
+        "git.name",
+        "str",
+        "",
+        "user.name for the agent's commits (in the sandbox's git config, with "
+        "user.useConfigOnly=true so git never makes one up).",
+        trust="never",
+    ),
+    _s("git.email", "str", "", "user.email for the agent's commits (as git.name).", trust="never"),
+    _s(
+        "git.seed_host_identity",
+        "bool",
+        True,
+        "When git.name or git.email is not set, take it from the host's global git config.",
+        trust="false",
+    ),
+    # [timezone] and [workspace]
+    _s(
+        "timezone.mode",
+        "str",
+        "host",
+        "The sandbox's timezone: host (the host's, from $TZ or /etc/localtime), utc, or fixed "
+        "(timezone.name).",
+        choices=("host", "utc", "fixed"),
+        trust="any",
+    ),
+    _s(
+        "timezone.name",
+        "str",
+        "",
+        "IANA zone (Europe/Berlin) for timezone.mode = fixed.",
+        trust="any",
+    ),
+    _s(
+        "workspace.mount_path",
+        "str",
+        "/workspace",
+        'Where the workspace is mounted inside: /workspace, or "same" for its host path '
+        "(upstream's paths.preserve_workspace_path; absolute paths in files and hooks then "
+        "match). Refused where it would cover a system folder or the agent's home.",
+        choices=("/workspace", "same"),
+        trust="order",
+        order=("same", "/workspace"),
+    ),
     _s(
         "security.protected_paths",
         "list",

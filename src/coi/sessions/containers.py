@@ -25,7 +25,7 @@ def launch(
     client.instances.create(
         name,
         image=image,
-        config=docker_ready_config(),
+        config=docker_ready_config(client.has_extension),
         devices={
             "root": {"type": "disk", "path": "/", "pool": pool},
             "eth0": {"type": "nic", "network": network, "name": "eth0"},
@@ -111,9 +111,24 @@ def disk_device(source: str, path: str, *, shift: bool, readonly: bool) -> dict[
     return spec
 
 
-def mount(client: IncusClient, name: str, device: str, spec: dict[str, str]) -> None:
-    """Add a device (e.g. a `disk_device`) to a container."""
+def mount(
+    client: IncusClient, name: str, device: str, spec: dict[str, str], *, shift_auto: bool = False
+) -> str | None:
+    """Add a device (e.g. a `disk_device`) to a container; a note for the user, or None.
+
+    `shift_auto`: the shift was not asked for by name (upstream shifts by default, so that
+    the agent user can write a host folder it owns): where the daemon cannot shift with
+    idmapped mounts, the folder is mounted without it, and the note says so.
+    """
+    note = None
+    if shift_auto and spec.get("shift") == "true" and not client.server.idmapped_mounts:
+        spec = {k: v for k, v in spec.items() if k != "shift"}
+        note = (
+            "this daemon cannot shift ownership (no idmapped mounts): mounted without "
+            "--shift, so files keep their host owners inside"
+        )
     client.instances.add_device(name, device, spec)
+    return note
 
 
 def every_container(client: IncusClient) -> list[Instance]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,13 @@ from coi.limits import limits_from_config
 from coi.limits.spec import FLAG_KEYS
 from coi.network.manager import policy_from_config
 from coi.protection.paths import configured_paths, plan
+from coi.sessions.environment import (
+    forwarded_env,
+    git_identity,
+    setup_script,
+    workspace_target,
+    zone_for,
+)
 from coi.sessions.sandbox import SandboxSpec, build_spec, parse_env
 from coi.sessions.workspace import check_no_credentials, merge_mounts, resolve_workspace
 
@@ -114,10 +122,11 @@ def prepare(
     cfg = config
     workspace = resolve_workspace(None if options.workspace is None else str(options.workspace))
     limits = limits_from_config(cfg)
-    target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
+    target = workspace_target(cfg, workspace)
     mounts = merge_mounts(cfg.get("mounts.default"), options.mounts, target)
     check_no_credentials([workspace, *(m.host for m in mounts)])
-    env = {k: environ[k] for k in cfg.get_list("tool.forward_env") if k in environ}
+    env, unset = forwarded_env(cfg, environ)
+    messages += [f"Warning: {w}" for w in unset]
     if options.kind == "run" and cfg.get_str("credentials.mode") == "none":
         # No agent credential in any sandbox: a command gets none of the providers' keys
         # either (a shell's tool is told what to keep out by `coi.credentials.plan`).
@@ -130,6 +139,10 @@ def prepare(
     explicit = parse_env([f"{k}={v}" for k, v in options.env.items()])
     host_env = tuple(k for k in env if k not in explicit)
     env.update(explicit)
+    # The host's timezone, under everything the user set (defaults.environment too).
+    zone = zone_for(cfg, environ)
+    if zone.tz and "TZ" not in env and "TZ" not in cfg.get_table("defaults.environment"):
+        env = {"TZ": zone.tz, **env}
     monitor = None
     if cfg.get_bool("monitoring.enabled"):
         from coi.monitor.monitor import Settings as MonitorSettings
@@ -150,4 +163,8 @@ def prepare(
         protection=None if options.container else plan(workspace, configured_paths(cfg)),
         host_env=host_env,
     )
+    # At each start, as root inside: the timezone's files and the agent's git identity
+    # (not in a container coi did not make).
+    git = None if options.container else git_identity(cfg, environ)
+    spec = dataclasses.replace(spec, setup=setup_script(zone, git))
     return Prepared(cfg, workspace, spec, tuple(messages))

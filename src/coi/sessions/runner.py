@@ -611,6 +611,23 @@ class ShellSession:
             )
         )
 
+    def _on_exit(self) -> str:
+        """What leaving the session does to the container (the banner and the fallback
+        shell say it)."""
+        if self.spec.persistent or self.req.container:
+            return "the container is kept (persistent): 'coi shell' again, or 'coi shutdown'"
+        detach = "; detach (Ctrl-b d) to keep it running" if self.req.tmux else ""
+        return (
+            "the container is removed (ephemeral; the conversation is saved for "
+            f"'coi shell --resume'){detach}"
+        )
+
+    def _fallback_note(self) -> str:
+        return (
+            f"\n[coi] {self.req.tool.name} exited. This shell is still in the sandbox; "
+            f"'exit' ends the session: {self._on_exit()}."
+        )
+
     def _banner(self) -> None:
         mode = (
             "Direct (no tmux)"
@@ -626,6 +643,7 @@ class ShellSession:
             f"Container: {self.box.name}",
             f"Workspace: {self.spec.workspace}",
             f"Mode: {mode}",
+            f"On exit: {self._on_exit()}",
         ]
         if self.resumed:
             lines.append(
@@ -657,7 +675,14 @@ class ShellSession:
 
     def _env(self) -> dict[str, str]:
         """The tool's environment; the broker's (base URLs, placeholders) over it."""
-        return {**self.req.tool.env, **(self.broker.env if self.broker is not None else {})}
+        target = self.spec.workspace_target
+        # A tool's paths under /workspace follow the workspace where it is mounted elsewhere
+        # ([workspace] mount_path = "same").
+        tool_env = {
+            k: target + v.removeprefix("/workspace") if v.split("/")[:2] == ["", "workspace"] else v
+            for k, v in self.req.tool.env.items()
+        }
+        return {**tool_env, **(self.broker.env if self.broker is not None else {})}
 
     def _run_tool(self) -> int:
         name = self.box.name
@@ -674,9 +699,11 @@ class ShellSession:
             # container) would otherwise hand the tool its own, older environment.
             pane_env = {**self.spec.env, **self._env()}
             exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in pane_env.items())
-            # When the tool exits, the pane falls back to a shell (upstream's behaviour);
-            # with --debug the shell *is* the command, so one `exit` ends the session.
-            fallback = "" if self.req.debug else "; exec bash"
+            # When the tool exits, the pane falls back to a shell (upstream's behaviour),
+            # which says what its `exit` will do; with --debug the shell *is* the command, so
+            # one `exit` ends the session.
+            note = shlex.quote(self._fallback_note())
+            fallback = "" if self.req.debug else f"; printf '%s\\n' {note}; exec bash"
             script = f"trap : INT; {exports}{shlex.join(cmd)}{fallback}"
             self._broker_ready()
             self._new_tmux_session(session, script)

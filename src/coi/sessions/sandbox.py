@@ -106,6 +106,9 @@ class SandboxSpec:
     # Of `env`, the names whose values come from the host's environment (`tool.forward_env`):
     # a credential among them stays out when the session brokers it.
     host_env: tuple[str, ...] = ()
+    # Shell run as root inside at each start, with the network proof (coi.sessions.environment:
+    # the timezone's files, the agent's git identity).
+    setup: str = ""
 
     @property
     def home(self) -> str:
@@ -145,12 +148,22 @@ def session_env(spec: SandboxSpec, extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def docker_ready_config() -> dict[str, str]:
-    """What Docker inside a container needs (mknod interception is broken on LXD 5.0: unused)."""
-    return {
-        "security.nesting": "true",
-        "security.syscalls.intercept.setxattr": "true",
-    }
+# What Docker inside needs besides nesting, as upstream sets it: the daemon does mknod (the
+# device nodes and whiteouts in image layers) and setxattr (trusted.* overlay attributes) on
+# the container's behalf. Both came with the `container_syscall_intercept` API extension.
+SYSCALL_INTERCEPTS = {
+    "security.syscalls.intercept.mknod": "true",
+    "security.syscalls.intercept.setxattr": "true",
+}
+
+
+def docker_ready_config(has_extension: Callable[[str], bool]) -> dict[str, str]:
+    """What Docker inside a container needs, as far as this daemon can give it (asked by
+    API extension, never by the daemon's name or version)."""
+    config = {"security.nesting": "true"}
+    if has_extension("container_syscall_intercept"):
+        config.update(SYSCALL_INTERCEPTS)
+    return config
 
 
 # Never started by the daemon itself (after a power loss or a host reboot it would start what
@@ -160,11 +173,13 @@ def docker_ready_config() -> dict[str, str]:
 NO_AUTOSTART = {"boot.autostart": "false"}
 
 
-def instance_config(spec: SandboxSpec) -> dict[str, str]:
+def instance_config(
+    spec: SandboxSpec, has_extension: Callable[[str], bool] = lambda _name: False
+) -> dict[str, str]:
     owner = host_owner_uid(spec.workspace)
     gid = host_owner_gid(spec.workspace, owner)
     config = {
-        **docker_ready_config(),
+        **docker_ready_config(has_extension),
         **NO_AUTOSTART,
         labels.WORKSPACE: str(spec.workspace),
         labels.PERSISTENT: "true" if spec.persistent else "false",
@@ -397,7 +412,7 @@ class Sandbox:
         self._protect()
         net = self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
-        config = instance_config(self.spec)
+        config = instance_config(self.spec, self.client.has_extension)
         self.template = self._template(config)
         net = net or self.client.networks.get(self.network)
         if not (self.template and self._from_spare(self.template, config, net)):
@@ -635,14 +650,15 @@ class Sandbox:
         network = self.network
         gateway = ""
         if policy is None or policy.mode == "open":
-            wait_for_network(self.client, self.name, self.address, then=BOOTED)
+            wait_for_network(self.client, self.name, self.address, then=BOOTED + self.spec.setup)
         else:
             if not self.created:
                 # A reused container keeps the bridge it was made with.
                 inst = self.client.instances.get(self.name)
                 network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
             gateway = prove_enforced(
-                self.client, self.name, network, self.log, self.address, then=BOOTED,
+                self.client, self.name, network, self.log, self.address,
+                then=BOOTED + self.spec.setup,
                 tidy=self.lasting,
             )  # fmt: skip
         mon = self.monitor
@@ -776,7 +792,9 @@ def build_spec(
     host_env: tuple[str, ...] = (),
 ) -> SandboxSpec:
     """The sandbox a config describes (see `coi.sessions.prepare` for the whole of it)."""
-    target = str(workspace) if cfg.get_bool("paths.preserve_workspace_path") else "/workspace"
+    from coi.sessions.environment import workspace_target
+
+    target = workspace_target(cfg, workspace)
     return SandboxSpec(
         workspace=workspace,
         image=cfg.get_str("defaults.image"),

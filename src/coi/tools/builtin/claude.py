@@ -33,8 +33,10 @@ class Claude(Tool):
         return {".claude/settings.json": settings, ".claude.json": state}
 
     def discover_resume_id(self, saved_state: Path) -> str | None:
+        # One folder per working directory: -workspace, or the host path's name when the
+        # workspace is mounted at its host path.
         convs = sorted(
-            (saved_state / "projects" / "-workspace").glob("*.jsonl"),
+            (saved_state / "projects").glob("*/*.jsonl"),
             key=lambda p: p.stat().st_mtime,
         )
         return convs[-1].stem if convs else None
