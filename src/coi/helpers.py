@@ -4,6 +4,7 @@ service): started by coi, in a session of their own, outliving it."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,14 @@ def keeper(
         "coi.sessions.keeper", container, str(os.getpid()), start, *extra,
         project=project, remote=remote,
     )  # fmt: skip
+
+
+def dismiss(proc: subprocess.Popen[bytes] | None) -> None:
+    """Its owner ended the work itself: a keeper (or another helper) has nothing left to do."""
+    if proc is None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        pass

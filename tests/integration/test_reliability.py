@@ -26,9 +26,9 @@ from tests.integration.conftest import (
     wait_gone,
 )
 
+from coi import checkpoint
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
-from coi.sessions import checkpoint
 from coi.sessions.naming import workspace_hash
 
 # coi's keeper looks at its owner once a second; the daemon's forced stop takes a moment.

@@ -37,6 +37,7 @@ def _options(cfg: Config, alias: str, force: bool) -> BuildOptions:
         required_tool=cfg.get_str("tool.name"),
         pool=cfg.get_str("incus.pool"),
         network=cfg.get_str("incus.network"),
+        remote=cfg.get_str("incus.remote") or None,
     )
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from coi import labels
+from coi import checkpoint, helpers, labels
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.backend.models import JSON
@@ -21,6 +22,7 @@ from coi.tools import registry
 COI_DESCRIPTION = "coi image (agent CLIs, Node.js, Python, Docker, GitHub CLI, tmux)"
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 _PROGRESS = "==> "
+BUILD_PREFIX = "coi-build-"  # the build containers' names (the keeper knows them too)
 
 
 def packaged_script() -> bytes:
@@ -50,6 +52,7 @@ class BuildOptions:
     required_tool: str = "claude"
     pool: str = "coi"
     network: str = "coibr0"
+    remote: str | None = None  # the daemon's remote name (None: the local one)
 
 
 @dataclass
@@ -145,9 +148,12 @@ class Builder:
         script = packaged_script()
         env = {"COI_MIRROR": opts.mirror, **tool_env(opts)}
         progress = _Progress(self.log)
-        fp = self._build(opts, source, script, env, progress, version, COI_DESCRIPTION)
-        with self.log.step(f"Pointing '{opts.alias}' at {version}"):
-            self.client.images.set_alias(opts.alias, fp)
+
+        def name_it(fp: str) -> None:
+            with self.log.step(f"Pointing '{opts.alias}' at {version}"):
+                self.client.images.set_alias(opts.alias, fp)
+
+        fp = self._build(opts, source, script, env, progress, version, COI_DESCRIPTION, name_it)
         return BuildResult(opts.alias, False, fp, version, progress.tools)
 
     def build_custom(self, opts: BuildOptions, script: Path, base: str) -> BuildResult:
@@ -164,6 +170,13 @@ class Builder:
             )
         self.log.say(f"Building custom image '{opts.alias}' from '{base}' with {script}")
         progress = _Progress(self.log)
+
+        def name_it(fp: str) -> None:
+            with self.log.step(f"Pointing '{opts.alias}' at the new image"):
+                self.client.images.set_alias(opts.alias, fp)
+                if old and old != fp and not self._aliased_elsewhere(old, opts.alias):
+                    self.client.images.delete(old)
+
         fp = self._build(
             opts,
             {"type": "image", "alias": base},
@@ -172,11 +185,8 @@ class Builder:
             progress,
             None,
             f"Custom image: {opts.alias}",
+            name_it,
         )
-        with self.log.step(f"Pointing '{opts.alias}' at the new image"):
-            self.client.images.set_alias(opts.alias, fp)
-            if old and old != fp and not self._aliased_elsewhere(old, opts.alias):
-                self.client.images.delete(old)
         return BuildResult(opts.alias, False, fp, "", progress.tools)
 
     def _aliased_elsewhere(self, fingerprint: str, alias: str) -> bool:
@@ -192,25 +202,44 @@ class Builder:
         progress: _Progress,
         version: str | None,
         description: str,
+        name_it: Callable[[str], None],
     ) -> str:
-        name = f"coi-build-{secrets.token_hex(3)}"
+        """Build in a container of its own, publish, and name the image (`name_it`) while the
+        keeper still watches: killed before the name is given, nothing nameless is left."""
+        name = f"{BUILD_PREFIX}{secrets.token_hex(3)}"
+        drop_orphans(self.client)
+        # Should this coi die (kill -9, a lost terminal), the keeper ends the build container
+        # (a publish the daemon has under way fails with it: measured on Incus 6.0, the
+        # publish task names no instance and leaves no image) and an image left unnamed: a
+        # build script must not run on unwatched, nor a nameless image stay behind.
+        keeper = helpers.keeper(name, project=self.client.project, remote=opts.remote)
         try:
+            checkpoint.step("build-keeper-started")
             with self.log.step(f"Starting build container {name}"):
                 self._launch(name, source, opts)
+            checkpoint.step("build-container-made")
             self._run_script(name, script, env, progress, opts)
             with self.log.step("Stopping the build container"):
                 try:
                     self.client.instances.stop(name, timeout=30)
                 except BackendError:
                     self.client.instances.stop(name, force=True)
+            checkpoint.step("build-stopped")
             label = version or opts.alias
             with self.log.step(f"Publishing image {label}"):
                 fp = self.client.images.publish(
                     instance=name,
                     aliases=(version,) if version else (),
-                    properties={"description": description, "os": "debian", "release": "12"},
+                    properties={
+                        "description": description,
+                        "os": "debian",
+                        "release": "12",
+                        BUILT_FROM: name,
+                    },
                 )
             self.log.note(f"fingerprint {fp}")
+            checkpoint.step("build-published")  # published; not named yet
+            name_it(fp)
             return fp
         finally:
             self.log.note(f"removing build container {name}")
@@ -218,6 +247,7 @@ class Builder:
                 self.client.instances.delete(name, force=True)
             except BackendError as err:
                 self.log.say(f"Warning: could not remove build container {name}: {err}")
+            helpers.dismiss(keeper)
 
     def _launch(self, name: str, source: JSON, opts: BuildOptions) -> None:
         self.client.instances.create(
@@ -254,8 +284,11 @@ class Builder:
         opts: BuildOptions,
     ) -> None:
         with self.log.step("Copying the build script and CA certificates"):
-            if opts.host_ca_certificates and HOST_CA_DIR.is_dir():
-                for crt in sorted(HOST_CA_DIR.glob("*.crt")):
+            crts = sorted(HOST_CA_DIR.glob("*.crt")) if opts.host_ca_certificates else []
+            if crts:
+                # A custom base may not have the folder (a minimal image): made first.
+                self.client.files.mkdir(name, str(HOST_CA_DIR), parents=True)
+                for crt in crts:
                     self.client.files.push_file(name, crt, f"{HOST_CA_DIR}/{crt.name}", mode=0o644)
                     self.log.note(f"CA certificate {crt.name}")
             self.client.files.push_bytes(name, "/root/coi-build.sh", script, mode=0o755)
@@ -277,3 +310,36 @@ class Builder:
             )
             if res.exit_code != 0:
                 raise self.log.failed(f"the build script exited with {res.exit_code}")
+
+
+# The image property naming the build container an image was published from: an image that
+# has it, no alias and no such container any more is what a killed `coi build` left.
+BUILT_FROM = "coi.built_from"
+
+
+def orphans(client: IncusClient, *, container: str | None = None) -> list[str]:
+    """Fingerprints of images a killed build published and never named (of `container`'s
+    build only, if given): no alias, and their build container is gone."""
+    images = [
+        i
+        for i in client.images.list()
+        if not i.aliases
+        and i.properties.get(BUILT_FROM)
+        and (container is None or i.properties.get(BUILT_FROM) == container)
+    ]
+    if not images:
+        return []
+    names = set(client.instances.names())
+    return [i.fingerprint for i in images if i.properties[BUILT_FROM] not in names]
+
+
+def drop_orphans(client: IncusClient, *, container: str | None = None) -> list[str]:
+    """Delete what `orphans` finds; the fingerprints deleted."""
+    gone = []
+    for fp in orphans(client, container=container):
+        try:
+            client.images.delete(fp)
+            gone.append(fp)
+        except BackendError:
+            pass  # in use (a container made from it meanwhile): kept
+    return gone

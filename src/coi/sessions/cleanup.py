@@ -11,6 +11,7 @@ from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.config.paths import coi_home
 from coi.errors import BackendError, NotFound
+from coi.images import builder
 from coi.locks import tried
 from coi.network import resources
 from coi.protection.guard import settle
@@ -31,6 +32,9 @@ class CleanPlan:
     acls: list[str] = field(default_factory=list)
     networks: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)  # pre-shifted copies of old images
+    build_images: list[str] = field(
+        default_factory=list
+    )  # fingerprints a killed build left unnamed
 
     @property
     def containers(self) -> list[ContainerInfo]:
@@ -48,6 +52,7 @@ class CleanPlan:
             + len(self.acls)
             + len(self.networks)
             + len(self.templates)
+            + len(self.build_images)
         )
 
 
@@ -112,6 +117,7 @@ def plan_orphans(
             keep_spares=cfg.get_int("incus.spares") > 0,
             keep_templates=templates_wanted(client, cfg),
         ),
+        build_images=builder.orphans(client),
     )
 
 
@@ -144,6 +150,13 @@ def execute(client: IncusClient, plan: CleanPlan, log: Callable[[str], None]) ->
             done += 1
         except BackendError as err:
             log(f"  Warning: could not delete {t}: {err}")
+    for fp in plan.build_images:
+        log(f"Deleting image {fp[:12]}...")
+        try:
+            client.images.delete(fp)
+            done += 1
+        except BackendError as err:
+            log(f"  Warning: could not delete image {fp[:12]}: {err}")
     for s in plan.sessions:
         log(f"Deleting session {s.id}...")
         shutil.rmtree(s.path, ignore_errors=True)

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from coi import checkpoint
 from coi.backend.client import IncusClient
 from coi.backend.intake import PullReport, check_destination, drop_stale_parts, part_prefix
 from coi.errors import NotFound, UsageError
-from coi.sessions import checkpoint
 
 Kind = Literal["file", "directory"]
 

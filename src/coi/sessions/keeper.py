@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ if TYPE_CHECKING:
 # How often the owner is looked at: a dead coi's sandbox is stopped within about this long,
 # plus the daemon's stop.
 POLL = 1.0
+# The names of `coi build`'s containers.
+BUILD_PREFIX = "coi-build-"
 # A create the daemon had under way when coi died lands within this long, or not at all.
 LANDING = 60.0
 # A daemon that does not answer (killed, restarting) is waited for this long: the sandbox
@@ -59,15 +60,7 @@ def spawn(
     return helpers.keeper(container, project=project, remote=remote, claim=claim, save=save)
 
 
-def dismiss(keeper: subprocess.Popen[bytes] | None) -> None:
-    """coi ended its sandbox itself: the keeper has nothing left to do."""
-    if keeper is None:
-        return
-    try:
-        keeper.send_signal(signal.SIGTERM)
-        keeper.wait(timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+dismiss = helpers.dismiss  # coi ended its sandbox itself: the keeper has nothing left to do
 
 
 def keep(
@@ -87,6 +80,8 @@ def keep(
     # paths once nothing inside can change them any more.
     _unclaim(claim, owner)
     gone = _end(container, owner, project=project, remote=remote, save=save)
+    if gone and container.startswith(BUILD_PREFIX):
+        _drop_build_image(container, project=project, remote=remote)
     _settle(container, removed=gone)
     return 0
 
@@ -131,7 +126,7 @@ def _end(
                     if done is not None:
                         return done
                     if state.waiting:
-                        # The daemon still works on it (a publish, a long create): its task
+                        # The daemon still works on it (a create, a start, a stop): its task
                         # ends on its own, then the container is ended.
                         landing = min(max(landing, time.monotonic() + LANDING), give_up)
                     time.sleep(POLL)
@@ -184,8 +179,8 @@ class _Ending:
             self.acted = True
         elif not persistent:
             if name in client.instances.busy():
-                # Stopped with a task of the daemon's on it (an image being published from
-                # it): deleting it now could cut that short; the task ends on its own.
+                # Stopped with a task of the daemon's on it (its start or a stop under way):
+                # that task ends on its own, then it is looked at again.
                 self.waiting = True
                 return None
             client.instances.delete(name, force=True)
@@ -193,6 +188,19 @@ class _Ending:
         elif self.acted or name not in client.instances.busy():
             return False  # a persistent one, stopped: as coi run leaves it
         return None
+
+
+def _drop_build_image(container: str, *, project: str, remote: str | None) -> None:
+    """The image a killed `coi build` published from this container and never named."""
+    from coi.backend.client import IncusClient
+    from coi.errors import CoiError
+    from coi.images.builder import drop_orphans
+
+    try:
+        with IncusClient.connect(env=os.environ, remote=remote, project=project) as client:
+            drop_orphans(client, container=container)
+    except (CoiError, OSError):
+        pass  # `coi clean` and the next build look for it too
 
 
 def _save(client: IncusClient, container: str, remote: str, target: Path) -> None:

@@ -27,7 +27,8 @@ from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
 from coi.network.policy import Policy
 from coi.protection.guard import Guard, settle_when_gone, watching
-from coi.sessions import checkpoint, home, naming
+from coi import checkpoint
+from coi.sessions import home, naming
 from coi.sessions.keeper import dismiss as dismiss_keeper
 from coi.sessions.keeper import spawn as spawn_keeper
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log

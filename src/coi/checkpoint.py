@@ -26,6 +26,13 @@ SHELL_STEPS = (
     "shell-cleaning",  # the session is over: its conversation not saved, the sandbox not removed
     "shell-saving",  # the conversation is pulled out beside the saved one, not yet swapped in
 )
+# `coi build`'s (and `coi build custom`'s), in order.
+BUILD_STEPS = (
+    "build-keeper-started",  # the keeper watches; the build container is not made yet
+    "build-container-made",  # the build container runs; the script not started
+    "build-stopped",  # the script ran, the container is stopped; not published yet
+    "build-published",  # the image is published; the alias not pointed at it yet
+)
 # `coi file pull -r`'s: the tree is pulled beside the destination, not yet swapped in.
 FILE_STEPS = ("file-pulled",)
 

@@ -1,0 +1,99 @@
+"""kill -9 of `coi build`, `coi snapshot`, `coi file push` and `coi clean` at their steps:
+nothing is left half made, nothing runs on unwatched, and the next command works."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import coi_argv, run_coi
+from tests.integration.conftest import proc_state, wait_for
+
+from coi import checkpoint
+from coi.backend import IncusClient
+from coi.images.builder import BUILD_PREFIX, BUILT_FROM
+
+WITHIN = 10  # seconds: the keeper looks once a second; the daemon's forced stop is quick
+
+
+def _frozen_then_killed(argv: list[str], env: dict[str, str], step: str) -> None:
+    """Start coi, wait until it stopped itself at `step` (the test hook), kill it hard."""
+    proc = subprocess.Popen(
+        argv, env={**env, checkpoint.ENV: step},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: proc_state(proc.pid) == "T", f"coi to stop at {step}", 120)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _builds(client: IncusClient) -> list[str]:
+    return [n for n in client.instances.names() if n.startswith(BUILD_PREFIX)]
+
+
+def _nameless_builds(client: IncusClient) -> list[str]:
+    return [
+        i.fingerprint for i in client.images.list() if not i.aliases and BUILT_FROM in i.properties
+    ]
+
+
+@pytest.mark.parametrize("step", checkpoint.BUILD_STEPS)
+def test_kill_9_at_each_step_of_coi_build(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path, unique: str, step: str
+) -> None:
+    """Within 10 s of the kill no build container runs or remains (the build's keeper ends
+    it) and no image it published is left without a name;
+    the next build of the same image works."""
+    script = tmp_path / "build.sh"
+    script.write_text("echo built > /root/built\n")
+    argv = coi_argv("build", "custom", unique, "--script", str(script), "--base", "coi-tiny")
+    try:
+        _frozen_then_killed(argv, coi_env, step)
+        killed_at = time.monotonic()
+        wait_for(
+            lambda: not _builds(client) and not _nameless_builds(client),
+            f"what coi build killed at {step} left to go",
+            WITHIN + 20,
+        )
+        took = time.monotonic() - killed_at
+        assert took < WITHIN, f"gone after {took:.1f} s"
+        assert not client.images.exists(unique)  # it never got its name
+        again = run_coi("build", "custom", unique, "--script", str(script), "--base", "coi-tiny",
+                        env=coi_env)  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        made = client.images.alias_target(unique)
+        assert made
+        assert _builds(client) == [] and _nameless_builds(client) == []
+    finally:
+        if client.images.exists(unique):
+            client.images.delete(client.images.alias_target(unique) or unique)
+
+
+def test_coi_clean_removes_an_image_a_killed_build_left_without_a_name(
+    client: IncusClient, coi_env: dict[str, str], unique: str, pool: str
+) -> None:
+    """When its keeper could not (it was killed too, e.g. a power loss), `coi clean` finds
+    an image a build published and never named, whose build container is gone."""
+    name = f"{BUILD_PREFIX}{unique[-6:]}"
+    client.instances.create(
+        name, image="coi-tiny", devices={"root": {"type": "disk", "path": "/", "pool": pool}}
+    )
+    try:
+        fp = client.images.publish(instance=name, properties={BUILT_FROM: name})
+    finally:
+        client.instances.delete(name, force=True)
+    try:
+        dry = run_coi("clean", "--dry-run", env=coi_env)
+        assert dry.returncode == 0 and fp[:12] in dry.stdout, dry.stdout
+        res = run_coi("clean", "--force", env=coi_env)
+        assert res.returncode == 0, res.stderr
+        assert not client.images.exists_fingerprint(fp)
+    finally:
+        if client.images.exists_fingerprint(fp):
+            client.images.delete(fp)
