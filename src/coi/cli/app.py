@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kill": ("coi.cli.lifecycle_cmds", "kill_cmd"),
     "clean": ("coi.cli.lifecycle_cmds", "clean_cmd"),
     "resume": ("coi.cli.lifecycle_cmds", "resume_cmd"),
+    "alias": ("coi.cli.alias_cmd", "alias_cmd"),
     "monitor": ("coi.cli.monitor_cmd", "monitor_cmd"),
     "container": ("coi.cli.container_cmds", "container_cmd"),
     "file": ("coi.cli.file_cmds", "file_cmd"),

@@ -49,6 +49,9 @@ def _container_json(c: ContainerInfo) -> dict[str, Any]:
         "ipv4": c.ipv4 or "",
         "workspace": c.workspace,
         "kind": c.kind,
+        "alias": c.alias,
+        "ports": [p.as_json() for p in c.ports],
+        "sockets": [{"host": h, "container": i} for h, i in c.sockets],
     }
 
 
@@ -64,6 +67,8 @@ def _session_json(s: SavedSession) -> dict[str, Any]:
 
 def _print_container(c: ContainerInfo) -> None:
     click.echo(f"  {c.name} ({'persistent' if c.persistent else 'ephemeral'})")
+    if c.alias:
+        click.echo(f"    Alias: {c.alias}")
     click.echo(f"    Status: {c.status}")
     if c.ipv4:
         click.echo(f"    IPv4: {c.ipv4}")
@@ -72,6 +77,10 @@ def _print_container(c: ContainerInfo) -> None:
         click.echo(f"    Image: {c.image}")
     if c.workspace:
         click.echo(f"    Workspace: {c.workspace}")
+    if c.ports:
+        click.echo(f"    Ports: {', '.join(p.text() for p in c.ports)}")
+    for host, inside in c.sockets:
+        click.echo(f"    Socket: {host} -> {inside}")
 
 
 @click.command(
@@ -121,18 +130,58 @@ def _dir_size(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def _container_shown(name: str, sessions: list[SavedSession], fmt: str) -> bool:
+    """`coi info NAME` of a container (by its name or alias): its facts, published ports
+    and sockets, and its latest saved session. False: no such container."""
+    from coi.errors import DaemonUnreachable
+    from coi.sessions.inventory import find_container
+
+    try:
+        _cfg, client = daemon()
+        with client:
+            c = find_container(client, name)
+    except DaemonUnreachable:
+        return False  # then it is a session ID that is not there
+    if c is None:
+        return False
+    mine = [s for s in sessions if s.container_name == c.name]
+    latest = max(mine, key=lambda s: s.saved_at) if mine else None
+    if fmt == "json":
+        out = _container_json(c)
+        out["session"] = _session_json(latest) if latest else None
+        echo_json(out)
+        return True
+    click.echo("Container Information\n=====================\n")
+    _print_container(c)
+    if latest:
+        click.echo(f"\nLatest session: {latest.id} ({latest.tool})")
+        click.echo(f"Resume:         coi shell --resume={latest.id}")
+    return True
+
+
 @click.command(
     "info",
     cls=CoiCommand,
-    examples="  coi info                 # the latest session\n  coi info 3f2a...-...",
+    examples="  coi info                 # the latest session\n  coi info 3f2a...-...\n"
+    "  coi info web             # a container by its alias (or name): ports too\n"
+    "  coi info web --format json",
 )
 @click.argument("session_id", required=False, shell_complete=complete_sessions)
-def info_cmd(session_id: str | None) -> None:
-    """Show a saved session (default: the latest of all workspaces)."""
+@click.option("--format", "fmt", default="text", metavar="FORMAT", help="text or json.")
+def info_cmd(session_id: str | None, fmt: str) -> None:
+    """Show a saved session (default: the latest of all workspaces), or a container by its
+    name or alias (`--name`, `coi alias`) with the ports it publishes."""
     from coi.config.paths import coi_home
     from coi.errors import NotFound, UsageError
 
+    check_format(fmt, ("text", "json"))
     sessions = _sessions()
+    if (
+        session_id is not None
+        and not any(s.id == session_id for s in sessions)
+        and _container_shown(session_id, sessions, fmt)
+    ):
+        return
     if session_id is None:
         with_meta = [s for s in sessions if s.metadata]
         if not with_meta:
@@ -146,6 +195,9 @@ def info_cmd(session_id: str | None) -> None:
                 resolution="List saved sessions with 'coi list --all'.",
             )
         s = found[0]
+    if fmt == "json":
+        echo_json({**_session_json(s), "has_state": s.has_state, "path": str(s.path)})
+        return
     if s.metadata is None:
         click.echo("Warning: No metadata found", err=True)
     state = _state_dirs().get(s.tool, "")

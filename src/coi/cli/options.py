@@ -76,6 +76,21 @@ def session_options(func: F) -> F:
             help="Extra mount (repeatable).",
         ),
         click.option(
+            "--port",
+            "ports",
+            multiple=True,
+            metavar="HOST:CONTAINER",
+            help="Publish a container port on the host's 127.0.0.1 (repeatable; [ports] in "
+            "the config publishes per slot).",
+        ),
+        click.option(
+            "--name",
+            "alias",
+            default=None,
+            metavar="ALIAS",
+            help="A name for the sandbox: attach, info, shutdown and kill take it.",
+        ),
+        click.option(
             "--network",
             default=None,
             type=click.Choice(NETWORK_MODES),

@@ -47,6 +47,8 @@ def _options(p: dict[str, Any], kind: Literal["run", "shell"]) -> SessionOptions
         profile=p.get("profile"),
         container=p.get("container"),
         kind=kind,
+        ports=tuple(p.get("ports") or ()),
+        alias=p.get("alias"),
     )
 
 

@@ -350,6 +350,55 @@ SETTINGS: tuple[Setting, ...] = (
         append=True,
         trust="never",
     ),
+    # [ports], [[sockets]], [ssh]: published ports and forwarded host sockets
+    # (coi.sessions.forwards). A listener on the host the agent serves, or a host socket it
+    # may use, is a channel out of the sandbox: only the user's own files (or a trusted one)
+    # may open one.
+    _s(
+        "ports.pool",
+        "str",
+        "",
+        'Ports the agent may listen on, published as the same port on the host: "3000-3099" '
+        "or \"3000\". Slot N publishes each host port shifted by (N-1) times the width of the "
+        "configured host ports, so slots of one workspace never collide.",
+        trust="never",
+    ),
+    _s(
+        "ports.map",
+        "mounts",
+        [],
+        "Published ports: [[ports.map]] host = 8080, container = 80 (shifted per slot as "
+        "ports.pool).",
+        append=True,
+        trust="never",
+    ),
+    _s(
+        "ports.bind",
+        "str",
+        "127.0.0.1",
+        "Host address published ports listen on: 127.0.0.1 (this machine only) or 0.0.0.0 "
+        "(every address: other machines too).",
+        choices=("127.0.0.1", "0.0.0.0"),
+        trust="order",
+        order=("0.0.0.0", "127.0.0.1"),
+    ),
+    _s(
+        "sockets",
+        "mounts",
+        [],
+        'Host unix sockets forwarded in: [[sockets]] host = "/run/x.sock", container = '
+        '"/run/x.sock" (the agent user owns the socket inside, mode 0600).',
+        append=True,
+        trust="never",
+    ),
+    _s(
+        "ssh.forward_agent",
+        "bool",
+        False,
+        "Forward the host's SSH agent ($SSH_AUTH_SOCK) into the sandbox: the agent can ask it "
+        "to sign while the session lives; the keys never enter.",
+        trust="false",
+    ),
     # [limits]
     _s(
         "limits.cpu.count",

@@ -10,7 +10,7 @@ from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.errors import BackendError, NotFound, UsageError
 from coi.protection.guard import Guard, settle
-from coi.sessions import access, naming
+from coi.sessions import access, aliases, naming
 from coi.sessions.inventory import SavedSession, containers, mark_persistent
 from coi.sessions.runner import guarded, terminal_alert
 from coi.sessions.workspace import resolve_workspace
@@ -33,7 +33,9 @@ def _missing(name: str) -> Outcome:
 
 
 def shutdown(client: IncusClient, name: str, *, timeout: int, log: Log) -> Outcome:
-    """Stop gracefully (forced after `timeout` seconds), delete, settle protected paths."""
+    """Stop gracefully (forced after `timeout` seconds), delete, settle protected paths.
+    `name`: the container's name or its alias (here and in `kill`)."""
+    name = aliases.resolve(client, name)
     if not client.instances.exists(name):
         return _missing(name)
     steps: list[str] = []
@@ -62,6 +64,7 @@ def persist(client: IncusClient, name: str, sessions: Iterable[SavedSession]) ->
 
 def kill(client: IncusClient, name: str, *, log: Log) -> Outcome:
     """Stop and delete at once (persistent ones too); settle protected paths."""
+    name = aliases.resolve(client, name)
     if not client.instances.exists(name):
         return _missing(name)
     client.instances.delete(name, force=True)
@@ -116,7 +119,7 @@ def attach_target(
         access.running_instance(client, name)
         return AttachTarget(name, slot=slot)
     if name:
-        return AttachTarget(name)
+        return AttachTarget(aliases.resolve(client, name))
     running = tuple(c.name for c in containers(client, with_state=False) if c.running)
     return AttachTarget(running[0] if len(running) == 1 else "", running)
 

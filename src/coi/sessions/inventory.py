@@ -13,7 +13,7 @@ from coi import labels
 from coi.backend.client import IncusClient
 from coi.backend.models import Instance
 from coi.errors import NotFound, UsageError
-from coi.sessions import naming
+from coi.sessions import forwards, naming
 from coi.sessions.store import Metadata, read_metadata, update_metadata
 
 
@@ -31,6 +31,10 @@ class ContainerInfo:
     kind: str  # "shell", "run" or "" (made by something else, e.g. `coi container launch`)
     owner_host: str
     owner_pid: int
+    # The name the user gave it, the ports it publishes and the host sockets it has.
+    alias: str = ""
+    ports: tuple[forwards.Published, ...] = ()
+    sockets: tuple[tuple[str, str], ...] = ()
 
     @property
     def running(self) -> bool:
@@ -105,6 +109,9 @@ def container_info(inst: Instance, metadata: Mapping[str, Metadata]) -> Containe
         kind=cfg.get(labels.KIND, ""),
         owner_host=cfg.get(labels.OWNER_HOST, ""),
         owner_pid=pid,
+        alias=cfg.get(labels.ALIAS, ""),
+        ports=forwards.published_of(inst.devices),
+        sockets=forwards.sockets_of(inst.devices),
     )
 
 
@@ -211,3 +218,20 @@ def resolve_container(
             + ", ".join(mine)
         )
     return mine[0]
+
+
+def find_container(client: IncusClient, name: str) -> ContainerInfo | None:
+    """The container `name` (its own name or its alias) as `coi list` shows it; None when
+    there is none."""
+    from dataclasses import replace
+
+    from coi.sessions.aliases import resolve
+
+    try:
+        inst = client.instances.get(resolve(client, name))
+        info = container_info(inst, {})
+        if inst.running:
+            info = replace(info, ipv4=client.instances.state(inst.name).ipv4())
+        return info
+    except NotFound:
+        return None

@@ -17,6 +17,7 @@ from coi.limits import limits_from_config
 from coi.limits.spec import FLAG_KEYS
 from coi.network.manager import policy_from_config
 from coi.protection.paths import configured_paths, plan
+from coi.sessions import aliases, forwards
 from coi.sessions.environment import (
     forwarded_env,
     git_identity,
@@ -54,6 +55,10 @@ class SessionOptions:
     container: str | None = None
     # "run" sandboxes live as long as their coi process; "shell" ones outlive it (detach).
     kind: Literal["run", "shell"] = "shell"
+    # Published as given (`--port HOST:CONTAINER`), beside the config's [ports].
+    ports: tuple[str, ...] = ()
+    # The name the user gives the sandbox (`--name`).
+    alias: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The config keys these options set (None: not set)."""
@@ -136,6 +141,9 @@ def prepare(
         env = {k: v for k, v in env.items() if k not in kept}
         if kept:
             messages.append(f"Note: credentials mode none: not forwarded: {', '.join(kept)}")
+    sockets, notes = forwards.socket_forwards(cfg, environ)
+    messages += [f"Note: {n}" for n in notes]
+    env.update(forwards.ssh_env(sockets))
     explicit = parse_env([f"{k}={v}" for k, v in options.env.items()])
     host_env = tuple(k for k in env if k not in explicit)
     env.update(explicit)
@@ -162,6 +170,19 @@ def prepare(
         policy=policy,
         protection=None if options.container else plan(workspace, configured_paths(cfg)),
         host_env=host_env,
+    )
+    ports = forwards.port_request(cfg, options.ports)
+    if options.container and (ports or sockets or options.alias):
+        messages.append(
+            "Warning: an existing container (--container) gets no published ports, "
+            "forwarded sockets or --name; 'coi alias NAME CONTAINER' names it"
+        )
+        ports, sockets = forwards.PortRequest(), ()
+    spec = dataclasses.replace(
+        spec,
+        ports=ports,
+        sockets=sockets,
+        alias=aliases.check(options.alias) if options.alias and not options.container else "",
     )
     # At each start, as root inside: the timezone's files and the agent's git identity
     # (not in a container coi did not make).

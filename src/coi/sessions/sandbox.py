@@ -27,7 +27,7 @@ from coi.network.manager import ensure_network, gateway_of, prove_enforced, wait
 from coi.network.policy import Policy
 from coi.protection import paths as protected
 from coi.protection.guard import Guard, settle
-from coi.sessions import naming, template
+from coi.sessions import aliases, forwards, naming, template
 from coi.sessions.slots import SlotClaims
 from coi.sessions.workspace import (
     Mount,
@@ -109,6 +109,11 @@ class SandboxSpec:
     # Shell run as root inside at each start, with the network proof (coi.sessions.environment:
     # the timezone's files, the agent's git identity).
     setup: str = ""
+    # Published ports (per slot: `forwards.PortRequest.for_slot`), forwarded host sockets,
+    # and the name the user gave the sandbox ('' for none): see coi.sessions.forwards/aliases.
+    ports: forwards.PortRequest = field(default_factory=forwards.PortRequest)
+    sockets: tuple[forwards.SocketForward, ...] = ()
+    alias: str = ""
 
     @property
     def home(self) -> str:
@@ -187,6 +192,8 @@ def instance_config(
         **labels.owner_config(spec.kind),
         **spec.limits.config,
     }
+    if spec.alias:
+        config[labels.ALIAS] = spec.alias
     if spec.limits.tmpfs_size:
         config["raw.lxc"] = spec.limits.raw_lxc()
     # The agent's uid inside *is* the user's uid outside, for the whole container: files it
@@ -233,8 +240,10 @@ def instance_devices(
     *,
     filtering: bool = True,
     network: str | None = None,
+    forwarded: Mapping[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, str]]:
-    """The sandbox's devices; `network`: the bridge it is on (default: the spec's)."""
+    """The sandbox's devices; `network`: the bridge it is on (default: the spec's);
+    `forwarded`: its published ports and sockets (`forwards.forward_devices`)."""
     devices: dict[str, dict[str, str]] = {
         "root": {"type": "disk", "path": "/", "pool": spec.pool, **spec.limits.root_disk},
         "eth0": _nic(spec, addr, filtering=filtering, network=network),
@@ -247,6 +256,7 @@ def instance_devices(
         if m.readonly:
             dev["readonly"] = "true"
         devices[f"mount-{i}"] = dev
+    devices.update(forwarded or {})
     return devices
 
 
@@ -291,6 +301,10 @@ class Sandbox:
         self._claims = SlotClaims(coi_home() / "locks")
         self._starting = template.Starting(coi_home() / "locks")
         self._known_absent = False  # choose_slot saw that the slot has no container
+        # The ports this sandbox publishes (known once its slot is) and their devices with
+        # its sockets' (see `_plan_forwards`).
+        self.published: tuple[forwards.Published, ...] = ()
+        self._forwarded: dict[str, dict[str, str]] = {}
         self._ws_hash = naming.workspace_hash(str(spec.workspace))
 
     # -- naming ---------------------------------------------------------------------------
@@ -377,6 +391,60 @@ class Sandbox:
 
         `then` runs as soon as the container runs, before its network is proven: work that
         can overlap the proof (the credential broker's device takes the daemon a second)."""
+        if not self.spec.alias:
+            self._create_or_reuse(then)
+            return
+        # Held until the container carries it: no other coi of this user takes the name.
+        with aliases.reserved(coi_home() / "locks", self.spec.alias):
+            aliases.check_free(self.client, self.spec.alias, container=self.name)
+            self._create_or_reuse(then)
+
+    def _plan_forwards(self, inst: Instance | None) -> None:
+        """This slot's published ports and the sockets' devices, checked before anything
+        starts: the daemon has what they need, and every host port is free (those the
+        reused container `inst` publishes already are its own)."""
+        spec = self.spec
+        if not spec.ports and not spec.sockets:
+            return
+        if not self.client.endpoint.is_local:
+            raise SessionError(
+                "published ports and forwarded sockets need the local daemon",
+                details=f"the daemon is {self.client.endpoint.describe()}",
+                resolution="Remove [ports], [[sockets]], [ssh] forward_agent and --port for "
+                "a remote daemon.",
+            )
+        missing = forwards.missing_extensions(
+            self.client.has_extension, ports=bool(spec.ports), sockets=bool(spec.sockets)
+        )
+        if missing:
+            raise SessionError(
+                f"this daemon cannot publish ports or forward sockets: it lacks the API "
+                f"extension(s) {', '.join(missing)}",
+                resolution="Upgrade the daemon, or remove [ports], [[sockets]] and --port.",
+            )
+        self.published = spec.ports.for_slot(self.slot)
+        self._forwarded = forwards.forward_devices(
+            self.published, spec.sockets, agent_uid=spec.code_uid
+        )
+        held = forwards.published_of(inst.devices) if inst is not None and inst.running else ()
+        forwards.check_free(self.published, skip=held)
+        if self.published:
+            self.log(
+                "Publishing ports: " + ", ".join(p.text() for p in self.published)
+                + (f" (slot {self.slot})" if self.slot else "")
+            )  # fmt: skip
+
+    def _refresh_forwards(self, inst: Instance) -> None:
+        """A reused container publishes this session's ports and sockets, no others."""
+        current = {k: dict(v) for k, v in inst.devices.items() if forwards.is_forward(k)}
+        for name in current:
+            if name not in self._forwarded:
+                self.client.instances.remove_device(self.name, name)
+        for name, dev in self._forwarded.items():
+            if current.get(name) != dev:
+                self.client.instances.add_device(self.name, name, dev)
+
+    def _create_or_reuse(self, then: Callable[[], None] | None) -> None:
         self.check_owner()
         self.begin()
         inst = None
@@ -385,6 +453,10 @@ class Sandbox:
                 inst = self.client.instances.get(self.name)
         except NotFound:
             pass
+        reused = inst is not None and (
+            self.spec.persistent or inst.config.get(labels.PERSISTENT) == "true"
+        )
+        self._plan_forwards(inst if reused else None)
         if inst is not None:
             if self.spec.persistent or inst.config.get(labels.PERSISTENT) == "true":
                 nic = inst.expanded_devices.get("eth0") or {}
@@ -394,6 +466,9 @@ class Sandbox:
                 if inst.config.get("boot.autostart") != "false":
                     self.client.instances.set_config(self.name, NO_AUTOSTART)
                 self._refresh_limits(inst.expanded_devices, running=inst.running)
+                self._refresh_forwards(inst)
+                if self.spec.alias and inst.config.get(labels.ALIAS) != self.spec.alias:
+                    self.client.instances.set_config(self.name, {labels.ALIAS: self.spec.alias})
                 if inst.status == "Frozen":
                     self.client.instances.unfreeze(self.name)
                 elif not inst.running:
@@ -474,7 +549,11 @@ class Sandbox:
                     self.client.instances.start(self.name)
                 else:
                     devices = instance_devices(
-                        self.spec, self.address, filtering=self._filtering, network=self.network
+                        self.spec,
+                        self.address,
+                        filtering=self._filtering,
+                        network=self.network,
+                        forwarded=self._forwarded,
                     )
                     make(devices, boot)
                 return
