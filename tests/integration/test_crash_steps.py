@@ -15,6 +15,7 @@ from tests.integration.conftest import proc_state, wait_for
 
 from coi import checkpoint
 from coi.backend import IncusClient
+from coi.backend.exec import ExecRequest
 from coi.images.builder import BUILD_PREFIX, BUILT_FROM
 
 WITHIN = 10  # seconds: the keeper looks once a second; the daemon's forced stop is quick
@@ -97,3 +98,46 @@ def test_coi_clean_removes_an_image_a_killed_build_left_without_a_name(
     finally:
         if client.images.exists_fingerprint(fp):
             client.images.delete(fp)
+
+
+def test_kill_9_of_a_file_push_mid_stream_keeps_the_old_file(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path, unique: str
+) -> None:
+    """`coi file push` of a big file killed while the daemon receives it: the file it was
+    replacing is whole (the push streams beside it and renames over it at the end); the
+    next push of that path works and removes the dead push's part."""
+    from coi.sessions.files import part_path
+
+    res = run_coi("container", "launch", "coi-tiny", unique, env=coi_env)
+    assert res.returncode == 0, res.stderr
+    try:
+        made = client.exec.capture(unique, ExecRequest(["sh", "-c", "echo old > /data.txt"]))
+        assert made.exit_code == 0, made.stderr
+        big = tmp_path / "big"
+        with big.open("wb") as f:
+            f.truncate(400 * 1024 * 1024)  # sparse on the host; streamed whole to the daemon
+        proc = subprocess.Popen(
+            coi_argv("file", "push", str(big), f"{unique}:/data.txt"), env=coi_env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        part = part_path("/data.txt", proc.pid)
+
+        def streaming() -> bool:
+            info = client.files.stat(unique, part)
+            return info is not None
+
+        try:
+            wait_for(streaming, "the push to be under way", 60)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        assert client.files.read(unique, "/data.txt") == b"old\n"
+        new = tmp_path / "new.txt"
+        new.write_text("new\n")
+        again = run_coi("file", "push", str(new), f"{unique}:/data.txt", env=coi_env)
+        assert again.returncode == 0, again.stderr
+        assert client.files.read(unique, "/data.txt") == b"new\n"
+        assert client.files.stat(unique, part) is None  # the dead push's part is gone
+        assert [n for n in client.files.listdir(unique, "/") if "coi-part" in n] == []
+    finally:
+        client.instances.delete(unique, force=True)

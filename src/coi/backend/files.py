@@ -3,6 +3,7 @@ bring out data only (see `coi.backend.intake`)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -26,7 +27,7 @@ from coi.backend.intake import (
     shown,
 )
 from coi.backend.sftp import Attrs, SFTPSession, SFTPUnavailable
-from coi.errors import IncusTimeout, NotFound, UsageError
+from coi.errors import BackendError, IncusTimeout, NotFound, UsageError
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -125,6 +126,37 @@ class FilesAPI:
         file_mode = stat.S_IMODE(local.stat().st_mode) if mode is None else mode
         with local.open("rb") as fh:
             self._post(instance, path, _chunks(fh), uid=uid, gid=gid, mode=file_mode, kind="file")
+
+    def push_file_whole(
+        self,
+        instance: str,
+        local: Path,
+        path: str,
+        *,
+        uid: int = 0,
+        gid: int = 0,
+        part: str,
+    ) -> None:
+        """`push_file`, whole or not at all: streamed to `part` (a path beside `path`), then
+        renamed over `path` in one step. A push cut short (coi killed, the connection lost)
+        leaves `path` as it was and `part` behind: the daemon writes a file as it receives it.
+        Where the daemon has no SFTP (old LXD), written in place.
+
+        :raises SFTPUnavailable: never; falls back as said.
+        """
+        try:
+            sftp = SFTPSession.open(self._c, instance)
+        except SFTPUnavailable:
+            self.push_file(instance, local, path, uid=uid, gid=gid)
+            return
+        with sftp:
+            self.push_file(instance, local, part, uid=uid, gid=gid)
+            try:
+                sftp.rename_over(part, path)
+            except BackendError:
+                with contextlib.suppress(BackendError):
+                    self.delete(instance, part)
+                raise
 
     def mkdir(
         self,

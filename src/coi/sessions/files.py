@@ -3,6 +3,8 @@ out is data only, and it never writes through a symbolic link on the host."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
 import shutil
 import tempfile
@@ -10,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from coi import checkpoint
+from coi import checkpoint, helpers
 from coi.backend.client import IncusClient
 from coi.backend.intake import PullReport, check_destination, drop_stale_parts, part_prefix
-from coi.errors import NotFound, UsageError
+from coi.errors import BackendError, NotFound, UsageError
 
 Kind = Literal["file", "directory"]
 
@@ -60,8 +62,30 @@ def push(
     if local.is_dir():
         client.files.push_tree(container, local, path, uid=uid, gid=gid)
         return Pushed("directory", local, container, path)
-    client.files.push_file(container, local, path, uid=uid, gid=gid)
+    _drop_dead_parts(client, container, path)
+    client.files.push_file_whole(container, local, path, uid=uid, gid=gid, part=part_path(path))
     return Pushed("file", local, container, path)
+
+
+def part_path(path: str, pid: int | None = None) -> str:
+    """Where a push of `path` streams its file first (beside it; the pid of the coi pushing)."""
+    parent, base = posixpath.split(path)
+    return posixpath.join(parent, f".{base}.coi-part-{os.getpid() if pid is None else pid}")
+
+
+def _drop_dead_parts(client: IncusClient, container: str, path: str) -> None:
+    """Remove what pushes of `path` cut short left beside it (their coi is gone)."""
+    parent, base = posixpath.split(path)
+    prefix = f".{base}.coi-part-"
+    try:
+        names = client.files.listdir(container, parent or "/")
+    except (BackendError, NotFound):
+        return
+    for name in names:
+        pid = name[len(prefix) :] if name.startswith(prefix) else ""
+        if pid.isdigit() and helpers.process_start(int(pid)) is None:
+            with contextlib.suppress(BackendError):
+                client.files.delete(container, posixpath.join(parent, name))
 
 
 def _trusted() -> tuple[Path, ...]:
