@@ -51,6 +51,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tmux": ("coi.cli.tmux_cmds", "tmux_cmd"),
     "completion": ("coi.cli.completion", "completion_cmd"),
     "mcp": ("coi.cli.mcp_cmd", "mcp_cmd"),
+    "profile": ("coi.cli.profile_cmds", "profile_cmd"),
+    "schema": ("coi.cli.profile_cmds", "schema_cmd"),
+    "logs": ("coi.cli.logs_cmds", "logs_cmd"),
+    "audit": ("coi.cli.logs_cmds", "audit_cmd"),
+    "top": ("coi.cli.logs_cmds", "top_cmd"),
 }
 # Upstream 0.8+'s names for commands coi has under their 0.7 names: both work, the help lists
 # the 0.7 name with the other beside it.

@@ -58,6 +58,12 @@ class Config:
     origins: dict[str, str]
     # name -> key -> (value, origin, from an untrusted file)
     profiles: dict[str, dict[str, tuple[Any, str, bool]]] = field(default_factory=dict)
+    # name -> (`inherits` of a [profiles.NAME] table, origin, from an untrusted file)
+    profile_inherits: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
+    # The profile applied and the ones it inherits, the root first (coi.config.profiles).
+    profile_chain: list[str] = field(default_factory=list)
+    # Values a built-in profile in the chain guarantees: no later layer may loosen them.
+    floors: dict[str, tuple[Any, str]] = field(default_factory=dict)
     files_read: list[Path] = field(default_factory=list)  # the config files applied, in order
     workspace: list[WorkspaceFile] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
@@ -225,6 +231,15 @@ def _profile_layer(cfg: Config, data: Mapping[str, Any], origin: str, untrusted:
                 _drop(cfg, f"profiles.{name}", body, origin, "not a table")
                 continue
             raise ConfigError(f"{origin}: [profiles.{name}] must be a table")
+        if "inherits" in body:
+            parent = body["inherits"]
+            if isinstance(parent, str):
+                cfg.profile_inherits[name] = (parent, origin, untrusted)
+            elif untrusted:
+                _drop(cfg, f"profiles.{name}.inherits", parent, origin, "not a profile name")
+            else:
+                raise ConfigError(f"{origin}: profiles.{name}.inherits must be a profile name")
+            body = {k: v for k, v in body.items() if k != "inherits"}
         for k, v in _flatten(body).items():
             s = PROFILE_KEYS.get(k)
             if s is None and untrusted:
@@ -377,16 +392,12 @@ def _workspace_warnings(cfg: Config, env: Mapping[str, str]) -> None:
             cfg.warnings.append(f"{head} (nothing in it needs trust now); {hint}")
 
 
-def _apply_profile(cfg: Config, profile: str) -> None:
-    if profile not in cfg.profiles:
-        known = ", ".join(sorted(cfg.profiles)) or "none defined"
-        raise ConfigError(
-            f"unknown profile '{profile}'", resolution=f"Profiles in your config: {known}."
-        )
-    for key, (value, origin, untrusted) in cfg.profiles[profile].items():
-        # Judged now, against what the files gave: the profile applies over all of them.
+def _apply_table_profile(cfg: Config, profile: str, *, untrusted_chain: bool = False) -> None:
+    """One [profiles.NAME] table's entries (`untrusted_chain`: reached through an
+    `inherits` an untrusted file named, so judged like an untrusted file's)."""
+    for key, (value, origin, untrusted) in cfg.profiles.get(profile, {}).items():
         shown = f"profiles.{profile}.{key.removeprefix('defaults.')}"
-        if untrusted and not _allowed(cfg, BY_KEY[key], value, origin, shown):
+        if (untrusted or untrusted_chain) and not _allowed(cfg, BY_KEY[key], value, origin, shown):
             continue
         cfg.values[key] = value
         cfg.origins[key] = f"{origin} [profiles.{profile}]"
@@ -423,7 +434,9 @@ def load_config(
             cfg.files_read.append(path)
             _apply_layer(cfg, _read_file(path), str(path))
     if profile:
-        _apply_profile(cfg, profile)
+        from coi.config.profiles import apply_profile
+
+        apply_profile(cfg, profile, cwd=cwd, env=env)
     _workspace_warnings(cfg, env)
     for s in BY_KEY.values():
         for var in s.env:
@@ -433,6 +446,10 @@ def load_config(
     for key, value in (cli or {}).items():
         if value is not None:
             cfg.set(key, value, "command line")
+    if cfg.floors:
+        from coi.config.profiles import check_floors
+
+        check_floors(cfg)
     if cfg.origins["incus.claude_uid"] != "default" and cfg.origins["incus.code_uid"] == "default":
         cfg.values["incus.code_uid"] = cfg.values["incus.claude_uid"]
     return cfg

@@ -82,6 +82,9 @@ DEFAULT_PROTECTED = [
     ".git/modules/*/hooks",
 ]
 
+# What `security.mask_secrets` hides (upstream's list for its `hardened` profile).
+DEFAULT_SECRET_PATTERNS = [".env", ".env.*", "*.pem", "*.key", "id_*", "secrets/**"]
+
 SETTINGS: tuple[Setting, ...] = (
     # [defaults]
     _s(
@@ -332,6 +335,15 @@ SETTINGS: tuple[Setting, ...] = (
         "passed into the session. Nothing else from the host environment goes in.",
         profile=True,
         trust="never",
+    ),
+    _s(
+        "tool.sandbox_context",
+        "bool",
+        True,
+        "Tell the agent where it is at start: a short text (workspace, network, no host "
+        "credential, how to ask for more) in its home, added to the tool's instructions.",
+        profile=True,
+        trust="any",
     ),
     _s(
         "tool.claude.effort_level",
@@ -591,6 +603,27 @@ SETTINGS: tuple[Setting, ...] = (
         measure="workspace-paths",
     ),
     _s("security.disable_protection", "bool", False, "Turn protected paths off.", trust="false"),
+    # Secret masking (the built-in `hardened` profile turns it on): workspace files matching
+    # these patterns read as empty inside (protection/masks.py, docs/security.md).
+    _s(
+        "security.mask_secrets",
+        "bool",
+        False,
+        "Mount an empty, read-only file (or folder) over each workspace path matching "
+        "security.secret_patterns when the sandbox is made, so the agent reads nothing there.",
+        profile=True,
+        trust="true",
+    ),
+    _s(
+        "security.secret_patterns",
+        "list",
+        DEFAULT_SECRET_PATTERNS,
+        "What security.mask_secrets masks: a name pattern (`*.pem`) matches at any depth, one "
+        "with a `/` from the workspace root; `DIR/**` masks the whole folder.",
+        profile=True,
+        trust="superset",
+        measure="workspace-paths",
+    ),
     _s(
         "security.verify_interval_seconds",
         "int",

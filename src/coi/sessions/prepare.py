@@ -171,6 +171,16 @@ def prepare(
         protection=None if options.container else plan(workspace, configured_paths(cfg)),
         host_env=host_env,
     )
+    if cfg.get_bool("security.mask_secrets") and options.container:
+        messages.append("Warning: secrets are not masked in an existing container (--container)")
+    elif cfg.get_bool("security.mask_secrets"):
+        from dataclasses import replace
+
+        from coi.protection.masks import plan_masks, summary
+
+        hidden = plan_masks(workspace, cfg.get_list("security.secret_patterns"))
+        messages += [f"Note: {n}" for n in [*hidden.notes, summary(hidden)]]
+        spec = replace(spec, masks=hidden)
     ports = forwards.port_request(cfg, options.ports)
     if options.container and (ports or sockets or options.alias):
         messages.append(

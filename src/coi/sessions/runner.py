@@ -148,6 +148,7 @@ def guarded_box(
         monitor=box.monitor,
         log=box.log,
         protect_log=protect_log,
+        alert=box.teed(terminal_alert, "alert"),
         service=service,
         remote=box.spec.remote,
     )
@@ -252,6 +253,7 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             if live.killed:
                 log("\nThe security monitor killed the container (see the alert above)")
                 code = 137
+            live.box.record("exit", f"command exited with code {code}", code=code)
         except KeyboardInterrupt:
             log("\nReceived interrupt signal, cleaning up...")
             code = 130
@@ -310,6 +312,7 @@ def finish_run(box: Sandbox, log: Log) -> None:
                     settle_when_gone(box.name, op, project=spec.project, remote=spec.remote)
                 else:
                     box.settle_protection(removed=True)
+            box.record("end", "stopped and kept" if spec.persistent else "removed")
         box.replenish()
         box.release()
 
@@ -559,11 +562,28 @@ class ShellSession:
             src = Path.home() / rel
             if src.is_file():
                 self._host_files[rel] = home.HomeFile(rel, src.read_bytes())
+        if self.cfg.get_bool("tool.sandbox_context"):
+            self._give_context()
         prefix = f"tool.{tool.name}."
         options = {k[len(prefix) :]: v for k, v in self.cfg.values.items() if k.startswith(prefix)}
         self._overlays = tool.sandbox_settings(bypass=self.req.bypass, options=options)
         for rel, overlay in (broker.settings if broker is not None else {}).items():
             self._overlays[rel] = deep_merge(self._overlays.get(rel, {}), overlay)
+
+    def _give_context(self) -> None:
+        """The sandbox context: ~/SANDBOX_CONTEXT.md, and after the user's own instructions
+        in the tool's instructions file (coi.sessions.context)."""
+        from coi.sessions.context import FILE, sandbox_context, with_context
+
+        tool = self.req.tool
+        mode = self.broker.mode if self.broker is not None else "none"
+        published = [(p.host, p.container, p.count) for p in self.box.published]
+        text = sandbox_context(self.spec, credentials=mode, published=published)
+        self._host_files[FILE] = home.HomeFile(FILE, text.encode())
+        if tool.context_file:
+            own = self._host_files.get(tool.context_file)
+            data = with_context(own.data if own else None, text)
+            self._host_files[tool.context_file] = home.HomeFile(tool.context_file, data)
 
     @property
     def _theirs(self) -> list[str]:
@@ -796,7 +816,7 @@ class ShellSession:
     def _cleanup(self) -> None:
         with no_interrupts():
             sys.stderr.write("\nCleaning up session...\n")
-            log = stderr_log("[cleanup] ")
+            log = self.box.teed(stderr_log("[cleanup] "))
             if self.box.name:
                 if self.box.out_of_time():
                     log(f"Session stopped: max_duration {self.spec.limits.duration_text} reached")
@@ -902,16 +922,20 @@ class ShellSession:
         """Keep or remove the container; whether it is gone."""
         if inst is None:
             log("Container was already removed")
+            self.box.record("end", "the container was gone")
             return True
         if not remove:
             if inst.running:
                 sys.stderr.write(_KEPT_HINT)
+                self.box.record("detach", "coi left; the container runs on")
             else:
                 log("Container was stopped but kept for reuse")
+                self.box.record("end", "stopped and kept")
             return False
         log("Container was stopped, removing..." if not inst.running else "Removing container...")
         self.box.remove()
         log("Container removed (session data saved for --resume)")
+        self.box.record("end", "removed")
         return True
 
 

@@ -10,9 +10,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from coi import labels
+from coi.audit.session_log import SessionLog
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.backend.models import Instance, Network
@@ -25,8 +26,10 @@ from coi.network import address
 from coi.network.address import Address
 from coi.network.manager import ensure_network, gateway_of, prove_enforced, wait_for_network
 from coi.network.policy import Policy
+from coi.protection import masks
 from coi.protection import paths as protected
 from coi.protection.guard import Guard, settle
+from coi.protection.masks import MaskPlan
 from coi.sessions import aliases, forwards, naming, template
 from coi.sessions.slots import SlotClaims
 from coi.sessions.workspace import (
@@ -103,6 +106,8 @@ class SandboxSpec:
     spares: int = 2
     # Most sessions at once on one workspace.
     max_slots: int = naming.MAX_SLOTS
+    # Workspace files masked (read as empty inside: `security.mask_secrets`); None: none.
+    masks: MaskPlan | None = None
     # Of `env`, the names whose values come from the host's environment (`tool.forward_env`):
     # a credential among them stays out when the session brokers it.
     host_env: tuple[str, ...] = ()
@@ -251,6 +256,8 @@ def instance_devices(
     }
     if spec.protection is not None:
         devices.update(protected.devices(spec.protection, spec.workspace_target))
+    if spec.masks is not None:
+        devices.update(masks.devices(spec.masks, spec.workspace_target, coi_home()))
     for i, m in enumerate(spec.mounts):
         dev = {"type": "disk", "source": str(m.host), "path": m.container}
         if m.readonly:
@@ -283,7 +290,7 @@ class Sandbox:
     def __init__(self, client: IncusClient, spec: SandboxSpec, *, log: Log) -> None:
         self.client = client
         self.spec = spec
-        self.log = log
+        self.log = self.teed(log)
         self.name = ""
         self.slot = 0
         self.created = False
@@ -306,6 +313,38 @@ class Sandbox:
         self.published: tuple[forwards.Published, ...] = ()
         self._forwarded: dict[str, dict[str, str]] = {}
         self._ws_hash = naming.workspace_hash(str(spec.workspace))
+
+    # -- coi's own log of the session (`coi logs`) -----------------------------------------
+
+    def record(self, event: str, text: str, **facts: Any) -> None:
+        """An event of this session in its log (nothing before the container has a name)."""
+        if self.name:
+            SessionLog(self.name).try_write(event, text, **facts)
+
+    def teed(self, log: Log, event: str = "note") -> Log:
+        """`log`, and each line recorded in the session's log too."""
+
+        def both(msg: str) -> None:
+            log(msg)
+            self.record(event, msg.strip())
+
+        return both
+
+    def _record_start(self) -> None:
+        spec = self.spec
+        self.record(
+            "start",
+            f"{'made' if self.created else 'reused'} {self.name} from {spec.image} for "
+            f"{spec.workspace}",
+            image=spec.image,
+            workspace=str(spec.workspace),
+            kind=spec.kind,
+            persistent=spec.persistent,
+            network=spec.policy.mode if spec.policy else "open",
+            monitor=bool(spec.monitor is not None and spec.monitor.enabled),
+            masked=[m.rel for m in spec.masks.paths] if spec.masks else [],
+            pid=os.getpid(),
+        )
 
     # -- naming ---------------------------------------------------------------------------
 
@@ -393,11 +432,13 @@ class Sandbox:
         can overlap the proof (the credential broker's device takes the daemon a second)."""
         if not self.spec.alias:
             self._create_or_reuse(then)
+            self._record_start()
             return
         # Held until the container carries it: no other coi of this user takes the name.
         with aliases.reserved(coi_home() / "locks", self.spec.alias):
             aliases.check_free(self.client, self.spec.alias, container=self.name)
             self._create_or_reuse(then)
+        self._record_start()
 
     def _plan_forwards(self, inst: Instance | None) -> None:
         """This slot's published ports and the sockets' devices, checked before anything
@@ -669,6 +710,12 @@ class Sandbox:
         """A reused container gets this session's limits (and protection mounts if stopped)."""
         if self.spec.limits.config:
             self.client.instances.set_config(self.name, self.spec.limits.config)
+        if self.spec.masks is not None:
+            # A mask may be hot-plugged: nothing of the workspace is mounted over it later.
+            hide = masks.devices(self.spec.masks, self.spec.workspace_target, coi_home())
+            for dev, body in hide.items():
+                if dict(devices.get(dev) or {}) != body:
+                    self.client.instances.add_device(self.name, dev, body)
         plan = self.spec.protection
         if plan is None:
             return
@@ -740,6 +787,8 @@ class Sandbox:
                 then=BOOTED + self.spec.setup,
                 tidy=self.lasting,
             )  # fmt: skip
+        mode = policy.mode if policy else "open"
+        self.record("policy", f"network {mode}: in force", mode=mode, gateway=gateway)
         mon = self.monitor
         if mon is not None and mon.enabled:
             from coi.monitor.monitor import net_context

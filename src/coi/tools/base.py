@@ -117,6 +117,10 @@ class Tool:
     # at it; empty: it cannot be brokered (its credentials are copied, said at session start).
     brokers: tuple[Broker, ...] = ()
     description: str = ""
+    # The tool's own user-level instructions file in the agent's home, where coi adds the
+    # sandbox context (`tool.sandbox_context`, coi.sessions.context); empty: the tool reads
+    # none, and the context is only in ~/SANDBOX_CONTEXT.md.
+    context_file: str = ""
     # How `coi build` installs it; None: coi cannot (the tool must already be in the image).
     install: Install | None = None
 

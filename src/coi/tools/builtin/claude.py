@@ -68,6 +68,7 @@ TOOL = Claude(
             env={"ANTHROPIC_BASE_URL": "{url}", "ANTHROPIC_AUTH_TOKEN": "{token}"},
         ),
     ),
+    context_file=".claude/CLAUDE.md",
     description="Anthropic's Claude Code",
     install=Install(npm="@anthropic-ai/claude-code"),
 )

@@ -21,6 +21,7 @@ TOOL = Tool(
             settings={".codex/auth.json": {"OPENAI_API_KEY": "{token}"}},
         ),
     ),
+    context_file=".codex/AGENTS.md",
     description="OpenAI Codex CLI",
     install=Install(npm="@openai/codex"),
 )

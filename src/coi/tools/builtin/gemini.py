@@ -22,6 +22,7 @@ TOOL = Tool(
             },
         ),
     ),
+    context_file=".gemini/GEMINI.md",
     description="Google gemini-cli",
     install=Install(npm="@google/gemini-cli"),
 )

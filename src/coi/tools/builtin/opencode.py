@@ -48,6 +48,7 @@ TOOL = OpenCode(
             },
         ),
     ),
+    context_file=".config/opencode/AGENTS.md",
     description="opencode (sst)",
     install=Install(npm="opencode-ai"),
 )

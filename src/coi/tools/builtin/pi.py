@@ -16,6 +16,7 @@ TOOL = Tool(
         ".pi/agent/AGENTS.md",
     ),
     env_keys=("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY"),
+    context_file=".pi/agent/AGENTS.md",
     description="pi coding agent (Mario Zechner)",
     # Not in the default image (upstream's image has no pi either): add "pi" to [build] tools,
     # or make it [tool] name, and `coi build --force`.
