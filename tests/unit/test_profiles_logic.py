@@ -267,3 +267,78 @@ def test_the_json_schema_has_every_key_with_its_type() -> None:
     profile = schema["properties"]["profiles"]["additionalProperties"]
     assert "inherits" in profile["properties"] and "image" in profile["properties"]
     assert schema["properties"]["network"]["additionalProperties"] is False
+
+
+# -- the session log and the sandbox context ------------------------------------------------
+
+
+def test_a_session_log_name_is_never_a_path(tmp_path: Path) -> None:
+    from coi.audit.session_log import SessionLog
+
+    for bad in ("../x", "a/b", "..", "", "-x", "x" * 64, "coi-1\n"):
+        with pytest.raises(UsageError, match="not a container name"):
+            SessionLog(bad, home=tmp_path)
+    log = SessionLog("coi-abc12345-1", home=tmp_path)
+    assert log.path.parent == tmp_path / "logs" / "sessions"
+
+
+def test_a_session_log_appends_whole_lines_and_follow_stops_at_the_end(tmp_path: Path) -> None:
+    import threading
+
+    from coi.audit.session_log import SessionLog, follow, read
+
+    log = SessionLog("coi-abc12345-1", home=tmp_path)
+    writers = [
+        threading.Thread(
+            target=lambda i=i: [log.write("note", f"w{i} " + "x" * 5000) for _ in range(50)]
+        )
+        for i in range(4)
+    ]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    records = read(log.path)
+    assert len(records) == 200 and all(r["text"].endswith("x" * 5000) for r in records)
+    log.write("end", "removed")
+    log.write("note", "after the end")
+    seen = list(follow(log.path, done=lambda r: r["event"] == "end", interval=0.01))
+    assert seen[-1]["event"] == "end" and len(seen) == 201
+    # A file not written any more ends when the session is said to be gone.
+    other = SessionLog("coi-abc12345-2", home=tmp_path)
+    other.write("start", "made")
+    got = list(follow(other.path, gone=lambda: True, interval=0.01, check_every=0))
+    assert [r["event"] for r in got] == ["start"]
+
+
+def test_the_context_says_where_the_agent_is_and_replaces_an_earlier_one() -> None:
+    from coi.network.policy import Policy
+    from coi.protection.masks import Masked, MaskPlan
+    from coi.sessions.context import MARK, sandbox_context, with_context
+    from coi.sessions.sandbox import SandboxSpec
+
+    spec = SandboxSpec(
+        workspace=Path("/home/a/p"),
+        image="coi",
+        persistent=False,
+        policy=Policy(mode="allowlist", entries=("registry.npmjs.org",)),
+        masks=MaskPlan(Path("/home/a/p"), [Masked(".env", "file")]),
+    )
+    text = sandbox_context(spec, credentials="broker", published=[(3000, 3000, 100)])
+    for part in (
+        "`/workspace`",
+        "`.env`",
+        "Network: allowlist",
+        "`registry.npmjs.org`",
+        "3000-3099 (host 3000-3099)",
+        "no host credential",
+        "placeholder",
+        "removed when the session ends",
+        "ask the user",
+    ):
+        assert part in text, part
+    first = with_context(b"# my own rules\n", text)
+    assert first.startswith(b"# my own rules\n\n" + MARK.encode())
+    again = with_context(first, "new context\n")
+    assert again == b"# my own rules\n\n" + MARK.encode() + b"\nnew context\n"
+    assert with_context(None, "t\n") == MARK.encode() + b"\nt\n"

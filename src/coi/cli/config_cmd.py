@@ -24,7 +24,7 @@ def config_cmd(ctx: click.Context) -> None:
 @config_cmd.command(
     "show", cls=CoiCommand, examples="  coi config show\n  coi config show --format json"
 )
-@click.option("--profile", default=None, help="Apply this [profiles.NAME] first.")
+@click.option("--profile", default=None, help="Apply this profile (coi profile list).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def show_cmd(profile: str | None, fmt: str) -> None:
     """Print every key with its value and origin (default, a file, env or profile).

@@ -59,7 +59,12 @@ def session_options(func: F) -> F:
             metavar="[=ID]",
             help="Alias of --resume.",
         ),
-        click.option("--profile", default=None, help="Named profile from the config."),
+        click.option(
+            "--profile",
+            default=None,
+            help="Apply a profile: hardened, ~/.coi/profiles/NAME, .coi/profiles/NAME or "
+            "[profiles.NAME] (coi profile list).",
+        ),
         click.option(
             "-e",
             "--env",
