@@ -3,19 +3,23 @@ nothing is left half made, nothing runs on unwatched, and the next command works
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests.conftest import coi_argv, run_coi
-from tests.integration.conftest import proc_state, wait_for
+from tests.integration.conftest import USER, coi_names, proc_state, user_dir, wait_for
 
 from coi import checkpoint
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
+from coi.errors import BackendError
 from coi.images.builder import BUILD_PREFIX, BUILT_FROM
 
 WITHIN = 10  # seconds: the keeper looks once a second; the daemon's forced stop is quick
@@ -141,3 +145,66 @@ def test_kill_9_of_a_file_push_mid_stream_keeps_the_old_file(
         assert [n for n in client.files.listdir(unique, "/") if "coi-part" in n] == []
     finally:
         client.instances.delete(unique, force=True)
+
+
+@pytest.fixture
+def full_pool(client: IncusClient, unique: str) -> Iterator[str]:
+    """A small storage pool of the test's own (a 160 MiB btrfs loop file), filled to the
+    brim by a stopped container of the test's."""
+    name = f"coi-it-full-{unique[-6:]}"
+    client.networks.create_pool(name, driver="btrfs", config={"size": "160MiB"})
+    filler = f"filler-{unique[-6:]}"
+    try:
+        client.instances.create(
+            filler, image="coi-tiny", start=True,
+            devices={"root": {"type": "disk", "path": "/", "pool": name}},
+        )  # fmt: skip
+        client.exec.capture(
+            filler, ExecRequest(["sh", "-c", "dd if=/dev/zero of=/fill bs=1M; sync"])
+        )
+        client.instances.stop(filler, force=True)
+        yield name
+    finally:
+        if client.instances.exists(filler):
+            client.instances.delete(filler, force=True)
+        for n in client.instances.names():  # anything a failed assertion left on it
+            if n.startswith("coi-") and client.instances.get(n).config.get("user.coi.kind"):
+                with contextlib.suppress(BackendError):
+                    client.instances.delete(n, force=True)
+        client.networks.delete_pool(name)
+
+
+ARGV = ("run", "--image", "coi-tiny", "-w")
+
+
+def test_a_full_storage_pool_is_a_clear_error_and_leaves_nothing(
+    client: IncusClient, full_pool: str, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """`coi run` on a pool with no room: it says the storage is full and what to do, exits
+    non-zero, and leaves no container, slot claim or keeper; once there is room it works."""
+    ws = user_dir(base / "ws", user)
+    env = {**uenv, "COI_POOL": full_pool}
+    res = run_coi(
+        "run", "--image", "coi-tiny", "-w", str(ws), "--", "echo", "hi", env=env, user=USER
+    )
+    assert res.returncode == 1, res.stderr
+    assert "no space left on device" in res.stderr
+    assert "The daemon's storage is full" in res.stderr  # the resolution
+    wait_for(lambda: not coi_names(client, ws), "nothing of the failed run to be left", 15)
+    assert list((Path(uenv["COI_HOME"]) / "locks").glob("*.claim")) == []
+    # What the daemon keeps on the pool: nothing of the failed create's container.
+    vols = client.get(f"/1.0/storage-pools/{full_pool}/volumes", recursion=1) or []
+    assert [v["name"] for v in vols if v["type"] == "container"] == [
+        f"filler-{full_pool.rsplit('-', 1)[1]}"
+    ]
+    client.instances.delete(f"filler-{full_pool.rsplit('-', 1)[1]}", force=True)
+    # btrfs frees a deleted subvolume's space in the background: a few tries, bounded.
+    runs: list[subprocess.CompletedProcess[str]] = []
+
+    def works() -> bool:
+        runs.append(run_coi(*ARGV, str(ws), "--", "echo", "hi", env=env, user=USER))
+        return runs[-1].returncode == 0
+
+    wait_for(works, "coi run to work once the pool has room", 60)
+    assert runs[-1].stdout.strip() == "hi", runs[-1].stderr
+    wait_for(lambda: not coi_names(client, ws), "the run's sandbox to go", 15)

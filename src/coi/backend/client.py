@@ -89,7 +89,19 @@ def _error_from_envelope(status: int, message: str, what: str) -> BackendError:
             status_code=status,
             resolution="Your client is not trusted by this daemon or project.",
         )
+    if NO_SPACE in lowered:
+        return OperationFailed(f"{what}: {text}", status_code=status, resolution=SPACE_ADVICE)
     return BackendError(f"{what}: {text}", status_code=status)
+
+
+# A full disk on the daemon's side (its storage pool, or the folder it keeps its files in):
+# the daemon says so in the words of the system call that failed.
+NO_SPACE = "no space left on device"
+SPACE_ADVICE = (
+    "The daemon's storage is full. Free space ('coi clean', old images: 'coi image list', "
+    "snapshots: 'coi snapshot list --all'), or grow the pool ('incus storage info POOL'); "
+    "then try again."
+)
 
 
 class IncusClient:
@@ -387,4 +399,6 @@ def _operation_error(err: str, what: str) -> BackendError:
     # Incus reports a name taken by a concurrent create as its database's constraint.
     if "already exists" in lowered or "unique constraint failed" in lowered:
         return Conflict(f"{what}: {err}")
+    if NO_SPACE in lowered:
+        return OperationFailed(f"{what}: {err}", resolution=SPACE_ADVICE)
     return OperationFailed(f"{what}: {err}")
