@@ -25,6 +25,9 @@ NETWORK_MODE = "user.coi.mode"
 
 # On the storage pool: the daemon's verdict on mapping host root (coi setup)
 MAP_ROOT = "user.coi.map_root"
+# ... and on its mknod interception: "true" only where a container with it on can make the
+# device nodes and whiteouts Docker's image layers hold (coi setup probes it)
+MKNOD_WORKS = "user.coi.mknod_intercept"
 
 
 def owner_config(kind: str) -> dict[str, str]:

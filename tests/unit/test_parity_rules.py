@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from coi import labels
 from coi.config.loader import Config, load_config
 from coi.errors import ConfigError, SessionError, UsageError
 from coi.sessions import environment as envmod
@@ -24,7 +25,12 @@ from coi.sessions.environment import (
     workspace_target,
     zone_for,
 )
-from coi.sessions.sandbox import SYSCALL_INTERCEPTS, docker_ready_config
+from coi.sessions.sandbox import (
+    MKNOD_INTERCEPT,
+    SYSCALL_INTERCEPTS,
+    docker_ready_config,
+    mknod_works,
+)
 
 
 @pytest.fixture
@@ -267,14 +273,23 @@ def test_run_script_rules(tmp_path: Path) -> None:
 # -- Docker inside: by API extension ------------------------------------------------------------
 
 
-def test_docker_settings_follow_the_daemons_extensions() -> None:
-    full = docker_ready_config(lambda name: name == "container_syscall_intercept")
+def test_docker_settings_follow_the_daemons_extensions_and_setups_verdict() -> None:
+    def has(name: str) -> bool:
+        return name == "container_syscall_intercept"
+
+    assert set(SYSCALL_INTERCEPTS) == {MKNOD_INTERCEPT, "security.syscalls.intercept.setxattr"}
+    full = docker_ready_config(has, mknod_works=True)
     assert full == {"security.nesting": "true", **SYSCALL_INTERCEPTS}
-    assert set(SYSCALL_INTERCEPTS) == {
-        "security.syscalls.intercept.mknod",
-        "security.syscalls.intercept.setxattr",
+    # mknod interception only where `coi setup` saw it work; no verdict: off.
+    assert docker_ready_config(has) == {
+        "security.nesting": "true",
+        "security.syscalls.intercept.setxattr": "true",
     }
-    assert docker_ready_config(lambda _name: False) == {"security.nesting": "true"}
+    assert mknod_works({labels.MKNOD_WORKS: "true"})
+    assert not mknod_works({}) and not mknod_works({labels.MKNOD_WORKS: "false"})
+    assert docker_ready_config(lambda _name: False, mknod_works=True) == {
+        "security.nesting": "true"
+    }
 
 
 def test_the_module_reads_only_schema_keys() -> None:

@@ -11,7 +11,7 @@ from coi.backend.exec import ExecRequest
 from coi.backend.models import ExecResult, Instance
 from coi.errors import Conflict, NotFound, UsageError
 from coi.sessions.inventory import is_coi_name
-from coi.sessions.sandbox import docker_ready_config, parse_env
+from coi.sessions.sandbox import docker_ready_config, mknod_works, parse_env
 
 Sink = Callable[[bytes], None]
 # How a command runs: on this terminal, with its output collected, or streamed to sinks.
@@ -22,10 +22,13 @@ def launch(
     client: IncusClient, image: str, name: str, *, pool: str, network: str, ephemeral: bool
 ) -> None:
     """Create and start a container from an image, with the settings Docker inside needs."""
+    found = client.networks.pool(pool)
     client.instances.create(
         name,
         image=image,
-        config=docker_ready_config(client.has_extension),
+        config=docker_ready_config(
+            client.has_extension, mknod_works=mknod_works(found.config if found else {})
+        ),
         devices={
             "root": {"type": "disk", "path": "/", "pool": pool},
             "eth0": {"type": "nic", "network": network, "name": "eth0"},

@@ -159,21 +159,37 @@ def session_env(spec: SandboxSpec, extra: Mapping[str, str]) -> dict[str, str]:
 
 
 # What Docker inside needs besides nesting, as upstream sets it: the daemon does mknod (the
-# device nodes and whiteouts in image layers) and setxattr (trusted.* overlay attributes) on
-# the container's behalf. Both came with the `container_syscall_intercept` API extension.
+# device nodes in image layers) and setxattr (trusted.* overlay attributes) on the
+# container's behalf. Both came with the `container_syscall_intercept` API extension.
 SYSCALL_INTERCEPTS = {
     "security.syscalls.intercept.mknod": "true",
     "security.syscalls.intercept.setxattr": "true",
 }
+MKNOD_INTERCEPT = "security.syscalls.intercept.mknod"
 
 
-def docker_ready_config(has_extension: Callable[[str], bool]) -> dict[str, str]:
-    """What Docker inside a container needs, as far as this daemon can give it (asked by
-    API extension, never by the daemon's name or version)."""
+def docker_ready_config(
+    has_extension: Callable[[str], bool], *, mknod_works: bool = False
+) -> dict[str, str]:
+    """What Docker inside a container needs, as far as this daemon can give it: asked by
+    API extension, never by the daemon's name or version.
+
+    mknod interception only where `coi setup` saw it work (`labels.MKNOD_WORKS` on the
+    pool): on Incus 6.0.4 with kernel 6.18 a container with it on cannot even make the
+    whiteouts (c 0:0) that the kernel lets it make without it, and Docker's image layers
+    hold whiteouts (measured; docs/images.md).
+    """
     config = {"security.nesting": "true"}
     if has_extension("container_syscall_intercept"):
         config.update(SYSCALL_INTERCEPTS)
+        if not mknod_works:
+            del config[MKNOD_INTERCEPT]
     return config
+
+
+def mknod_works(pool_config: Mapping[str, str]) -> bool:
+    """`coi setup`'s verdict on the daemon's mknod interception, kept on the pool."""
+    return pool_config.get(labels.MKNOD_WORKS) == "true"
 
 
 # Never started by the daemon itself (after a power loss or a host reboot it would start what
@@ -184,12 +200,15 @@ NO_AUTOSTART = {"boot.autostart": "false"}
 
 
 def instance_config(
-    spec: SandboxSpec, has_extension: Callable[[str], bool] = lambda _name: False
+    spec: SandboxSpec,
+    has_extension: Callable[[str], bool] = lambda _name: False,
+    *,
+    mknod: bool = False,
 ) -> dict[str, str]:
     owner = host_owner_uid(spec.workspace)
     gid = host_owner_gid(spec.workspace, owner)
     config = {
-        **docker_ready_config(has_extension),
+        **docker_ready_config(has_extension, mknod_works=mknod),
         **NO_AUTOSTART,
         labels.WORKSPACE: str(spec.workspace),
         labels.PERSISTENT: "true" if spec.persistent else "false",
@@ -404,6 +423,12 @@ class Sandbox:
             )
 
     @cached_property
+    def _mknod_works(self) -> bool:
+        """Whether the daemon's mknod interception works (`coi setup`'s verdict)."""
+        pool = self.client.networks.pool(self.spec.pool)
+        return mknod_works(pool.config if pool else {})
+
+    @cached_property
     def _shifts(self) -> bool:
         """Whether the daemon shifts ownership on the fly (one read of the pool, then kept):
         it can map host root, and templates do not pay off there."""
@@ -528,7 +553,9 @@ class Sandbox:
         self._protect()
         net = self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
-        config = instance_config(self.spec, self.client.has_extension)
+        config = instance_config(
+            self.spec, self.client.has_extension, mknod=self._mknod_works
+        )
         self.template = self._template(config)
         net = net or self.client.networks.get(self.network)
         if not (self.template and self._from_spare(self.template, config, net)):
