@@ -208,3 +208,46 @@ def test_a_full_storage_pool_is_a_clear_error_and_leaves_nothing(
     wait_for(works, "coi run to work once the pool has room", 60)
     assert runs[-1].stdout.strip() == "hi", runs[-1].stderr
     wait_for(lambda: not coi_names(client, ws), "the run's sandbox to go", 15)
+
+
+def test_the_first_coi_after_a_daemon_restart_removes_a_run_sandbox_left_stopped(
+    client: IncusClient, pool: str, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """What a power loss leaves (the daemon's own restart is in test_daemon_restart.py): an
+    ephemeral `coi run` sandbox, stopped, whose coi is gone. The first coi that sees a daemon
+    of another process than the last one it saw has it removed, off its own path; a live
+    coi's sandbox (its slot claimed) and a persistent one are never taken."""
+    import socket
+
+    from coi import labels
+    from coi.sessions import naming
+
+    home = Path(uenv["COI_HOME"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = naming.container_name(str(base / "gone"), 1)
+    kept = naming.container_name(str(base / "kept"), 1)
+    for name, persistent in ((left, "false"), (kept, "true")):
+        client.instances.create(
+            name, image="coi-tiny", ephemeral=persistent == "false",
+            devices={"root": {"type": "disk", "path": "/", "pool": pool}},
+            config={labels.KIND: "run", labels.OWNER_HOST: socket.gethostname(),
+                    labels.OWNER_PID: str(dead.pid), labels.PERSISTENT: persistent},
+        )  # fmt: skip
+    try:
+        seen = home / "state" / f"daemon-seen-{client.project}"
+        seen.parent.mkdir(parents=True, exist_ok=True)
+        seen.write_text("1\n")  # a daemon process of before
+        for made in (home, seen.parent, seen):
+            os.chown(made, user.pw_uid, user.pw_gid)
+        ws = user_dir(base / "ws", user)
+        res = run_coi(*ARGV, str(ws), "--", "true", env=uenv, user=USER)
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: not client.instances.exists(left), "the left sandbox to go", 30)
+        assert client.instances.exists(kept)
+        assert seen.read_text().strip() == str(client.server.pid)
+        assert "removed " + left in (home / "logs" / "reap.log").read_text()
+    finally:
+        for name in (left, kept):
+            if client.instances.exists(name):
+                client.instances.delete(name, force=True)

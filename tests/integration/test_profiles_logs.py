@@ -189,6 +189,8 @@ def test_logs_and_audit_follow_a_live_session_until_it_ends(
             uenv, "container", "exec", name, "--", "sh", "-c", "env | grep -i token; sleep 6; true"
         )
         wait_for(lambda: audit.has("Environment scanning detected"), "the live audit event")
+        # coi logs shows the monitor's alert among coi's own events.
+        wait_for(lambda: logs.has("alert   WARNING Environment scanning detected"), "the alert")
         assert not logs.has(" end ")
         code, _, err = _coi(uenv, "kill", name)
         assert code == 0, err

@@ -342,3 +342,34 @@ def test_the_context_says_where_the_agent_is_and_replaces_an_earlier_one() -> No
     again = with_context(first, "new context\n")
     assert again == b"# my own rules\n\n" + MARK.encode() + b"\nnew context\n"
     assert with_context(None, "t\n") == MARK.encode() + b"\nt\n"
+
+
+def test_logs_show_the_monitors_alerts_in_time_order(tmp_path: Path) -> None:
+    import time
+
+    from coi.audit.log import AuditLog, Event
+    from coi.audit.session_log import SessionLog, alert_of, follow, merged
+
+    log = SessionLog("coi-abc12345-1", home=tmp_path)
+    audit = AuditLog("coi-abc12345-1", home=tmp_path)
+    # Stamped a few milliseconds apart: the order is the stamps' (the same millisecond ties).
+    steps = [
+        lambda: log.write("start", "made"),
+        lambda: audit.write(Event("info", "monitor", "Monitoring started", "every 2 s")),
+        lambda: audit.write(Event("warning", "env_scanning", "Env scan", "env | grep")),
+        lambda: log.write("end", "removed"),
+    ]
+    for step in steps:
+        step()
+        time.sleep(0.003)
+    sources = [(log.path, lambda r: r), (audit.path, alert_of)]
+    events = [(r["event"], r["text"]) for r in merged(sources)]
+    assert events == [
+        ("start", "made"),
+        ("alert", "WARNING Env scan: env | grep"),
+        ("end", "removed"),
+    ]
+    followed = [
+        r["event"] for r in follow(sources, done=lambda r: r["event"] == "end", interval=0.01)
+    ]
+    assert followed == ["start", "alert", "end"]

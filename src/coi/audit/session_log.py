@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,38 +92,80 @@ def read(path: Path) -> list[dict[str, Any]]:
     return [r for line in text.splitlines() if (r := parse(line)) is not None]
 
 
+Transform = Callable[[dict[str, Any]], "dict[str, Any] | None"]
+
+
+def _same(rec: dict[str, Any]) -> dict[str, Any] | None:
+    return rec
+
+
+def alert_of(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """An audit-log event (the monitor's) as a session-log `alert`; None below a warning.
+
+    The monitor writes its alerts to the audit log, whether a coi process attends the
+    session or its detached service watches it alone; `coi logs` shows them in time order
+    among coi's own events instead of writing them twice.
+    """
+    level = str(rec.get("level", "info"))
+    if level == "info":
+        return None
+    action = rec.get("action")
+    text = f"{level.upper()} {rec.get('title', '')}: {rec.get('description', '')}"
+    if action and action != "logged":
+        text += f" [{action}]"
+    return {
+        "time": rec.get("timestamp", ""),
+        "event": "alert",
+        "container": rec.get("container", ""),
+        "text": text,
+        "level": level,
+        "category": rec.get("category", ""),
+    }
+
+
+def merged(sources: Sequence[tuple[Path, Transform]]) -> list[dict[str, Any]]:
+    """The records of several JSON-lines files, each through its transform, in time order."""
+    out = [r for path, f in sources for rec in read(path) if (r := f(rec)) is not None]
+    return sorted(out, key=lambda r: str(r.get("time", "")))
+
+
 def follow(
-    path: Path,
+    sources: Path | Sequence[tuple[Path, Transform]],
     *,
     done: Callable[[dict[str, Any]], bool] = lambda rec: False,
     gone: Callable[[], bool] = lambda: False,
     interval: float = 0.5,
     check_every: float = 2.0,
 ) -> Iterator[dict[str, Any]]:
-    """Records of `path` as they are appended (those already there first), like `tail -f`.
+    """Records of one file (or of several, each through its transform) as they are
+    appended, those already there first, like `tail -f`; what several files gave in one
+    look is yielded in time order.
 
     Ends after a record for which `done` is true, or when `gone()` says the session is over
     and nothing more was written (asked every `check_every` seconds: it may ask the daemon).
     A file not there yet is waited for.
     """
-    offset = 0
-    partial = b""
+    files = [(sources, _same)] if isinstance(sources, Path) else list(sources)
+    offsets = [0] * len(files)
+    partials = [b""] * len(files)
     last_check = time.monotonic()
     while True:
-        try:
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-        except FileNotFoundError:
-            chunk = b""
-        if chunk:
-            offset += len(chunk)
-            data = partial + chunk
-            *lines, partial = data.split(b"\n")
+        batch: list[dict[str, Any]] = []
+        for i, (path, transform) in enumerate(files):
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(offsets[i])
+                    chunk = fh.read()
+            except FileNotFoundError:
+                continue
+            offsets[i] += len(chunk)
+            *lines, partials[i] = (partials[i] + chunk).split(b"\n")
             for raw in lines:
                 rec = parse(raw.decode(errors="replace"))
-                if rec is None:
-                    continue
+                if rec is not None and (out := transform(rec)) is not None:
+                    batch.append(out)
+        if batch:
+            for rec in sorted(batch, key=lambda r: str(r.get("time", ""))):
                 yield rec
                 if done(rec):
                     return

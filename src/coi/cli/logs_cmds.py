@@ -102,19 +102,23 @@ def logs_cmd(name: str | None, follow: bool, fmt: str, workspace: str | None) ->
     NAME is a container (or its alias); without it, this workspace's newest session. The
     log outlives the container (~/.coi/logs/sessions/NAME.log).
     """
-    from coi.audit.session_log import FINAL, read
+    from coi.audit.log import audit_dir
+    from coi.audit.session_log import FINAL, alert_of, merged
     from coi.audit.session_log import follow as tail
 
     container, path, gone = _target(name, workspace, audit=False)
+    # The monitor's alerts are in the audit log (written once, there): shown among coi's
+    # own events, in time order.
+    sources = [(path, lambda r: r), (audit_dir() / f"{container}.jsonl", alert_of)]
     if not follow:
         if not path.exists():
             from coi.errors import NotFound
 
             raise NotFound(f"no session log for {container}", details=str(path))
-        _emit(read(path), fmt, _log_line)
+        _emit(merged(sources), fmt, _log_line)
         return
     click.echo(f"Following {path} (Ctrl+C to stop)", err=True)
-    _emit(tail(path, done=lambda r: r.get("event") in FINAL, gone=gone), fmt, _log_line)
+    _emit(tail(sources, done=lambda r: r.get("event") in FINAL, gone=gone), fmt, _log_line)
 
 
 @click.command("audit", cls=CoiCommand, examples=AUDIT_EXAMPLES)

@@ -28,7 +28,7 @@ from coi.network.manager import allowlist_refresh
 from coi.network.policy import Policy
 from coi.protection.guard import Guard, settle_when_gone, watching
 from coi import checkpoint
-from coi.sessions import home, naming
+from coi.sessions import home, naming, reap
 from coi.sessions.keeper import dismiss as dismiss_keeper
 from coi.sessions.keeper import spawn as spawn_keeper
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
@@ -148,7 +148,6 @@ def guarded_box(
         monitor=box.monitor,
         log=box.log,
         protect_log=protect_log,
-        alert=box.teed(terminal_alert, "alert"),
         service=service,
         remote=box.spec.remote,
     )
@@ -175,6 +174,7 @@ def open_sandbox(
     watched, then removed, or stopped and kept when persistent. A keeper process stops and
     removes it should this process die first (`coi.sessions.keeper`)."""
     check_server(spec.limits, client.server.kind)
+    reap.after_restart(client, remote=spec.remote)
     box = Sandbox(client, spec, log=log)
     box.check_owner()
     keeper = None
@@ -422,6 +422,7 @@ class ShellSession:
                 sys.stderr.write("Inherited persistent mode from session\n")
         sys.stderr.write(f"Setting up session {self.session_id}...\n")
         check_server(self.spec.limits, self.client.server.kind)
+        reap.after_restart(self.client, remote=self.spec.remote)
         self._plan_credentials()
         with cleanup_on_signals():
             try:
