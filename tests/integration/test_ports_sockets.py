@@ -217,6 +217,13 @@ def test_a_port_taken_on_the_host_is_an_error_before_anything_starts(
         res = _coi(uenv, ws, "run", "--image", "coi-tiny", "-w", str(ws), "--", "true")
         assert res.returncode == 1 and f"port {port} is already in use" in res.stderr
         assert coi_names(client, ws) == []
+    # Freed: a run publishes it, and the next run at once can too (the first one's sandbox,
+    # and its listener, are gone when coi returns).
+    for _ in range(2):
+        res = _coi(uenv, ws, "run", "--image", "coi-tiny", "-w", str(ws), "--", "true")
+        assert res.returncode == 0, res.stderr
+        assert f"Publishing ports: 127.0.0.1:{port}->{port}/tcp" in res.stderr
+        assert coi_names(client, ws) == []
 
 
 # -- sockets --------------------------------------------------------------------------------

@@ -878,17 +878,20 @@ class Sandbox:
         """Remove the sandbox; the id of the daemon's operation still finishing it, or "".
 
         Stopping an ephemeral container deletes it; the daemon completes the operation after
-        coi has exited, so `coi run` returns without the 0.8 s a forced stop takes.
+        coi has exited, so `coi run` returns without the 0.8 s a forced stop takes (not when
+        it publishes ports: they are free when coi returns).
         """
         try:
             inst = self.client.instances.get(self.name)
         except NotFound:
             return ""
-        if inst.ephemeral and inst.active:
+        if inst.ephemeral and inst.active and not self.published:
             try:
                 return self.client.instances.stop(self.name, force=True, wait=False) or "-"
             except BackendError:
                 pass
+        # A sandbox that publishes ports is gone before coi returns: the next session may
+        # publish them at once (its check would otherwise find them still held).
         self.client.instances.delete(self.name, force=True)
         return ""
 
