@@ -33,6 +33,9 @@ BUILD_STEPS = (
     "build-stopped",  # the script ran, the container is stopped; not published yet
     "build-published",  # the image is published; the alias not pointed at it yet
 )
+# `coi snapshot restore`'s (of a running container) and `coi clean`'s.
+SNAPSHOT_STEPS = ("snapshot-stopped",)  # the container stopped, not restored yet
+CLEAN_STEPS = ("clean-removing",)  # the first container removed, the others not yet
 # `coi file pull -r`'s: the tree is pulled beside the destination, not yet swapped in.
 FILE_STEPS = ("file-pulled",)
 

@@ -251,3 +251,64 @@ def test_the_first_coi_after_a_daemon_restart_removes_a_run_sandbox_left_stopped
         for name in (left, kept):
             if client.instances.exists(name):
                 client.instances.delete(name, force=True)
+
+
+def test_kill_9_of_coi_clean_midway_and_the_next_clean_finishes(
+    client: IncusClient, coi_env: dict[str, str], pool: str, tmp_path: Path
+) -> None:
+    """`coi clean --force` killed after removing its first container: what it had not got to
+    is still whole, and the next `coi clean` removes it."""
+    import socket
+
+    from coi import labels
+    from coi.sessions import naming
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = [naming.container_name(str(tmp_path / "ws"), n) for n in (1, 2)]
+    for name in names:  # two sandboxes of a coi that is gone, stopped
+        client.instances.create(
+            name, image="coi-tiny",
+            devices={"root": {"type": "disk", "path": "/", "pool": pool}},
+            config={labels.KIND: "shell", labels.OWNER_HOST: socket.gethostname(),
+                    labels.OWNER_PID: str(dead.pid), labels.PERSISTENT: "false",
+                    labels.WORKSPACE: str(tmp_path / "ws")},
+        )  # fmt: skip
+    try:
+        _frozen_then_killed(coi_argv("clean", "--force"), coi_env, "clean-removing")
+        left = [n for n in names if client.instances.exists(n)]
+        assert len(left) == 1, left  # one removed, one not yet
+        assert client.instances.get(left[0]).status == "Stopped"
+        res = run_coi("clean", "--force", env=coi_env)
+        assert res.returncode == 0, res.stderr
+        assert [n for n in names if client.instances.exists(n)] == []
+    finally:
+        for name in names:
+            if client.instances.exists(name):
+                client.instances.delete(name, force=True)
+
+
+def test_kill_9_of_a_snapshot_restore_between_stop_and_restore(
+    client: IncusClient, coi_env: dict[str, str], unique: str
+) -> None:
+    """`coi snapshot restore` of a running container killed once it stopped it: the
+    container is whole (stopped, as it was before the restore), the snapshot is there, and
+    the restore run again brings it back."""
+    res = run_coi("container", "launch", "coi-tiny", unique, env=coi_env)
+    assert res.returncode == 0, res.stderr
+    try:
+        client.exec.capture(unique, ExecRequest(["sh", "-c", "echo one > /a"]))
+        snap = run_coi("snapshot", "create", "s1", "-c", unique, env=coi_env)
+        assert snap.returncode == 0, snap.stderr
+        client.exec.capture(unique, ExecRequest(["sh", "-c", "echo two > /a"]))
+        argv = coi_argv("snapshot", "restore", "s1", "-c", unique, "-f")
+        _frozen_then_killed(argv, coi_env, "snapshot-stopped")
+        assert client.instances.get(unique).status == "Stopped"
+        assert [s.name for s in client.instances.snapshots(unique)] == ["s1"]
+        again = run_coi("snapshot", "restore", "s1", "-c", unique, "-f", env=coi_env)
+        assert again.returncode == 0, again.stderr
+        client.instances.start(unique)
+        out = client.exec.capture(unique, ExecRequest(["cat", "/a"]))
+        assert out.stdout == b"one\n"
+    finally:
+        client.instances.delete(unique, force=True)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coi import checkpoint
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.config.paths import coi_home
@@ -143,6 +144,7 @@ def execute(client: IncusClient, plan: CleanPlan, log: Callable[[str], None]) ->
             log(f"  Warning: could not delete {c.name}: {err}")
             continue
         settle(c.name, removed=True, log=log)
+        checkpoint.step("clean-removing")
     for t in plan.templates:
         log(f"Deleting {t}...")
         try:

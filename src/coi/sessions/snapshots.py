@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from coi import checkpoint
 from coi.backend.client import IncusClient
 from coi.backend.models import Snapshot
 from coi.errors import Conflict, NotFound
@@ -125,6 +126,7 @@ def restore(client: IncusClient, plan: Restore, *, stateful: bool) -> None:
     """Bring the container back to the snapshot; one that ran is stopped and started again."""
     if plan.was_running:
         client.instances.stop(plan.container, force=True)
+        checkpoint.step("snapshot-stopped")  # stopped; the restore not asked for yet
     client.instances.restore_snapshot(plan.container, plan.name, stateful=stateful)
     if plan.was_running:
         client.instances.start(plan.container)
