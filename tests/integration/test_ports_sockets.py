@@ -226,6 +226,42 @@ def test_a_port_taken_on_the_host_is_an_error_before_anything_starts(
         assert coi_names(client, ws) == []
 
 
+def test_a_reused_persistent_sandbox_publishes_this_sessions_ports(
+    client: IncusClient,
+    uenv: dict[str, str],
+    ws: Path,
+    cleanup: list[subprocess.Popen[str]],
+) -> None:
+    """A persistent sandbox made with one --port and reused with another publishes the new
+    one only (its device is replaced before it starts again)."""
+    a = _free_block(2)
+    res = _coi(uenv, ws, "run", "--image", "coi-tiny", "-w", str(ws), "--persistent",
+               "--slot", "1", "--port", f"{a}:3000", "--", "true")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    (box,) = coi_names(client, ws)
+    assert client.instances.get(box).status == "Stopped"
+    cleanup.append(
+        _serve(
+            uenv,
+            ws,
+            "--persistent",
+            "--slot",
+            "1",
+            "--port",
+            f"{a + 1}:3000",
+            "-e",
+            "POOL_PORT=3001",
+        )
+    )
+    wait_for(lambda: _answers(a + 1), "the reused sandbox at its new port", 90)
+    assert _get(a + 1) == f"served by {box}\n"
+    with pytest.raises(ConnectionRefusedError), socket.socket() as s:
+        s.settimeout(3)
+        s.connect(("127.0.0.1", a))
+    devices = client.instances.get(box).devices
+    assert devices["coi-ports"]["listen"] == f"tcp:127.0.0.1:{a + 1}"
+
+
 # -- sockets --------------------------------------------------------------------------------
 
 
