@@ -312,18 +312,20 @@ class SocketServer:
 
 
 @pytest.fixture
-def uc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uc(tmp_path: Path) -> Iterator[Path]:
     """A folder holding the static unix-socket client, world-readable (mounted in)."""
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         pytest.fail("no C compiler on the host for the socket client (apt-get install gcc)")
-    d = Path(f"/tmp/coi-uc-{os.getpid()}")
-    d.mkdir(exist_ok=True, mode=0o755)
-    if not (d / "uc").exists():
-        src = tmp_path_factory.mktemp("uc") / "uc.c"
+    d = Path(f"/tmp/coi-uc-{os.getpid()}-{random.randrange(1 << 30)}")
+    d.mkdir(mode=0o755)
+    try:
+        src = tmp_path / "uc.c"
         src.write_text(CLIENT_C)
         subprocess.run([cc, "-static", "-O2", "-o", str(d / "uc"), str(src)], check=True)
-    return d
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

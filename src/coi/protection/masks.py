@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +87,12 @@ def _matches(p: _Pattern, rel: str, is_dir: bool) -> bool:
     )
 
 
+def _union(patterns: list[str]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
 def plan_masks(workspace: Path, patterns: list[str]) -> MaskPlan:
     """Find what the patterns match in `workspace` now (no link followed, `.git` skipped).
 
@@ -97,6 +102,11 @@ def plan_masks(workspace: Path, patterns: list[str]) -> MaskPlan:
     result = MaskPlan(workspace)
     if not compiled:
         return result
+    # One regular expression for the name patterns (most of them): a walk over a big tree
+    # spends its time matching.
+    any_name = _union([p.name for p in compiled if not p.parts and not p.whole_dir])
+    dir_name = _union([p.name for p in compiled if not p.parts and p.whole_dir])
+    anchored = [p for p in compiled if p.parts]
     seen = 0
     stack = [""]
     while stack:
@@ -117,18 +127,24 @@ def plan_masks(workspace: Path, patterns: list[str]) -> MaskPlan:
                 return _checked(result)
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             try:
-                st = entry.stat(follow_symlinks=False)
+                # From the directory entry's type: no stat per file (a big tree stays fast).
+                is_link = entry.is_symlink()
+                is_dir = not is_link and entry.is_dir(follow_symlinks=False)
+                is_file = not is_link and not is_dir and entry.is_file(follow_symlinks=False)
             except OSError:
                 continue
-            is_dir = stat.S_ISDIR(st.st_mode)
-            hit = next((p for p in compiled if _matches(p, rel, is_dir)), None)
-            if hit is not None:
-                if stat.S_ISLNK(st.st_mode):
+            hit = (
+                (any_name is not None and any_name.match(entry.name) is not None)
+                or (is_dir and dir_name is not None and dir_name.match(entry.name) is not None)
+                or any(_matches(p, rel, is_dir) for p in anchored)
+            )
+            if hit:
+                if is_link:
                     result.notes.append(f"{rel}: not masked, it is a symbolic link")
                 elif is_dir:
                     result.paths.append(Masked(rel, "dir"))
                     continue  # all of it is hidden: nothing below needs a mask
-                elif stat.S_ISREG(st.st_mode):
+                elif is_file:
                     result.paths.append(Masked(rel, "file"))
             if is_dir and entry.name not in SKIP_DIRS:
                 stack.append(rel)
