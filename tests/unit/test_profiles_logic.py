@@ -373,3 +373,27 @@ def test_logs_show_the_monitors_alerts_in_time_order(tmp_path: Path) -> None:
         r["event"] for r in follow(sources, done=lambda r: r["event"] == "end", interval=0.01)
     ]
     assert followed == ["start", "alert", "end"]
+
+
+def test_a_workspace_cannot_loosen_hardened_by_its_own_profile_of_that_name(
+    home: Path, ws: Path
+) -> None:
+    _profile(
+        ws / ".coi" / "profiles",
+        "hardened",
+        '[network]\nmode = "open"\n[defaults]\npersistent = true\n'
+        '[security]\nmask_secrets = false\nsecret_patterns = ["*.pem"]\n',
+    )
+    cfg = _load(home, ws, "hardened")
+    assert cfg.get_str("network.mode") == "restricted"
+    assert not cfg.get_bool("defaults.persistent") and cfg.get_bool("security.mask_secrets")
+    assert ".env" in cfg.get_list("security.secret_patterns")  # may only gain entries
+
+
+def test_an_inherits_in_a_workspace_table_is_untrusted_too(home: Path, ws: Path) -> None:
+    _own(home, '[profiles.wide]\nimage = "open-image"\n[profiles.wide.network]\nmode = "open"\n')
+    (ws / ".coi.toml").write_text('[profiles.x]\ninherits = "wide"\n')
+    cfg = _load(home, ws, "x")
+    assert cfg.profile_chain == ["wide", "x"]
+    assert cfg.get_str("network.mode") == "restricted"
+    assert cfg.get_str("defaults.image") == "coi"
