@@ -12,6 +12,7 @@ import dns.exception
 import dns.resolver
 
 from coi.errors import UsageError
+from coi.fsio import write_atomic
 from coi.network.policy import Target, is_address, parse_target
 
 
@@ -109,6 +110,6 @@ def _write_cache(cache: Path | None, domains: dict[str, list[str]]) -> None:
     if cache is None:
         return
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"domains": domains}, indent=2, sort_keys=True) + "\n")
-    tmp.replace(cache)
+    write_atomic(
+        cache, json.dumps({"domains": domains}, indent=2, sort_keys=True) + "\n", mode=0o644
+    )

@@ -26,6 +26,7 @@ from typing import Any
 
 from coi.audit import AuditLog, Event
 from coi.config.paths import coi_home
+from coi.fsio import write_atomic
 from coi.locks import held
 from coi.protection.paths import ProtectionPlan
 
@@ -299,9 +300,7 @@ class Guard:
             top: {rel: asdict(e) for rel, e in entries.items()}
             for top, entries in data["entries"].items()
         }
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(self.manifest_path)
+        write_atomic(self.manifest_path, json.dumps(out, indent=1))
 
     def forget(self) -> None:
         """Drop the record and copy (the container is gone and was verified)."""
