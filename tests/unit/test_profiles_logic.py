@@ -275,7 +275,7 @@ def test_the_json_schema_has_every_key_with_its_type() -> None:
 def test_a_session_log_name_is_never_a_path(tmp_path: Path) -> None:
     from coi.audit.session_log import SessionLog
 
-    for bad in ("../x", "a/b", "..", "", "-x", "x" * 64, "coi-1\n"):
+    for bad in ("../x", "a/b", "..", "", "-x", "x" * 64, "coi-1\n", "a.b"):
         with pytest.raises(UsageError, match="not a container name"):
             SessionLog(bad, home=tmp_path)
     log = SessionLog("coi-abc12345-1", home=tmp_path)

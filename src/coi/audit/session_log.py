@@ -22,9 +22,9 @@ from typing import Any
 from coi.config.paths import coi_home
 from coi.errors import UsageError
 
-# The daemon's rule for instance names: letters, digits and hyphens, not starting with a
-# digit or a hyphen, at most 63 characters.
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,62}")
+# The daemon's instance names: letters, digits and hyphens, not starting with a hyphen, at
+# most 63 characters. Nothing else names a file: no `/`, no `.`.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")
 EVENTS = ("start", "note", "policy", "alert", "detach", "exit", "end")
 # Events after which the session is over (`follow` stops).
 FINAL = frozenset({"end"})
@@ -73,6 +73,15 @@ class SessionLog:
             self.write(event, text, **facts)
         except OSError:
             pass
+
+
+def record(container: str, event: str, text: str, **facts: Any) -> None:
+    """An event in `container`'s log, if it can be written (never an error: a session goes
+    on without its log)."""
+    try:
+        SessionLog(container).try_write(event, text, **facts)
+    except UsageError:
+        pass
 
 
 def parse(line: str) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from coi.audit.session_log import SessionLog
+from coi.audit import session_log
 from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.errors import BackendError, NotFound, UsageError
@@ -48,7 +48,7 @@ def shutdown(client: IncusClient, name: str, *, timeout: int, log: Log) -> Outco
         except BackendError:
             steps.append("Timeout reached, force-killing...")
     client.instances.delete(name, force=True)
-    SessionLog(name).try_write("end", "removed by coi shutdown")
+    session_log.record(name, "end", "removed by coi shutdown")
     settle(name, removed=True, log=log)
     return Outcome(name, True, (*steps, f"✓ Shutdown {name}"))
 
@@ -70,7 +70,7 @@ def kill(client: IncusClient, name: str, *, log: Log) -> Outcome:
     if not client.instances.exists(name):
         return _missing(name)
     client.instances.delete(name, force=True)
-    SessionLog(name).try_write("end", "removed by coi kill")
+    session_log.record(name, "end", "removed by coi kill")
     settle(name, removed=True, log=log)
     return Outcome(name, True, (f"✓ Killed {name}",))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from coi import labels
-from coi.audit.session_log import SessionLog
+from coi.audit import session_log
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.backend.models import Instance, Network
@@ -338,7 +338,7 @@ class Sandbox:
     def record(self, event: str, text: str, **facts: Any) -> None:
         """An event of this session in its log (nothing before the container has a name)."""
         if self.name:
-            SessionLog(self.name).try_write(event, text, **facts)
+            session_log.record(self.name, event, text, **facts)
 
     def teed(self, log: Log, event: str = "note") -> Log:
         """`log`, and each line recorded in the session's log too."""
