@@ -226,6 +226,36 @@ def test_a_port_taken_on_the_host_is_an_error_before_anything_starts(
         assert coi_names(client, ws) == []
 
 
+def test_a_port_taken_after_the_check_is_still_a_clear_error(
+    client: IncusClient, uenv: dict[str, str], ws: Path
+) -> None:
+    """The race: a port taken between coi's check and the daemon's listen (played by turning
+    coi's first check off). The daemon refuses to start the sandbox with words of its own; coi
+    says which port, as the check would, and leaves nothing behind."""
+    code = (
+        "import coi.sessions.forwards as f\n"
+        "real, calls = f.check_free, []\n"
+        "def late(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    return real(*a, **k) if len(calls) > 1 else None\n"
+        "f.check_free = late\n"
+        "from coi.cli import main\n"
+        "raise SystemExit(main())\n"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        argv = coi_argv("run", "--image", "coi-tiny", "-w", str(ws), "--port", f"{port}:3000",
+                        "--", "true", user=USER)  # fmt: skip
+        argv[argv.index("-m") : argv.index("-m") + 2] = ["-c", code]
+        res = subprocess.run(argv, env=uenv, cwd=ws, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 1, res.stderr
+    assert f"Error: port {port} is already in use on the host" in res.stderr, res.stderr
+    assert "the daemon said: " in res.stderr and "proxy device" in res.stderr
+    wait_for(lambda: not coi_names(client, ws), "nothing left of the refused sandbox")
+
+
 def test_a_reused_persistent_sandbox_publishes_this_sessions_ports(
     client: IncusClient,
     uenv: dict[str, str],

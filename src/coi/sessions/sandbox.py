@@ -456,14 +456,32 @@ class Sandbox:
         `then` runs as soon as the container runs, before its network is proven: work that
         can overlap the proof (the credential broker's device takes the daemon a second)."""
         if not self.spec.alias:
-            self._create_or_reuse(then)
+            self._made_or_said(then)
             self._record_start()
             return
         # Held until the container carries it: no other coi of this user takes the name.
         with aliases.reserved(coi_home() / "locks", self.spec.alias):
             aliases.check_free(self.client, self.spec.alias, container=self.name)
-            self._create_or_reuse(then)
+            self._made_or_said(then)
         self._record_start()
+
+    def _made_or_said(self, then: Callable[[], None] | None) -> None:
+        """`_create_or_reuse`; when the daemon cannot start the ports' device, the port
+        taken since coi's check is named (the daemon's words depend on its helper's timing,
+        and "Failed to receive fd from listener process" names no port)."""
+        try:
+            self._create_or_reuse(then)
+        except BackendError as err:
+            if not self.published or "proxy device" not in err.message:
+                raise
+            inst = self.instance()
+            held = forwards.published_of(inst.devices) if inst and inst.running else ()
+            try:
+                forwards.check_free(self.published, skip=held)
+            except SessionError as taken:
+                taken.details = f"the daemon said: {err.message}"
+                raise taken from err
+            raise
 
     def _plan_forwards(self, inst: Instance | None) -> None:
         """This slot's published ports and the sockets' devices, checked before anything
