@@ -397,3 +397,14 @@ def test_an_inherits_in_a_workspace_table_is_untrusted_too(home: Path, ws: Path)
     assert cfg.profile_chain == ["wide", "x"]
     assert cfg.get_str("network.mode") == "restricted"
     assert cfg.get_str("defaults.image") == "coi"
+
+
+def test_coi_trust_judges_a_profile_file_with_its_inherits(home: Path, ws: Path) -> None:
+    from coi.config.loader import judge_file
+
+    origin = str(ws / ".coi" / "profiles" / "dev" / "config.toml")
+    dropped = judge_file({"inherits": "wide", "network": {"mode": "open"}}, origin, _env(home))
+    assert {d.key for d in dropped} == {"inherits", "network.mode"}
+    assert judge_file({"inherits": "hardened"}, origin, _env(home)) == []
+    with pytest.raises(ConfigError, match="unknown key 'inherits'"):
+        judge_file({"inherits": "wide"}, str(ws / ".coi.toml"), _env(home))

@@ -464,6 +464,13 @@ def judge_file(data: Mapping[str, Any], origin: str, env: Mapping[str, str]) -> 
         values={k: copy.deepcopy(s.default) for k, s in BY_KEY.items()},
         origins=dict.fromkeys(BY_KEY, "default"),
     )
+    parent = data.get("inherits")
+    if "/.coi/profiles/" in origin and isinstance(parent, str):
+        # A profile's own file (coi.config.profiles) names its parent at the top level;
+        # trusted, the parent applies in full (untrusted, it only tightens).
+        data = {k: v for k, v in data.items() if k != "inherits"}
+        if parent != "hardened":
+            _drop(cfg, "inherits", parent, origin, "its parent then applies in full")
     for path in own_files(env):
         if path.is_file():
             _apply_layer(cfg, _read_file(path), str(path))
