@@ -563,7 +563,8 @@ def _report_orphans(plan: CleanPlan) -> None:
         for t in plan.templates:
             click.echo(f"    - {t}")
     if plan.build_images:
-        click.echo(f"  Images a killed 'coi build' published and never named ({len(plan.build_images)}):")
+        n = len(plan.build_images)
+        click.echo(f"  Images a killed 'coi build' published and never named ({n}):")
         for fp in plan.build_images:
             click.echo(f"    - {fp[:12]}")
     if plan.leftovers:

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from coi import checkpoint
 from coi.backend.client import IncusClient
 from coi.backend.models import ExecResult, Instance
 from coi.config.loader import Config
@@ -27,7 +28,6 @@ from coi.limits.spec import check_server
 from coi.network.manager import allowlist_refresh
 from coi.network.policy import Policy
 from coi.protection.guard import Guard, settle_when_gone, watching
-from coi import checkpoint
 from coi.sessions import home, naming, reap
 from coi.sessions.keeper import dismiss as dismiss_keeper
 from coi.sessions.keeper import spawn as spawn_keeper
