@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     wait_gone,
 )
 
+from coi import labels
 from coi.backend import IncusClient
 
 
@@ -280,3 +281,23 @@ def test_the_agent_is_told_where_it_is_in_its_home_never_the_workspace(
         assert code != 0
     finally:
         remove_containers(client, ws2)
+
+
+def test_resuming_a_persistent_session_under_hardened_stays_ephemeral(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    ws = user_dir(base / "resume", user)
+    shell = ("shell", "--background", "--debug", "--image", "coi-tiny", "-w", str(ws))
+    try:
+        code, _, err = _coi(uenv, *shell, "--persistent")
+        assert code == 0, err
+        (name,) = coi_names(client, ws)
+        assert _coi(uenv, "kill", name)[0] == 0
+        code, _, err = _coi(uenv, *shell, "--resume", "--profile", "hardened")
+        assert code == 0, err
+        assert "Not inheriting persistent mode: the built-in profile hardened" in err
+        assert "Inherited persistent mode" not in err
+        (name,) = coi_names(client, ws)
+        assert client.instances.get(name).config[labels.PERSISTENT] == "false"
+    finally:
+        remove_containers(client, ws)

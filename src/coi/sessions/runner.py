@@ -416,7 +416,11 @@ class ShellSession:
             self.session_id = self.resumed.session_id
             word = "Auto-detected" if self.req.resume == "auto" else "Resuming"
             sys.stderr.write(f"{word} session: {self.session_id}\n")
-            if not self.req.persistent_explicit and self.resumed.persistent:
+            floor = self.cfg.floors.get("defaults.persistent")
+            if not self.req.persistent_explicit and self.resumed.persistent and floor:
+                # A built-in profile (hardened) keeps the sandbox ephemeral: not inherited.
+                sys.stderr.write(f"Not inheriting persistent mode: the {floor[1]} keeps it off\n")
+            elif not self.req.persistent_explicit and self.resumed.persistent:
                 self.spec = replace(self.spec, persistent=True)
                 self.box = Sandbox(self.client, self.spec, log=self.log)
                 sys.stderr.write("Inherited persistent mode from session\n")
