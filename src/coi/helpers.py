@@ -28,6 +28,17 @@ def spawn(
     )
 
 
+def pid_alive(pid: int) -> bool:
+    """Is there a process of that id (perhaps another user's)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (None: no such process); with the
     pid it names one process, as a pid alone may be reused."""

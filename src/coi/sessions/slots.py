@@ -7,18 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coi.errors import SessionError
+from coi.helpers import pid_alive
 from coi.locks import held
 from coi.sessions.naming import MAX_SLOTS, prefix
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SlotClaims:
@@ -41,7 +32,7 @@ class SlotClaims:
             pid = int(p.read_text().strip() or "0")
         except (OSError, ValueError):
             return False
-        return pid != os.getpid() and _alive(pid)
+        return pid != os.getpid() and pid_alive(pid)
 
     def allocate(
         self,
@@ -85,7 +76,7 @@ def stale_claims(lock_dir: Path, pattern: str = "*.claim") -> list[Path]:
             pid = int(p.read_text().strip() or "0")
         except (OSError, ValueError):
             pid = 0
-        if not pid or not _alive(pid):
+        if not pid or not pid_alive(pid):
             out.append(p)
     return out
 
@@ -100,6 +91,6 @@ def claimed_containers(lock_dir: Path) -> set[str]:
             pid = int(p.read_text().strip() or "0")
         except (OSError, ValueError):
             continue
-        if pid and _alive(pid) and slot.isdigit():
+        if pid and pid_alive(pid) and slot.isdigit():
             out.add(f"{prefix()}{ws_hash}-{slot}")
     return out
