@@ -28,6 +28,8 @@ from tests.conftest import coi_argv, run_coi
 from tests.integration.conftest import USER, coi_names, remove_containers, user_dir, wait_for
 
 from coi.backend import IncusClient
+from coi.backend.exec import ExecRequest
+from coi.sessions.forwards import Published, check_free
 
 # A unix-socket client for the tiny image (busybox has none): connects, sends one line,
 # prints the answer. Built static with the host's compiler, mounted in.
@@ -519,3 +521,31 @@ def test_names_people_choose(
 
 def _split(argv: list[str]) -> tuple[str, list[str]]:
     return argv[0], argv[1:]
+
+
+def test_a_named_shell_publishes_and_is_shut_down_by_its_name(
+    client: IncusClient, uenv: dict[str, str], ws: Path, unique: str
+) -> None:
+    """`coi shell --background --name N --port P:3000`: the agent's server answers at P, coi
+    info N shows it, coi shutdown N ends the sandbox and frees the port."""
+    name, port = f"shell-{unique}", _free_block(1)
+    res = _coi(uenv, ws, "shell", "--background", "--debug", "--image", "coi-tiny", "-w",
+               str(ws), "--name", name, "--port", f"{port}:3000")  # fmt: skip
+    try:
+        assert res.returncode == 0, res.stderr
+        (box,) = coi_names(client, ws)
+        serve = 'mkdir -p /tmp/w && echo "served by $(hostname)" > /tmp/w/index.html && ' \
+            "httpd -p 3000 -h /tmp/w"  # fmt: skip
+        req = ExecRequest(["sh", "-c", serve], user=1000, group=1000)
+        assert client.exec.quiet(box, req) == 0
+        wait_for(lambda: _answers(port), "the shell's server at its published port", 30)
+        assert _get(port) == f"served by {box}\n"
+        info = json.loads(_coi(uenv, ws, "info", name, "--format", "json").stdout)
+        assert (info["name"], info["alias"], info["kind"]) == (box, name, "shell")
+        assert info["ports"] == [{"bind": "127.0.0.1", "host": port, "container": 3000, "count": 1}]
+        res = _coi(uenv, ws, "shutdown", name, "--timeout", "5")
+        assert res.returncode == 0 and f"Shutdown {box}" in res.stdout, res.stdout + res.stderr
+        assert coi_names(client, ws) == []
+        check_free([Published(port, 3000)])  # free again (for a listener, as coi asks)
+    finally:
+        remove_containers(client, ws)
