@@ -119,6 +119,9 @@ def test_hardened_refuses_a_flag_that_loosens_it_before_anything_is_made(
         )  # fmt: skip
         assert code == 2, err
         assert "loosens the built-in profile hardened" in err
+    # Nor an existing container, whose network, mounts and lifetime are its own.
+    code, _, err = _coi(uenv, "shell", "--profile", "hardened", "--container", "x", "-w", str(ws))
+    assert code == 2 and "--container cannot be used with --profile hardened" in err
     assert coi_names(client, ws) == []
 
 

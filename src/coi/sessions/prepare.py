@@ -171,6 +171,13 @@ def prepare(
         protection=None if options.container else plan(workspace, configured_paths(cfg)),
         host_env=host_env,
     )
+    if cfg.floors and options.container:
+        raise UsageError(
+            f"--container cannot be used with --profile {cfg.profile_chain[-1]}",
+            details="an existing container keeps its own network, mounts and lifetime: the "
+            "profile's guarantees need a sandbox coi makes",
+            resolution="Drop --container, or the profile.",
+        )
     if cfg.get_bool("security.mask_secrets") and options.container:
         messages.append("Warning: secrets are not masked in an existing container (--container)")
     elif cfg.get_bool("security.mask_secrets"):
