@@ -233,3 +233,18 @@ def test_alias_names() -> None:
     for bad in ("", "2web", "-web", "a b", "x" * 64, "web/1", "coi-0123abcd-1"):
         with pytest.raises(UsageError):
             aliases.check(bad)
+
+
+def test_extensions_asked_by_name_and_sockets_read_back() -> None:
+    has = {"proxy", "proxy_tcp_udp_multi_port_handling", "proxy_unix"}.__contains__
+    assert forwards.missing_extensions(has, ports=True, sockets=False) == []
+    assert forwards.missing_extensions(has, ports=True, sockets=True) == [
+        "proxy_unix_dac_properties"
+    ]
+    assert forwards.missing_extensions(lambda _e: False, ports=False, sockets=False) == []
+    sock = forwards.SocketForward("/run/h.sock", "/tmp/h.sock", "coi-sock-0")
+    devices = forwards.forward_devices([Published(3000, 3000)], [sock], agent_uid=1000)
+    assert set(devices) == {forwards.PORTS_DEVICE, "coi-sock-0"}
+    assert all(forwards.is_forward(d) for d in devices) and not forwards.is_forward("eth0")
+    assert forwards.sockets_of({**devices, "eth0": {}}) == (("/run/h.sock", "/tmp/h.sock"),)
+    assert forwards.forward_devices([], [], agent_uid=1000) == {}
