@@ -1,0 +1,1 @@
+"""The project's own attack suite against the security monitor (issue 25)."""

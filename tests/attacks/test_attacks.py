@@ -1,0 +1,50 @@
+"""The attack suite: every corpus entry (tests/attacks/corpus.py) run as the agent in a real
+sandbox under `coi run --monitor`, default settings, against hosts this test makes.
+
+Attacks must be raised at their expected level (or above) and answered (killed, paused,
+alerted); exfiltration must be stopped before 10 MB has left; benign developer workloads must
+finish and raise nothing above info. Reverse shells also run from a script file and with their
+programs renamed. Entries the monitor does not catch yet are expected failures (strict: the day
+a rule catches one, it fails until its mark is removed); entries that need a program the image
+lacks are skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.attacks import corpus, harness
+from tests.attacks.corpus import Entry
+
+pytestmark = [pytest.mark.incus, pytest.mark.timeout(1200)]
+
+
+def _case(entry: Entry, variant: str) -> object:
+    marks = []
+    if gap := entry.gap_for(variant):
+        marks.append(pytest.mark.xfail(strict=True, reason=gap))
+    return pytest.param((entry, variant), id=f"{entry.id}[{variant}]", marks=marks)
+
+
+CASES = [_case(e, "plain") for e in corpus.ALL] + [
+    _case(e, v) for e in corpus.REVERSE_SHELLS for v in ("script", "renamed")
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_entry(case: tuple[Entry, str], outcomes: dict[tuple[str, str], harness.Outcome]) -> None:
+    entry, variant = case
+    out = outcomes[(entry.id, variant)]
+    if out.skipped:
+        pytest.skip(out.skipped)
+    assert not out.error, out.error
+    detail = json.dumps(out.events, indent=1)[:4000] + "\n" + out.output[-1500:]
+    if entry.family == corpus.BENIGN:
+        assert out.exit_code == 0, f"the workload failed: {detail}"
+        assert out.level == "info", f"false alarm: {out.summary()}\n{detail}"
+        return
+    assert out.detected, f"{out.summary()}, {out.bytes_out} bytes out\n{detail}"
+    if out.action == "killed":
+        assert out.exit_code == 137, detail
