@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pexpect
 import pytest
 from tests.conftest import run_coi
@@ -31,6 +32,7 @@ from tests.integration.conftest import (
 from coi import labels
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
+from coi.errors import OperationFailed
 from coi.host.provision import probe_mknod
 from coi.sessions.sandbox import MKNOD_INTERCEPT, SYSCALL_INTERCEPTS
 
@@ -132,6 +134,47 @@ def test_an_exec_waited_on_late_still_gives_its_exit_code(client: IncusClient, b
     # The operation really is gone: asking the daemon now is what used to fail.
     with pytest.raises(Exception, match="Operation not found"):
         client.wait_operation(sess._op_id)
+
+
+class _Hiccups(httpx.BaseTransport):
+    """The real transport to the real daemon, except that the first `failures` waits on an
+    operation break off as a reset connection would (a daemon socket's hiccup)."""
+
+    def __init__(self, inner: httpx.BaseTransport, failures: int) -> None:
+        self.inner, self.failures, self.broken = inner, failures, 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/wait") and self.broken < self.failures:
+            self.broken += 1
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_daemon_hiccup_while_waiting_for_an_exec_is_not_its_failure(
+    client: IncusClient, box: str
+) -> None:
+    sock = client.endpoint.socket_path
+    assert sock
+    for failures in (1, 2):
+        flaky = _Hiccups(httpx.HTTPTransport(uds=sock), failures)
+        with IncusClient(client.endpoint, project=client.project, transport=flaky) as c:
+            res = c.exec.run(box, ExecRequest(["sh", "-c", "echo out; exit 4"]))
+            assert (res.exit_code, res.stdout) == (4, b"out\n")
+            assert c.exec.quiet(box, ExecRequest(["no-such-cmd"])) == 127
+        assert flaky.broken == failures
+    # Broken for good: the error says what happened, not "Operation not found".
+    flaky = _Hiccups(httpx.HTTPTransport(uds=sock), 100)
+    with (
+        IncusClient(client.endpoint, project=client.project, transport=flaky) as c,
+        pytest.raises(OperationFailed) as err,
+    ):
+        c.exec.run(box, ExecRequest(["true"]))
+    assert "did not answer when asked how the command ended" in err.value.message
+    assert "exit code is unknown" in err.value.message
+    assert "Operation not found" not in str(err.value)
 
 
 # -- item 10: Docker's settings, mounts the agent can write ------------------------------------

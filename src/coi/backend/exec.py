@@ -151,6 +151,7 @@ def finished_exec(client: IncusClient, op_id: str) -> JSON:
         try:
             return client.wait_operation(op_id, what="exec", failure_ok=True)
         except NotFound:
+            err = None  # it is gone, whatever came before
             break
         except (IncusTimeout, OperationFailed):
             raise
@@ -158,9 +159,13 @@ def finished_exec(client: IncusClient, op_id: str) -> JSON:
             # A daemon that is gone for good is told by the caller (coi run: exit 75).
             err = e
             time.sleep(0.2 * (attempt + 1))
+    what = (
+        f"the daemon lost track of the command (operation {op_id} is gone)"
+        if err is None
+        else "the daemon did not answer when asked how the command ended"
+    )
     raise OperationFailed(
-        f"exec: the daemon lost track of the command (operation {op_id} is gone); its exit "
-        "code is unknown",
+        f"exec: {what}; its exit code is unknown",
         details=str(err) if err is not None else None,
         resolution="Run it again; if the daemon restarted, 'coi health' says whether it is back.",
     )
