@@ -133,7 +133,7 @@ class _Follower:
             coi_argv(*args, user=USER),
             env=uenv,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             text=True,
         )
         self.lines: list[str] = []
@@ -157,6 +157,9 @@ class _Follower:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @pytest.fixture

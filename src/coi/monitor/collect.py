@@ -230,6 +230,13 @@ class Collector:
             self._known.add(proc.pid)
             self._execs.append(proc)
 
+    def note_fork(self, parent: int, child: int) -> None:
+        """A process forked by one of the container's: its I/O counts when it exits, even if
+        it never execs (a subshell reading a file in a loop) and lives less than a sweep."""
+        if parent in self._known:  # a set lookup, no lock: every fork on the host comes here
+            with self._lock:
+                self._known.add(child)
+
     def note_exit(self, pid: int, read: int, write: int) -> None:
         """Final I/O totals of an exiting task; counted if it was the container's."""
         with self._lock:

@@ -20,12 +20,14 @@ NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
 CN_VAL_PROC = 1
 PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_FORK = 0x00000001
 PROC_EVENT_EXEC = 0x00000002
 NLMSG_DONE = 3
 _NLMSG = struct.Struct("=IHHII")
 _CNMSG = struct.Struct("=IIIIHH")
 _EVENT = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
 _EXEC = struct.Struct("=II")  # process_pid, process_tgid
+_FORK = struct.Struct("=IIII")  # parent_pid, parent_tgid, child_pid, child_tgid
 
 
 def available() -> bool:
@@ -47,7 +49,13 @@ def in_cgroup(path: str, marker: str) -> bool:
 
 def parse_exec(data: bytes) -> list[int]:
     """Pids (tgids) of the exec events in one netlink datagram."""
-    out: list[int] = []
+    return [pid for kind, pid, _parent in parse_events(data) if kind == PROC_EVENT_EXEC]
+
+
+def parse_events(data: bytes) -> list[tuple[int, int, int]]:
+    """(kind, tgid, parent tgid) of the exec and fork events in one netlink datagram; a fork
+    that makes a thread, not a process, is left out (the parent is 0 for an exec)."""
+    out: list[tuple[int, int, int]] = []
     off = 0
     while off + _NLMSG.size <= len(data):
         length = _NLMSG.unpack_from(data, off)[0]
@@ -57,7 +65,11 @@ def parse_exec(data: bytes) -> list[int]:
         if body + _EVENT.size + _EXEC.size <= off + length:
             what = _EVENT.unpack_from(data, body)[0]
             if what == PROC_EVENT_EXEC:
-                out.append(_EXEC.unpack_from(data, body + _EVENT.size)[1])
+                out.append((what, _EXEC.unpack_from(data, body + _EVENT.size)[1], 0))
+            elif what == PROC_EVENT_FORK and body + _EVENT.size + _FORK.size <= off + length:
+                _ppid, ptgid, cpid, ctgid = _FORK.unpack_from(data, body + _EVENT.size)
+                if cpid == ctgid:
+                    out.append((what, ctgid, ptgid))
         off += (length + 3) & ~3
     return out
 
@@ -68,7 +80,12 @@ class ExecWatcher(NetlinkReader):
     name = "coi-exec-watch"
 
     def __init__(
-        self, cgroup_marker: str, on_exec: Callable[[Proc], None], *, per_second: int = 100
+        self,
+        cgroup_marker: str,
+        on_exec: Callable[[Proc], None],
+        *,
+        per_second: int = 100,
+        on_fork: Callable[[int, int], None] | None = None,
     ) -> None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
         # A large buffer: an exec storm must not drop the event we care about.
@@ -78,6 +95,9 @@ class ExecWatcher(NetlinkReader):
         super().__init__(sock)
         self.marker = cgroup_marker  # e.g. "lxc.payload.coi-abc-1" (never a prefix match)
         self.on_exec = on_exec
+        # (parent, child) of every fork on the host: cheap (no /proc read), and the only
+        # trace of a subshell that never execs (its I/O is counted when it exits).
+        self.on_fork = on_fork
         self.per_second = per_second
         self.skipped = 0  # execs of the container not inspected (over the rate limit)
         self._window = (0.0, 0)
@@ -91,7 +111,11 @@ class ExecWatcher(NetlinkReader):
         return any(in_cgroup(line.split(":", 2)[-1], self.marker) for line in text.splitlines())
 
     def handle(self, data: bytes) -> None:
-        for pid in parse_exec(data):
+        for kind, pid, parent in parse_events(data):
+            if kind == PROC_EVENT_FORK:
+                if self.on_fork is not None:
+                    self.on_fork(parent, pid)
+                continue
             # Command line first: a 2 ms process may be gone by the next syscall.
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:

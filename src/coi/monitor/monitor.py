@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,15 @@ from coi.monitor.respond import Responder
 
 Log = Callable[[str], None]
 
+# The longest gap between two looks, whatever poll_interval_sec says: what the kernel reports
+# by events (execs, exits, forks, blocked packets) needs no sweep, the rest is sampled.
+MAX_INTERVAL = 0.5
+# I/O volumes are judged over the sweeps of the last two seconds (the sweep period before the
+# 0.5 s cap, so file_*_threshold_mb means what it did), rates over one second at least (a
+# build's reads come in bursts that half a second would make look like 100 MB/s).
+IO_WINDOW = 2.0
+IO_RATE_SPAN = 1.0
+
 
 def _default(key: str) -> Any:
     return BY_KEY[key].default
@@ -43,7 +53,7 @@ class Settings:
 
     # The defaults are the schema's, declared once there (they had drifted apart here).
     enabled: bool = _default("monitoring.enabled")
-    interval: float = float(_default("monitoring.poll_interval_sec"))
+    interval: float = min(MAX_INTERVAL, float(_default("monitoring.poll_interval_sec")))
     auto_pause: bool = _default("monitoring.auto_pause_on_high")
     auto_kill: bool = _default("monitoring.auto_kill_on_critical")
     read_mb: float = _default("monitoring.file_read_threshold_mb")
@@ -62,7 +72,9 @@ class Settings:
     def from_config(cls, cfg: Config, workspace: str = "/workspace") -> Settings:
         return cls(
             enabled=cfg.get_bool("monitoring.enabled"),
-            interval=max(0.2, float(cfg.get_int("monitoring.poll_interval_sec"))),
+            interval=min(
+                MAX_INTERVAL, max(0.2, float(cfg.get_int("monitoring.poll_interval_sec")))
+            ),
             auto_pause=cfg.get_bool("monitoring.auto_pause_on_high"),
             auto_kill=cfg.get_bool("monitoring.auto_kill_on_critical"),
             read_mb=cfg.get_float("monitoring.file_read_threshold_mb"),
@@ -76,8 +88,9 @@ class Settings:
         )
 
 
-def threats_of(sweep: Sweep, s: Settings) -> list[Threat]:
-    """Every detector over one sweep (no side effects)."""
+def threats_of(sweep: Sweep, s: Settings, io: tuple[int, int, float] | None = None) -> list[Threat]:
+    """Every detector over one sweep (no side effects). `io`: bytes read and written over a
+    window of sweeps and its length (None: this sweep's own)."""
     found = detect.scan_processes(sweep.new_processes, s.workspace)
     # Every process, not only new ones: a program may move its stdio onto a socket later.
     found += detect.socket_shells(sweep.processes, sweep.connections)
@@ -88,10 +101,13 @@ def threats_of(sweep: Sweep, s: Settings) -> list[Threat]:
     dns = [c for c in sweep.new_connections if c.remote_port == 53]
     if t := detect.dns_volume(dns, len(dns) * 60 / sweep.interval, s.dns_threshold):
         found.append(t)
+    read, write, span = (
+        io if io is not None else (sweep.read_bytes, sweep.write_bytes, sweep.interval)
+    )
     found += detect.io_burst(
-        sweep.read_bytes,
-        sweep.write_bytes,
-        sweep.interval,
+        read,
+        write,
+        span,
         read_mb=s.read_mb,
         read_rate=s.read_rate,
         write_mb=s.write_mb,
@@ -135,6 +151,8 @@ class Monitor:
         self._flows: flows.FlowWatcher | None = None
         self._storms: storms.StormWatcher | None = None
         self._ip = ""  # the container's address, read with its state at attach time
+        # (seconds, bytes read, bytes written) of the sweeps of the last IO_WINDOW seconds.
+        self._io: deque[tuple[float, int, int]] = deque()
 
     def _attach(self) -> Collector | None:
         cgdir = cgroup_dir(self.client.project, self.container)
@@ -153,7 +171,22 @@ class Monitor:
                 self._collector.sweep()  # what runs already is the baseline, not news
                 return []
             sweep = self._collector.sweep()
-        return self._respond(threats_of(sweep, self.settings))
+            io = self._io_window(sweep)
+            found = threats_of(sweep, self.settings, io)
+            if any(t.category == "filesystem" and "burst" in t.title for t in found):
+                self._io.clear()
+        return self._respond(found)
+
+    def _io_window(self, sweep: Sweep) -> tuple[int, int, float]:
+        """Bytes read and written over the last IO_WINDOW seconds of sweeps, and the span
+        (at least IO_RATE_SPAN: a burst shorter than that is judged as if spread over it).
+        A window that raised is emptied, so one burst is reported once."""
+        hist = self._io
+        hist.append((sweep.interval, sweep.read_bytes, sweep.write_bytes))
+        while len(hist) > 1 and sum(h[0] for h in hist) - hist[0][0] >= IO_WINDOW:
+            hist.popleft()
+        span = max(sum(h[0] for h in hist), IO_RATE_SPAN)
+        return (sum(h[1] for h in hist), sum(h[2] for h in hist), span)
 
     def _respond(self, threats: list[Threat]) -> list[Event]:
         if not threats:
@@ -197,13 +230,17 @@ class Monitor:
         if not self.responder.killed and not self.responder.paused:
             self._respond([threat])
 
+    def _on_fork(self, parent: int, child: int) -> None:
+        if self._collector is not None:
+            self._collector.note_fork(parent, child)
+
     def _on_exit(self, ex: taskstats.Exit) -> None:
         if self._collector is not None:
             self._collector.note_exit(ex.pid, ex.read_bytes, ex.write_bytes)
 
     def _loop(self) -> None:
         failures = 0
-        while not self._stop.wait(self.settings.interval):
+        while not self._stop.wait(min(self.settings.interval, MAX_INTERVAL)):
             if self.responder.killed:
                 return
             try:
@@ -260,8 +297,9 @@ class Monitor:
             marker = f"lxc.payload.{cgroup_name(self.client.project, self.container)}"
             try:
                 self._exec = execwatch.ExecWatcher(
-                    marker, self._on_exec, per_second=self.settings.exec_rate
-                )
+                    marker, self._on_exec, per_second=self.settings.exec_rate,
+                    on_fork=self._on_fork,
+                )  # fmt: skip
                 self._exec.start()
                 self._exits = taskstats.ExitWatcher(self._on_exit)
                 self._exits.start()

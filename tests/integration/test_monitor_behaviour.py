@@ -1,0 +1,243 @@
+"""The monitor by what a sandbox does, with `coi run --monitor` and default settings: a short
+command's reads, bytes streamed to one outside host, a scan of the LAN, a DNS tunnel, a key
+hunt. coi runs as root here (the kernel's events and coi's per-sandbox nft table).
+
+Every target is in a network namespace this module makes: "the internet" at a free /30 of
+203.0.113.0/24 (a receiver that counts what arrives, a DNS server that logs the names it is
+asked), and "the LAN", a private /28 routed into the same namespace. Routes are checked
+before anything is sent; nothing else is ever addressed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import coi_argv
+from tests.integration.conftest import wait_for
+
+from coi.backend import IncusClient
+from coi.network.hostnet import host_networks
+
+pytestmark = pytest.mark.timeout(900)
+
+TEST_NET = ipaddress.ip_network("203.0.113.0/24")
+LAN_CANDIDATES = [ipaddress.ip_network(f"192.168.{n}.0/28") for n in range(200, 250)]
+SINK_PORT = 9000
+
+_SERVER = r"""
+import socket, sys, threading
+addr, count_file, dns_log = sys.argv[1], sys.argv[2], sys.argv[3]
+total = [0]
+def sink(conn):
+    conn.settimeout(60)
+    try:
+        while data := conn.recv(65536):
+            total[0] += len(data)
+            open(count_file, "w").write(str(total[0]))
+    except OSError:
+        pass
+    conn.close()
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addr, 9000)); srv.listen(16)
+def accept():
+    while True:
+        threading.Thread(target=sink, args=(srv.accept()[0],), daemon=True).start()
+threading.Thread(target=accept, daemon=True).start()
+log = open(dns_log, "a", buffering=1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((addr, 53))
+while True:
+    q, peer = s.recvfrom(512)
+    i, labels = 12, []
+    while i < len(q) and q[i]:
+        labels.append(q[i + 1 : i + 1 + q[i]].decode(errors="replace")); i += 1 + q[i]
+    log.write(".".join(labels) + "\n")
+    s.sendto(q[:2] + b"\x81\x83" + q[4:6] + b"\x00\x00\x00\x00\x00\x00" + q[12 : i + 5], peer)
+"""
+
+
+@dataclass
+class Net:
+    ns: str
+    veth: str
+    host_ip: str
+    addr: str  # "the internet": a byte sink on :9000, a DNS server on :53
+    lan: ipaddress.IPv4Network  # "the LAN": routed into the namespace
+    count_file: Path
+    dns_log: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def received(self) -> int:
+        try:
+            return int(self.count_file.read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _route_ok(addr: str, veth: str) -> bool:
+    out = subprocess.run(
+        ["ip", "-o", "route", "get", addr], capture_output=True, text=True, check=True
+    ).stdout
+    return f" dev {veth} " in out + " "
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    used = host_networks()
+    free = [s for s in TEST_NET.subnets(new_prefix=30) if not any(s.overlaps(u) for u in used)]
+    lans = [n for n in LAN_CANDIDATES if not any(n.overlaps(u) for u in used)]
+    if not free or not lans:
+        pytest.fail("no free TEST-NET /30 or private /28 on this machine")
+    sub, lan = secrets.choice(free), secrets.choice(lans)
+    host_ip, addr = (str(h) for h in list(sub.hosts())[:2])
+    tag = secrets.token_hex(3)
+    tmp = tmp_path_factory.mktemp("behaviour-net")
+    n = Net(f"coimb-{tag}", f"cb{tag}", host_ip, addr, lan, tmp / "count", tmp / "dns.log")
+    peer = f"cm{tag}"
+    try:
+        _run("ip", "netns", "add", n.ns)
+        _run("ip", "link", "add", n.veth, "type", "veth", "peer", "name", peer)
+        _run("ip", "link", "set", peer, "netns", n.ns)
+        _run("ip", "addr", "add", f"{host_ip}/30", "dev", n.veth)
+        _run("ip", "link", "set", n.veth, "up")
+        _run("ip", "-n", n.ns, "addr", "add", f"{addr}/30", "dev", peer)
+        _run("ip", "-n", n.ns, "addr", "add", str(lan), "dev", peer)
+        _run("ip", "-n", n.ns, "link", "set", peer, "up")
+        _run("ip", "-n", n.ns, "link", "set", "lo", "up")
+        _run("ip", "-n", n.ns, "route", "add", "default", "via", host_ip)
+        _run("ip", "route", "add", str(lan), "via", addr, "dev", n.veth)
+        for a in (addr, str(lan[1]), str(lan[-2])):
+            if not _route_ok(a, n.veth):
+                pytest.fail(f"{a} does not route into the test namespace: nothing sent")
+        n.procs.append(
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    n.ns,
+                    sys.executable,
+                    "-c",
+                    _SERVER,
+                    addr,
+                    str(n.count_file),
+                    str(n.dns_log),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        for _ in range(100):
+            out = subprocess.run(
+                ["ip", "netns", "exec", n.ns, "ss", "-ltnu"], capture_output=True, text=True
+            ).stdout
+            if f"{addr}:{SINK_PORT} " in out and f"{addr}:53 " in out:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the test servers did not start")
+        yield n
+    finally:
+        for p in n.procs:
+            p.kill()
+            p.wait(timeout=5)
+        subprocess.run(["ip", "route", "del", str(lan)], capture_output=True)
+        subprocess.run(["ip", "link", "del", n.veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", n.ns], capture_output=True)
+
+
+@pytest.fixture
+def env(build_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """Default monitor settings (an empty config file), `--monitor` on the command line."""
+    cfg = tmp_path / "coi.toml"
+    cfg.write_text("")
+    return {**build_env, "COI_CONFIG": str(cfg), "COI_HOME": str(tmp_path / "coi-home")}
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    d = tmp_path / "ws"
+    d.mkdir()
+    os.chown(d, 1500, 1500)
+    return d
+
+
+def _events(env: dict[str, str]) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted((Path(env["COI_HOME"]) / "audit").glob("*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines()]
+    return out
+
+
+def _coi_containers(client: IncusClient) -> list[str]:
+    return [n for n in client.instances.names() if n.startswith("coi-")]
+
+
+def _run_watched(client: IncusClient, env: dict[str, str], ws: Path, script: str) -> Any:
+    """`coi run --monitor` of `script` in the background: a paused sandbox waits for review,
+    so the caller waits for the monitor's event, then removes the sandbox (see _end)."""
+    argv = coi_argv(
+        "run", "--monitor", "--image", "coi-tiny", "-w", str(ws), "--", "sh", "-c", script
+    )
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _end(client: IncusClient, proc: Any) -> tuple[str, str]:
+    for name in _coi_containers(client):
+        client.instances.delete(name, force=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return str(out), str(err)
+
+
+def _frozen(client: IncusClient) -> bool:
+    names = _coi_containers(client)
+    return bool(names) and all(client.instances.get(n).status == "Frozen" for n in names)
+
+
+def test_a_command_that_reads_300_mb_in_a_second_and_exits_is_raised(
+    client: IncusClient, env: dict[str, str], ws: Path
+) -> None:
+    """300 MB read in a second (four 75 MB reads a quarter of a second apart), then the
+    command ends: the sweeps (0.5 s apart at most), the kernel's exit records and the last
+    look before `coi run` removes the sandbox count them. Raised (HIGH), whether while it
+    runs (the sandbox is then paused) or at the last look."""
+    proc = _run_watched(
+        client, env, ws,
+        "i=0; while [ $i -lt 4 ]; do dd if=/dev/zero of=/dev/null bs=1M count=75; sleep 0.25;"
+        " i=$((i+1)); done",
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: (
+                proc.poll() is not None
+                or any(e["title"] == "Large read burst" for e in _events(env))
+            ),
+            "the run to end or the read to be seen",
+            120,
+        )
+    finally:
+        _, err = _end(client, proc)
+    reads = [e for e in _events(env) if e["title"] == "Large read burst"]
+    assert reads, (_events(env), err)
+    assert reads[0]["level"] == "high"
+    assert reads[0]["evidence"]["filesystem"]["read_mb"] >= 100
