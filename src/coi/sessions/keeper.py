@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,18 +45,8 @@ def alive(pid: int, start: str) -> bool:
     return process_start(pid) == start
 
 
-def spawn(
-    container: str,
-    *,
-    project: str,
-    remote: str | None,
-    claim: Path | None = None,
-    save: tuple[str, Path] | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start the keeper of `container` for this process, detached from it; `claim`: the
-    file claiming its slot, removed with it; `save`: (the conversation's folder in the
-    container, its saved copy on the host) to save before it ends the container."""
-    return helpers.keeper(container, project=project, remote=remote, claim=claim, save=save)
+# Start the keeper of a container for this process, detached from it (`helpers.keeper`).
+spawn = helpers.keeper
 
 
 dismiss = helpers.dismiss  # coi ended its sandbox itself: the keeper has nothing left to do
