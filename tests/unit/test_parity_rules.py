@@ -158,12 +158,27 @@ def test_zone_modes(ws: Path, home: Path, zoneinfo: Path) -> None:
             zone_for(cfg, {}, zoneinfo=zoneinfo)
 
 
-def test_the_setup_script_is_quoted_and_never_fails_the_start() -> None:
-    script = setup_script(Zone("Europe/Berlin", "Europe/Berlin", b"\x00TZif'$(x)"), None)
+def test_the_setup_script_is_quoted_and_never_fails_the_start(tmp_path: Path) -> None:
+    script = setup_script(
+        Zone("Europe/Berlin", "Europe/Berlin", b"\x00TZif'$(x)"), ("O'Brien $(x)", 'e"`x`')
+    )
     assert script.startswith("(\n") and script.endswith(") </dev/null >/dev/null 2>&1 || true\n")
     # Valid shell whatever the data holds.
     assert subprocess.run(["sh", "-n", "-c", script], check=False).returncode == 0
     assert setup_script(Zone(), None) == ""
+    # Run for real against a scratch root: what lands in the git config is the identity.
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    git_part = envmod.git_script("O'Brien $(x)", 'e"`x`').replace("/etc/", f"{root}/etc/")
+    assert subprocess.run(["sh", "-c", git_part], check=False).returncode == 0
+    assert subprocess.run(["sh", "-c", git_part], check=False).returncode == 0  # idempotent
+    include = (root / "etc" / "gitconfig").read_text()
+    assert include.count(f"path = {root}/etc/coi/gitconfig") == 1
+    got = subprocess.run(
+        ["git", "config", "--file", str(root / "etc/coi/gitconfig"), "--get-regexp", "user"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert got == "user.name O'Brien $(x)\nuser.email e\"`x`\nuser.useconfigonly true\n"
 
 
 # -- git identity -----------------------------------------------------------------------------
