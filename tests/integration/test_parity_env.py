@@ -79,6 +79,11 @@ def test_env_values_arrive_exactly_on_run_and_container_exec(
     assert res.returncode == 0, res.stderr
     assert res.stdout == f"[{tricky}][]\n"
     wait_gone(client, ws)
+    # Given before the sub-command (upstream's global flag), too.
+    res = run_coi("-e", f"X={tricky}", "run", "--image", "coi-tiny", "-w", str(ws), "--", "sh",
+                  "-c", 'printf "[%s]\\n" "$X"', env=uenv, user=USER, cwd=ws)  # fmt: skip
+    assert (res.returncode, res.stdout) == (0, f"[{tricky}]\n"), res.stderr
+    wait_gone(client, ws)
     res = run_coi("container", "exec", box, "--env", f"X={tricky}", "--", "sh", "-c",
                   'printf "[%s]\\n" "$X"', env=coi_env)  # fmt: skip
     assert (res.returncode, res.stdout) == (0, f"[{tricky}]\n"), res.stderr
