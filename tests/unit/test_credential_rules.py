@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import stat
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ def test_tool_settings_fill_in_url_and_token_per_provider() -> None:
     assert env["OPENAI_API_KEY"] == "tok-o" and env["ANTHROPIC_API_KEY"] == "tok-a"
     assert env["GOOGLE_GEMINI_BASE_URL"] == "http://127.0.0.1:41240/gemini"
     assert settings[".codex/auth.json"] == {"OPENAI_API_KEY": "tok-o"}
+    # codex 0.171 ignores OPENAI_BASE_URL: its config key is what it follows (run end to end).
+    assert settings[".codex/config.toml"] == {"openai_base_url": "http://127.0.0.1:41240/openai/v1"}
     assert settings[".config/opencode/opencode.json"] == {
         "provider": {
             "anthropic": {"options": {"baseURL": "http://127.0.0.1:41240/anthropic/v1"}},
@@ -440,6 +443,23 @@ def test_refusals_are_403_with_a_clear_error_and_never_reach_the_upstream(tmp_pa
     assert broker.requests == 0
 
 
+def test_a_websocket_upgrade_gets_426_at_once_and_never_reaches_the_upstream(
+    tmp_path: Path,
+) -> None:
+    """codex tries the Responses API over a WebSocket first: a 426 sends it to HTTPS at
+    once (anything else it retried five times)."""
+    up = Upstream()
+    broker = _broker(tmp_path, up)
+    ws = _msg()
+    ws["headers"] = {**ws["headers"], "connection": "Upgrade", "upgrade": "websocket"}
+    (answer,) = _send(broker, [{**ws, "method": "GET"}])
+    assert answer.status_code == 426
+    assert "WebSockets are not relayed" in answer.json()["error"]["message"]
+    assert up.seen == [] and broker.requests == 0
+    (event,) = AuditLog("c1", tmp_path / "coi").read()
+    assert event["evidence"]["reason"] == "upgrade"
+
+
 def test_every_request_is_one_audit_event_without_key_or_body(tmp_path: Path) -> None:
     up = Upstream(lambda r: httpx.Response(200, content=b"secret-answer-body"))
     broker = _broker(tmp_path, up)
@@ -630,3 +650,26 @@ def test_a_failed_refresh_is_a_502_and_audited(tmp_path: Path) -> None:
     assert json.loads(login.read_text())["claudeAiOauth"]["refreshToken"] == "rt-old"
     reasons = [e["evidence"].get("reason") for e in broker.audit.read()]
     assert "refresh" in reasons
+
+
+def test_a_toml_settings_file_gets_the_brokers_top_level_keys_and_keeps_the_rest() -> None:
+    """codex's ~/.codex/config.toml: `openai_base_url` is set, first (before any table);
+    the user's keys and tables stay; a file coi cannot edit is left alone (None)."""
+    from coi.tools.settings import merge_settings_text, merge_toml_text
+
+    url = {"openai_base_url": "http://127.0.0.1:41240/openai/v1"}
+    assert merge_toml_text(None, url) == b'openai_base_url = "http://127.0.0.1:41240/openai/v1"\n'
+    mine = (
+        b'model = "o3"\nopenai_base_url = "https://evil.example/v1"\n'
+        b'[model_providers.x]\nopenai_base_url = "kept: not top level"\n'
+    )
+    merged = merge_toml_text(mine, url)
+    assert merged is not None
+    got = tomllib.loads(merged.decode())
+    assert got["openai_base_url"] == url["openai_base_url"] and got["model"] == "o3"
+    assert got["model_providers"]["x"]["openai_base_url"] == "kept: not top level"
+    assert merge_toml_text(b"not = toml = [", url) is None
+    assert merge_toml_text(b'openai_base_url = """\nspans\nlines"""\n', url) is None
+    assert merge_toml_text(b"", {"table": {"k": 1}}) is None  # top-level scalars only
+    assert merge_settings_text(".codex/config.toml", None, url) == merge_toml_text(None, url)
+    assert merge_settings_text(".x.json", None, {"a": 1}) == b'{\n  "a": 1\n}\n'

@@ -192,7 +192,9 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 def error_body(status: int, message: str) -> dict[str, Any]:
     """An error both the Anthropic and the OpenAI clients show: a `message` under `error`."""
-    kind = {403: "permission_error", 413: "request_too_large"}.get(status, "api_error")
+    kind = {403: "permission_error", 413: "request_too_large", 426: "invalid_request_error"}.get(
+        status, "api_error"
+    )
     return {
         "type": "error",
         "error": {
@@ -340,6 +342,12 @@ class Broker:
         name = path[1:].partition("/")[0] if path.startswith("/") else ""
         shown = "/" + path[1:].partition("/")[2] if name else path
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        if any(k.lower() == "upgrade" for k, _ in headers):
+            # A WebSocket (codex tries the Responses API over one first) is not relayed: 426
+            # at once, and the client takes HTTPS (codex does; anything else it retries five
+            # times, seconds lost at every start). Not counted against the limits.
+            no = Refused(426, "WebSockets are not relayed; use HTTPS", "upgrade")
+            return self._refuse(no, name, method, shown, started)
         try:
             route, rest, raw_rest = self.admit(
                 path, scope.get("raw_path") or path.encode(), headers, scope["query_string"]

@@ -34,7 +34,7 @@ from coi.sessions.keeper import spawn as spawn_keeper
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
 from coi.tools.base import Tool
-from coi.tools.settings import deep_merge, merge_json_text
+from coi.tools.settings import deep_merge, merge_settings_text
 
 if TYPE_CHECKING:
     from coi.credentials import BrokerHandle, Plan
@@ -607,9 +607,10 @@ class ShellSession:
             if isinstance(existing, home.Unreadable):
                 warnings.append(f"{dest} cannot be read as {self.spec.code_user}; left as it is")
                 continue
-            merged = merge_json_text(existing, overlay)
+            merged = merge_settings_text(rel, existing, overlay)
             if merged is None:
-                warnings.append(f"{dest} is not a JSON object; left as it is")
+                kind = "a TOML document coi can edit" if rel.endswith(".toml") else "a JSON object"
+                warnings.append(f"{dest} is not {kind}; left as it is")
                 continue
             files[rel] = home.HomeFile(rel, merged)
         return files
