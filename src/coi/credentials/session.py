@@ -324,7 +324,11 @@ def session_broker(
     }
     limits = limits_from(cfg)
     ca_bundle = cfg.get_str("credentials.ca_bundle")
-    path = coi_home(env) / "brokers" / f"{container}-{secrets.token_hex(3)}.sock"
+    from coi.credentials import sockets
+
+    # What killed brokers left (kill -9 cannot remove a socket): gone before a new one binds.
+    sockets.remove_stale(coi_home(env))
+    path = sockets.folder(coi_home(env)) / f"{container}-{secrets.token_hex(3)}.sock"
     runner: _Runner = (
         _ServiceRunner(client, container, routes, limits, path, coi_home(env), ca_bundle)
         if service

@@ -78,10 +78,14 @@ def plan_containers(client: IncusClient, sessions: list[SavedSession]) -> CleanP
 
 
 def plan_leftovers(home: Path, all_sessions: list[SavedSession]) -> list[Path]:
-    """Session dirs with neither metadata nor state, interrupted pulls, dead slot claims."""
+    """Session dirs with neither metadata nor state, interrupted pulls, dead slot claims,
+    sockets of killed credential brokers."""
+    from coi.credentials import sockets
+
     out = [s.path for s in all_sessions if s.metadata is None and not s.has_state]
     out += sorted(home.glob("sessions-*/*/.pull-*"))
     out += stale_claims(home / "locks")
+    out += sockets.stale(home)
     return out
 
 
