@@ -108,6 +108,19 @@ def test_exec_streams_output_as_it_comes(client: IncusClient, running: str) -> N
     assert seen[0][0] < seen[-1][0]
 
 
+def test_a_command_longer_than_one_wait_slice_keeps_its_exit_code(
+    client: IncusClient, running: str
+) -> None:
+    """The daemon answers a long poll on a running operation whose slice ran out with an
+    error envelope ("context deadline exceeded"); that is not the command failing: the
+    wait goes on (measured: a 5-minute build script failed so before this)."""
+    client.wait_slice = 1
+    res = client.exec.run(running, ExecRequest(["sh", "-c", "sleep 3; exit 7"]))
+    assert res.exit_code == 7
+    out = client.exec.capture(running, ExecRequest(["sh", "-c", "sleep 2.5; echo done"]))
+    assert out.exit_code == 0 and out.stdout == b"done\n"
+
+
 def test_exec_large_output_and_quiet(client: IncusClient, running: str) -> None:
     res = client.exec.capture(running, ExecRequest(["sh", "-c", "head -c 3000000 /dev/zero"]))
     assert len(res.stdout) == 3_000_000

@@ -121,6 +121,8 @@ class IncusClient:
     ) -> None:
         self.endpoint = endpoint
         self.project = project
+        # How long one long poll on an operation lasts (seconds); another follows while it runs.
+        self.wait_slice = _WAIT_SLICE
         if transport is None:
             if endpoint.socket_path:
                 # No TLS on a unix socket: skip loading the CA bundle (50 ms per command).
@@ -345,7 +347,8 @@ class IncusClient:
         """
         remaining = timeout
         while True:
-            slice_s = _WAIT_SLICE if remaining < 0 else max(1, min(_WAIT_SLICE, int(remaining)))
+            most = self.wait_slice
+            slice_s = most if remaining < 0 else max(1, min(most, int(remaining)))
             resp = self.raw_request(
                 "GET",
                 f"/1.0/operations/{op_id}/wait",
@@ -358,7 +361,9 @@ class IncusClient:
                 # envelope holding only the operation's error: the operation itself (with its
                 # metadata) is read once more. It stays readable for 5 s after it ends, so
                 # waiting again instead, as coi once did, ended in "Operation not found".
-                op = self._finished_operation(op_id) or {
+                # A wait whose slice ran out while the operation runs on gets the same
+                # envelope ("context deadline exceeded"): the record says it still runs.
+                op = self._operation(op_id) or {
                     "status": "Failure",
                     "err": str(body.get("error") or "failed"),
                 }
@@ -381,15 +386,13 @@ class IncusClient:
                 if remaining <= 0:
                     raise IncusTimeout(f"{what}: operation {op_id} still running after {timeout}s")
 
-    def _finished_operation(self, op_id: str) -> JSON | None:
-        """The operation's record if it has ended and the daemon still has it, else None."""
+    def _operation(self, op_id: str) -> JSON | None:
+        """The operation's record while the daemon has it (running or ended), else None."""
         try:
             op = self.raw_request("GET", f"/1.0/operations/{op_id}").json().get("metadata")
         except BackendError:
             return None
-        if isinstance(op, dict) and op.get("status") in ("Success", "Failure", "Cancelled"):
-            return op
-        return None
+        return op if isinstance(op, dict) and op.get("status") else None
 
 
 def _operation_error(err: str, what: str) -> BackendError:
