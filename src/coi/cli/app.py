@@ -56,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("coi.cli.logs_cmds", "logs_cmd"),
     "audit": ("coi.cli.logs_cmds", "audit_cmd"),
     "top": ("coi.cli.logs_cmds", "top_cmd"),
+    "diff": ("coi.cli.review_cmds", "diff_cmd"),
+    "apply": ("coi.cli.review_cmds", "apply_cmd"),
+    "discard": ("coi.cli.review_cmds", "discard_cmd"),
+    "review": ("coi.cli.review_cmds", "review_cmd"),
 }
 # Upstream 0.8+'s names for commands coi has under their 0.7 names: both work, the help lists
 # the 0.7 name with the other beside it.

@@ -721,6 +721,14 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _s("monitoring.file_write_rate_mb_per_sec", "float", 100.0, "Write rate: HIGH.", trust="lower"),
     _s(
+        "monitoring.exfil_threshold_mb",
+        "float",
+        10.0,
+        "MB the sandbox may send to one address outside the allowlist: then its packets there "
+        "are dropped and the sandbox paused (HIGH). Root; 0: no cap.",
+        trust="lower",
+    ),
+    _s(
         "monitoring.audit_log_retention_days",
         "int",
         30,
@@ -754,6 +762,17 @@ SETTINGS: tuple[Setting, ...] = (
         "monitoring.nft.log_dns_queries", "bool", True, "Unused (no kernel log rules).", trust="any"
     ),
     _s("monitoring.nft.lima_host", "str", "", "Unused on Linux hosts.", trust="never"),
+    # [review]: coi diff / apply (docs/review.md)
+    _s(
+        "review.max_file_size",
+        "str",
+        "100MiB",
+        "Largest file `coi diff` reads and `coi apply` takes from a review (100MiB; KiB, MiB, "
+        "GiB, or bytes with B); bigger ones are refused, named. '' or 0: no cap.",
+        env=("COI_REVIEW_MAX_FILE_SIZE",),
+        trust="lower",
+        measure="size",
+    ),
     # [mcp]
     _s(
         "mcp.allow_open_network",

@@ -98,6 +98,10 @@ def _rate(text: str) -> _Q:
     raise ValueError(text)
 
 
+def _size(text: str) -> _Q:
+    return _Q(_bytes(text)) if text != "0" else _NONE
+
+
 def _duration(text: str) -> _Q:
     return _Q(parse_duration(text))
 
@@ -115,6 +119,7 @@ _MEASURES = {
     "swap": _swap,
     "rate": _rate,
     "duration": _duration,
+    "size": _size,
 }
 
 

@@ -1,0 +1,197 @@
+"""A review's folder in coi's state: `base/` (the workspace at the start), `work/` (the
+agent's copy) and `review.json`; made with `cp -a --reflink=auto`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from coi.config.paths import coi_home
+from coi.errors import CoiError, UsageError
+from coi.fsio import write_atomic
+
+STATES = ("pending", "applied", "discarded")
+META = "review.json"
+
+
+@dataclass
+class Review:
+    """One review: where its copies are and what became of it."""
+
+    id: str
+    workspace: str
+    created: float
+    state: str = "pending"
+    session: str = ""
+    container: str = ""
+    applied: list[str] = field(default_factory=list)  # what a --partial apply already wrote
+    folder: str = ""  # not stored: where review.json was read from
+
+    @property
+    def base(self) -> str:
+        return os.path.join(self.folder, "base")
+
+    @property
+    def work(self) -> str:
+        return os.path.join(self.folder, "work")
+
+    def save(self) -> None:
+        data = {k: v for k, v in asdict(self).items() if k != "folder"}
+        write_atomic(Path(self.folder) / META, json.dumps(data, indent=2) + "\n")
+
+
+def reviews_dir() -> Path:
+    return coi_home() / "reviews"
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:24] or "ws"
+
+
+def _copy(src: str, dst: str) -> None:
+    """`cp -a --reflink=auto src/. dst`: shares extents where the filesystem can (btrfs, XFS),
+    a plain copy elsewhere; symlinks are copied as links, never followed."""
+    os.mkdir(dst, 0o700)
+    res = subprocess.run(
+        ["cp", "-a", "--reflink=auto", "--no-dereference", "--", f"{src}/.", dst],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise CoiError(
+            f"could not copy {src}",
+            details=res.stderr.strip()[-2000:],
+            resolution="Check the folder is readable and the disk has room (df -h ~/.coi).",
+        )
+
+
+def start(
+    workspace: str | Path, *, session: str = "", container: str = "", home: Path | None = None
+) -> Review:
+    """Make a review of `workspace`: base/ and work/ as it is now, state pending.
+
+    :raises UsageError: the workspace is not a folder.
+    :raises CoiError: the copy failed (nothing is left behind).
+    """
+    ws = os.path.realpath(workspace)
+    if not os.path.isdir(ws):
+        raise UsageError(f"not a folder: {workspace}")
+    root = home if home is not None else reviews_dir()
+    _private_dir(root)
+    rid = f"{_slug(os.path.basename(ws))}-{secrets.token_hex(3)}"
+    folder = root / rid
+    folder.mkdir(mode=0o700)
+    review = Review(rid, ws, time.time(), session=session, container=container, folder=str(folder))
+    try:
+        _copy(ws, review.base)
+        # work/ is copied from base/, not from the workspace: both are the same state even if
+        # the user edits files while the copy runs.
+        _copy(review.base, review.work)
+        os.chmod(review.work, stat.S_IMODE(os.stat(ws).st_mode))
+        os.chmod(review.base, 0o700)
+        review.save()
+    except BaseException:
+        remove_tree(folder)
+        raise
+    return review
+
+
+def load(folder: Path) -> Review | None:
+    """A review from its folder; None when review.json is missing or malformed."""
+    try:
+        data = json.loads((folder / META).read_text())
+        review = Review(**{k: v for k, v in data.items() if k in Review.__dataclass_fields__})
+    except (OSError, ValueError, TypeError):
+        return None
+    if review.id != folder.name or review.state not in STATES:
+        return None
+    review.folder = str(folder)
+    return review
+
+
+def all_reviews(home: Path | None = None) -> list[Review]:
+    """Every review, oldest first (those being discarded included)."""
+    root = home if home is not None else reviews_dir()
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    except FileNotFoundError:
+        return []
+    found = [r for r in (load(p) for p in folders) if r is not None]
+    return sorted(found, key=lambda r: (r.created, r.id))
+
+
+def find(ref: str | None, workspace: str | Path | None, home: Path | None = None) -> Review:
+    """A review by id (or unique prefix), else the workspace's latest pending one.
+
+    :raises UsageError: none matches, or a prefix matches several.
+    """
+    reviews = [r for r in all_reviews(home) if r.state != "discarded"]
+    if ref:
+        exact = [r for r in reviews if r.id == ref]
+        hits = exact or [r for r in reviews if r.id.startswith(ref)]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise UsageError(
+                f"no review named '{ref}'", resolution="See the pending ones: coi review list"
+            )
+        raise UsageError(
+            f"'{ref}' matches several reviews: {', '.join(r.id for r in hits)}",
+            resolution="Give more of the id.",
+        )
+    ws = os.path.realpath(workspace if workspace is not None else ".")
+    mine = [r for r in reviews if r.workspace == ws and r.state == "pending"]
+    if not mine:
+        raise UsageError(
+            f"no pending review of {ws}",
+            resolution="Start one with: coi review start (or name one: coi review list --all)",
+        )
+    return mine[-1]
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder the agent may have left unwritable (chmod 0 folders); links are
+    removed, never followed."""
+
+    def fix(func: object, p: str, exc: object) -> None:
+        parent = os.path.dirname(p)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, 0o700)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, onerror=fix)
+            else:
+                os.unlink(p)
+
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(path, onerror=fix)
+
+
+def discard(review: Review) -> None:
+    """Remove the review's folder. Marked discarded first, so a discard cut short is still
+    out of the pending list, and running it again finishes it."""
+    if review.state != "discarded":
+        review.state = "discarded"
+        review.save()
+    remove_tree(Path(review.folder))
+
+
+def mark_applied(review: Review) -> None:
+    review.state = "applied"
+    review.save()
