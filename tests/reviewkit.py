@@ -109,10 +109,13 @@ def fingerprint(*roots: Path) -> dict[str, str]:
     return out
 
 
-def run_the_plants(work: Path, home: Path) -> None:
-    """The control: plain git in the agent's copy runs the planted commands (proving they are
-    live, so their markers staying absent under coi means something)."""
+def run_the_plants(work: Path, home: Path, user: str | None = None) -> None:
+    """The control: plain git in the agent's copy (as the folder's owner: git refuses another
+    user's repository) runs the planted commands, proving they are live, so their markers
+    staying absent under coi means something."""
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1"}
     ident = ["-c", "user.name=u", "-c", "user.email=u@example.invalid"]
+    who = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"] if user else []
     for args in (["status"], ["diff"], ["add", "README.md"], [*ident, "commit", "-qm", "x"]):
-        subprocess.run(["git", "-C", str(work), *args], env=env, capture_output=True, check=False)
+        argv = [*who, "git", "-C", str(work), *args]
+        subprocess.run(argv, env=env, capture_output=True, check=False)

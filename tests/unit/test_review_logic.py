@@ -454,7 +454,7 @@ def test_planted_hooks_filters_links_and_special_files_run_and_leak_nothing(
     p = plant(Path(r.work), tmp_path)
     # The user edits another line of the README meanwhile: apply must merge it (git runs).
     (ws / "README.md").write_text("# project (user)\n\nline one\nline two\nline three\n")
-    outside = fingerprint(p.ssh.parent, p.outside, Path("/etc/passwd"))
+    outside = fingerprint(p.ssh, p.outside, Path("/etc/passwd"))
 
     d = compare(r.base, r.work, max_file=HUGE_CAP)
     render_text(d)
@@ -473,7 +473,7 @@ def test_planted_hooks_filters_links_and_special_files_run_and_leak_nothing(
     )
     # Nothing planted ran, nothing outside changed, no link or special file came over.
     assert list(p.markers.iterdir()) == []
-    assert fingerprint(p.ssh.parent, p.outside, Path("/etc/passwd")) == outside
+    assert fingerprint(p.ssh, p.outside, Path("/etc/passwd")) == outside
     for path in p.refused:
         assert not os.path.lexists(ws / path), path
     # The control: the same plants are live under plain git.
