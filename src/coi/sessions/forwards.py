@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ SSH_AGENT_DEVICE = "coi-ssh-agent"
 SSH_AGENT_PATH = "/tmp/coi-ssh-agent.sock"
 LOOPBACK = "127.0.0.1"
 MAX_PORT = 65535
+GRACE = 3.0  # seconds a port still held is asked again (see `check_free`)
 # Daemon API extensions each kind of forward needs (checked, never the daemon's name).
 PORT_EXTENSIONS = ("proxy", "proxy_tcp_udp_multi_port_handling")
 SOCKET_EXTENSIONS = ("proxy", "proxy_unix", "proxy_unix_dac_properties")
@@ -275,11 +277,19 @@ def check_free(published: Iterable[Published], *, skip: Iterable[Published] = ()
     :raises SessionError: a port is taken, or below 1024 for a user who may not bind it.
     """
     held = {(q.bind, port) for q in skip for port in range(q.host, q.host_end + 1)}
+    # The daemon's listener for a sandbox removed a moment ago (`coi shutdown`, then a new
+    # session on its ports) may outlive the removal: the daemon itself holds the socket
+    # until it closes it (seen held by incusd for well over a second after the delete
+    # returned, most often gone at once). A port still held is asked again for a while.
+    deadline = time.monotonic() + GRACE
     for p in published:
         for port in range(p.host, p.host_end + 1):
             if (p.bind, port) in held:
                 continue
             problem = _bind_problem(p.bind, port)
+            while problem == errno.EADDRINUSE and time.monotonic() < deadline:
+                time.sleep(0.05)
+                problem = _bind_problem(p.bind, port)
             if problem == errno.EADDRINUSE:
                 raise SessionError(
                     f"port {port} is already in use on the host ({p.bind}:{port}), so it cannot "
@@ -287,7 +297,9 @@ def check_free(published: Iterable[Published], *, skip: Iterable[Published] = ()
                     details="nothing was started",
                     resolution=f"Stop what listens there ('ss -ltnp sport = :{port}' shows it; "
                     "'coi list' shows the ports of coi's sandboxes), or publish another port: "
-                    "--slot N shifts [ports] by slot, --port HOST:CONTAINER chooses one.",
+                    "--slot N shifts [ports] by slot, --port HOST:CONTAINER chooses one. A "
+                    "sandbox removed a moment ago may hold it a little longer (the daemon "
+                    "closes its listener late): then try again shortly.",
                 )
             if problem == errno.EACCES:
                 raise SessionError(
