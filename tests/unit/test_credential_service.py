@@ -289,6 +289,44 @@ def test_the_service_outlives_the_with_only_for_a_started_agent_in_a_running_con
             s.stop()
 
 
+def test_the_device_is_asked_for_before_the_broker_process_is_spawned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon takes a second to add the proxy device (its poll): the request goes first,
+    and importing the broker and spawning its process happen within that second, not before
+    it (bench/shell_broker.py: 0.14 s of a coi shell's start)."""
+    order: list[str] = []
+    spawned: list[svc.Service] = []
+    plain = svc.spawn
+
+    def spawn(*a: Any, **k: Any) -> svc.Service:
+        order.append("spawn")
+        spawned.append(plain(*a, **k))
+        return spawned[-1]
+
+    monkeypatch.setattr(svc, "spawn", spawn)
+    client: Any = FakeClient(tmp_path)
+    added = client.instances.add_device
+
+    def add_device(name: str, device: str, spec: dict[str, str]) -> None:
+        order.append("device")
+        added(name, device, spec)
+
+    client.instances.add_device = add_device
+    env = {
+        "HOME": str(tmp_path / "home"),
+        "COI_HOME": str(tmp_path / "c"),
+        "ANTHROPIC_API_KEY": KEY,
+    }
+    cfg = load_config(files=[], env=env)
+    try:
+        with session_broker(client, "c1", TOOL, cfg, env=env, service=True, background=False):
+            assert order == ["device", "spawn"]
+    finally:
+        for s in spawned:
+            s.stop()
+
+
 def test_prepare_says_which_forwarded_variables_come_from_the_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -232,13 +232,11 @@ def proxy_device(socket_path: Path, port: int = BROKER_PORT) -> dict[str, str]:
     }
 
 
-def limits_from(cfg: Config) -> Any:
-    """The per-session limits of `[credentials]`.
+def _limit_values(cfg: Config) -> tuple[int, int, float]:
+    """max_requests, max_request_bytes and max_duration (seconds) of `[credentials]`.
 
     :raises ConfigError: max_duration is not a duration.
     """
-    from coi.credentials.broker import Limits
-
     text = cfg.get_str("credentials.max_duration").strip()
     try:
         duration = parse_duration(text) if text else 0.0
@@ -247,11 +245,19 @@ def limits_from(cfg: Config) -> Any:
             f"[credentials] max_duration: not a duration: {text!r}",
             resolution="Use a duration such as 2h or 30m, or '' for none.",
         ) from err
-    return Limits(
-        max_requests=max(0, cfg.get_int("credentials.max_requests")),
-        max_request_bytes=max(0, cfg.get_int("credentials.max_request_bytes")),
-        max_duration=duration,
-    )
+    requests = max(0, cfg.get_int("credentials.max_requests"))
+    return requests, max(0, cfg.get_int("credentials.max_request_bytes")), duration
+
+
+def limits_from(cfg: Config) -> Any:
+    """The per-session limits of `[credentials]`.
+
+    :raises ConfigError: max_duration is not a duration.
+    """
+    from coi.credentials.broker import Limits
+
+    requests, request_bytes, duration = _limit_values(cfg)
+    return Limits(max_requests=requests, max_request_bytes=request_bytes, max_duration=duration)
 
 
 @contextlib.contextmanager
@@ -295,8 +301,7 @@ def session_broker(
     :raises SessionError: the broker could not start.
     :raises BackendError: the device could not be added.
     """
-    from coi.credentials.broker import Route
-    from coi.errors import BackendError
+    from coi.errors import BackendError, SessionError
 
     env = os.environ if env is None else env
     p = planned or plan(tool, cfg, env=env, home=home, local=client.endpoint.is_local)
@@ -308,47 +313,64 @@ def session_broker(
             notices=p.notices,
         )
         return
-    upstreams = dict(cfg.get_table("credentials.upstream"))
-    token_urls = dict(cfg.get_table("credentials.token_url"))
-    tokens = {b.provider.name: secrets.token_urlsafe(32) for b in p.brokered}
-    routes = {
-        b.provider.name: Route(
-            provider=b.provider,
-            token=tokens[b.provider.name],
-            credential=b.credential,
-            upstream=(upstreams.get(b.provider.name) or b.provider.upstream).rstrip("/"),
-            token_url=token_urls.get(b.provider.name)
-            or (b.provider.oauth_file.token_url if b.provider.oauth_file else ""),
-        )
-        for b in p.brokered
-    }
-    limits = limits_from(cfg)
-    ca_bundle = cfg.get_str("credentials.ca_bundle")
     from coi.credentials import sockets
 
+    limit_values = _limit_values(cfg)  # a bad one is said before anything is made
     # What killed brokers left (kill -9 cannot remove a socket): gone before a new one binds.
     sockets.remove_stale(coi_home(env))
     path = sockets.folder(coi_home(env)) / f"{container}-{secrets.token_hex(3)}.sock"
-    runner: _Runner = (
-        _ServiceRunner(client, container, routes, limits, path, coi_home(env), ca_bundle)
-        if service
-        else _ThreadRunner(container, routes, limits, path, coi_home(env), ca_bundle)
-    )
+    if len(str(path)) > MAX_SOCKET_PATH:
+        raise SessionError(
+            f"the broker's socket path is too long for a unix socket: {path}",
+            resolution="Set COI_HOME to a shorter folder.",
+        )
     device = proxy_device(path, port)
-    env_out, settings = tool_settings(p.brokered, tokens, port)
     adder = _Attach(client, container, device) if attach else None
+    runner: _Runner | None = None
     started = False
 
     def attached(timeout: float) -> None:
         nonlocal started
+        assert runner is not None
         runner.ready(timeout)
         if adder is not None:
             adder.wait(timeout)
         started = True
 
     try:
+        # The device first: the daemon takes a second to add it (its poll), and everything
+        # below (importing the broker, spawning its process) is done within that second
+        # instead of before it. The forkproxy dials the socket per connection, so it may
+        # come up before the broker listens; the agent starts after `wait_attached`.
         if adder is not None:
             adder.start(background)
+        from coi.credentials.broker import Limits, Route
+
+        upstreams = dict(cfg.get_table("credentials.upstream"))
+        token_urls = dict(cfg.get_table("credentials.token_url"))
+        tokens = {b.provider.name: secrets.token_urlsafe(32) for b in p.brokered}
+        routes = {
+            b.provider.name: Route(
+                provider=b.provider,
+                token=tokens[b.provider.name],
+                credential=b.credential,
+                upstream=(upstreams.get(b.provider.name) or b.provider.upstream).rstrip("/"),
+                token_url=token_urls.get(b.provider.name)
+                or (b.provider.oauth_file.token_url if b.provider.oauth_file else ""),
+            )
+            for b in p.brokered
+        }
+        requests, request_bytes, duration = limit_values
+        limits = Limits(
+            max_requests=requests, max_request_bytes=request_bytes, max_duration=duration
+        )
+        ca_bundle = cfg.get_str("credentials.ca_bundle")
+        runner = (
+            _ServiceRunner(client, container, routes, limits, path, coi_home(env), ca_bundle)
+            if service
+            else _ThreadRunner(container, routes, limits, path, coi_home(env), ca_bundle)
+        )
+        env_out, settings = tool_settings(p.brokered, tokens, port)
         yield BrokerHandle(
             mode="broker",
             env=env_out,
@@ -366,7 +388,8 @@ def session_broker(
             with contextlib.suppress(Exception):
                 adder.wait(60.0)  # not added behind the removal's back
         if not (service and started and _runs(client, container)):
-            runner.stop()
+            if runner is not None:
+                runner.stop()
             with contextlib.suppress(BackendError):  # not a later session's
                 client.instances.remove_device(container, DEVICE, expect=device)
 
