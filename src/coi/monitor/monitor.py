@@ -18,7 +18,7 @@ from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.config.schema import BY_KEY
 from coi.errors import BackendError, NotFound
-from coi.monitor import detect, execwatch, flows, storms, taskstats
+from coi.monitor import detect, execwatch, flows, netguard, storms, taskstats
 from coi.monitor.collect import (
     Collector,
     Conn,
@@ -30,6 +30,7 @@ from coi.monitor.collect import (
 )
 from coi.monitor.detect import NetContext, Threat
 from coi.monitor.respond import Responder
+from coi.monitor.traffic import TrafficJudge
 
 Log = Callable[[str], None]
 
@@ -65,6 +66,7 @@ class Settings:
     # Use the kernel's exec and exit events when root (off: /proc sweeps only).
     kernel_events: bool = True
     retention_days: int = _default("monitoring.audit_log_retention_days")
+    exfil_mb: float = _default("monitoring.exfil_threshold_mb")
     workspace: str = "/workspace"
     net: NetContext = field(default_factory=NetContext)
 
@@ -84,6 +86,7 @@ class Settings:
             dns_threshold=cfg.get_int("monitoring.nft.dns_query_threshold"),
             exec_rate=cfg.get_int("monitoring.nft.rate_limit_per_second"),
             retention_days=cfg.get_int("monitoring.audit_log_retention_days"),
+            exfil_mb=cfg.get_float("monitoring.exfil_threshold_mb"),
             workspace=workspace,
         )
 
@@ -151,6 +154,10 @@ class Monitor:
         self._flows: flows.FlowWatcher | None = None
         self._storms: storms.StormWatcher | None = None
         self._ip = ""  # the container's address, read with its state at attach time
+        self._veth = ""  # its NIC's host side (where the netguard table hooks)
+        self._guard: netguard.NetGuard | None = None
+        self._traffic: TrafficJudge | None = None
+        self._net_lock = threading.Lock()
         # (seconds, bytes read, bytes written) of the sweeps of the last IO_WINDOW seconds.
         self._io: deque[tuple[float, int, int]] = deque()
 
@@ -158,6 +165,8 @@ class Monitor:
         cgdir = cgroup_dir(self.client.project, self.container)
         state = self.client.instances.state(self.container)
         self._ip = state.ipv4() or ""
+        nic = (state.raw.get("network") or {}).get("eth0") or {}
+        self._veth = str(nic.get("host_name") or "")
         if cgdir is None or not state.pid:
             return None
         return Collector(cgdir, state.pid)
@@ -230,6 +239,44 @@ class Monitor:
         if not self.responder.killed and not self.responder.paused:
             self._respond([threat])
 
+    def _on_packet(self, p: netguard.Packet) -> None:
+        """A packet the sandbox's nft table logged: over a cap, refused, or a DNS query."""
+        if self.responder.killed or self._traffic is None:
+            return
+        with self._net_lock:
+            found = self._traffic.judge(p, time.monotonic())
+        if found and not self.responder.killed:
+            self._respond(found)
+
+    def _cap_bytes(self) -> int:
+        return int(self.settings.exfil_mb * 1e6)
+
+    def _start_guard(self) -> None:
+        """The sandbox's nft table (root): exfiltration capped, refusals and DNS reported."""
+        if not self._veth or not netguard.available():
+            return
+        net = self.settings.net
+        blocked: list[str] = []
+        if net.mode != "open":
+            if not net.allow_private:
+                blocked += [str(n) for n in detect._PRIVATE]
+            blocked.append(str(detect.METADATA.supernet(new_prefix=16)))
+            if net.gateway:
+                blocked.append(f"{net.gateway}/32")
+        allowed = [str(n) for n in net.allowed] if net.mode == "allowlist" else None
+        self._traffic = TrafficJudge(
+            net, cap_bytes=self._cap_bytes(), dns_threshold=self.settings.dns_threshold
+        )
+        try:
+            self._guard = netguard.NetGuard(
+                self.container, self._veth, self._on_packet, cap_bytes=self._cap_bytes(),
+                gateway=net.gateway, blocked=blocked, allowed=allowed,
+            )  # fmt: skip
+            self._guard.start()
+        except OSError as err:
+            self._guard = None
+            self.alert(f"Warning: the monitor's network table is unavailable ({err})")
+
     def _on_fork(self, parent: int, child: int) -> None:
         if self._collector is not None:
             self._collector.note_fork(parent, child)
@@ -275,6 +322,9 @@ class Monitor:
         if self.client.instances.get(self.container).status == "Frozen":
             return True
         self.responder.paused = False
+        if self._guard is not None:
+            # Resumed after review: every destination may take its whole cap again.
+            self._guard.reset_quota()
         return False
 
     def start(self) -> None:
@@ -308,6 +358,7 @@ class Monitor:
             if self._ip and flows.available():
                 self._flows = flows.FlowWatcher(self._ip, self._on_flow)
                 self._flows.start()
+            self._start_guard()
         if self._collector is not None:
             # The pids cgroup's counters: a fork bomb within a fifth of a second.
             self._storms = storms.StormWatcher(self._collector.cgdir, self._on_storm)
@@ -317,7 +368,7 @@ class Monitor:
 
     def stop(self) -> None:
         self.last_look()
-        for watcher in (self._exec, self._exits, self._flows, self._storms):
+        for watcher in (self._exec, self._exits, self._flows, self._storms, self._guard):
             if watcher:
                 watcher.stop()
         self._stop.set()

@@ -1,0 +1,348 @@
+"""The sandbox's traffic where it leaves: an nft table on its host-side veth that caps the bytes
+sent to each destination, and reports blocked attempts and DNS queries as they happen.
+
+Sweeps of the container's sockets see only what is alive at that moment; a scan's refused
+SYNs, a 10 MB upload in 80 ms or a thousand DNS queries a second are gone before any sweep.
+The kernel sees every packet: one `netdev` table per monitored sandbox, hooked on the ingress
+of the veth the daemon made for it (what the container sends, whatever address it claims),
+does three things, all in the kernel:
+
+- exfiltration: a per-destination quota (a dynamic set whose elements are `quota over N`):
+  once N bytes have gone to one address outside the allowlist, its further packets are
+  dropped, so no more than N leave, however fast the link; the first drops are logged;
+- blocked attempts (the policy's private, metadata and host ranges, or anything outside an
+  allowlist) are logged, at most 100 a second: a scan is seen where it is refused;
+- DNS queries (UDP to port 53, any resolver) are logged with their question, at most 400 a
+  second: volume and entropy of the names, whatever the tool.
+
+The logs reach the monitor over NFLOG (netlink, a group of its own): no polling, no cost
+while the sandbox is quiet. Needs root (nft and NFLOG); the table is removed when the
+monitor stops, and the kernel drops it with the veth when the container goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from coi.monitor.netlink import NetlinkReader
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_ULOG = 4
+NFULNL_MSG_PACKET = 0
+NFULNL_MSG_CONFIG = 1
+NFULA_CFG_CMD = 1
+NFULA_CFG_MODE = 2
+NFULA_CFG_TIMEOUT = 4
+NFULA_CFG_QTHRESH = 5
+NFULNL_CFG_CMD_BIND = 1
+NFULNL_COPY_PACKET = 2
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+NLMSG_ERROR = 2
+_NLMSG = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian: the group)
+_ATTR = struct.Struct("=HH")
+
+# Log prefixes: what a packet was logged for.
+DNS, BLOCKED, OVER = "coi-dns", "coi-blk", "coi-exf"
+# Groups the monitor tries (nft's `log group` is 16 bits; 0 is the kernel log's).
+GROUP_BASE, GROUPS = 0x5C00, 0x400
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One logged packet: why, and its addresses, ports and (for DNS) its payload."""
+
+    kind: str  # DNS, BLOCKED or OVER
+    proto: str  # "tcp", "udp", "icmp" or the IP protocol number
+    src: str
+    dst: str
+    dport: int  # 0 for protocols without ports
+    payload: bytes  # the transport payload (the DNS message), as far as it was copied
+    length: int  # the IP packet's length
+
+
+def available() -> bool:
+    return os.geteuid() == 0 and nft_path() is not None
+
+
+def nft_path() -> str | None:
+    return shutil.which("nft") or next(
+        (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None
+    )
+
+
+def table_name(container: str) -> str:
+    """One table per sandbox (its name, hashed: names may be long)."""
+    return "coi-mon-" + hashlib.sha256(container.encode()).hexdigest()[:12]
+
+
+def ruleset(
+    table: str,
+    device: str,
+    group: int,
+    *,
+    cap_bytes: int,
+    gateway: str,
+    blocked: Iterable[str],
+    allowed: Iterable[str] | None,
+) -> str:
+    """The table for one sandbox, as an `nft -f` script (replacing an older one).
+
+    `blocked`: ranges the policy refuses (logged, not counted). `allowed`: the allowlist
+    (None: no allowlist, the internet is allowed; then every other address counts against
+    its quota; with an allowlist, everything else is refused by the policy and logged as
+    blocked). `cap_bytes` 0: no quota.
+    """
+    blocked4 = _merged(blocked)
+    lines = [
+        "# What the sandbox sends, judged before it leaves the host (coi security monitor).",
+        "meta pkttype { broadcast, multicast } return",
+        f'udp dport 53 limit rate 400/second burst 400 packets log prefix "{DNS}" group {group}',
+    ]
+    if gateway:
+        # The bridge's own DNS and DHCP; its other ports are the host (blocked, below).
+        lines += [
+            f"ip daddr {gateway} udp dport {{ 53, 67 }} return",
+            f"ip daddr {gateway} tcp dport 53 return",
+        ]
+    if allowed is not None:
+        allowed4 = _merged(allowed)
+        if allowed4:
+            lines.append(f"ip daddr {{ {', '.join(allowed4)} }} return")
+    log_blocked = f'limit rate 100/second burst 100 packets log prefix "{BLOCKED}" group {group}'
+    if blocked4:
+        lines += [
+            f"ip daddr {{ {', '.join(blocked4)} }} {log_blocked}",
+            f"ip daddr {{ {', '.join(blocked4)} }} return",
+        ]
+    if allowed is not None:
+        # Nothing else is allowed: the policy refuses it; report the attempt.
+        lines += [f"meta protocol {{ ip, ip6 }} {log_blocked}", "return"]
+    if cap_bytes > 0:
+        lines += [
+            f"update @out4 {{ ip daddr quota over {cap_bytes} bytes }} jump over",
+            f"update @out6 {{ ip6 daddr quota over {cap_bytes} bytes }} jump over",
+        ]
+    body = "\n\t\t".join(lines)
+    return f"""\
+table netdev {table}
+delete table netdev {table}
+table netdev {table} {{
+	comment "coi security monitor: {device}"
+	set out4 {{
+		type ipv4_addr
+		size 65535
+		flags dynamic
+	}}
+	set out6 {{
+		type ipv6_addr
+		size 65535
+		flags dynamic
+	}}
+	chain over {{
+		limit rate 20/second burst 20 packets log prefix "{OVER}" group {group}
+		drop
+	}}
+	chain egress {{
+		type filter hook ingress device "{device}" priority -100; policy accept;
+		{body}
+	}}
+}}
+"""
+
+
+def _merged(cidrs: Iterable[str]) -> list[str]:
+    """IPv4 ranges without overlaps (nft refuses overlapping intervals in one set)."""
+    nets = []
+    for c in cidrs:
+        try:
+            net = ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, ipaddress.IPv4Network):
+            nets.append(net)
+    return [str(n) for n in ipaddress.collapse_addresses(nets)]
+
+
+def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while off + _ATTR.size <= end:
+        length, kind = _ATTR.unpack_from(data, off)
+        if length < _ATTR.size:
+            break
+        out[kind & 0x3FFF] = data[off + _ATTR.size : off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    raw = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
+    return raw + b"\0" * ((4 - len(raw) % 4) % 4)
+
+
+_PROTOS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+
+
+def parse_ip(kind: str, pkt: bytes) -> Packet | None:
+    """A packet from its IP header on (what NFLOG copies at a netdev hook)."""
+    if len(pkt) < 1:
+        return None
+    version = pkt[0] >> 4
+    if version == 4 and len(pkt) >= 20:
+        ihl = (pkt[0] & 0x0F) * 4
+        total = struct.unpack_from("!H", pkt, 2)[0]
+        proto = pkt[9]
+        src, dst = socket.inet_ntoa(pkt[12:16]), socket.inet_ntoa(pkt[16:20])
+        rest = pkt[ihl:]
+    elif version == 6 and len(pkt) >= 40:
+        total = 40 + struct.unpack_from("!H", pkt, 4)[0]
+        proto = pkt[6]
+        src = str(ipaddress.IPv6Address(pkt[8:24]))
+        dst = str(ipaddress.IPv6Address(pkt[24:40]))
+        rest = pkt[40:]
+    else:
+        return None
+    dport, payload = 0, b""
+    if proto in (6, 17) and len(rest) >= 4:
+        dport = struct.unpack_from("!H", rest, 2)[0]
+        if proto == 17:
+            payload = rest[8:]
+        elif len(rest) >= 13:
+            payload = rest[(rest[12] >> 4) * 4 :]
+    return Packet(kind, _PROTOS.get(proto, str(proto)), src, dst, dport, payload, total)
+
+
+def parse_nflog(data: bytes) -> list[Packet]:
+    """The logged packets in one netlink datagram (those with one of coi's prefixes)."""
+    out: list[Packet] = []
+    off = 0
+    packet_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+    while off + _NLMSG.size <= len(data):
+        length, kind = _NLMSG.unpack_from(data, off)[:2]
+        if length < _NLMSG.size:
+            break
+        if kind == packet_type:
+            attrs = _attrs(data, off + _NLMSG.size + _NFGEN.size, off + length)
+            prefix = attrs.get(NFULA_PREFIX, b"").split(b"\0")[0].decode(errors="replace")
+            if prefix in (DNS, BLOCKED, OVER) and (
+                p := parse_ip(prefix, attrs.get(NFULA_PAYLOAD, b""))
+            ):
+                out.append(p)
+        off += (length + 3) & ~3
+    return out
+
+
+def _config(group: int, attrs: bytes) -> bytes:
+    body = _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(group)) + attrs
+    kind = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
+    return _NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, 1, 0) + body
+
+
+def _ack(sock: socket.socket) -> int:
+    """The error code of the kernel's answer to a config request (0: done)."""
+    data = sock.recv(4096)
+    if len(data) >= _NLMSG.size + 4 and _NLMSG.unpack_from(data, 0)[1] == NLMSG_ERROR:
+        return -int(struct.unpack_from("=i", data, _NLMSG.size)[0])
+    return 0
+
+
+def bind_group(container: str) -> tuple[socket.socket, int]:
+    """An NFLOG socket bound to a group no one else listens on (tried from the container's
+    hash: two monitors never share one)."""
+    start = int(hashlib.sha256(container.encode()).hexdigest(), 16) % GROUPS
+    for i in range(64):
+        group = GROUP_BASE + (start + i) % GROUPS
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, 0))
+        sock.send(_config(group, _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND]))))
+        err = _ack(sock)
+        if err == 0:
+            sock.send(
+                _config(
+                    group, _attr(NFULA_CFG_MODE, struct.pack("!IBB", 600, NFULNL_COPY_PACKET, 0))
+                )
+            )
+            _ack(sock)
+            # Each packet at once, not batched for a second.
+            sock.send(_config(group, _attr(NFULA_CFG_QTHRESH, struct.pack("!I", 1))))
+            _ack(sock)
+            sock.send(_config(group, _attr(NFULA_CFG_TIMEOUT, struct.pack("!I", 1))))
+            _ack(sock)
+            return sock, group
+        sock.close()
+    raise OSError("no free NFLOG group for the monitor")
+
+
+def nft(script: str) -> None:
+    path = nft_path()
+    if path is None:
+        raise OSError("nft is not installed")
+    res = subprocess.run([path, "-f", "-"], input=script, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise OSError(f"nft: {res.stderr.strip()}")
+
+
+class NetGuard(NetlinkReader):
+    """The sandbox's table in place and its logged packets handed to `on_packet`."""
+
+    name = "coi-netguard"
+
+    def __init__(
+        self,
+        container: str,
+        device: str,
+        on_packet: Callable[[Packet], None],
+        *,
+        cap_bytes: int,
+        gateway: str,
+        blocked: Iterable[str],
+        allowed: Iterable[str] | None,
+    ) -> None:
+        sock, self.group = bind_group(container)
+        super().__init__(sock)
+        self.table = table_name(container)
+        self.on_packet = on_packet
+        try:
+            nft(
+                ruleset(
+                    self.table,
+                    device,
+                    self.group,
+                    cap_bytes=cap_bytes,
+                    gateway=gateway,
+                    blocked=blocked,
+                    allowed=allowed,
+                )
+            )
+        except OSError:
+            sock.close()
+            raise
+
+    def handle(self, data: bytes) -> None:
+        for p in parse_nflog(data):
+            self.on_packet(p)
+
+    def reset_quota(self) -> None:
+        """Every destination gets its whole cap again (after the user resumed the sandbox)."""
+        try:
+            nft(f"flush set netdev {self.table} out4\nflush set netdev {self.table} out6\n")
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        super().stop()
+        try:
+            nft(f"delete table netdev {self.table}\n")
+        except OSError:
+            pass  # gone with the veth already

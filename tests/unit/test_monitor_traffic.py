@@ -1,0 +1,175 @@
+"""The monitor's rules on what leaves the sandbox: the nft table it loads, the NFLOG packets
+it reads, and the exfiltration, scan and DNS-tunnel judgements (pure, no kernel)."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import struct
+
+from coi.monitor import detect, netguard
+from coi.monitor.detect import NetContext
+from coi.monitor.netguard import BLOCKED, DNS, OVER, Packet
+from coi.monitor.traffic import TrafficJudge
+
+
+def _ipv4(dst: str, proto: int, dport: int, payload: bytes = b"") -> bytes:
+    l4 = (
+        struct.pack("!HHIIBBHHH", 40000, dport, 0, 0, 0x50, 0x02, 0, 0, 0)
+        if proto == 6
+        else (struct.pack("!HHHH", 40000, dport, 8 + len(payload), 0))
+    )
+    body = l4 + payload
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, proto, 0,
+                       socket.inet_aton("10.200.0.5"), socket.inet_aton(dst))  # fmt: skip
+    return head + body
+
+
+def _nflog(prefix: str, packet: bytes) -> bytes:
+    attrs = netguard._attr(netguard.NFULA_PREFIX, prefix.encode() + b"\0") + netguard._attr(
+        netguard.NFULA_PAYLOAD, packet
+    )
+    body = netguard._NFGEN.pack(2, 0, 0) + attrs
+    kind = netguard.NFNL_SUBSYS_ULOG << 8
+    return netguard._NLMSG.pack(netguard._NLMSG.size + len(body), kind, 0, 0, 0) + body
+
+
+def _query(name: str) -> bytes:
+    q = b"".join(bytes([len(x)]) + x.encode() for x in name.split(".")) + b"\0"
+    return b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + q + b"\x00\x01\x00\x01"
+
+
+def test_the_table_caps_each_outside_address_and_logs_refusals_and_dns() -> None:
+    rules = netguard.ruleset(
+        "coi-mon-x", "veth1", 23600, cap_bytes=10_000_000, gateway="10.200.0.1",
+        blocked=["10.0.0.0/8", "10.200.0.1/32", "169.254.0.0/16"], allowed=None,
+    )  # fmt: skip
+    assert 'hook ingress device "veth1"' in rules
+    assert "update @out4 { ip daddr quota over 10000000 bytes } jump over" in rules
+    # Overlapping ranges are merged (nft refuses them in one set).
+    assert "ip daddr { 10.0.0.0/8, 169.254.0.0/16 } limit rate" in rules
+    assert 'log prefix "coi-blk" group 23600' in rules
+    assert 'udp dport 53 limit rate 400/second burst 400 packets log prefix "coi-dns"' in rules
+    # The bridge's DNS and DHCP are not counted; the rest of the host is refused.
+    assert "ip daddr 10.200.0.1 udp dport { 53, 67 } return" in rules
+    # Broadcast and multicast (DHCP, neighbour discovery) are not "sent to an address".
+    assert rules.index("pkttype { broadcast, multicast } return") < rules.index("update @out4")
+
+
+def test_an_allowlist_is_exempt_and_everything_else_is_a_refusal_not_a_quota() -> None:
+    rules = netguard.ruleset(
+        "t", "veth1", 1, cap_bytes=10_000_000, gateway="10.200.0.1",
+        blocked=["10.0.0.0/8"], allowed=["203.0.113.7/32"],
+    )  # fmt: skip
+    allow = rules.index("ip daddr { 203.0.113.7/32 } return")
+    rest = rules.index("meta protocol { ip, ip6 } limit rate 100/second burst 100 packets log")
+    assert allow < rest < rules.index("update @out4")
+    assert (
+        "quota"
+        not in netguard.ruleset(
+            "t", "v", 1, cap_bytes=0, gateway="", blocked=[], allowed=None
+        ).split("chain egress")[1]
+    )
+
+
+def test_logged_packets_are_parsed_from_nflog() -> None:
+    data = _nflog(BLOCKED, _ipv4("192.168.77.3", 6, 22)) + _nflog(
+        DNS, _ipv4("203.0.113.5", 17, 53, _query("abc.example.com"))
+    ) + _nflog("someone-else", _ipv4("1.2.3.4", 6, 80))  # fmt: skip
+    a, b = netguard.parse_nflog(data)
+    assert (a.kind, a.proto, a.dst, a.dport) == (BLOCKED, "tcp", "192.168.77.3", 22)
+    assert (b.kind, b.proto, b.dst, b.dport) == (DNS, "udp", "203.0.113.5", 53)
+    assert detect.dns_qname(b.payload) == "abc.example.com"
+
+
+def test_dns_answers_and_compressed_garbage_are_not_queries() -> None:
+    answer = bytearray(_query("a.example.com"))
+    answer[2] |= 0x80
+    assert detect.dns_qname(bytes(answer)) is None
+    assert detect.dns_qname(b"\x00" * 12 + b"\xc0\x0c") is None
+
+
+def _pkt(kind: str, dst: str, port: int = 0, payload: bytes = b"") -> Packet:
+    return Packet(kind, "tcp" if kind != DNS else "udp", "10.200.0.5", dst, port, payload, 60)
+
+
+def test_over_the_cap_is_one_high_threat_per_address_a_minute() -> None:
+    judge = TrafficJudge(NetContext(), cap_bytes=10_000_000, dns_threshold=100)
+    (t,) = judge.judge(_pkt(OVER, "203.0.113.9", 443), 0.0)
+    assert (t.level, t.category, t.title) == ("high", "exfiltration", "Upload limit reached")
+    assert judge.judge(_pkt(OVER, "203.0.113.9", 443), 0.05) == []  # the next drops
+    assert judge.judge(_pkt(OVER, "203.0.113.10", 443), 0.1) != []  # another address
+    assert judge.judge(_pkt(OVER, "203.0.113.9", 443), 61.0) != []
+
+
+def test_a_refused_attempt_raises_and_ten_distinct_targets_are_a_scan() -> None:
+    net = NetContext(mode="restricted", gateway="10.200.0.1")
+    judge = TrafficJudge(net, cap_bytes=0, dns_threshold=100)
+    (first,) = judge.judge(_pkt(BLOCKED, "192.168.77.1", 22), 0.0)
+    assert (first.title, first.level) == ("Private network access", "high")
+    assert "refused" in first.description
+    titles: list[str] = []
+    for i in range(2, 11):
+        titles += [t.title for t in judge.judge(_pkt(BLOCKED, f"192.168.77.{i}", 22), i * 0.1)]
+    assert titles.count("Network scan") == 1
+    assert titles.count("Private network access") == 9  # one per address
+
+
+def test_the_bridge_counts_only_towards_a_scan() -> None:
+    """coi's own policy proof tries one port of the bridge (and TCP retries it)."""
+    judge = TrafficJudge(NetContext(gateway="10.200.0.1"), cap_bytes=0, dns_threshold=100)
+    assert judge.judge(_pkt(BLOCKED, "10.200.0.1", 40123), 0.0) == []
+    assert judge.judge(_pkt(BLOCKED, "10.200.0.1", 40123), 1.0) == []
+    found = []
+    for port in range(20, 30):
+        found += judge.judge(_pkt(BLOCKED, "10.200.0.1", port), 2.0)
+    assert [t.title for t in found] == ["Network scan"]
+
+
+def test_a_slow_trickle_of_refusals_is_no_scan() -> None:
+    assert detect.scan([(i * 5.0, f"10.0.0.{i}", 22) for i in range(12)], 60.0) is None
+
+
+def test_hex_in_dns_names_is_a_tunnel_under_the_label_length_rule() -> None:
+    names = [f"{secrets.token_hex(15)}.x.exfil.example.com" for _ in range(20)]
+    assert all(detect._LABEL.search(n) is None for n in names)  # 30 characters a label
+    t = detect.dns_tunnel_names(names, 60)
+    assert t is not None and (t.level, t.title) == ("high", "DNS tunnel")
+    assert t.evidence["dns"]["domain"] == "example.com"
+    assert detect.dns_tunnel_names(names[:19], 60) is None  # too few to carry much
+    # Base32 in 12-character labels: short labels, as much data.
+    b32 = [f"{secrets.token_hex(6)}{i}.t.example.org" for i in range(40)]
+    assert detect.dns_tunnel_names(b32, 60) is not None
+
+
+def test_ordinary_lookups_are_no_tunnel() -> None:
+    ordinary = [
+        f"{h}.{d}"
+        for d in ("github.com", "npmjs.org", "pypi.org", "debian.org")
+        for h in ("www", "api", "registry", "files", "deb", "security", "objects", "codeload")
+    ]
+    words = [f"{w}{i}.cdn.example.net" for i in range(20) for w in ("static", "img")]
+    assert detect.dns_tunnel_names(ordinary * 3, 60) is None
+    assert detect.dns_tunnel_names(words, 60) is None
+    # A page's worth of random-looking CDN hosts (14 characters each, 20 of them).
+    cdn = [f"d{secrets.token_hex(7)[:13]}.cloudfront.net" for _ in range(20)]
+    assert detect.dns_tunnel_names(cdn, 60) is None
+    assert detect.split_name("a.b.example.co.uk") == ("a.b", "example.co.uk")
+
+
+def test_dns_volume_is_a_warning_once_a_minute() -> None:
+    judge = TrafficJudge(NetContext(), cap_bytes=0, dns_threshold=100)
+    found = []
+    for i in range(150):
+        found += judge.judge(_pkt(DNS, "10.200.0.1", 53, _query(f"www.site{i % 3}.org")), i * 0.1)
+    assert [t.title for t in found] == ["High DNS query volume"]
+    assert found[0].level == "warning"
+
+
+def test_parse_ip_takes_ipv6_too() -> None:
+    src, dst = ipaddress.IPv6Address("fd00::5").packed, ipaddress.IPv6Address("fd00::1").packed
+    udp = struct.pack("!HHHH", 5000, 53, 8, 0)
+    pkt = struct.pack("!IHBB", 6 << 28, len(udp), 17, 64) + src + dst + udp
+    p = netguard.parse_ip(DNS, pkt)
+    assert p is not None and (p.dst, p.dport, p.proto) == ("fd00::1", 53, "udp")
