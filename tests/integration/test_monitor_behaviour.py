@@ -10,6 +10,7 @@ before anything is sent; nothing else is ever addressed.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
@@ -314,3 +315,28 @@ def test_data_in_dns_names_is_a_tunnel_whatever_the_label_length(
         assert any(c in name for name in asked for c in chunks)  # the queries did leave
     finally:
         _end(client, proc)
+
+
+def test_a_key_held_open_by_a_renamed_binary_is_a_credential_hunt(
+    client: IncusClient, env: dict[str, str], ws: Path
+) -> None:
+    """A script (it reaches the container encoded: no command line names a key) copies
+    busybox to /tmp/kworker and reads a private key through it: seen by the process's open
+    files, not by any text."""
+    script = (
+        'mkdir -p "$HOME/.ssh" && echo not-a-real-key > "$HOME/.ssh/id_ed25519"\n'
+        'cp /bin/busybox /tmp/kworker && /tmp/kworker sleep 4 < "$HOME/.ssh/id_ed25519"\n'
+    )
+    encoded = base64.b64encode(script.encode()).decode()
+    res = subprocess.run(
+        coi_argv(
+            "run", "--monitor", "--image", "coi-tiny", "-w", str(ws), "--", "sh", "-c",
+            f"echo {encoded} | base64 -d > /tmp/h.sh && sh /tmp/h.sh; echo done",
+        ),
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert "done" in res.stdout, res.stderr
+    hunts = [e for e in _events(env) if e["title"] == "Credential access detected"]
+    assert hunts, _events(env)
+    assert any("/.ssh/id_ed25519" in f for e in hunts for f in e["evidence"]["files"])
+    assert any("kworker" in e["evidence"]["process"]["command"] for e in hunts)

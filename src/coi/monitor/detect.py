@@ -230,9 +230,38 @@ def env_scan(p: Proc) -> Threat | None:
     )
 
 
+# Files only a key hunter opens (matched on what a process has open, its fds, whatever its
+# command line says): private keys, cloud and tool tokens, browser and desktop key stores.
+# Not `*.pem` as such: every TLS client opens the CA bundle.
+_CREDENTIAL_FILES = re.compile(
+    r"(/\.ssh/(id_[^/]*|.*_key|authorized_keys)$|/\.aws/(credentials|config)$"
+    r"|/\.config/gcloud/.*(credentials|tokens)|/\.azure/|/\.kube/config$"
+    r"|/\.docker/config\.json$|/\.git-credentials$|/\.netrc$|/\.pgpass$|/\.npmrc$|/\.pypirc$"
+    r"|/\.config/gh/hosts\.yml$|/\.gnupg/|/\.password-store/|/\.local/share/keyrings/"
+    r"|/\.mozilla/firefox/[^/]+/(key[34]\.db|logins\.json|cookies\.sqlite)$"
+    r"|/\.config/(google-chrome|chromium|BraveSoftware/[^/]+|microsoft-edge)/.*"
+    r"(Login Data|Cookies|Local State)$"
+    r"|(privkey[^/]*|[^/]*[._-]key)\.pem$|\.(p12|pfx|jks|keystore)$|/etc/(shadow|gshadow)$)"
+)
+_ENVIRON_FD = re.compile(r"^/proc/(\d+)/environ$")
+
+
+def credential_files(p: Proc, workspace: str = "/workspace") -> list[str]:
+    """What of a process's open files is credential-shaped: key stores, a stray `.env`,
+    another process's environment."""
+    hits = []
+    for f in p.files:
+        m = _ENVIRON_FD.match(f)
+        other_env = m is not None and int(m.group(1)) != p.nspid
+        stores = _CREDENTIAL_FILES.search(f) or _CREDENTIAL_PATHS.search(f)
+        if other_env or stores or _stray_dotenv(f, workspace):
+            hits.append(f)
+    return hits
+
+
 def credential_access(p: Proc, workspace: str = "/workspace") -> Threat | None:
     """Hunting for keys: command lines or open files that touch credential stores."""
-    hits = [f for f in p.files if _CREDENTIAL_PATHS.search(f) or _stray_dotenv(f, workspace)]
+    hits = credential_files(p, workspace)
     if not hits and (_CREDENTIAL_PATHS.search(p.cmdline) or _KEY_HUNT.search(p.cmdline)):
         hits = [p.cmdline[:200]]
     if not hits:
