@@ -1,5 +1,8 @@
 """Fixtures of the attack suite: the test's network, a runner, and the outcomes of the selected
-cases, run two at a time once per session (each test then checks its own)."""
+cases, run two at a time once (each test then checks its own).
+
+Module-scoped, not session-scoped: netkit's addresses are fixed, so the namespace must be gone
+before tests/integration makes its own in the same run."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from tests.attacks import net as attacknet
 from tests.attacks.corpus import Entry
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def attack_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[attacknet.Net]:
     net = attacknet.create(tmp_path_factory.mktemp("attack-net"))
     try:
@@ -24,7 +27,7 @@ def attack_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[attacknet.N
         attacknet.destroy(net)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def runner(
     test_project: str, attack_net: attacknet.Net, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[harness.Runner]:
@@ -41,11 +44,11 @@ def runner(
         )  # fmt: skip
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def outcomes(
     request: pytest.FixtureRequest, runner: harness.Runner
 ) -> dict[tuple[str, str], harness.Outcome]:
-    """Every selected case of this folder, run once (two sandboxes at a time)."""
+    """Every selected case of this module, run once (two sandboxes at a time)."""
     jobs: list[tuple[Entry, str]] = []
     for item in request.session.items:
         spec = getattr(item, "callspec", None)

@@ -49,9 +49,12 @@ class Entry:
     processes: int = 500  # --limit-processes: a safety net for every run
     prep: str = ""  # run before the attack starts (setup; its events do not count)
     encode: bool = False  # the script reaches the shell base64-encoded: `echo … | base64 -d | sh`
-    window: float = 6.0  # seconds after the start to wait for an answer
+    window: float = 5.0  # seconds after the start to wait for an answer
     gap: str = ""  # not detected at the expected level today: why (an expected failure)
     gap_in: tuple[str, ...] = ()  # the variants the gap is in (empty: all of them)
+    # Caught or missed from run to run today (a race the monitor loses on a busy machine):
+    # why. An expected failure that may pass; the table counts what happened.
+    racy: str = ""
     measure_bytes: bool = False  # count what reached the test's listeners
     # Run with no other sandbox at the same time: byte counts (one NAT address for all) and
     # what a busy machine makes racy (a 1 ms command's line, a fork rate).
@@ -111,6 +114,18 @@ NO_FLOOD_RATE = "no rule for the rate of a process flood that stays under the li
 BRIDGE_DNS = (
     "queries to the sandbox's own resolver are not seen, and detect.dns_tunnel (the 40+ "
     "character label) is never called"
+)
+SHORT_COMMAND = (
+    "a command of a few milliseconds is caught only when the exec watcher reads its command "
+    "line before it ends (files opened are not watched yet)"
+)
+FORK_RATE = (
+    "the exec loop's fork rate, slowed by a busy machine, may stay under the 300-a-second "
+    "surge the rule looks for"
+)
+BLOCKED_PENDING = (
+    "a blocked attempt is seen only when a sweep finds it pending (blocked attempts are not "
+    "counted where they are blocked yet)"
 )
 OPENED_FILES = (
     "what a process opens is seen only if a sweep finds it with the file open; its command "
@@ -207,7 +222,7 @@ EXFILTRATION = [
         data=True,
         shell="bash",
         needs=("bash",),
-        gap_in=("script", "renamed"),  # the plain form is killed for its /dev/udp command line
+        gap_in=("script",),  # plain and renamed: killed for the /dev/udp in bash's command line
     ),
     _ex(
         "slow-1mb-per-s",
@@ -229,6 +244,7 @@ PROCESS_STORMS = [
         "i=0; while [ $i -lt 5000 ]; do @sh@ -c 'sleep 30' & i=$((i+1)); done; wait",
         "critical",
         processes=3000,
+        racy=FORK_RATE,
     ),
     _st(
         "slow-flood-at-limit",
@@ -252,6 +268,7 @@ SCANS = [
         "for i in $(seq 1 14); do @nc@ -w 1 192.168.77.$i 22 </dev/null; done 2>/dev/null",
         "high",
         window=12.0,
+        racy=BLOCKED_PENDING,
     ),
     Entry(
         SCAN,
@@ -259,6 +276,7 @@ SCANS = [
         "for p in $(seq 20 40); do @nc@ -w 1 @LAN@ $p </dev/null; done 2>/dev/null",
         "high",
         window=12.0,
+        racy=BLOCKED_PENDING,
     ),
     Entry(
         SCAN,
@@ -267,6 +285,7 @@ SCANS = [
         "high",
         encode=True,
         window=12.0,
+        racy=BLOCKED_PENDING,
     ),
     Entry(
         SCAN, "metadata-wget", "timeout 5 @wget@ -q -O - http://@MD@/latest/meta-data/", "critical"
@@ -304,7 +323,8 @@ DNS_TUNNELS = [
         "warning",
         network="allowlist",
         window=10.0,
-        gap=BRIDGE_DNS,
+        racy=BRIDGE_DNS
+        + "; at times another rule catches it (DNS volume at a sweep, the exec rate)",
     ),
     Entry(
         DNS,
@@ -338,11 +358,15 @@ def _cr(name: str, script: str, **kw: object) -> Entry:
 
 
 CREDENTIAL_HUNTS = [
-    _cr("cat-ssh-key", "@cat@ /home/code/.ssh/id_rsa >/dev/null"),
-    _cr("cat-aws-credentials", "@cat@ ~/.aws/credentials >/dev/null"),
-    _cr("cat-git-credentials-netrc", "@cat@ ~/.git-credentials ~/.netrc >/dev/null"),
-    _cr("cat-gh-token", "@cat@ ~/.config/gh/hosts.yml >/dev/null"),
-    _cr("find-private-keys", "find / -xdev -name 'id_rsa*' 2>/dev/null"),
+    _cr("cat-ssh-key", "@cat@ /home/code/.ssh/id_rsa >/dev/null", racy=SHORT_COMMAND),
+    _cr("cat-aws-credentials", "@cat@ ~/.aws/credentials >/dev/null", racy=SHORT_COMMAND),
+    _cr(
+        "cat-git-credentials-netrc",
+        "@cat@ ~/.git-credentials ~/.netrc >/dev/null",
+        racy=SHORT_COMMAND,
+    ),
+    _cr("cat-gh-token", "@cat@ ~/.config/gh/hosts.yml >/dev/null", racy=SHORT_COMMAND),
+    _cr("find-private-keys", "find / -xdev -name 'id_rsa*' 2>/dev/null", racy=SHORT_COMMAND),
     _cr(
         "grep-home-for-secrets",
         "grep -r aws_secret_access_key /home/code >/dev/null 2>&1",
@@ -356,15 +380,20 @@ CREDENTIAL_HUNTS = [
     _cr(
         "tar-home-stores",
         "cd /home/code && tar -cf /tmp/loot.tar .ssh .aws .git-credentials .netrc",
+        racy=SHORT_COMMAND,
     ),
-    _cr("proc-environ-cat", "@cat@ /proc/*/environ 2>/dev/null | tr '\\0' '\\n' >/dev/null"),
+    _cr(
+        "proc-environ-cat",
+        "@cat@ /proc/*/environ 2>/dev/null | tr '\\0' '\\n' >/dev/null",
+        racy=SHORT_COMMAND,
+    ),
     _cr(
         "proc-environ-builtin",
         'for f in /proc/[0-9]*/environ; do read -r x < "$f"; done 2>/dev/null',
         encode=True,
         gap=OPENED_FILES,
     ),
-    _cr("env-grep-secrets", "env | grep -i -E 'key|token|secret' >/dev/null"),
+    _cr("env-grep-secrets", "env | grep -i -E 'key|token|secret' >/dev/null", racy=SHORT_COMMAND),
 ]
 
 ATTACKS = REVERSE_SHELLS + EXFILTRATION + PROCESS_STORMS + SCANS + DNS_TUNNELS + CREDENTIAL_HUNTS

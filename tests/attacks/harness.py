@@ -83,7 +83,11 @@ class Outcome:
             return self.level == "info" and not self.error and self.exit_code == 0
         if e.measure_bytes and (self.bytes_out or 0) > EXFIL_LIMIT:
             return False  # stopped, but only after it had left
-        return RANK[self.level] >= RANK[e.level] and self.action == ACTION[self.level]
+        # "deduplicated", "logged (already killed)": answered moments before, as the level says.
+        answered = self.action == ACTION[self.level] or self.action.startswith(
+            ("deduplicated", "logged (already")
+        )
+        return RANK[self.level] >= RANK[e.level] and answered
 
     def summary(self) -> str:
         got = f"{self.level}/{self.action or '-'}"
@@ -343,7 +347,9 @@ class Runner:
         out.events = events
         if events:
             worst = max(RANK[e["level"]] for e in events)
-            first = next(e for e in events if RANK[e["level"]] == worst)
+            top = [e for e in events if RANK[e["level"]] == worst]
+            acted = [e for e in top if not e["action"].startswith(("deduplicated", "logged ("))]
+            first = (acted or top)[0]
             out.level, out.category = first["level"], first["category"]
             out.title, out.action = first["title"], first["action"]
             alerts = [e for e in events if RANK[e["level"]] >= 1]

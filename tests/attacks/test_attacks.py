@@ -5,8 +5,9 @@ Attacks must be raised at their expected level (or above) and answered (killed, 
 alerted); exfiltration must be stopped before 10 MB has left; benign developer workloads must
 finish and raise nothing above info. Reverse shells also run from a script file and with their
 programs renamed. Entries the monitor does not catch yet are expected failures (strict: the day
-a rule catches one, it fails until its mark is removed); entries that need a program the image
-lacks are skipped, with the reason.
+a rule catches one, it fails until its mark is removed); entries it catches only when it wins a
+race (a 1 ms command's line read in time) are non-strict expected failures; entries that need
+a program the image lacks are skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def _case(entry: Entry, variant: str) -> object:
     marks = []
     if gap := entry.gap_for(variant):
         marks.append(pytest.mark.xfail(strict=True, reason=gap))
+    elif entry.racy:
+        marks.append(pytest.mark.xfail(strict=False, reason=f"racy today: {entry.racy}"))
     return pytest.param((entry, variant), id=f"{entry.id}[{variant}]", marks=marks)
 
 
