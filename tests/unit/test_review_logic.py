@@ -506,3 +506,40 @@ def test_protected_includes_coi_config_even_with_protection_off() -> None:
     cfg.set("security.disable_protection", True, "test")
     assert set(settings.protected(cfg)) == {".coi.toml", ".coi"}
     assert settings.max_file(cfg) == 100 * 2**20
+
+
+# --- the index: files untouched since the copy are not read ---------------------------------
+
+
+def test_an_unchanged_review_is_diffed_without_reading_a_file(
+    ws: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import coi.review.diff as diffmod
+
+    r = start(ws, home=home)
+    (Path(r.work) / "new.txt").write_text("x\n")
+
+    def no_reading(*args: object) -> bool:
+        raise AssertionError("read a file")
+
+    monkeypatch.setattr(diffmod, "same_content", no_reading)
+    assert [c.path for c in compare(r.base, r.work, index=r.index()).changes] == ["new.txt"]
+    with pytest.raises(AssertionError, match="read a file"):
+        compare(r.base, r.work)  # without the index every file is read
+
+
+def test_a_change_hidden_behind_the_same_size_and_an_old_mtime_is_still_seen(
+    ws: Path, home: Path
+) -> None:
+    r = start(ws, home=home)
+    work = Path(r.work)
+    st = (work / "keep.txt").stat()
+    (work / "keep.txt").write_text("SAME\n")  # same size
+    os.utime(work / "keep.txt", ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back
+    (work / "gone.txt").unlink()  # a new file under the old name (perhaps the same inode)
+    (work / "gone.txt").write_text("bye\n")
+    os.utime(work / "gone.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (work / "edit.txt").rename(work / "tmp")
+    (work / "tmp").rename(work / "edit.txt")  # renamed away and back: ctime moves, content same
+    changes = compare(r.base, r.work, index=r.index()).changes
+    assert [(c.path, c.status) for c in changes] == [("keep.txt", "modified")]

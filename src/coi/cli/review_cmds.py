@@ -60,7 +60,7 @@ def diff_cmd(review: str | None, workspace: str | None, stat_: bool, fmt: str) -
 
     cap = settings.max_file(load_settings())
     r = _find(review, workspace)
-    d = compare(r.base, r.work, max_file=cap)
+    d = compare(r.base, r.work, max_file=cap, index=r.index())
     if fmt == "json":
         echo_json(
             {
@@ -84,7 +84,7 @@ def _report(res: Applied) -> list[str]:
     writes = [s for s in res.steps if s.action != "none"]
     if writes and not res.written:
         lines.append("Would apply:")
-    for s in writes:
+    for s in sorted(writes, key=lambda s: s.path):
         extra = " (merged with your changes)" if s.how == "merged" else ""
         lines.append(f"  {marks[s.how]} {printable(s.path)}{extra}")
     if res.conflicts:
@@ -154,11 +154,15 @@ def apply_cmd(
             click.echo(f"Applied review {r.id} to {r.workspace}:")
         click.echo("\n".join(lines) if lines else "  (no changes)")
     if not res.written:
-        n, m = len(res.conflicts), len(res.refused)
+        what = [f"{len(res.conflicts)} conflict(s)"] if res.conflicts else []
+        what += [f"{len(res.refused)} refused"] if res.refused else []
+        fix = ["resolve the conflicts in your folder, or discard"] if res.conflicts else []
+        fix += ["apply the rest with --partial"]
+        if any("--include-protected" in why for _, why in res.refused):
+            fix += ["add --include-protected if you want the protected paths too"]
         raise CoiError(
-            f"review {r.id} not applied: {n} conflict(s), {m} refused",
-            resolution="Fix the conflicting files in your folder, or apply the clean files "
-            "with --partial (protected paths need --include-protected).",
+            f"review {r.id} not applied: {', '.join(what)}",
+            resolution="; ".join(fix).capitalize() + ".",
         )
 
 

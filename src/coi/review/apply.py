@@ -171,7 +171,8 @@ def plan(
     """What applying `review` would do, nothing written."""
     ws = review.workspace
     result = Applied(review)
-    for c in compare(review.base, review.work, max_file=max_file).changes:
+    diff = compare(review.base, review.work, max_file=max_file, index=review.index())
+    for c in diff.changes:
         if c.status == "refused":
             result.refused.append((c.path, c.reason))
             continue

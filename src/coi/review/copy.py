@@ -18,9 +18,12 @@ from pathlib import Path
 from coi.config.paths import coi_home
 from coi.errors import CoiError, UsageError
 from coi.fsio import write_atomic
+from coi.review.tree import walk
 
 STATES = ("pending", "applied", "discarded")
 META = "review.json"
+# work/'s files as copied (inode, ctime...): `coi diff` reads only those changed since.
+INDEX = "index.json"
 
 
 @dataclass
@@ -43,6 +46,14 @@ class Review:
     @property
     def work(self) -> str:
         return os.path.join(self.folder, "work")
+
+    def index(self) -> dict[str, list[int]]:
+        """work/'s files as they were copied ({} when missing: then every file is read)."""
+        try:
+            data = json.loads((Path(self.folder) / INDEX).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def save(self) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "folder"}
@@ -104,6 +115,8 @@ def start(
         _copy(review.base, review.work)
         os.chmod(review.work, stat.S_IMODE(os.stat(ws).st_mode))
         os.chmod(review.base, 0o700)
+        stamps = {rel: e.stamp() for rel, e in walk(review.work).items() if e.kind == "file"}
+        write_atomic(folder / INDEX, json.dumps(stamps, separators=(",", ":")))
         review.save()
     except BaseException:
         remove_tree(folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from coi.review.tree import Entry, Unsafe, read_file, same_content, walk
@@ -120,8 +121,18 @@ def same_file(root_a: str, root_b: str, rel: str, a: Entry, b: Entry) -> bool:
     return same_content(root_a, root_b, rel)
 
 
-def compare(base: str, work: str, *, max_file: int = DEFAULT_MAX_FILE) -> Diff:
-    """The changes from `base` to `work` (both folders), refused entries included."""
+def compare(
+    base: str,
+    work: str,
+    *,
+    max_file: int = DEFAULT_MAX_FILE,
+    index: Mapping[str, list[int]] | None = None,
+) -> Diff:
+    """The changes from `base` to `work` (both folders), refused entries included.
+
+    `index` (the review's record of work/ as copied from base/): a file whose inode and
+    ctime are still those is not read, it is base's. Anything else is compared byte by byte.
+    """
     old, new = walk(base), walk(work)
     diff = Diff()
     for rel in sorted(old.keys() | new.keys()):
@@ -136,6 +147,8 @@ def compare(base: str, work: str, *, max_file: int = DEFAULT_MAX_FILE) -> Diff:
                     continue
                 diff.changes.append(Change(rel, "refused", reason=refusal(b, max_file)))
                 continue
+            if index is not None and index.get(rel) == b.stamp() and a.mode == b.mode:
+                continue  # untouched since it was copied from base/
             try:
                 if same_file(base, work, rel, a, b):
                     continue  # unchanged, even when it is big or setuid in the user's folder

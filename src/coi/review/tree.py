@@ -29,6 +29,14 @@ class Entry:
     size: int
     target: str = ""  # a symlink's text (read, never followed)
     mtime_ns: int = field(default=0, compare=False)
+    # Which file, and when its content or metadata last changed: ctime is set by the kernel
+    # on every change and cannot be set back by anyone without the host's clock.
+    ino: int = field(default=0, compare=False)
+    ctime_ns: int = field(default=0, compare=False)
+
+    def stamp(self) -> list[int]:
+        """What says a file is the one copied, untouched since (coi.review.copy's index)."""
+        return [self.ino, self.ctime_ns, self.mtime_ns, self.size, self.mode]
 
 
 def kind_of(mode: int) -> str:
@@ -80,7 +88,15 @@ def _walk(dfd: int, prefix: str, out: dict[str, Entry]) -> None:
         if kind == "symlink":
             with contextlib.suppress(OSError):
                 target = os.readlink(name, dir_fd=dfd)
-        out[rel] = Entry(kind, stat.S_IMODE(st.st_mode), st.st_size, target, st.st_mtime_ns)
+        out[rel] = Entry(
+            kind,
+            stat.S_IMODE(st.st_mode),
+            st.st_size,
+            target,
+            st.st_mtime_ns,
+            st.st_ino,
+            st.st_ctime_ns,
+        )
         if kind == "dir":
             try:
                 sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
