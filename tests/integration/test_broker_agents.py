@@ -10,7 +10,8 @@ from inside before the CLI runs (the stand-in's port 80 counts connections: none
 coi runs each tool through `[tool] binary`, a wrapper this test mounts: it waits for the
 test, runs the real CLI non-interactively with the arguments coi gave it, and waits again
 while the test searches the sandbox. Needs the full `coi` image (the session's `coi_image`
-fixture builds it once per run, a few minutes; the rest of this file takes about 1.5 min).
+fixture builds it once per run, a few minutes; the five tests take about 3 min on a busy
+machine, 30-45 s each).
 """
 
 from __future__ import annotations
