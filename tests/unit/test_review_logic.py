@@ -86,6 +86,17 @@ def test_start_refuses_what_is_not_a_folder(tmp_path: Path, home: Path) -> None:
         start(tmp_path / "missing", home=home)
 
 
+def test_start_refuses_a_folder_holding_the_reviews_or_inside_them(tmp_path: Path) -> None:
+    home = tmp_path / "h" / ".coi" / "reviews"
+    (tmp_path / "h").mkdir()
+    with pytest.raises(UsageError, match="holds coi's reviews folder"):
+        start(tmp_path / "h", home=home)
+    (home / "x").mkdir(parents=True)
+    with pytest.raises(UsageError, match="holds coi's reviews folder"):
+        start(home / "x", home=home)
+    assert list(home.iterdir()) == [home / "x"]
+
+
 def test_find_picks_the_workspaces_latest_pending_review(ws: Path, home: Path) -> None:
     first = start(ws, home=home)
     second = start(ws, home=home)

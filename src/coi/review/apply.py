@@ -4,13 +4,16 @@ what the user changed meanwhile; all or nothing unless asked for the clean files
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from coi.errors import CoiError
+from coi.locks import held
 from coi.review.copy import Review, mark_applied
 from coi.review.diff import DEFAULT_MAX_FILE, Change, compare, is_text
 from coi.review.tree import (
@@ -219,6 +222,16 @@ def apply(
 
     if review.state != "pending":
         raise UsageError(f"review {review.id} is {review.state}, not pending")
+    # One apply at a time into one folder: two reviews applied at once would each plan
+    # against a folder the other is changing.
+    key = hashlib.sha256(review.workspace.encode()).hexdigest()[:16]
+    with held(Path(review.folder).parent / f".apply-{key}.lock"):
+        return _apply(review, protected, include_protected, partial, max_file)
+
+
+def _apply(
+    review: Review, protected: list[str], include_protected: bool, partial: bool, max_file: int
+) -> Applied:
     result = plan(
         review, protected=protected, include_protected=include_protected, max_file=max_file
     )

@@ -103,6 +103,12 @@ def start(
     if not os.path.isdir(ws):
         raise UsageError(f"not a folder: {workspace}")
     root = home if home is not None else reviews_dir()
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([ws, real_root]) in (ws, real_root):
+        raise UsageError(
+            f"cannot review {ws}: it holds coi's reviews folder {real_root} (or is inside it)",
+            resolution="Review a project folder, not your home directory or ~/.coi.",
+        )
     _private_dir(root)
     rid = f"{_slug(os.path.basename(ws))}-{secrets.token_hex(3)}"
     folder = root / rid
