@@ -10,8 +10,8 @@ from inside before the CLI runs (the stand-in's port 80 counts connections: none
 coi runs each tool through `[tool] binary`, a wrapper this test mounts: it waits for the
 test, runs the real CLI non-interactively with the arguments coi gave it, and waits again
 while the test searches the sandbox. Needs the full `coi` image (the session's `coi_image`
-fixture builds it once per run, a few minutes; the five tests take about 3 min on a busy
-machine, 30-45 s each).
+fixture builds it once per run, a few minutes; the seven tests take 2-3 min, 14-45 s
+each).
 """
 
 from __future__ import annotations
@@ -38,20 +38,26 @@ from coi.backend import ExecRequest, IncusClient
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PROMPT = "say hi"
-# Per tool: the provider it is brokered for here, and how the wrapper runs the real CLI
-# non-interactively ("$@": the arguments coi starts the tool with, e.g. claude's
-# --permission-mode bypassPermissions --session-id ...).
-CASES: dict[str, tuple[str, str]] = {
-    "claude": ("anthropic", f'claude "$@" -p "{PROMPT}"'),
-    "codex": ("openai", f'codex exec "$@" --skip-git-repo-check "{PROMPT}"'),
+# Per case: the tool, the provider it is brokered for here (opencode and aider have two:
+# each is run), and how the wrapper runs the real CLI non-interactively ("$@": the arguments
+# coi starts the tool with, e.g. claude's --permission-mode bypassPermissions --session-id).
+AIDER = (
+    f'aider "$@" --message "{PROMPT}" --no-git --no-check-update --no-show-model-warnings '
+    "--no-show-release-notes --analytics-disable --model"
+)
+CASES: dict[str, tuple[str, str, str]] = {
+    "claude": ("claude", "anthropic", f'claude "$@" -p "{PROMPT}"'),
+    "codex": ("codex", "openai", f'codex exec "$@" --skip-git-repo-check "{PROMPT}"'),
     # --skip-trust: headless gemini refuses an untrusted folder (not a broker matter).
-    "gemini": ("gemini", f'gemini "$@" --skip-trust -p "{PROMPT}"'),
-    "opencode": ("anthropic", f'opencode run "$@" -m anthropic/claude-sonnet-4-5 "{PROMPT}"'),
-    "aider": (
+    "gemini": ("gemini", "gemini", f'gemini "$@" --skip-trust -p "{PROMPT}"'),
+    "opencode": (
+        "opencode",
         "anthropic",
-        f'aider "$@" --message "{PROMPT}" --model anthropic/claude-sonnet-4-5 --no-git '
-        "--no-check-update --no-show-model-warnings --no-show-release-notes --analytics-disable",
+        f'opencode run "$@" -m anthropic/claude-sonnet-4-5 "{PROMPT}"',
     ),
+    "opencode-openai": ("opencode", "openai", f'opencode run "$@" -m openai/gpt-5 "{PROMPT}"'),
+    "aider": ("aider", "anthropic", f"{AIDER} anthropic/claude-sonnet-4-5"),
+    "aider-openai": ("aider", "openai", f"{AIDER} openai/gpt-4o"),
 }
 KEY_VARIABLE = {
     "anthropic": "ANTHROPIC_API_KEY",
@@ -63,7 +69,7 @@ KEY_HEADER = {"anthropic": "x-api-key", "openai": "authorization", "gemini": "x-
 # The path of each provider's model call (the rest of a CLI's requests may vary).
 MODEL_CALL = {
     "anthropic": re.compile(r"^/v1/messages(\?|$)"),
-    "openai": re.compile(r"^/v1/responses(\?|$)"),
+    "openai": re.compile(r"^/v1/(responses|chat/completions)(\?|$)"),
     "gemini": re.compile(r"^/v1beta/models/[^/]+:(stream)?[gG]enerateContent"),
 }
 
@@ -99,11 +105,11 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[credkit.StandI
 
 
 def _setup(
-    base: Path, uenv: dict[str, str], user: pwd.struct_passwd, standin: credkit.StandIn, tool: str
+    base: Path, uenv: dict[str, str], user: pwd.struct_passwd, standin: credkit.StandIn, case: str
 ) -> tuple[dict[str, str], Path, Path]:
     """The user's config (the wrapper as the tool, the allowlist, the stand-in as every
     provider's upstream), the wrapper's folder, the workspace; the environment with the key."""
-    provider, command = CASES[tool]
+    tool, provider, command = CASES[case]
     home = Path(uenv["HOME"])
     ca = base / "ca.pem"
     shutil.copyfile(standin.ca, ca)
@@ -149,7 +155,7 @@ def _only_the_standin_is_reachable(
     assert standin.canary_hits() == []
 
 
-@pytest.mark.parametrize("tool", list(CASES))
+@pytest.mark.parametrize("case", list(CASES))
 def test_the_real_cli_answers_through_the_broker_and_the_sandbox_never_holds_the_key(
     client: IncusClient,
     agent_image: str,
@@ -157,10 +163,10 @@ def test_the_real_cli_answers_through_the_broker_and_the_sandbox_never_holds_the
     uenv: dict[str, str],
     user: pwd.struct_passwd,
     standin: credkit.StandIn,
-    tool: str,
+    case: str,
 ) -> None:
-    provider = CASES[tool][0]
-    env, kit, ws = _setup(base, uenv, user, standin, tool)
+    tool, provider, _ = CASES[case]
+    env, kit, ws = _setup(base, uenv, user, standin, case)
     argv = coi_argv(
         "shell", "--tool", tool, "--tmux=false", "-w", str(ws), "--mount", f"{kit}:/opt/kit",
         user=USER,
