@@ -111,6 +111,13 @@ def test_find_picks_the_workspaces_latest_pending_review(ws: Path, home: Path) -
         find("nope", None, home)
     with pytest.raises(UsageError, match="no pending review"):
         find(None, ws.parent, home)
+    # A discard cut short (marked, folder still there) is finished by discarding again.
+    first.state = "discarded"
+    first.save()
+    with pytest.raises(UsageError):
+        find(first.id, None, home)
+    discard(find(first.id, None, home, include_discarded=True))
+    assert list(home.iterdir()) == []
 
 
 # --- the diff ---------------------------------------------------------------------------
@@ -209,6 +216,25 @@ def test_special_files_are_refused_with_a_reason_never_opened(ws: Path, home: Pa
     assert "refused fifo: FIFO" in render_text(d)
 
 
+def test_a_nest_too_deep_is_refused_not_walked(ws: Path, home: Path) -> None:
+    r = start(ws, home=home)
+    fd = os.open(r.work, os.O_RDONLY)
+    try:
+        for _ in range(300):  # deeper than MAX_DEPTH (and than the recursion would like)
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    [c] = compare(r.base, r.work).changes
+    assert c.status == "refused" and "deeper than 128" in c.reason
+    assert c.path == "/".join(["d"] * 129)
+    discard(r)
+    assert list(home.iterdir()) == []
+
+
 def test_a_changed_link_and_a_removed_link_of_the_user_are_refused(ws: Path, home: Path) -> None:
     os.symlink("keep.txt", ws / "l1")
     os.symlink("keep.txt", ws / "l2")
@@ -236,7 +262,7 @@ def test_apply_brings_creates_edits_deletes_and_modes(ws: Path, home: Path) -> N
     assert stat.S_IMODE((ws / "src" / "a.py").stat().st_mode) == 0o755
     assert (ws / "new.txt").stat().st_uid == os.getuid()
     assert load(Path(r.folder)).state == "applied"  # type: ignore[union-attr]
-    assert not list(ws.rglob("*.coi-apply.*"))  # no temporary file left
+    assert not list(ws.rglob(".coi-apply-*"))  # no temporary file left
     with pytest.raises(UsageError, match="applied, not pending"):
         _apply(r)
 

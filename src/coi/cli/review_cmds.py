@@ -170,9 +170,9 @@ def apply_cmd(
 @_which
 def discard_cmd(review: str | None, workspace: str | None) -> None:
     """Delete a review copy and the agent's changes in it (your folder is not touched)."""
-    from coi.review.copy import discard
+    from coi.review.copy import discard, find
 
-    r = _find(review, workspace)
+    r = find(review, workspace, include_discarded=True)
     discard(r)
     click.echo(f"Discarded review {r.id} of {r.workspace}.")
 

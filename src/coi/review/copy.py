@@ -154,12 +154,22 @@ def all_reviews(home: Path | None = None) -> list[Review]:
     return sorted(found, key=lambda r: (r.created, r.id))
 
 
-def find(ref: str | None, workspace: str | Path | None, home: Path | None = None) -> Review:
+def find(
+    ref: str | None,
+    workspace: str | Path | None,
+    home: Path | None = None,
+    *,
+    include_discarded: bool = False,
+) -> Review:
     """A review by id (or unique prefix), else the workspace's latest pending one.
+    `include_discarded`: also one whose discard was cut short, by its exact id.
 
     :raises UsageError: none matches, or a prefix matches several.
     """
-    reviews = [r for r in all_reviews(home) if r.state != "discarded"]
+    everything = all_reviews(home)
+    reviews = [r for r in everything if r.state != "discarded"]
+    if ref and include_discarded:
+        reviews += [r for r in everything if r.state == "discarded" and r.id == ref]
     if ref:
         exact = [r for r in reviews if r.id == ref]
         hits = exact or [r for r in reviews if r.id.startswith(ref)]

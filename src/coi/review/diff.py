@@ -79,6 +79,8 @@ def refusal(entry: Entry, max_file: int) -> str:
         return "socket: not opened"
     if entry.kind == "device":
         return "device file: not opened"
+    if entry.kind == "deep":
+        return "folders nested deeper than 128 levels: not read"
     if entry.kind not in ("file", "dir"):
         return "not a plain file or folder"
     if entry.kind == "file" and entry.mode & (stat.S_ISUID | stat.S_ISGID):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,18 +64,23 @@ def open_root(root: str) -> int:
         raise Unsafe(f"{root}: not a folder ({err.strerror})") from None
 
 
+# Deeper folders are not descended (each level holds a descriptor and a stack frame): the
+# folder is reported as kind "deep" instead, and refused.
+MAX_DEPTH = 128
+
+
 def walk(root: str) -> dict[str, Entry]:
     """Every entry under `root`, relative path -> Entry; only real folders are descended."""
     out: dict[str, Entry] = {}
     fd = open_root(root)
     try:
-        _walk(fd, "", out)
+        _walk(fd, "", out, 0)
     finally:
         os.close(fd)
     return out
 
 
-def _walk(dfd: int, prefix: str, out: dict[str, Entry]) -> None:
+def _walk(dfd: int, prefix: str, out: dict[str, Entry], depth: int) -> None:
     with os.scandir(dfd) as it:
         names = sorted(e.name for e in it)
     for name in names:
@@ -97,13 +103,15 @@ def _walk(dfd: int, prefix: str, out: dict[str, Entry]) -> None:
             st.st_ino,
             st.st_ctime_ns,
         )
-        if kind == "dir":
+        if kind == "dir" and depth >= MAX_DEPTH:
+            out[rel] = Entry("deep", stat.S_IMODE(st.st_mode), 0)
+        elif kind == "dir":
             try:
                 sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
             except OSError:
                 continue  # unreadable or swapped for a link meanwhile: nothing under it
             try:
-                _walk(sub, rel + "/", out)
+                _walk(sub, rel + "/", out, depth + 1)
             finally:
                 os.close(sub)
 
@@ -221,7 +229,7 @@ def write_file(root: str, rel: str, data: bytes, mode: int) -> None:
     through). Missing folders are made; a symlink on the way is refused."""
     name = rel.rsplit("/", 1)[-1]
     with parent_fd(root, rel, create=True) as dfd:
-        tmp = f".{name}.coi-apply.{os.getpid()}.tmp"
+        tmp = f".coi-apply-{os.getpid()}-{secrets.token_hex(4)}.tmp"  # short: any name fits
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
         try:
             try:
