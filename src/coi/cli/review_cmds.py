@@ -86,6 +86,7 @@ def _report(res: Applied) -> list[str]:
         lines.append("Would apply:")
     for s in sorted(writes, key=lambda s: s.path):
         extra = " (merged with your changes)" if s.how == "merged" else ""
+        extra += f" (note: {s.note})" if s.note else ""
         lines.append(f"  {marks[s.how]} {printable(s.path)}{extra}")
     if res.conflicts:
         lines.append("Conflicts:")
@@ -138,7 +139,9 @@ def apply_cmd(
                 "written": res.written,
                 "state": r.state,
                 "files": [
-                    {"path": s.path, "result": s.how} for s in res.steps if s.action != "none"
+                    {"path": s.path, "result": s.how, **({"note": s.note} if s.note else {})}
+                    for s in res.steps
+                    if s.action != "none"
                 ],
                 "conflicts": [{"path": p, "reason": w} for p, w in res.conflicts],
                 "refused": [{"path": p, "reason": w} for p, w in res.refused],

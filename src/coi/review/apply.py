@@ -44,6 +44,7 @@ class Step:
     data: bytes = b""
     mode: int = 0o644
     ours: Entry | None = None  # the user's file when planned: rechecked before it is replaced
+    note: str = ""  # why to look twice (coi.review.diff.WATCHED)
 
 
 @dataclass
@@ -190,6 +191,7 @@ def plan(
         except Unsafe as err:
             got = ("refused", str(err))
         if isinstance(got, Step):
+            got.note = c.note
             result.steps.append(got)
         elif got[0] == "conflict":
             result.conflicts.append((c.path, got[1]))

@@ -21,6 +21,22 @@ DEFAULT_MAX_FILE = 100 * 2**20
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]|\r(?!\n)")
 
 
+# Files host tools read as instructions that are not protected paths by default: applied
+# like any file, but flagged so the reader looks twice (`coi diff --stat`, `coi apply`).
+WATCHED = {
+    ".gitattributes": "host git reads its filter, diff and merge drivers",
+    ".gitmodules": "host git reads its submodule URLs and update commands",
+    ".envrc": "direnv runs it when you enter the folder (once allowed)",
+    ".npmrc": "npm reads its registry, scripts and credentials settings",
+    ".pre-commit-config.yaml": "pre-commit runs the hooks it names",
+}
+
+
+def watched(rel: str) -> str:
+    """Why a changed path deserves a second look ('' when it does not)."""
+    return WATCHED.get(rel.rsplit("/", 1)[-1], "")
+
+
 @dataclass
 class Change:
     """One path that differs."""
@@ -33,6 +49,7 @@ class Change:
     reason: str = ""  # why refused
     mode: int = 0  # the new file's mode (work side), 0 for a deletion
     text: str = ""  # the unified diff (text files only)
+    note: str = ""  # why to look twice (WATCHED)
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {"path": self.path, "status": self.status}
@@ -40,6 +57,8 @@ class Change:
             out["reason"] = self.reason
         else:
             out.update(binary=self.binary, added=self.added, removed=self.removed)
+            if self.note:
+                out["note"] = self.note
         return out
 
 
@@ -171,6 +190,7 @@ def compare(
         except Unsafe as err:  # swapped for something else while we read
             change = Change(rel, "refused", reason=str(err))
         if change is not None:
+            change.note = watched(rel) if change.status != "deleted" else ""
             diff.changes.append(change)
     return diff
 
@@ -233,7 +253,7 @@ def render_stat(diff: Diff) -> str:
             what = f"binary ({c.status})"
         else:
             what = f"{c.added + c.removed:>5} " + "+" * min(c.added, 40) + "-" * min(c.removed, 40)
-        lines.append(f" {c.path:<{width}} | {what}")
+        lines.append(f" {c.path:<{width}} | {what}" + (f"  (note: {c.note})" if c.note else ""))
     n = diff.counts()
     changed = n["added"] + n["modified"] + n["deleted"]
     tail = (
