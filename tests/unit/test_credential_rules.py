@@ -458,6 +458,10 @@ def test_a_websocket_upgrade_gets_426_at_once_and_never_reaches_the_upstream(
     assert up.seen == [] and broker.requests == 0
     (event,) = AuditLog("c1", tmp_path / "coi").read()
     assert event["evidence"]["reason"] == "upgrade"
+    h2c = _msg()
+    h2c["headers"] = {**h2c["headers"], "connection": "Upgrade", "upgrade": "h2c"}
+    (served,) = _send(_broker(tmp_path, up), [h2c])
+    assert served.status_code == 200 and "upgrade" not in up.seen[0].headers
 
 
 def test_every_request_is_one_audit_event_without_key_or_body(tmp_path: Path) -> None:

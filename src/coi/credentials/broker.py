@@ -342,10 +342,11 @@ class Broker:
         name = path[1:].partition("/")[0] if path.startswith("/") else ""
         shown = "/" + path[1:].partition("/")[2] if name else path
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        if any(k.lower() == "upgrade" for k, _ in headers):
+        if any(k.lower() == "upgrade" and "websocket" in v.lower() for k, v in headers):
             # A WebSocket (codex tries the Responses API over one first) is not relayed: 426
             # at once, and the client takes HTTPS (codex does; anything else it retries five
-            # times, seconds lost at every start). Not counted against the limits.
+            # times, seconds lost at every start). Not counted against the limits. Another
+            # upgrade (h2c) is ignored by the server and the request served as HTTP/1.1.
             no = Refused(426, "WebSockets are not relayed; use HTTPS", "upgrade")
             return self._refuse(no, name, method, shown, started)
         try:
