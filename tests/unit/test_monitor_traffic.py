@@ -173,3 +173,14 @@ def test_parse_ip_takes_ipv6_too() -> None:
     pkt = struct.pack("!IHBB", 6 << 28, len(udp), 17, 64) + src + dst + udp
     p = netguard.parse_ip(DNS, pkt)
     assert p is not None and (p.dst, p.dport, p.proto) == ("fd00::1", 53, "udp")
+
+
+def test_tables_are_per_monitor_process_and_those_of_dead_monitors_are_removed() -> None:
+    assert netguard.table_name("coi-abc-1", 42) != netguard.table_name("coi-abc-1", 43)
+    assert netguard.table_name("coi-abc-1", 42).endswith("-42")
+    listing = (
+        "table netdev coi-mon-0123456789ab-42\n"
+        "table netdev coi-mon-0123456789ab-43\n"
+        "table netdev someone-else-44\n"
+    )
+    assert netguard.remove_stale(listing, lambda pid: pid == 43) == ["coi-mon-0123456789ab-42"]

@@ -189,6 +189,10 @@ def read_connections(init_pid: int) -> list[Conn]:
     return out
 
 
+# The longest the connection tables go unread while no process opens a socket.
+CONN_REFRESH = 2.0
+
+
 @dataclass
 class Sweep:
     """What one pass found, with what is new since the previous pass."""
@@ -215,6 +219,8 @@ class Collector:
         self._seen: dict[tuple[int, int], Proc] = {}
         self._cmd: dict[tuple[int, int], str] = {}
         self._conns: set[Conn] = set()
+        self._held: frozenset[str] = frozenset()  # socket fds held at the last table read
+        self._conn_at = -1e9
         self._last = time.monotonic()
         self._primed = False
         # Fed by the exec and exit watchers (other threads) when coi runs as root.
@@ -247,7 +253,8 @@ class Collector:
             self._exited[0] += max(0, read - seen_r)
             self._exited[1] += max(0, write - seen_w)
 
-    def sweep(self) -> Sweep:
+    def sweep(self, *, fresh: bool = False) -> Sweep:
+        """`fresh`: read the connection tables whatever (an exec or a flow asked)."""
         now = time.monotonic()
         procs = [p for pid in cgroup_pids(self.cgdir) if (p := read_proc(pid, files=self.files))]
         with self._lock:
@@ -279,9 +286,18 @@ class Collector:
             write += max(0, p.io_write - base_w)
         self._seen = {p.key: p for p in procs}
         self._cmd = {p.key: p.cmdline for p in procs}
-        conns = read_connections(self.init_pid)
-        new_conns = [c for c in conns if c not in self._conns]
-        self._conns = set(conns)
+        # The namespace's TCP and UDP tables cost most of a sweep (the kernel walks its whole
+        # socket hash to print them): read when a process holds a socket it did not hold at
+        # the last read, when some process's fds cannot be read, or every CONN_REFRESH s.
+        held = frozenset(f for p in procs for f in p.files if f.startswith("socket:"))
+        blind = not self.files or any(not p.files for p in procs)
+        if fresh or blind or held - self._held or now - self._conn_at >= CONN_REFRESH:
+            conns = read_connections(self.init_pid)
+            new_conns = [c for c in conns if c not in self._conns]
+            self._conns, self._held, self._conn_at = set(conns), held, now
+        else:
+            conns, new_conns = list(self._conns), []
+            self._held = held
         interval = max(now - self._last, 1e-3)
         self._last = now
         self._primed = True

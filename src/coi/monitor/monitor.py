@@ -116,7 +116,9 @@ def threats_of(sweep: Sweep, s: Settings, io: tuple[int, int, float] | None = No
         write_mb=s.write_mb,
         write_rate=s.write_rate,
     )
-    if t := detect.fork_bomb(len(sweep.processes), len(sweep.new_processes), sweep.interval):
+    # The rate over a second at least: the last look may come milliseconds after a sweep.
+    spawned, span = len(sweep.new_processes), max(sweep.interval, IO_RATE_SPAN)
+    if t := detect.fork_bomb(len(sweep.processes), spawned, span):
         found.append(t)
     if sweep.tmp and (t := detect.tmp_usage(*sweep.tmp)):
         found.append(t)
@@ -171,7 +173,7 @@ class Monitor:
             return None
         return Collector(cgdir, state.pid)
 
-    def sweep_once(self) -> list[Event]:
+    def sweep_once(self, *, fresh: bool = False) -> list[Event]:
         with self._sweep_lock:
             if self._collector is None:
                 self._collector = self._attach()
@@ -179,7 +181,7 @@ class Monitor:
                     return []
                 self._collector.sweep()  # what runs already is the baseline, not news
                 return []
-            sweep = self._collector.sweep()
+            sweep = self._collector.sweep(fresh=fresh)
             io = self._io_window(sweep)
             found = threats_of(sweep, self.settings, io)
             if any(t.category == "filesystem" and "burst" in t.title for t in found):
@@ -210,13 +212,13 @@ class Monitor:
             self._collector.note_exec(proc)
         if self.responder.killed:
             return
-        self._respond(detect.scan_processes([proc], self.settings.workspace))
-        # Born with a socket for stdin or stdout (`x -i >& /dev/tcp/...`): look now, with the
-        # connections, instead of at the next sweep.
+        # Its fds first: a program born with a key file or a socket for stdio (`x < key`,
+        # `x -i >& /dev/tcp/...`) is judged on them now, not at the next sweep.
         read_fds(proc, Path(f"/proc/{proc.pid}"))
+        self._respond(detect.scan_processes([proc], self.settings.workspace))
         if not self.responder.killed and any(t.startswith("socket:") for t in proc.stdio.values()):
             try:
-                self.sweep_once()
+                self.sweep_once(fresh=True)
             except (BackendError, OSError):
                 pass
 
@@ -229,7 +231,7 @@ class Monitor:
         # The process behind a connection says more than the connection (a reverse shell,
         # not only a port): look at the processes first, and they may be what is acted on.
         try:
-            self.sweep_once()
+            self.sweep_once(fresh=True)
         except (BackendError, OSError):
             pass
         if not self.responder.killed:

@@ -81,9 +81,34 @@ def nft_path() -> str | None:
     )
 
 
-def table_name(container: str) -> str:
-    """One table per sandbox (its name, hashed: names may be long)."""
-    return "coi-mon-" + hashlib.sha256(container.encode()).hexdigest()[:12]
+def table_name(container: str, pid: int | None = None) -> str:
+    """One table per sandbox and monitor process (the sandbox's name hashed: names may be
+    long; the pid: a second monitor beside the first, coi's and the service's for a moment,
+    must not replace or remove the first one's table)."""
+    digest = hashlib.sha256(container.encode()).hexdigest()[:12]
+    return f"coi-mon-{digest}-{os.getpid() if pid is None else pid}"
+
+
+def remove_stale(listing: str, alive: Callable[[int], bool]) -> list[str]:
+    """The `nft list tables netdev` lines of monitors that died without removing their table
+    (killed): the tables to delete."""
+    out = []
+    for line in listing.splitlines():
+        name = line.split()[-1] if line.startswith("table netdev coi-mon-") else ""
+        pid = name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not alive(int(pid)):
+            out.append(name)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def ruleset(
@@ -309,6 +334,7 @@ class NetGuard(NetlinkReader):
         blocked: Iterable[str],
         allowed: Iterable[str] | None,
     ) -> None:
+        self._tidy()
         sock, self.group = bind_group(container)
         super().__init__(sock)
         self.table = table_name(container)
@@ -328,6 +354,19 @@ class NetGuard(NetlinkReader):
         except OSError:
             sock.close()
             raise
+
+    @staticmethod
+    def _tidy() -> None:
+        """Remove the tables of monitors that were killed before they could."""
+        path = nft_path()
+        if path is None:
+            return
+        res = subprocess.run([path, "list", "tables", "netdev"], capture_output=True, text=True)
+        for name in remove_stale(res.stdout, _alive):
+            try:
+                nft(f"delete table netdev {name}\n")
+            except OSError:
+                pass  # another monitor removed it meanwhile
 
     def handle(self, data: bytes) -> None:
         for p in parse_nflog(data):

@@ -25,11 +25,15 @@ class NetlinkReader:
             ready, _, _ = select.select([self.sock], [], [], 0.5)
             if not ready:
                 continue
-            try:
-                data = self.sock.recv(1 << 16)
-            except OSError:
-                continue  # ENOBUFS when the kernel had more than the buffer: read on
-            self.handle(data)
+            # Everything queued, then back to select: one wake-up for a burst of events.
+            for _ in range(256):
+                try:
+                    data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue  # ENOBUFS when the kernel had more than the buffer: read on
+                self.handle(data)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
