@@ -28,6 +28,7 @@ from tests.integration.conftest import (
 from coi import labels
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
+from coi.sessions.context import MARK
 
 
 @pytest.mark.lxd
@@ -315,6 +316,11 @@ def test_claude_settings_are_merged_not_overwritten(
     assert json.loads((claude_dir / "settings.json").read_text()) == host_settings
 
 
+def _own(text: str) -> str:
+    """A tool's instructions file without the sandbox context coi adds after the user's."""
+    return text.split(MARK, 1)[0].rstrip("\n") + "\n"
+
+
 def test_settings_are_merged_with_the_containers_own_and_planted_links_are_not_followed(
     client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
 ) -> None:
@@ -338,14 +344,15 @@ def test_settings_are_merged_with_the_containers_own_and_planted_links_are_not_f
         return r.stdout.decode()
 
     try:
-        assert client.files.read(name, "/home/code/.claude/CLAUDE.md").decode() == big
+        given = client.files.read(name, "/home/code/.claude/CLAUDE.md").decode()
+        assert _own(given) == big and MARK in given  # the user's, then the sandbox context
         info = client.files.stat(name, "/home/code/.claude/CLAUDE.md")
         assert info is not None and (info.uid, info.mode) == (1000, 0o600)
         # The background launch saved the state coi gave the sandbox.
         (saved,) = (Path(uenv["COI_HOME"]) / "sessions-claude").iterdir()
         settings = client.files.read(name, "/home/code/.claude/settings.json")
         assert (saved / ".claude" / "settings.json").read_bytes() == settings
-        assert (saved / ".claude" / "CLAUDE.md").read_text() == big
+        assert _own((saved / ".claude" / "CLAUDE.md").read_text()) == big
 
         # The agent's own settings, a link to a root-only file, a link to a file of its own.
         sh(
@@ -366,9 +373,8 @@ def test_settings_are_merged_with_the_containers_own_and_planted_links_are_not_f
         assert sh("cat /root/secret.json", 0) == '{"root": true}\n'
         # The link was replaced by the file, not written through.
         assert sh("cat /tmp/victim") == "victim\n"
-        assert sh("cd && stat -c '%F %u %a' .claude/CLAUDE.md; cat .claude/CLAUDE.md") == (
-            "regular file 1000 600\nsmall notes\n"
-        )
+        out = sh("cd && stat -c '%F %u %a' .claude/CLAUDE.md; cat .claude/CLAUDE.md")
+        assert _own(out) == "regular file 1000 600\nsmall notes\n"
         # The contents travelled in the command's environment: tmux did not keep them.
         assert "COI_FILE" not in sh("tmux show-environment -g")
 
@@ -423,5 +429,5 @@ def test_a_link_the_agent_left_in_its_saved_state_does_not_take_a_write_out_to_t
         remove_containers(client, ws)
     assert victim.read_text() == "precious\n"
     kept = saved / ".claude" / "CLAUDE.md"
-    assert not kept.is_symlink() and kept.read_text() == "notes\n"
+    assert not kept.is_symlink() and _own(kept.read_text()) == "notes\n"
     assert (kept.stat().st_mode & 0o777) == 0o600
