@@ -26,3 +26,39 @@ def test_lost_child_is_started_again_only_when_nothing_ran() -> None:
 
     with pytest.raises(OperationFailed, match="something else"):
         _retry_not_started(other, may_retry=lambda: True)
+
+
+def test_a_bridge_change_the_daemon_fails_on_a_vanished_veth_is_asked_again() -> None:
+    """Incus fails a network PATCH or DELETE when a container's veth goes away while it lists
+    the bridge's interfaces (seen under load); that one error is retried, no other."""
+    from coi.backend.networks import _settled
+    from coi.errors import BackendError
+
+    vanished = BackendError(
+        "PATCH /1.0/networks/x: Failed to delete bridge children interfaces: Failed to run: "
+        'ip -d -j link show veth1: exit status 1 (Device "veth1" does not exist.)'
+    )
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 2:
+            raise vanished
+
+    _settled(flaky)
+    assert len(calls) == 2
+
+    def other() -> None:
+        calls.append(1)
+        raise BackendError("PATCH /1.0/networks/x: Invalid option")
+
+    calls.clear()
+    with pytest.raises(BackendError, match="Invalid option"):
+        _settled(other)
+    assert len(calls) == 1
+
+    def always() -> None:
+        raise vanished
+
+    with pytest.raises(BackendError, match="children interfaces"):
+        _settled(always)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from coi.backend.models import Network, NetworkACL, StoragePool
-from coi.errors import NotFound
+from coi.errors import BackendError, NotFound
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -43,14 +44,16 @@ class NetworksAPI:
     def patch(self, name: str, config: Mapping[str, str], *, description: str) -> None:
         """Merge `config` into the network's. The daemon clears a description the request
         leaves out, so the caller passes the one to keep."""
-        self._c.request(
-            "PATCH",
-            f"/1.0/networks/{quote(name, safe='')}",
-            json={"config": dict(config), "description": description},
+        _settled(
+            lambda: self._c.request(
+                "PATCH",
+                f"/1.0/networks/{quote(name, safe='')}",
+                json={"config": dict(config), "description": description},
+            )
         )
 
     def delete(self, name: str) -> None:
-        self._c.request("DELETE", f"/1.0/networks/{quote(name, safe='')}")
+        _settled(lambda: self._c.request("DELETE", f"/1.0/networks/{quote(name, safe='')}"))
 
     # -- ACLs ----------------------------------------------------------------------------
 
@@ -138,3 +141,20 @@ class NetworksAPI:
 
     def delete_pool(self, name: str) -> None:
         self._c.request("DELETE", f"/1.0/storage-pools/{quote(name, safe='')}")
+
+
+# Incus lists a bridge's interfaces when it changes or deletes the bridge; a container's veth
+# that goes away meanwhile (another sandbox stopping) fails the request with this. Seen under
+# load on Incus 6.0: the request done again a moment later works.
+_VANISHED = "failed to delete bridge children interfaces"
+
+
+def _settled(call: Callable[[], object], attempts: int = 3) -> None:
+    for attempt in range(attempts):
+        try:
+            call()
+            return
+        except BackendError as err:
+            if _VANISHED not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.3 * (attempt + 1))
