@@ -130,3 +130,11 @@ def test_a_last_look_moments_after_a_sweep_is_no_fork_bomb() -> None:
     procs = [Proc(pid=i, nspid=i, ppid=1, uid=0, cmdline="nslookup x", start=i) for i in range(24)]
     sweep = Sweep(0.0, procs[:2], procs, [], [], 0, 0, 0.04, True)
     assert [t for t in threats_of(sweep, Settings(enabled=True)) if "Fork" in t.title] == []
+
+
+def test_the_event_filter_is_asked_of_kernels_that_have_it() -> None:
+    assert execwatch.filters_events("6.18.44-fc-v1272")
+    assert execwatch.filters_events("6.6.0")
+    assert not execwatch.filters_events("6.5.13")
+    assert not execwatch.filters_events("5.15.0-91-generic")
+    assert not execwatch.filters_events("odd")
