@@ -369,3 +369,26 @@ def test_a_shell_behind_pipes_to_a_socket_is_killed_with_connection_tables_read_
     (shell,) = [e for e in _events(env) if e["title"] == "Reverse shell detected"][:1]
     assert (shell["level"], shell["action"]) == ("critical", "killed")
     assert "/tmp/busybox sh -i" in shell["evidence"]["process"]["command"]
+
+
+def test_an_allowlisted_host_is_not_capped(
+    client: IncusClient, env: dict[str, str], ws: Path, net: Net
+) -> None:
+    """The same 40 MB stream, in allowlist mode with the receiver on the allowlist: all of it
+    arrives and nothing is raised about it."""
+    before = net.received()
+    Path(env["COI_CONFIG"]).write_text(
+        f'[network]\nmode = "allowlist"\nallowed_domains = ["{net.addr}"]\n'
+    )
+    res = subprocess.run(
+        coi_argv(
+            "run", "--monitor", "--image", "coi-tiny", "-w", str(ws), "--", "sh", "-c",
+            f"head -c 40000000 /dev/zero | nc {net.addr} {SINK_PORT}; echo sent",
+        ),
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert "sent" in res.stdout, res.stderr
+    assert not [e for e in _events(env) if e["level"] != "info"], _events(env)
+    # The receiver counts every connection of the module: this one is what was added.
+    wait_for(lambda: net.received() - before >= 40_000_000, "all of it to arrive", 15)
+    assert net.received() - before == 40_000_000

@@ -124,9 +124,8 @@ def ruleset(
     """The table for one sandbox, as an `nft -f` script (replacing an older one).
 
     `blocked`: ranges the policy refuses (logged, not counted). `allowed`: the allowlist
-    (None: no allowlist, the internet is allowed; then every other address counts against
-    its quota; with an allowlist, everything else is refused by the policy and logged as
-    blocked). `cap_bytes` 0: no quota.
+    (None: no allowlist, the internet is allowed), not counted; every other address counts
+    against its quota. `cap_bytes` 0: no quota.
     """
     blocked4 = _merged(blocked)
     lines = [
@@ -150,9 +149,9 @@ def ruleset(
             f"ip daddr {{ {', '.join(blocked4)} }} {log_blocked}",
             f"ip daddr {{ {', '.join(blocked4)} }} return",
         ]
-    if allowed is not None:
-        # Nothing else is allowed: the policy refuses it; report the attempt.
-        lines += [f"meta protocol {{ ip, ip6 }} {log_blocked}", "return"]
+    # Outside an allowlist the policy refuses the rest, but the allowlist moves (coi re-resolves
+    # it every refresh_interval_minutes, this table does not): the rest is counted against
+    # its quota, not reported as refused, so a host's new address is no false alarm.
     if cap_bytes > 0:
         lines += [
             f"update @out4 {{ ip daddr quota over {cap_bytes} bytes }} jump over",
