@@ -155,6 +155,33 @@ def test_docker_build_and_run_as_the_agent(
     assert res.stdout.splitlines() == ["1000", "ok"]
 
 
+def test_hardened_takes_root_from_the_agent(
+    build_env: dict[str, str], coi_image: str, tmp_path: Path
+) -> None:
+    """The coi image gives the agent passwordless sudo and the docker group: with them it
+    could unmount a secret's mask or a protected path. Under `--profile hardened` it has
+    neither, and a secret stays empty even to an agent that tries both ways."""
+    tmp_path.chmod(0o755)
+    secret = tmp_path / ".env"
+    secret.write_text("API_KEY=hunter2\n")
+    secret.chmod(0o644)
+    attack = (
+        "sudo -n umount /workspace/.env 2>/dev/null && echo unmounted; "
+        "sudo -n true 2>/dev/null && echo sudo; "
+        "id -Gn \"$(id -un)\" | tr ' ' '\\n' | grep -x docker; "
+        "cat /workspace/.env; echo end"
+    )
+    probe = 'sudo -n true && echo sudo; id -Gn "$(id -un)"'
+    plain = run_coi("run", "-w", str(tmp_path), "--", "sh", "-c", probe, env=build_env, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert "sudo" in plain.stdout.splitlines() and "docker" in plain.stdout  # the image's way
+    hard = run_coi("run", "--profile", "hardened", "-w", str(tmp_path), "--", "sh", "-c", attack,
+                   env=build_env, timeout=300)  # fmt: skip
+    assert hard.returncode == 0, hard.stderr
+    assert hard.stdout.splitlines() == ["end"], hard.stdout  # no root, no docker, nothing read
+    assert secret.read_text() == "API_KEY=hunter2\n"
+
+
 def test_custom_build_installs_a_package_and_a_failing_script_leaves_nothing(
     client: IncusClient, build_env: dict[str, str], coi_image: str, tmp_path: Path, unique: str
 ) -> None:

@@ -48,6 +48,8 @@ HARDENED: dict[str, Any] = {
     "monitoring.auto_kill_on_critical": True,
     "defaults.persistent": False,
     "security.mask_secrets": True,
+    # Masks and read-only mounts hold only against a user who cannot unmount them.
+    "security.agent_root": False,
     "security.disable_protection": False,
     "git.writable_hooks": False,
     "network.block_private_networks": True,
@@ -60,7 +62,7 @@ BUILTIN: dict[str, tuple[dict[str, Any], str]] = {
     "hardened": (
         HARDENED,
         "restricted network (or stricter), monitor on, ephemeral, no sockets or SSH agent, "
-        "secret files masked",
+        "secret files masked, no root for the agent (no sudo, no docker group)",
     ),
 }
 

@@ -371,7 +371,7 @@ SETTINGS: tuple[Setting, ...] = (
         "str",
         "",
         'Ports the agent may listen on, published as the same port on the host: "3000-3099" '
-        "or \"3000\". Slot N publishes each host port shifted by (N-1) times the width of the "
+        'or "3000". Slot N publishes each host port shifted by (N-1) times the width of the '
         "configured host ports, so slots of one workspace never collide.",
         trust="never",
     ),
@@ -605,6 +605,15 @@ SETTINGS: tuple[Setting, ...] = (
     _s("security.disable_protection", "bool", False, "Turn protected paths off.", trust="false"),
     # Secret masking (the built-in `hardened` profile turns it on): workspace files matching
     # these patterns read as empty inside (protection/masks.py, docs/security.md).
+    _s(
+        "security.agent_root",
+        "bool",
+        True,
+        "The agent user may become root inside (the coi image gives it passwordless sudo and "
+        "the docker group). false: both are taken away at each start, and checked.",
+        profile=True,
+        trust="false",
+    ),
     _s(
         "security.mask_secrets",
         "bool",

@@ -204,5 +204,7 @@ def prepare(
     # At each start, as root inside: the timezone's files and the agent's git identity
     # (not in a container coi did not make).
     git = None if options.container else git_identity(cfg, environ)
-    spec = dataclasses.replace(spec, setup=setup_script(zone, git))
+    spec = dataclasses.replace(
+        spec, setup=setup_script(zone, git), drop_root=not cfg.get_bool("security.agent_root")
+    )
     return Prepared(cfg, workspace, spec, tuple(messages))

@@ -119,6 +119,9 @@ class SandboxSpec:
     ports: forwards.PortRequest = field(default_factory=forwards.PortRequest)
     sockets: tuple[forwards.SocketForward, ...] = ()
     alias: str = ""
+    # `security.agent_root = false`: the agent loses sudo and the docker group at each start
+    # (checked: the session does not start while it could still become root).
+    drop_root: bool = False
 
     @property
     def home(self) -> str:
@@ -571,9 +574,7 @@ class Sandbox:
         self._protect()
         net = self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
-        config = instance_config(
-            self.spec, self.client.has_extension, mknod=self._mknod_works
-        )
+        config = instance_config(self.spec, self.client.has_extension, mknod=self._mknod_works)
         self.template = self._template(config)
         net = net or self.client.networks.get(self.network)
         if not (self.template and self._from_spare(self.template, config, net)):
@@ -815,6 +816,30 @@ class Sandbox:
         )
         return net
 
+    def _take_root(self) -> None:
+        """Take from the agent user every way to root the images give it (passwordless sudo,
+        the docker group), then check it as that user: a sandbox where it can still become
+        root is refused, never started as if it could not.
+
+        :raises SessionError: the agent can still run sudo.
+        """
+        user = self.spec.code_user
+        script = (
+            f"rm -f /etc/sudoers.d/{user}; "
+            f"for g in sudo wheel admin docker incus incus-admin lxd; do "
+            f"gpasswd -d {user} $g >/dev/null 2>&1 || true; done; true"
+        )
+        self.client.exec.capture(self.name, ExecRequest(["sh", "-c", script]))
+        check = self.client.exec.capture(self.name, self.request(["sh", "-c", _ROOT_CHECK], {}))
+        if check.exit_code != 0:
+            raise SessionError(
+                "could not take root from the agent in this sandbox (security.agent_root = "
+                "false): " + check.stdout.decode(errors="replace").strip(),
+                resolution="Use an image whose agent user gets root only through sudo and "
+                "the docker group (coi build's does), or allow it: security.agent_root = true.",
+            )
+        self.record("policy", "the agent has no way to root (no sudo, no docker group)")
+
     def verify_network(self) -> None:
         """Refuse to go on unless the policy is in force, checked from inside."""
         policy = self.spec.policy
@@ -834,6 +859,8 @@ class Sandbox:
             )  # fmt: skip
         mode = policy.mode if policy else "open"
         self.record("policy", f"network {mode}: in force", mode=mode, gateway=gateway)
+        if self.spec.drop_root:
+            self._take_root()
         mon = self.monitor
         if mon is not None and mon.enabled:
             from coi.monitor.monitor import net_context
@@ -931,6 +958,14 @@ class Sandbox:
         self.up()
         if self.slot:
             self._claims.release(self._ws_hash, self.slot)
+
+
+# Run as the agent: fails, saying how, while it can still become root.
+_ROOT_CHECK = (
+    "if sudo -n true 2>/dev/null; then echo 'sudo works'; exit 1; fi; "
+    'for g in $(id -Gn "$(id -un)"); do case $g in docker|sudo|wheel|admin|incus*|lxd) '
+    'echo "in group $g"; exit 1;; esac; done; exit 0'
+)
 
 
 def detached(fn: Callable[[], None]) -> None:
