@@ -108,7 +108,9 @@ class NetworksAPI:
         body["config"] = (
             dict(config) if config is not None else dict(current.config if current else {})
         )
-        self._c.request("PUT", f"/1.0/network-acls/{quote(name, safe='')}", json=body)
+        _settled(
+            lambda: self._c.request("PUT", f"/1.0/network-acls/{quote(name, safe='')}", json=body)
+        )
 
     def delete_acl(self, name: str) -> None:
         self._c.request("DELETE", f"/1.0/network-acls/{quote(name, safe='')}")
@@ -144,9 +146,10 @@ class NetworksAPI:
 
 
 # Incus lists a bridge's interfaces when it changes or deletes the bridge; a container's veth
-# that goes away meanwhile (another sandbox stopping) fails the request with this. Seen under
-# load on Incus 6.0: the request done again a moment later works.
-_VANISHED = "failed to delete bridge children interfaces"
+# that goes away meanwhile (another sandbox stopping) fails the request with the first. Two
+# ACL updates applied to the firewall at once fail one with the second (its chain flushed by
+# the other). Seen under load on Incus 6.0: the request done again a moment later works.
+_TRANSIENT = ("failed to delete bridge children interfaces", "flush chain")
 
 
 def _settled(call: Callable[[], object], attempts: int = 3) -> None:
@@ -155,6 +158,7 @@ def _settled(call: Callable[[], object], attempts: int = 3) -> None:
             call()
             return
         except BackendError as err:
-            if _VANISHED not in str(err).lower() or attempt == attempts - 1:
+            text = str(err).lower()
+            if not any(t in text for t in _TRANSIENT) or attempt == attempts - 1:
                 raise
             time.sleep(0.3 * (attempt + 1))
