@@ -340,7 +340,7 @@ def test_a_key_held_open_by_a_copied_binary_is_a_credential_hunt(
     )  # fmt: skip
     assert "done" in res.stdout, res.stderr
     hunts = [e for e in _events(env) if e["title"] == "Credential access detected"]
-    assert hunts, _events(env)
+    assert hunts, (_events(env), res.stdout, res.stderr[-1500:])
     assert any("/.ssh/id_ed25519" in f for e in hunts for f in e["evidence"]["files"])
     assert any("/tmp/bb sleep" in e["evidence"]["process"]["command"] for e in hunts)
 
@@ -392,3 +392,36 @@ def test_an_allowlisted_host_is_not_capped(
     # The receiver counts every connection of the module: this one is what was added.
     wait_for(lambda: net.received() - before >= 40_000_000, "all of it to arrive", 15)
     assert net.received() - before == 40_000_000
+
+
+def test_a_resume_gives_the_destination_its_cap_once_more(
+    client: IncusClient, env: dict[str, str], ws: Path, net: Net
+) -> None:
+    """Paused at the cap, reviewed, `coi resume`: the stream goes on until it has sent the cap
+    once more, then it is cut and paused again. Never more than the cap per review."""
+    start = net.received()
+    # A connection whose packets were dropped backs off (its retransmits wait minutes): the
+    # uploader starts a new one every 4 s, up to 20 times.
+    upload = f"timeout 4 nc {net.addr} {SINK_PORT}"
+    proc = _run_watched(
+        client, env, ws,
+        f"i=0; while [ $i -lt 20 ]; do head -c 20000000 /dev/zero | {upload}; i=$((i+1)); done",
+    )  # fmt: skip
+    try:
+
+        def overs() -> list[dict[str, Any]]:
+            return [e for e in _events(env) if e["title"] == "Upload limit reached"]
+
+        wait_for(lambda: overs() and _frozen(client), "the first pause", 150)
+        first = net.received() - start
+        (name,) = _coi_containers(client)
+        res = subprocess.run(
+            coi_argv("resume", name), env=env, capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: len(overs()) >= 2 and _frozen(client), "the second pause", 60)
+        time.sleep(1)
+        second = net.received() - start - first
+        assert first < 10_000_000 and 1_000_000 < second < 10_000_000, (first, second)
+    finally:
+        _end(client, proc)

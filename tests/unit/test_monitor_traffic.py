@@ -102,6 +102,9 @@ def test_over_the_cap_is_one_high_threat_per_address_a_minute() -> None:
     assert judge.judge(_pkt(OVER, "203.0.113.9", 443), 0.05) == []  # the next drops
     assert judge.judge(_pkt(OVER, "203.0.113.10", 443), 0.1) != []  # another address
     assert judge.judge(_pkt(OVER, "203.0.113.9", 443), 61.0) != []
+    judge.resumed()  # the quotas were reset: filled again, raised again at once
+    (again,) = judge.judge(_pkt(OVER, "203.0.113.9", 443), 62.0)
+    assert again.key != t.key  # not deduplicated as the same alert
 
 
 def test_a_refused_attempt_raises_and_ten_distinct_targets_are_a_scan() -> None:

@@ -470,16 +470,20 @@ def scan_processes(procs: Iterable[Proc], workspace: str = "/workspace") -> list
 # -- by what leaves (the sandbox's nft table, coi.monitor.netguard) -------------------------
 
 
-def exfil_over(dst: str, cap_bytes: int, proto: str = "tcp", port: int = 0) -> Threat:
+def exfil_over(
+    dst: str, cap_bytes: int, proto: str = "tcp", port: int = 0, times: int = 1
+) -> Threat:
     """More than the cap went to one address outside the allowlist: its packets are being
-    dropped (the kernel's quota); the sandbox is paused for review."""
+    dropped (the kernel's quota); the sandbox is paused for review. `times`: how often this
+    address filled its cap (once more after each resume)."""
     where = f"{dst}:{port}" if port else dst
+    again = f"; {times} times, a resume gives it the cap once more" if times > 1 else ""
     return Threat(
         HIGH,
         "exfiltration",
         "Upload limit reached",
         f"{cap_bytes / 1e6:.0f} MB sent to {dst}, outside the allowlist: further packets "
-        f"there are dropped ({proto} to {where})",
+        f"there are dropped ({proto} to {where}{again})",
         {"network": {"remote": dst, "port": port, "protocol": proto, "cap_bytes": cap_bytes}},
     )
 

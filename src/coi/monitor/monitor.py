@@ -325,8 +325,11 @@ class Monitor:
             return True
         self.responder.paused = False
         if self._guard is not None:
-            # Resumed after review: every destination may take its whole cap again.
+            # Resumed after review: every destination may take its whole cap again (and is
+            # paused again should it take that too).
             self._guard.reset_quota()
+            if self._traffic is not None:
+                self._traffic.resumed()
         return False
 
     def start(self) -> None:
@@ -418,5 +421,18 @@ def context_of(client: IncusClient, container: str) -> NetContext:
         return NetContext(mode="open")
     mode = net.config.get(labels.NETWORK_MODE, "open")
     gateway = str(ipaddress.IPv4Interface(net.config.get("ipv4.address", "0.0.0.0/0")).ip)
-    # The allowlist's addresses live in the bridge's ACL; without them, judge as restricted.
-    return net_context("restricted" if mode == "allowlist" else mode, gateway, mode == "open", [])
+    if mode == "allowlist":
+        # The allowlist's addresses, as the bridge's ACL holds them now (its allow rules);
+        # without an ACL to read, judge as restricted.
+        acl = client.networks.acl(network)
+        if acl is None:
+            return net_context("restricted", gateway, False, [])
+        allowed = [
+            d.strip()
+            for rule in acl.egress
+            if rule.get("action") == "allow"
+            for d in str(rule.get("destination", "")).split(",")
+            if d.strip()
+        ]
+        return net_context("allowlist", gateway, False, allowed)
+    return net_context(mode, gateway, mode == "open", [])

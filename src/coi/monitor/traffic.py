@@ -26,6 +26,7 @@ class TrafficJudge:
         self.refused: deque[tuple[float, str, int]] = deque(maxlen=512)
         self.names: deque[tuple[float, str]] = deque(maxlen=4096)
         self._quiet: dict[tuple[str, str], float] = {}
+        self._times: dict[str, int] = {}  # address -> how often it filled its cap
 
     def _first(self, what: str, key: str, now: float) -> bool:
         """True at most once a minute per (what, key)."""
@@ -34,12 +35,19 @@ class TrafficJudge:
         self._quiet[(what, key)] = now
         return True
 
+    def resumed(self) -> None:
+        """The user resumed the sandbox and its quotas were reset: a destination that fills
+        its cap again is raised again, however soon."""
+        self._quiet = {k: v for k, v in self._quiet.items() if k[0] != "over"}
+
     def judge(self, p: Packet, now: float) -> list[Threat]:
         found: list[Threat] = []
         if p.kind == OVER:
             # Logged up to 20 times a second while its packets are dropped.
             if self._first("over", p.dst, now):
-                found.append(detect.exfil_over(p.dst, self.cap_bytes, p.proto, p.dport))
+                # Counted, so that the next time is not taken for the same alert (deduplicated).
+                times = self._times[p.dst] = self._times.get(p.dst, 0) + 1
+                found.append(detect.exfil_over(p.dst, self.cap_bytes, p.proto, p.dport, times))
         elif p.kind == BLOCKED:
             self.refused.append((now, p.dst, p.dport))
             # The bridge's own address: only as part of a scan. coi's policy proof tries a
