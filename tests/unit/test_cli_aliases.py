@@ -21,3 +21,21 @@ def test_all_and_force_have_their_short_flags(
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "-a, --all" in out and "-f, --force" in out
+
+
+def test_powershell_completion_as_upstream_ships_it() -> None:
+    """Upstream (cobra) prints a PowerShell completion; coi's script registers a completer
+    that asks coi for the values, and coi answers that protocol."""
+    import os
+    import subprocess
+    import sys
+
+    script = subprocess.run(
+        [sys.executable, "-m", "coi", "completion", "powershell"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "Register-ArgumentCompleter" in script.stdout and "powershell_complete" in script.stdout
+    env = {**os.environ, "_COI_COMPLETE": "powershell_complete"}
+    env.update(COMP_WORDS="coi snapshot re", COMP_CWORD="re")
+    asked = subprocess.run([sys.executable, "-m", "coi"], env=env, capture_output=True, text=True)
+    assert asked.stdout.split() == ["restore"]

@@ -13,7 +13,7 @@ MISTAKES = [
     ["container", "exec", "box", "--format", "json", "--", "true"],  # ... and in `container`
     ["run", "--network", "wide-open", "--", "true"],  # a value out of its choices
     ["shell", "stray-argument"],
-    ["completion", "powershell"],
+    ["completion", "tcsh"],
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,6 +52,8 @@ def _dispatch(args: list[str]) -> int:
     from coi.cli.app import cli
     from coi.errors import CoiError
 
+    if os.environ.get("_COI_COMPLETE", "").startswith("powershell"):
+        import coi.cli.completion  # noqa: F401  (registers the PowerShell completion)
     try:
         rv = cli.main(args=args, prog_name="coi", standalone_mode=False)
     except CoiError as err:
