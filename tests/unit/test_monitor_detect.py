@@ -168,6 +168,7 @@ def test_io_bursts_and_fork_bombs() -> None:
     assert detect.fork_bomb(1500, 10, 1.0) is not None
     assert detect.fork_bomb(40, 900, 2.0) is not None
     assert detect.fork_bomb(80, 60, 2.0) is None  # a parallel build
+    assert detect.fork_bomb(4, 2000, 2.0) is None  # a script running `true` in a loop
 
 
 def test_dns_volume() -> None:

@@ -425,10 +425,16 @@ def io_burst(
     return out
 
 
+# Processes alive at once from which a fast spawn rate is a storm, not a loop of short commands.
+PILED_UP = 32
+
+
 def fork_bomb(count: int, spawned: int, interval: float, *, max_count: int = 1000) -> Threat | None:
-    """Runaway process creation; thresholds sit well above `make -j` or a test suite."""
+    """Runaway process creation; thresholds sit well above `make -j` or a test suite. A fast
+    rate alone is a loop of short commands (a shell script running `true` 500 times spawns
+    a thousand a second with three processes alive): a bomb's processes also pile up."""
     rate = spawned / interval
-    if count > max_count or rate > 300:
+    if count > max_count or (rate > 300 and count >= PILED_UP):
         return Threat(
             CRITICAL,
             "process",
