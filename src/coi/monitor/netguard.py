@@ -32,7 +32,10 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from coi.helpers import pid_alive
 from coi.monitor.netlink import NetlinkReader
+from coi.monitor.netlink import attr as _attr
+from coi.monitor.netlink import attrs as _attrs
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
@@ -50,7 +53,6 @@ NLM_F_REQUEST, NLM_F_ACK = 1, 4
 NLMSG_ERROR = 2
 _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian: the group)
-_ATTR = struct.Struct("=HH")
 
 # Log prefixes: what a packet was logged for.
 DNS, BLOCKED, OVER = "coi-dns", "coi-blk", "coi-exf"
@@ -101,14 +103,7 @@ def remove_stale(listing: str, alive: Callable[[int], bool]) -> list[str]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_alive = pid_alive
 
 
 def ruleset(
@@ -196,22 +191,6 @@ def _merged(cidrs: Iterable[str]) -> list[str]:
         if isinstance(net, ipaddress.IPv4Network):
             nets.append(net)
     return [str(n) for n in ipaddress.collapse_addresses(nets)]
-
-
-def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while off + _ATTR.size <= end:
-        length, kind = _ATTR.unpack_from(data, off)
-        if length < _ATTR.size:
-            break
-        out[kind & 0x3FFF] = data[off + _ATTR.size : off + length]
-        off += (length + 3) & ~3
-    return out
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
-    return raw + b"\0" * ((4 - len(raw) % 4) % 4)
 
 
 _PROTOS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 
 
@@ -44,3 +45,25 @@ class NetlinkReader:
         if self._thread:
             self._thread.join(timeout=2)
         self.sock.close()
+
+
+# A netlink attribute's header: its length (header included) and its type.
+_ATTR = struct.Struct("=HH")
+
+
+def attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    """The attributes in `data[off:end]` by type (nested and byte-order flags dropped)."""
+    out: dict[int, bytes] = {}
+    while off + _ATTR.size <= end:
+        length, kind = _ATTR.unpack_from(data, off)
+        if length < _ATTR.size:
+            break
+        out[kind & 0x3FFF] = data[off + _ATTR.size : off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    """One attribute, padded to four bytes."""
+    raw = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
+    return raw + b"\0" * ((4 - len(raw) % 4) % 4)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from coi.monitor.netlink import NetlinkReader
+from coi.monitor.netlink import attr as _attr
+from coi.monitor.netlink import attrs as _attrs
 
 NETLINK_GENERIC = 16
 GENL_ID_CTRL = 0x10
@@ -28,7 +30,6 @@ TASKSTATS_TYPE_AGGR_PID = 4
 NLM_F_REQUEST = 1
 _NLMSG = struct.Struct("=IHHII")
 _GENL = struct.Struct("=BBH")
-_ATTR = struct.Struct("=HH")
 # Offsets in struct taskstats (linux/taskstats.h, stable since version 4 on 64-bit).
 _OFF_COMM, _OFF_PID, _OFF_READ, _OFF_WRITE = 80, 128, 216, 224
 
@@ -39,22 +40,6 @@ class Exit:
     comm: str
     read_bytes: int  # read_char: bytes read through read(2) and friends
     write_bytes: int
-
-
-def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while off + _ATTR.size <= end:
-        length, kind = _ATTR.unpack_from(data, off)
-        if length < _ATTR.size:
-            break
-        out[kind & 0x3FFF] = data[off + _ATTR.size : off + length]
-        off += (length + 3) & ~3
-    return out
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
-    return raw + b"\0" * ((4 - len(raw) % 4) % 4)
 
 
 def _request(family: int, cmd: int, attrs: bytes) -> bytes:
