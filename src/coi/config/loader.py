@@ -15,6 +15,7 @@ from coi.config.schema import BY_KEY, PROFILE_KEYS, Setting
 from coi.errors import ConfigError
 
 if TYPE_CHECKING:
+    from coi.config.trust import FileRead, TrustStore
     from coi.config.untrusted import Dropped
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -28,6 +29,17 @@ TRUST_ALL_ENV = "COI_TRUST_ALL"
 def trust_all(env: Mapping[str, str]) -> bool:
     """Does the environment ask to trust every workspace config file?"""
     return env.get(TRUST_ALL_ENV, "").strip().lower() in _TRUE
+
+
+def trust_status(store: TrustStore, read: FileRead, env: Mapping[str, str]) -> str:
+    """A workspace file's standing: "trust-all", "trusted" (pinned as it is), "changed"
+    (pinned with other content) or "untrusted"."""
+    pinned = store.pinned(read.path)
+    if trust_all(env):
+        return "trust-all"
+    if pinned == read.sha256:
+        return "trusted"
+    return "changed" if pinned else "untrusted"
 
 
 def _drop(cfg: Config, key: str, value: Any, origin: str, reason: str) -> None:
@@ -344,13 +356,7 @@ def _apply_workspace(cfg: Config, cwd: Path, rel: str, env: Mapping[str, str]) -
         return
     if read is None:
         return
-    pinned = TrustStore(env=env).pinned(read.path)
-    if trust_all(env):
-        status = "trust-all"
-    elif pinned == read.sha256:
-        status = "trusted"
-    else:
-        status = "changed" if pinned else "untrusted"
+    status = trust_status(TrustStore(env=env), read, env)
     entry = WorkspaceFile(shown, status, read.sha256, read.path)
     cfg.workspace.append(entry)
     cfg.files_read.append(shown)

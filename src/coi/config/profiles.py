@@ -30,7 +30,7 @@ from coi.config.loader import (
     _apply_table_profile,
     _drop,
     _read_file,
-    trust_all,
+    trust_status,
 )
 from coi.config.paths import coi_home
 from coi.config.schema import BY_KEY, Setting
@@ -145,13 +145,7 @@ def _workspace_sources(cwd: Path, env: Mapping[str, str]) -> tuple[dict[str, Sou
             continue
         if read is None:
             continue
-        pinned = store.pinned(read.path)
-        if trust_all(env):
-            status = "trust-all"
-        elif pinned == read.sha256:
-            status = "trusted"
-        else:
-            status = "changed" if pinned else "untrusted"
+        status = trust_status(store, read, env)
         untrusted = status not in ("trusted", "trust-all")
         try:
             data = tomllib.loads(read.data.decode())

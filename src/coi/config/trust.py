@@ -25,6 +25,7 @@ from typing import Any
 from coi.config.loader import TRUST_ALL_ENV, WORKSPACE_FILES, trust_all
 from coi.config.paths import coi_home
 from coi.errors import ConfigError
+from coi.fsio import write_atomic
 
 __all__ = ["TRUST_ALL_ENV", "WORKSPACE_FILES", "FileRead", "TrustStore", "trust_all"]
 MAX_BYTES = 1 << 20
@@ -125,15 +126,8 @@ class TrustStore:
 
     def _write(self, files: dict[str, dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         body = json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True) + "\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, body.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, body)
 
     def _locked(self) -> Any:
         from coi.locks import held
