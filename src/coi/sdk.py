@@ -151,6 +151,8 @@ class Client:
         env: Mapping[str, str] | None = None,
         mounts: Sequence[str] = (),
         slot: int | None = None,
+        ports: Sequence[str] = (),
+        name: str | None = None,
         log: Callable[[str], None] | None = None,
     ) -> Sandbox:
         """Make a sandbox on `workspace` (mounted at /workspace) and start it.
@@ -159,7 +161,10 @@ class Client:
         reads it (the folder's own `.coi.toml` can only tighten it unless trusted).
         `limits` by short name: {"memory": "2GiB", "cpu": "2", "duration": "30m",
         "processes": 500, ...} (the `--limit-*` flags' names). A persistent sandbox is
-        stopped and kept when closed, and reused by the next one on its slot.
+        stopped and kept when closed, and reused by the next one on its slot. `ports`:
+        published as `--port` publishes them ("HOST:CONTAINER", on 127.0.0.1 unless the
+        config says otherwise; `Sandbox.ports` says what was published); `name`: an alias
+        (`--name`), unique on the daemon.
 
         :raises UsageError, ConfigError: bad arguments (nothing is made).
         :raises SessionError: the image is missing, or the sandbox could not be made.
@@ -175,6 +180,8 @@ class Client:
             env=dict(env or {}),
             profile=self._profile,
             kind="run",
+            ports=tuple(ports),
+            alias=name,
         )
         if not Path(options.workspace or ".").is_dir():
             raise UsageError(
@@ -268,6 +275,15 @@ class Sandbox:
     @property
     def persistent(self) -> bool:
         return self._box.spec.persistent
+
+    @property
+    def ports(self) -> list[tuple[str, int, int]]:
+        """The published ports: (host address, host port, port inside), one per port."""
+        return [
+            (p.bind, p.host + i, p.container + i)
+            for p in self._box.published
+            for i in range(p.count)
+        ]
 
     @property
     def killed(self) -> bool:

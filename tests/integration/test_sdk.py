@@ -139,3 +139,45 @@ def test_closing_the_client_closes_its_sandboxes_and_a_closed_one_refuses_work(
     assert res.returncode == 0, res.stdout + res.stderr
     assert "is closed" in res.stdout
     wait_for(lambda: not coi_names(client, ws), "both sandboxes to go", 30)
+
+
+def test_a_sandbox_publishes_ports_and_takes_a_name(
+    client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """`client.sandbox(ports=..., name=...)` as `coi run --port --name`: the agent's server
+    answers on the host's loopback at the published port, and the alias is on the container."""
+    import socket
+
+    ws = user_dir(base / "ws", user)
+    with socket.socket() as s:  # a free port on the host's loopback (the test's own)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = textwrap.dedent(
+        f"""
+        import socket, time, coi
+        client = coi.connect()
+        with client, client.sandbox(".", ports=["{port}:8000"], name="sdk-web") as sb:
+            print(sb.ports)
+            sb.run(["sh", "-c", "mkdir -p /tmp/w && echo hello > /tmp/w/index.html && "
+                    "busybox httpd -p 127.0.0.1:8000 -h /tmp/w"])
+            for _ in range(50):
+                try:
+                    with socket.create_connection(("127.0.0.1", {port}), timeout=2) as c:
+                        c.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+                        print(c.recv(4096).decode().splitlines()[-1])
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            print([c.alias for c in client.list() if c.name == sb.name])
+        """
+    )
+    res = subprocess.run(
+        _python(code), env=_env(uenv), cwd=ws, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"[('127.0.0.1', {port}, 8000)]"
+    assert lines[1] == "hello"
+    assert lines[2] == "['sdk-web']"
+    wait_for(lambda: not coi_names(client, ws), "the sandbox to go", 30)
