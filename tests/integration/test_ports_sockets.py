@@ -552,6 +552,11 @@ def test_a_named_shell_publishes_and_is_shut_down_by_its_name(
         info = json.loads(_coi(uenv, ws, "info", name, "--format", "json").stdout)
         assert (info["name"], info["alias"], info["kind"]) == (box, name, "shell")
         assert info["ports"] == [{"bind": "127.0.0.1", "host": port, "container": 3000, "count": 1}]
+        # coi tmux by the name too.
+        sent = _coi(uenv, ws, "tmux", "send", name, "echo by-$((40+2))-name")
+        assert sent.returncode == 0 and f"coi-{box}" in sent.stdout, sent.stdout + sent.stderr
+        wait_for(lambda: "by-42-name" in _coi(uenv, ws, "tmux", "capture", name).stdout,
+                 "the command typed by the name to show", 15)  # fmt: skip
         res = _coi(uenv, ws, "shutdown", name, "--timeout", "5")
         assert res.returncode == 0 and f"Shutdown {box}" in res.stdout, res.stdout + res.stderr
         assert coi_names(client, ws) == []

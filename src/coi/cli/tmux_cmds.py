@@ -56,8 +56,9 @@ def send_cmd(container: str, command: str) -> None:
 
     cfg = load_settings()
     with connect(cfg) as client:
-        access.tmux_send(client, _agent(client, cfg, container), command)
-    click.echo(f"Sent command to session {naming.tmux_session(container)}")
+        agent = _agent(client, cfg, container)
+        access.tmux_send(client, agent, command)
+    click.echo(f"Sent command to session {naming.tmux_session(agent.container)}")
 
 
 @tmux_cmd.command("capture", examples="  coi tmux capture coi-abc12345-1 | tail -5")

@@ -41,11 +41,21 @@ class Agent:
 
 
 def running_instance(client: IncusClient, name: str) -> Instance:
-    """:raises SessionError: the container does not exist or is not running."""
+    """The container of that name, or of that alias (`coi alias`, `--name`).
+
+    :raises SessionError: the container does not exist or is not running."""
+    inst: Instance | None
     try:
         inst = client.instances.get(name)
     except NotFound:
-        inst = None
+        # Not a container's name: perhaps one's alias (looked up only then, as it lists all).
+        from coi.sessions import aliases
+
+        real = aliases.resolve(client, name)
+        try:
+            inst = client.instances.get(real) if real != name else None
+        except NotFound:
+            inst = None
     if inst is None or not inst.running:
         raise SessionError(
             f"container {name} not found or not running",
