@@ -102,6 +102,13 @@ def session_options(func: F) -> F:
             help="Network mode (default: restricted).",
         ),
         click.option(
+            "--review",
+            is_flag=True,
+            default=None,
+            help="The agent works on a copy of the workspace; see it with 'coi diff', bring it "
+            "in with 'coi apply' ([workspace] mode = \"review\").",
+        ),
+        click.option(
             "--writable-git-hooks",
             is_flag=True,
             default=None,

@@ -49,6 +49,7 @@ def _options(p: dict[str, Any], kind: Literal["run", "shell"]) -> SessionOptions
         kind=kind,
         ports=tuple(p.get("ports") or ()),
         alias=p.get("alias"),
+        review=p.get("review"),
     )
 
 

@@ -575,6 +575,17 @@ SETTINGS: tuple[Setting, ...] = (
         trust="any",
     ),
     _s(
+        "workspace.mode",
+        "str",
+        "live",
+        'How the agent gets the workspace: "live" (your folder itself, mounted) or "review" '
+        "(a copy; your folder is untouched until 'coi apply': see docs/review.md).",
+        choices=("live", "review"),
+        profile=True,
+        trust="order",
+        order=("live", "review"),
+    ),
+    _s(
         "workspace.mount_path",
         "str",
         "/workspace",

@@ -59,6 +59,8 @@ class SessionOptions:
     ports: tuple[str, ...] = ()
     # The name the user gives the sandbox (`--name`).
     alias: str | None = None
+    # The agent works on a copy of the workspace (`--review`; coi.review).
+    review: bool | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The config keys these options set (None: not set)."""
@@ -69,6 +71,7 @@ class SessionOptions:
             "tool.name": self.tool,
             "monitoring.enabled": self.monitor,
             "git.writable_hooks": self.writable_git_hooks,
+            "workspace.mode": "review" if self.review else None,
         }
         for name, value in self.limits.items():
             if name not in LIMIT_NAMES:
@@ -128,6 +131,7 @@ def prepare(
     workspace = resolve_workspace(None if options.workspace is None else str(options.workspace))
     limits = limits_from_config(cfg)
     target = workspace_target(cfg, workspace)
+    reviewing = cfg.get_str("workspace.mode") == "review"
     mounts = merge_mounts(cfg.get("mounts.default"), options.mounts, target)
     check_no_credentials([workspace, *(m.host for m in mounts)])
     env, unset = forwarded_env(cfg, environ)
@@ -168,7 +172,10 @@ def prepare(
         limits=limits,
         monitor=monitor,
         policy=policy,
-        protection=None if options.container else plan(workspace, configured_paths(cfg)),
+        # Planned on the copy in review mode (the plan makes the folders it protects).
+        protection=None
+        if options.container or reviewing
+        else plan(workspace, configured_paths(cfg)),
         host_env=host_env,
     )
     if cfg.floors and options.container:
@@ -180,7 +187,7 @@ def prepare(
         )
     if cfg.get_bool("security.mask_secrets") and options.container:
         messages.append("Warning: secrets are not masked in an existing container (--container)")
-    elif cfg.get_bool("security.mask_secrets"):
+    elif cfg.get_bool("security.mask_secrets") and not reviewing:  # on the copy, below
         from dataclasses import replace
 
         from coi.protection.masks import plan_masks, summary
@@ -207,4 +214,42 @@ def prepare(
     spec = dataclasses.replace(
         spec, setup=setup_script(zone, git), drop_root=not cfg.get_bool("security.agent_root")
     )
+    if reviewing:
+        spec = _in_review(cfg, options, spec, messages)
     return Prepared(cfg, workspace, spec, tuple(messages))
+
+
+def _in_review(
+    cfg: Config, options: SessionOptions, spec: SandboxSpec, messages: list[str]
+) -> SandboxSpec:
+    """The sandbox gets a copy of the workspace (coi.review), made last: nothing before it
+    can refuse the session and leave the copy behind. Protection and masks are planned on
+    the copy, which is what the agent sees.
+
+    :raises UsageError: with --container or a persistent sandbox (not supported yet).
+    """
+    if options.container or spec.persistent:
+        raise UsageError(
+            "review mode needs a sandbox coi makes for this session "
+            + ("(not --container)" if options.container else "(not a persistent one yet)"),
+            resolution="Drop --review (or [workspace] mode), or "
+            + ("--container." if options.container else "--persistent."),
+        )
+    from coi.review import copy as review_copy
+
+    review = review_copy.start(spec.workspace)
+    source = Path(review.work)
+    messages.append(
+        f"Note: review {review.id}: the agent works on a copy; {spec.workspace} is not touched "
+        f"until 'coi apply {review.id}' ('coi diff {review.id}' shows the changes)"
+    )
+    masks = None
+    if cfg.get_bool("security.mask_secrets"):
+        from coi.protection.masks import plan_masks, summary
+
+        masks = plan_masks(source, cfg.get_list("security.secret_patterns"))
+        messages += [f"Note: {n}" for n in [*masks.notes, summary(masks)]]
+    protection = plan(source, configured_paths(cfg))
+    return dataclasses.replace(
+        spec, source=source, review=review.id, protection=protection, masks=masks
+    )

@@ -315,6 +315,16 @@ def finish_run(box: Sandbox, log: Log) -> None:
             box.record("end", "stopped and kept" if spec.persistent else "removed")
         box.replenish()
         box.release()
+    review_hint(spec, log)
+
+
+def review_hint(spec: SandboxSpec, log: Log) -> None:
+    """In review mode, what to do with the agent's copy now."""
+    if spec.review:
+        log(
+            f"Review {spec.review}: 'coi diff {spec.review}' shows the changes, "
+            f"'coi apply {spec.review}' brings them in, 'coi discard {spec.review}' drops them"
+        )
 
 
 @contextmanager
@@ -844,6 +854,7 @@ class ShellSession:
             self.box.release()
             dismiss_keeper(self._keeper)
             self._keeper = None
+            review_hint(self.spec, log)
 
     def _spawn_keeper(self, *, save: bool = False) -> subprocess.Popen[bytes]:
         tool = self.req.tool

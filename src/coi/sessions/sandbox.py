@@ -122,6 +122,10 @@ class SandboxSpec:
     # `security.agent_root = false`: the agent loses sudo and the docker group at each start
     # (checked: the session does not start while it could still become root).
     drop_root: bool = False
+    # Review mode (coi.review): the copy mounted instead of `workspace`, and its id. The
+    # sandbox is still the workspace's (its name, slots, saved sessions).
+    source: Path | None = None
+    review: str = ""
 
     @property
     def home(self) -> str:
@@ -274,7 +278,11 @@ def instance_devices(
     devices: dict[str, dict[str, str]] = {
         "root": {"type": "disk", "path": "/", "pool": spec.pool, **spec.limits.root_disk},
         "eth0": _nic(spec, addr, filtering=filtering, network=network),
-        "workspace": {"type": "disk", "source": str(spec.workspace), "path": spec.workspace_target},
+        "workspace": {
+            "type": "disk",
+            "source": str(spec.source or spec.workspace),
+            "path": spec.workspace_target,
+        },
     }
     if spec.protection is not None:
         devices.update(protected.devices(spec.protection, spec.workspace_target))
