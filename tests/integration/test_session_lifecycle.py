@@ -298,7 +298,15 @@ def test_completion_scripts_load_and_complete_a_running_container(
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
         assert zsh_reply.stdout.split("\n")[:2] == ["plain", name]
-        res = run_coi("completion", "powershell", env=coi_env)
-        assert res.returncode == 2 and "powershell" in res.stderr
+        # PowerShell (as upstream ships it): its completer asks coi the same way.
+        pwsh_reply = subprocess.run(
+            ["coi"],
+            env={**env, "COMP_WORDS": f"coi attach coi-{unique[1:5]}",
+                 "COMP_CWORD": f"coi-{unique[1:5]}", "_COI_COMPLETE": "powershell_complete"},
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert pwsh_reply.stdout.split() == [name]
+        res = run_coi("completion", "tcsh", env=coi_env)
+        assert res.returncode == 2 and "tcsh" in res.stderr
     finally:
         client.instances.delete(name, force=True)

@@ -162,6 +162,7 @@ class Monitor:
         self._net_lock = threading.Lock()
         # (seconds, bytes read, bytes written) of the sweeps of the last IO_WINDOW seconds.
         self._io: deque[tuple[float, int, int]] = deque()
+        self._rebase = False  # the next sweep is a new baseline (after a resume)
 
     def _attach(self) -> Collector | None:
         cgdir = cgroup_dir(self.client.project, self.container)
@@ -180,6 +181,13 @@ class Monitor:
                 if self._collector is None:
                     return []
                 self._collector.sweep()  # what runs already is the baseline, not news
+                return []
+            if self._rebase:
+                # Just resumed after review: the I/O counted since the last sweep happened
+                # before the pause (the burst that paused it, and the freeze's span with it),
+                # reviewed already; counting starts again from here.
+                self._rebase = False
+                self._collector.sweep()
                 return []
             sweep = self._collector.sweep(fresh=fresh)
             io = self._io_window(sweep)
@@ -324,6 +332,11 @@ class Monitor:
         if self.client.instances.get(self.container).status == "Frozen":
             return True
         self.responder.paused = False
+        # What the user resumed it with is reviewed: the burst that paused it must not pause
+        # it again from the I/O window, nor from what was read between the last sweep and
+        # the pause (counted at the next sweep, over a span that includes the pause).
+        self._io.clear()
+        self._rebase = True
         if self._guard is not None:
             # Resumed after review: every destination may take its whole cap again (and is
             # paused again should it take that too).
