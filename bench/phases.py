@@ -1,55 +1,334 @@
-"""Where one `coi run` spends its time: the session's steps, timed from process start.
+"""Where one `coi run -- true` or `coi shell --background` spends its time, per phase.
 
-    cd bench && sudo ../.venv/bin/python phases.py [coi run flags] -- true
+    cd bench && sudo ../.venv/bin/python phases.py --runs 5 [--image coi-tiny] [--shell]
+    cd bench && sudo ../.venv/bin/python phases.py --timeline -- [coi run flags] -- true
 
-Wraps the sandbox's steps and the daemon calls with timers, then runs the real `coi run`
-in this process; prints one line per step (seconds since start) on stderr.
+Each run is a fresh process (as a user's command is): this script starts itself as the child,
+which wraps coi's steps and every daemon request with timers and then runs the real `coi
+run`/`coi shell` in-process; the parent times the whole process from its spawn to its exit,
+so the interpreter's start and its exit are phases too. Clocks: `time.perf_counter` is the
+system-wide monotonic clock on Linux, comparable across the two processes.
+
+Per phase: median [min..max] of its duration, and the daemon requests made inside it
+(HTTP requests on the API, plus each websocket an exec opens). `--timeline` prints one run's
+events instead, with every request.
 """
 
+# ruff: noqa: E402  (the clock starts before this script's own imports)
 from __future__ import annotations
 
-import sys
 import time
+
+T0 = time.perf_counter()  # before this script's own imports: they are not coi's
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-T0 = time.perf_counter()
+# (module, attribute path, label): the steps of a session, in the order they run.
+STEPS: list[tuple[str, str, str]] = [
+    ("coi.cli.session_cmds", "_prepare", "config + prepare (options, profiles, plans)"),
+    ("coi.cli.context", "connect", "connect (server info)"),
+    ("coi.sessions.reap", "after_restart", "reap check (daemon restarted?)"),
+    ("coi.sessions.runner", "ShellSession._plan_credentials", "credentials plan"),
+    ("coi.sessions.sandbox", "Sandbox.check_owner", "workspace owner check"),
+    ("coi.sessions.sandbox", "Sandbox.ensure_image", "image lookup"),
+    ("coi.sessions.sandbox", "Sandbox.choose_slot", "slot (list + claim)"),
+    ("coi.sessions.runner", "spawn_keeper", "keeper spawned"),
+    ("coi.sessions.runner", "ShellSession._spawn_keeper", "keeper spawned"),
+    ("coi.sessions.sandbox", "Sandbox._protect", "protection record"),
+    ("coi.sessions.sandbox", "Sandbox._attach_network", "policy bridge + ACL check"),
+    ("coi.sessions.sandbox", "Sandbox._template", "template decision"),
+    ("coi.backend.instances", "InstancesAPI.create", "create + start (one request)"),
+    ("coi.sessions.sandbox", "Sandbox.verify_network", "boot wait + network proof"),
+    ("coi.sessions.sandbox", "Sandbox._record_start", "session log record"),
+    ("coi.sessions.sandbox", "Sandbox._start_clock", "max_duration clock"),
+    ("coi.sessions.runner", "_execute", "exec the command"),
+    ("coi.sessions.runner", "ShellSession._run_tool", "home files + tmux + agent"),
+    ("coi.sessions.runner", "finish_run", "cleanup (stop without waiting)"),
+    ("coi.sessions.runner", "ShellSession._cleanup", "cleanup (background: hand over)"),
+]
+
+EVENTS: list[dict[str, Any]] = []
 
 
-def stamp(msg: str) -> None:
-    sys.stderr.write(f"{time.perf_counter() - T0:6.3f} {msg}\n")
-
-
-def timed_method(cls: type, name: str, label: str) -> None:
-    original: Callable[..., Any] = getattr(cls, name)
+def _wrap(module: str, attr: str, label: str) -> None:
+    mod = importlib.import_module(module)
+    owner: Any = mod
+    *path, name = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    original: Callable[..., Any] = getattr(owner, name)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        stamp(f"> {label}")
+        ev = {"kind": "step", "label": label, "start": time.perf_counter()}
+        EVENTS.append(ev)
         try:
             return original(*args, **kwargs)
         finally:
-            stamp(f"< {label}")
+            ev["end"] = time.perf_counter()
 
-    setattr(cls, name, wrapper)
+    setattr(owner, name, wrapper)
+
+
+def _wrap_requests() -> None:
+    from coi.backend.client import IncusClient
+    from coi.backend.exec import ExecAPI
+
+    raw = IncusClient.raw_request
+    stream = IncusClient.stream
+    ws = ExecAPI._connect_ws
+
+    def raw_request(self: IncusClient, method: str, path: str, **kw: Any) -> Any:
+        ev = {"kind": "req", "label": f"{method} {path}", "start": time.perf_counter()}
+        EVENTS.append(ev)
+        try:
+            return raw(self, method, path, **kw)
+        finally:
+            ev["end"] = time.perf_counter()
+
+    def streamed(self: IncusClient, path: str, **kw: Any) -> Any:
+        EVENTS.append({"kind": "req", "label": f"GET {path} (stream)",
+                       "start": time.perf_counter(), "end": time.perf_counter()})  # fmt: skip
+        return stream(self, path, **kw)
+
+    def connect_ws(self: ExecAPI, op_id: str, secret: str) -> Any:
+        ev = {"kind": "req", "label": "websocket", "start": time.perf_counter()}
+        EVENTS.append(ev)
+        try:
+            return ws(self, op_id, secret)
+        finally:
+            ev["end"] = time.perf_counter()
+
+    IncusClient.raw_request = raw_request  # type: ignore[method-assign]
+    IncusClient.stream = streamed  # type: ignore[method-assign]
+    ExecAPI._connect_ws = connect_ws  # type: ignore[method-assign]
+
+
+def child(argv: list[str], out: str) -> int:
+    """One coi command in this process, its steps and requests written to `out`."""
+    from coi.cli import main as coi_main
+
+    # Wrapping imports the session's modules (which `coi run` imports lazily on its way):
+    # the mark after it is the session path's imports, whole.
+    for module, attr, label in STEPS:
+        _wrap(module, attr, label)
+    _wrap_requests()
+    import click  # noqa: F401  (the command line's, imported by main before parsing)
+
+    import coi.cli.app  # noqa: F401
+
+    EVENTS.append({"kind": "mark", "label": "imports", "start": T0,
+                   "end": time.perf_counter()})  # fmt: skip
+    code = 1
+    try:
+        code = int(coi_main(argv) or 0)
+    finally:
+        end = time.perf_counter()
+        Path(out).write_text(json.dumps({"t0": T0, "end": end, "code": code, "events": EVENTS}))
+    return code
+
+
+def one_run(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    try:
+        # Output to a file, not a pipe: the time is until coi's process exits, as a shell
+        # waits for it (a detached helper holding a pipe would make a reader wait longer).
+        with tempfile.TemporaryFile() as err:
+            spawn = time.perf_counter()
+            code = subprocess.call(
+                [sys.executable, __file__, "--child", out, "--", *argv],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
+            done = time.perf_counter()
+            err.seek(0)
+            text = err.read().decode(errors="replace")
+        if code != 0:
+            raise SystemExit(f"coi {' '.join(argv)} failed ({code}):\n{text}")
+        data: dict[str, Any] = json.loads(Path(out).read_text())
+    finally:
+        os.unlink(out)
+    data["spawn"], data["done"] = spawn, done
+    return data
+
+
+def phases(run: dict[str, Any]) -> dict[str, tuple[float, int]]:
+    """Phase -> (seconds, daemon requests started inside it), top-level steps only."""
+    steps = [e for e in run["events"] if e["kind"] == "step" and "end" in e]
+    reqs = [e for e in run["events"] if e["kind"] == "req"]
+    # Nested steps (create inside the sandbox's make, a proof inside a reuse) are shown
+    # apart: their time and requests are taken out of the step around them.
+    out: dict[str, tuple[float, int]] = {
+        "interpreter start": (run["t0"] - run["spawn"], 0),
+        "imports": (
+            next(e["end"] for e in run["events"] if e["kind"] == "mark") - run["t0"],
+            0,
+        ),
+    }
+    for s in steps:
+        inner = [o for o in steps if o is not s and _within(o, s)]
+        own = s["end"] - s["start"] - sum(o["end"] - o["start"] for o in _outermost(inner))
+        n = sum(1 for r in reqs if s["start"] <= r["start"] <= s["end"]
+                and not any(o["start"] <= r["start"] <= o["end"] for o in inner))  # fmt: skip
+        t, k = out.get(s["label"], (0.0, 0))
+        out[s["label"]] = (t + own, k + n)
+    covered = sum(t for t, _ in out.values())
+    total_reqs = len(reqs)
+    out["other (parsing, imports on the way, logging)"] = (
+        run["end"] - run["spawn"] - covered,
+        total_reqs - sum(k for _, k in out.values()),
+    )
+    out["interpreter exit"] = (run["done"] - run["end"], 0)
+    out["total (spawn to exit)"] = (run["done"] - run["spawn"], total_reqs)
+    return out
+
+
+def _within(inner: dict[str, Any], outer: dict[str, Any]) -> bool:
+    return bool(outer["start"] <= inner["start"] and inner["end"] <= outer["end"])
+
+
+def _outermost(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        s for s in steps
+        if not any(o is not s and o["start"] <= s["start"] and s["end"] <= o["end"]
+                   for o in steps)
+    ]  # fmt: skip
+
+
+def timeline(run: dict[str, Any]) -> None:
+    base = run["spawn"]
+    print(f"{run['t0'] - base:7.3f}  interpreter started")
+    for e in sorted(run["events"], key=lambda e: e["start"]):
+        end = e.get("end", e["start"])
+        mark = "  " if e["kind"] == "req" else ""
+        print(f"{e['start'] - base:7.3f} {end - e['start']:6.3f}  {mark}{e['label']}")
+    print(f"{run['done'] - base:7.3f}  process exited")
+
+
+FLOOR = "coi-phases-floor-w"
+
+
+def floor_w(c: Any, image: str, ws: Path) -> float:
+    """The warm floor W: start a stopped container made from the image beforehand (the
+    devices a sandbox has) and exec `true`, over REST from this already started process."""
+    from coi.backend import ExecRequest
+
+    devices = {
+        "root": {"type": "disk", "path": "/", "pool": "coi"},
+        "eth0": {"type": "nic", "network": "coibr0", "name": "eth0"},
+        "workspace": {"type": "disk", "source": str(ws), "path": "/workspace"},
+    }
+    c.instances.create(FLOOR, image=image, devices=devices)
+    try:
+        t = time.perf_counter()
+        c.instances.start(FLOOR)
+        c.exec.run(FLOOR, ExecRequest(["true"]))
+        return time.perf_counter() - t
+    finally:
+        c.instances.delete(FLOOR, force=True)
+
+
+def ours(c: Any, ws: Path) -> list[str]:
+    """The sandboxes of this script's workspace (and its floor's container)."""
+    out = []
+    for inst in c.instances.list():
+        if inst.name == FLOOR or inst.config.get("user.coi.workspace") == str(ws):
+            out.append(inst.name)
+    return out
+
+
+def measure(
+    a: argparse.Namespace, argv: list[str]
+) -> tuple[Any, list[dict[str, Any]], list[float]]:
+    """coi's runs and the floor's, interleaved; everything made is removed at the end."""
+    from coi.backend import IncusClient
+
+    ws = Path(tempfile.mkdtemp(prefix="coi-phases-"))
+    home = Path(tempfile.mkdtemp(prefix="coi-phases-home-"))
+    env = {**os.environ, "COI_HOME": str(home)}
+    argv = [x.replace("{ws}", str(ws)) for x in argv]
+    c = IncusClient.connect()
+    kill = [sys.executable, "-m", "coi", "kill", "--all", "--force"]
+    runs: list[dict[str, Any]] = []
+    warm: list[float] = []
+    try:
+        one_run(argv, env)  # warm-up: the policy bridge, the page cache
+        for _ in range(1 if a.timeline else a.runs):
+            if a.shell:
+                subprocess.run(kill, env=env, capture_output=True)
+            deadline = time.monotonic() + 60
+            while ours(c, ws) and time.monotonic() < deadline:
+                time.sleep(0.1)  # the last run's sandbox is still going away
+            runs.append(one_run(argv, env))
+            if not a.timeline:
+                warm.append(floor_w(c, a.image, ws))
+    finally:
+        subprocess.run(kill, env=env, capture_output=True)
+        for n in ours(c, ws):
+            c.instances.delete(n, force=True)
+        shutil.rmtree(ws, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+    return c, runs, warm
+
+
+def report(title: str, per: list[dict[str, tuple[float, int]]], warm: list[float]) -> None:
+    labels: list[str] = []
+    for p in per:
+        labels += [k for k in p if k not in labels]
+    last = ["other (parsing, imports on the way, logging)", "interpreter exit",
+            "total (spawn to exit)"]  # fmt: skip
+    labels = [k for k in labels if k not in last] + last
+    print(f"{title}, load average {os.getloadavg()[0]:.1f}\n")
+    print("| phase | time, median [min..max] | daemon requests |\n|---|---|---|")
+    for k in labels:
+        xs = [p.get(k, (0.0, 0))[0] * 1000 for p in per]
+        ns = sorted({p.get(k, (0.0, 0))[1] for p in per})
+        if max(xs) < 0.5 and ns == [0]:
+            continue
+        med = statistics.median(xs)
+        print(f"| {k} | {med:.0f} ms [{min(xs):.0f}..{max(xs):.0f}] | {'/'.join(map(str, ns))} |")
+    total = statistics.median(p["total (spawn to exit)"][0] for p in per)
+    w = statistics.median(warm)
+    lo, hi = min(warm) * 1000, max(warm) * 1000
+    print(f"| the warm floor W: start a stopped copy, exec `true` (interleaved) | "
+          f"{w * 1000:.0f} ms [{lo:.0f}..{hi:.0f}] | 2 + 5 |")  # fmt: skip
+    print(f"\ncoi / W = {total / w:.2f}")
 
 
 def main() -> int:
-    from coi.backend.exec import ExecAPI
-    from coi.backend.instances import InstancesAPI
-    from coi.cli import main as coi_main
-    from coi.sessions.sandbox import Sandbox
-
-    stamp("imports done")
-    steps = ("ensure_image", "choose_slot", "_from_spare", "wait_ready", "verify_network")
-    for step in (*steps, "discard", "replenish"):
-        timed_method(Sandbox, step, step)
-    timed_method(InstancesAPI, "create", "create (+start)")
-    timed_method(ExecAPI, "run", "exec")
-    sys.argv = ["coi", "run", *sys.argv[1:]]
-    try:
-        return int(coi_main() or 0)
-    finally:
-        stamp("end")
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        return child(sys.argv[4:], sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--image", default="coi-tiny")
+    ap.add_argument("--shell", action="store_true", help="coi shell --background --debug")
+    ap.add_argument("--timeline", action="store_true", help="one run, every event")
+    ap.add_argument("args", nargs="*", help="with --timeline: coi's arguments ({ws}: a folder)")
+    a = ap.parse_args()
+    if a.shell:
+        argv = ["shell", "--background", "--debug", "--image", a.image, "-w", "{ws}"]
+    else:
+        argv = ["run", "--image", a.image, "-w", "{ws}", "--", "true"]
+    if a.timeline and a.args:
+        argv = a.args
+    c, runs, warm = measure(a, argv)
+    if a.timeline:
+        timeline(runs[0])
+        return 0
+    what = "coi shell --background --debug" if a.shell else "coi run -- true"
+    title = f"`{what}` on {c.server.display_name}, image {a.image}, {a.runs} runs"
+    report(title, [phases(r) for r in runs], warm)
+    return 0
 
 
 if __name__ == "__main__":

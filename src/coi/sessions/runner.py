@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
@@ -238,6 +239,10 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
     """Run one command in a fresh sandbox; stream its output; return its exit code."""
     log = stderr_log("")
     code = 1
+    if not req.capture:
+        # The streamed exec's websockets library (15-20 ms to import) loads while this thread
+        # waits on the daemon to make and start the sandbox, not after.
+        preload("websockets.sync.client")
     with cleanup_on_signals():
         try:
             with open_sandbox(client, spec, slot=req.slot, log=log) as live:
@@ -261,6 +266,21 @@ def run_command(client: IncusClient, spec: SandboxSpec, req: RunRequest) -> int:
             log("\nReceived termination signal, cleaning up...")
             code = 128 + t.signum
     return code
+
+
+def preload(module: str) -> None:
+    """Import `module` in a background thread, started just before the main thread waits on
+    the daemon (a blocked socket read releases the GIL, so the import runs in that wait). A
+    later import of the same module waits for this one to finish (the import lock); it is
+    never done twice."""
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # imported again where it is needed, which says why it fails
+
+    threading.Thread(target=load, name=f"preload {module}", daemon=True).start()
 
 
 def _execute(client: IncusClient, box: Sandbox, req: RunRequest, log: Log) -> int:

@@ -160,16 +160,19 @@ def _drop_stale(client: IncusClient, keep: str) -> None:
             client.instances.delete(name, force=True)
 
 
-def pay_off(client: IncusClient, pool: str) -> bool:
+def pay_off(client: IncusClient, pool: str, pool_config: Mapping[str, str] | None = None) -> bool:
     """Whether templates and spares make sandboxes start faster on this daemon: only where
     it re-owns a container's files at its first start. Where it shifts them on the fly
     (idmapped mounts: Incus 6.0 here) a sandbox made from the image starts as fast as a
     copy of a template (measured: docs/performance.md), and templates are only clutter.
-    `coi setup`'s verdict is kept on the pool; without it, the server's idmapped flags."""
+    `coi setup`'s verdict is kept on the pool; without it, the server's idmapped flags.
+    `pool_config`: the pool's config when the caller has read it already."""
     from coi.sessions.workspace import can_map_root
 
-    found = client.networks.pool(pool)
-    return not can_map_root(found.config if found else {}, client.server.idmapped_mounts)
+    if pool_config is None:
+        found = client.networks.pool(pool)
+        pool_config = found.config if found else {}
+    return not can_map_root(pool_config, client.server.idmapped_mounts)
 
 
 def stale(
