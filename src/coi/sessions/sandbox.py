@@ -225,6 +225,8 @@ def instance_config(
     }
     if spec.alias:
         config[labels.ALIAS] = spec.alias
+    if spec.review:
+        config[labels.REVIEW] = spec.review  # `coi clean --reviews` keeps a review in use
     if spec.limits.tmpfs_size:
         config["raw.lxc"] = spec.limits.raw_lxc()
     # The agent's uid inside *is* the user's uid outside, for the whole container: files it
@@ -434,21 +436,16 @@ class Sandbox:
             )
 
     @cached_property
-    def _pool_config(self) -> dict[str, str]:
-        """The storage pool's config, read once: `coi setup`'s verdicts are kept on it."""
-        pool = self.client.networks.pool(self.spec.pool)
-        return dict(pool.config) if pool else {}
-
-    @cached_property
     def _mknod_works(self) -> bool:
         """Whether the daemon's mknod interception works (`coi setup`'s verdict)."""
-        return mknod_works(self._pool_config)
+        pool = self.client.networks.pool(self.spec.pool)
+        return mknod_works(pool.config if pool else {})
 
     @cached_property
     def _shifts(self) -> bool:
         """Whether the daemon shifts ownership on the fly (one read of the pool, then kept):
         it can map host root, and templates do not pay off there."""
-        return not template.pay_off(self.client, self.spec.pool, self._pool_config)
+        return not template.pay_off(self.client, self.spec.pool)
 
     def check_owner(self) -> None:
         """Refuse, before anything is made, a workspace the agent could not write: one owned
@@ -942,16 +939,6 @@ class Sandbox:
         coi has exited, so `coi run` returns without the 0.8 s a forced stop takes (not when
         it publishes ports: they are free when coi returns).
         """
-        if self.created and self._ephemeral() and not self.published:
-            # Made by this session, ephemeral: stopped without first asking what it is (one
-            # round trip less). Refused when it is not running (the command powered it
-            # off): then it is looked at below.
-            try:
-                return self.client.instances.stop(self.name, force=True, wait=False) or "-"
-            except NotFound:
-                return ""
-            except BackendError:
-                pass
         try:
             inst = self.client.instances.get(self.name)
         except NotFound:
