@@ -1,7 +1,7 @@
 """How long making a review copy takes (`coi review start`: `cp -a --reflink=auto`, coi.review
 .copy), against a plain `cp -a` of the same tree in the same run, and what `coi diff` costs.
 
-    .venv/bin/python bench/review_copy.py [--dir DIR] [--gib 2] [--layout mixed|big]
+    .venv/bin/python bench/review_copy.py [--dir DIR] [--gib 2] [--layout mixed|big] [--pool coi]
 
 Makes a tree of GIB GiB under DIR (default: the temporary folder): `mixed`, half in 4 large
 files and half in 64 KiB files across 128 folders (like a repository with build outputs), or
@@ -10,7 +10,10 @@ a plain copy (`cp -a --reflink=never`: coreutils 9's `cp -a` already reflinks wh
 can), one `cp -a --reflink=auto`, a whole review (base/ and work/), and
 `coi diff`'s compare on the unchanged review (reading every file, then trusting the
 review's index of what was copied) and after one edit. Everything it made is
-removed at the end. The page cache is not dropped (that would slow everybody's machine): the
+removed at the end. With `--pool POOL` (root, a local btrfs pool), also the copies on the
+daemon's pool (coi.review.pool): the first review of the tree (the mirror made, then two
+snapshots), one after a file changed, and one after nothing changed. The page cache is not
+dropped (that would slow everybody's machine): the
 copies read a warm tree, so the plain copy's time is mostly writing.
 """
 
@@ -25,7 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from coi.review.copy import Review, remove_tree, start
+from coi.review import pool
+from coi.review.copy import Review, discard, remove_tree, start
 from coi.review.diff import compare
 
 SMALL = 64 * 1024
@@ -79,11 +83,51 @@ def row(label: str, times: tuple[float, float]) -> None:
     print(f"{label:<30} {times[0]:6.2f} s  ({times[1]:6.2f} s with sync)")
 
 
+def on_pool(src: Path, home: Path, pool_name: str) -> None:
+    """Review copies on the daemon's pool: the first (mirror + snapshots), then later ones."""
+    from coi.backend import IncusClient
+
+    with IncusClient.connect() as client:
+        had_volume = client.networks.volume_exists(pool_name, pool.VOLUME)
+        store = pool.open_store(client, pool_name)
+        if store is None:
+            print(f"pool {pool_name}: not usable for review copies (root, local btrfs?)")
+            return
+        made: list[Review] = []
+        try:
+            row(
+                "pool review, first (mirror)",
+                timed(lambda: made.append(start(src, home=home, store=store))),
+            )
+            (src / "blob1.bin").write_bytes(b"changed\n")
+            row(
+                "pool review, 1 file changed",
+                timed(lambda: made.append(start(src, home=home, store=store))),
+            )
+            row(
+                "pool review, nothing changed",
+                timed(lambda: made.append(start(src, home=home, store=store))),
+            )
+            last = made[-1]
+            (Path(last.work) / "blob0.bin").write_bytes(b"changed\n")
+            t = time.perf_counter()
+            d = compare(last.base, last.work, snapshots=True)
+            took = time.perf_counter() - t
+            print(f"diff, one file changed, pool   {took:6.2f} s ({len(d.changes)} changes)")
+        finally:
+            for r in made:
+                discard(r)
+            pool.drop_mirror(store, os.path.realpath(src))
+            if not had_volume:
+                pool.remove_volume(client, pool_name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--layout", choices=("mixed", "big"), default="mixed")
+    ap.add_argument("--pool", help="also time review copies on this btrfs pool (root)")
     args = ap.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="coi-reviewbench-", dir=args.dir))
     try:
@@ -115,6 +159,8 @@ def main() -> None:
         d = compare(review.base, review.work, index=review.index())
         took = time.perf_counter() - t
         print(f"diff, one file changed, index  {took:6.2f} s ({len(d.changes)} changes)")
+        if args.pool:
+            on_pool(src, home, args.pool)
     finally:
         remove_tree(scratch)
 

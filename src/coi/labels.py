@@ -14,6 +14,7 @@ OWNER_HOST = "user.coi.owner_host"  # the machine whose coi made it
 OWNER_PID = "user.coi.owner_pid"  # ... and that coi's process
 DEADLINE = "user.coi.deadline"  # max_duration: when the watchdog stops it (epoch seconds)
 ALIAS = "user.coi.alias"  # the name the user gave it (`--name`, `coi alias`)
+REVIEW = "user.coi.review"  # review mode: the id of the review it works on
 
 # On templates and spares (sessions/template.py)
 TEMPLATE_IMAGE = "user.coi.template.image"

@@ -595,3 +595,29 @@ def test_a_change_hidden_behind_the_same_size_and_an_old_mtime_is_still_seen(
     (work / "tmp").rename(work / "edit.txt")  # renamed away and back: ctime moves, content same
     changes = compare(r.base, r.work, index=r.index()).changes
     assert [(c.path, c.status) for c in changes] == [("keep.txt", "modified")]
+
+
+def test_clean_plan_keeps_reviews_a_running_sandbox_works_on(ws: Path, home: Path) -> None:
+    from coi.review import clean
+
+    used, free, applied = (start(ws, home=home) for _ in range(3))
+    applied.state = "applied"
+    applied.save()
+    todo = clean.plan({used.id: "coi-abc-1"}, home)
+    assert [(r.id, name) for r, name in todo.in_use] == [(used.id, "coi-abc-1")]
+    assert sorted(r.id for r in todo.remove) == sorted([free.id, applied.id])
+
+
+def test_snapshots_diff_by_inode_and_ctime_not_an_index(ws: Path, home: Path) -> None:
+    """A pool review has no index: a file keeping base's inode and ctime is base's; one the
+    agent rewrote (even with its size and mtime put back) is read and reported."""
+    r = start(ws, home=home)
+    r.store = r.folder  # as if base/ and work/ were snapshots on the pool
+    assert r.snapshots and r.index() is None
+    target = next(p for p in Path(r.work).rglob("*") if p.is_file() and not p.is_symlink())
+    old = target.stat()
+    data = target.read_bytes()
+    target.write_bytes(bytes([data[0] ^ 1]) + data[1:] if data else b"x")
+    os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+    d = compare(r.base, r.work, index=r.index(), snapshots=True)
+    assert [c.path for c in d.changes] == [str(target.relative_to(r.work))]

@@ -6,7 +6,7 @@ import builtins
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from coi.backend.models import Network, NetworkACL, StoragePool
 from coi.errors import BackendError, NotFound
@@ -143,6 +143,32 @@ class NetworksAPI:
 
     def delete_pool(self, name: str) -> None:
         self._c.request("DELETE", f"/1.0/storage-pools/{quote(name, safe='')}")
+
+    # -- custom volumes (in the client's project) -----------------------------------------
+
+    def _volume_path(self, pool: str, name: str = "") -> str:
+        path = f"/1.0/storage-pools/{quote(pool, safe='')}/volumes/custom"
+        return f"{path}/{quote(name, safe='')}" if name else path
+
+    def volume_exists(self, pool: str, name: str) -> bool:
+        try:
+            self._c.get(self._volume_path(pool, name))
+        except NotFound:
+            return False
+        return True
+
+    def volumes(self, pool: str) -> builtins.list[str]:
+        """The names of the custom volumes on `pool` in the client's project."""
+        urls = self._c.get(self._volume_path(pool)) or ()
+        return [unquote(u.split("?", 1)[0].rsplit("/", 1)[-1]) for u in urls]
+
+    def create_volume(self, pool: str, name: str, *, description: str = "") -> None:
+        """A custom filesystem volume on `pool`."""
+        body = {"name": name, "type": "custom", "content_type": "filesystem"}
+        self._c.request("POST", self._volume_path(pool), json={**body, "description": description})
+
+    def delete_volume(self, pool: str, name: str) -> None:
+        self._c.request("DELETE", self._volume_path(pool, name))
 
 
 # Incus lists a bridge's interfaces when it changes or deletes the bridge; a container's veth

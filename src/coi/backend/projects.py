@@ -51,6 +51,16 @@ class ProjectsAPI:
                     scoped.images.delete(img.fingerprint)
                 except NotFound:
                     pass
+            # Custom volumes (coi's review copies) block the project's removal too; a
+            # project without volumes of its own lists the default project's: not ours.
+            own = self._c.get(f"/1.0/projects/{quote(name, safe='')}").get("config", {})
+            pools = scoped.networks.pools() if own.get("features.storage.volumes") == "true" else []
+            for pool in pools:
+                for volume in scoped.networks.volumes(pool.name):
+                    try:
+                        scoped.networks.delete_volume(pool.name, volume)
+                    except NotFound:
+                        pass
             # The project's default profile holds devices that reference pools/networks.
             try:
                 scoped.request(

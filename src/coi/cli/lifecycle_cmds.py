@@ -50,6 +50,7 @@ def _container_json(c: ContainerInfo) -> dict[str, Any]:
         "workspace": c.workspace,
         "kind": c.kind,
         "alias": c.alias,
+        "review": c.review,  # review mode: the review it works on ("" for none)
         "ports": [p.as_json() for p in c.ports],
         "sockets": [{"host": h, "container": i} for h, i in c.sockets],
     }
@@ -77,6 +78,8 @@ def _print_container(c: ContainerInfo) -> None:
         click.echo(f"    Image: {c.image}")
     if c.workspace:
         click.echo(f"    Workspace: {c.workspace}")
+    if c.review:
+        click.echo(f"    Review: {c.review} (the agent works on a copy)")
     if c.ports:
         click.echo(f"    Ports: {', '.join(p.text() for p in c.ports)}")
     for host, inside in c.sockets:
@@ -100,10 +103,12 @@ def list_cmd(all_: bool, fmt: str) -> None:
     _cfg, client = daemon()
     with client:
         active = containers(client, sessions)
+    pending = _pending_reviews()
     if fmt == "json":
         out: dict[str, Any] = {"active_containers": [_container_json(c) for c in active]}
         if all_:
             out["saved_sessions"] = [_session_json(s) for s in sessions() if s.has_state]
+        out["pending_reviews"] = pending
         echo_json(out)
         return
     click.echo("Active Containers:\n------------------")
@@ -111,6 +116,11 @@ def list_cmd(all_: bool, fmt: str) -> None:
         _print_container(c)
     if not active:
         click.echo("  (none)")
+    if pending:
+        click.echo("\nPending Reviews:\n----------------")
+        for r in pending:
+            click.echo(f"  {r['id']} ({r['workspace']})")
+        click.echo("  coi diff ID, coi apply ID or coi discard ID")
     if all_:
         click.echo("\nSaved Sessions:\n---------------")
         saved = [s for s in sessions() if s.has_state]
@@ -121,6 +131,17 @@ def list_cmd(all_: bool, fmt: str) -> None:
                 click.echo(f"    Workspace: {s.workspace}")
         if not saved:
             click.echo("  (none)")
+
+
+def _pending_reviews() -> list[dict[str, Any]]:
+    """The review copies waiting for `coi apply` or `coi discard` (a folder read, no daemon)."""
+    from coi.review.copy import all_reviews
+
+    return [
+        {"id": r.id, "workspace": r.workspace, "created": r.created, "session": r.session}
+        for r in all_reviews()
+        if r.state == "pending"
+    ]
 
 
 # -- info ---------------------------------------------------------------------------------
@@ -472,8 +493,15 @@ def resume_cmd(name: str | None) -> None:
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--sessions", is_flag=True, help="Delete saved session data (all of it).")
 @click.option("--orphans", is_flag=True, help="Only orphaned resources (no containers).")
+@click.option(
+    "--reviews",
+    is_flag=True,
+    help="Also delete review copies, pending or applied (never without this flag).",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
-def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: bool) -> None:
+def clean_cmd(
+    all_: bool, force: bool, sessions: bool, orphans: bool, reviews: bool, dry_run: bool
+) -> None:
     """Remove stopped sandboxes, orphaned resources and (with --sessions) saved sessions."""
     from coi.config.paths import coi_home
     from coi.sessions import cleanup
@@ -518,12 +546,42 @@ def clean_cmd(all_: bool, force: bool, sessions: bool, orphans: bool, dry_run: b
         found_any |= bool(plan.count())
         if plan.count() and ask("\nClean up orphaned resources?"):
             cleaned += cleanup.execute(client, plan, log)
+        cleaned += _clean_reviews(client, cfg.get_str("incus.pool"), reviews, ask)
     if dry_run:
         click.echo("\n[Dry run] No changes made.")
     elif cleaned:
         click.echo(f"\n✓ Cleaned {cleaned} item(s)")
     elif not found_any:
         click.echo("\nNothing to clean.")
+
+
+def _clean_reviews(
+    client: IncusClient, pool: str, reviews: bool, ask: Callable[[str], bool]
+) -> int:
+    """Review copies go only with --reviews; without it, say how many are kept."""
+    from coi.review import clean
+    from coi.sessions.inventory import containers
+
+    in_use = {c.review: c.name for c in containers(client, lambda: []) if c.review and c.running}
+    plan = clean.plan(in_use)
+    pending = [r for r in plan.remove if r.state == "pending"]
+    if not reviews:
+        if pending:
+            click.echo(
+                f"\nKept {len(pending)} pending review(s): 'coi review list' shows them, "
+                "'coi clean --reviews' deletes them."
+            )
+        return 0
+    click.echo("\nChecking for review copies...")
+    for r in plan.remove:
+        click.echo(f"  - {r.id} ({r.state}, {r.workspace})")
+    for r, name in plan.in_use:
+        click.echo(f"  kept: {r.id} (sandbox {name} works on it)")
+    if not plan.remove and not plan.in_use:
+        click.echo("  (no reviews found)")
+    if not ask("\nDelete these reviews (and coi's copies on the pool)?"):
+        return 0
+    return clean.execute(client, pool, plan, click.echo)
 
 
 def _report_containers(plan: CleanPlan) -> None:

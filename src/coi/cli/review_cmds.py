@@ -60,7 +60,7 @@ def diff_cmd(review: str | None, workspace: str | None, stat_: bool, fmt: str) -
 
     cap = settings.max_file(load_settings())
     r = _find(review, workspace)
-    d = compare(r.base, r.work, max_file=cap, index=r.index())
+    d = compare(r.base, r.work, max_file=cap, index=r.index(), snapshots=r.snapshots)
     if fmt == "json":
         echo_json(
             {
@@ -190,9 +190,11 @@ def review_cmd() -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def start_cmd(workspace: str, fmt: str) -> None:
     """Copy a folder into a new review (without a sandbox), printing its id and copy."""
+    from coi.cli.context import load_settings
     from coi.review.copy import start
+    from coi.review.pool import store_for
 
-    r = start(workspace)
+    r = start(workspace, store=store_for(load_settings()))
     if fmt == "json":
         echo_json(_row(r))
         return
@@ -210,6 +212,7 @@ def _row(r: Review) -> dict[str, Any]:
         "session": r.session,
         "container": r.container,
         "work": r.work,
+        "copy": "pool" if r.snapshots else "host",
     }
 
 

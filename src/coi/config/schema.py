@@ -793,6 +793,18 @@ SETTINGS: tuple[Setting, ...] = (
         trust="lower",
         measure="size",
     ),
+    _s(
+        "review.copy",
+        "str",
+        "auto",
+        'Where review copies are made: "pool" (btrfs snapshots of a mirror of the '
+        'workspace on the daemon\'s pool: instant at any size after the first), "host" '
+        '(cp in ~/.coi/reviews), "auto" (the pool where coi can use it: the local daemon, a '
+        "btrfs pool, root; else the host).",
+        choices=("auto", "pool", "host"),
+        env=("COI_REVIEW_COPY",),
+        trust="never",
+    ),
     # [mcp]
     _s(
         "mcp.allow_open_network",

@@ -175,7 +175,13 @@ def plan(
     """What applying `review` would do, nothing written."""
     ws = review.workspace
     result = Applied(review)
-    diff = compare(review.base, review.work, max_file=max_file, index=review.index())
+    diff = compare(
+        review.base,
+        review.work,
+        max_file=max_file,
+        index=review.index(),
+        snapshots=review.snapshots,
+    )
     for c in diff.changes:
         if c.status == "refused":
             result.refused.append((c.path, c.reason))

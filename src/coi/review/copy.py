@@ -18,6 +18,8 @@ from pathlib import Path
 from coi.config.paths import coi_home
 from coi.errors import CoiError, UsageError
 from coi.fsio import write_atomic
+from coi.review import pool
+from coi.review.pool import PoolStore
 from coi.review.tree import walk
 
 STATES = ("pending", "applied", "discarded")
@@ -37,18 +39,28 @@ class Review:
     session: str = ""
     container: str = ""
     applied: list[str] = field(default_factory=list)  # what a --partial apply already wrote
+    # Where base/ and work/ are when not in `folder`: btrfs snapshots on the daemon's pool
+    # (coi.review.pool), whose files keep base's inode numbers and ctimes until changed.
+    store: str = ""
     folder: str = ""  # not stored: where review.json was read from
 
     @property
+    def snapshots(self) -> bool:
+        return bool(self.store)
+
+    @property
     def base(self) -> str:
-        return os.path.join(self.folder, "base")
+        return os.path.join(self.store or self.folder, "base")
 
     @property
     def work(self) -> str:
-        return os.path.join(self.folder, "work")
+        return os.path.join(self.store or self.folder, "work")
 
-    def index(self) -> dict[str, list[int]]:
-        """work/'s files as they were copied ({} when missing: then every file is read)."""
+    def index(self) -> dict[str, list[int]] | None:
+        """work/'s files as they were copied ({} when missing: then every file is read);
+        None for snapshots: a file with base's own inode and ctime is base's."""
+        if self.snapshots:
+            return None
         try:
             data = json.loads((Path(self.folder) / INDEX).read_text())
         except (OSError, ValueError):
@@ -92,9 +104,15 @@ def _copy(src: str, dst: str) -> None:
 
 
 def start(
-    workspace: str | Path, *, session: str = "", container: str = "", home: Path | None = None
+    workspace: str | Path,
+    *,
+    session: str = "",
+    container: str = "",
+    home: Path | None = None,
+    store: PoolStore | None = None,
 ) -> Review:
-    """Make a review of `workspace`: base/ and work/ as it is now, state pending.
+    """Make a review of `workspace`: base/ and work/ as it is now, state pending; with
+    `store`, as snapshots on the daemon's pool, else copies in the reviews folder.
 
     :raises UsageError: the workspace is not a folder.
     :raises CoiError: the copy failed (nothing is left behind).
@@ -114,7 +132,14 @@ def start(
     folder = root / rid
     folder.mkdir(mode=0o700)
     review = Review(rid, ws, time.time(), session=session, container=container, folder=str(folder))
+    if store is not None:
+        review.store = str(store.reviews / rid)
     try:
+        if store is not None:
+            _private_dir(Path(review.store))
+            pool.snapshot(store, ws, review.base, review.work)
+            review.save()
+            return review
         _copy(ws, review.base)
         # work/ is copied from base/, not from the workspace: both are the same state even if
         # the user edits files while the copy runs.
@@ -125,9 +150,17 @@ def start(
         write_atomic(folder / INDEX, json.dumps(stamps, separators=(",", ":")))
         review.save()
     except BaseException:
-        remove_tree(folder)
+        _remove_review(review)
         raise
     return review
+
+
+def _remove_review(review: Review) -> None:
+    if review.store:
+        for sub in (review.work, review.base):
+            pool.delete_subvolume(sub)
+        remove_tree(Path(review.store))
+    remove_tree(Path(review.folder))
 
 
 def load(folder: Path) -> Review | None:
@@ -218,7 +251,7 @@ def discard(review: Review) -> None:
     if review.state != "discarded":
         review.state = "discarded"
         review.save()
-    remove_tree(Path(review.folder))
+    _remove_review(review)
 
 
 def mark_applied(review: Review) -> None:

@@ -142,17 +142,29 @@ def same_file(root_a: str, root_b: str, rel: str, a: Entry, b: Entry) -> bool:
     return same_content(root_a, root_b, rel)
 
 
+def _untouched(
+    rel: str, a: Entry, b: Entry, index: Mapping[str, list[int]] | None, snapshots: bool
+) -> bool:
+    """Whether work's file is still the one copied from base (no change moves ctime back)."""
+    if index is not None and index.get(rel) == b.stamp() and a.mode == b.mode:
+        return True  # untouched since it was copied from base/
+    return snapshots and a.stamp() == b.stamp()  # the snapshot's own file
+
+
 def compare(
     base: str,
     work: str,
     *,
     max_file: int = DEFAULT_MAX_FILE,
     index: Mapping[str, list[int]] | None = None,
+    snapshots: bool = False,
 ) -> Diff:
     """The changes from `base` to `work` (both folders), refused entries included.
 
     `index` (the review's record of work/ as copied from base/): a file whose inode and
-    ctime are still those is not read, it is base's. Anything else is compared byte by byte.
+    ctime are still those is not read, it is base's. With `snapshots` (work/ a btrfs
+    snapshot of base/), a file with base's own inode and ctime is base's. Anything else is
+    compared byte by byte.
     """
     old, new = walk(base), walk(work)
     diff = Diff()
@@ -168,8 +180,8 @@ def compare(
                     continue
                 diff.changes.append(Change(rel, "refused", reason=refusal(b, max_file)))
                 continue
-            if index is not None and index.get(rel) == b.stamp() and a.mode == b.mode:
-                continue  # untouched since it was copied from base/
+            if _untouched(rel, a, b, index, snapshots):
+                continue
             try:
                 if same_file(base, work, rel, a, b):
                     continue  # unchanged, even when it is big or setuid in the user's folder

@@ -136,6 +136,7 @@ def parent_fd(root: str, rel: str, *, create: bool = False) -> Iterator[int]:
                     raise Unsafe(f"{'/'.join(parts[: i + 1])}: missing") from None
                 os.mkdir(part, 0o755, dir_fd=fd)
                 nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                _owned_like_parent(nxt, fd)
             except OSError as err:
                 where = "/".join(parts[: i + 1])
                 raise Unsafe(f"{where} is not a real folder ({err.strerror})") from None
@@ -223,6 +224,14 @@ def read_file(root: str, rel: str, limit: int) -> bytes:
         os.close(fd)
 
 
+def _owned_like_parent(fd: int, parent: int) -> None:
+    """As root (`sudo coi apply`), what coi makes in your folder is owned like the folder
+    it is made in, never by root."""
+    if os.geteuid() == 0:
+        st = os.fstat(parent)
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
 def write_file(root: str, rel: str, data: bytes, mode: int) -> None:
     """Put `data` at `rel` under `root`: a temporary file in the same real folder, flushed,
     then renamed over the name (a symlink standing there is replaced, never written
@@ -233,6 +242,7 @@ def write_file(root: str, rel: str, data: bytes, mode: int) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
         try:
             try:
+                _owned_like_parent(fd, dfd)
                 os.fchmod(fd, mode)
                 view = memoryview(data)
                 while view:

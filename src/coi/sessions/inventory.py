@@ -33,6 +33,7 @@ class ContainerInfo:
     owner_pid: int
     # The name the user gave it, the ports it publishes and the host sockets it has.
     alias: str = ""
+    review: str = ""  # the review (coi.review) it works on, in review mode
     ports: tuple[forwards.Published, ...] = ()
     sockets: tuple[tuple[str, str], ...] = ()
 
@@ -110,6 +111,7 @@ def container_info(inst: Instance, metadata: Mapping[str, Metadata]) -> Containe
         owner_host=cfg.get(labels.OWNER_HOST, ""),
         owner_pid=pid,
         alias=cfg.get(labels.ALIAS, ""),
+        review=cfg.get(labels.REVIEW, ""),
         ports=forwards.published_of(inst.devices),
         sockets=forwards.sockets_of(inst.devices),
     )

@@ -236,8 +236,9 @@ def _in_review(
             + ("--container." if options.container else "--persistent."),
         )
     from coi.review import copy as review_copy
+    from coi.review.pool import store_for
 
-    review = review_copy.start(spec.workspace)
+    review = review_copy.start(spec.workspace, store=store_for(cfg))
     source = Path(review.work)
     messages.append(
         f"Note: review {review.id}: the agent works on a copy; {spec.workspace} is not touched "

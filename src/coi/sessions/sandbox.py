@@ -436,16 +436,21 @@ class Sandbox:
             )
 
     @cached_property
+    def _pool_config(self) -> dict[str, str]:
+        """The storage pool's config, read once: `coi setup`'s verdicts are kept on it."""
+        pool = self.client.networks.pool(self.spec.pool)
+        return dict(pool.config) if pool else {}
+
+    @cached_property
     def _mknod_works(self) -> bool:
         """Whether the daemon's mknod interception works (`coi setup`'s verdict)."""
-        pool = self.client.networks.pool(self.spec.pool)
-        return mknod_works(pool.config if pool else {})
+        return mknod_works(self._pool_config)
 
     @cached_property
     def _shifts(self) -> bool:
         """Whether the daemon shifts ownership on the fly (one read of the pool, then kept):
         it can map host root, and templates do not pay off there."""
-        return not template.pay_off(self.client, self.spec.pool)
+        return not template.pay_off(self.client, self.spec.pool, self._pool_config)
 
     def check_owner(self) -> None:
         """Refuse, before anything is made, a workspace the agent could not write: one owned
@@ -939,6 +944,16 @@ class Sandbox:
         coi has exited, so `coi run` returns without the 0.8 s a forced stop takes (not when
         it publishes ports: they are free when coi returns).
         """
+        if self.created and self._ephemeral() and not self.published:
+            # Made by this session, ephemeral: stopped without first asking what it is (one
+            # round trip less). Refused when it is not running (the command powered it
+            # off): then it is looked at below.
+            try:
+                return self.client.instances.stop(self.name, force=True, wait=False) or "-"
+            except NotFound:
+                return ""
+            except BackendError:
+                pass
         try:
             inst = self.client.instances.get(self.name)
         except NotFound:
