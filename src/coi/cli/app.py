@@ -60,6 +60,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "apply": ("coi.cli.review_cmds", "apply_cmd"),
     "discard": ("coi.cli.review_cmds", "discard_cmd"),
     "review": ("coi.cli.review_cmds", "review_cmd"),
+    "bench": ("coi.cli.bench_cmd", "bench_cmd"),
 }
 # Upstream 0.8+'s names for commands coi has under their 0.7 names: both work, the help lists
 # the 0.7 name with the other beside it.

@@ -1,0 +1,1 @@
+"""Measuring coi against the daemon it drives: `coi bench` (see docs/performance.md)."""

@@ -1,0 +1,278 @@
+"""`coi bench`: time to first command with coi, next to the daemon's own floors, same run.
+
+Rows, interleaved round by round so that a busy machine slows all of them alike:
+- `coi run -- true`, the whole command in a new process (interpreter start, config, the
+  sandbox made from the image, its network proven, the command, the return);
+- the cold floor: create a container from the image, start it, exec `true`, delete it,
+  over REST from this (already started) process: what any client must ask the daemon;
+- the warm floor: start a stopped container made from the image beforehand, exec `true`:
+  what the daemon needs when nothing has to be made.
+
+Everything the bench makes is labelled (`user.coi.bench`) and removed at the end, on an
+error and on Ctrl-C (the `coi run` children clean up their own sandboxes; what is left of
+them is removed too). No timing here is a pass or fail: it reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coi import labels
+from coi.backend.client import IncusClient
+from coi.backend.exec import ExecRequest
+from coi.errors import BackendError, CoiError, NotFound
+
+# The label on every container the bench makes itself, its value the run's token.
+BENCH_LABEL = "user.coi.bench"
+# How long the sandboxes of `coi run` are waited for to be gone, between rounds and at the end.
+SETTLE = 60.0
+
+
+@dataclass
+class Row:
+    """One measured thing: its samples in seconds."""
+
+    key: str
+    label: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def p95(self) -> float:
+        """Nearest rank: with few runs, the slowest one or close to it."""
+        xs = sorted(self.samples)
+        return xs[max(0, math.ceil(0.95 * len(xs)) - 1)]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "label": self.label,
+            "samples_ms": [round(x * 1000, 1) for x in self.samples],
+            "p50_ms": round(self.p50 * 1000, 1),
+            "p95_ms": round(self.p95 * 1000, 1),
+            "min_ms": round(min(self.samples) * 1000, 1),
+            "max_ms": round(max(self.samples) * 1000, 1),
+        }
+
+
+@dataclass
+class Report:
+    """What `coi bench` prints."""
+
+    server: str
+    pool: str
+    driver: str
+    image: str
+    runs: int
+    cpus: int
+    load: float
+    rows: list[Row]
+
+    def row(self, key: str) -> Row:
+        return next(r for r in self.rows if r.key == key)
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """coi's p50 over each floor's p50."""
+        coi = self.row("coi_run").p50
+        return {
+            "coi_run/cold_floor": round(coi / self.row("cold_floor").p50, 2),
+            "coi_run/warm_floor": round(coi / self.row("warm_floor").p50, 2),
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "server": self.server,
+            "pool": self.pool,
+            "pool_driver": self.driver,
+            "image": self.image,
+            "runs": self.runs,
+            "cpus": self.cpus,
+            "load_average": round(self.load, 2),
+            "rows": [r.as_json() for r in self.rows],
+            "ratios": self.ratios,
+        }
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where the bench runs: the image, and the pool and bridge a sandbox would use."""
+
+    image: str
+    pool: str
+    network: str
+    runs: int
+    coi: tuple[str, ...] = (sys.executable, "-m", "coi")
+
+
+def run(client: IncusClient, setup: Setup, *, progress: Callable[[str], None]) -> Report:
+    """Measure `setup.runs` rounds; remove everything made, whatever happens."""
+    token = secrets.token_hex(4)
+    ws = Path(tempfile.mkdtemp(prefix=f"coi-bench-{token}-"))
+    home = Path(tempfile.mkdtemp(prefix=f"coi-bench-home-{token}-"))
+    # The sandboxes' state (audit logs, locks) in a folder of the bench's own, removed after.
+    env = {**os.environ, "COI_HOME": str(home)}
+    pool = client.networks.pool(setup.pool)
+    if pool is None:
+        raise CoiError(f"storage pool '{setup.pool}' not found", resolution="Run 'coi setup'.")
+    rows = [
+        Row("coi_run", "`coi run -- true` (whole command, new sandbox from the image)"),
+        Row("cold_floor", "cold floor: create from the image, start, exec `true`, delete"),
+        Row("warm_floor", "warm floor: start a stopped container made beforehand, exec `true`"),
+    ]
+    coi_run, cold, warm = rows
+    try:
+        progress("warming up (the policy's bridge, the page cache)...")
+        _coi_run(setup, ws, env)
+        for i in range(setup.runs):
+            progress(f"round {i + 1}/{setup.runs}")
+            _settle(client, ws, token)
+            coi_run.samples.append(_timed(lambda: _coi_run(setup, ws, env)))
+            _settle(client, ws, token)
+            cold.samples.append(_cold_floor(client, setup, ws, token))
+            warm.samples.append(_warm_floor(client, setup, ws, token))
+    finally:
+        with _no_interrupts():
+            _remove(client, ws, token)
+            shutil.rmtree(ws, ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
+    return Report(
+        server=client.server.display_name,
+        pool=setup.pool,
+        driver=pool.driver,
+        image=setup.image,
+        runs=setup.runs,
+        cpus=os.cpu_count() or 0,
+        load=os.getloadavg()[0],
+        rows=rows,
+    )
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _coi_run(setup: Setup, ws: Path, env: dict[str, str]) -> None:
+    argv = [*setup.coi, "run", "--image", setup.image, "-w", str(ws), "--", "true"]
+    # Output to a file, not a pipe: timed until coi's process exits, as a shell waits for it.
+    with tempfile.TemporaryFile() as err:
+        code = subprocess.call(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+        )
+        if code != 0:
+            err.seek(0)
+            text = err.read().decode(errors="replace").strip()
+            raise CoiError(
+                f"`coi run -- true` failed with exit code {code}",
+                details=text[-2000:] or None,
+                resolution=f"Check that a session starts: coi run --image {setup.image} -- true",
+            )
+
+
+def _devices(setup: Setup, ws: Path) -> dict[str, dict[str, str]]:
+    """The devices a sandbox has at least: its root, its NIC, the workspace."""
+    return {
+        "root": {"type": "disk", "path": "/", "pool": setup.pool},
+        "eth0": {"type": "nic", "network": setup.network, "name": "eth0"},
+        "workspace": {"type": "disk", "source": str(ws), "path": "/workspace"},
+    }
+
+
+def _name(token: str, what: str) -> str:
+    return f"coi-bench-{token}-{what}"
+
+
+def _cold_floor(client: IncusClient, setup: Setup, ws: Path, token: str) -> float:
+    name = _name(token, "cold")
+    t = time.perf_counter()
+    client.instances.create(
+        name,
+        image=setup.image,
+        devices=_devices(setup, ws),
+        config={BENCH_LABEL: token},
+        start=True,
+    )
+    client.exec.run(name, ExecRequest(["true"]))
+    client.instances.delete(name, force=True)
+    return time.perf_counter() - t
+
+
+def _warm_floor(client: IncusClient, setup: Setup, ws: Path, token: str) -> float:
+    name = _name(token, "warm")
+    client.instances.create(
+        name, image=setup.image, devices=_devices(setup, ws), config={BENCH_LABEL: token}
+    )
+    try:
+        t = time.perf_counter()
+        client.instances.start(name)
+        client.exec.run(name, ExecRequest(["true"]))
+        return time.perf_counter() - t
+    finally:
+        client.instances.delete(name, force=True)
+
+
+def ours(client: IncusClient, ws: Path, token: str) -> list[str]:
+    """The containers of this bench: its own (labelled) and the sandboxes of its workspace."""
+    return [
+        inst.name
+        for inst in client.instances.list()
+        if inst.config.get(BENCH_LABEL) == token or inst.config.get(labels.WORKSPACE) == str(ws)
+    ]
+
+
+def _settle(client: IncusClient, ws: Path, token: str) -> None:
+    """Wait (bounded) until the last round's sandboxes are gone: the daemon removes them
+    after coi returns, and that work would slow the next row."""
+    deadline = time.monotonic() + SETTLE
+    while ours(client, ws, token) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _remove(client: IncusClient, ws: Path, token: str) -> None:
+    """Remove everything the bench made: what is still there after the daemon's own removals
+    had their time is force-deleted."""
+    _settle(client, ws, token)
+    for name in ours(client, ws, token):
+        try:
+            client.instances.delete(name, force=True)
+        except NotFound:
+            pass
+        except BackendError:
+            time.sleep(0.5)  # a removal under way: once more
+            try:
+                client.instances.delete(name, force=True)
+            except NotFound:
+                pass
+
+
+@contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """A second Ctrl-C cannot cut the cleanup short (main thread only: signals live there)."""
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
