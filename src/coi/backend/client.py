@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from coi.backend.connection import Endpoint, find_local_socket, remote_endpoint
+from coi.backend.connection import Endpoint, find_local_socket, pin_mismatch, tls_context
 from coi.backend.models import JSON, ServerInfo
 from coi.errors import (
     BackendError,
@@ -48,6 +48,9 @@ def map_transport_errors(endpoint: Endpoint) -> Iterator[None]:
             resolution="Check that the daemon is not stuck: 'coi health'.",
         ) from err
     except httpx.ConnectError as err:
+        mismatch = pin_mismatch(err, endpoint)
+        if mismatch is not None:
+            raise mismatch from err
         if isinstance(err.__cause__, PermissionError) or "Permission denied" in str(err):
             raise PermissionDenied(
                 f"permission denied on {endpoint.describe()}",
@@ -128,9 +131,7 @@ class IncusClient:
                 # No TLS on a unix socket: skip loading the CA bundle (50 ms per command).
                 transport = httpx.HTTPTransport(uds=endpoint.socket_path, verify=False)
             else:
-                transport = httpx.HTTPTransport(
-                    verify=endpoint.server_cert or True, cert=endpoint.client_cert
-                )
+                transport = httpx.HTTPTransport(verify=tls_context(endpoint))
         base_url = "http://incus" if endpoint.socket_path else (endpoint.url or "")
         self._http = httpx.Client(transport=transport, base_url=base_url, timeout=timeout)
 
@@ -146,7 +147,12 @@ class IncusClient:
         """Connect to the local daemon (or `remote`), Incus preferred over LXD; `timeout`:
         seconds a request may go unanswered."""
         env = os.environ if env is None else env
-        endpoint = remote_endpoint(remote, env) if remote else Endpoint(find_local_socket(env))
+        if remote and remote != "local":
+            from coi.backend.remotes import resolve
+
+            endpoint = resolve(remote, env)
+        else:
+            endpoint = Endpoint(find_local_socket(env))
         return cls(endpoint, project=project, timeout=timeout)
 
     def with_project(self, project: str) -> IncusClient:

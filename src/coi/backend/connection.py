@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from coi.errors import ConfigError, DaemonUnreachable, PermissionDenied
+from coi.errors import BackendError, ConfigError, DaemonUnreachable, PermissionDenied
 
 # Incus first: when both daemons are installed, coi talks to Incus.
 INCUS_SOCKETS = ("/var/lib/incus/unix.socket", "/run/incus/unix.socket")
@@ -24,13 +26,98 @@ class Endpoint:
     url: str | None = None
     client_cert: tuple[str, str] | None = None
     server_cert: str | None = None
+    # The server certificate's SHA-256 (hex) pinned for this remote: checked at every TLS
+    # handshake instead of a CA chain and host name (Incus servers present self-signed
+    # certificates, rarely naming the address they are reached at).
+    fingerprint: str | None = None
+    # The remote's name ('' for a bare URL), for messages.
+    name: str = ""
 
     @property
     def is_local(self) -> bool:
         return self.socket_path is not None
 
     def describe(self) -> str:
-        return self.socket_path or self.url or "?"
+        where = self.socket_path or self.url or "?"
+        return f"{where} (remote '{self.name}')" if self.name else where
+
+
+class CertificateMismatch(BackendError):
+    """The server presented a certificate other than the one pinned for it."""
+
+
+class _PinMismatch(ssl.SSLCertVerificationError):
+    """Raised in the TLS handshake; `map_transport_errors` makes it a CertificateMismatch."""
+
+    def __init__(self, expected: str, got: str) -> None:
+        super().__init__(f"server certificate {got} is not the pinned {expected}")
+        self.expected = expected
+        self.got = got
+
+
+def fingerprint_of(der: bytes) -> str:
+    """A certificate's SHA-256 fingerprint, as Incus shows it (lowercase hex)."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def pem_fingerprint(pem: str) -> str:
+    return fingerprint_of(ssl.PEM_cert_to_DER_cert(pem))
+
+
+class _PinnedSocket(ssl.SSLSocket):
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        expected = getattr(self.context, "pin", "")
+        der = self.getpeercert(binary_form=True) or b""
+        got = fingerprint_of(der)
+        if not expected or got != expected:
+            raise _PinMismatch(expected, got)
+
+
+class _PinnedContext(ssl.SSLContext):
+    sslsocket_class = _PinnedSocket
+    pin: str = ""
+
+
+def tls_context(endpoint: Endpoint) -> ssl.SSLContext:
+    """The TLS settings for an HTTPS endpoint: its pinned server certificate (else the
+    system's CAs and the host name, or `server_cert` as CA) and the client certificate."""
+    ctx: ssl.SSLContext
+    if endpoint.fingerprint:
+        pinned = _PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+        pinned.check_hostname = False
+        pinned.verify_mode = ssl.CERT_NONE  # the handshake checks the pin itself
+        pinned.pin = endpoint.fingerprint.lower()
+        ctx = pinned
+    elif endpoint.server_cert:
+        ctx = ssl.create_default_context(cafile=endpoint.server_cert)
+    else:
+        ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if endpoint.client_cert:
+        ctx.load_cert_chain(*endpoint.client_cert)
+    return ctx
+
+
+def pin_mismatch(err: BaseException, endpoint: Endpoint) -> CertificateMismatch | None:
+    """The coi error for a handshake that failed on the pinned certificate (else None)."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, _PinMismatch):
+            name = endpoint.name or endpoint.url or "?"
+            return CertificateMismatch(
+                f"the server at {endpoint.url} presented a certificate other than the one "
+                f"pinned for remote '{name}': refused",
+                details=f"pinned: {cur.expected}\npresented: {cur.got}\nSomeone may be "
+                "intercepting the connection, or the server's certificate was replaced.",
+                resolution="Check the server's fingerprint with its administrator ('incus "
+                "info' on the server shows certificate_fingerprint). If the change is "
+                f"expected: 'coi remote remove {name}' and add it again.",
+            )
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _is_socket(path: str) -> bool:
@@ -136,10 +223,11 @@ def remote_endpoint(remote: str, env: Mapping[str, str]) -> Endpoint:
         )
     raise ConfigError(
         f"remote '{remote}' is not usable",
-        details="No incus/lxc client configuration with a client certificate names it.",
+        details="Neither coi's remotes ('coi remote list') nor an incus/lxc client "
+        "configuration with a client certificate names it.",
         resolution=(
-            "Add the remote with 'incus remote add NAME https://HOST:8443' (or 'lxc remote "
-            "add'), or set [incus] remote to an https:// URL."
+            "Add it with 'coi remote add NAME https://HOST:8443 --token TOKEN' (or 'incus "
+            "remote add'), or use 'local' for the local daemon."
         ),
     )
 

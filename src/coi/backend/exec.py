@@ -8,7 +8,6 @@ import os
 import select
 import shutil
 import signal
-import ssl
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
+from coi.backend.connection import tls_context
 from coi.backend.models import JSON, ExecResult
 from coi.errors import BackendError, IncusTimeout, NotFound, OperationFailed
 
@@ -290,13 +290,7 @@ class ExecAPI:
                 compression=None,
                 ping_interval=None,
             )
-        ctx = (
-            ssl.create_default_context(cafile=ep.server_cert)
-            if ep.server_cert
-            else (ssl.create_default_context())
-        )
-        if ep.client_cert:
-            ctx.load_cert_chain(*ep.client_cert)
+        ctx = tls_context(ep)
         url = (ep.url or "").replace("https://", "wss://", 1) + path
         return connect(url, ssl=ctx, max_size=None, compression=None, ping_interval=None)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import ssl
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
+from coi.backend.connection import tls_context
 from coi.errors import BackendError, IncusTimeout, NotFound
 
 if TYPE_CHECKING:
@@ -137,9 +137,7 @@ class SFTPSession:
                 url = urlsplit(ep.url or "")
                 host = url.hostname or ""
                 raw = socket.create_connection((host, url.port or 8443), timeout=TIMEOUT)
-                ctx = ssl.create_default_context(cafile=ep.server_cert)
-                if ep.client_cert:
-                    ctx.load_cert_chain(*ep.client_cert)
+                ctx = tls_context(ep)
                 sock = ctx.wrap_socket(raw, server_hostname=host)
             sock.sendall(
                 f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"

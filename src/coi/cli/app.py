@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -61,6 +63,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "discard": ("coi.cli.review_cmds", "discard_cmd"),
     "review": ("coi.cli.review_cmds", "review_cmd"),
     "bench": ("coi.cli.bench_cmd", "bench_cmd"),
+    "remote": ("coi.cli.remote_cmds", "remote_cmd"),
 }
 # Upstream 0.8+'s names for commands coi has under their 0.7 names: both work, the help lists
 # the 0.7 name with the other beside it.
@@ -109,8 +112,9 @@ class CoiGroup(click.Group):
             module, attr = self.lazy[cmd_name]
             cmd = getattr(importlib.import_module(module), attr)
             assert isinstance(cmd, click.Command)
-            return cmd
-        return super().get_command(ctx, cmd_name)
+            return with_global_options(cmd)
+        found = super().get_command(ctx, cmd_name)
+        return with_global_options(found) if found is not None else None
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
@@ -140,6 +144,48 @@ class CoiGroup(click.Group):
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         _format_examples(self.examples, formatter)
         super().format_epilog(ctx, formatter)
+
+
+def _set_env(var: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+    def store(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        # Through the environment: the config loader gives it precedence over the files, and
+        # the helper processes a session starts inherit it.
+        if value:
+            os.environ[var] = value
+
+    return store
+
+
+def global_options() -> list[click.Option]:
+    """`--remote` and `--project`, accepted by every command (before or after its name)."""
+    return [
+        click.Option(
+            ["--remote"],
+            metavar="NAME",
+            expose_value=False,
+            is_eager=True,
+            callback=_set_env("COI_REMOTE"),
+            help="Daemon to use: a remote name ('coi remote list'), an https:// URL, or "
+            "'local' (COI_REMOTE, [incus] remote).",
+        ),
+        click.Option(
+            ["--project"],
+            metavar="NAME",
+            expose_value=False,
+            is_eager=True,
+            callback=_set_env("COI_PROJECT"),
+            help="Incus project to work in (COI_PROJECT, [incus] project).",
+        ),
+    ]
+
+
+def with_global_options(cmd: click.Command) -> click.Command:
+    """Give `cmd` the global flags once (it may be asked for several times)."""
+    have = {name for p in cmd.params for name in getattr(p, "opts", ())}
+    for opt in global_options():
+        if not have.intersection(opt.opts):
+            cmd.params.append(opt)
+    return cmd
 
 
 def _format_flags(cmd: click.Command, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -195,3 +241,6 @@ def cli(ctx: click.Context, /, version: bool, **params: Any) -> None:
 
         ctx.exit(run_shell(ctx, params))
     ctx.obj = params
+
+
+with_global_options(cli)

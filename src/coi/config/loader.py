@@ -432,6 +432,7 @@ def load_config(
         values={k: copy.deepcopy(s.default) for k, s in BY_KEY.items()},
         origins=dict.fromkeys(BY_KEY, "default"),
     )
+    _switched_remote(cfg, env)
     workspace = {cwd / rel: rel for rel in WORKSPACE_FILES}
     for path in config_files(cwd, env) if files is None else files:
         if path in workspace:
@@ -456,9 +457,38 @@ def load_config(
         from coi.config.profiles import check_floors
 
         check_floors(cfg)
+    _remote_project(cfg, env)
     if cfg.origins["incus.claude_uid"] != "default" and cfg.origins["incus.code_uid"] == "default":
         cfg.values["incus.code_uid"] = cfg.values["incus.claude_uid"]
     return cfg
+
+
+def _switched_remote(cfg: Config, env: Mapping[str, str]) -> None:
+    """`coi remote switch NAME` stands just above the defaults: a config file, COI_REMOTE
+    and --remote still decide."""
+    from coi.backend.remotes import current
+
+    name = current(env)
+    if name:
+        cfg.values["incus.remote"] = name
+        cfg.origins["incus.remote"] = "coi remote switch"
+
+
+def _remote_project(cfg: Config, env: Mapping[str, str]) -> None:
+    """On a remote, the project recorded with it ('coi remote add --project') unless one was
+    asked for; 'local' is the local daemon."""
+    remote = cfg.values["incus.remote"]
+    if remote == "local":
+        cfg.values["incus.remote"] = ""
+        return
+    if not remote or cfg.origins["incus.project"] != "default":
+        return
+    from coi.backend.remotes import project_of
+
+    project = project_of(remote, env)
+    if project:
+        cfg.values["incus.project"] = project
+        cfg.origins["incus.project"] = f"remote {remote}"
 
 
 def judge_file(data: Mapping[str, Any], origin: str, env: Mapping[str, str]) -> list[Dropped]:

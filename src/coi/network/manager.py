@@ -318,8 +318,11 @@ def prove_enforced(
     *,
     then: str = "",
     tidy: bool = True,
+    remote: bool = False,
 ) -> str:
     """From inside the sandbox: the bridge's DNS answers, a listener on the host does not.
+    `remote`: the daemon is on another machine, where coi cannot listen: only the DNS half
+    is proven, and the log says so.
     Returns the bridge's address (the gateway it probed). `then` runs in the same exec once
     the control connection worked, while the proof's 0.1 s pass. `tidy`: remove the daemon's
     record of the probe's output (not needed in a sandbox about to be removed anyway).
@@ -328,16 +331,18 @@ def prove_enforced(
     :raises SessionError: the policy is not in force (the agent must not start).
     """
     gw = address.gateway if address else gateway_of(client, network)
-    listener = _Listener(gw)
-    env = {**(address.env() if address else {}), "GW": gw, "PORT": str(listener.port)}
+    listener = _Listener(gw) if not remote else None
+    port = listener.port if listener else 9
+    env = {**(address.env() if address else {}), "GW": gw, "PORT": str(port)}
     try:
         script = _PROBE + then + _PROBE_END
         # Its output only explains a failure: read then, and no websockets otherwise.
         res = client.exec.recorded(container, ExecRequest(["sh", "-c", script], env=env), tidy=tidy)
     finally:
-        listener.close()
+        if listener:
+            listener.close()
     out = res.stdout.decode(errors="replace").strip()
-    if listener.hits:
+    if listener and listener.hits:
         raise SessionError(
             "network policy is NOT in force: the sandbox reached a blocked address",
             details=f"probe to {gw}:{listener.port} from {container} got through",
@@ -350,5 +355,12 @@ def prove_enforced(
             details=(out + "\n" + res.stderr.decode(errors="replace")).strip() or None,
             resolution="The image needs sh, timeout and nc or bash; or use --network=open.",
         )
-    log(f"Network policy verified: {gw}:{listener.port} blocked, DNS at {gw} reachable")
+    if listener is None:
+        log(
+            f"Network policy: the remote daemon applies it (ACL {network}); DNS at {gw} "
+            "reachable. Not proven from here that its host is blocked: coi cannot listen on "
+            "the remote machine"
+        )
+        return gw
+    log(f"Network policy verified: {gw}:{port} blocked, DNS at {gw} reachable")
     return gw

@@ -31,6 +31,7 @@ from coi.network.policy import Policy
 from coi.protection.guard import Guard, settle_when_gone, watching
 from coi.sessions import home, naming, reap
 from coi.sessions.keeper import dismiss as dismiss_keeper
+from coi.sessions.remote import adapt as adapt_to_remote
 from coi.sessions.keeper import spawn as spawn_keeper
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
@@ -175,6 +176,7 @@ def open_sandbox(
     watched, then removed, or stopped and kept when persistent. A keeper process stops and
     removes it should this process die first (`coi.sessions.keeper`)."""
     check_server(spec.limits, client.server.kind)
+    spec = adapt_to_remote(client, spec, log)
     reap.after_restart(client, remote=spec.remote)
     box = Sandbox(client, spec, log=log)
     box.check_owner()
@@ -456,6 +458,10 @@ class ShellSession:
                 sys.stderr.write("Inherited persistent mode from session\n")
         sys.stderr.write(f"Setting up session {self.session_id}...\n")
         check_server(self.spec.limits, self.client.server.kind)
+        remote_spec = adapt_to_remote(self.client, self.spec, self.log)
+        if remote_spec is not self.spec:
+            self.spec = remote_spec
+            self.box = Sandbox(self.client, self.spec, log=self.log)
         reap.after_restart(self.client, remote=self.spec.remote)
         self._plan_credentials()
         with cleanup_on_signals():

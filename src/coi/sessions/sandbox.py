@@ -229,6 +229,8 @@ def instance_config(
         config[labels.REVIEW] = spec.review  # `coi clean --reviews` keeps a review in use
     if spec.limits.tmpfs_size:
         config["raw.lxc"] = spec.limits.raw_lxc()
+    if spec.remote:
+        return config  # the workspace is a copy there, owned by the agent: no mapping
     # The agent's uid inside *is* the user's uid outside, for the whole container: files it
     # creates in the workspace belong to the user who ran coi (root too, where the daemon can
     # map it: Sandbox.check_owner refuses first where it cannot).
@@ -280,11 +282,16 @@ def instance_devices(
     devices: dict[str, dict[str, str]] = {
         "root": {"type": "disk", "path": "/", "pool": spec.pool, **spec.limits.root_disk},
         "eth0": _nic(spec, addr, filtering=filtering, network=network),
-        "workspace": {
-            "type": "disk",
-            "source": str(spec.source or spec.workspace),
-            "path": spec.workspace_target,
-        },
+    }
+    if spec.remote:
+        # A remote daemon cannot mount this machine's folders: the workspace is copied in
+        # (coi.sessions.remote), masked files left out.
+        devices.update(forwarded or {})
+        return devices
+    devices["workspace"] = {
+        "type": "disk",
+        "source": str(spec.source or spec.workspace),
+        "path": spec.workspace_target,
     }
     if spec.protection is not None:
         devices.update(protected.devices(spec.protection, spec.workspace_target))
@@ -455,7 +462,7 @@ class Sandbox:
     def check_owner(self) -> None:
         """Refuse, before anything is made, a workspace the agent could not write: one owned
         by root where the daemon cannot map host root to the agent's uid."""
-        if host_owner_uid(self.spec.workspace) != 0:
+        if self.spec.remote or host_owner_uid(self.spec.workspace) != 0:
             return
         problem = root_mapping_problem(self._shifts, local=self.client.endpoint.is_local)
         if problem is None:
@@ -608,6 +615,10 @@ class Sandbox:
                 ),
             )
         self.created = True
+        if self.spec.remote:
+            from coi.sessions.remote import push_workspace
+
+            push_workspace(self.client, self.name, self.spec, self.log)
         if then is not None:
             then()
         try:
@@ -874,6 +885,7 @@ class Sandbox:
                 self.client, self.name, network, self.log, self.address,
                 then=BOOTED + self.spec.setup,
                 tidy=self.lasting,
+                remote=not self.client.endpoint.is_local,
             )  # fmt: skip
         mode = policy.mode if policy else "open"
         self.record("policy", f"network {mode}: in force", mode=mode, gateway=gateway)
