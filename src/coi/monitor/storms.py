@@ -72,6 +72,42 @@ def storm(window: list[Sample], refused_before: int | None = None) -> Threat | N
     return None
 
 
+# A flood that stays under the limit: processes that pile up and stay, FLOOD_GROWTH more
+# within FLOOD_SECONDS, the count never falling back meanwhile. A build's processes come and
+# go (its count falls as often as it rises); a loop of short commands keeps a handful.
+FLOOD_SECONDS = 5.0
+FLOOD_GROWTH = 100
+
+
+def flood(window: list[Sample]) -> Threat | None:
+    """What the last FLOOD_SECONDS of samples (oldest first) say about a slow flood."""
+    if len(window) < 2 or window[-1].at - window[0].at < FLOOD_SECONDS - 1.5 / RATE:
+        return None
+    counts = [s.current for s in window]
+    low = min(counts)
+    last = window[-1]
+    grew = last.current - low
+    if grew < FLOOD_GROWTH:
+        return None
+    # The largest fall between any sample and a later one: a pile-up hardly falls at all.
+    fall, peak = 0, counts[0]
+    for c in counts:
+        peak = max(peak, c)
+        fall = max(fall, peak - c)
+    if fall > max(8, last.current // 10):
+        return None
+    span = last.at - window[0].at
+    return Threat(
+        HIGH,
+        "process",
+        "Process flood",
+        f"{grew} more processes in {span:.1f} s, none ending ({last.current} now, limit "
+        f"{last.limit or 'none'}): processes piling up",
+        {"process": {"count": last.current, "grew": grew, "seconds": round(span, 1),
+                     "limit": last.limit}},
+    )  # fmt: skip
+
+
 class StormWatcher:
     """Calls `on_threat` when the cgroup's counters show a storm (at most once a second)."""
 
@@ -96,6 +132,7 @@ class StormWatcher:
 
     def _run(self) -> None:
         window: deque[Sample] = deque(maxlen=RATE + 1)
+        longer: deque[Sample] = deque(maxlen=int(RATE * FLOOD_SECONDS) + 1)
         if self._baseline is not None:
             window.append(self._baseline)
         refused = self._baseline.refused if self._baseline is not None else 0
@@ -108,12 +145,15 @@ class StormWatcher:
                     return  # the container is gone
                 continue
             window.append(sample)
+            longer.append(sample)
             if now < quiet_until:
                 continue
-            threat = storm(list(window), refused)
+            threat = storm(list(window), refused) or flood(list(longer))
             refused = sample.refused
             if threat is not None:
                 self.on_threat(threat)
                 quiet_until = now + 1.0
                 window.clear()
                 window.append(sample)
+                longer.clear()
+                longer.append(sample)

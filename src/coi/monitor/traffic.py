@@ -69,6 +69,14 @@ class TrafficJudge:
             if t := detect.dns_tunnel_names([n for _, n in self.names], DNS_WINDOW):
                 found.append(t)
                 self.names.clear()
+            else:
+                # One query carrying data, or a slow drip of them (a warning each, per domain
+                # once a minute): under the tunnel rule's 20 names.
+                drip = detect.dns_drip([n for _, n in self.names], DNS_WINDOW)
+                for shaped in (detect.dns_data_query(name), drip):
+                    if shaped and self._first(shaped.title, shaped.evidence["dns"]["domain"], now):
+                        found.append(shaped)
+                        break
             per_minute = float(len(self.names))  # the window is a minute
             loud = detect.dns_volume([], per_minute, self.dns_threshold)
             if loud and self._first("dns", "", now):
