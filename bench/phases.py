@@ -301,7 +301,7 @@ def report(title: str, per: list[dict[str, tuple[float, int]]], warm: list[float
     w = statistics.median(warm)
     lo, hi = min(warm) * 1000, max(warm) * 1000
     print(f"| the warm floor W: start a stopped copy, exec `true` (interleaved) | "
-          f"{w * 1000:.0f} ms [{lo:.0f}..{hi:.0f}] | 2 + 5 |")  # fmt: skip
+          f"{w * 1000:.0f} ms [{lo:.0f}..{hi:.0f}] | 2 + 6 |")  # fmt: skip
     print(f"\ncoi / W = {total / w:.2f}")
 
 
