@@ -222,3 +222,39 @@ def _reviewing(client: IncusClient) -> dict[str, str]:
     from coi.sessions.inventory import containers
 
     return {c.review: c.name for c in containers(client, lambda: []) if c.review and c.running}
+
+
+def test_git_mode_on_the_pool_as_root_keeps_the_repository_the_users(
+    base: Path, renv: dict[str, str], user: pwd.struct_passwd
+) -> None:
+    """Root reviews a user's repository on the pool; the agent's commits become a branch
+    whose objects, written by git run as the repository's owner, are the user's."""
+    from tests.reviewkit import make_repo
+
+    ws = base / "repo"
+    make_repo(ws)
+    for p in [ws, *ws.rglob("*")]:
+        os.lchown(p, user.pw_uid, user.pw_gid)
+    row = start(ws, renv)
+    work = Path(row["work"])
+    env = {"PATH": os.environ["PATH"], "HOME": str(base), "GIT_CONFIG_NOSYSTEM": "1"}
+    who = ["-c", "user.name=a", "-c", "user.email=a@example.invalid", "-c", "safe.directory=*"]
+    (work / "new.py").write_text("x = 1\n")
+    for args in (["add", "new.py"], ["commit", "-qm", "agent work"], ["gc", "-q"]):
+        subprocess.run(["git", "-C", str(work), *who, *args], env=env, check=True)
+
+    diff = run_coi("diff", row["id"], env=renv)
+    assert "The agent's commits (1; coi apply makes them branch" in diff.stdout, diff.stdout
+    res = run_coi("apply", row["id"], env=renv)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"Branch coi/{row['id']}: the agent's 1 commit(s)" in res.stdout
+    log = subprocess.run(
+        ["git", "-C", str(ws), "-c", "safe.directory=*", "log", "-1", "--format=%s",
+         f"coi/{row['id']}"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert log.stdout.strip() == "agent work"
+    rootly = [p for p in (ws / ".git").rglob("*") if p.lstat().st_uid != user.pw_uid]
+    assert rootly == [], f"not the user's: {rootly[:5]}"
+    assert (ws / "new.py").stat().st_uid == user.pw_uid
+    assert run_coi("discard", row["id"], env=renv).returncode == 0

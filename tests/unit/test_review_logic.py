@@ -517,9 +517,14 @@ def test_planted_hooks_filters_links_and_special_files_run_and_leak_nothing(
     before = _tree(ws)
     res = _apply(r, max_file=HUGE_CAP)
     assert not res.written and _tree(ws) == before
-    assert {path for path, _ in res.refused} >= set(p.refused) | set(p.protected)
+    assert {path for path, _ in res.refused} >= set(p.refused)
+    # Git mode: the agent's .git/ files (hooks, config) are git's data, never applied.
+    assert set(p.protected) <= set(res.git_files)
+    git_config = (ws / ".git" / "config").read_bytes()
     res = _apply(r, max_file=HUGE_CAP, partial=True, include_protected=True)
     assert res.written
+    assert (ws / ".git" / "config").read_bytes() == git_config
+    assert not (ws / ".git" / "hooks" / "pre-commit").exists()
     assert (ws / "README.md").read_text() == (
         "# project (user)\n\nline one\nline two\nline THREE by agent\n"
     )

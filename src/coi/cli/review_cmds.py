@@ -14,6 +14,7 @@ from coi.cli.render import echo_json, table
 if TYPE_CHECKING:
     from coi.review.apply import Applied
     from coi.review.copy import Review
+    from coi.review.gitbranch import Commits
 
 _which = stacked(
     click.argument("review", required=False),
@@ -56,24 +57,51 @@ def diff_cmd(review: str | None, workspace: str | None, stat_: bool, fmt: str) -
     """
     from coi.cli.context import load_settings
     from coi.review import settings
-    from coi.review.diff import compare, render_stat, render_text
+    from coi.review.diff import compare_review, render_stat, render_text
 
     cap = settings.max_file(load_settings())
     r = _find(review, workspace)
-    d = compare(r.base, r.work, max_file=cap, index=r.index(), snapshots=r.snapshots)
+    d, commits = compare_review(r, max_file=cap)
     if fmt == "json":
-        echo_json(
-            {
-                "review": r.id,
-                "workspace": r.workspace,
-                "files": [c.as_json() for c in d.changes],
-                "counts": d.counts(),
+        out: dict[str, Any] = {
+            "review": r.id,
+            "workspace": r.workspace,
+            "files": [c.as_json() for c in d.changes],
+            "counts": d.counts(),
+        }
+        if commits is not None:
+            out["git"] = {
+                "head": commits.head,
+                "start": commits.start,
+                "commits": [{"sha": sha, "subject": subj} for sha, subj in commits.new],
+                "problem": commits.problem,
+                "git_files": len(d.git_files),
             }
-        )
-    elif stat_:
+        echo_json(out)
+        return
+    if commits is not None:
+        click.echo(_commits_text(r.id, commits, len(d.git_files)), nl=False)
+    if stat_:
         click.echo(render_stat(d), nl=False)
     else:
-        click.echo(render_text(d) or "No changes.\n", nl=False)
+        click.echo(render_text(d) or "No changes to files.\n", nl=False)
+
+
+def _commits_text(rid: str, commits: Commits, git_files: int) -> str:
+    """Git mode's header of `coi diff`: the agent's commits, or why they cannot come."""
+    from coi.review.diff import printable
+
+    lines = []
+    if commits.problem:
+        lines.append(f"The agent's commits cannot be brought in: {printable(commits.problem)}")
+    elif commits.new:
+        lines.append(
+            f"The agent's commits ({len(commits.new)}; coi apply makes them branch coi/{rid}):"
+        )
+        lines += [f"  {sha[:12]} {printable(subj)}" for sha, subj in commits.new]
+    if git_files:
+        lines.append(f"({git_files} change(s) under .git/ are git's data: never applied as files)")
+    return "\n".join(lines) + ("\n\n" if lines else "")
 
 
 def _report(res: Applied) -> list[str]:
@@ -107,9 +135,22 @@ def _report(res: Applied) -> list[str]:
     is_flag=True,
     help="Also write protected paths (.git/hooks, .git/config, .vscode, .coi.toml, ...).",
 )
+@click.option(
+    "--branch",
+    default="",
+    metavar="NAME",
+    help="Git mode: the branch the agent's commits become (default coi/<review>).",
+)
+@click.option("--branch-only", is_flag=True, help="Git mode: only make the branch; write no files.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def apply_cmd(
-    review: str | None, workspace: str | None, partial: bool, include_protected: bool, fmt: str
+    review: str | None,
+    workspace: str | None,
+    partial: bool,
+    include_protected: bool,
+    branch: str,
+    branch_only: bool,
+    fmt: str,
 ) -> None:
     """Bring a review's changes into your folder (a three-way merge with your own edits).
 
@@ -130,6 +171,8 @@ def apply_cmd(
         include_protected=include_protected,
         partial=partial,
         max_file=settings.max_file(cfg),
+        branch=branch,
+        files=not branch_only,
     )
     if fmt == "json":
         echo_json(
@@ -145,6 +188,11 @@ def apply_cmd(
                 ],
                 "conflicts": [{"path": p, "reason": w} for p, w in res.conflicts],
                 "refused": [{"path": p, "reason": w} for p, w in res.refused],
+                "branch": res.branch,
+                "commits": [
+                    {"sha": sha, "subject": subj}
+                    for sha, subj in (res.commits.new if res.branch and res.commits else [])
+                ],
             }
         )
     else:
@@ -156,6 +204,16 @@ def apply_cmd(
         else:
             click.echo(f"Applied review {r.id} to {r.workspace}:")
         click.echo("\n".join(lines) if lines else "  (no changes)")
+        if res.branch and res.commits:
+            click.echo(
+                f"Branch {res.branch}: the agent's {len(res.commits.new)} commit(s) "
+                f"(git log {res.branch}; merge or push it yourself)"
+            )
+        if res.git_files:
+            click.echo(
+                f"Not applied: {len(res.git_files)} change(s) under .git/ (git mode brings "
+                "the agent's commits as a branch, never git's files)"
+            )
     if not res.written:
         what = [f"{len(res.conflicts)} conflict(s)"] if res.conflicts else []
         what += [f"{len(res.refused)} refused"] if res.refused else []

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from coi.errors import CoiError
 from coi.locks import held
+from coi.review import gitbranch
 from coi.review.copy import Review, mark_applied
-from coi.review.diff import DEFAULT_MAX_FILE, Change, compare, is_text
+from coi.review.diff import DEFAULT_MAX_FILE, Change, compare_review, is_text
+from coi.review.gitbranch import Commits
 from coi.review.tree import (
     Entry,
     Unsafe,
@@ -56,6 +58,11 @@ class Applied:
     conflicts: list[tuple[str, str]] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
     written: bool = False
+    # Git mode (coi.review.gitbranch): the agent's new commits, the branch made of them,
+    # and the changes under .git/ that are never applied as files.
+    commits: Commits | None = None
+    branch: str = ""
+    git_files: list[str] = field(default_factory=list)
 
     @property
     def blocked(self) -> bool:
@@ -175,13 +182,10 @@ def plan(
     """What applying `review` would do, nothing written."""
     ws = review.workspace
     result = Applied(review)
-    diff = compare(
-        review.base,
-        review.work,
-        max_file=max_file,
-        index=review.index(),
-        snapshots=review.snapshots,
-    )
+    diff, result.commits = compare_review(review, max_file=max_file)
+    result.git_files = diff.git_files
+    if result.commits is not None and result.commits.problem:
+        result.refused.append((".git", f"the agent's commits: {result.commits.problem}"))
     for c in diff.changes:
         if c.status == "refused":
             result.refused.append((c.path, c.reason))
@@ -220,31 +224,61 @@ def apply(
     include_protected: bool = False,
     partial: bool = False,
     max_file: int = DEFAULT_MAX_FILE,
+    branch: str = "",
+    files: bool = True,
 ) -> Applied:
     """Apply `review` to its workspace. Nothing is written when anything conflicts or is
     refused, unless `partial`: then the clean paths are written and the rest reported.
+    In git mode the agent's new commits become the branch `branch` (default coi/<id>)
+    first; `files=False`: only that branch.
 
-    :raises UsageError: the review is not pending.
+    :raises UsageError: the review is not pending, or not in git mode and only the branch
+        is asked for.
     """
     from coi.errors import UsageError
 
     if review.state != "pending":
         raise UsageError(f"review {review.id} is {review.state}, not pending")
+    if (branch or not files) and not gitbranch.is_git(review):
+        raise UsageError(
+            f"review {review.id} is not of a git repository: there are no commits to branch",
+            resolution="Drop --branch/--branch-only: coi apply brings the files.",
+        )
+    if branch:
+        gitbranch.check_branch_name(branch)
     # One apply at a time into one folder: two reviews applied at once would each plan
     # against a folder the other is changing.
     key = hashlib.sha256(review.workspace.encode()).hexdigest()[:16]
     with held(Path(review.folder).parent / f".apply-{key}.lock"):
-        return _apply(review, protected, include_protected, partial, max_file)
+        result = plan(
+            review, protected=protected, include_protected=include_protected, max_file=max_file
+        )
+        if not files:
+            result.steps, result.conflicts = [], []
+            result.refused = [r for r in result.refused if r[0] == ".git"]
+        if result.blocked and not partial:
+            return result
+        commits = result.commits
+        if commits is not None and commits.new:
+            # The branch first: a new ref and objects, nothing of yours changed; when it
+            # cannot be made, no file is written either (unless --partial).
+            name = branch or f"coi/{review.id}"
+            made = gitbranch.make_branch(review, name)
+            if made.problem:
+                result.refused.append((".git", f"the agent's commits: {made.problem}"))
+                if not partial:
+                    return result
+            else:
+                result.branch, result.commits = name, made
+        if not files:
+            result.written = True
+            if not result.blocked:
+                mark_applied(review)
+            return result
+        return _apply(review, result, partial)
 
 
-def _apply(
-    review: Review, protected: list[str], include_protected: bool, partial: bool, max_file: int
-) -> Applied:
-    result = plan(
-        review, protected=protected, include_protected=include_protected, max_file=max_file
-    )
-    if result.blocked and not partial:
-        return result
+def _apply(review: Review, result: Applied, partial: bool) -> Applied:
     ws = review.workspace
     done: list[Step] = []
     # Deletions first, so a file replaced by a folder (or the reverse) has room.

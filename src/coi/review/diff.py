@@ -12,8 +12,13 @@ import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from coi.review.tree import Entry, Unsafe, read_file, same_content, walk
+
+if TYPE_CHECKING:
+    from coi.review.copy import Review
+    from coi.review.gitbranch import Commits
 
 DEFAULT_MAX_FILE = 100 * 2**20
 
@@ -67,6 +72,8 @@ class Diff:
     """Every change of one review, in path order."""
 
     changes: list[Change] = field(default_factory=list)
+    # Git mode: changes under .git/, left out of `changes` (the agent's commits come instead).
+    git_files: list[str] = field(default_factory=list)
 
     @property
     def refused(self) -> list[Change]:
@@ -205,6 +212,27 @@ def compare(
             change.note = watched(rel) if change.status != "deleted" else ""
             diff.changes.append(change)
     return diff
+
+
+def compare_review(
+    review: Review, *, max_file: int = DEFAULT_MAX_FILE
+) -> tuple[Diff, Commits | None]:
+    """A review's changes; in git mode (coi.review.gitbranch) without git's own files, which
+    are never applied as files, and with the agent's new commits instead (None otherwise)."""
+    from coi.review import gitbranch
+
+    diff = compare(
+        review.base,
+        review.work,
+        max_file=max_file,
+        index=review.index(),
+        snapshots=review.snapshots,
+    )
+    if not gitbranch.is_git(review):
+        return diff, None
+    diff.git_files = [c.path for c in diff.changes if gitbranch.in_git(c.path)]
+    diff.changes = [c for c in diff.changes if not gitbranch.in_git(c.path)]
+    return diff, gitbranch.commits(review)
 
 
 def _change(

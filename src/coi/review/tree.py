@@ -80,6 +80,22 @@ def walk(root: str) -> dict[str, Entry]:
     return out
 
 
+def walk_under(root: str, rel: str) -> dict[str, Entry]:
+    """walk() of the folder `rel` under `root`, reached one real folder at a time, never
+    through a link ({} when it is missing or not a real folder)."""
+    try:
+        with parent_fd(root, f"{rel}/.") as fd:
+            mine = os.dup(fd)
+    except Unsafe:
+        return {}
+    out: dict[str, Entry] = {}
+    try:
+        _walk(mine, "", out, 0)
+    finally:
+        os.close(mine)
+    return out
+
+
 def _walk(dfd: int, prefix: str, out: dict[str, Entry], depth: int) -> None:
     with os.scandir(dfd) as it:
         names = sorted(e.name for e in it)
