@@ -226,14 +226,12 @@ def _in_review(
     can refuse the session and leave the copy behind. Protection and masks are planned on
     the copy, which is what the agent sees.
 
-    :raises UsageError: with --container or a persistent sandbox (not supported yet).
+    :raises UsageError: with --container (a container coi did not make for the folder).
     """
-    if options.container or spec.persistent:
+    if options.container:
         raise UsageError(
-            "review mode needs a sandbox coi makes for this session "
-            + ("(not --container)" if options.container else "(not a persistent one yet)"),
-            resolution="Drop --review (or [workspace] mode), or "
-            + ("--container." if options.container else "--persistent."),
+            "review mode needs a sandbox coi makes for the folder (not --container)",
+            resolution="Drop --review (or [workspace] mode), or --container.",
         )
     from coi.review import copy as review_copy
     from coi.review.pool import store_for

@@ -19,7 +19,7 @@ from coi.backend.exec import ExecRequest
 from coi.backend.models import Instance, Network
 from coi.config.loader import Config
 from coi.config.paths import coi_home
-from coi.errors import BackendError, ConfigError, NotFound, SessionError
+from coi.errors import BackendError, ConfigError, NotFound, SessionError, UsageError
 from coi.limits import Limits
 from coi.limits.watchdog import spawn as spawn_watchdog
 from coi.network import address
@@ -553,6 +553,35 @@ class Sandbox:
             if current.get(name) != dev:
                 self.client.instances.add_device(self.name, name, dev)
 
+    def _fit_workspace(self, inst: Instance) -> None:
+        """A reused persistent sandbox mounts what this session works on: your folder, or
+        this session's review copy. Switched while it is stopped; a running one that works
+        on something else is refused (its session is still going on)."""
+        want = str(self.spec.source or self.spec.workspace)
+        dev = inst.devices.get("workspace")
+        if self.spec.remote or dev is None or dev.get("source") == want:
+            return
+        if inst.status != "Stopped":
+            on = inst.config.get(labels.REVIEW)
+            if self.spec.review:
+                from coi.review.copy import discard, find
+
+                discard(find(self.spec.review, None))  # made for this session: not wanted
+            raise UsageError(
+                f"the persistent sandbox {self.name} is running on "
+                + (f"review {on}" if on else "your folder itself")
+                + (", not on a new review copy" if self.spec.review else ", not on it"),
+                resolution=f"Stop it first ('coi shutdown {self.name}'), then start again; "
+                "or attach to its session ('coi attach').",
+            )
+        self.client.instances.patch(
+            self.name,
+            {
+                "devices": {"workspace": {**dev, "source": want}},
+                "config": {labels.REVIEW: self.spec.review},
+            },
+        )
+
     def _create_or_reuse(self, then: Callable[[], None] | None) -> None:
         self.check_owner()
         self.begin()
@@ -574,6 +603,7 @@ class Sandbox:
                 self._harden_nic(inst)
                 if inst.config.get("boot.autostart") != "false":
                     self.client.instances.set_config(self.name, NO_AUTOSTART)
+                self._fit_workspace(inst)
                 self._refresh_limits(inst.expanded_devices, running=inst.running)
                 self._refresh_forwards(inst)
                 if self.spec.alias and inst.config.get(labels.ALIAS) != self.spec.alias:
