@@ -61,6 +61,23 @@ def test_run_as_user_ownership_exit_code_and_no_leftover(
 
 
 @pytest.mark.lxd
+def test_a_folder_whose_owner_the_daemon_may_not_map_is_refused_first(
+    client: IncusClient, coi_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A folder owned by a uid that root may not delegate (no /etc/subuid entry covers it):
+    the daemon would fail the start with "forkstart ... exit status 1"; coi says why first."""
+    ws = tmp_path / "foreign"
+    ws.mkdir()
+    os.chown(ws, 4242, 4343)
+    assert "root:4242:" not in Path("/etc/subuid").read_text()
+    res = run_coi("run", "--image", "coi-tiny", "-w", str(ws), "--", "true", env=coi_env)
+    assert res.returncode == 1, res.stderr
+    assert "cannot be mapped into a sandbox: its uid 4242 is not delegated" in res.stderr
+    assert "root:4242:1" in res.stderr and "Launching container" not in res.stderr
+    assert coi_names(client, ws) == []
+
+
+@pytest.mark.lxd
 def test_root_on_a_root_owned_folder_writes_as_root_or_is_refused_first(
     client: IncusClient, coi_env: dict[str, str], tmp_path: Path, pool: str
 ) -> None:

@@ -200,6 +200,34 @@ def root_mapping_problem(
     return None
 
 
+def _covers(lines: Iterable[str], ident: int) -> bool:
+    """Whether a `root:START:COUNT` line lets root delegate `ident`."""
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) != 3 or parts[0] != "root" or not (parts[1] + parts[2]).isdigit():
+            continue
+        if int(parts[1]) <= ident < int(parts[1]) + int(parts[2]):
+            return True
+    return False
+
+
+def owner_mapping_problem(
+    uid: int, gid: int, *, subid_files: tuple[Path, Path] = SUBID_FILES
+) -> str | None:
+    """Why the daemon (root, on this machine) may not map the workspace owner's uid or gid
+    into the container (`raw.idmap`), or None when it may: each needs a root entry covering
+    it in /etc/subuid and /etc/subgid (`coi setup` adds `root:UID:1` for the users it
+    knows). Unreadable files say nothing: the daemon will."""
+    for f, ident, what in ((subid_files[0], uid, "uid"), (subid_files[1], gid, "gid")):
+        try:
+            lines = f.read_text().splitlines()
+        except OSError:
+            continue
+        if not _covers(lines, ident):
+            return f"its {what} {ident} is not delegated to root in {f}"
+    return None
+
+
 def host_owner_gid(workspace: Path, uid: int, env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     if uid == os.getuid():
