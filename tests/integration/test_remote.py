@@ -113,6 +113,13 @@ def test_add_with_a_token_pins_the_certificate_and_list_switch_remove(
     assert [(r["name"], r["url"], r["project"], r["current"]) for r in listed] == [
         ("r1", remote.url, PROJECT, False)
     ]
+    # --accept-certificate pins what the server presents (the same server, already trusting
+    # this user's certificate: no token needed).
+    acc = run_coi("remote", "add", "same", remote.url, "--accept-certificate", env=env)
+    assert acc.returncode == 0, acc.stderr
+    assert "already trusted" in acc.stdout
+    assert remote.fingerprint() in acc.stdout
+    assert run_coi("remote", "remove", "same", env=env).returncode == 0
     # switch: commands without --remote now work there.
     assert run_coi("remote", "switch", "r1", env=env).returncode == 0
     run = run_coi("run", "-w", str(ws), "--network", "open", "--", "true", env=env, timeout=180)
@@ -207,6 +214,30 @@ def test_what_cannot_work_remotely_is_refused_at_the_command(
     assert "extra mounts need the local daemon" in mnt.stderr
     # Nothing was made for either.
     assert set(_remote_names(remote)) <= before
+    # coi setup prepares this machine: asked for a remote, it says so instead.
+    setup = run_coi("--remote", "r1", "setup", env=env)
+    assert setup.returncode == 2
+    assert "coi setup prepares this machine, not the remote 'r1'" in setup.stderr
+
+
+def test_masked_files_are_not_copied_to_the_remote(
+    remote: remotekit.RemoteDaemon, env: dict[str, str], ws: Path
+) -> None:
+    """security.mask_secrets on a remote: the secret files never leave this machine."""
+    _add(remote, env)
+    (ws / ".env").write_text("API_KEY=on-the-host-only\n")
+    (ws / "sub" / "id.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    os.link(ws / ".env", ws / "env-hardlink")  # the same content under a name not masked
+    conf = Path(env["XDG_CONFIG_HOME"]) / "coi" / "config.toml"
+    conf.write_text("[security]\nmask_secrets = true\n")
+    res = run_coi("--remote", "r1", "run", "--network", "open", "-w", str(ws), "--", "sh", "-c",
+                  "cd /workspace && find . | sort; cat ./env-hardlink 2>/dev/null; true",
+                  env=env, timeout=180)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    seen = res.stdout.split()
+    assert "./notes.txt" in seen and "./sub/deep.txt" in seen
+    assert "./.env" not in seen and "./sub/id.pem" not in seen
+    assert "on-the-host-only" not in res.stdout
 
 
 def test_a_wrong_certificate_at_add_is_refused_and_nothing_is_kept(

@@ -211,3 +211,34 @@ def test_the_pinned_certificate_is_checked_in_the_handshake(
     assert "pinned for remote 'r1': refused" in err.value.message
     assert fingerprint_of(der) in (err.value.details or "")
     assert err.value.resolution
+
+
+def test_the_workspace_archive_leaves_out_masked_files_and_follows_no_link(
+    tmp_path: Path,
+) -> None:
+    import os
+    import tarfile
+
+    from coi.protection.masks import Masked, MaskPlan
+    from coi.sessions.remote import pack
+    from coi.sessions.sandbox import SandboxSpec
+
+    ws = tmp_path / "ws"
+    (ws / "src").mkdir(parents=True)
+    (ws / "src" / "a.py").write_text("print(1)\n")
+    (ws / ".env").write_text("KEY=secret\n")
+    os.link(ws / ".env", ws / "copy-of-env")  # the masked content under another name
+    (ws / "keys").mkdir()
+    (ws / "keys" / "id").write_text("secret\n")
+    os.link(ws / "keys" / "id", ws / "a-key")  # archived before keys/: left out all the same
+    (ws / "out").symlink_to("/etc")  # stored as a link, never followed
+    os.mkfifo(ws / "fifo")
+    plan = MaskPlan(workspace=ws, paths=[Masked(".env", "file"), Masked("keys", "dir")])
+    spec = SandboxSpec(workspace=ws, image="coi", persistent=False, masks=plan, code_uid=1234)
+    count, size = pack(spec, tmp_path / "w.tar")
+    with tarfile.open(tmp_path / "w.tar") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert set(members) == {"./src", "./src/a.py", "./out"}
+    assert members["./out"].issym() and members["./out"].linkname == "/etc"
+    assert {(m.uid, m.gid) for m in members.values()} == {(1234, 1234)}
+    assert (count, size) == (3, len("print(1)\n"))

@@ -120,12 +120,14 @@ def current(env: Mapping[str, str]) -> str:
 
 
 def project_of(name: str, env: Mapping[str, str]) -> str:
-    """The project recorded for remote `name` ('' when none or not coi's)."""
+    """The project recorded for remote `name` (coi's, else the incus client's; '' if none)."""
     try:
-        entry = _load(env)["remotes"].get(name) or {}
+        entry = _load(env)["remotes"].get(name)
     except ConfigError:
         return ""
-    return str(entry.get("project") or "")
+    if entry is not None:
+        return str(entry.get("project") or "")
+    return next((r.project for r in _incus_remotes(env) if r.name == name), "")
 
 
 def _incus_remotes(env: Mapping[str, str]) -> list[Remote]:

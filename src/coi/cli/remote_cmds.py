@@ -116,7 +116,8 @@ def remove_cmd(name: str) -> None:
     from coi.backend.remotes import remove
 
     was_current = remove(name, os.environ)
-    click.echo(f"Remote {name} removed" + (" (coi uses the local daemon again)" if was_current else ""))
+    again = " (coi uses the local daemon again)" if was_current else ""
+    click.echo(f"Remote {name} removed{again}")
 
 
 @remote_cmd.command("switch", cls=CoiCommand)

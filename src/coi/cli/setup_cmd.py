@@ -68,6 +68,15 @@ def setup_cmd(
     from coi.host.provision import SetupOptions, StepResult, run_setup
 
     cfg = load_settings()
+    if cfg.get_str("incus.remote"):
+        from coi.errors import UsageError
+
+        raise UsageError(
+            f"coi setup prepares this machine, not the remote '{cfg.get_str('incus.remote')}'",
+            details="It installs and starts a daemon here, with its pool, bridge and image.",
+            resolution="Run 'coi setup' on the server itself (docs/remote.md), or drop "
+            "--remote / COI_REMOTE / 'coi remote switch local' to set up this machine.",
+        )
 
     def show(step: StepResult) -> None:
         mark = "[done]" if step.changed else "[ok]  "

@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from coi.backend.client import IncusClient
     from coi.sessions.sandbox import Log, SandboxSpec
 
-COPY_NOTICE = (
-    "changes stay in the remote sandbox; coi diff/apply for remotes comes next"
-)
+# Where the workspace's archive waits in the sandbox until it is unpacked (root's, 0600).
+ARCHIVE = "/root/.coi-workspace.tar"
+COPY_NOTICE = "changes stay in the remote sandbox; coi diff/apply for remotes comes next"
 
 
 def is_remote(spec: SandboxSpec) -> bool:
@@ -49,7 +49,8 @@ def adapt(client: IncusClient, spec: SandboxSpec, log: Log) -> SandboxSpec:
             "review mode does not work on a remote daemon yet",
             details=f"the daemon is {where}",
             resolution="Run without --review: on a remote, the sandbox always works on a copy ("
-            + COPY_NOTICE + ").",
+            + COPY_NOTICE
+            + ").",
         )
     if spec.monitor is not None and spec.monitor.enabled:
         raise SessionError(
@@ -87,14 +88,38 @@ def pack(spec: SandboxSpec, out: Path) -> tuple[int, int]:
     files, dirs = _excluded(spec)
     uid = spec.code_uid
     count = size = 0
+    kept: set[str] = set()
+    # The masked files' inodes: another hard link to one holds the same secret.
+    secret: set[tuple[int, int]] = set()
+    for rel in files:
+        try:
+            st = os.lstat(root / rel)
+        except OSError:
+            continue
+        if st.st_nlink > 1:
+            secret.add((st.st_dev, st.st_ino))
+    for d in dirs:
+        for sub, _dirs, names in os.walk(root / d.rstrip("/")):
+            for n in names:
+                st = os.lstat(os.path.join(sub, n))
+                if st.st_nlink > 1:
+                    secret.add((st.st_dev, st.st_ino))
 
     def owned(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
         nonlocal count, size
         rel = ti.name[2:] if ti.name.startswith("./") else ti.name
         if rel in files or any((rel + "/").startswith(d) for d in dirs):
             return None
-        if not (ti.isfile() or ti.isdir() or ti.issym()):
+        if ti.islnk() and ti.linkname not in kept:
+            # A second name of a file left out (masked): the same content, so left out too.
+            return None
+        if not (ti.isfile() or ti.isdir() or ti.issym() or ti.islnk()):
             return None  # sockets, FIFOs, devices: nothing to copy
+        if secret and (ti.isfile() or ti.islnk()):
+            st = os.lstat(root / rel)
+            if (st.st_dev, st.st_ino) in secret:
+                return None
+        kept.add(ti.name)
         ti.uid = ti.gid = uid
         ti.uname = ti.gname = ""
         count += 1
@@ -118,13 +143,18 @@ def push_workspace(client: IncusClient, name: str, spec: SandboxSpec, log: Log) 
         archive = Path(tmp) / "workspace.tar"
         count, size = pack(spec, archive)
         sent = archive.stat().st_size
-        script = (
-            'mkdir -p "$T" && chown "$U:$U" "$T" && cd "$T" && tar -x -f - '
-            '|| { echo "unpack failed" >&2; exit 1; }'
-        )
-        req = ExecRequest(["sh", "-c", script], env={"T": target, "U": str(spec.code_uid)})
-        with archive.open("rb") as fh:
-            res = client.exec.run(name, req, stdin=fh)
+        # Sent with the files API and unpacked by a recorded exec (no websockets): an exec
+        # streaming stdin cannot be started again when the daemon loses its child, and
+        # these two can.
+        client.files.push_file(name, archive, ARCHIVE, uid=0, gid=0, mode=0o600)
+    script = (
+        'mkdir -p "$T" && chown "$U:$U" "$T" && cd "$T" && tar -x -f "$A"; rc=$?; '
+        'rm -f "$A"; exit $rc'
+    )
+    req = ExecRequest(
+        ["sh", "-c", script], env={"T": target, "U": str(spec.code_uid), "A": ARCHIVE}
+    )
+    res = client.exec.recorded(name, req)
     if res.exit_code != 0:
         raise SessionError(
             "could not copy the workspace into the remote sandbox",
