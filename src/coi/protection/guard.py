@@ -655,7 +655,12 @@ def settle_when_gone(container: str, operation: str, *, project: str, remote: st
     argv += ["--operation", operation]
     if remote:
         argv += ["--remote", remote]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+    # Not on coi's stdout: `out=$(coi run -- cmd)` (any reader of the command's output)
+    # would wait for this process, that is for the daemon's stop, before it saw the end. Its
+    # words (what it restored) still go to coi's stderr.
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+    )
     return proc.pid
 
 

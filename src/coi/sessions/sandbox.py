@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -36,7 +37,6 @@ from coi.sessions.workspace import (
     Mount,
     host_owner_gid,
     host_owner_uid,
-    owner_mapping_problem,
     root_mapping_problem,
 )
 
@@ -463,11 +463,7 @@ class Sandbox:
     def check_owner(self) -> None:
         """Refuse, before anything is made, a workspace the agent could not write: one owned
         by root where the daemon cannot map host root to the agent's uid."""
-        if self.spec.remote:
-            return
-        owner = host_owner_uid(self.spec.workspace)
-        if owner != 0:
-            self._check_owner_delegated(owner)
+        if self.spec.remote or host_owner_uid(self.spec.workspace) != 0:
             return
         problem = root_mapping_problem(self._shifts, local=self.client.endpoint.is_local)
         if problem is None:
@@ -479,23 +475,6 @@ class Sandbox:
             "or chown the folder to a regular user. On Incus, 'sudo coi setup' adds "
             "'root:0:1' to /etc/subuid and /etc/subgid so root's own folders can be mapped.",
         )
-
-    def _check_owner_delegated(self, owner: int) -> None:
-        """The daemon maps the folder's owner to the agent: refuse, before anything is
-        made, an owner it may not map (the daemon would fail the start with no reason)."""
-        if not self.client.endpoint.is_local:
-            return
-        gid = host_owner_gid(self.spec.workspace, owner)
-        problem = owner_mapping_problem(owner, gid)
-        if problem is not None:
-            raise SessionError(
-                f"the workspace {self.spec.workspace} cannot be mapped into a sandbox: "
-                f"{problem}",
-                resolution="Run coi on a folder of your own, or let the daemon map that "
-                f"owner: add 'root:{owner}:1' to /etc/subuid and 'root:{gid}:1' to "
-                "/etc/subgid ('sudo coi setup' does it for the users it knows), then "
-                "restart the daemon.",
-            )
 
     def create_or_reuse(self, then: Callable[[], None] | None = None) -> None:
         """Create the container, or reuse this slot's persistent one (`ensure_image` first).
@@ -645,7 +624,20 @@ class Sandbox:
                 return
             self.log("Found stopped leftover container from previous session, deleting...")
             self.client.instances.delete(self.name, force=True)
-        self._protect()
+        # The protected paths are recorded (scanned, copied, written and synced) while the
+        # daemon makes and starts the sandbox: nothing of the agent runs in it before the
+        # first exec, which comes after the record is complete (joined below).
+        recording = Meanwhile(self._protect)
+        try:
+            self._make()
+        except BaseException:
+            recording.join(quiet=True)
+            raise
+        recording.join()
+        self._after_made(then)
+
+    def _make(self) -> None:
+        """Create and start a new sandbox (from a spare, a template copy or the image)."""
         net = self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
         config = instance_config(self.spec, self.client.has_extension, mknod=self._mknod_works)
@@ -667,6 +659,9 @@ class Sandbox:
                 ),
             )
         self.created = True
+
+    def _after_made(self, then: Callable[[], None] | None) -> None:
+        """The new sandbox runs: what overlaps its proof (`then`), the proof, the clock."""
         if self.spec.remote:
             from coi.sessions.remote import push_workspace
 
@@ -1060,6 +1055,28 @@ _ROOT_CHECK = (
     'for g in $(id -Gn "$(id -un)"); do case $g in docker|sudo|wheel|admin|incus*|lxd) '
     'echo "in group $g"; exit 1;; esac; done; exit 0'
 )
+
+
+class Meanwhile:
+    """`fn` run in a thread while the caller goes on; `join` waits for it and raises what it
+    raised (`quiet`: not, when the caller is raising an error of its own already)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as err:  # handed to the caller by join
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="coi meanwhile", daemon=True)
+        self._thread.start()
+
+    def join(self, *, quiet: bool = False) -> None:
+        self._thread.join()
+        if self._error is not None and not quiet:
+            raise self._error
 
 
 def detached(fn: Callable[[], None]) -> None:
