@@ -37,6 +37,7 @@ from coi.sessions.workspace import (
     Mount,
     host_owner_gid,
     host_owner_uid,
+    owner_mapping_problem,
     root_mapping_problem,
 )
 
@@ -463,7 +464,11 @@ class Sandbox:
     def check_owner(self) -> None:
         """Refuse, before anything is made, a workspace the agent could not write: one owned
         by root where the daemon cannot map host root to the agent's uid."""
-        if self.spec.remote or host_owner_uid(self.spec.workspace) != 0:
+        if self.spec.remote:
+            return
+        owner = host_owner_uid(self.spec.workspace)
+        if owner != 0:
+            self._check_owner_delegated(owner)
             return
         problem = root_mapping_problem(self._shifts, local=self.client.endpoint.is_local)
         if problem is None:
@@ -475,6 +480,23 @@ class Sandbox:
             "or chown the folder to a regular user. On Incus, 'sudo coi setup' adds "
             "'root:0:1' to /etc/subuid and /etc/subgid so root's own folders can be mapped.",
         )
+
+    def _check_owner_delegated(self, owner: int) -> None:
+        """The daemon maps the folder's owner to the agent: refuse, before anything is
+        made, an owner it may not map (the daemon would fail the start with no reason)."""
+        if not self.client.endpoint.is_local:
+            return
+        gid = host_owner_gid(self.spec.workspace, owner)
+        problem = owner_mapping_problem(owner, gid)
+        if problem is not None:
+            raise SessionError(
+                f"the workspace {self.spec.workspace} cannot be mapped into a sandbox: "
+                f"{problem}",
+                resolution="Run coi on a folder of your own, or let the daemon map that "
+                f"owner: add 'root:{owner}:1' to /etc/subuid and 'root:{gid}:1' to "
+                "/etc/subgid ('sudo coi setup' does it for the users it knows), then "
+                "restart the daemon.",
+            )
 
     def create_or_reuse(self, then: Callable[[], None] | None = None) -> None:
         """Create the container, or reuse this slot's persistent one (`ensure_image` first).
