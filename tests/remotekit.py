@@ -257,6 +257,16 @@ def start(base: Path | None = None) -> RemoteDaemon:
     return rd
 
 
+@contextlib.contextmanager
+def stopped(rd: RemoteDaemon) -> Iterator[None]:
+    """The daemon stopped for the block (its address answers nothing), started again after."""
+    _shutdown(rd)
+    try:
+        yield
+    finally:
+        _launch(rd)
+
+
 def restart(rd: RemoteDaemon, *, new_certificate: bool = False) -> None:
     """Stop and start the daemon again; with `new_certificate` it makes itself a new server
     certificate (what a reinstalled server, or someone in between, would present)."""

@@ -170,6 +170,14 @@ def test_run_list_shell_and_shutdown_on_the_remote(
     local = json.loads(run_coi("list", "--format", "json", env=env).stdout)
     assert name not in [c["name"] for c in local["active_containers"]]
 
+    # The background shell answers through coi tmux, over HTTPS.
+    sent = run_coi("--remote", "r1", "tmux", "send", name, "echo from-$((6*7))", env=env)
+    assert sent.returncode == 0, sent.stderr
+    end = time.monotonic() + 30
+    while "from-42" not in run_coi("--remote", "r1", "tmux", "capture", name, env=env).stdout:
+        assert time.monotonic() < end, "the remote tmux pane never showed the command's output"
+        time.sleep(0.3)
+
     down = run_coi("--remote", "r1", "shutdown", name, env=env, timeout=120)
     assert down.returncode == 0, down.stderr
     _wait_gone(remote, name)
@@ -260,6 +268,25 @@ def test_a_wrong_certificate_at_add_is_refused_and_nothing_is_kept(
     bare = run_coi("remote", "add", "r1", remote.url, env=env)
     assert bare.returncode == 2
     assert remote.fingerprint() in bare.stderr
+
+
+def test_health_and_a_stopped_server_on_a_remote(
+    remote: remotekit.RemoteDaemon, env: dict[str, str]
+) -> None:
+    """coi health checks the remote daemon and says which checks are its machine's; a server
+    that does not answer is said to be one, not a local daemon to start."""
+    _add(remote, env)
+    health = run_coi("--remote", "r1", "health", env=env, timeout=180)
+    assert "Traceback" not in health.stderr
+    assert f"may use {remote.url} (remote 'r1')" in health.stdout
+    assert "made by the remote daemon" in health.stdout
+    assert "a setting of the remote daemon's machine" in health.stdout
+    with remotekit.stopped(remote):
+        res = run_coi("--remote", "r1", "list", env=env)
+    assert res.returncode != 0
+    assert f"cannot connect to the daemon at {remote.url} (remote 'r1')" in res.stderr
+    assert "Check that the server runs" in res.stderr
+    assert run_coi("--remote", "r1", "list", env=env).returncode == 0
 
 
 def test_a_changed_server_certificate_is_refused_with_a_clear_error(

@@ -59,7 +59,10 @@ def map_transport_errors(endpoint: Endpoint) -> Iterator[None]:
         raise DaemonUnreachable(
             f"cannot connect to the daemon at {endpoint.describe()}",
             details=str(err),
-            resolution="Start it with 'coi setup' (or 'systemctl start incus').",
+            resolution="Start it with 'coi setup' (or 'systemctl start incus')."
+            if endpoint.is_local
+            else "Check that the server runs and that this machine reaches its address "
+            "('coi remote list'), or use the local daemon: --remote local.",
         ) from err
     except httpx.TransportError as err:
         raise BackendError(

@@ -202,7 +202,10 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
             )
         )
     fwd = Path("/proc/sys/net/ipv4/ip_forward")
-    if fwd.exists():
+    remote = not client.endpoint.is_local
+    if remote:
+        checks.append(Check("ip_forwarding", "IP forwarding", "NETWORKING", OK, ON_THE_SERVER))
+    elif fwd.exists():
         on = fwd.read_text().strip() == "1"
         checks.append(
             Check(
@@ -237,8 +240,13 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
             )
         )
     checks.append(_network_restriction(cfg, client))
-    checks.append(_root_workspaces(client, pool))
-    checks.append(_echo_limit())
+    if remote:
+        # Settings of the server's own machine; the workspace travels as a copy there.
+        checks.append(Check("root_workspaces", "Root's folders", "SYSTEM", OK, ON_THE_SERVER))
+        checks.append(Check("echo_limit", "Echo rate limit", "NETWORKING", OK, ON_THE_SERVER))
+    else:
+        checks.append(_root_workspaces(client, pool))
+        checks.append(_echo_limit())
     prefix = os.environ.get("COI_CONTAINER_PREFIX", "coi-")
     running = [i for i in client.instances.list() if i.name.startswith(prefix) and i.running]
     checks.append(
@@ -252,6 +260,9 @@ def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) ->
         )
     )
     return checks
+
+
+ON_THE_SERVER = "not checked: a setting of the remote daemon's machine (run coi health there)"
 
 
 def _echo_limit() -> Check:
@@ -331,7 +342,8 @@ def _network_restriction(cfg: Config, client: IncusClient) -> Check:
             ephemeral=True,
             start=True,
         )
-        prove_enforced(client, name, network, lambda _m: None)
+        remote = not client.endpoint.is_local
+        prove_enforced(client, name, network, lambda _m: None, remote=remote)
     except CoiError as err:
         return check(FAILED, err.message, resolution=err.resolution or "")
     finally:
@@ -339,6 +351,12 @@ def _network_restriction(cfg: Config, client: IncusClient) -> Check:
             client.instances.delete(name, force=True)
         except CoiError:
             pass
+    if remote:
+        return check(
+            OK,
+            f"{policy.mode}: {network} made by the remote daemon, its DNS reached from a "
+            "sandbox (that the server itself is blocked cannot be proven from here)",
+        )
     return check(OK, f"{policy.mode} in force on {network} (verified from a sandbox)")
 
 

@@ -684,10 +684,6 @@ class Sandbox:
 
     def _after_made(self, then: Callable[[], None] | None) -> None:
         """The new sandbox runs: what overlaps its proof (`then`), the proof, the clock."""
-        if self.spec.remote:
-            from coi.sessions.remote import push_workspace
-
-            push_workspace(self.client, self.name, self.spec, self.log)
         if then is not None:
             then()
         try:
@@ -696,6 +692,11 @@ class Sandbox:
         except BackendError:
             self.wait_ready()
             self.verify_network()
+        if self.spec.remote:
+            # Once it has booted (the proof waited for that): the workspace copy goes in.
+            from coi.sessions.remote import push_workspace
+
+            push_workspace(self.client, self.name, self.spec, self.log)
         self._start_clock()
 
     def _ephemeral(self) -> bool:
