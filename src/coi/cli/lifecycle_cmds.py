@@ -135,6 +135,15 @@ def list_cmd(all_: bool, fmt: str) -> None:
 
 def _pending_reviews() -> list[dict[str, Any]]:
     """The review copies waiting for `coi apply` or `coi discard` (a folder read, no daemon)."""
+    from coi.config.paths import coi_home
+
+    # Where there is no review at all (most machines), one look at the folder the reviews
+    # live in (`coi.review.copy.reviews_dir`) instead of importing the review code (8 ms).
+    try:
+        if not any((coi_home() / "reviews").iterdir()):
+            return []
+    except (FileNotFoundError, NotADirectoryError):
+        return []
     from coi.review.copy import all_reviews
 
     return [
