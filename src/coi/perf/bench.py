@@ -175,9 +175,22 @@ def _coi_run(setup: Setup, ws: Path, env: dict[str, str]) -> None:
     argv = [*setup.coi, "run", "--image", setup.image, "-w", str(ws), "--", "true"]
     # Output to a file, not a pipe: timed until coi's process exits, as a shell waits for it.
     with tempfile.TemporaryFile() as err:
-        code = subprocess.call(
+        proc = subprocess.Popen(
             argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
         )
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            # The terminal's Ctrl-C reached the child too: let it remove its own sandbox
+            # (subprocess.call would kill it after a quarter of a second, leaving that to
+            # its keeper), then stop.
+            with _no_interrupts():
+                try:
+                    proc.wait(timeout=SETTLE)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            raise
         if code != 0:
             err.seek(0)
             text = err.read().decode(errors="replace").strip()
