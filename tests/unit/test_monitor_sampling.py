@@ -181,25 +181,32 @@ def test_a_pipes_bytes_are_not_read_twice_when_its_processes_exit_between_sweeps
     assert (sweep.read_bytes, sweep.write_bytes) == (30_000_000, 1_000_000)
 
 
-def test_a_forked_helper_that_never_execs_and_its_parent_count_their_pipe_once(
-    tmp_path: Path,
+def test_a_reaped_childs_bytes_are_not_counted_again_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """busybox `tar -xzf`: tar forks a child that decompresses into a pipe tar reads; the
-    child never execs and both end between two sweeps, so no fd of theirs was ever seen."""
+    """The kernel adds a reaped child's I/O to its parent's /proc/<pid>/io: `sh -c 'dd ...'`
+    read 300 MB once (the dd's exit record), not twice (and its parent's growth)."""
+    from coi.monitor import collect
+
+    io = {"r": 1000}
+
+    def shell(pid: int, *, files: bool = False) -> Proc:
+        return Proc(pid=pid, nspid=2, ppid=1, uid=0, cmdline="sh -c loop", start=1,
+                    io_read=io["r"], io_write=0)  # fmt: skip
+
+    monkeypatch.setattr(collect, "cgroup_pids", lambda _d: [500])
+    monkeypatch.setattr(collect, "read_proc", shell)
     col = Collector(tmp_path, 1, files=False)
-    col.note_exec(Proc(pid=300, nspid=5, ppid=1, uid=0, cmdline="tar -xzf t.tgz", start=1))
-    col.note_fork(300, 301)
-    col.note_exit(301, 300_000, 30_000_000)  # read the archive, wrote the tree into the pipe
-    col.note_exit(300, 30_000_000, 30_000_000)  # read the pipe, wrote the files
-    sweep = col.sweep()
-    # 30 MB through the pipe counted once (the archive's 0.3 MB may be matched with what the
-    # parent wrote the other way: an estimate, never more than was counted).
-    assert sweep.read_bytes <= 300_000 and sweep.write_bytes >= 29_700_000
-    # A subshell that reads a lot and writes it out of the container is not discounted: its
-    # parent read nothing from it.
-    col.note_exec(Proc(pid=400, nspid=7, ppid=1, uid=0, cmdline="sh", start=1))
-    col.note_fork(400, 401)
-    col.note_exit(401, 300_000_000, 300_000_000)
-    assert col.sweep().read_bytes == 300_000_000
-    # The channels of exited children are dropped after the sweep: a long shell keeps none.
-    assert col._links[400] == (set(), set())
+    col.sweep()  # the baseline
+    col.note_fork(500, 501)
+    col.note_exit(501, 75_000_000, 75_000_000)  # dd, 75 MB from /dev/zero
+    assert col.sweep().read_bytes == 75_000_000  # not reaped yet: its exit record
+    io["r"] += 75_000_000 + 20  # reaped: the shell's counters grow by it (and 20 of its own)
+    assert col.sweep().read_bytes == 20
+    # A grandchild reaped by a child no sweep saw: credited up the line once.
+    col.note_fork(500, 502)
+    col.note_fork(502, 503)
+    col.note_exit(503, 10_000_000, 0)
+    col.note_exit(502, 5_000_000, 0)
+    io["r"] += 15_000_000
+    assert col.sweep().read_bytes == 15_000_000

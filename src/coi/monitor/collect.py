@@ -313,9 +313,11 @@ class Collector:
         # The pipe ends each known process held when last looked at (at its exec, at a
         # sweep): what its I/O at exit went through.
         self._pipes: dict[int, Proc] = {}
-        self._links: dict[int, tuple[set[str], set[str]]] = {}  # (reads, writes): note_fork
-        self._parent: dict[int, int] = {}
-        self._orphans: list[tuple[int, int]] = []  # (parent, child) that exited
+        self._parent: dict[int, int] = {}  # child -> parent, from fork events
+        # Bytes (read, written) of exited children their parent's /proc/<pid>/io will grow by
+        # when it reaps them (the kernel adds a reaped child's counters to its parent's): they
+        # were counted from the child's exit record, and are not counted again.
+        self._reaped: dict[int, list[int]] = {}
 
     def note_exec(self, proc: Proc) -> None:
         """A process of the container seen at exec time (it may be gone by the next sweep)."""
@@ -330,16 +332,6 @@ class Collector:
         if parent in self._known:  # a set lookup, no lock: every fork on the host comes here
             with self._lock:
                 self._known.add(child)
-                # A parent and its child may talk through a pipe the parent made around the
-                # fork (busybox `tar -z` forks its gzip and feeds it, or reads from it): two
-                # channels, one each way, that the pipe accounting may match when neither
-                # end's fds were seen (the child lives less than a sweep, never execs).
-                up, down = f"fork:{child}:up", f"fork:{child}:down"
-                self._links.setdefault(child, (set(), set()))[0].add(down)
-                self._links[child][1].add(up)
-                mine = self._links.setdefault(parent, (set(), set()))
-                mine[0].add(up)
-                mine[1].add(down)
                 self._parent[child] = parent
 
     def note_exit(self, pid: int, read: int, write: int) -> None:
@@ -350,16 +342,17 @@ class Collector:
             self._known.discard(pid)
             seen_r, seen_w = self._last_io.pop(pid, (0, 0))
             p = self._pipes.pop(pid, None)
-            lr, lw = self._links.pop(pid, (set(), set()))
+            # What its parent will be credited with when it reaps it: its own totals, and
+            # what it reaped itself and no sweep saw it credited with.
+            left = self._reaped.pop(pid, [0, 0])
             if (parent := self._parent.pop(pid, None)) is not None:
-                # Its channels to its parent go after the next sweep (a shell running
-                # thousands of commands would gather thousands), not now: the parent's own
-                # exit may come after this one and still be matched with it.
-                self._orphans.append((parent, pid))
+                due = self._reaped.setdefault(parent, [0, 0])
+                due[0] += read + left[0]
+                due[1] += write + left[1]
             try:  # copies: the exec watcher's thread may still be filling them
-                pr, pw = (p.pipes_r | lr, p.pipes_w | lw) if p else (lr, lw)
+                pr, pw = (frozenset(p.pipes_r), frozenset(p.pipes_w)) if p else (set(), set())
             except RuntimeError:
-                pr, pw = lr, lw
+                pr, pw = set(), set()
             self._exited.append((max(0, read - seen_r), max(0, write - seen_w), pr, pw))
 
     def sweep(self, *, fresh: bool = False) -> Sweep:
@@ -374,19 +367,12 @@ class Collector:
             for p in procs:
                 if self.files:
                     self._pipes[p.pid] = p
-            if len(self._pipes) + len(self._links) > 4 * len(self._known) + 64:
+            if len(self._pipes) + len(self._parent) > 4 * len(self._known) + 64:
                 # Exits the watcher missed.
                 self._pipes = {k: v for k, v in self._pipes.items() if k in self._known}
-                self._links = {k: v for k, v in self._links.items() if k in self._known}
                 self._parent = {k: v for k, v in self._parent.items() if k in self._known}
-            links = {
-                p.pid: (set(lk[0]), set(lk[1])) for p in procs if (lk := self._links.get(p.pid))
-            }
-            for parent, child in self._orphans:
-                if (pl := self._links.get(parent)) is not None:
-                    pl[0].discard(f"fork:{child}:up")
-                    pl[1].discard(f"fork:{child}:down")
-            self._orphans.clear()
+                self._reaped = {k: v for k, v in self._reaped.items() if k in self._known}
+            reaped = {p.pid: self._reaped.pop(p.pid) for p in procs if p.pid in self._reaped}
         live = {p.key for p in procs}
         new = [p for p in procs if self._cmd.get(p.key) != p.cmdline]
         # Short-lived processes the exec watcher caught count as spawned too.
@@ -409,10 +395,21 @@ class Collector:
                 else (p.io_write if not self._primed else 0)
             )
             dr, dw = max(0, p.io_read - base_r), max(0, p.io_write - base_w)
+            if (due := reaped.get(p.pid)) is not None:
+                # Its reaped children's bytes, counted at their exits already.
+                take_r, take_w = min(due[0], dr), min(due[1], dw)
+                dr, dw = dr - take_r, dw - take_w
+                due[0] -= take_r
+                due[1] -= take_w
             read, write = read + dr, write + dw
-            lr, lw = links.get(p.pid, (set(), set()))
-            if p.pipes_r or p.pipes_w or lr or lw:
-                ios.append((dr, dw, p.pipes_r | lr, p.pipes_w | lw))
+            if p.pipes_r or p.pipes_w:
+                ios.append((dr, dw, p.pipes_r, p.pipes_w))
+        with self._lock:
+            for pid, due in reaped.items():
+                if due[0] or due[1]:  # not reaped yet: at a later sweep
+                    more = self._reaped.setdefault(pid, [0, 0])
+                    more[0] += due[0]
+                    more[1] += due[1]
         # A pipe's bytes once: read from the tree, not again from the pipe.
         piped = through_pipes(ios)
         read, write = read - piped, write - piped
