@@ -69,6 +69,31 @@ def ws(tmp_path: Path) -> Path:
     return ws
 
 
+def _another_certificate() -> str:
+    """A self-signed certificate that is not the server's (PEM)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not-the-server")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA384())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def _add(remote: remotekit.RemoteDaemon, env: dict[str, str], name: str = "r1") -> None:
     res = run_coi(
         "remote", "add", name, remote.url, "--token", remote.trust_token("alice"), env=env
@@ -132,6 +157,36 @@ def test_add_with_a_token_pins_the_certificate_and_list_switch_remove(
     gone = run_coi("--remote", "r1", "list", env=env)
     assert gone.returncode == 2
     assert "remote 'r1' is not usable" in gone.stderr
+
+
+def test_a_remote_the_incus_client_added_works_by_name(
+    remote: remotekit.RemoteDaemon, env: dict[str, str], ws: Path
+) -> None:
+    """`incus remote add` (the real client, its config.yml, client.crt and servercerts) is
+    enough: coi uses the remote by name, with that certificate pinned."""
+    incus = shutil.which("incus")
+    assert incus, "the incus client is installed with the daemon"
+    added = subprocess.run(
+        [incus, "remote", "add", "box", remote.url, "--token", remote.trust_token("bob"),
+         "--accept-certificate"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    listed = json.loads(run_coi("remote", "list", "--format", "json", env=env).stdout)
+    assert [(r["name"], r["url"], r["fingerprint"]) for r in listed] == [
+        ("box", remote.url, remote.fingerprint())
+    ]
+    assert listed[0]["source"].endswith("/incus")
+    res = run_coi("--remote", "box", "run", "--network", "open", "-w", str(ws), "--", "cat",
+                  "/workspace/notes.txt", env=env, timeout=180)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "from the host\n"
+    # Its pinned certificate is checked as coi's own are.
+    crt = Path(env["HOME"]) / ".config" / "incus" / "servercerts" / "box.crt"
+    crt.write_text(_another_certificate())
+    refused = run_coi("--remote", "box", "list", env=env)
+    assert refused.returncode == 1
+    assert "other than the one pinned for remote 'box'" in refused.stderr
 
 
 def test_run_list_shell_and_shutdown_on_the_remote(

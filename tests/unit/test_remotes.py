@@ -242,3 +242,51 @@ def test_the_workspace_archive_leaves_out_masked_files_and_follows_no_link(
     assert members["./out"].issym() and members["./out"].linkname == "/etc"
     assert {(m.uid, m.gid) for m in members.values()} == {(1234, 1234)}
     assert (count, size) == (3, len("print(1)\n"))
+
+
+def test_a_websocket_that_never_opens_is_given_up_in_bounded_time(
+    tls_server_silent: tuple[int, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon answers TLS but not the websocket upgrade: coi gives up in about its open
+    timeout (and the exec is started again by its caller) instead of waiting forever."""
+    import time
+
+    from coi.backend import exec as backend_exec
+
+    monkeypatch.setattr(backend_exec, "_OPEN_TIMEOUT", 0.5)
+    port, der = tls_server_silent
+    ep = Endpoint(url=f"https://127.0.0.1:{port}", fingerprint=fingerprint_of(der))
+    from coi.backend.connection import tls_context
+
+    started = time.monotonic()
+    with pytest.raises(backend_exec._OpenStalled):
+        backend_exec._connect_tls(f"wss://127.0.0.1:{port}/x", tls_context(ep))
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def tls_server_silent(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    """A TLS server on 127.0.0.1 that completes handshakes and then says nothing."""
+    crt, key, der = _self_signed(tmp_path, "silent")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(crt, key)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    srv.settimeout(10)
+    held: list[ssl.SSLSocket] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = srv.accept()
+            held.append(ctx.wrap_socket(conn, server_side=True))
+        except OSError:
+            return
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1], der
+    srv.close()
+    for h in held:
+        h.close()
+    t.join(timeout=5)

@@ -194,8 +194,10 @@ def _client_config_dirs(env: Mapping[str, str]) -> list[Path]:
     if env.get("LXD_CONF"):
         dirs.append(Path(env["LXD_CONF"]))
     xdg = Path(env.get("XDG_CONFIG_HOME", str(home / ".config")))
-    dirs += [xdg / "incus", xdg / "lxc", home / "snap/lxd/common/config"]
-    return dirs
+    # The incus and lxc clients themselves use $HOME/.config whatever XDG_CONFIG_HOME says.
+    dirs += [xdg / "incus", xdg / "lxc", home / ".config/incus", home / ".config/lxc"]
+    dirs.append(home / "snap/lxd/common/config")
+    return list(dict.fromkeys(dirs))
 
 
 def remote_endpoint(remote: str, env: Mapping[str, str]) -> Endpoint:
