@@ -185,8 +185,9 @@ SETTINGS: tuple[Setting, ...] = (
         "incus.remote",
         "str",
         "",
-        "Remote daemon: a remote name from the incus/lxc client "
-        "config, or an https:// URL. Empty: the local daemon.",
+        "Remote daemon: a name from 'coi remote list' (coi's remotes or the incus/lxc "
+        "client's), an https:// URL, or 'local'. Empty: the one 'coi remote switch' chose, "
+        "else the local daemon (docs/remote.md).",
         env=("COI_REMOTE",),
         trust="never",
     ),
