@@ -179,6 +179,13 @@ def test_two_review_slots_on_one_folder_then_the_second_apply_conflicts(
     slots = {m.group(1) for _, e in outs.values() if (m := re.search(r"slot (\d+)", e))}
     assert slots == {"1", "2"}, "the two sandboxes did not run side by side"
     rids = {who: _rid(err) for who, (_, err) in outs.items()}
+    # Each review knows its sandbox: `--slot N` finds the one made in slot N.
+    for who, (_, err) in outs.items():
+        found = re.search(r"slot (\d+)", err)
+        assert found, err
+        by_slot = run_coi("diff", "--slot", found.group(1), "-w", str(ws), "--format", "json",
+                          env=renv)  # fmt: skip
+        assert json.loads(by_slot.stdout)["review"] == rids[who], by_slot.stderr
     assert (ws / "a.txt").read_text() == "top\nmiddle\nbottom\n"
 
     listed = run_coi("list", "--format", "json", env=renv)

@@ -187,7 +187,7 @@ def test_shutdown_and_clean_leave_nothing_coi_made(
         assert client.networks.get(f"coi-{unique[:6]}") is None
         assert client.networks.acl(foreign) is not None
         code, out, _ = _coi(uenv, "list", "--format", "json")
-        assert json.loads(out) == {"active_containers": []}
+        assert json.loads(out) == {"active_containers": [], "pending_reviews": []}
         code, out, _ = _coi(uenv, "clean", "--force")
         assert "Nothing to clean." in out
     finally:

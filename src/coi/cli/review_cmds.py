@@ -25,6 +25,13 @@ _which = stacked(
         metavar="DIR",
         help="Whose latest pending review, when REVIEW is not given (default: .).",
     ),
+    click.option(
+        "--slot",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="The latest pending review of the folder's sandbox in slot N.",
+    ),
 )
 
 DIFF_EXAMPLES = """\
@@ -38,17 +45,22 @@ APPLY_EXAMPLES = """\
   coi apply --include-protected  # also .git/hooks, .vscode, .coi.toml, ..."""
 
 
-def _find(review: str | None, workspace: str | None) -> Review:
+def _find(review: str | None, workspace: str | None, slot: int | None = None) -> Review:
+    from coi.errors import UsageError
     from coi.review.copy import find
 
-    return find(review, workspace)
+    if review and slot is not None:
+        raise UsageError("give a REVIEW or --slot, not both")
+    return find(review, workspace, slot=slot)
 
 
 @click.command("diff", cls=CoiCommand, examples=DIFF_EXAMPLES)
 @_which
 @click.option("--stat", "stat_", is_flag=True, help="Counts per file instead of the diff.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
-def diff_cmd(review: str | None, workspace: str | None, stat_: bool, fmt: str) -> None:
+def diff_cmd(
+    review: str | None, workspace: str | None, slot: int | None, stat_: bool, fmt: str
+) -> None:
     """Show what the agent changed in a review copy, against the state it started from.
 
     Files are compared as data: nothing from the copy is run or followed (no git, hooks,
@@ -60,7 +72,7 @@ def diff_cmd(review: str | None, workspace: str | None, stat_: bool, fmt: str) -
     from coi.review.diff import compare_review, render_stat, render_text
 
     cap = settings.max_file(load_settings())
-    r = _find(review, workspace)
+    r = _find(review, workspace, slot)
     d, commits = compare_review(r, max_file=cap)
     if fmt == "json":
         out: dict[str, Any] = {
@@ -146,6 +158,7 @@ def _report(res: Applied) -> list[str]:
 def apply_cmd(
     review: str | None,
     workspace: str | None,
+    slot: int | None,
     partial: bool,
     include_protected: bool,
     branch: str,
@@ -164,7 +177,7 @@ def apply_cmd(
     from coi.review.apply import apply
 
     cfg = load_settings()
-    r = _find(review, workspace)
+    r = _find(review, workspace, slot)
     res = apply(
         r,
         protected=settings.protected(cfg),
@@ -229,11 +242,14 @@ def apply_cmd(
 
 @click.command("discard", cls=CoiCommand)
 @_which
-def discard_cmd(review: str | None, workspace: str | None) -> None:
+def discard_cmd(review: str | None, workspace: str | None, slot: int | None) -> None:
     """Delete a review copy and the agent's changes in it (your folder is not touched)."""
+    from coi.errors import UsageError
     from coi.review.copy import discard, find
 
-    r = find(review, workspace, include_discarded=True)
+    if review and slot is not None:
+        raise UsageError("give a REVIEW or --slot, not both")
+    r = find(review, workspace, include_discarded=True, slot=slot)
     discard(r)
     click.echo(f"Discarded review {r.id} of {r.workspace}.")
 
@@ -250,9 +266,14 @@ def start_cmd(workspace: str, fmt: str) -> None:
     """Copy a folder into a new review (without a sandbox), printing its id and copy."""
     from coi.cli.context import load_settings
     from coi.review.copy import start
+    from coi.review.cp import terminal_progress
     from coi.review.pool import store_for
 
-    r = start(workspace, store=store_for(load_settings()))
+    r = start(
+        workspace,
+        store=store_for(load_settings()),
+        progress=terminal_progress(f"Copying {workspace} for the review"),
+    )
     if fmt == "json":
         echo_json(_row(r))
         return
@@ -288,9 +309,15 @@ def list_cmd(all_: bool, fmt: str) -> None:
     if not rows:
         click.echo("No pending reviews." if not all_ else "No reviews.")
         return
-    head = [("ID", "STATE", "CREATED", "WORKSPACE")]
+    head = [("ID", "STATE", "CREATED", "SANDBOX", "WORKSPACE")]
     body = [
-        (r.id, r.state, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)), r.workspace)
+        (
+            r.id,
+            r.state,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
+            r.container or "-",
+            r.workspace,
+        )
         for r in rows
     ]
     click.echo(table(head + body))

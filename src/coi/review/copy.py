@@ -10,15 +10,15 @@ import re
 import secrets
 import shutil
 import stat
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from coi.config.paths import coi_home
-from coi.errors import CoiError, UsageError
+from coi.errors import UsageError
 from coi.fsio import write_atomic
 from coi.review import pool
+from coi.review.cp import Progress, copy_tree
 from coi.review.pool import PoolStore
 from coi.review.tree import walk
 
@@ -85,22 +85,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:24] or "ws"
 
 
-def _copy(src: str, dst: str) -> None:
-    """`cp -a --reflink=auto src/. dst`: shares extents where the filesystem can (btrfs, XFS),
-    a plain copy elsewhere; symlinks are copied as links, never followed."""
+def _copy(src: str, dst: str, progress: Progress | None = None) -> None:
+    """`cp -a --reflink=auto src/. dst` into a new private folder: shares extents where the
+    filesystem can (btrfs, XFS), a plain copy elsewhere; symlinks copied as links."""
     os.mkdir(dst, 0o700)
-    res = subprocess.run(
-        ["cp", "-a", "--reflink=auto", "--no-dereference", "--", f"{src}/.", dst],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise CoiError(
-            f"could not copy {src}",
-            details=res.stderr.strip()[-2000:],
-            resolution="Check the folder is readable and the disk has room (df -h ~/.coi).",
-        )
+    copy_tree(src, dst, what=src, progress=progress)
 
 
 def start(
@@ -110,6 +99,7 @@ def start(
     container: str = "",
     home: Path | None = None,
     store: PoolStore | None = None,
+    progress: Progress | None = None,
 ) -> Review:
     """Make a review of `workspace`: base/ and work/ as it is now, state pending; with
     `store`, as snapshots on the daemon's pool, else copies in the reviews folder.
@@ -137,10 +127,10 @@ def start(
     try:
         if store is not None:
             _private_dir(Path(review.store))
-            pool.snapshot(store, ws, review.base, review.work)
+            pool.snapshot(store, ws, review.base, review.work, progress=progress)
             review.save()
             return review
-        _copy(ws, review.base)
+        _copy(ws, review.base, progress)
         # work/ is copied from base/, not from the workspace: both are the same state even if
         # the user edits files while the copy runs.
         _copy(review.base, review.work)
@@ -187,15 +177,26 @@ def all_reviews(home: Path | None = None) -> list[Review]:
     return sorted(found, key=lambda r: (r.created, r.id))
 
 
+def bind(review_id: str, container: str, home: Path | None = None) -> None:
+    """Record the sandbox that works on a review (what `--slot` finds it by)."""
+    root = home if home is not None else reviews_dir()
+    review = load(root / review_id)
+    if review is not None and review.container != container:
+        review.container = container
+        review.save()
+
+
 def find(
     ref: str | None,
     workspace: str | Path | None,
     home: Path | None = None,
     *,
     include_discarded: bool = False,
+    slot: int | None = None,
 ) -> Review:
-    """A review by id (or unique prefix), else the workspace's latest pending one.
-    `include_discarded`: also one whose discard was cut short, by its exact id.
+    """A review by id (or unique prefix), else the workspace's latest pending one (of the
+    sandbox in `slot`, when given). `include_discarded`: also one whose discard was cut
+    short, by its exact id.
 
     :raises UsageError: none matches, or a prefix matches several.
     """
@@ -218,6 +219,13 @@ def find(
         )
     ws = os.path.realpath(workspace if workspace is not None else ".")
     mine = [r for r in reviews if r.workspace == ws and r.state == "pending"]
+    if slot is not None:
+        mine = [r for r in mine if r.container.endswith(f"-{slot}")]
+        if not mine:
+            raise UsageError(
+                f"no pending review of {ws} from a sandbox in slot {slot}",
+                resolution="See which there are: coi review list",
+            )
     if not mine:
         raise UsageError(
             f"no pending review of {ws}",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from coi.errors import CoiError, ConfigError, NotFound
 from coi.fsio import write_atomic
 from coi.locks import held
+from coi.review.cp import Progress, copy_tree
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -264,7 +265,7 @@ def mirror_of(store: PoolStore, workspace: str) -> Path:
     return store.mirrors / key
 
 
-def sync(store: PoolStore, workspace: str) -> Synced:
+def sync(store: PoolStore, workspace: str, progress: Progress | None = None) -> Synced:
     """Bring the workspace's mirror in step with the workspace: the first time a whole
     copy (`cp -a`), after that only what changed (the caller holds the mirror's lock).
     The workspace is scanned before it is copied, so an entry changed during the copy is
@@ -281,19 +282,11 @@ def sync(store: PoolStore, workspace: str) -> Synced:
         _remove(str(mirror))
         store.mirrors.mkdir(mode=0o700, parents=True, exist_ok=True)
         _btrfs("subvolume", "create", str(mirror))
-        res = subprocess.run(
-            ["cp", "-a", "--reflink=auto", "--no-dereference", "--", f"{workspace}/.", str(mirror)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if res.returncode != 0:
+        try:
+            copy_tree(workspace, str(mirror), what=f"{workspace} onto the pool", progress=progress)
+        except CoiError:
             delete_subvolume(mirror)
-            raise CoiError(
-                f"could not copy {workspace} onto the pool",
-                details=res.stderr.strip()[-2000:],
-                resolution="Check the folder is readable and the pool has room (coi health).",
-            )
+            raise
         synced = Synced(len(now), 0, True)
     else:
         gone = sorted((k for k in old if k not in now), reverse=True)  # children first
@@ -325,10 +318,12 @@ def mirror_lock(store: PoolStore, workspace: str) -> Iterator[Path]:
         yield mirror
 
 
-def snapshot(store: PoolStore, workspace: str, base: str, work: str) -> Synced:
+def snapshot(
+    store: PoolStore, workspace: str, base: str, work: str, progress: Progress | None = None
+) -> Synced:
     """base/ (read-only) and work/ of a review: snapshots of the freshly synced mirror."""
     with mirror_lock(store, workspace) as mirror:
-        synced = sync(store, workspace)
+        synced = sync(store, workspace, progress)
         _btrfs("subvolume", "snapshot", "-r", str(mirror), base)
     _btrfs("subvolume", "snapshot", base, work)
     return synced

@@ -234,9 +234,14 @@ def _in_review(
             resolution="Drop --review (or [workspace] mode), or --container.",
         )
     from coi.review import copy as review_copy
+    from coi.review.cp import terminal_progress
     from coi.review.pool import store_for
 
-    review = review_copy.start(spec.workspace, store=store_for(cfg))
+    review = review_copy.start(
+        spec.workspace,
+        store=store_for(cfg),
+        progress=terminal_progress(f"Copying {spec.workspace} for the review"),
+    )
     source = Path(review.work)
     messages.append(
         f"Note: review {review.id}: the agent works on a copy; {spec.workspace} is not touched "

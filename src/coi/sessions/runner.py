@@ -31,8 +31,8 @@ from coi.network.policy import Policy
 from coi.protection.guard import Guard, settle_when_gone, watching
 from coi.sessions import home, naming, reap
 from coi.sessions.keeper import dismiss as dismiss_keeper
-from coi.sessions.remote import adapt as adapt_to_remote
 from coi.sessions.keeper import spawn as spawn_keeper
+from coi.sessions.remote import adapt as adapt_to_remote
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
 from coi.tools.base import Tool

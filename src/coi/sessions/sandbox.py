@@ -373,6 +373,10 @@ class Sandbox:
 
     def _record_start(self) -> None:
         spec = self.spec
+        if spec.review:
+            from coi.review.copy import bind
+
+            bind(spec.review, self.name)  # `coi diff --slot N` finds it by its sandbox
         self.record(
             "start",
             f"{'made' if self.created else 'reused'} {self.name} from {spec.image} for "
@@ -490,8 +494,7 @@ class Sandbox:
         problem = owner_mapping_problem(owner, gid)
         if problem is not None:
             raise SessionError(
-                f"the workspace {self.spec.workspace} cannot be mapped into a sandbox: "
-                f"{problem}",
+                f"the workspace {self.spec.workspace} cannot be mapped into a sandbox: {problem}",
                 resolution="Run coi on a folder of your own, or let the daemon map that "
                 f"owner: add 'root:{owner}:1' to /etc/subuid and 'root:{gid}:1' to "
                 "/etc/subgid ('sudo coi setup' does it for the users it knows), then "
@@ -576,35 +579,6 @@ class Sandbox:
             if current.get(name) != dev:
                 self.client.instances.add_device(self.name, name, dev)
 
-    def _fit_workspace(self, inst: Instance) -> None:
-        """A reused persistent sandbox mounts what this session works on: your folder, or
-        this session's review copy. Switched while it is stopped; a running one that works
-        on something else is refused (its session is still going on)."""
-        want = str(self.spec.source or self.spec.workspace)
-        dev = inst.devices.get("workspace")
-        if self.spec.remote or dev is None or dev.get("source") == want:
-            return
-        if inst.status != "Stopped":
-            on = inst.config.get(labels.REVIEW)
-            if self.spec.review:
-                from coi.review.copy import discard, find
-
-                discard(find(self.spec.review, None))  # made for this session: not wanted
-            raise UsageError(
-                f"the persistent sandbox {self.name} is running on "
-                + (f"review {on}" if on else "your folder itself")
-                + (", not on a new review copy" if self.spec.review else ", not on it"),
-                resolution=f"Stop it first ('coi shutdown {self.name}'), then start again; "
-                "or attach to its session ('coi attach').",
-            )
-        self.client.instances.patch(
-            self.name,
-            {
-                "devices": {"workspace": {**dev, "source": want}},
-                "config": {labels.REVIEW: self.spec.review},
-            },
-        )
-
     def _create_or_reuse(self, then: Callable[[], None] | None) -> None:
         self.check_owner()
         self.begin()
@@ -657,6 +631,35 @@ class Sandbox:
             raise
         recording.join()
         self._after_made(then)
+
+    def _fit_workspace(self, inst: Instance) -> None:
+        """A reused persistent sandbox mounts what this session works on: your folder, or
+        this session's review copy. Switched while it is stopped; a running one that works
+        on something else is refused (its session is still going on)."""
+        want = str(self.spec.source or self.spec.workspace)
+        dev = inst.devices.get("workspace")
+        if self.spec.remote or dev is None or dev.get("source") == want:
+            return
+        if inst.status != "Stopped":
+            on = inst.config.get(labels.REVIEW)
+            if self.spec.review:
+                from coi.review.copy import discard, find
+
+                discard(find(self.spec.review, None))  # made for this session: not wanted
+            raise UsageError(
+                f"the persistent sandbox {self.name} is running on "
+                + (f"review {on}" if on else "your folder itself")
+                + (", not on a new review copy" if self.spec.review else ", not on it"),
+                resolution=f"Stop it first ('coi shutdown {self.name}'), then start again; "
+                "or attach to its session ('coi attach').",
+            )
+        self.client.instances.patch(
+            self.name,
+            {
+                "devices": {"workspace": {**dev, "source": want}},
+                "config": {labels.REVIEW: self.spec.review},
+            },
+        )
 
     def _make(self) -> None:
         """Create and start a new sandbox (from a spare, a template copy or the image)."""
