@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime
 import json
 import os
 import re
 import socket
 import ssl
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from coi.backend.connection import (
     pem_fingerprint,
 )
 from coi.errors import BackendError, ConfigError, PermissionDenied, UsageError
+from coi.fsio import write_atomic
 
 LOCAL = "local"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -87,20 +86,9 @@ def _load(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Whole or not at all (a temporary file renamed over it), with `mode` from the start."""
+    """Whole or not at all (coi.fsio), with `mode` from the start; its folder made 0700."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data, mode=mode)
 
 
 def _save(env: Mapping[str, str], data: Mapping[str, Any]) -> None:
