@@ -318,6 +318,8 @@ class Collector:
         # when it reaps them (the kernel adds a reaped child's counters to its parent's): they
         # were counted from the child's exit record, and are not counted again.
         self._reaped: dict[int, list[int]] = {}
+        self._links: dict[int, tuple[set[str], set[str]]] = {}  # (reads, writes): note_fork
+        self._orphans: list[tuple[int, int]] = []  # (parent, child) that exited
 
     def note_exec(self, proc: Proc) -> None:
         """A process of the container seen at exec time (it may be gone by the next sweep)."""
@@ -333,6 +335,15 @@ class Collector:
             with self._lock:
                 self._known.add(child)
                 self._parent[child] = parent
+                # A parent and its child may talk through a pipe the parent made around the
+                # fork (busybox `tar -z` forks its gzip and feeds it, or reads from it): two
+                # channels, one each way, that the pipe accounting may match when neither
+                # end's fds were seen (the child lives less than a sweep, never execs).
+                up, down = f"fork:{child}:up", f"fork:{child}:down"
+                self._links[child] = ({down}, {up})
+                mine = self._links.setdefault(parent, (set(), set()))
+                mine[0].add(up)
+                mine[1].add(down)
 
     def note_exit(self, pid: int, read: int, write: int) -> None:
         """Final I/O totals of an exiting task; counted if it was the container's."""
@@ -349,10 +360,14 @@ class Collector:
                 due = self._reaped.setdefault(parent, [0, 0])
                 due[0] += read + left[0]
                 due[1] += write + left[1]
+                # Its channels to its parent go after the next sweep, not now: the parent's
+                # own exit may come after this one and be matched with it.
+                self._orphans.append((parent, pid))
+            lr, lw = self._links.pop(pid, (set(), set()))
             try:  # copies: the exec watcher's thread may still be filling them
-                pr, pw = (frozenset(p.pipes_r), frozenset(p.pipes_w)) if p else (set(), set())
+                pr, pw = (p.pipes_r | lr, p.pipes_w | lw) if p else (lr, lw)
             except RuntimeError:
-                pr, pw = set(), set()
+                pr, pw = lr, lw
             self._exited.append((max(0, read - seen_r), max(0, write - seen_w), pr, pw))
 
     def sweep(self, *, fresh: bool = False) -> Sweep:
@@ -372,7 +387,16 @@ class Collector:
                 self._pipes = {k: v for k, v in self._pipes.items() if k in self._known}
                 self._parent = {k: v for k, v in self._parent.items() if k in self._known}
                 self._reaped = {k: v for k, v in self._reaped.items() if k in self._known}
+                self._links = {k: v for k, v in self._links.items() if k in self._known}
             reaped = {p.pid: self._reaped.pop(p.pid) for p in procs if p.pid in self._reaped}
+            links = {
+                p.pid: (set(lk[0]), set(lk[1])) for p in procs if (lk := self._links.get(p.pid))
+            }
+            for parent, child in self._orphans:
+                if (pl := self._links.get(parent)) is not None:
+                    pl[0].discard(f"fork:{child}:up")
+                    pl[1].discard(f"fork:{child}:down")
+            self._orphans.clear()
         live = {p.key for p in procs}
         new = [p for p in procs if self._cmd.get(p.key) != p.cmdline]
         # Short-lived processes the exec watcher caught count as spawned too.
@@ -402,8 +426,9 @@ class Collector:
                 due[0] -= take_r
                 due[1] -= take_w
             read, write = read + dr, write + dw
-            if p.pipes_r or p.pipes_w:
-                ios.append((dr, dw, p.pipes_r, p.pipes_w))
+            lr, lw = links.get(p.pid, (set(), set()))
+            if p.pipes_r or p.pipes_w or lr or lw:
+                ios.append((dr, dw, p.pipes_r | lr, p.pipes_w | lw))
         with self._lock:
             for pid, due in reaped.items():
                 if due[0] or due[1]:  # not reaped yet: at a later sweep
