@@ -321,3 +321,12 @@ def list_cmd(all_: bool, fmt: str) -> None:
         for r in rows
     ]
     click.echo(table(head + body))
+
+
+def _add_fetch() -> None:
+    from coi.cli.review_fetch_cmd import fetch_cmd
+
+    review_cmd.add_command(fetch_cmd)
+
+
+_add_fetch()  # `coi review fetch` (remote review sandboxes: coi.sessions.remote)

@@ -13,6 +13,7 @@ from coi.errors import BackendError, NotFound, UsageError
 from coi.protection.guard import Guard, settle
 from coi.sessions import access, aliases, naming
 from coi.sessions.inventory import SavedSession, containers, mark_persistent
+from coi.sessions.remote import before_removal
 from coi.sessions.runner import guarded, terminal_alert
 from coi.sessions.workspace import resolve_workspace
 
@@ -40,6 +41,16 @@ def shutdown(client: IncusClient, name: str, *, timeout: int, log: Log) -> Outco
     if not client.instances.exists(name):
         return _missing(name)
     steps: list[str] = []
+    kept = before_removal(client, name, log)
+    if kept is not None:
+        return Outcome(
+            name,
+            False,
+            warnings=(
+                f"{name} kept: the agent's work could not be fetched into its review: {kept}; "
+                f"'coi kill {name}' removes it without",
+            ),
+        )
     if client.instances.get(name).active:
         steps.append("Attempting graceful shutdown...")
         try:

@@ -33,6 +33,7 @@ from coi.sessions import home, naming, reap
 from coi.sessions.keeper import dismiss as dismiss_keeper
 from coi.sessions.keeper import spawn as spawn_keeper
 from coi.sessions.remote import adapt as adapt_to_remote
+from coi.sessions.remote import bring_back
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
 from coi.sessions.store import Metadata, SessionStore, new_session_id, now_rfc3339
 from coi.tools.base import Tool
@@ -321,10 +322,17 @@ def finish_run(box: Sandbox, log: Log) -> None:
     spec = box.spec
     with no_interrupts():
         if box.name:
+            end = "stopped and kept" if spec.persistent else "removed"
             if spec.persistent:
                 log(f"Stopping persistent container {box.name}...")
                 box.stop()
                 box.settle_protection(removed=False)
+            elif not bring_back(box.client, box.name, spec, log):
+                end = "kept: the agent's work could not be fetched"
+                log(
+                    f"Kept container {box.name} (the agent's work is in it): "
+                    f"'coi review fetch {spec.review}', then 'coi shutdown {box.name}'"
+                )
             else:
                 log(f"Cleaning up container {box.name}...")
                 # The daemon removes the sandbox without coi waiting for it; the last check
@@ -334,7 +342,7 @@ def finish_run(box: Sandbox, log: Log) -> None:
                     settle_when_gone(box.name, op, project=spec.project, remote=spec.remote)
                 else:
                     box.settle_protection(removed=True)
-            box.record("end", "stopped and kept" if spec.persistent else "removed")
+            box.record("end", end)
         box.replenish()
         box.release()
     review_hint(spec, log)
@@ -874,6 +882,9 @@ class ShellSession:
                 if inst is not None:
                     self._save_state(log)
                 self._save_metadata()
+                if ending and inst is not None:
+                    # A remote review: the agent's work comes back before the sandbox goes.
+                    ending = bring_back(self.client, self.box.name, self.spec, log)
                 gone = self._finish_container(inst, log, remove=ending)
                 self.box.settle_protection(removed=gone)
             self.box.replenish()
