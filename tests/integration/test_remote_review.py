@@ -222,3 +222,31 @@ def test_review_with_a_persistent_remote_sandbox_is_refused_and_leaves_no_review
     listed = run_coi("review", "list", "--format", "json", env=uenv, user=USER)
     assert json.loads(listed.stdout) == []
     assert _names(remote) == []
+
+
+def test_a_fetch_over_the_cap_keeps_the_sandbox_and_the_review_as_it_was(
+    remote: remotekit.RemoteDaemon,  # noqa: F811
+    uenv: dict[str, str],
+    ws: Path,
+) -> None:
+    """review.max_file_size 1KB: the cap is 100 KB; the agent writes 300 KB. The fetch is
+    refused, work/ is left as uploaded, and coi run keeps the sandbox so nothing is lost: a
+    fetch with a larger cap then brings it, and coi kill removes it."""
+    small = {**uenv, "COI_REVIEW_MAX_FILE_SIZE": "1KB"}
+    res = run_coi("--remote", "r1", "run", "--review", "--network", "open", "-w", str(ws),
+                  "--", "sh", "-c", "head -c 300000 /dev/zero > /workspace/big.bin",
+                  env=small, user=USER, timeout=240)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rid = _review_id(res.stderr)
+    assert "too big to fetch (the cap is 100 KB)" in res.stderr
+    assert "Kept container" in res.stderr
+    (name,) = _names(remote)
+    work = Path(uenv["COI_HOME"]) / "reviews" / rid / "work"
+    assert sorted(p.name for p in work.iterdir()) == ["a.txt", "b.txt", "sub"]
+    assert not list((work.parent).glob(".fetch-*"))  # nothing half-made left
+    fetched = run_coi("--remote", "r1", "review", "fetch", rid, env=uenv, user=USER, timeout=120)
+    assert fetched.returncode == 0, fetched.stderr
+    assert _diff(rid, {**uenv, "COI_REVIEW_MAX_FILE_SIZE": "1MB"}) == {"big.bin": "added"}
+    killed = run_coi("--remote", "r1", "kill", name, env=uenv, user=USER, timeout=120)
+    assert killed.returncode == 0, killed.stderr
+    _wait_none(remote)

@@ -37,6 +37,15 @@ class Unpacked:
         return ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
 
 
+def size_text(n: int) -> str:
+    """1234567 -> '1.2 MB', 100000 -> '100 KB'."""
+    if n >= 10**9:
+        return f"{n / 1e9:.1f} GB"
+    if n >= 10**6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.0f} KB"
+
+
 class TooBig(CoiError):
     """The archive holds more than the cap allows."""
 
@@ -228,7 +237,7 @@ def _file(
             out.size += len(chunk)
             if max_total is not None and out.size > max_total:
                 raise TooBig(
-                    f"the sandbox's workspace holds more than {max_total / 1e6:.0f} MB of files",
+                    f"the sandbox's workspace holds more than {size_text(max_total)} of files",
                     resolution="Raise review.max_file_size (the cap is 100 times it), or "
                     "remove large files in the sandbox and fetch again.",
                 )

@@ -221,12 +221,12 @@ def _download(
     """
     from urllib.parse import quote
 
-    from coi.review.untar import TooBig
+    from coi.review.untar import TooBig, size_text
 
     def refuse(size: int, why: str) -> TooBig:
         return TooBig(
             f"the archive of the sandbox's workspace is too big to fetch ({why})",
-            details=f"{size / 1e6:.0f} MB or more",
+            details=f"{size_text(size)} or more",
             resolution="Raise review.max_file_size (the cap is "
             f"{CAP_FACTOR} times it), free space, or remove large files in the sandbox and "
             "fetch again ('coi review fetch').",
@@ -234,11 +234,11 @@ def _download(
 
     def check(size: int) -> None:
         if cap is not None and size > cap:
-            raise refuse(size, f"the cap is {cap / 1e6:.0f} MB")
+            raise refuse(size, f"the cap is {size_text(cap)}")
         st = os.statvfs(room)
         free = st.f_bavail * st.f_frsize
         if 2 * size > free:
-            raise refuse(size, f"{free / 1e6:.0f} MB free in {room}")
+            raise refuse(size, f"{size_text(free)} free in {room}")
 
     got = 0
     fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
