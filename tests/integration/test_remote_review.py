@@ -190,12 +190,14 @@ def test_a_background_shell_is_fetched_on_demand_and_at_shutdown(
 
     agent("echo first > /workspace/first.txt", "did-$((6*7))")
     assert _diff(rid, uenv) == {}  # nothing fetched yet
-    fetched = run_coi("--remote", "r1", "review", "fetch", rid, env=uenv, user=USER, timeout=120)
+    # No --remote: the review recorded the daemon and project its sandbox runs on.
+    fetched = run_coi("review", "fetch", rid, env=uenv, user=USER, timeout=120)
     assert fetched.returncode == 0, fetched.stderr
     assert f"Fetched the agent's work into review {rid}" in fetched.stderr
     assert _diff(rid, uenv) == {"first.txt": "added"}
-    # A fetch without the remote: the sandbox is not on the local daemon.
-    local = run_coi("review", "fetch", rid, env=uenv, user=USER, timeout=120)
+    # Told to look on the local daemon: the sandbox is not there.
+    local = run_coi("--remote", "local", "review", "fetch", rid, env=uenv, user=USER,
+                    timeout=120)  # fmt: skip
     assert local.returncode == 2 and f"no sandbox {name}" in local.stderr, local.stderr
 
     agent("rm /workspace/a.txt && echo later > /workspace/second.txt", "did-$((6*8))")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from coi.cli.app import CoiCommand
 
 FETCH_EXAMPLES = """\
   coi --remote build shell --background --review
-  coi --remote build review fetch      # the folder's latest pending review
+  coi review fetch                     # the folder's latest pending review, from its daemon
   coi diff                             # what the agent changed so far"""
 
 
@@ -41,6 +43,11 @@ def fetch_cmd(review: str | None, workspace: str | None) -> None:
             f"review {r.id} has no sandbox working on it",
             resolution="Its copy is on this machine: 'coi diff' shows it as it is.",
         )
+    # The daemon and project the review's sandbox runs on, unless said otherwise.
+    if r.remote and not os.environ.get("COI_REMOTE"):
+        os.environ["COI_REMOTE"] = r.remote
+    if r.project and not os.environ.get("COI_PROJECT"):
+        os.environ["COI_PROJECT"] = r.project
     cfg, client = daemon()
     cap = max_file(cfg)
     with client:

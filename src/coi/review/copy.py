@@ -42,6 +42,10 @@ class Review:
     # Where base/ and work/ are when not in `folder`: btrfs snapshots on the daemon's pool
     # (coi.review.pool), whose files keep base's inode numbers and ctimes until changed.
     store: str = ""
+    # The daemon the sandbox runs on when it is not the local one (what `coi review fetch`
+    # connects to), and its project.
+    remote: str = ""
+    project: str = ""
     folder: str = ""  # not stored: where review.json was read from
 
     @property
@@ -177,12 +181,23 @@ def all_reviews(home: Path | None = None) -> list[Review]:
     return sorted(found, key=lambda r: (r.created, r.id))
 
 
-def bind(review_id: str, container: str, home: Path | None = None) -> None:
-    """Record the sandbox that works on a review (what `--slot` finds it by)."""
+def bind(
+    review_id: str,
+    container: str,
+    *,
+    remote: str = "",
+    project: str = "",
+    home: Path | None = None,
+) -> None:
+    """Record the sandbox that works on a review (what `--slot` finds it by) and where it
+    runs (what `coi review fetch` connects to)."""
     root = home if home is not None else reviews_dir()
     review = load(root / review_id)
-    if review is not None and review.container != container:
-        review.container = container
+    if review is None:
+        return
+    where = (container, remote, project)
+    if (review.container, review.remote, review.project) != where:
+        review.container, review.remote, review.project = where
         review.save()
 
 

@@ -376,7 +376,8 @@ class Sandbox:
         if spec.review:
             from coi.review.copy import bind
 
-            bind(spec.review, self.name)  # `coi diff --slot N` finds it by its sandbox
+            # `coi diff --slot N` finds it by its sandbox, `coi review fetch` its daemon.
+            bind(spec.review, self.name, remote=spec.remote or "", project=self.client.project)
         self.record(
             "start",
             f"{'made' if self.created else 'reused'} {self.name} from {spec.image} for "
