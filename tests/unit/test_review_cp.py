@@ -42,3 +42,28 @@ def test_a_failed_copy_says_what_and_why(tmp_path: Path) -> None:
 def test_no_progress_line_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stderr.isatty", lambda: False)
     assert cp.terminal_progress("Copying") is None
+
+
+def test_meter_shows_after_half_a_second_then_clears(monkeypatch: pytest.MonkeyPatch) -> None:
+    shown: list[tuple[int, int]] = []
+    monkeypatch.setattr(cp, "terminal_progress", lambda label: lambda d, t: shown.append((d, t)))
+    clock = iter([0.0, 0.1, 0.7, 0.75, 1.2])
+    monkeypatch.setattr(cp.time, "monotonic", lambda: next(clock))
+    meter = cp.Meter("Uploading", 100)  # starts at 0.0
+    meter(10)  # 0.1: too soon
+    meter(50)  # 0.7: shown
+    meter(60)  # 0.75: within POLL of the last
+    meter(120)  # 1.2: shown; more than announced: the total follows
+    meter.done()
+    assert shown == [(50, 100), (120, 120), (-1, 100)]
+
+
+def test_an_upload_tells_its_progress_chunk_by_chunk() -> None:
+    import io
+
+    from coi.backend.files import _CHUNK, _chunks
+
+    seen: list[int] = []
+    data = b"x" * (_CHUNK * 2 + 5)
+    assert b"".join(_chunks(io.BytesIO(data), seen.append)) == data
+    assert seen == [_CHUNK, 2 * _CHUNK, 2 * _CHUNK + 5]

@@ -45,11 +45,15 @@ class FileInfo:
     type: str  # file, directory, symlink
 
 
-def _chunks(fh: BinaryIO) -> Iterator[bytes]:
+def _chunks(fh: BinaryIO, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
     # Upload bodies must be streamed: an in-memory `bytes` body makes httpcore's
     # partial-send loop re-slice the buffer, which is quadratic (7 s for 64 MiB).
+    sent = 0
     while chunk := fh.read(_CHUNK):
         yield chunk
+        sent += len(chunk)
+        if progress is not None:
+            progress(sent)
 
 
 class FilesAPI:
@@ -121,11 +125,14 @@ class FilesAPI:
         uid: int = 0,
         gid: int = 0,
         mode: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
-        """Stream a local file into the instance, keeping its mode unless one is given."""
+        """Stream a local file into the instance, keeping its mode unless one is given;
+        `progress` is told the bytes sent so far."""
         file_mode = stat.S_IMODE(local.stat().st_mode) if mode is None else mode
         with local.open("rb") as fh:
-            self._post(instance, path, _chunks(fh), uid=uid, gid=gid, mode=file_mode, kind="file")
+            body = _chunks(fh, progress)
+            self._post(instance, path, body, uid=uid, gid=gid, mode=file_mode, kind="file")
 
     def push_file_whole(
         self,

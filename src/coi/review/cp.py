@@ -1,5 +1,6 @@
 """`cp -a` of a folder for a review copy, with a progress line on a terminal for big ones
-(bytes written, read from the copying process's own I/O counters)."""
+(bytes written, read from the copying process's own I/O counters); the same line for other
+long transfers (`Meter`: a remote sandbox's upload and download)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,27 @@ def terminal_progress(label: str) -> Progress | None:
         sys.stderr.flush()
 
     return show
+
+
+class Meter:
+    """Bytes moved so far, shown on a terminal once a transfer has run half a second, at
+    most every POLL seconds; silent off a terminal. Call it with the running total, then
+    `done()`."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.show = terminal_progress(label)
+        self.total = total
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if self.show is None or now - self.start < QUIET_FOR or now - self.last < POLL:
+            return
+        self.last, self.shown = now, True
+        self.show(done, max(self.total, done))
+
+    def done(self) -> None:
+        if self.show is not None and self.shown:
+            self.show(-1, self.total)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from coi.backend.exec import ExecRequest
 from coi.errors import CoiError, SessionError
+from coi.review.cp import Meter
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -168,7 +169,9 @@ def push_workspace(client: IncusClient, name: str, spec: SandboxSpec, log: Log) 
         # Sent with the files API and unpacked by a recorded exec (no websockets): an exec
         # streaming stdin cannot be started again when the daemon loses its child, and
         # these two can.
-        client.files.push_file(name, archive, ARCHIVE, uid=0, gid=0, mode=0o600)
+        meter = Meter("Uploading the workspace", sent)
+        client.files.push_file(name, archive, ARCHIVE, uid=0, gid=0, mode=0o600, progress=meter)
+        meter.done()
     script = (
         'mkdir -p "$T" && chown "$U:$U" "$T" && cd "$T" && tar -x -f "$A"; rc=$?; '
         'rm -f "$A"; exit $rc'
@@ -242,20 +245,24 @@ def _download(
 
     got = 0
     fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    meter = Meter("Fetching the agent's work", 0)
     try:
         url = f"/1.0/instances/{quote(name, safe='')}/files"
         with client.stream(url, params={"path": path}) as resp:
             length = resp.headers.get("content-length")
             if length and length.isdigit():
                 check(int(length))
+                meter.total = int(length)
             for chunk in resp.iter_bytes(1 << 20):
                 got += len(chunk)
                 check(got)
+                meter(got)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+        meter.done()
     return got
 
 
