@@ -365,3 +365,28 @@ def test_a_changed_server_certificate_is_refused_with_a_clear_error(
     _add(remote, env)
     assert run_coi("--remote", "r1", "list", env=env).returncode == 0
     shutil.rmtree(tmp_path / "xdg", ignore_errors=True)
+
+
+def test_limits_on_the_users_project_are_set_or_refused_with_nothing_kept(
+    remote: remotekit.RemoteDaemon, env: dict[str, str]
+) -> None:
+    def listed() -> list[str]:
+        out = run_coi("remote", "list", "--format", "json", env=env).stdout
+        return [r["name"] for r in json.loads(out) if r["name"].startswith("lim")]
+
+    bad = run_coi("remote", "add", "lim0", remote.url, "--accept-certificate", "--limit",
+                  "memory=1GiB", env=env)  # fmt: skip
+    assert bad.returncode == 2 and "is not a project limit" in bad.stderr, bad.stderr
+    res = run_coi("remote", "add", "lim1", remote.url, "--token", remote.trust_token("carol"),
+                  "--project", "coi-limited", "--limit", "limits.instances=2", "--limit",
+                  "limits.memory=2GiB", env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    with remote.admin() as c:
+        config = c.get("/1.0/projects/coi-limited")["config"]
+    assert (config["limits.instances"], config["limits.memory"]) == ("2", "2GiB")
+    # A value the server refuses: said, and the remote is not added.
+    refused = run_coi("remote", "add", "lim2", remote.url, "--accept-certificate", "--project",
+                      "coi-limited-2", "--limit", "limits.instances=many", env=env)  # fmt: skip
+    assert refused.returncode != 0
+    assert "did not set the limits on the project 'coi-limited-2'" in refused.stderr
+    assert listed() == ["lim1"]

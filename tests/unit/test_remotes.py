@@ -290,3 +290,14 @@ def tls_server_silent(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
     for h in held:
         h.close()
     t.join(timeout=5)
+
+
+def test_only_project_limits_with_a_value_are_taken() -> None:
+    from coi.backend.remotes import check_limits
+    from coi.errors import UsageError
+
+    check_limits({"limits.instances": "5", "limits.memory": "16GiB", "limits.cpu": "4"})
+    for bad in ({"memory": "1GiB"}, {"limits.": "1"}, {"limits.instances": ""},
+                {"features.images": "true"}, {"limits.X": "1"}):  # fmt: skip
+        with pytest.raises(UsageError):
+            check_limits(bad)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from coi.backend.connection import (
     CertificateMismatch,
@@ -370,9 +370,11 @@ def add(
     project: str,
     env: Mapping[str, str],
     log: Log,
+    limits: Mapping[str, str] | None = None,
 ) -> Added:
     """Add a remote: pin its certificate (from the token, or accepted as shown), have coi's
-    client certificate trusted (by the token), make the project if it is missing.
+    client certificate trusted (by the token), make the project if it is missing, with
+    `limits` (the project's `limits.*` keys) where the server lets the user set them.
 
     :raises UsageError: bad name or URL, the name is taken, or the certificate is unknown.
     :raises CertificateMismatch: the certificate differs from the token's.
@@ -381,6 +383,7 @@ def add(
     from coi.backend.client import IncusClient
 
     check_name(name)
+    check_limits(limits or {})
     url = normalize_url(url)
     data = _load(env)
     if name in data["remotes"]:
@@ -426,6 +429,8 @@ def add(
                 if c.get("/1.0").get("auth") != "trusted":
                     raise PermissionDenied(f"the server at {url} did not accept the token")
             created = _ensure_project(c, project, log) if project else False
+            if limits and project:
+                _limit_project(c, project, limits, log)
     except BaseException:
         pinned.unlink(missing_ok=True)
         raise
@@ -481,6 +486,48 @@ def _ensure_project(c: Any, project: str, log: Log) -> bool:
         ) from err
     log(f"Made the project {project} on the server")
     return True
+
+
+LIMIT_KEY = re.compile(r"limits\.[a-z0-9][a-z0-9.-]*")
+
+
+def check_limits(limits: Mapping[str, str]) -> None:
+    """:raises UsageError: a key that is not a project limit (`limits.*`), or no value."""
+    for key, value in limits.items():
+        if not LIMIT_KEY.fullmatch(key) or not value:
+            raise UsageError(
+                f"'{key}={value}' is not a project limit",
+                resolution="Give limits as limits.KEY=VALUE, for example --limit "
+                "limits.instances=5 --limit limits.memory=16GiB (see the server's "
+                "'incus project set --help').",
+            )
+
+
+def _limit_project(c: Any, project: str, limits: Mapping[str, str], log: Log) -> None:
+    """Set the project's limits (the server checks their values and who may set them)."""
+    if project == "default":
+        raise UsageError(
+            "coi does not set limits on the server's default project",
+            resolution="Use a project of your own (--project NAME) for --limit.",
+        )
+    path = f"/1.0/projects/{quote(project, safe='')}"
+    try:
+        # PUT of the whole project with the limits merged in: a PATCH of the config alone
+        # makes Incus 6.0 reconsider the project's features (and fail on its profiles).
+        current = c.get(path)
+        body = {
+            "config": {**(current.get("config") or {}), **limits},
+            "description": current.get("description") or "",
+        }
+        c.request("PUT", path, json=body)
+    except BackendError as err:
+        raise PermissionDenied(
+            f"the server did not set the limits on the project '{project}'",
+            details=err.message,
+            resolution="Check the values, or ask the administrator to set them "
+            f"('incus project set {project} KEY=VALUE' there).",
+        ) from err
+    log(f"Project {project}: " + ", ".join(f"{k}={v}" for k, v in sorted(limits.items())))
 
 
 # -- switching and removing ----------------------------------------------------------------

@@ -50,8 +50,21 @@ def remote_cmd(ctx: click.Context) -> None:
     help="Incus project your sandboxes live in there (default: coi-USER; made if missing "
     "and allowed).",
 )
+@click.option(
+    "--limit",
+    "limits",
+    multiple=True,
+    metavar="limits.KEY=VALUE",
+    help="A limit on your project there (repeatable), e.g. limits.instances=5, "
+    "limits.memory=16GiB; set where the server lets you.",
+)
 def add_cmd(
-    name: str, url: str, token: str | None, accept_certificate: bool, project: str | None
+    name: str,
+    url: str,
+    token: str | None,
+    accept_certificate: bool,
+    project: str | None,
+    limits: tuple[str, ...],
 ) -> None:
     """Add a remote daemon and pin its certificate."""
     from coi.backend.remotes import add
@@ -64,6 +77,7 @@ def add_cmd(
         project=project or _default_project(),
         env=os.environ,
         log=lambda m: click.echo(m, err=True),
+        limits=dict(item.partition("=")[::2] for item in limits),
     )
     how = "trusted with the token" if done.trusted_by == "token" else "already trusted"
     click.echo(f"Remote {done.name} added: {done.url} ({how})")
