@@ -110,8 +110,9 @@ FORK_RATE = (
     "surge the rule looks for"
 )
 ENVIRON_RACE = (
-    "the one other environ the agent may read is its parent shell's, opened as the loop "
-    "reaches it; missed once in six runs (not understood yet)"
+    "missed in one table run, with other reads of the open watcher: it dropped the events of "
+    "processes that had ended before their event was read (fixed since); kept non-strict "
+    "until more runs say so"
 )
 
 
