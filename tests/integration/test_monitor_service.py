@@ -75,7 +75,9 @@ def test_the_monitor_watches_a_session_coi_no_longer_attends(
             "the service to start watching",
             20,
         )
-        assert client.exec.quiet(name, ExecRequest(["sh", "-c", LURE])) == 0
+        # 0: the lure's launcher ended before the kill; 137: the kill (from the host, at the
+        # lure's exec, milliseconds later) took the launcher with it.
+        assert client.exec.quiet(name, ExecRequest(["sh", "-c", LURE])) in (0, 137)
         wait_for(lambda: not client.instances.get(name).running, "the service to kill it", 30)
         killed = [e for e in _events(env, name) if e.get("action") == "killed"]
         assert killed and killed[0]["level"] == "critical", _events(env, name)
