@@ -178,6 +178,9 @@ def _wait_socket(rd: RemoteDaemon, timeout: float = 60) -> None:
     raise RuntimeError(f"the second incusd did not answer in {timeout}s:\n{rd.log_tail()}")
 
 
+_MAIN_DAEMON_VARS = ("INCUS_SOCKET", "INCUS_DIR", "LXD_SOCKET", "LXD_DIR", "INCUS_CONF")
+
+
 def _launch(rd: RemoteDaemon) -> None:
     with open(rd.root / "launch.err", "ab") as err:
         rd.proc = subprocess.Popen(
@@ -188,6 +191,9 @@ def _launch(rd: RemoteDaemon) -> None:
             stdout=subprocess.DEVNULL,
             stderr=err,
             start_new_session=True,
+            # Not the main daemon's socket: with INCUS_SOCKET pointing at it (scripts/test.sh
+            # sets it), the second incusd finds it live and exits "Incus is already running".
+            env={k: v for k, v in os.environ.items() if k not in _MAIN_DAEMON_VARS},
         )  # fmt: skip
     _wait_socket(rd)
 

@@ -251,7 +251,8 @@ def test_clean_removes_policy_networks_once_unused(
     left = [n.name for n in client.networks.list() if n.config.get(labels.MANAGED)]
     assert left == [] and resources.coi_acls(client) == []
     assert json.loads(run_coi("list", "--format", "json", env=net_env).stdout) == {
-        "active_containers": []
+        "active_containers": [],
+        "pending_reviews": [],
     }
 
 

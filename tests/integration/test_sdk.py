@@ -164,7 +164,11 @@ def test_a_sandbox_publishes_ports_and_takes_a_name(
                 try:
                     with socket.create_connection(("127.0.0.1", {port}), timeout=2) as c:
                         c.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-                        print(c.recv(4096).decode().splitlines()[-1])
+                        # The whole answer (headers and body may come in two reads).
+                        data = b""
+                        while chunk := c.recv(4096):
+                            data += chunk
+                        print(data.decode().splitlines()[-1])
                         break
                 except OSError:
                     time.sleep(0.1)
