@@ -135,12 +135,12 @@ def list_cmd(all_: bool, fmt: str) -> None:
 
 def _pending_reviews() -> list[dict[str, Any]]:
     """The review copies waiting for `coi apply` or `coi discard` (a folder read, no daemon)."""
-    from coi.config.paths import coi_home
+    from coi.config.paths import reviews_dir
 
     # Where there is no review at all (most machines), one look at the folder the reviews
-    # live in (`coi.review.copy.reviews_dir`) instead of importing the review code (8 ms).
+    # live in instead of importing the review code (8 ms).
     try:
-        if not any((coi_home() / "reviews").iterdir()):
+        if not any(reviews_dir().iterdir()):
             return []
     except (FileNotFoundError, NotADirectoryError):
         return []

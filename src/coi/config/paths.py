@@ -15,6 +15,12 @@ def coi_home(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("HOME") or Path.home()) / ".coi"
 
 
+def reviews_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where review copies are recorded (coi.review): light, so `coi list` can look there
+    without importing the review code."""
+    return coi_home(env) / "reviews"
+
+
 def expand(path: str, env: Mapping[str, str] | None = None) -> Path:
     """Expand a config path: a leading `~/.coi` follows COI_HOME, `~` is the home directory."""
     env = os.environ if env is None else env

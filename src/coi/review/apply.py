@@ -182,10 +182,10 @@ def plan(
     """What applying `review` would do, nothing written."""
     ws = review.workspace
     result = Applied(review)
-    diff, result.commits = compare_review(review, max_file=max_file)
+    # The agent's commits are not looked for here: `apply` finds them once, as it makes
+    # their branch (before any file is written).
+    diff, _ = compare_review(review, max_file=max_file, commits=False)
     result.git_files = diff.git_files
-    if result.commits is not None and result.commits.problem:
-        result.refused.append((".git", f"the agent's commits: {result.commits.problem}"))
     for c in diff.changes:
         if c.status == "refused":
             result.refused.append((c.path, c.reason))
@@ -254,12 +254,10 @@ def apply(
             review, protected=protected, include_protected=include_protected, max_file=max_file
         )
         if not files:
-            result.steps, result.conflicts = [], []
-            result.refused = [r for r in result.refused if r[0] == ".git"]
+            result.steps, result.conflicts, result.refused = [], [], []
         if result.blocked and not partial:
             return result
-        commits = result.commits
-        if commits is not None and commits.new:
+        if gitbranch.is_git(review):
             # The branch first: a new ref and objects, nothing of yours changed; when it
             # cannot be made, no file is written either (unless --partial).
             name = branch or f"coi/{review.id}"
@@ -268,7 +266,7 @@ def apply(
                 result.refused.append((".git", f"the agent's commits: {made.problem}"))
                 if not partial:
                     return result
-            else:
+            elif made.new:
                 result.branch, result.commits = name, made
         if not files:
             result.written = True

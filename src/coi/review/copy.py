@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from coi.config.paths import coi_home
+from coi.config.paths import reviews_dir
 from coi.errors import UsageError
 from coi.fsio import write_atomic
 from coi.review import pool
@@ -74,10 +74,6 @@ class Review:
     def save(self) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "folder"}
         write_atomic(Path(self.folder) / META, json.dumps(data, indent=2) + "\n")
-
-
-def reviews_dir() -> Path:
-    return coi_home() / "reviews"
 
 
 def _private_dir(path: Path) -> None:

@@ -215,10 +215,11 @@ def compare(
 
 
 def compare_review(
-    review: Review, *, max_file: int = DEFAULT_MAX_FILE
+    review: Review, *, max_file: int = DEFAULT_MAX_FILE, commits: bool = True
 ) -> tuple[Diff, Commits | None]:
     """A review's changes; in git mode (coi.review.gitbranch) without git's own files, which
-    are never applied as files, and with the agent's new commits instead (None otherwise)."""
+    are never applied as files, and with the agent's new commits instead (None otherwise, or
+    without `commits`: `coi apply` finds them once, as it makes their branch)."""
     from coi.review import gitbranch
 
     diff = compare(
@@ -232,7 +233,7 @@ def compare_review(
         return diff, None
     diff.git_files = [c.path for c in diff.changes if gitbranch.in_git(c.path)]
     diff.changes = [c for c in diff.changes if not gitbranch.in_git(c.path)]
-    return diff, gitbranch.commits(review)
+    return diff, gitbranch.commits(review) if commits else None
 
 
 def _change(
