@@ -328,7 +328,8 @@ def test_a_key_held_open_by_a_copied_binary_is_a_credential_hunt(
     files, not by any text."""
     script = (
         'mkdir -p "$HOME/.ssh" && echo not-a-real-key > "$HOME/.ssh/id_ed25519"\n'
-        'cp /bin/busybox /tmp/bb && /tmp/bb sleep 4 < "$HOME/.ssh/id_ed25519"\n'
+        'cp /bin/busybox /tmp/bb && /tmp/bb sleep 4 < "$HOME/.ssh/id_ed25519" &\n'
+        'echo "reader=$!"; wait\n'
     )
     encoded = base64.b64encode(script.encode()).decode()
     res = subprocess.run(
@@ -342,7 +343,11 @@ def test_a_key_held_open_by_a_copied_binary_is_a_credential_hunt(
     hunts = [e for e in _events(env) if e["title"] == "Credential access detected"]
     assert hunts, (_events(env), res.stdout, res.stderr[-1500:])
     assert any("/.ssh/id_ed25519" in f for e in hunts for f in e["evidence"]["files"])
-    assert any("/tmp/bb sleep" in e["evidence"]["process"]["command"] for e in hunts)
+    # The key is opened by the shell's child for the redirection, just before it becomes
+    # /tmp/bb: its command line at the instant the open is read may still be the script's.
+    # The process is named by its pid, which the exec does not change.
+    reader = int(res.stdout.split("reader=")[1].split()[0])
+    assert any(e["evidence"]["process"]["pid"] == reader for e in hunts), (hunts, reader)
 
 
 def test_a_shell_behind_pipes_to_a_socket_is_killed_with_connection_tables_read_lazily(
