@@ -140,16 +140,17 @@ def _run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def _free_link_net() -> ipaddress.IPv4Network:
-    """A /30 of 198.18.0.0/15 that nothing on this machine uses."""
+def free_net(prefixlen: int = 30) -> ipaddress.IPv4Network:
+    """A network of 198.18.0.0/15 (a /30 by default) that nothing on this machine uses."""
     used = host_networks()
+    size = 2 ** (32 - prefixlen)
     for _ in range(64):
-        second, third, fourth = 18 + secrets.randbelow(2), secrets.randbelow(256), 0
-        fourth = secrets.randbelow(64) * 4
-        net = ipaddress.ip_network(f"198.{second}.{third}.{fourth}/30")
+        second, third = 18 + secrets.randbelow(2), secrets.randbelow(256)
+        fourth = secrets.randbelow(256 // size) * size
+        net = ipaddress.ip_network(f"198.{second}.{third}.{fourth}/{prefixlen}")
         if net.subnet_of(SPACE) and not any(net.overlaps(u) for u in used):
             return net
-    raise RuntimeError("no free /30 in 198.18.0.0/15 for the second daemon")
+    raise RuntimeError(f"no free /{prefixlen} in 198.18.0.0/15 for a test daemon")
 
 
 def _make_namespace(rd: RemoteDaemon) -> None:
@@ -165,7 +166,8 @@ def _make_namespace(rd: RemoteDaemon) -> None:
     check_route(rd)
 
 
-def _wait_socket(rd: RemoteDaemon, timeout: float = 60) -> None:
+def wait_socket(rd: RemoteDaemon, timeout: float = 60) -> None:
+    """Bounded: the daemon answers on its unix socket (else its log's tail is raised)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if rd.proc is not None and rd.proc.poll() is not None:
@@ -181,7 +183,8 @@ def _wait_socket(rd: RemoteDaemon, timeout: float = 60) -> None:
 _MAIN_DAEMON_VARS = ("INCUS_SOCKET", "INCUS_DIR", "LXD_SOCKET", "LXD_DIR", "INCUS_CONF")
 
 
-def _launch(rd: RemoteDaemon) -> None:
+def launch(rd: RemoteDaemon) -> None:
+    """Start incusd for `rd` in a new mount namespace inside `rd.ns`; wait till it answers."""
     with open(rd.root / "launch.err", "ab") as err:
         rd.proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--",
@@ -195,10 +198,10 @@ def _launch(rd: RemoteDaemon) -> None:
             # sets it), the second incusd finds it live and exits "Incus is already running".
             env={k: v for k, v in os.environ.items() if k not in _MAIN_DAEMON_VARS},
         )  # fmt: skip
-    _wait_socket(rd)
+    wait_socket(rd)
 
 
-def _shutdown(rd: RemoteDaemon) -> None:
+def shutdown(rd: RemoteDaemon) -> None:
     """incusd's own shutdown (SIGPWR): it stops its containers, then exits; bounded."""
     if rd.proc is None or rd.proc.poll() is not None:
         return
@@ -244,7 +247,7 @@ def start(base: Path | None = None) -> RemoteDaemon:
     os.chmod(root, 0o711)
     (root / "var").mkdir(mode=0o711)
     (root / "pool").mkdir(mode=0o711)
-    net = _free_link_net()
+    net = free_net()
     hosts = list(net.hosts())
     rd = RemoteDaemon(
         root=root,
@@ -255,7 +258,7 @@ def start(base: Path | None = None) -> RemoteDaemon:
     )
     try:
         _make_namespace(rd)
-        _launch(rd)
+        launch(rd)
         _initialize(rd)
     except BaseException:
         stop(rd)
@@ -266,26 +269,26 @@ def start(base: Path | None = None) -> RemoteDaemon:
 @contextlib.contextmanager
 def stopped(rd: RemoteDaemon) -> Iterator[None]:
     """The daemon stopped for the block (its address answers nothing), started again after."""
-    _shutdown(rd)
+    shutdown(rd)
     try:
         yield
     finally:
-        _launch(rd)
+        launch(rd)
 
 
 def restart(rd: RemoteDaemon, *, new_certificate: bool = False) -> None:
     """Stop and start the daemon again; with `new_certificate` it makes itself a new server
     certificate (what a reinstalled server, or someone in between, would present)."""
-    _shutdown(rd)
+    shutdown(rd)
     if new_certificate:
         for name in ("server.crt", "server.key"):
             (rd.root / "var" / name).unlink(missing_ok=True)
-    _launch(rd)
+    launch(rd)
 
 
 def stop(rd: RemoteDaemon) -> None:
     """Stop the daemon and its containers, remove the namespace, the veth and every file."""
-    _shutdown(rd)
+    shutdown(rd)
     # Its dnsmasq processes live in the namespace; the daemon ends them as it stops.
     subprocess.run(["ip", "link", "del", rd.veth], capture_output=True)
     subprocess.run(["ip", "netns", "del", rd.ns], capture_output=True)
