@@ -106,8 +106,9 @@ SHORT_COMMAND = (
     "exec watcher reads its command line before it ends"
 )
 FORK_RATE = (
-    "the exec loop's fork rate, slowed by a busy machine, may stay under the 300-a-second "
-    "surge the rule looks for"
+    "the exec loop's fork rate, slowed by a busy machine, may stay under both the 300-a-second "
+    "surge and the 100 idle copies a second that make a fork bomb (it is then paused as a "
+    "flood, not killed)"
 )
 ENVIRON_RACE = (
     "missed in one table run, with other reads of the open watcher: it dropped the events of "

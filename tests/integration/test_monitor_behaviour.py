@@ -430,3 +430,29 @@ def test_a_resume_gives_the_destination_its_cap_once_more(
         assert first < 10_000_000 and 1_000_000 < second < 10_000_000, (first, second)
     finally:
         _end(client, proc)
+
+
+def test_a_flood_of_idle_copies_under_the_limit_is_paused_by_the_quick_rule(
+    client: IncusClient, env: dict[str, str], ws: Path
+) -> None:
+    """`sleep 60 &` about forty times a second, far under the process limit: the pids cgroup
+    piles up, none ending, and the processes are idle copies of one program under one
+    parent. The quick rule (storms.clones) pauses it; the five-second rule (storms.flood)
+    would name no copies."""
+    proc = _run_watched(
+        client, env, ws,
+        "i=0; while [ $i -lt 250 ]; do sleep 60 & sleep 0.02; i=$((i+1)); done; wait",
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: any(e["title"] == "Process flood" for e in _events(env)),
+            "the flood to be seen",
+            60,
+        )
+        event = next(e for e in _events(env) if e["title"] == "Process flood")
+        assert (event["level"], event["action"]) == ("high", "paused"), event
+        assert event["evidence"]["process"]["command"] == "sleep", event
+        assert event["evidence"]["process"]["copies"] >= 32, event
+        wait_for(lambda: _frozen(client), "the pause", 10)
+    finally:
+        _end(client, proc)

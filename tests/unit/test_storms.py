@@ -60,3 +60,47 @@ def test_builds_and_loops_of_short_commands_are_no_flood() -> None:
     assert flood(_samples([3, 4, 3, 4, 4, 3] * 5)) is None
     # Workers started over a few seconds and then steady: 40, under the growth.
     assert flood(_samples([5 + min(i, 10) * 4 for i in range(26)])) is None
+
+
+def test_idle_copies_of_one_program_under_one_parent_are_a_flood() -> None:
+    from coi.monitor.storms import BOMB_RATE, CLONES, Member, clones, piled_up
+
+    # `sleep 60 &` forty times a second: within a second, CLONES more and none ending.
+    assert piled_up(_samples([5, 12, 20, 28, 37, 45])) == 40
+    assert piled_up(_samples([5, 40, 20, 45, 30, 50])) == 0  # a build: up and down
+    sleepers = [Member(100 + i, 7, "sleep", 0) for i in range(CLONES)]
+    t = clones([*sleepers, Member(7, 1, "sh", 3)], rate=40)
+    assert t is not None and (t.level, t.title) == ("high", "Process flood")
+    assert t.evidence["process"] == {
+        "copies": CLONES,
+        "command": "sleep",
+        "parent_host_pid": 7,
+        "rate": 40,
+    }
+    # The same copies piling up at a fork bomb's pace (an exec loop under the surge rule).
+    bomb = clones(sleepers, rate=BOMB_RATE)
+    assert bomb is not None and (bomb.level, bomb.title) == ("critical", "Fork bomb detected")
+    assert clones(sleepers[1:]) is None  # one short of the rule
+
+
+def test_busy_workers_and_mixed_programs_are_no_flood() -> None:
+    from coi.monitor.storms import CLONES, Member, clones
+
+    # A test runner's workers: one parent, one program, but busy starting (CPU time used).
+    assert clones([Member(100 + i, 7, "python3", 25) for i in range(2 * CLONES)]) is None
+    # A browser or a compose stack: many processes, of many programs or parents.
+    assert clones([Member(100 + i, 7, f"worker{i % 9}", 0) for i in range(2 * CLONES)]) is None
+    assert clones([Member(100 + i, i, "sleep", 0) for i in range(2 * CLONES)]) is None
+
+
+def test_the_members_are_read_from_the_cgroup_tree(tmp_path: Path) -> None:
+    import os
+
+    from coi.monitor.storms import read_members
+
+    (tmp_path / "init.scope").mkdir()
+    (tmp_path / "init.scope" / "cgroup.procs").write_text(f"{os.getpid()}\n999999999\n")
+    (tmp_path / "cgroup.procs").write_text("")
+    (member,) = read_members(tmp_path)  # the pid that does not exist is left out
+    assert (member.pid, member.ppid) == (os.getpid(), os.getppid())
+    assert member.comm and member.ticks >= 0

@@ -2,15 +2,18 @@
 is invisible to exec events and too quick for a sweep, but not to the cgroup's counters.
 
 A thread reads `pids.current` and the `max` count of `pids.events` (how often a fork was
-refused at the limit) five times a second: two small files, no process listing.
+refused at the limit) five times a second: two small files, no process listing. Only when the
+count has piled up fast does it list the cgroup's processes, to tell a flood of idle copies
+from a build's busy workers.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +111,90 @@ def flood(window: list[Sample]) -> Threat | None:
     )  # fmt: skip
 
 
+# A flood that is quicker than FLOOD_SECONDS: CLONES more processes within a second, none
+# ending, and at least CLONES of them idle copies of one program under one parent (`sleep 60 &`
+# in a loop). A build's workers are busy (they have used CPU time by then), a test runner's
+# are a few per core and busy starting; copies that do nothing but exist are there to fill
+# the process table.
+CLONES = 32
+# Idle copies piling up this fast are a fork bomb (killed), not a flood (paused): an exec loop
+# that forks a few hundred a second, under SURGE on a busy machine, still fills any limit.
+BOMB_RATE = 100
+# CPU time (clock ticks, 1/100 s) a process may have used and still count as idle.
+IDLE_TICKS = 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """One process of the cgroup, as /proc/PID/stat says."""
+
+    pid: int
+    ppid: int
+    comm: str
+    ticks: int  # user + system CPU time
+
+
+def piled_up(window: list[Sample]) -> int:
+    """How many processes the window (about a second, oldest first) added without any falling
+    back by more than a few: 0 when the count went down meanwhile."""
+    if len(window) < 2:
+        return 0
+    counts = [s.current for s in window]
+    fall, peak = 0, counts[0]
+    for c in counts:
+        peak = max(peak, c)
+        fall = max(fall, peak - c)
+    return 0 if fall > 2 else counts[-1] - min(counts)
+
+
+def clones(members: Iterable[Member], rate: float = 0.0, at_least: int = CLONES) -> Threat | None:
+    """A flood of idle copies: `at_least` processes of one program under one parent that
+    have used (almost) no CPU. `rate`: processes added a second meanwhile (BOMB_RATE or more
+    makes it a fork bomb)."""
+    groups = Counter((m.ppid, m.comm) for m in members if m.ticks <= IDLE_TICKS)
+    if not groups:
+        return None
+    (ppid, comm), count = groups.most_common(1)[0]
+    if count < at_least:
+        return None
+    evidence = {
+        "process": {"copies": count, "command": comm, "parent_host_pid": ppid, "rate": round(rate)}
+    }
+    what = f"{count} idle copies of {comm!r} started by one parent (pid {ppid})"
+    if rate >= BOMB_RATE:
+        return Threat(
+            CRITICAL, "process", "Fork bomb detected", f"{what}, {rate:.0f} a second", evidence
+        )
+    return Threat(
+        HIGH, "process", "Process flood", f"{what} within a second: processes piling up", evidence
+    )
+
+
+def read_members(cgdir: Path) -> list[Member]:
+    """The processes of the cgroup and the cgroups under it (host pids); those that end while
+    they are read are left out."""
+    out: list[Member] = []
+    for path, _dirs, files in os.walk(cgdir):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            pids = (Path(path) / "cgroup.procs").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            # The command sits in parentheses and may hold anything, spaces and ")" too.
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            # fields[0] is the state; ppid is the 4th field of stat, utime the 14th, stime the
+            # 15th (1-based, counting pid and comm).
+            out.append(Member(int(pid), int(fields[1]), comm, int(fields[11]) + int(fields[12])))
+    return out
+
+
 class StormWatcher:
     """Calls `on_threat` when the cgroup's counters show a storm (at most once a second)."""
 
@@ -149,6 +236,10 @@ class StormWatcher:
             if now < quiet_until:
                 continue
             threat = storm(list(window), refused) or flood(list(longer))
+            piled = piled_up(list(window))
+            if threat is None and piled >= CLONES:
+                rate = piled / max(window[-1].at - window[0].at, 1 / RATE)
+                threat = clones(read_members(self.cgdir), rate)
             refused = sample.refused
             if threat is not None:
                 self.on_threat(threat)
