@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import httpx
 
@@ -238,6 +239,13 @@ class IncusClient:
 
     def has_extension(self, name: str) -> bool:
         return self.server.has(name)
+
+    def cluster_members(self) -> list[str]:
+        """The names of the cluster's members ([] when the daemon is not in a cluster)."""
+        if not self.server.clustered:
+            return []
+        urls = self.get("/1.0/cluster/members") or ()
+        return [unquote(str(u).split("?", 1)[0].rsplit("/", 1)[-1]) for u in urls]
 
     @property
     def header_prefix(self) -> str:

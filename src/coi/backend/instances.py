@@ -100,12 +100,14 @@ class InstancesAPI:
         description: str = "",
         source: JSON | None = None,
         wait: bool = True,
+        target: str = "",
     ) -> str:
         """Create a container from a local image alias or fingerprint (and start it).
 
         `source` replaces the image source entirely (e.g. a pull from an image server).
         `wait=False` returns once the daemon has taken the operation on, with its id (not
-        with `start`: the start would have to wait for the create).
+        with `start`: the start would have to wait for the create). `target`: the cluster
+        member to make it on ('': where the cluster's scheduler places it).
         """
         if start and not wait:
             raise ValueError("create(start=True) needs wait=True")
@@ -131,7 +133,8 @@ class InstancesAPI:
         one_shot = start and self._c.has_extension("instance_create_start")
         if one_shot:
             body["start"] = True
-        op = self._c.request("POST", "/1.0/instances", json=body, wait=wait)
+        params = {"target": target} if target else None
+        op = self._c.request("POST", "/1.0/instances", params=params, json=body, wait=wait)
         if not wait:
             return str(op.get("id") or "") if isinstance(op, dict) else ""
         if start and not one_shot:

@@ -44,6 +44,12 @@ class ServerInfo:
         return pid if isinstance(pid, int) else 0
 
     @property
+    def clustered(self) -> bool:
+        """Whether the daemon is a member of a cluster (it says so; never guessed from names)."""
+        env = self.raw.get("environment") or {}
+        return self.has("clustering") and env.get("server_clustered") is True
+
+    @property
     def display_name(self) -> str:
         return ("Incus" if self.kind == "incus" else "LXD") + f" {self.version}"
 
@@ -91,6 +97,12 @@ class Instance:
     @property
     def running(self) -> bool:
         return self.status == "Running"
+
+    @property
+    def location(self) -> str:
+        """The cluster member it is on ('' off a cluster, where the daemon says "none")."""
+        where = str(self.raw.get("location") or "")
+        return "" if where == "none" else where
 
     @property
     def active(self) -> bool:

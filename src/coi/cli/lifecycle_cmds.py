@@ -51,6 +51,7 @@ def _container_json(c: ContainerInfo) -> dict[str, Any]:
         "kind": c.kind,
         "alias": c.alias,
         "review": c.review,  # review mode: the review it works on ("" for none)
+        "location": c.location,  # the cluster member it runs on ("" off a cluster)
         "ports": [p.as_json() for p in c.ports],
         "sockets": [{"host": h, "container": i} for h, i in c.sockets],
     }
@@ -71,6 +72,8 @@ def _print_container(c: ContainerInfo) -> None:
     if c.alias:
         click.echo(f"    Alias: {c.alias}")
     click.echo(f"    Status: {c.status}")
+    if c.location:
+        click.echo(f"    Member: {c.location}")
     if c.ipv4:
         click.echo(f"    IPv4: {c.ipv4}")
     click.echo(f"    Created: {local_time(c.created_at)}")

@@ -109,6 +109,13 @@ def session_options(func: F) -> F:
             "in with 'coi apply' ([workspace] mode = \"review\").",
         ),
         click.option(
+            "--target",
+            default=None,
+            metavar="MEMBER",
+            help="On an Incus cluster: the member to make the sandbox on (default: the "
+            "cluster's scheduler chooses).",
+        ),
+        click.option(
             "--writable-git-hooks",
             is_flag=True,
             default=None,

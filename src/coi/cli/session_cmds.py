@@ -50,6 +50,7 @@ def _options(p: dict[str, Any], kind: Literal["run", "shell"]) -> SessionOptions
         ports=tuple(p.get("ports") or ()),
         alias=p.get("alias"),
         review=p.get("review"),
+        target=p.get("target"),
     )
 
 

@@ -36,6 +36,7 @@ class ContainerInfo:
     review: str = ""  # the review (coi.review) it works on, in review mode
     ports: tuple[forwards.Published, ...] = ()
     sockets: tuple[tuple[str, str], ...] = ()
+    location: str = ""  # the cluster member it runs on ('' off a cluster)
 
     @property
     def running(self) -> bool:
@@ -114,6 +115,7 @@ def container_info(inst: Instance, metadata: Mapping[str, Metadata]) -> Containe
         review=cfg.get(labels.REVIEW, ""),
         ports=forwards.published_of(inst.devices),
         sockets=forwards.sockets_of(inst.devices),
+        location=inst.location,
     )
 
 

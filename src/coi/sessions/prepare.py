@@ -61,6 +61,8 @@ class SessionOptions:
     alias: str | None = None
     # The agent works on a copy of the workspace (`--review`; coi.review).
     review: bool | None = None
+    # The cluster member to make the sandbox on (`--target`; None: the scheduler chooses).
+    target: str | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The config keys these options set (None: not set)."""
@@ -207,6 +209,7 @@ def prepare(
         ports=ports,
         sockets=sockets,
         alias=aliases.check(options.alias) if options.alias and not options.container else "",
+        target=options.target or "",
     )
     # At each start, as root inside: the timezone's files and the agent's git identity
     # (not in a container coi did not make).

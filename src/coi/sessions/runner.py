@@ -32,6 +32,7 @@ from coi.protection.guard import Guard, settle_when_gone, watching
 from coi.sessions import home, naming, reap
 from coi.sessions.keeper import dismiss as dismiss_keeper
 from coi.sessions.keeper import spawn as spawn_keeper
+from coi.sessions.placement import check_target
 from coi.sessions.remote import adapt as adapt_to_remote
 from coi.sessions.remote import bring_back
 from coi.sessions.sandbox import Log, Sandbox, SandboxSpec, stderr_log
@@ -178,6 +179,7 @@ def open_sandbox(
     removes it should this process die first (`coi.sessions.keeper`)."""
     check_server(spec.limits, client.server.kind)
     spec = adapt_to_remote(client, spec, log)
+    check_target(client, spec.target)
     reap.after_restart(client, remote=spec.remote)
     box = Sandbox(client, spec, log=log)
     box.check_owner()
@@ -470,6 +472,7 @@ class ShellSession:
         if remote_spec is not self.spec:
             self.spec = remote_spec
             self.box = Sandbox(self.client, self.spec, log=self.log)
+        check_target(self.client, self.spec.target)
         reap.after_restart(self.client, remote=self.spec.remote)
         self._plan_credentials()
         with cleanup_on_signals():

@@ -128,6 +128,9 @@ class SandboxSpec:
     # sandbox is still the workspace's (its name, slots, saved sessions).
     source: Path | None = None
     review: str = ""
+    # The cluster member to make it on ('': the cluster's scheduler chooses; coi.sessions.
+    # placement checks it).
+    target: str = ""
 
     @property
     def home(self) -> str:
@@ -667,7 +670,8 @@ class Sandbox:
         net = self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
         config = instance_config(self.spec, self.client.has_extension, mknod=self._mknod_works)
-        self.template = self._template(config)
+        # A spare lies on whichever member made it: one asked for (`--target`) is made there.
+        self.template = None if self.spec.target else self._template(config)
         net = net or self.client.networks.get(self.network)
         if not (self.template and self._from_spare(self.template, config, net)):
             source = {"type": "copy", "source": self.template} if self.template else None
@@ -682,6 +686,7 @@ class Sandbox:
                     ephemeral=self._ephemeral(),
                     start=True,
                     description=self._description(),
+                    target=self.spec.target,
                 ),
             )
         self.created = True
