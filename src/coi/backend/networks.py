@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from coi.backend.models import Network, NetworkACL, StoragePool
-from coi.errors import BackendError, NotFound
+from coi.errors import BackendError, Conflict, NotFound
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -35,6 +35,25 @@ class NetworksAPI:
     def create(
         self, name: str, *, config: Mapping[str, str], type: str = "bridge", description: str = ""
     ) -> None:
+        """Make a managed network. On a cluster, as the daemon wants it there: pending on
+        every member first (`?target=`, with no member-specific keys), then the global
+        create with the config, which brings it up on each member."""
+        if self._c.server.clustered:
+            for member in self._c.cluster_members():
+                try:
+                    self._c.request(
+                        "POST",
+                        "/1.0/networks",
+                        params={"target": member},
+                        json={"name": name, "type": type, "config": {}},
+                    )
+                except Conflict:
+                    pass  # pending there already (another coi began it a moment ago)
+                except BackendError as err:
+                    if "not in pending state" not in err.message:
+                        raise
+                    # Made in full a moment ago (another coi): what a plain create says then.
+                    raise Conflict(err.message, status_code=409) from err
         self._c.request(
             "POST",
             "/1.0/networks",

@@ -1,0 +1,194 @@
+"""coi on a three-member Incus cluster (tests/clusterkit.py), reached only over HTTPS: the
+scheduler places sandboxes, `--target` chooses a member, `coi list` shows it, restricted mode
+blocks the test's LAN host on every member, and `coi clean` leaves nothing on any member."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests import clusterkit, remotekit
+from tests.conftest import run_coi
+
+pytestmark = pytest.mark.cluster
+
+PROJECT = f"coi-{getpass.getuser()}"
+# From inside a sandbox: one TCP connect to the LAN host's listener, and what came of it.
+PROBE = (
+    f"if nc -w 2 {clusterkit.LAN} {clusterkit.LAN_PORT} </dev/null >/dev/null 2>&1; "
+    "then echo reached; else echo shut; fi"
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_tarball: Path, test_project: str) -> Iterator[clusterkit.Cluster]:
+    """The cluster, with the tiny image in its default project (the user's project shares
+    it). `test_project`: the main daemon answers (the --target check on it needs that)."""
+    try:
+        cl = clusterkit.start()
+    except RuntimeError as err:
+        pytest.fail(f"the cluster did not start: {err}", pytrace=False)
+    try:
+        with cl.members[0].admin() as c:
+            c.images.import_tarball(tiny_tarball, aliases=("coi-tiny",))
+        yield cl
+    finally:
+        clusterkit.stop(cl)
+    assert clusterkit.leftovers(cl) == []
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, cluster: clusterkit.Cluster) -> dict[str, str]:
+    """A user of their own, with the cluster added as remote 'c' through its second member
+    (any member answers for the whole cluster)."""
+    tmp = tmp_path_factory.mktemp("user")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
+    e.update(
+        HOME=str(tmp / "home"),
+        XDG_CONFIG_HOME=str(tmp / "xdg"),
+        COI_HOME=str(tmp / "coi-home"),
+        COI_IMAGE="coi-tiny",
+    )
+    (tmp / "home").mkdir()
+    clusterkit.check_routes(cluster)
+    via = cluster.member("m2")
+    res = run_coi("remote", "add", "c", via.url, "--token", via.trust_token("alice"), env=e)
+    assert res.returncode == 0, res.stderr
+    return e
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "notes.txt").write_text("from the host\n")
+    return ws
+
+
+def _coi(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return run_coi("--remote", "c", *args, env=env, timeout=timeout)
+
+
+def _listed(env: dict[str, str]) -> list[dict[str, object]]:
+    out = _coi(env, "list", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    return list(json.loads(out.stdout)["active_containers"])
+
+
+def test_the_scheduler_spreads_shells_and_list_shows_the_member(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """Three background shells on an empty cluster: its scheduler (fewest instances first)
+    puts one on each member; coi list says where, as the cluster itself does."""
+    names = []
+    for _ in range(3):
+        bg = _coi(env, "shell", "--background", "--network", "open", "-w", str(ws))
+        assert bg.returncode == 0, bg.stderr
+    listed = _listed(env)
+    names = [str(c["name"]) for c in listed if c["kind"] == "shell"]
+    assert len(names) == 3, listed
+    where = cluster.locations(PROJECT)
+    assert {str(c["name"]): c["location"] for c in listed} == {n: where[n] for n in names}
+    assert sorted(where[n] for n in names) == cluster.names
+    # Each runs where the cluster says: in that member's own directory.
+    for n in names:
+        assert n in cluster.on_member(where[n], PROJECT)
+    text = _coi(env, "list").stdout
+    for n in names:
+        assert f"Member: {where[n]}" in text.split(n, 1)[1].split("\n  coi-", 1)[0]
+    # coi kill removes them wherever they are.
+    killed = _coi(env, "kill", "--force", *names)
+    assert killed.returncode == 0, killed.stderr
+    assert [c for c in cluster.locations(PROJECT) if c in names] == []
+
+
+def test_target_places_a_run_and_a_shell_on_the_member(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """`--target`: the sandbox is made on that member. For `coi run` (gone when it ends) the
+    proof is where its connection to the LAN host came from: each member NATs its sandboxes
+    to its own hub address."""
+    before = len(cluster.lan_peers())
+    res = _coi(env, "run", "--target", "m3", "--network", "open", "-w", str(ws), "--",
+               "sh", "-c", f"cat /workspace/notes.txt; {PROBE}")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["from", "the", "host", "reached"]
+    assert cluster.lan_peers()[before:] == [cluster.member("m3").daemon_addr]
+    bg = _coi(env, "shell", "--background", "--target", "m1", "--network", "open", "-w", str(ws))
+    assert bg.returncode == 0, bg.stderr
+    (name,) = [str(c["name"]) for c in _listed(env) if c["kind"] == "shell"]
+    assert cluster.locations(PROJECT)[name] == "m1"
+    assert name in cluster.on_member("m1", PROJECT)
+    assert _coi(env, "kill", "--force", name).returncode == 0
+
+
+def test_a_wrong_target_is_refused_before_anything_is_made(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    before = cluster.locations(PROJECT)
+    bad = _coi(env, "run", "--target", "m9", "-w", str(ws), "--", "true")
+    assert bad.returncode == 2, bad.stderr
+    assert "--target m9: the cluster has no member of that name" in bad.stderr
+    assert "Its members: m1, m2, m3" in bad.stderr
+    assert cluster.locations(PROJECT) == before
+    # The local daemon is not a cluster: --target there is a mistake, said so.
+    local = run_coi("--remote", "local", "run", "--target", "m1", "-w", str(ws), "--", "true",
+                    env=env, timeout=120)  # fmt: skip
+    assert local.returncode == 2, local.stderr
+    assert "--target m1: the daemon is not a cluster" in local.stderr
+
+
+def test_restricted_mode_blocks_the_lan_host_on_every_member(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """On each member, a restricted sandbox cannot reach the LAN host (nothing arrives
+    there), and an open one can (so the probe can tell)."""
+    clusterkit.check_routes(cluster)
+    for member in cluster.names:
+        before = len(cluster.lan_peers())
+        shut = _coi(env, "run", "--target", member, "-w", str(ws), "--", "sh", "-c", PROBE)
+        assert shut.returncode == 0, shut.stderr
+        assert shut.stdout.strip() == "shut", (member, shut.stderr)
+        assert cluster.lan_peers()[before:] == []
+        opened = _coi(env, "run", "--target", member, "--network", "open", "-w", str(ws), "--",
+                      "sh", "-c", PROBE)  # fmt: skip
+        assert opened.returncode == 0, opened.stderr
+        assert opened.stdout.strip() == "reached"
+        assert cluster.lan_peers()[before:] == [cluster.member(member).daemon_addr]
+
+
+def test_clean_leaves_nothing_on_any_member(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """Stopped sandboxes on every member (their agent powered them off) and the restricted
+    policy's bridge: `coi clean --all` removes them all, on each member."""
+    for member in cluster.names:
+        bg = _coi(env, "shell", "--background", "--target", member, "-w", str(ws))
+        assert bg.returncode == 0, bg.stderr
+    names = [str(c["name"]) for c in _listed(env)]
+    assert len(names) == 3
+    with cluster.members[0].admin(PROJECT) as c:
+        for n in names:
+            c.instances.stop(n, force=True)
+        assert any(n.name.startswith("coi-") for n in c.networks.list())
+    for member in cluster.names:
+        links = subprocess.run(["ip", "-n", cluster.member(member).ns, "-br", "link"],
+                               capture_output=True, text=True).stdout  # fmt: skip
+        assert "coi-" in links  # the policy's bridge is up on every member
+    clean = _coi(env, "clean", "--all", "--force")
+    assert clean.returncode == 0, clean.stderr
+    assert cluster.locations(PROJECT) == {}
+    with cluster.members[0].admin(PROJECT) as c:
+        assert [n.name for n in c.networks.list() if n.name.startswith("coi-")] == []
+        assert [a.name for a in c.networks.acls() if a.name.startswith("coi-")] == []
+    for member in cluster.names:
+        assert cluster.on_member(member, PROJECT) == []
+        links = subprocess.run(["ip", "-n", cluster.member(member).ns, "-br", "link"],
+                               capture_output=True, text=True).stdout  # fmt: skip
+        assert "coi-" not in links, (member, links)
+    remotekit.check_route(cluster.members[0])
