@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from coi.config.loader import load_config
-from coi.config.units import parse_duration
 from coi.errors import UsageError
 from coi.limits.spec import check_server, limits_from_config
+from coi.units import parse_duration
 
 
 def limits(tmp_path: Path, cli: dict[str, Any] | None = None, toml: str = "") -> Any:

@@ -13,6 +13,7 @@ import click
 from coi.cli.app import CoiCommand
 from coi.cli.completion import complete_containers
 from coi.cli.render import echo_json
+from coi.units import binary_text
 
 LOGS_EXAMPLES = """\
   coi logs                      # this workspace's newest session
@@ -156,14 +157,6 @@ def audit_cmd(name: str | None, follow: bool, fmt: str, level: str, workspace: s
     _emit((r for r in tail(path, gone=gone) if wanted(r)), fmt, _audit_line)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}GiB"
-
-
 def _table(rows: list[Any]) -> str:
     head = f"{'NAME':<24}{'STATUS':<9}{'CPU%':>7}{'CPU s':>9}{'MEMORY':>11}{'DISK':>11}"
     head += f"{'NET RX':>11}{'NET TX':>11}{'PROCS':>7}"
@@ -172,8 +165,11 @@ def _table(rows: list[Any]) -> str:
         pct = "-" if u.cpu_percent is None else f"{u.cpu_percent:.1f}"
         lines.append(
             f"{u.name[:23]:<24}{u.status[:8]:<9}{pct:>7}{u.cpu_seconds:>9.1f}"
-            f"{_size(u.memory_bytes):>11}{_size(u.disk_bytes):>11}"
-            f"{_size(u.net_rx_bytes):>11}{_size(u.net_tx_bytes):>11}{u.processes:>7}"
+            + "".join(
+                f"{binary_text(n, ''):>11}"
+                for n in (u.memory_bytes, u.disk_bytes, u.net_rx_bytes, u.net_tx_bytes)
+            )
+            + f"{u.processes:>7}"
         )
     if not rows:
         lines.append("(no coi sandboxes)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coi.config.schema import Setting
-from coi.config.units import parse_duration
+from coi.units import parse_bytes, parse_duration
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,10 @@ class _Q:
 
 
 _NONE = _Q(math.inf)
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-_IUNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def _bytes(text: str) -> float:
-    m = re.fullmatch(r"(\d+)([KMGT]?)(i?)B", text)
-    if not m:
-        raise ValueError(text)
-    unit = _IUNITS[m.group(2)] if m.group(3) else _UNITS[m.group(2)]
-    return float(int(m.group(1)) * unit)
+    return float(parse_bytes(text))
 
 
 def _host_memory() -> float:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coi.config.paths import coi_home
-from coi.config.units import parse_duration
 from coi.credentials.providers import PROVIDERS, Provider
 from coi.credentials.sources import Credential, find_credential, sources_described
 from coi.errors import ConfigError
+from coi.units import parse_duration
 
 if TYPE_CHECKING:
     from coi.backend import IncusClient

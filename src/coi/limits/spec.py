@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 
 from coi.config.loader import Config
-from coi.config.units import parse_duration
 from coi.errors import UsageError
+from coi.units import parse_duration
 
 # config key -> the flag that sets it (errors name whichever the user wrote).
 FLAG_KEYS: dict[str, str] = {

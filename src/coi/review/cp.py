@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from coi.errors import CoiError
+from coi.units import binary_text
 
 Progress = Callable[[int, int], None]  # (bytes written so far, bytes in all)
 POLL = 0.25  # seconds between two looks at cp's counters
@@ -80,10 +81,6 @@ def copy_tree(src: str, dst: str, *, what: str, progress: Progress | None = None
         )
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
 def terminal_progress(label: str) -> Progress | None:
     """A progress line on standard error, or None when it is not a terminal."""
     if not sys.stderr.isatty():
@@ -93,7 +90,7 @@ def terminal_progress(label: str) -> Progress | None:
         if done < 0:
             sys.stderr.write("\r\033[K")
         else:
-            sys.stderr.write(f"\r\033[K{label}: {_gib(done)} of {_gib(total)}")
+            sys.stderr.write(f"\r\033[K{label}: {binary_text(done)} of {binary_text(total)}")
         sys.stderr.flush()
 
     return show

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 from coi.config.loader import Config
 from coi.errors import ConfigError
 from coi.protection.paths import ALWAYS, configured_paths
-
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-_IUNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+from coi.units import parse_bytes
 
 
 def parse_size(text: str) -> int:
@@ -20,14 +16,13 @@ def parse_size(text: str) -> int:
     text = text.strip()
     if text in ("", "0"):
         return 0
-    m = re.fullmatch(r"(\d+)([KMGT]?)(i?)B", text)
-    if not m:
+    try:
+        return parse_bytes(text)
+    except ValueError:
         raise ConfigError(
             f"review.max_file_size: '{text}' is not a size",
             resolution="Write it as 100MiB, 2GiB, 500KB or 1048576B ('' or 0: no cap).",
-        )
-    unit = _IUNITS[m.group(2)] if m.group(3) and m.group(2) else _UNITS[m.group(2)]
-    return int(m.group(1)) * unit
+        ) from None
 
 
 def max_file(cfg: Config) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coi.errors import CoiError
+from coi.units import size_text as size_text  # sessions.remote imports it from here
 
 _CHUNK = 1 << 20
 # Bits a file or folder never gets from the archive: setuid, setgid, sticky, and the group's
@@ -35,15 +36,6 @@ class Unpacked:
     def skipped_text(self) -> str:
         """'2 FIFOs, sockets or devices, 1 hard link to outside the archive' (or '')."""
         return ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
-
-
-def size_text(n: int) -> str:
-    """1234567 -> '1.2 MB', 100000 -> '100 KB'."""
-    if n >= 10**9:
-        return f"{n / 1e9:.1f} GB"
-    if n >= 10**6:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e3:.0f} KB"
 
 
 class TooBig(CoiError):
