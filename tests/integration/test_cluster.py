@@ -127,6 +127,28 @@ def test_target_places_a_run_and_a_shell_on_the_member(
     assert _coi(env, "kill", "--force", name).returncode == 0
 
 
+def test_a_persistent_sandbox_stays_on_its_member_and_says_so(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """A stopped persistent sandbox is reused where it is; a --target naming another member
+    is said not to apply (not silently ignored)."""
+    first = _coi(env, "shell", "--background", "--persistent", "--slot", "1", "--target", "m2",
+                 "--network", "open", "-w", str(ws))  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    (name,) = [str(c["name"]) for c in _listed(env) if c["kind"] == "shell"]
+    assert cluster.locations(PROJECT)[name] == "m2"
+    down = _coi(env, "container", "stop", name)
+    assert down.returncode == 0, down.stderr
+    assert cluster.locations(PROJECT)[name] == "m2"  # persistent: stopped and kept
+    again = _coi(env, "shell", "--background", "--persistent", "--slot", "1", "--target", "m3",
+                 "--network", "open", "-w", str(ws))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert f"the persistent sandbox {name} is on member m2, not m3" in again.stderr, again.stderr
+    assert cluster.locations(PROJECT) == {name: "m2"}
+    assert _coi(env, "kill", "--force", name).returncode == 0
+    assert cluster.locations(PROJECT) == {}
+
+
 def test_a_wrong_target_is_refused_before_anything_is_made(
     cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
 ) -> None:

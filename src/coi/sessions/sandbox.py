@@ -605,6 +605,12 @@ class Sandbox:
                 if inst.config.get("boot.autostart") != "false":
                     self.client.instances.set_config(self.name, NO_AUTOSTART)
                 self._fit_workspace(inst)
+                if self.spec.target and inst.location != self.spec.target:
+                    # Kept where it is (moving it is `incus move`'s job): said, not hidden.
+                    self.log(
+                        f"Note: the persistent sandbox {self.name} is on member "
+                        f"{inst.location}, not {self.spec.target} (--target places a new one)"
+                    )
                 self._refresh_limits(inst.expanded_devices, running=inst.running)
                 self._refresh_forwards(inst)
                 if self.spec.alias and inst.config.get(labels.ALIAS) != self.spec.alias:
