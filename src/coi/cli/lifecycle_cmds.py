@@ -510,9 +510,21 @@ def resume_cmd(name: str | None) -> None:
     is_flag=True,
     help="Also delete review copies, pending or applied (never without this flag).",
 )
+@click.option(
+    "--workspace-caches",
+    is_flag=True,
+    help="Also delete your workspaces' caches on a remote server (the next session there "
+    "uploads the whole workspace).",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
 def clean_cmd(
-    all_: bool, force: bool, sessions: bool, orphans: bool, reviews: bool, dry_run: bool
+    all_: bool,
+    force: bool,
+    sessions: bool,
+    orphans: bool,
+    reviews: bool,
+    workspace_caches: bool,
+    dry_run: bool,
 ) -> None:
     """Remove stopped sandboxes, orphaned resources and (with --sessions) saved sessions."""
     from coi.config.paths import coi_home
@@ -559,6 +571,7 @@ def clean_cmd(
         if plan.count() and ask("\nClean up orphaned resources?"):
             cleaned += cleanup.execute(client, plan, log)
         cleaned += _clean_reviews(client, cfg.get_str("incus.pool"), reviews, ask)
+        cleaned += _clean_caches(client, cfg.get_str("incus.pool"), workspace_caches, ask)
     if dry_run:
         click.echo("\n[Dry run] No changes made.")
     elif cleaned:
@@ -594,6 +607,46 @@ def _clean_reviews(
     if not ask("\nDelete these reviews (and coi's copies on the pool)?"):
         return 0
     return clean.execute(client, pool, plan, click.echo)
+
+
+def _clean_caches(
+    client: IncusClient, pool: str, wanted: bool, ask: Callable[[str], bool]
+) -> int:
+    """A remote's workspace caches go only with --workspace-caches; else say how many stay."""
+    if client.endpoint.is_local:
+        return 0
+    from coi.errors import BackendError
+    from coi.sessions import wscache
+
+    try:
+        caches = wscache.list_caches(client, pool)
+    except BackendError as err:
+        click.echo(f"\nWarning: could not list the workspace caches: {err.message}")
+        return 0
+    if not wanted:
+        if caches:
+            click.echo(
+                f"\nKept {len(caches)} workspace cache(s) on the server: "
+                "'coi clean --workspace-caches' deletes them."
+            )
+        return 0
+    click.echo("\nChecking for workspace caches on the server...")
+    for c in caches:
+        busy = f" (in use by {len(c.used_by)} sandbox(es): kept)" if c.used_by else ""
+        click.echo(f"  - {c.name} ({c.workspace}){busy}")
+    if not caches:
+        click.echo("  (no workspace caches found)")
+        return 0
+    if not ask("\nDelete these workspace caches?"):
+        return 0
+    try:
+        removed = wscache.remove_caches(client, pool, caches)
+    except BackendError as err:
+        click.echo(f"  Warning: could not delete a workspace cache: {err.message}")
+        return 0
+    for name in removed:
+        click.echo(f"Deleted workspace cache {name}")
+    return len(removed)
 
 
 def _report_containers(plan: CleanPlan) -> None:

@@ -6,15 +6,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coi.backend.exec import ExecRequest
+from coi.config.paths import coi_home
 from coi.errors import CoiError, SessionError
 from coi.review.cp import Meter
+from coi.sessions import wscache
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -103,65 +104,58 @@ def _excluded(spec: SandboxSpec) -> tuple[set[str], tuple[str, ...]]:
     return files, tuple(dirs)
 
 
+def _scan(spec: SandboxSpec) -> dict[str, wscache.Sig]:
+    files, dirs = _excluded(spec)
+    root = spec.source or spec.workspace
+    return wscache.scan(root, masked_files=frozenset(files), masked_dirs=dirs)
+
+
 def pack(spec: SandboxSpec, out: Path) -> tuple[int, int]:
     """The workspace (in review mode, the review's work/) as a tar file owned by the agent;
     (entries, bytes of file data). Symbolic links are stored as links, never followed; masked
-    paths are left out."""
+    paths (and other hard links to masked files), sockets, FIFOs and devices are left out."""
     root = spec.source or spec.workspace
-    files, dirs = _excluded(spec)
-    uid = spec.code_uid
-    count = size = 0
-    kept: set[str] = set()
-    # The masked files' inodes: another hard link to one holds the same secret.
-    secret: set[tuple[int, int]] = set()
-    for rel in files:
-        try:
-            st = os.lstat(root / rel)
-        except OSError:
-            continue
-        if st.st_nlink > 1:
-            secret.add((st.st_dev, st.st_ino))
-    for d in dirs:
-        for sub, _dirs, names in os.walk(root / d.rstrip("/")):
-            for n in names:
-                st = os.lstat(os.path.join(sub, n))
-                if st.st_nlink > 1:
-                    secret.add((st.st_dev, st.st_ino))
-
-    def owned(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        nonlocal count, size
-        rel = ti.name[2:] if ti.name.startswith("./") else ti.name
-        if rel in files or any((rel + "/").startswith(d) for d in dirs):
-            return None
-        if ti.islnk() and ti.linkname not in kept:
-            # A second name of a file left out (masked): the same content, so left out too.
-            return None
-        if not (ti.isfile() or ti.isdir() or ti.issym() or ti.islnk()):
-            return None  # sockets, FIFOs, devices: nothing to copy
-        if secret and (ti.isfile() or ti.islnk()):
-            st = os.lstat(root / rel)
-            if (st.st_dev, st.st_ino) in secret:
-                return None
-        kept.add(ti.name)
-        ti.uid = ti.gid = uid
-        ti.uname = ti.gname = ""
-        count += 1
-        size += ti.size if ti.isfile() else 0
-        return ti
-
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
-        for entry in sorted(os.listdir(root)):
-            tar.add(root / entry, arcname=f"./{entry}", recursive=True, filter=owned)
-    return count, size
+    written, size = wscache.write_tar(root, list(_scan(spec)), out, spec.code_uid)
+    return len(written), size
 
 
-def push_workspace(client: IncusClient, name: str, spec: SandboxSpec, log: Log) -> None:
-    """Copy the workspace into the sandbox at its target, owned by the agent.
+@dataclasses.dataclass(frozen=True)
+class Pushed:
+    """What one upload of the workspace did (the summary line says it)."""
+
+    entries: int  # entries the sandbox got
+    size: int  # bytes of file data in the workspace as sent
+    sent: int  # bytes sent over the network (archive and list of deletions)
+    changed: int = -1  # files and links sent; -1: the whole workspace was
+    removed: int = 0  # entries removed from the cache
+    why: str = ""  # why the whole workspace was sent (empty: only what changed)
+
+    def summary(self, took: float) -> str:
+        if self.changed >= 0:
+            how = f"only what changed: {self.changed} files, {self.removed} removed"
+        else:
+            how = "the whole workspace" + (f": {self.why}" if self.why else "")
+        return (
+            f"Copied the workspace to the remote sandbox: {self.entries} entries, "
+            f"{self.size / 1e6:.1f} MB of files ({self.sent / 1e6:.1f} MB sent, {how}) in "
+            f"{took:.1f} s"
+        )
+
+
+# Unpacks the whole workspace into its folder (after a failed try with the cache: emptied).
+_WHOLE = (
+    '{ [ -z "$E" ] || rm -rf "$T"; } && mkdir -p "$T" && chown "$U:$U" "$T" && cd "$T" '
+    '&& tar -x -f "$A"; rc=$?; rm -f "$A"; exit $rc'
+)
+
+
+def push_whole(
+    client: IncusClient, name: str, spec: SandboxSpec, *, empty_first: bool = False
+) -> Pushed:
+    """The whole workspace as one tar, unpacked in the sandbox (no cache).
 
     :raises SessionError: the copy could not be unpacked there.
     """
-    started = time.monotonic()
-    target = spec.workspace_target
     with tempfile.TemporaryDirectory(prefix="coi-push-") as tmp:
         archive = Path(tmp) / "workspace.tar"
         count, size = pack(spec, archive)
@@ -172,28 +166,159 @@ def push_workspace(client: IncusClient, name: str, spec: SandboxSpec, log: Log) 
         meter = Meter("Uploading the workspace", sent)
         client.files.push_file(name, archive, ARCHIVE, uid=0, gid=0, mode=0o600, progress=meter)
         meter.done()
-    script = (
-        'mkdir -p "$T" && chown "$U:$U" "$T" && cd "$T" && tar -x -f "$A"; rc=$?; '
-        'rm -f "$A"; exit $rc'
-    )
-    req = ExecRequest(
-        ["sh", "-c", script], env={"T": target, "U": str(spec.code_uid), "A": ARCHIVE}
-    )
-    res = client.exec.recorded(name, req)
+    env = {"T": spec.workspace_target, "U": str(spec.code_uid), "A": ARCHIVE}
+    env["E"] = "1" if empty_first else ""
+    res = client.exec.recorded(name, ExecRequest(["sh", "-c", _WHOLE], env=env))
     if res.exit_code != 0:
         raise SessionError(
             "could not copy the workspace into the remote sandbox",
             details=res.stderr.decode(errors="replace").strip() or None,
             resolution="The image needs sh and tar.",
         )
+    return Pushed(count, size, sent)
+
+
+def push_workspace(client: IncusClient, name: str, spec: SandboxSpec, log: Log) -> Pushed:
+    """Copy the workspace into the sandbox at its target, owned by the agent: through the
+    workspace's cache on the server where it can (only what changed since the last session
+    is sent), else whole.
+
+    :raises SessionError: the copy could not be made there.
+    """
+    started = time.monotonic()
+    done: Pushed | None = None
+    tried = False
+    if not client.endpoint.is_local and wscache.supported(client):
+        tried = True
+        try:
+            done = _push_cached(client, name, spec)
+        except _NoCache as err:
+            log(f"Remote: the workspace's cache on the server was not used ({err}): the whole "
+                "workspace is sent")  # fmt: skip
+    if done is None:
+        done = push_whole(client, name, spec, empty_first=tried)
     if spec.review:
         # Where `coi review fetch` and `coi shutdown` find the agent's work again.
-        client.instances.set_config(name, {TARGET: target})
-    took = time.monotonic() - started
-    log(
-        f"Copied the workspace to the remote sandbox: {count} entries, {size / 1e6:.1f} MB "
-        f"of files ({sent / 1e6:.1f} MB sent) in {took:.1f} s"
-    )
+        client.instances.set_config(name, {TARGET: spec.workspace_target})
+    log(done.summary(time.monotonic() - started))
+    return done
+
+
+class _NoCache(Exception):
+    """The cache could not be used this time (said; the whole workspace goes instead)."""
+
+
+# Applies a delta to the cache (attached at $C) and copies the cache to the workspace's
+# folder. Mode $M: "delta" (the cache must hold generation $G0) or "whole" (emptied first).
+# The generation is removed while the cache changes and written ($G1) only once all is done:
+# a cache left halfway is never taken for a complete one.
+_CACHED = """
+W="$C/ws"
+if [ "$M" = delta ] && [ "$(cat "$C/gen" 2>/dev/null)" != "$G0" ]; then
+  rm -f "$A" "$D"; exit 42
+fi
+rm -f "$C/gen"
+if [ "$M" != delta ]; then rm -rf "$W"; fi
+mkdir -p "$W" && cd "$W" && { [ ! -s "$D" ] || xargs -0 rm -rf -- < "$D"; } \
+  && tar -x -f "$A" && cd / && rm -rf "$T" && mkdir -p "$T" && cp -a "$W/." "$T/" \
+  && chown "$U:$U" "$T"
+rc=$?
+rm -f "$A" "$D"
+if [ $rc -eq 0 ]; then printf '%s' "$G1" > "$C/gen" && chmod 600 "$C/gen"; fi
+exit $rc
+"""
+# Where the list of paths to delete from the cache waits in the sandbox (root's, 0600).
+DELETIONS = "/root/.coi-workspace.del"
+STALE = 42
+
+
+def _push_cached(client: IncusClient, name: str, spec: SandboxSpec) -> Pushed:
+    """The workspace through its cache on the server (see coi.sessions.wscache).
+
+    :raises _NoCache: the cache could not be used; nothing of it reached the workspace's
+        folder that the whole upload would not replace.
+    :raises SessionError: the cache could not be detached (the agent must not start).
+    """
+    from coi.errors import BackendError
+    from coi.locks import held
+
+    root = spec.source or spec.workspace
+    workspace = str(spec.workspace)
+    url, project = client.endpoint.url or "", client.project
+    vol = wscache.volume_name(workspace)
+    mpath = wscache.manifest_path(url, project, workspace)
+    entries = _scan(spec)
+    with held(coi_home() / "locks" / f"{vol}.lock"):
+        try:
+            made = wscache.ensure_volume(client, spec.pool, vol, workspace)
+        except BackendError as err:
+            raise _NoCache(f"the server did not make its volume: {err.message}") from err
+        m = wscache.load_manifest(mpath)
+        old: dict[str, wscache.Sig] | None = None
+        why = ""
+        if made:
+            why = "no cache of it on the server yet"
+        elif m is None or m.volume != vol:
+            why = "this machine has no record of its cache on the server"
+        else:
+            old = m.entries
+        generation = wscache.new_generation()
+        try:
+            with wscache.attached(client, name, spec.pool, vol):
+                if old is not None and m is not None:
+                    got = client.exec.recorded(
+                        name,
+                        ExecRequest(["cat", f"{wscache.MOUNT}/gen"]),
+                        read_output=lambda _code: True,
+                    )
+                    if got.exit_code != 0 or got.stdout.decode(errors="replace") != m.generation:
+                        why = "its cache on the server is not the one this machine recorded"
+                        old = None
+                strict = old is not None and m is not None and m.root == str(root)
+                strict = strict and spec.source is None
+                d = wscache.delta(old, entries, strict=strict)
+                with tempfile.TemporaryDirectory(prefix="coi-push-") as tmp:
+                    archive = Path(tmp) / "workspace.tar"
+                    written, _ = wscache.write_tar(root, d.send, archive, spec.code_uid)
+                    listing = b"".join(os.fsencode(p) + b"\0" for p in d.delete)
+                    sent = archive.stat().st_size + len(listing)
+                    meter = Meter("Uploading the workspace", sent)
+                    client.files.push_file(
+                        name, archive, ARCHIVE, uid=0, gid=0, mode=0o600, progress=meter
+                    )
+                    meter.done()
+                client.files.push_bytes(name, DELETIONS, listing, uid=0, gid=0, mode=0o600)
+                env = {
+                    "C": wscache.MOUNT,
+                    "T": spec.workspace_target,
+                    "U": str(spec.code_uid),
+                    "A": ARCHIVE,
+                    "D": DELETIONS,
+                    "M": "delta" if old is not None else "whole",
+                    "G0": m.generation if (old is not None and m is not None) else "",
+                    "G1": generation,
+                }
+                res = client.exec.recorded(name, ExecRequest(["sh", "-c", _CACHED], env=env))
+        except wscache.NotDetached:
+            raise
+        except BackendError as err:
+            raise _NoCache(err.message) from err
+        if res.exit_code == STALE:
+            raise _NoCache("its cache on the server changed meanwhile")
+        if res.exit_code != 0:
+            err_text = res.stderr.decode(errors="replace").strip()[-500:]
+            raise _NoCache(f"unpacking failed: {err_text or res.exit_code}")
+        # What the cache holds now: the scan, less what vanished before it could be sent.
+        skipped = set(d.send) - set(written)
+        kept = {rel: sig for rel, sig in entries.items() if rel not in skipped}
+        wscache.save_manifest(
+            mpath,
+            wscache.Manifest(url, project, workspace, vol, generation, str(root), kept),
+        )
+    size = sum(s[2] for rel, s in kept.items() if s[0] == "file")
+    if old is None:
+        return Pushed(len(kept), size, sent, why=why)
+    return Pushed(len(kept), size, sent, changed=d.changed, removed=d.removed)
 
 
 # -- review mode: the agent's work coming back ---------------------------------------------
