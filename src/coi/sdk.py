@@ -154,6 +154,7 @@ class Client:
         ports: Sequence[str] = (),
         name: str | None = None,
         log: Callable[[str], None] | None = None,
+        target: str | None = None,
     ) -> Sandbox:
         """Make a sandbox on `workspace` (mounted at /workspace) and start it.
 
@@ -164,7 +165,8 @@ class Client:
         stopped and kept when closed, and reused by the next one on its slot. `ports`:
         published as `--port` publishes them ("HOST:CONTAINER", on 127.0.0.1 unless the
         config says otherwise; `Sandbox.ports` says what was published); `name`: an alias
-        (`--name`), unique on the daemon.
+        (`--name`), unique on the daemon. `target`: on an Incus cluster, the member to
+        make it on (`--target`; by default the cluster's scheduler chooses).
 
         :raises UsageError, ConfigError: bad arguments (nothing is made).
         :raises SessionError: the image is missing, or the sandbox could not be made.
@@ -182,6 +184,7 @@ class Client:
             kind="run",
             ports=tuple(ports),
             alias=name,
+            target=target,
         )
         if not Path(options.workspace or ".").is_dir():
             raise UsageError(

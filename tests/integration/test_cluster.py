@@ -8,6 +8,8 @@ import getpass
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,6 +127,37 @@ def test_target_places_a_run_and_a_shell_on_the_member(
     assert cluster.locations(PROJECT)[name] == "m1"
     assert name in cluster.on_member("m1", PROJECT)
     assert _coi(env, "kill", "--force", name).returncode == 0
+
+
+def test_container_launch_and_the_sdk_take_a_target(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """Placement wherever coi makes a container: `coi container launch --target` and the
+    SDK's `sandbox(target=...)` (its run proven by where its connection came from)."""
+    launched = _coi(env, "container", "launch", "coi-tiny", "box-t", "--target", "m3")
+    assert launched.returncode == 0, launched.stderr
+    assert cluster.locations(PROJECT)["box-t"] == "m3"
+    assert _coi(env, "container", "delete", "box-t", "--force").returncode == 0
+    wrong = _coi(env, "container", "launch", "coi-tiny", "box-u", "--target", "m0")
+    assert wrong.returncode == 2 and "no member of that name" in wrong.stderr, wrong.stderr
+    before = len(cluster.lan_peers())
+    script = (
+        "import sys, coi\n"
+        "with coi.connect() as c, c.sandbox(sys.argv[1], target='m2', network='open') as sb:\n"
+        f"    print(sb.run({PROBE!r}).stdout, end='')\n"
+    )
+    sdk = subprocess.run(
+        [sys.executable, "-c", script, str(ws)], env={**env, "COI_REMOTE": "c"},
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert sdk.returncode == 0, sdk.stderr
+    assert sdk.stdout.strip() == "reached"
+    assert cluster.lan_peers()[before:] == [cluster.member("m2").daemon_addr]
+    # Closed: stopped at once, the (ephemeral) container's removal follows by itself.
+    end = time.monotonic() + 60
+    while cluster.locations(PROJECT):
+        assert time.monotonic() < end, cluster.locations(PROJECT)
+        time.sleep(0.3)
 
 
 def test_a_persistent_sandbox_stays_on_its_member_and_says_so(

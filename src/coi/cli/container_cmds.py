@@ -43,7 +43,13 @@ def container_cmd(ctx: click.Context) -> None:
 @click.argument("image", shell_complete=complete_images)
 @click.argument("name")
 @click.option("--ephemeral", is_flag=True, help="Delete the container when it stops.")
-def launch_cmd(image: str, name: str, ephemeral: bool) -> None:
+@click.option(
+    "--target",
+    default=None,
+    metavar="MEMBER",
+    help="On an Incus cluster: the member to make it on (default: the scheduler chooses).",
+)
+def launch_cmd(image: str, name: str, ephemeral: bool, target: str | None) -> None:
     """Create and start a container from an image (Docker-ready settings)."""
     from coi.sessions import containers
 
@@ -56,6 +62,7 @@ def launch_cmd(image: str, name: str, ephemeral: bool) -> None:
             pool=cfg.get_str("incus.pool"),
             network=cfg.get_str("incus.network"),
             ephemeral=ephemeral,
+            target=target or "",
         )
     click.echo(f"Container {name} launched from {image}", err=True)
 

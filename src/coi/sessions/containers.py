@@ -11,6 +11,7 @@ from coi.backend.exec import ExecRequest
 from coi.backend.models import ExecResult, Instance
 from coi.errors import Conflict, NotFound, UsageError
 from coi.sessions.inventory import is_coi_name
+from coi.sessions.placement import check_target
 from coi.sessions.sandbox import docker_ready_config, mknod_works, parse_env
 
 Sink = Callable[[bytes], None]
@@ -19,9 +20,18 @@ Mode = Literal["tty", "capture", "stream"]
 
 
 def launch(
-    client: IncusClient, image: str, name: str, *, pool: str, network: str, ephemeral: bool
+    client: IncusClient,
+    image: str,
+    name: str,
+    *,
+    pool: str,
+    network: str,
+    ephemeral: bool,
+    target: str = "",
 ) -> None:
-    """Create and start a container from an image, with the settings Docker inside needs."""
+    """Create and start a container from an image, with the settings Docker inside needs;
+    on a cluster, on member `target` ('': where its scheduler places it)."""
+    check_target(client, target)
     found = client.networks.pool(pool)
     client.instances.create(
         name,
@@ -35,6 +45,7 @@ def launch(
         },
         ephemeral=ephemeral,
         start=True,
+        target=target,
     )
 
 
