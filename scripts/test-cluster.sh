@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The cluster tests alone: a three-member Incus cluster made on this machine by
 # tests/clusterkit.py (three incusd in namespaces of their own, reachable only over HTTPS),
-# coi against it. They are part of the whole suite too (scripts/test.sh, CI: about 50 s);
+# coi against it. They are part of the whole suite too (scripts/test.sh, CI: about a minute);
 # this runs just them, e.g. after a change to placement or to the network code.
 #   scripts/test-cluster.sh [PYTEST ARGS...]
 # Needs root (namespaces, veths) and the main Incus daemon running (its image is reused).

@@ -5,8 +5,10 @@ blocks the test's LAN host on every member, and `coi clean` leaves nothing on an
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -215,6 +217,28 @@ def test_restricted_mode_blocks_the_lan_host_on_every_member(
         assert opened.returncode == 0, opened.stderr
         assert opened.stdout.strip() == "reached"
         assert cluster.lan_peers()[before:] == [cluster.member(member).daemon_addr]
+
+
+def test_allowlist_mode_on_a_member_lets_through_only_what_it_lists(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path, tmp_path: Path
+) -> None:
+    """Allowlist mode on a cluster: the members' API port (listed) is reached from a sandbox
+    on m3, the LAN host (not listed, private) is not."""
+    conf = tmp_path / "xdg"
+    shutil.copytree(Path(env["XDG_CONFIG_HOME"]), conf)
+    net = ipaddress.ip_interface(f"{cluster.host_addr}/29").network
+    (conf / "coi" / "config.toml").write_text(
+        f'[network]\nmode = "allowlist"\nallowed_domains = ["{net}:8443"]\n'
+    )
+    m1 = cluster.member("m1").daemon_addr
+    script = f"nc -w 2 {m1} 8443 </dev/null >/dev/null 2>&1 && echo api || echo api-shut; {PROBE}"
+    before = len(cluster.lan_peers())
+    res = run_coi("--remote", "c", "run", "--target", "m3", "-w", str(ws), "--", "sh", "-c",
+                  script, env={**env, "XDG_CONFIG_HOME": str(conf)}, timeout=240)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "Network mode: allowlist" in res.stderr
+    assert res.stdout.split() == ["api", "shut"]
+    assert cluster.lan_peers()[before:] == []
 
 
 def test_clean_leaves_nothing_on_any_member(
