@@ -212,6 +212,26 @@ def test_a_missing_or_unknown_cache_means_a_whole_upload(
     assert _summary(res.stderr)[3] == "only what changed: 0 files, 0 removed"
 
 
+def test_a_file_masked_later_leaves_the_cache(
+    remote: remotekit.RemoteDaemon,  # noqa: F811
+    env: dict[str, str],
+    ws: Path,
+) -> None:
+    """Sent while not masked, then mask_secrets turned on: the next session removes it from
+    the cache and the sandbox, and the cache's disk no longer holds it."""
+    (ws / ".env").write_text("API_KEY=sent-before-masking\n")
+    first = _run(env, ws, LISTING)
+    assert "./.env file" in first.stdout
+    conf = Path(env["XDG_CONFIG_HOME"]) / "coi" / "config.toml"
+    conf.write_text("[security]\nmask_secrets = true\n")
+    second = _run(env, ws, LISTING)
+    assert _summary(second.stderr)[3] == "only what changed: 0 files, 1 removed"
+    assert second.stdout.splitlines() == _listing(ws, left_out=("fifo", ".env"))
+    cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws))}"
+    found = subprocess.run(["grep", "-r", "API_KEY", str(cache)], capture_output=True)
+    assert found.returncode == 1, found.stdout
+
+
 def test_masked_files_stay_out_of_the_cache_too(
     remote: remotekit.RemoteDaemon,  # noqa: F811
     env: dict[str, str],
