@@ -78,6 +78,14 @@ def _coi(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.Co
     return run_coi("--remote", "c", *args, env=env, timeout=timeout)
 
 
+def _volumes_on(cluster: clusterkit.Cluster, member: str) -> list[str]:
+    """coi's custom volumes in a member's own pool folder (a dir pool: custom/PROJECT_NAME;
+    the user's project keeps its volumes in the default project's)."""
+    custom = cluster.member(member).root / "pool" / "custom"
+    found = custom.iterdir() if custom.exists() else ()
+    return [v.name for v in found if v.name.partition("_")[2].startswith("coi-")]
+
+
 def _listed(env: dict[str, str]) -> list[dict[str, object]]:
     out = _coi(env, "list", "--format", "json")
     assert out.returncode == 0, out.stderr
@@ -244,8 +252,9 @@ def test_allowlist_mode_on_a_member_lets_through_only_what_it_lists(
 def test_clean_leaves_nothing_on_any_member(
     cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
 ) -> None:
-    """Stopped sandboxes on every member (their agent powered them off) and the restricted
-    policy's bridge: `coi clean --all` removes them all, on each member."""
+    """Stopped sandboxes on every member (their agent powered them off), the restricted
+    policy's bridge and the workspace's cache volume: `coi clean --all --workspace-caches`
+    removes them all, on each member."""
     for member in cluster.names:
         bg = _coi(env, "shell", "--background", "--target", member, "-w", str(ws))
         assert bg.returncode == 0, bg.stderr
@@ -255,18 +264,22 @@ def test_clean_leaves_nothing_on_any_member(
         for n in names:
             c.instances.stop(n, force=True)
         assert any(n.name.startswith("coi-") for n in c.networks.list())
+        assert c.networks.volumes("coi")  # the workspace's cache on the server
+    assert any(_volumes_on(cluster, m) for m in cluster.names)  # ... on a member's disk
     for member in cluster.names:
         links = subprocess.run(["ip", "-n", cluster.member(member).ns, "-br", "link"],
                                capture_output=True, text=True).stdout  # fmt: skip
         assert "coi-" in links  # the policy's bridge is up on every member
-    clean = _coi(env, "clean", "--all", "--force")
+    clean = _coi(env, "clean", "--all", "--force", "--workspace-caches")
     assert clean.returncode == 0, clean.stderr
     assert cluster.locations(PROJECT) == {}
     with cluster.members[0].admin(PROJECT) as c:
         assert [n.name for n in c.networks.list() if n.name.startswith("coi-")] == []
         assert [a.name for a in c.networks.acls() if a.name.startswith("coi-")] == []
+        assert c.networks.volumes("coi") == []
     for member in cluster.names:
         assert cluster.on_member(member, PROJECT) == []
+        assert _volumes_on(cluster, member) == []
         links = subprocess.run(["ip", "-n", cluster.member(member).ns, "-br", "link"],
                                capture_output=True, text=True).stdout  # fmt: skip
         assert "coi-" not in links, (member, links)
