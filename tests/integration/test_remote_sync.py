@@ -27,14 +27,16 @@ SUMMARY = re.compile(
     r"\(([\d.]+) MB sent, (.*)\) in [\d.]+ s"
 )
 
-# Inside the sandbox: every entry of the workspace with its kind, owner, mode and content
+# Inside the sandbox: every entry of the workspace with its kind, owner, mode (a file's mtime)
+# and content
 # (a link's target), one line each, sorted (busybox's find, stat and sha256sum). A link's
 # owner is left out: busybox's tar does not set it (root's), GNU tar's does (the agent's).
 LISTING = r"""
 cd /workspace && find . -mindepth 1 | sort | while IFS= read -r p; do
   if [ -L "$p" ]; then echo "$p link $(readlink "$p")";
   elif [ -d "$p" ]; then echo "$p dir $(stat -c '%u %a' "$p")";
-  elif [ -f "$p" ]; then echo "$p file $(stat -c '%u %a' "$p") $(sha256sum < "$p" | cut -c1-64)";
+  elif [ -f "$p" ]; then
+    echo "$p file $(stat -c '%u %a %Y' "$p") $(sha256sum < "$p" | cut -c1-64)";
   else echo "$p other"; fi
 done
 """
@@ -57,8 +59,22 @@ def _listing(root: Path, *, left_out: tuple[str, ...] = ()) -> list[str]:
                 out.append(f"{rel} dir 1000 {mode}")
             elif p.is_file():
                 digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                out.append(f"{rel} file 1000 {mode} {digest}")
+                out.append(f"{rel} file 1000 {mode} {int(st.st_mtime)} {digest}")
     return sorted(out)
+
+
+MTIME = re.compile(r"^(\S+ file \d+ \d+) (\d+) ")
+
+
+def _check(stdout: str, expected: list[str]) -> None:
+    """The sandbox's listing is the expected one; a file's mtime within a second (busybox's
+    tar sets whole seconds, with the whole upload as before)."""
+    got = stdout.splitlines()
+    assert [MTIME.sub(r"\1 ", x) for x in got] == [MTIME.sub(r"\1 ", x) for x in expected]
+    for g, e in zip(got, expected, strict=True):
+        mg, me = MTIME.match(g), MTIME.match(e)
+        if mg and me:
+            assert abs(int(mg[2]) - int(me[2])) <= 1, (g, e)
 
 
 @pytest.fixture
@@ -122,14 +138,14 @@ def test_the_second_session_sends_only_what_changed(
     assert how == "the whole workspace: no cache of it on the server yet"
     assert sent >= 3.0 and size >= 3.0
     # The FIFO is left out, as it always was; the link is a link.
-    assert first.stdout.splitlines() == _listing(ws, left_out=("fifo",))
+    _check(first.stdout, _listing(ws, left_out=("fifo",)))
     assert entries == len(first.stdout.splitlines())
     # The cache is on the server, says whose it is, and is attached to no sandbox.
     vol = _volumes(remote)[wscache.volume_name(str(ws))]
     assert vol["used_by"] == []
     assert str(ws) in str(vol["description"])
 
-    # Nothing changed: nothing but the folders' headers is sent.
+    # Nothing changed: nothing is sent (the archive is its end marker, the list empty).
     again = _run(env, ws, LISTING)
     assert again.stdout == first.stdout
     assert _summary(again.stderr)[2:] == (0.0, "only what changed: 0 files, 0 removed")
@@ -143,12 +159,13 @@ def test_the_second_session_sends_only_what_changed(
     (ws / "link").unlink()
     os.symlink("run.sh", ws / "link")
     os.chmod(ws / "notes.txt", 0o600)
+    os.chmod(ws / "d0", 0o750)
     third = _run(env, ws, LISTING)
     entries, size, sent, how = _summary(third.stderr)
     assert how == "only what changed: 4 files, 1 removed"
     # One 100 kB file and small ones: about 0.1 MB, where the whole is 3 MB.
     assert sent <= 0.2, third.stderr
-    assert third.stdout.splitlines() == _listing(ws, left_out=("fifo",))
+    _check(third.stdout, _listing(ws, left_out=("fifo",)))
     assert "./d0/blob0.bin" not in third.stdout
     assert _volumes(remote)[wscache.volume_name(str(ws))]["used_by"] == []
 
@@ -172,7 +189,7 @@ def test_what_the_agent_writes_never_reaches_the_cache(
     assert "No such file or directory" in first.stdout
     second = _run(env, ws, LISTING)
     assert _summary(second.stderr)[3] == "only what changed: 0 files, 0 removed"
-    assert second.stdout.splitlines() == _listing(ws, left_out=("fifo",))
+    _check(second.stdout, _listing(ws, left_out=("fifo",)))
     assert "planted" not in second.stdout and ".git" not in second.stdout
 
 
@@ -190,7 +207,7 @@ def test_a_missing_or_unknown_cache_means_a_whole_upload(
     assert _summary(res.stderr)[3] == (
         "the whole workspace: its cache on the server is not the one this machine recorded"
     )
-    assert res.stdout.splitlines() == _listing(ws, left_out=("fifo",))
+    _check(res.stdout, _listing(ws, left_out=("fifo",)))
     # The manifest on this machine is gone: whole.
     manifests = list((Path(env["COI_HOME"]) / "remote-workspaces").glob("*.json"))
     assert len(manifests) == 1
@@ -206,7 +223,7 @@ def test_a_missing_or_unknown_cache_means_a_whole_upload(
     (ws / "notes.txt").write_text("after the cache went\n")
     res = _run(env, ws, LISTING)
     assert _summary(res.stderr)[3] == "the whole workspace: no cache of it on the server yet"
-    assert res.stdout.splitlines() == _listing(ws, left_out=("fifo",))
+    _check(res.stdout, _listing(ws, left_out=("fifo",)))
     # And the one after sends only what changed again.
     res = _run(env, ws, "true")
     assert _summary(res.stderr)[3] == "only what changed: 0 files, 0 removed"
@@ -226,7 +243,7 @@ def test_a_file_masked_later_leaves_the_cache(
     conf.write_text("[security]\nmask_secrets = true\n")
     second = _run(env, ws, LISTING)
     assert _summary(second.stderr)[3] == "only what changed: 0 files, 1 removed"
-    assert second.stdout.splitlines() == _listing(ws, left_out=("fifo", ".env"))
+    _check(second.stdout, _listing(ws, left_out=("fifo", ".env")))
     cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws))}"
     found = subprocess.run(["grep", "-r", "API_KEY", str(cache)], capture_output=True)
     assert found.returncode == 1, found.stdout
@@ -243,11 +260,11 @@ def test_masked_files_stay_out_of_the_cache_too(
     conf.write_text("[security]\nmask_secrets = true\n")
     first = _run(env, ws, LISTING)
     left_out = ("fifo", ".env", "env-hardlink")
-    assert first.stdout.splitlines() == _listing(ws, left_out=left_out)
+    _check(first.stdout, _listing(ws, left_out=left_out))
     (ws / ".env").write_text("API_KEY=changed\n")
     second = _run(env, ws, LISTING)
     assert _summary(second.stderr)[3] == "only what changed: 0 files, 0 removed"
-    assert second.stdout.splitlines() == _listing(ws, left_out=left_out)
+    _check(second.stdout, _listing(ws, left_out=left_out))
     # Nothing of the secret is in the cache on the server's disk.
     cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws))}"
     found = subprocess.run(["grep", "-r", "API_KEY", str(cache)], capture_output=True)
@@ -296,7 +313,7 @@ def test_a_cache_that_cannot_be_attached_means_the_whole_workspace_said(
         res = _run(env, ws, LISTING)
         assert "the workspace's cache on the server was not used" in res.stderr
         assert _summary(res.stderr)[3] == "the whole workspace"
-        assert res.stdout.splitlines() == _listing(ws, left_out=("fifo",))
+        _check(res.stdout, _listing(ws, left_out=("fifo",)))
         assert not list((Path(env["COI_HOME"]) / "remote-workspaces").glob("*.json"))
     finally:
         with remote.admin() as c:

@@ -56,10 +56,17 @@ def test_no_cache_sends_everything() -> None:
     assert (d.send, d.delete, d.changed, d.removed) == (["d", "d/f", "l"], [], 2, 0)
 
 
-def test_nothing_changed_sends_only_the_folders() -> None:
+def test_nothing_changed_sends_nothing() -> None:
     new = {"d": _sig("dir"), "d/f": _sig(), "l": _sig("link", target="d")}
     d = delta(dict(new), new, strict=True)
-    assert (d.send, d.delete, d.changed, d.removed) == (["d"], [], 0, 0)
+    assert (d.send, d.delete, d.changed, d.removed) == ([], [], 0, 0)
+
+
+def test_a_folder_goes_when_new_or_changed() -> None:
+    """Its header sets its mode and mtime (which moves when entries come or go)."""
+    old = {"same": _sig("dir"), "moved": _sig("dir")}
+    new = {"same": _sig("dir"), "moved": _sig("dir", mtime=2, ctime=2), "new": _sig("dir")}
+    assert delta(old, new, strict=True).send == ["moved", "new"]
 
 
 def test_changed_added_and_deleted_entries() -> None:
@@ -73,7 +80,7 @@ def test_changed_added_and_deleted_entries() -> None:
         "l": _sig("link", target="a"),
     }
     new = {
-        "d": _sig("dir"),
+        "d": _sig("dir", mtime=2, ctime=2),  # an entry came and one went
         "d/f": _sig(size=2),  # changed
         "d/new": _sig(),  # added
         "was-file": _sig("dir"),  # a file became a folder

@@ -151,9 +151,9 @@ def scan(
 
 @dataclasses.dataclass(frozen=True)
 class Delta:
-    """What a session sends: `send` (in tar order: every folder, and the files and links
-    that are new or changed) and `delete` (paths to remove from the cache first, deepest
-    first: gone, changed kind, or re-sent files and links)."""
+    """What a session sends: `send` (in tar order: the folders, files and links that are new
+    or changed) and `delete` (paths to remove from the cache first, deepest first: gone,
+    changed kind, or re-sent files and links)."""
 
     send: list[str]
     delete: list[str]
@@ -181,7 +181,10 @@ def delta(old: Mapping[str, Sig] | None, new: Mapping[str, Sig], *, strict: bool
     for rel, sig in new.items():
         before = old.get(rel)
         if sig[0] == "dir":
-            send.append(rel)
+            # A folder's header (1.5 kB with its mtime) only when it is new or changed: its
+            # mtime moves when entries come or go, and the header sets it back as it is here.
+            if before is None or not same(before, sig, strict=strict):
+                send.append(rel)
             if before is not None and before[0] != "dir":
                 delete.add(rel)  # a file or link became a folder
             continue
