@@ -142,16 +142,15 @@ class Pushed:
         )
 
 
-# Unpacks the whole workspace into its folder (after a failed try with the cache: emptied).
+# Unpacks the whole workspace into its folder. After a failed try with the cache, that folder
+# may hold part of the cache's copy: files of the workspace as it is now (the deletions were
+# applied to the cache before it was copied), which the archive's overwrite.
 _WHOLE = (
-    '{ [ -z "$E" ] || rm -rf "$T"; } && mkdir -p "$T" && chown "$U:$U" "$T" && cd "$T" '
-    '&& tar -x -f "$A"; rc=$?; rm -f "$A"; exit $rc'
+    'mkdir -p "$T" && chown "$U:$U" "$T" && cd "$T" && tar -x -f "$A"; rc=$?; rm -f "$A"; exit $rc'
 )
 
 
-def push_whole(
-    client: IncusClient, name: str, spec: SandboxSpec, *, empty_first: bool = False
-) -> Pushed:
+def push_whole(client: IncusClient, name: str, spec: SandboxSpec) -> Pushed:
     """The whole workspace as one tar, unpacked in the sandbox (no cache).
 
     :raises SessionError: the copy could not be unpacked there.
@@ -167,7 +166,6 @@ def push_whole(
         client.files.push_file(name, archive, ARCHIVE, uid=0, gid=0, mode=0o600, progress=meter)
         meter.done()
     env = {"T": spec.workspace_target, "U": str(spec.code_uid), "A": ARCHIVE}
-    env["E"] = "1" if empty_first else ""
     res = client.exec.recorded(name, ExecRequest(["sh", "-c", _WHOLE], env=env))
     if res.exit_code != 0:
         raise SessionError(
@@ -187,16 +185,14 @@ def push_workspace(client: IncusClient, name: str, spec: SandboxSpec, log: Log) 
     """
     started = time.monotonic()
     done: Pushed | None = None
-    tried = False
     if not client.endpoint.is_local and wscache.supported(client):
-        tried = True
         try:
             done = _push_cached(client, name, spec)
         except _NoCache as err:
             log(f"Remote: the workspace's cache on the server was not used ({err}): the whole "
                 "workspace is sent")  # fmt: skip
     if done is None:
-        done = push_whole(client, name, spec, empty_first=tried)
+        done = push_whole(client, name, spec)
     if spec.review:
         # Where `coi review fetch` and `coi shutdown` find the agent's work again.
         client.instances.set_config(name, {TARGET: spec.workspace_target})
@@ -220,7 +216,7 @@ fi
 rm -f "$C/gen"
 if [ "$M" != delta ]; then rm -rf "$W"; fi
 mkdir -p "$W" && cd "$W" && { [ ! -s "$D" ] || xargs -0 rm -rf -- < "$D"; } \
-  && tar -x -f "$A" && cd / && rm -rf "$T" && mkdir -p "$T" && cp -a "$W/." "$T/" \
+  && tar -x -f "$A" && mkdir -p "$T" && cp -a "$W/." "$T/" \
   && chown "$U:$U" "$T"
 rc=$?
 rm -f "$A" "$D"
