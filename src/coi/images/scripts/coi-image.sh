@@ -110,6 +110,17 @@ systemctl mask systemd-udevd.service systemd-udevd-control.socket systemd-udevd-
     systemd-update-utmp.service systemd-update-utmp-runlevel.service \
     systemd-remount-fs.service systemd-modules-load.service systemd-sysusers.service \
     systemd-journal-flush.service
+# The journal lives in /run, that is in the sandbox's memory, and journald makes its file
+# 8 MiB at once: a fifth of an idle sandbox. Files of 1 MiB, 4 MiB in all (older entries make
+# way), keep what a session needs to debug a service. Measured: an idle sandbox 44 -> 37 MiB.
+mkdir -p /etc/systemd/journald.conf.d
+cat > /etc/systemd/journald.conf.d/coi.conf <<'CONF'
+[Journal]
+Storage=volatile
+RuntimeMaxUse=4M
+RuntimeMaxFileSize=1M
+CONF
+
 # Generators run one after another before systemd starts any unit, each a program read
 # cold from a fresh container's disk: the ones for disks, encryption, hibernation and boot
 # loaders have nothing to find in a container. Measured: sockets.target 0.21 s -> 0.1 s.
