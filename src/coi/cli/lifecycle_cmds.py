@@ -614,6 +614,11 @@ def _clean_caches(
 ) -> int:
     """A remote's workspace caches go only with --workspace-caches; else say how many stay."""
     if client.endpoint.is_local:
+        if wanted:
+            click.echo(
+                "\nWorkspace caches are kept on remote servers only: "
+                "'coi clean --workspace-caches --remote NAME'."
+            )
         return 0
     from coi.errors import BackendError
     from coi.sessions import wscache
