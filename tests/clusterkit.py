@@ -33,6 +33,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -305,10 +306,50 @@ def stop(cl: Cluster) -> None:
     # The joiners first: a cluster's last members wait for the others' heartbeats otherwise.
     for m in reversed(cl.members):
         remotekit.shutdown(m)
+    # What a member started and did not end as it stopped (seen: the last member's dnsmasq,
+    # left running in its namespace): every process still in the kit's namespaces, or
+    # naming its folder, is the kit's own.
+    _end(_pids_in(cl))
     subprocess.run(["ip", "link", "del", cl.veth], capture_output=True)
-    for ns in [m.ns for m in cl.members] + [cl.lan_ns, cl.hub]:
+    for ns in _namespaces(cl):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     shutil.rmtree(cl.root, ignore_errors=True)
+
+
+def _namespaces(cl: Cluster) -> list[str]:
+    return [m.ns for m in cl.members] + [cl.lan_ns, cl.hub]
+
+
+def _pids_in(cl: Cluster) -> set[int]:
+    """Processes in the kit's network namespaces, or with its folder in their command line."""
+    pids: set[int] = set()
+    listed = _run("ip", "netns", "list")
+    for ns in _namespaces(cl):
+        if ns in listed:
+            out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            pids.update(int(p) for p in out.stdout.split() if p.isdigit())
+    mark = str(cl.root).encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if mark in (proc / "cmdline").read_bytes():
+                    pids.add(int(proc.name))
+    pids.discard(os.getpid())
+    return pids
+
+
+def _end(pids: set[int]) -> None:
+    """SIGTERM, then SIGKILL what is left after 5 s (bounded)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        end = time.monotonic() + 5
+        while pids and time.monotonic() < end:
+            pids = {p for p in pids if Path(f"/proc/{p}").exists()}
+            time.sleep(0.1)
+        if not pids:
+            return
 
 
 def leftovers(cl: Cluster) -> list[str]:
@@ -317,11 +358,12 @@ def leftovers(cl: Cluster) -> list[str]:
     if cl.root.exists():
         out.append(str(cl.root))
     netns = _run("ip", "netns", "list")
-    out += [ns for ns in [m.ns for m in cl.members] + [cl.lan_ns, cl.hub] if ns in netns]
+    out += [ns for ns in _namespaces(cl) if ns in netns]
     if cl.veth in _run("ip", "-br", "link"):
         out.append(cl.veth)
     out += [str(p.pid) for p in cl.procs if p.poll() is None]
     out += [str(m.proc.pid) for m in cl.members if m.proc is not None and m.proc.poll() is None]
+    out += [f"pid {p}" for p in sorted(_pids_in(cl))]
     return out
 
 
