@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,33 @@ def test_a_cache_that_cannot_be_attached_means_the_whole_workspace_said(
     finally:
         with remote.admin() as c:
             c.networks.delete_volume("coi", name)
+
+
+def test_two_sessions_at_once_take_turns_with_the_cache(
+    remote: remotekit.RemoteDaemon,  # noqa: F811
+    env: dict[str, str],
+    ws: Path,
+) -> None:
+    """Two sessions of one workspace start together: each sandbox gets exactly the user's
+    files, and the cache is whole after (the next session sends nothing)."""
+    _run(env, ws, "true")
+    (ws / "notes.txt").write_text("changed before two sessions\n")
+    cmd = [sys.executable, "-m", "coi", "--remote", "r1", "run", "--network", "open", "-w",
+           str(ws), "--", "sh", "-c", LISTING]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    expected = _listing(ws, left_out=("fifo",))
+    hows = []
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        _check(out, expected)
+        hows.append(_summary(err)[3])
+    # One sent the change, the other found it in the cache already.
+    assert sorted(hows) == [
+        "only what changed: 0 files, 0 removed",
+        "only what changed: 1 files, 0 removed",
+    ]
+    assert _summary(_run(env, ws, "true").stderr)[3] == "only what changed: 0 files, 0 removed"
