@@ -5,6 +5,7 @@ cache or the next session; a missing or unknown cache means a whole upload, said
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ from tests.integration.test_remote import (
 )
 
 from coi.sessions import wscache
+
+PROJECT = f"coi-{getpass.getuser()}"
 
 SUMMARY = re.compile(
     r"Copied the workspace to the remote sandbox: (\d+) entries, ([\d.]+) MB of files "
@@ -142,7 +145,7 @@ def test_the_second_session_sends_only_what_changed(
     _check(first.stdout, _listing(ws, left_out=("fifo",)))
     assert entries == len(first.stdout.splitlines())
     # The cache is on the server, says whose it is, and is attached to no sandbox.
-    vol = _volumes(remote)[wscache.volume_name(str(ws))]
+    vol = _volumes(remote)[wscache.volume_name(str(ws), PROJECT)]
     assert vol["used_by"] == []
     assert str(ws) in str(vol["description"])
 
@@ -168,7 +171,7 @@ def test_the_second_session_sends_only_what_changed(
     assert sent <= 0.2, third.stderr
     _check(third.stdout, _listing(ws, left_out=("fifo",)))
     assert "./d0/blob0.bin" not in third.stdout
-    assert _volumes(remote)[wscache.volume_name(str(ws))]["used_by"] == []
+    assert _volumes(remote)[wscache.volume_name(str(ws), PROJECT)]["used_by"] == []
 
 
 def test_what_the_agent_writes_never_reaches_the_cache(
@@ -200,7 +203,7 @@ def test_a_missing_or_unknown_cache_means_a_whole_upload(
     ws: Path,
 ) -> None:
     _run(env, ws, "true")
-    name = wscache.volume_name(str(ws))
+    name = wscache.volume_name(str(ws), PROJECT)
     # Its generation changed behind this machine's back: whole, and said.
     gen = remote.root / "pool" / "custom" / f"default_{name}" / "gen"
     gen.write_text("someone else's")
@@ -245,7 +248,7 @@ def test_a_file_masked_later_leaves_the_cache(
     second = _run(env, ws, LISTING)
     assert _summary(second.stderr)[3] == "only what changed: 0 files, 1 removed"
     _check(second.stdout, _listing(ws, left_out=("fifo", ".env")))
-    cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws))}"
+    cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws), PROJECT)}"
     found = subprocess.run(["grep", "-r", "API_KEY", str(cache)], capture_output=True)
     assert found.returncode == 1, found.stdout
 
@@ -267,7 +270,7 @@ def test_masked_files_stay_out_of_the_cache_too(
     assert _summary(second.stderr)[3] == "only what changed: 0 files, 0 removed"
     _check(second.stdout, _listing(ws, left_out=left_out))
     # Nothing of the secret is in the cache on the server's disk.
-    cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws))}"
+    cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws), PROJECT)}"
     found = subprocess.run(["grep", "-r", "API_KEY", str(cache)], capture_output=True)
     assert found.returncode == 1, found.stdout
 
@@ -278,7 +281,7 @@ def test_clean_removes_the_caches_only_when_asked(
     ws: Path,
 ) -> None:
     _run(env, ws, "true")
-    name = wscache.volume_name(str(ws))
+    name = wscache.volume_name(str(ws), PROJECT)
     assert name in _volumes(remote)
     kept = run_coi("--remote", "r1", "clean", "--force", env=env, timeout=120)
     assert kept.returncode == 0, kept.stderr
@@ -302,7 +305,7 @@ def test_a_cache_that_cannot_be_attached_means_the_whole_workspace_said(
 ) -> None:
     """Under the cache's name, a volume a container cannot attach (a block volume): the
     session says the cache was not used and the sandbox still gets exactly the user's files."""
-    name = wscache.volume_name(str(ws))
+    name = wscache.volume_name(str(ws), PROJECT)
     with remote.admin() as c:
         c.request(
             "POST",

@@ -170,9 +170,11 @@ def test_the_manifest_round_trips_with_mode_0600(
     assert wscache.load_manifest(tmp_path / "missing.json") is None
 
 
-def test_volume_names_are_per_workspace_user_and_machine() -> None:
-    a, b = wscache.volume_name("/ws/a"), wscache.volume_name("/ws/b")
-    assert a != b and a.startswith(wscache.PREFIX) and a == wscache.volume_name("/ws/a")
+def test_volume_names_are_per_workspace_project_user_and_machine() -> None:
+    a, b = wscache.volume_name("/ws/a", "p"), wscache.volume_name("/ws/b", "p")
+    assert a != b and a.startswith(wscache.PREFIX) and a == wscache.volume_name("/ws/a", "p")
+    # Projects without volumes of their own share the default project's: one cache each.
+    assert a != wscache.volume_name("/ws/a", "q")
     # An Incus volume name: letters, digits and dashes, not too long.
     assert len(a) <= 63 and a.replace("-", "").isalnum()
 

@@ -241,7 +241,7 @@ def _push_cached(client: IncusClient, name: str, spec: SandboxSpec) -> Pushed:
     root = spec.source or spec.workspace
     workspace = str(spec.workspace)
     url, project = client.endpoint.url or "", client.project
-    vol = wscache.volume_name(workspace)
+    vol = wscache.volume_name(workspace, project)
     mpath = wscache.manifest_path(url, project, workspace)
     entries = _scan(spec)
     with held(coi_home() / "locks" / f"{vol}.lock"):

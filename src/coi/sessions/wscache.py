@@ -277,8 +277,10 @@ def owner() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def volume_name(workspace: str) -> str:
-    key = hashlib.sha256(f"{owner()}\n{workspace}".encode()).hexdigest()[:20]
+def volume_name(workspace: str, project: str) -> str:
+    """The cache's volume: per machine, user, workspace and project (projects without
+    volumes of their own all keep theirs in the default project)."""
+    key = hashlib.sha256(f"{owner()}\n{project}\n{workspace}".encode()).hexdigest()[:20]
     return PREFIX + key
 
 
