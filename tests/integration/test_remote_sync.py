@@ -283,6 +283,16 @@ def test_clean_removes_the_caches_only_when_asked(
     _run(env, ws, "true")
     name = wscache.volume_name(str(ws), PROJECT)
     assert name in _volumes(remote)
+    # The same user's cache for another project, kept in the default project as well.
+    other = wscache.volume_name(str(ws), "coi-other")
+    config = {
+        wscache.OWNER_KEY: wscache.owner(),
+        wscache.WORKSPACE_KEY: str(ws),
+        wscache.PROJECT_KEY: "coi-other",
+    }
+    with remote.admin() as c:
+        c.request("POST", "/1.0/storage-pools/coi/volumes/custom",
+                  json={"name": other, "type": "custom", "config": config})  # fmt: skip
     kept = run_coi("--remote", "r1", "clean", "--force", env=env, timeout=120)
     assert kept.returncode == 0, kept.stderr
     assert re.search(r"Kept \d+ workspace cache\(s\) on the server", kept.stdout), kept.stdout
@@ -292,6 +302,9 @@ def test_clean_removes_the_caches_only_when_asked(
     assert gone.returncode == 0, gone.stderr
     assert f"Deleted workspace cache {name}" in gone.stdout
     assert name not in _volumes(remote)
+    assert other in _volumes(remote)  # another project's: not this clean's
+    with remote.admin() as c:
+        c.networks.delete_volume("coi", other)
     assert list((Path(env["COI_HOME"]) / "remote-workspaces").glob("*.json")) == []
     res = _run(env, ws, "true")
     assert _summary(res.stderr)[3] == "the whole workspace: no cache of it on the server yet"

@@ -52,6 +52,7 @@ DEVICE = "coi-wscache"
 # The volume's config key naming whose cache it is (`coi clean --workspace-caches`).
 OWNER_KEY = "user.coi.wscache.owner"
 WORKSPACE_KEY = "user.coi.wscache.workspace"
+PROJECT_KEY = "user.coi.wscache.project"
 # What the cache needs of the server: custom volumes in projects, attached as disks.
 EXTENSIONS = ("storage", "storage_api_project")
 MANIFEST_VERSION = 1
@@ -361,7 +362,7 @@ def ensure_volume(client: IncusClient, pool: str, name: str, workspace: str) -> 
         "content_type": "filesystem",
         "description": f"coi: cache of the workspace {owner()}:{workspace} for remote sessions "
         "(coi clean --workspace-caches)",
-        "config": {OWNER_KEY: owner(), WORKSPACE_KEY: workspace},
+        "config": {OWNER_KEY: owner(), WORKSPACE_KEY: workspace, PROJECT_KEY: client.project},
     }
     try:
         client.request("POST", f"/1.0/storage-pools/{_q(pool)}/volumes/custom", json=body)
@@ -412,8 +413,8 @@ class CacheInfo:
 
 
 def list_caches(client: IncusClient, pool: str) -> list[CacheInfo]:
-    """This user's (and this machine's) cache volumes on `pool`, in the client's project (or
-    the default project, where the project has no volumes of its own)."""
+    """This user's (and this machine's) cache volumes on `pool` for the client's project (kept
+    in it, or in the default project where the project has no volumes of its own)."""
     from coi.errors import NotFound
 
     try:
@@ -425,7 +426,9 @@ def list_caches(client: IncusClient, pool: str) -> list[CacheInfo]:
     for v in vols:
         name = str(v.get("name") or "")
         config = v.get("config") or {}
-        if name.startswith(PREFIX) and config.get(OWNER_KEY) == me:
+        # The default project may hold the caches of several projects: this one's only.
+        mine = config.get(OWNER_KEY) == me and config.get(PROJECT_KEY) == client.project
+        if name.startswith(PREFIX) and mine:
             out.append(
                 CacheInfo(name, str(config.get(WORKSPACE_KEY) or ""), list(v.get("used_by") or []))
             )
