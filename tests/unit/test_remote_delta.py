@@ -175,6 +175,14 @@ def test_volume_names_are_per_workspace_project_user_and_machine() -> None:
     assert a != b and a.startswith(wscache.PREFIX) and a == wscache.volume_name("/ws/a", "p")
     # Projects without volumes of their own share the default project's: one cache each.
     assert a != wscache.volume_name("/ws/a", "q")
+    # A cluster member's own cache (and manifest), apart from the others'.
+    assert wscache.volume_name("/ws/a", "p", "m1") not in (
+        a,
+        wscache.volume_name("/ws/a", "p", "m2"),
+    )
+    assert wscache.manifest_path("u", "p", "/ws/a", "m1") != wscache.manifest_path(
+        "u", "p", "/ws/a"
+    )
     # An Incus volume name: letters, digits and dashes, not too long.
     assert len(a) <= 63 and a.replace("-", "").isalnum()
 

@@ -241,12 +241,18 @@ def _push_cached(client: IncusClient, name: str, spec: SandboxSpec) -> Pushed:
     root = spec.source or spec.workspace
     workspace = str(spec.workspace)
     url, project = client.endpoint.url or "", client.project
-    vol = wscache.volume_name(workspace, project)
-    mpath = wscache.manifest_path(url, project, workspace)
+    # On a cluster, a cache on the sandbox's member (a pool on each member's own disk: a
+    # sandbox attaches its member's volumes only).
+    try:
+        member = client.instances.get(name).location if client.server.clustered else ""
+    except BackendError as err:
+        raise _NoCache(err.message) from err
+    vol = wscache.volume_name(workspace, project, member)
+    mpath = wscache.manifest_path(url, project, workspace, member)
     entries = _scan(spec)
     with held(coi_home() / "locks" / f"{vol}.lock"):
         try:
-            made = wscache.ensure_volume(client, spec.pool, vol, workspace)
+            made = wscache.ensure_volume(client, spec.pool, vol, workspace, member)
         except BackendError as err:
             raise _NoCache(f"the server did not make its volume: {err.message}") from err
         m = wscache.load_manifest(mpath)

@@ -278,19 +278,21 @@ def owner() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}"
 
 
-def volume_name(workspace: str, project: str) -> str:
+def volume_name(workspace: str, project: str, member: str = "") -> str:
     """The cache's volume: per machine, user, workspace and project (projects without
-    volumes of their own all keep theirs in the default project)."""
-    key = hashlib.sha256(f"{owner()}\n{project}\n{workspace}".encode()).hexdigest()[:20]
-    return PREFIX + key
+    volumes of their own all keep theirs in the default project), and on a cluster per member
+    (a pool of the member's own disk: a sandbox attaches volumes of its member only)."""
+    text = f"{owner()}\n{project}\n{workspace}" + (f"\n{member}" if member else "")
+    return PREFIX + hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def manifests_dir(env: Mapping[str, str] | None = None) -> Path:
     return coi_home(env) / "remote-workspaces"
 
 
-def manifest_path(url: str, project: str, workspace: str) -> Path:
-    key = hashlib.sha256(f"{url}\n{project}\n{workspace}".encode()).hexdigest()[:24]
+def manifest_path(url: str, project: str, workspace: str, member: str = "") -> Path:
+    text = f"{url}\n{project}\n{workspace}" + (f"\n{member}" if member else "")
+    key = hashlib.sha256(text.encode()).hexdigest()[:24]
     return manifests_dir() / f"{key}.json"
 
 
@@ -348,14 +350,22 @@ def supported(client: IncusClient) -> bool:
     return all(client.has_extension(e) for e in EXTENSIONS)
 
 
-def ensure_volume(client: IncusClient, pool: str, name: str, workspace: str) -> bool:
-    """Make the cache volume when missing; True when it was made (it is empty).
+def ensure_volume(
+    client: IncusClient, pool: str, name: str, workspace: str, member: str = ""
+) -> bool:
+    """Make the cache volume when missing (on a cluster, on `member`); True when it was made
+    (it is empty).
 
     :raises BackendError: the server would not make it."""
-    from coi.errors import Conflict
+    from coi.errors import Conflict, NotFound
 
-    if client.networks.volume_exists(pool, name):
+    path = f"/1.0/storage-pools/{_q(pool)}/volumes/custom"
+    where = {"target": member} if member else None
+    try:
+        client.request("GET", f"{path}/{_q(name)}", params=where)
         return False
+    except NotFound:
+        pass
     body = {
         "name": name,
         "type": "custom",
@@ -365,7 +375,7 @@ def ensure_volume(client: IncusClient, pool: str, name: str, workspace: str) -> 
         "config": {OWNER_KEY: owner(), WORKSPACE_KEY: workspace, PROJECT_KEY: client.project},
     }
     try:
-        client.request("POST", f"/1.0/storage-pools/{_q(pool)}/volumes/custom", json=body)
+        client.request("POST", path, params=where, json=body)
     except Conflict:
         return False  # made meanwhile by another session: its generation decides
     return True
@@ -410,6 +420,7 @@ class CacheInfo:
     name: str
     workspace: str
     used_by: list[str]
+    member: str = ""  # the cluster member whose disk holds it ('' off a cluster)
 
 
 def list_caches(client: IncusClient, pool: str) -> list[CacheInfo]:
@@ -429,8 +440,14 @@ def list_caches(client: IncusClient, pool: str) -> list[CacheInfo]:
         # The default project may hold the caches of several projects: this one's only.
         mine = config.get(OWNER_KEY) == me and config.get(PROJECT_KEY) == client.project
         if name.startswith(PREFIX) and mine:
+            where = str(v.get("location") or "")
             out.append(
-                CacheInfo(name, str(config.get(WORKSPACE_KEY) or ""), list(v.get("used_by") or []))
+                CacheInfo(
+                    name,
+                    str(config.get(WORKSPACE_KEY) or ""),
+                    list(v.get("used_by") or []),
+                    "" if where == "none" else where,
+                )
             )
     return sorted(out, key=lambda c: c.name)
 
@@ -445,7 +462,11 @@ def remove_caches(client: IncusClient, pool: str, caches: list[CacheInfo]) -> li
     for c in caches:
         if c.used_by:
             continue
-        client.networks.delete_volume(pool, c.name)
+        client.request(
+            "DELETE",
+            f"/1.0/storage-pools/{_q(pool)}/volumes/custom/{_q(c.name)}",
+            params={"target": c.member} if c.member else None,
+        )
         removed.append(c.name)
     gone = set(removed)
     folder = manifests_dir()
