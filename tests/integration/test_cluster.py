@@ -19,6 +19,8 @@ import pytest
 from tests import clusterkit, remotekit
 from tests.conftest import run_coi
 
+from coi.errors import Conflict
+
 pytestmark = pytest.mark.cluster
 
 PROJECT = f"coi-{getpass.getuser()}"
@@ -247,6 +249,34 @@ def test_allowlist_mode_on_a_member_lets_through_only_what_it_lists(
     assert "Network mode: allowlist" in res.stderr
     assert res.stdout.split() == ["api", "shut"]
     assert cluster.lan_peers()[before:] == []
+
+
+def test_a_bridge_is_made_on_every_member_and_twice_is_a_conflict(
+    cluster: clusterkit.Cluster,
+) -> None:
+    """coi's NetworksAPI.create on a cluster (what a policy's bridge goes through): pending
+    on each member, then global, up on every member; made again (another coi won the race),
+    the daemon's "not in pending state" is the Conflict coi's network code expects."""
+    with cluster.members[0].admin() as c:
+        assert c.server.clustered
+        c.networks.create(
+            "coitwice", config={"ipv4.address": "10.201.9.1/24", "ipv6.address": "none"}
+        )
+        try:
+            for member in cluster.names:
+                links = subprocess.run(["ip", "-n", cluster.member(member).ns, "-br", "link"],
+                                       capture_output=True, text=True).stdout  # fmt: skip
+                assert "coitwice" in links, member
+            with pytest.raises(Conflict):
+                c.networks.create("coitwice", config={"ipv4.address": "10.201.9.1/24"})
+        finally:
+            c.networks.delete("coitwice")
+    assert (
+        "coitwice"
+        not in subprocess.run(
+            ["ip", "-n", cluster.member("m3").ns, "-br", "link"], capture_output=True, text=True
+        ).stdout
+    )
 
 
 def test_clean_leaves_nothing_on_any_member(
