@@ -88,6 +88,19 @@ def _volumes_on(cluster: clusterkit.Cluster, member: str) -> list[str]:
     return [v.name for v in found if v.name.partition("_")[2].startswith("coi-")]
 
 
+def _memory_limit(pid: int) -> int:
+    """The memory limit of the cgroup process `pid` is in (cgroup v1's memory controller or
+    v2's unified tree, whichever this machine has)."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            limit = Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+            return int(limit.read_text())
+    path = next(line.split("::", 1)[1] for line in lines if line.startswith("0::"))
+    return int(Path(f"/sys/fs/cgroup{path}/memory.max").read_text())
+
+
 def _listed(env: dict[str, str]) -> list[dict[str, object]]:
     out = _coi(env, "list", "--format", "json")
     assert out.returncode == 0, out.stderr
@@ -133,11 +146,16 @@ def test_target_places_a_run_and_a_shell_on_the_member(
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["from", "the", "host", "reached"]
     assert cluster.lan_peers()[before:] == [cluster.member("m3").daemon_addr]
-    bg = _coi(env, "shell", "--background", "--target", "m1", "--network", "open", "-w", str(ws))
+    bg = _coi(env, "shell", "--background", "--target", "m1", "--network", "open",
+              "--limit-memory", "256MiB", "-w", str(ws))  # fmt: skip
     assert bg.returncode == 0, bg.stderr
     (name,) = [str(c["name"]) for c in _listed(env) if c["kind"] == "shell"]
     assert cluster.locations(PROJECT)[name] == "m1"
     assert name in cluster.on_member("m1", PROJECT)
+    # Its limit is in force where it runs: the kernel's, read from its init's cgroup.
+    with cluster.members[0].admin(PROJECT) as c:
+        pid = c.instances.state(name).pid
+    assert _memory_limit(pid) == 256 * 2**20
     assert _coi(env, "kill", "--force", name).returncode == 0
 
 
