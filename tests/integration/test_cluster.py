@@ -9,15 +9,16 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from tests import clusterkit, remotekit
-from tests.conftest import run_coi
+from tests.conftest import coi_argv, run_coi
 
 from coi.errors import Conflict
 
@@ -210,6 +211,92 @@ def test_a_persistent_sandbox_stays_on_its_member_and_says_so(
     assert cluster.locations(PROJECT) == {name: "m2"}
     assert _coi(env, "kill", "--force", name).returncode == 0
     assert cluster.locations(PROJECT) == {}
+
+
+def _audit(env: dict[str, str], name: str) -> list[dict[str, object]]:
+    """The audit events this machine's coi (or its detached helpers) wrote for `name`."""
+    path = Path(env["COI_HOME"]) / "audit" / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _helpers_of(name: str) -> list[str]:
+    """coi's detached helpers (keeper, watchdog) still running for sandbox `name`."""
+    out = subprocess.run(["pgrep", "-af", "coi.sessions.keeper|coi.limits.watchdog"],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return [line for line in out.splitlines() if f" {name} " in line]
+
+
+def _wait(what: str, done: Callable[[], bool], within: float = 60) -> None:
+    end = time.monotonic() + within
+    while not done():
+        assert time.monotonic() < end, f"{what}: not within {within} s"
+        time.sleep(0.3)
+
+
+def test_the_time_limit_stops_a_run_on_a_member_coi_does_not_talk_to(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """max_duration on m3 (coi talks to m2): the watchdog's stop, forwarded by m2, ends the
+    sandbox where it runs. `sleep 600` under a 240 s timeout: only the limit ends it in time."""
+    res = _coi(env, "run", "--target", "m3", "--network", "open", "--limit-duration", "5s",
+               "-w", str(ws), "--", "sleep", "600")  # fmt: skip
+    assert res.returncode == 124, res.stderr
+    assert "[limits] Container will auto-stop after 5s" in res.stderr
+    assert "[limits] Stopped: max_duration 5s reached" in res.stderr
+    (name,) = [line.split()[2] for line in res.stderr.splitlines()
+               if line.startswith("Launching container ")]  # fmt: skip
+    # The watchdog (not coi run's own clock) stopped it: its audit event says so (written
+    # once the daemon's stop returns, which may be after coi run saw its command end).
+    _wait("the watchdog's audit event", lambda: bool(_audit(env, name)))
+    assert [e["title"] for e in _audit(env, name)] == ["Time limit reached"]
+    assert cluster.locations(PROJECT) == {}
+    assert name not in cluster.on_member("m3", PROJECT)
+    _wait("the watchdog to end", lambda: not _helpers_of(name))
+
+
+def test_the_time_limit_stops_a_background_shell_on_another_member(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """coi has exited (a background shell on m1, coi talks to m2): its watchdog alone stops
+    the sandbox."""
+    bg = _coi(env, "shell", "--background", "--target", "m1", "--network", "open",
+              "--limit-duration", "5s", "-w", str(ws))  # fmt: skip
+    assert bg.returncode == 0, bg.stderr
+    (name,) = [str(c["name"]) for c in _listed(env) if c["kind"] == "shell"]
+    assert cluster.locations(PROJECT)[name] == "m1"
+    with cluster.members[0].admin(PROJECT) as c:
+        _wait("the time limit to stop it", lambda: not c.instances.get(name).running)
+    assert cluster.locations(PROJECT) == {name: "m1"}  # stopped where it ran (a shell's is kept)
+    _wait("the watchdog's audit event", lambda: bool(_audit(env, name)))
+    assert [e["title"] for e in _audit(env, name)] == ["Time limit reached"]
+    _wait("the watchdog to end", lambda: not _helpers_of(name))
+    assert _coi(env, "kill", "--force", name).returncode == 0
+    assert cluster.locations(PROJECT) == {}
+
+
+def test_a_killed_coi_run_on_another_member_is_ended_by_its_keeper(
+    cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
+) -> None:
+    """kill -9 of `coi run` whose sandbox runs on m3 (coi talks to m2): its keeper, seeing
+    coi gone, stops it through m2; the (ephemeral) sandbox is gone from m3."""
+    argv = coi_argv("--remote", "c", "run", "--target", "m3", "--network", "open", "-w",
+                    str(ws), "--", "sleep", "600")  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait("the sandbox to run on m3", lambda: "m3" in cluster.locations(PROJECT).values(),
+              within=120)  # fmt: skip
+        (name,) = cluster.locations(PROJECT)
+        with cluster.members[0].admin(PROJECT) as c:
+            _wait("its command to run", lambda: c.instances.get(name).running)
+        assert _helpers_of(name)  # its keeper is there, watching
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    _wait("the keeper to end the sandbox", lambda: not cluster.locations(PROJECT))
+    assert name not in cluster.on_member("m3", PROJECT)
+    _wait("the keeper's audit event", lambda: bool(_audit(env, name)))
+    assert [e["title"] for e in _audit(env, name)] == ["Owner gone"]
+    _wait("the keeper to end", lambda: not _helpers_of(name))
 
 
 def test_a_wrong_target_is_refused_before_anything_is_made(
