@@ -299,6 +299,43 @@ def test_a_killed_coi_run_on_another_member_is_ended_by_its_keeper(
     _wait("the keeper to end", lambda: not _helpers_of(name))
 
 
+def _members_state(cluster: clusterkit.Cluster, member: str, action: str) -> None:
+    """Evacuate or restore a member (the cluster's own maintenance: no sandbox is on it)."""
+    with cluster.members[0].admin() as c:
+        c.request("POST", f"/1.0/cluster/members/{member}/state", json={"action": action})
+
+
+def test_health_lists_the_members_and_warns_of_one_not_online(
+    cluster: clusterkit.Cluster, env: dict[str, str]
+) -> None:
+    """coi health on a cluster: a line with each member's status, as the cluster says; an
+    evacuated member is a warning (text and JSON) until it is restored."""
+    assert cluster.locations(PROJECT) == {}
+    first = _coi(env, "health", "--format", "json")
+    doc = json.loads(first.stdout)
+    assert doc["backend"]["clustered"] is True
+    assert doc["checks"]["cluster"]["status"] == "ok", doc["checks"]["cluster"]
+    assert doc["checks"]["cluster"]["message"] == "3 members online: m1, m2, m3"
+    _members_state(cluster, "m3", "evacuate")
+    try:
+        text = _coi(env, "health")
+        assert text.returncode in (1, 2), text.stdout  # degraded at least
+        line = next(x for x in text.stdout.splitlines() if "Cluster" in x)
+        assert line.startswith("  [WARN] Cluster"), text.stdout
+        assert "m3 evacuated" in line and "2 of 3 members online" in line, line
+        assert "'incus cluster restore m3' brings it back" in text.stdout
+        doc = json.loads(_coi(env, "health", "--format", "json").stdout)
+        check = doc["checks"]["cluster"]
+        assert check["status"] == "warning"
+        assert [(m["name"], m["status"]) for m in check["details"]["members"]] == [
+            ("m1", "online"), ("m2", "online"), ("m3", "evacuated"),
+        ]  # fmt: skip
+    finally:
+        _members_state(cluster, "m3", "restore")
+    doc = json.loads(_coi(env, "health", "--format", "json").stdout)
+    assert doc["checks"]["cluster"]["status"] == "ok", doc["checks"]["cluster"]
+
+
 def test_a_wrong_target_is_refused_before_anything_is_made(
     cluster: clusterkit.Cluster, env: dict[str, str], ws: Path
 ) -> None:

@@ -142,9 +142,66 @@ def run_checks(cfg: Config, connect: Callable[[], IncusClient]) -> HealthReport:
                 f"uid {os.getuid()} may use {client.endpoint.describe()}",
             )
         )
+        if info.clustered:
+            backend["clustered"] = True
+            checks.append(_cluster(client))
         checks += _daemon_checks(cfg, client, backend)
     checks += _local_checks(cfg)
     return HealthReport(checks, backend)
+
+
+def _cluster(client: IncusClient) -> Check:
+    """The members of the daemon's cluster and their status, as the cluster says."""
+    try:
+        members = client.get("/1.0/cluster/members", recursion=1) or []
+    except CoiError as err:
+        return Check(
+            "cluster", "Cluster", "CRITICAL", WARNING, f"members not listed: {err.message}"
+        )
+    return cluster_check(members)
+
+
+def cluster_check(members: list[dict[str, Any]]) -> Check:
+    """Judge the cluster's members (`GET /1.0/cluster/members?recursion=1`): each one not
+    online (offline, evacuated, blocked) is a warning, as new sandboxes cannot be placed
+    there and those on it do not run or answer."""
+    rows = [
+        {
+            "name": str(m.get("server_name") or "?"),
+            "status": str(m.get("status") or "unknown").lower(),
+            "message": str(m.get("message") or ""),
+        }
+        for m in members
+    ]
+    rows.sort(key=lambda r: r["name"])
+    down = [r for r in rows if r["status"] != "online"]
+    details: dict[str, Any] = {"members": rows}
+    if not rows:
+        return Check("cluster", "Cluster", "CRITICAL", WARNING, "no members listed", details)
+    if not down:
+        names = ", ".join(r["name"] for r in rows)
+        return Check("cluster", "Cluster", "CRITICAL", OK, f"{len(rows)} members online: {names}",
+                     details)  # fmt: skip
+    said = "; ".join(
+        f"{r['name']} {r['status']}" + (f" ({r['message']})" if r["message"] else "") for r in down
+    )
+    up = [r["name"] for r in rows if r["status"] == "online"]
+    fixes = []
+    evacuated = [r["name"] for r in down if r["status"] == "evacuated"]
+    if evacuated:
+        fixes.append(
+            ", ".join(f"'incus cluster restore {n}'" for n in evacuated)
+            + (" brings it back" if len(evacuated) == 1 else " bring them back")
+        )
+    if any(r["status"] != "evacuated" for r in down):
+        fixes.append("check that the member's daemon runs and reaches the others")
+    fix = "; ".join(fixes)
+    on = f" ({', '.join(up)})" if up else ""
+    details["resolution"] = f"{fix[0].upper()}{fix[1:]}. Until then, --target a member online{on}."
+    return Check(
+        "cluster", "Cluster", "CRITICAL", WARNING,
+        f"{said}; {len(up)} of {len(rows)} members online", details,
+    )  # fmt: skip
 
 
 def _daemon_checks(cfg: Config, client: IncusClient, backend: dict[str, Any]) -> list[Check]:
