@@ -1,6 +1,8 @@
 """coi on a three-member Incus cluster (tests/clusterkit.py), reached only over HTTPS: the
 scheduler places sandboxes, `--target` chooses a member, `coi list` shows it, restricted mode
-blocks the test's LAN host on every member, and `coi clean` leaves nothing on any member."""
+blocks the test's LAN host on every member, `coi clean` leaves nothing on any member, the
+max_duration watchdog and the keeper end sandboxes on a member coi does not talk to, and
+`coi health` lists the members and warns of one that is not online."""
 
 from __future__ import annotations
 
