@@ -374,3 +374,19 @@ def running(size: int = 3, base: Path | None = None) -> Iterator[Cluster]:
         yield cl
     finally:
         stop(cl)
+
+
+def user_env(cl: Cluster, folder: Path, *, remote: str = "c", via: str = "m2") -> dict[str, str]:
+    """A coi user of their own (remotekit.user_env) with the cluster added as remote `remote`
+    through member `via` (any member answers for the whole cluster); the routes are checked
+    before anything is sent."""
+    from tests.conftest import run_coi
+
+    check_routes(cl)
+    env = remotekit.user_env(folder)
+    member = cl.member(via)
+    res = run_coi("remote", "add", remote, member.url, "--token", member.trust_token("alice"),
+                  env=env)  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(f"coi remote add failed: {res.stderr}")
+    return env

@@ -311,3 +311,17 @@ def running(base: Path | None = None) -> Iterator[RemoteDaemon]:
         yield rd
     finally:
         stop(rd)
+
+
+def user_env(folder: Path, image: str = "coi-tiny") -> dict[str, str]:
+    """The environment of a coi user of their own, with coi's config and state under `folder`
+    (no remote of an earlier try can be in it): this process's, less every COI_ variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
+    env.update(
+        HOME=str(folder / "home"),
+        XDG_CONFIG_HOME=str(folder / "xdg"),
+        COI_HOME=str(folder / "coi-home"),
+        COI_IMAGE=image,
+    )
+    (folder / "home").mkdir(parents=True, exist_ok=True)
+    return env

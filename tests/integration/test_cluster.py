@@ -55,20 +55,7 @@ def cluster(tiny_tarball: Path, test_project: str) -> Iterator[clusterkit.Cluste
 def env(tmp_path_factory: pytest.TempPathFactory, cluster: clusterkit.Cluster) -> dict[str, str]:
     """A user of their own, with the cluster added as remote 'c' through its second member
     (any member answers for the whole cluster)."""
-    tmp = tmp_path_factory.mktemp("user")
-    e = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
-    e.update(
-        HOME=str(tmp / "home"),
-        XDG_CONFIG_HOME=str(tmp / "xdg"),
-        COI_HOME=str(tmp / "coi-home"),
-        COI_IMAGE="coi-tiny",
-    )
-    (tmp / "home").mkdir()
-    clusterkit.check_routes(cluster)
-    via = cluster.member("m2")
-    res = run_coi("remote", "add", "c", via.url, "--token", via.trust_token("alice"), env=e)
-    assert res.returncode == 0, res.stderr
-    return e
+    return clusterkit.user_env(cluster, tmp_path_factory.mktemp("user"))
 
 
 @pytest.fixture

@@ -48,15 +48,7 @@ def remote(tiny_tarball: Path, test_project: str) -> Iterator[remotekit.RemoteDa
 def env(tmp_path: Path, remote: remotekit.RemoteDaemon) -> dict[str, str]:
     """A user of their own: coi's config folder and state in the test's folder."""
     remotekit.check_route(remote)
-    e = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
-    e.update(
-        HOME=str(tmp_path / "home"),
-        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
-        COI_HOME=str(tmp_path / "coi-home"),
-        COI_IMAGE="coi-tiny",
-    )
-    (tmp_path / "home").mkdir()
-    return e
+    return remotekit.user_env(tmp_path)
 
 
 @pytest.fixture

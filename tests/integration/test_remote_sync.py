@@ -84,14 +84,7 @@ def _check(stdout: str, expected: list[str]) -> None:
 @pytest.fixture
 def env(tmp_path: Path, remote: remotekit.RemoteDaemon) -> dict[str, str]:  # noqa: F811
     remotekit.check_route(remote)
-    e = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
-    e.update(
-        HOME=str(tmp_path / "home"),
-        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
-        COI_HOME=str(tmp_path / "coi-home"),
-        COI_IMAGE="coi-tiny",
-    )
-    (tmp_path / "home").mkdir()
+    e = remotekit.user_env(tmp_path)
     _add(remote, e)
     return e
 

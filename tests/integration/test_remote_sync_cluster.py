@@ -36,19 +36,7 @@ def cluster(tiny_tarball: Path, test_project: str) -> Iterator[clusterkit.Cluste
 
 @pytest.fixture
 def env(tmp_path: Path, cluster: clusterkit.Cluster) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
-    e.update(
-        HOME=str(tmp_path / "home"),
-        XDG_CONFIG_HOME=str(tmp_path / "xdg"),
-        COI_HOME=str(tmp_path / "coi-home"),
-        COI_IMAGE="coi-tiny",
-    )
-    (tmp_path / "home").mkdir()
-    clusterkit.check_routes(cluster)
-    via = cluster.member("m2")
-    res = run_coi("remote", "add", "c", via.url, "--token", via.trust_token("alice"), env=e)
-    assert res.returncode == 0, res.stderr
-    return e
+    return clusterkit.user_env(cluster, tmp_path)
 
 
 def _how(env: dict[str, str], ws: Path, member: str) -> str:
