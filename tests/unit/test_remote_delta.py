@@ -27,7 +27,7 @@ def _tree(root: Path) -> Path:
 def test_scan_lists_what_a_sandbox_gets_in_tar_order(tmp_path: Path) -> None:
     got = scan(_tree(tmp_path))
     assert list(got) == ["a.txt", "b", "b/c.txt", "b/d", "b/d/e.bin", "to-b"]
-    assert got["to-b"][0] == "link" and got["to-b"][6] == "b"
+    assert got["to-b"][0] == "symlink" and got["to-b"][6] == "b"
     assert got["b/d/e.bin"][:1] == ("file",) and got["b/d/e.bin"][2] == 1000
     assert got["b"][0] == "dir"
 
@@ -51,13 +51,13 @@ def _sig(
 
 
 def test_no_cache_sends_everything() -> None:
-    new = {"d": _sig("dir"), "d/f": _sig(), "l": _sig("link", target="d")}
+    new = {"d": _sig("dir"), "d/f": _sig(), "l": _sig("symlink", target="d")}
     d = delta(None, new, strict=True)
     assert (d.send, d.delete, d.changed, d.removed) == (["d", "d/f", "l"], [], 2, 0)
 
 
 def test_nothing_changed_sends_nothing() -> None:
-    new = {"d": _sig("dir"), "d/f": _sig(), "l": _sig("link", target="d")}
+    new = {"d": _sig("dir"), "d/f": _sig(), "l": _sig("symlink", target="d")}
     d = delta(dict(new), new, strict=True)
     assert (d.send, d.delete, d.changed, d.removed) == ([], [], 0, 0)
 
@@ -77,7 +77,7 @@ def test_changed_added_and_deleted_entries() -> None:
         "old-dir": _sig("dir"),
         "old-dir/x": _sig(),
         "was-file": _sig(),
-        "l": _sig("link", target="a"),
+        "l": _sig("symlink", target="a"),
     }
     new = {
         "d": _sig("dir", mtime=2, ctime=2),  # an entry came and one went
@@ -85,7 +85,7 @@ def test_changed_added_and_deleted_entries() -> None:
         "d/new": _sig(),  # added
         "was-file": _sig("dir"),  # a file became a folder
         "old-dir": _sig(),  # a folder became a file
-        "l": _sig("link", target="b"),  # a link pointed elsewhere
+        "l": _sig("symlink", target="b"),  # a link pointed elsewhere
     }
     d = delta(old, new, strict=True)
     assert d.send == ["d", "d/f", "d/new", "was-file", "old-dir", "l"]

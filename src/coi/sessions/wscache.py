@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from coi.config.paths import coi_home
 from coi.errors import SessionError
 from coi.fsio import write_atomic
+from coi.review.tree import kind_of
 
 if TYPE_CHECKING:
     from coi.backend.client import IncusClient
@@ -55,22 +56,14 @@ WORKSPACE_KEY = "user.coi.wscache.workspace"
 PROJECT_KEY = "user.coi.wscache.project"
 # What the cache needs of the server: custom volumes in projects, attached as disks.
 EXTENSIONS = ("storage", "storage_api_project")
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: links are "symlink", as coi.review.tree names them
 
-# One entry of the workspace: kind ("file", "dir", "link"), mode, size, mtime_ns, ctime_ns,
+# What a sandbox gets of a workspace; sockets, FIFOs and devices are never copied.
+SENT = ("file", "dir", "symlink")
+# One entry of the workspace: kind (one of SENT), mode, size, mtime_ns, ctime_ns,
 # inode, link target. ctime moves with any change of content or metadata and nobody can set it
 # back, so a file rewritten with its old size and mtime restored is still seen as changed.
 Sig = tuple[str, int, int, int, int, int, str]
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "link"
-    return ""  # sockets, FIFOs, devices: never copied
 
 
 def _secret_inodes(
@@ -123,13 +116,13 @@ def scan(
                 st = os.lstat(folder / name)
             except OSError:
                 continue
-            kind = _kind(st.st_mode)
-            if not kind:
+            kind = kind_of(st.st_mode)
+            if kind not in SENT:
                 continue
             if kind == "file" and secret and (st.st_dev, st.st_ino) in secret:
                 continue
             target = ""
-            if kind == "link":
+            if kind == "symlink":
                 try:
                     target = os.readlink(folder / name)
                 except OSError:
