@@ -10,13 +10,14 @@ import os
 import pwd
 import re
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from tests import remotekit
-from tests.conftest import ROOT, run_coi
+from tests.conftest import ROOT, coi_argv, run_coi
 from tests.integration.conftest import USER, user_dir
 from tests.integration.test_remote import remote  # noqa: F401  (the second daemon)
 from tests.reviewkit import fingerprint
@@ -252,3 +253,82 @@ def test_a_fetch_over_the_cap_keeps_the_sandbox_and_the_review_as_it_was(
     killed = run_coi("--remote", "r1", "kill", name, env=uenv, user=USER, timeout=120)
     assert killed.returncode == 0, killed.stderr
     _wait_none(remote)
+
+
+def _status(remote: remotekit.RemoteDaemon, name: str) -> str:  # noqa: F811
+    with remote.admin(PROJECT) as c:
+        return c.instances.get(name).status
+
+
+def test_a_shell_sandbox_that_stopped_by_itself_is_started_to_fetch_its_work(
+    remote: remotekit.RemoteDaemon,  # noqa: F811
+    uenv: dict[str, str],
+    ws: Path,
+) -> None:
+    """The sandbox of a background shell stops without coi (as max_duration's watchdog or
+    the agent's poweroff stops it: here the daemon's admin): `coi review fetch` starts it,
+    fetches the work and leaves it stopped; `coi shutdown` fetches again and removes it."""
+    before = fingerprint(ws)
+    bg = run_coi("--remote", "r1", "shell", "--background", "--debug", "--review", "--network",
+                 "open", "-w", str(ws), env=uenv, user=USER, timeout=240)  # fmt: skip
+    assert bg.returncode == 0, bg.stderr
+    rid = _review_id(bg.stderr)
+    (name,) = _names(remote)
+    sent = run_coi("--remote", "r1", "tmux", "send", name,
+                   "echo kept > /workspace/kept.txt && rm /workspace/b.txt && echo did-$((6*7))",
+                   env=uenv, user=USER)  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    end = time.monotonic() + 30
+    while "did-42" not in run_coi("--remote", "r1", "tmux", "capture", name, env=uenv,
+                                  user=USER).stdout:  # fmt: skip
+        assert time.monotonic() < end, "the agent's command never ran"
+        time.sleep(0.3)
+    with remote.admin(PROJECT) as c:
+        c.instances.stop(name, force=True)
+    assert _status(remote, name) == "Stopped"
+
+    fetched = run_coi("review", "fetch", rid, env=uenv, user=USER, timeout=120)
+    assert fetched.returncode == 0, fetched.stderr
+    assert f"{name} stopped by itself" in fetched.stderr
+    assert f"Fetched the agent's work into review {rid}" in fetched.stderr
+    assert _diff(rid, uenv) == {"kept.txt": "added", "b.txt": "deleted"}
+    assert _status(remote, name) == "Stopped"  # left as it was found
+
+    down = run_coi("--remote", "r1", "shutdown", name, env=uenv, user=USER, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert f"Fetched the agent's work into review {rid}" in down.stderr
+    _wait_none(remote)
+    assert _diff(rid, uenv) == {"kept.txt": "added", "b.txt": "deleted"}
+    assert fingerprint(ws) == before
+
+
+def test_a_run_sandbox_deleted_when_it_stopped_says_there_is_nothing_to_fetch(
+    remote: remotekit.RemoteDaemon,  # noqa: F811
+    uenv: dict[str, str],
+    ws: Path,
+) -> None:
+    """A `coi run` sandbox is ephemeral: stopped under its command (as the agent's poweroff
+    stops it: here the daemon's admin), the daemon deletes it, work and all. coi says so
+    (not "kept", not a failed fetch) and the review is as it was uploaded."""
+    argv = coi_argv("--remote", "r1", "run", "--review", "--network", "open", "-w", str(ws),
+                    "--", "sh", "-c", "echo lost > /workspace/lost.txt && echo wrote && "
+                    "sleep 120", user=USER)  # fmt: skip
+    proc = subprocess.Popen(argv, env=uenv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "wrote\n"  # the command runs: its file is written
+        (name,) = _names(remote)
+        with remote.admin(PROJECT) as c:
+            c.instances.stop(name, force=True)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    rid = _review_id(err)
+    assert f"{name} is gone (an ephemeral sandbox is deleted when it stops" in err
+    assert f"nothing to fetch; review {rid} holds the workspace as it was uploaded" in err
+    assert "Kept container" not in err and "could not be fetched" not in err
+    _wait_none(remote)
+    assert _diff(rid, uenv) == {}

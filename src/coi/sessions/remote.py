@@ -8,6 +8,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -478,20 +479,89 @@ def fetch_review(
     )
 
 
+@contextlib.contextmanager
+def _running(client: IncusClient, name: str, log: Log, *, stop_after: bool) -> Iterator[None]:
+    """The sandbox `name` running while the block fetches its work: one that stopped by
+    itself (its command powered it off, `max_duration` stopped it) is started for it, and
+    with `stop_after` stopped again at the end (left as it was found).
+
+    The fetch needs an exec (`tar` inside): the files API could read a stopped container's
+    files one by one, but not its links, and one archive keeps the fetch's single set of
+    rules (`coi.review.untar`). Started again, the sandbox is what it was: its network
+    policy and limits are its own config; what its boot runs is the agent's, in there.
+
+    :raises NotFound: the sandbox is gone (an ephemeral one is deleted when it stops).
+    """
+    from coi.errors import NotFound
+
+    inst = client.instances.get(name)
+    if inst.status != "Stopped":
+        yield
+        return
+    if inst.ephemeral:
+        # The daemon is deleting it (it stopped): started now, it would be lost halfway.
+        raise NotFound(f"{name} stopped and is being deleted (ephemeral)")
+    log(
+        f"{name} stopped by itself (its command powered it off, or max_duration was "
+        "reached): starting it to fetch the agent's work"
+    )
+    client.instances.start(name)
+    try:
+        yield
+    finally:
+        if stop_after:
+            with contextlib.suppress(CoiError):
+                client.instances.stop(name, force=True)
+
+
+def gone_note(name: str, review_id: str) -> str:
+    """What is said when a review's sandbox is gone before its work came back."""
+    return (
+        f"{name} is gone (an ephemeral sandbox is deleted when it stops: its command "
+        f"powered it off, or it was stopped): nothing to fetch; review "
+        f"{review_id} holds the workspace as it was uploaded"
+    )
+
+
+def _going(client: IncusClient, name: str, wait: float = 10.0) -> bool:
+    """After a failed fetch: is the sandbox gone, or going? An ephemeral one stopped under
+    the fetch (its command powered it off) makes the exec fail ("Failed to retrieve PID")
+    while the daemon is still deleting it: waited for, bounded."""
+    from coi.errors import NotFound
+
+    end = time.monotonic() + wait
+    while True:
+        try:
+            inst = client.instances.get(name)
+        except NotFound:
+            return True
+        except CoiError:
+            return False
+        if not inst.ephemeral or time.monotonic() > end:
+            return False
+        time.sleep(0.3)
+
+
 def bring_back(client: IncusClient, name: str, spec: SandboxSpec, log: Log) -> bool:
-    """Before a remote review sandbox is removed: fetch its work into the review. False when
-    that failed (said, with what to do): the caller keeps the sandbox."""
+    """Before a remote review sandbox is removed: fetch its work into the review (a stopped
+    one is started for it). False when that failed (said, with what to do): the caller
+    keeps the sandbox."""
+    from coi.errors import NotFound
+
     if not (spec.remote and spec.review and name):
         return True
     try:
-        if not client.instances.get(name).running:
-            log(
-                f"Warning: {name} stopped before the agent's work could be fetched: review "
-                f"{spec.review} holds the workspace as it was uploaded"
+        with _running(client, name, log, stop_after=False):
+            fetch_review(
+                client, name, spec.review, spec.workspace_target, cap=fetch_cap(spec), log=log
             )
-            return True
-        fetch_review(client, name, spec.review, spec.workspace_target, cap=fetch_cap(spec), log=log)
+    except NotFound:
+        log(f"Warning: {gone_note(name, spec.review)}")
+        return True
     except CoiError as err:
+        if _going(client, name):
+            log(f"Warning: {gone_note(name, spec.review)}")
+            return True
         log(
             f"Warning: the agent's work could not be fetched from {name}: {err.message}"
             + (f" ({err.details})" if err.details else "")
@@ -503,12 +573,18 @@ def bring_back(client: IncusClient, name: str, spec: SandboxSpec, log: Log) -> b
 
 
 def fetch_running(
-    client: IncusClient, name: str, *, cap: int | None, log: Log, expect: str = ""
+    client: IncusClient,
+    name: str,
+    *,
+    cap: int | None,
+    log: Log,
+    expect: str = "",
+    stop_after: bool = True,
 ) -> str:
-    """Fetch the work of the running remote review sandbox `name` into its review; the
-    review's id.
+    """Fetch the work of the remote review sandbox `name` into its review (one that stopped
+    by itself is started for it, and with `stop_after` stopped again); the review's id.
 
-    :raises UsageError: not a remote review sandbox of this daemon, or not running.
+    :raises UsageError: not a remote review sandbox of this daemon, or frozen.
     """
     from coi import labels
     from coi.errors import NotFound, UsageError
@@ -519,6 +595,8 @@ def fetch_running(
     except NotFound:
         raise UsageError(
             f"no sandbox {name} on {where}",
+            details="It may be gone: a 'coi run' sandbox is deleted when it stops (its "
+            "command powered it off, or max_duration was reached), and its work with it.",
             resolution="Name the daemon it runs on: coi --remote NAME review fetch ...",
         ) from None
     review = inst.config.get(labels.REVIEW, "")
@@ -529,28 +607,41 @@ def fetch_running(
         )
     if expect and review != expect:
         raise UsageError(f"{name} works on review {review} now, not on {expect}")
-    if not inst.running:
-        raise UsageError(f"{name} is not running ({inst.status}): its work cannot be fetched")
-    fetch_review(client, name, review, inst.config[TARGET], cap=cap, log=log)
+    if not inst.running and inst.status != "Stopped":
+        raise UsageError(
+            f"{name} is {inst.status}: its work cannot be fetched",
+            resolution=f"'coi resume {name}' first (the security monitor paused it)"
+            if inst.status == "Frozen"
+            else None,
+        )
+    # A sandbox that stopped by itself is started for the fetch and stopped again, unless
+    # it is removed next anyway.
+    with _running(client, name, log, stop_after=stop_after):
+        fetch_review(client, name, review, inst.config[TARGET], cap=cap, log=log)
     return review
 
 
 def before_removal(client: IncusClient, name: str, log: Log) -> str | None:
-    """`coi shutdown` of a remote review sandbox: its work fetched first. None when done or
-    nothing to do; else why not (the caller keeps the sandbox)."""
+    """`coi shutdown` of a remote review sandbox: its work fetched first (a stopped one is
+    started for it). None when done or nothing to do; else why not (the caller keeps the
+    sandbox)."""
     from coi import labels
 
     if client.endpoint.is_local:
         return None
     inst = client.instances.get(name)
-    if not inst.running or TARGET not in inst.config or labels.REVIEW not in inst.config:
+    if TARGET not in inst.config or labels.REVIEW not in inst.config:
         return None
+    if inst.status not in ("Running", "Stopped"):
+        return f"it is {inst.status}"
     from coi.config.loader import load_config
     from coi.review.settings import max_file
 
     cap = max_file(load_config(env=os.environ))
     try:
-        fetch_running(client, name, cap=cap * CAP_FACTOR if cap else None, log=log)
+        fetch_running(
+            client, name, cap=cap * CAP_FACTOR if cap else None, log=log, stop_after=False
+        )
     except CoiError as err:
         return err.message + (f" ({err.details})" if err.details else "")
     return None
