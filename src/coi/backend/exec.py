@@ -325,6 +325,27 @@ def _connect_tls(url: str, ctx: ssl.SSLContext) -> ClientConnection:
     return ws
 
 
+def _closed_before_start(err: BaseException, index: int, count: int) -> bool:
+    """May an exec whose websocket number `index` (of `count`, in the order they are
+    opened) failed to open with `err` be started again, its command surely not started?
+
+    The daemon starts the command only once every websocket of the exec is connected.
+    Seen against Incus 6.0 over HTTPS: the daemon closes a connection while it is being
+    opened ("no close frame received or sent"). websockets raises `ConnectionClosed` from
+    `connect` only when the connection was closed before its upgrade request was written:
+    the daemon never had that socket, so the command cannot have started, whichever socket
+    it was. `InvalidMessage` (the connection lost after the request, before a response)
+    leaves open whether the daemon took the socket: safe only when a later one was never
+    opened. Anything else (a refused upgrade, a certificate other than the pinned one) is
+    an answer, not a lost connection: never retried.
+    """
+    from websockets.exceptions import ConnectionClosed, InvalidMessage
+
+    if isinstance(err, ConnectionClosed):
+        return True
+    return isinstance(err, InvalidMessage) and index < count - 1
+
+
 class ExecAPI:
     """`POST /1.0/instances/<name>/exec` in its streaming and interactive forms."""
 
@@ -376,9 +397,10 @@ class ExecAPI:
         sockets: dict[str, ClientConnection] = {}
         # Entered as context managers: websockets deprecates connections used outside `with`.
         stack = contextlib.ExitStack()
+        # The control socket first: some daemon versions expect it before the data ones.
+        order = ("control", *sorted(k for k in fds if k != "control"))
         try:
-            # The control socket first: some daemon versions expect it before the data ones.
-            for key in ("control", *sorted(k for k in fds if k != "control")):
+            for key in order:
                 sockets[key] = stack.enter_context(self._connect_ws(str(op["id"]), fds[key]))
         except _OpenStalled as err:
             stack.close()
@@ -392,6 +414,14 @@ class ExecAPI:
             )  # fmt: skip
         except Exception as err:
             stack.close()
+            # The socket that failed is the one after those connected.
+            failed = len(sockets)
+            if attempt + 1 < _START_ATTEMPTS and _closed_before_start(err, failed, len(order)):
+                # Closed under the open, before the command could start (see there).
+                return self.start(
+                    instance, req, interactive=interactive, width=width, height=height,
+                    attempt=attempt + 1,
+                )  # fmt: skip
             raise BackendError(f"exec in '{instance}': websocket connect failed: {err}") from err
         return ExecSession(self._c, op, sockets, stack, req.command)
 
