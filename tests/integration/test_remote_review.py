@@ -332,3 +332,35 @@ def test_a_run_sandbox_deleted_when_it_stopped_says_there_is_nothing_to_fetch(
     assert "Kept container" not in err and "could not be fetched" not in err
     _wait_none(remote)
     assert _diff(rid, uenv) == {}
+
+
+def test_an_interactive_shell_whose_sandbox_stops_under_it_still_brings_the_work_back(
+    remote: remotekit.RemoteDaemon,  # noqa: F811
+    uenv: dict[str, str],
+    ws: Path,
+) -> None:
+    """The sandbox stops while the user is attached (as the agent's poweroff stops it: here
+    the daemon's admin): the session ends, and its cleanup starts the sandbox to fetch the
+    work before removing it."""
+    import pexpect
+
+    argv = coi_argv("--remote", "r1", "shell", "--debug", "--review", "--network", "open",
+                    "-w", str(ws), user=USER)  # fmt: skip
+    child = pexpect.spawn(argv[0], argv[1:], env=uenv, encoding="utf-8", timeout=120,
+                          dimensions=(40, 120))  # fmt: skip
+    try:
+        child.expect("Mode: Interactive")
+        rid = _review_id(child.before)
+        time.sleep(1)  # let tmux draw its shell before we type
+        child.sendline("echo made > /workspace/made.txt && echo did-$((6*7))")
+        child.expect("did-42")
+        (name,) = _names(remote)
+        with remote.admin(PROJECT) as c:
+            c.instances.stop(name, force=True)
+        child.expect(f"{name} stopped by itself")
+        child.expect(f"Fetched the agent's work into review {rid}")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    _wait_none(remote)
+    assert _diff(rid, uenv) == {"made.txt": "added"}
