@@ -18,6 +18,18 @@ INCUS_SOCKETS = ("/var/lib/incus/unix.socket", "/run/incus/unix.socket")
 LXD_SOCKETS = ("/var/lib/lxd/unix.socket", "/var/snap/lxd/common/lxd/unix.socket")
 
 
+def config_dir(env: Mapping[str, str]) -> Path:
+    """coi's own config folder (beside config.toml): ~/.config/coi."""
+    home = Path(env.get("HOME") or Path.home())
+    return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "coi"
+
+
+def remotes_store(env: Mapping[str, str]) -> Path:
+    """The remotes file (coi.backend.remotes): here so that its absence, the usual case, is
+    seen without importing the remotes code."""
+    return config_dir(env) / "remotes.json"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """How to reach one daemon: a unix socket path, or an HTTPS URL with client TLS."""

@@ -21,8 +21,10 @@ from coi.backend.connection import (
     CertificateMismatch,
     Endpoint,
     _client_config_dirs,
+    config_dir,
     fingerprint_of,
     pem_fingerprint,
+    remotes_store,
 )
 from coi.errors import BackendError, ConfigError, PermissionDenied, UsageError
 from coi.fsio import write_atomic
@@ -34,16 +36,6 @@ DEFAULT_PORT = 8443
 CONNECT_TIMEOUT = 10.0
 
 Log = Callable[[str], None]
-
-
-def config_dir(env: Mapping[str, str]) -> Path:
-    """coi's own config folder (beside config.toml): ~/.config/coi."""
-    home = Path(env.get("HOME") or Path.home())
-    return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "coi"
-
-
-def _store_path(env: Mapping[str, str]) -> Path:
-    return config_dir(env) / "remotes.json"
 
 
 def _cert_paths(env: Mapping[str, str]) -> tuple[Path, Path]:
@@ -68,7 +60,7 @@ class Remote:
 
 
 def _load(env: Mapping[str, str]) -> dict[str, Any]:
-    path = _store_path(env)
+    path = remotes_store(env)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -92,7 +84,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 
 def _save(env: Mapping[str, str], data: Mapping[str, Any]) -> None:
-    _write(_store_path(env), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+    _write(remotes_store(env), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), 0o600)
 
 
 # -- reading -----------------------------------------------------------------------------

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +122,8 @@ def config_files(cwd: Path, env: Mapping[str, str]) -> list[Path]:
 
 
 def _suggest(key: str, known: list[str]) -> str:
+    import difflib  # only for a mistyped key's suggestion
+
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"Did you mean '{close[0]}'?" if close else "See 'coi config show' for every key."
 
@@ -218,6 +218,9 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    # Imported where a config file exists (3 ms): commands run without one do not pay for it.
+    import tomllib
+
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
@@ -360,6 +363,8 @@ def _apply_workspace(cfg: Config, cwd: Path, rel: str, env: Mapping[str, str]) -
     entry = WorkspaceFile(shown, status, read.sha256, read.path)
     cfg.workspace.append(entry)
     cfg.files_read.append(shown)
+    import tomllib
+
     try:
         data = tomllib.loads(read.data.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
@@ -466,6 +471,10 @@ def load_config(
 def _switched_remote(cfg: Config, env: Mapping[str, str]) -> None:
     """`coi remote switch NAME` stands just above the defaults: a config file, COI_REMOTE
     and --remote still decide."""
+    from coi.backend.connection import remotes_store
+
+    if not remotes_store(env).exists():
+        return  # no remote was ever added: not worth importing the remotes code (2 ms)
     from coi.backend.remotes import current
 
     name = current(env)
