@@ -8,13 +8,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coi import labels
 from coi.backend.client import IncusClient
 from coi.backend.models import Instance
 from coi.errors import NotFound, UsageError
 from coi.sessions import forwards, naming
-from coi.sessions.store import Metadata, read_metadata, update_metadata
+
+if TYPE_CHECKING:
+    # The saved sessions' store is loaded where they are read: `coi list` reads none when
+    # its containers carry their own facts.
+    from coi.sessions.store import Metadata
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,8 @@ def saved_sessions(home: Path, state_dirs: Mapping[str, str]) -> list[SavedSessi
     `state_dirs` maps tool name -> its state directory (from the tool registry); a tool
     without one counts as having state when its metadata exists.
     """
+    from coi.sessions import store
+
     out: list[SavedSession] = []
     if not home.is_dir():
         return out
@@ -162,7 +169,7 @@ def saved_sessions(home: Path, state_dirs: Mapping[str, str]) -> list[SavedSessi
         for d in tool_dir.iterdir():
             if not d.is_dir() or d.name.startswith("."):
                 continue
-            meta = read_metadata(d)
+            meta = store.read_metadata(d)
             state = state_dirs.get(tool, "")
             has_state = (d / state).is_dir() if state else meta is not None
             out.append(SavedSession(d.name, tool, d, meta, has_state))
@@ -178,10 +185,12 @@ def mark_persistent(client: IncusClient, name: str, sessions: Iterable[SavedSess
     inst = client.instances.get(name)
     if inst.ephemeral:
         client.instances.patch(name, {"ephemeral": False})
+    from coi.sessions import store
+
     updated = 0
     for s in sessions:
         if s.metadata and s.metadata.container_name == name:
-            update_metadata(s.path, persistent=True)
+            store.update_metadata(s.path, persistent=True)
             updated += 1
     return updated
 
