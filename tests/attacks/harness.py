@@ -67,7 +67,14 @@ class Outcome:
     title: str = ""
     action: str = ""
     alert_after: float | None = None  # seconds from the attack's start to the first alert
+    # What this run's own connections brought to the listeners, counted once the sandbox is
+    # gone and the listeners have read their sockets dry (connections older than the run,
+    # another sandbox's, are not counted: see `cross_talk`).
     bytes_out: int | None = None
+    # Of bytes_out, what came more than PAUSE_SETTLE s after the pause was logged (the
+    # sandbox frozen, its cap in force: nothing should come).
+    bytes_after_pause: int | None = None
+    cross_talk: int | None = None  # what older connections brought meanwhile (not counted)
     exit_code: int | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""  # the harness could not run it (no start seen)
@@ -210,19 +217,25 @@ def _events(home: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _wait(proc: subprocess.Popen[str], t0_file: Path, home: Path, window: float) -> None:
-    """Until coi ends, a pause is logged, or the window after the start is over."""
+PAUSE_SETTLE = 0.5  # s: what a pause leaves in flight arrives within this
+
+
+def _wait(proc: subprocess.Popen[str], t0_file: Path, home: Path, window: float) -> float | None:
+    """Until coi ends, a pause is logged, or the window after the start is over; the host
+    time the pause was seen, if it was."""
     t0: float | None = None
     hard = time.monotonic() + 90 + window
     while proc.poll() is None and time.monotonic() < hard:
         if t0 is None and t0_file.exists():
             t0 = t0_file.stat().st_mtime_ns / 1e9
         if t0 is not None and time.time() > t0 + window:
-            return  # nothing more to wait for
+            return None  # nothing more to wait for
         if any(e.get("action") == "paused" for e in _events(home)):
-            time.sleep(0.5)  # let what the pause left in flight settle
-            return
+            seen = time.time()
+            time.sleep(PAUSE_SETTLE)  # let what the pause left in flight settle
+            return seen
         time.sleep(0.1)
+    return None
 
 
 def _ts(event: dict[str, Any]) -> float:
@@ -314,7 +327,7 @@ class Runner:
         attacknet.check(self.net)  # nothing is sent unless every test address routes to us
         ws = self._workspace(entry, variant)
         home = ws.parent / "home"
-        sent_before = sum(self.net.counts().values())
+        before = self.net.conns() if entry.measure_bytes else {}
         proc = subprocess.Popen(
             self._argv(entry, ws),
             env={**self.env, "COI_HOME": str(home)},
@@ -324,8 +337,11 @@ class Runner:
             text=True,
         )
         t0_file = ws / ".attack" / "t0"
+        at_pause: dict[str, attacknet.Conn] | None = None
         try:
-            _wait(proc, t0_file, home, entry.window)
+            paused_at = _wait(proc, t0_file, home, entry.window)
+            if entry.measure_bytes and paused_at is not None:
+                at_pause = self.net.conns(after=paused_at + PAUSE_SETTLE)
         finally:
             self._remove(ws)
             try:
@@ -356,9 +372,28 @@ class Runner:
             if alerts:
                 out.alert_after = max(0.0, min(_ts(e) for e in alerts) - t0)
         if entry.measure_bytes:
-            time.sleep(0.5)  # the listeners write their counts five times a second
-            out.bytes_out = sum(self.net.counts().values()) - sent_before
+            self._measure(out, before, at_pause)
         return out
+
+    def _measure(
+        self,
+        out: Outcome,
+        before: dict[str, attacknet.Conn],
+        at_pause: dict[str, attacknet.Conn] | None,
+    ) -> None:
+        """Bytes out, once the sandbox is gone (removed, coi ended) and the listeners have
+        read what reached them: only this run's connections count (the listeners see every
+        sandbox behind the bridge's one NAT address, so a connection is told by being new)."""
+        gone = time.time()
+        time.sleep(0.3)  # a socket's last bytes are read after the sandbox went
+        after = self.net.conns(after=gone + 0.3)
+        mine = {k: c for k, c in after.items() if k not in before}
+        out.bytes_out = sum(c.bytes for c in mine.values())
+        out.cross_talk = sum(c.bytes - before[k].bytes for k, c in after.items() if k in before)
+        if at_pause is not None:
+            out.bytes_after_pause = out.bytes_out - sum(
+                c.bytes for k, c in at_pause.items() if k not in before
+            )
 
     def _remove(self, ws: Path) -> None:
         """Remove the entry's sandbox (paused, or left running after its window)."""

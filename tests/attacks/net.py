@@ -18,6 +18,7 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests import netkit
 
@@ -25,6 +26,15 @@ from tests import netkit
 # one live host (netkit.LAN) and 13 silent addresses, all of them ours.
 LAN_RANGE = "192.168.77.0/28"
 SINK = Path(__file__).with_name("sink.py")
+
+
+@dataclass(frozen=True)
+class Conn:
+    """What one connection to the listeners brought: bytes, and when (host clock)."""
+
+    bytes: int
+    first: float
+    last: float
 
 
 @dataclass
@@ -35,13 +45,30 @@ class Net:
     sink: subprocess.Popen[bytes] | None = None
     addresses: list[str] = field(default_factory=list)
 
-    def counts(self) -> dict[str, int]:
-        """Bytes each (proto, port, peer) has sent to the counting listeners so far."""
+    def _read(self) -> dict[str, Any]:
         try:
-            data: dict[str, int] = json.loads(self.counts_file.read_text())
+            data: dict[str, Any] = json.loads(self.counts_file.read_text())
         except (OSError, ValueError):
             return {}
         return data
+
+    def counts(self) -> dict[str, int]:
+        """Bytes each (proto, port, peer) has sent to the counting listeners so far."""
+        counts: dict[str, int] = self._read().get("counts", {})
+        return counts
+
+    def conns(self, *, after: float = 0.0) -> dict[str, Conn]:
+        """Each connection's (or UDP source port's) bytes, first and last byte times, as
+        the listeners wrote them after the host time `after` (waited for, 3 s at most: they
+        write five times a second)."""
+        for _ in range(30):
+            data = self._read()
+            if data.get("at", 0.0) > after:
+                return {
+                    k: Conn(int(n), first, last) for k, (n, first, last) in data["conns"].items()
+                }
+            time.sleep(0.1)
+        raise RuntimeError("the counting listeners stopped writing their counts")
 
     def sent_by(self, peer: str) -> int:
         return sum(n for k, n in self.counts().items() if k.endswith(f" {peer}"))

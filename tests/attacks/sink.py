@@ -4,8 +4,11 @@ take what an attack sends and count it, so the table can say how many bytes left
 Run inside the namespace with the host's Python: `ip netns exec NS python3 sink.py COUNTS FILES`.
 TCP: a discard service (reads and counts until the peer closes) on the ports below, and an
 HTTP server on 8000 that counts what is POSTed and serves GETs from a folder (a package
-index); UDP: discard on 9. Every 0.2 s the counts, keyed "proto port peer",
-are written to COUNTS (a JSON object, replaced atomically).
+index); UDP: discard on 9. Every 0.2 s the counts are written to COUNTS (a JSON object,
+replaced atomically): "counts", keyed "proto port peer"; "conns", keyed "proto port peer
+peerport" (one TCP connection, or one UDP source port), each [bytes, first, last] (the times,
+host clock, of its first and last bytes), so a run can count only the connections it opened,
+and see when their bytes came; and "at", when the counts were taken.
 """
 
 from __future__ import annotations
@@ -23,26 +26,33 @@ HTTP_PORT = 8000
 DISCARD_UDP = (9,)
 
 counts: dict[str, int] = {}
+conns: dict[str, list[float]] = {}
 FILES = os.path.realpath(sys.argv[2]) if len(sys.argv) > 2 else "/nonexistent"
 lock = threading.Lock()
 
 
-def add(key: str, n: int) -> None:
+def add(key: str, n: int, conn: str = "") -> None:
+    now = time.time()
     with lock:
         counts[key] = counts.get(key, 0) + n
+        if conn:
+            c = conns.setdefault(conn, [0, now, now])
+            c[0] += n
+            if n:
+                c[2] = now
 
 
-def discard(conn: socket.socket, key: str) -> None:
+def discard(conn: socket.socket, key: str, ckey: str) -> None:
     conn.settimeout(120)  # a held reverse shell is closed by its sandbox's end anyway
     try:
         while data := conn.recv(65536):
-            add(key, len(data))
+            add(key, len(data), ckey)
     except OSError:
         pass
     conn.close()
 
 
-def http(conn: socket.socket, key: str) -> None:
+def http(conn: socket.socket, key: str, ckey: str) -> None:
     """One request: a GET of a file under FILES, or a POST (Content-Length bytes, counted)."""
     conn.settimeout(120)
     buf = b""
@@ -68,10 +78,10 @@ def http(conn: socket.socket, key: str) -> None:
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":", 1)[1])
         got = len(body)
-        add(key, got)
+        add(key, got, ckey)
         while got < length and (data := conn.recv(65536)):
             got += len(data)
-            add(key, len(data))
+            add(key, len(data), ckey)
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
     except (OSError, ValueError):
         pass
@@ -79,7 +89,7 @@ def http(conn: socket.socket, key: str) -> None:
         conn.close()
 
 
-def serve_tcp(port: int, handler: Callable[[socket.socket, str], None]) -> None:
+def serve_tcp(port: int, handler: Callable[[socket.socket, str, str], None]) -> None:
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", port))
@@ -87,8 +97,9 @@ def serve_tcp(port: int, handler: Callable[[socket.socket, str], None]) -> None:
     while True:
         conn, peer = srv.accept()
         key = f"tcp {port} {peer[0]}"
-        add(key, 0)
-        threading.Thread(target=handler, args=(conn, key), daemon=True).start()
+        ckey = f"{key} {peer[1]}"
+        add(key, 0, ckey)
+        threading.Thread(target=handler, args=(conn, key, ckey), daemon=True).start()
 
 
 def serve_udp(port: int) -> None:
@@ -96,7 +107,7 @@ def serve_udp(port: int) -> None:
     s.bind(("0.0.0.0", port))
     while True:
         data, peer = s.recvfrom(65536)
-        add(f"udp {port} {peer[0]}", len(data))
+        add(f"udp {port} {peer[0]}", len(data), f"udp {port} {peer[0]} {peer[1]}")
 
 
 def main() -> None:
@@ -108,7 +119,7 @@ def main() -> None:
         threading.Thread(target=serve_udp, args=(p,), daemon=True).start()
     while True:
         with lock:
-            blob = json.dumps(counts)
+            blob = json.dumps({"counts": counts, "conns": conns, "at": time.time()})
         with open(out + ".tmp", "w") as f:
             f.write(blob)
         os.replace(out + ".tmp", out)
