@@ -17,7 +17,8 @@ does three things, all in the kernel:
 
 The logs reach the monitor over NFLOG (netlink, a group of its own): no polling, no cost
 while the sandbox is quiet. Needs root (nft and NFLOG); the table is removed when the
-monitor stops, and the kernel drops it with the veth when the container goes.
+monitor stops, and the kernel drops it with the veth when the container goes -- unless a
+destination went over its cap: then the table stays until the veth is gone (see `stop`).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def ruleset(
     gateway: str,
     blocked: Iterable[str],
     allowed: Iterable[str] | None,
+    set_size: int = 65535,
 ) -> str:
     """The table for one sandbox, as an `nft -f` script (replacing an older one).
 
@@ -151,6 +153,11 @@ def ruleset(
         lines += [
             f"update @out4 {{ ip daddr quota over {cap_bytes} bytes }} jump over",
             f"update @out6 {{ ip6 daddr quota over {cap_bytes} bytes }} jump over",
+            # A full set adds no element, and the update above then does not match: a sandbox
+            # that had sent a packet to each of `set_size` addresses sent to any other one
+            # uncounted. An address the set cannot hold is over its cap.
+            "ip daddr != @out4 jump over",
+            "ip6 daddr != @out6 jump over",
         ]
     body = "\n\t\t".join(lines)
     return f"""\
@@ -160,12 +167,12 @@ table netdev {table} {{
 	comment "coi security monitor: {device}"
 	set out4 {{
 		type ipv4_addr
-		size 65535
+		size {set_size}
 		flags dynamic
 	}}
 	set out6 {{
 		type ipv6_addr
-		size 65535
+		size {set_size}
 		flags dynamic
 	}}
 	chain over {{
@@ -311,12 +318,15 @@ class NetGuard(NetlinkReader):
         gateway: str,
         blocked: Iterable[str],
         allowed: Iterable[str] | None,
+        set_size: int = 65535,
     ) -> None:
         self._tidy()
         sock, self.group = bind_group(container)
         super().__init__(sock)
         self.table = table_name(container)
+        self.device = device
         self.on_packet = on_packet
+        self.over = False  # a destination went over its cap (and was not reset since)
         try:
             nft(
                 ruleset(
@@ -327,6 +337,7 @@ class NetGuard(NetlinkReader):
                     gateway=gateway,
                     blocked=blocked,
                     allowed=allowed,
+                    set_size=set_size,
                 )
             )
         except OSError:
@@ -348,17 +359,43 @@ class NetGuard(NetlinkReader):
 
     def handle(self, data: bytes) -> None:
         for p in parse_nflog(data):
+            if p.kind == OVER:
+                self.over = True
             self.on_packet(p)
 
     def reset_quota(self) -> None:
-        """Every destination gets its whole cap again (after the user resumed the sandbox)."""
-        try:
-            nft(f"flush set netdev {self.table} out4\nflush set netdev {self.table} out6\n")
-        except OSError:
-            pass
+        """Every destination gets its whole cap again (after the user resumed the sandbox):
+        in this table and in any other monitor's left for the same sandbox (see `stop`)."""
+        prefix = self.table.rsplit("-", 1)[0] + "-"
+        path = nft_path()
+        listing = ""
+        if path is not None:
+            listing = subprocess.run(
+                [path, "list", "tables", "netdev"], capture_output=True, text=True
+            ).stdout
+        tables = {self.table} | {
+            line.split()[-1]
+            for line in listing.splitlines()
+            if line.startswith(f"table netdev {prefix}")
+        }
+        for table in sorted(tables):
+            try:
+                nft(f"flush set netdev {table} out4\nflush set netdev {table} out6\n")
+            except OSError:
+                pass
+        self.over = False
 
     def stop(self) -> None:
+        """Stop listening; remove the table, unless a destination is over its cap and the
+        veth is still there. A paused sandbox's sockets still hold what the cap kept back
+        (1.5 to 3.7 MB of unsent data each in the attack suite), and the kernel keeps sending
+        it after its processes are killed: removed while the daemon is still tearing the
+        sandbox down (`coi run` stops its monitor when the command ends, before the sandbox
+        goes), the table let those megabytes out. Left, it goes with the veth (the kernel
+        unhooks it) and the next monitor to start removes what is left (`_tidy`)."""
         super().stop()
+        if self.over and os.path.exists(f"/sys/class/net/{self.device}"):
+            return
         try:
             nft(f"delete table netdev {self.table}\n")
         except OSError:

@@ -1,0 +1,203 @@
+"""The monitor's per-destination cap (src/coi/monitor/netguard.py) played against by a sender
+that leaves megabytes in its socket when it is killed, as a paused sandbox's upload does.
+
+The sandbox is a network namespace this test makes, behind a veth whose host end holds the
+receiver: an address in 198.51.100.0/24 the test adds to its own veth (checked unused first,
+and routed into that veth before anything is sent). No container is needed: the table hooks
+a veth, whoever is behind it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from coi.monitor import netguard
+from coi.network.hostnet import host_networks
+
+pytestmark = pytest.mark.skipif(not netguard.available(), reason="needs root and nft")
+
+HOST_END = "198.51.100.241"  # the receiver, on the host end of the test's veth
+SANDBOX_END = "198.51.100.242"  # the sender, in the test's namespace
+# Silent addresses of the same /28, "neighbours" behind the host end (static entries in the
+# namespace): what the sender sends them reaches the host end's veth and goes no further.
+SILENT = ("198.51.100.243", "198.51.100.244", "198.51.100.245")
+NET = "198.51.100.240/28"
+CAP = 1_000_000
+SENT = 6_000_000
+
+
+@dataclass
+class Topo:
+    ns: str
+    veth: str
+    peer: str
+    received: list[int] = field(default_factory=lambda: [0])
+
+
+def _run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def topo() -> Iterator[Topo]:
+    for used in host_networks():
+        if ipaddress.ip_network(NET).overlaps(used):
+            pytest.fail(f"the test's {NET} overlaps {used} on this machine: nothing sent")
+    tag = secrets.token_hex(3)
+    peer = f"cr{tag}"
+    t = Topo(ns=f"coicap-{tag}", veth=f"cq{tag}", peer=peer)
+    try:
+        _run("ip", "netns", "add", t.ns)
+        _run("ip", "link", "add", t.veth, "type", "veth", "peer", "name", peer)
+        _run("ip", "link", "set", peer, "netns", t.ns)
+        _run("ip", "addr", "add", f"{HOST_END}/28", "dev", t.veth)
+        _run("ip", "link", "set", t.veth, "up")
+        _run("ip", "-n", t.ns, "addr", "add", f"{SANDBOX_END}/28", "dev", peer)
+        _run("ip", "-n", t.ns, "link", "set", peer, "up")
+        _run("ip", "-n", t.ns, "link", "set", "lo", "up")
+        mac = _run("cat", f"/sys/class/net/{t.veth}/address").strip()
+        for addr in SILENT:
+            _run("ip", "-n", t.ns, "neigh", "add", addr, "lladdr", mac, "dev", peer)
+        # The only way out of the namespace is the test's veth, to the test's addresses.
+        for addr in (HOST_END, *SILENT):
+            route = _run("ip", "-n", t.ns, "-o", "route", "get", addr)
+            assert f" dev {peer} " in route + " ", route
+        yield t
+    finally:
+        subprocess.run(["ip", "link", "del", t.veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", t.ns], capture_output=True)
+
+
+def _receiver(t: Topo) -> int:
+    """A listener on the host end that counts what arrives; its port."""
+    srv = socket.socket()
+    srv.bind((HOST_END, 0))
+    srv.listen(4)
+    srv.settimeout(60)
+
+    def serve() -> None:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        conn.settimeout(60)
+        try:
+            while data := conn.recv(65536):
+                t.received[0] += len(data)
+        except OSError:
+            pass
+        conn.close()
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    port: int = srv.getsockname()[1]
+    return port
+
+
+def _until(pred: object, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if pred():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_killed_senders_held_back_bytes_stay_capped_after_the_monitor_stops(
+    topo: Topo,
+) -> None:
+    """The attack suite's outliers (11.6 MB, 13.9 MB out for a 10 MB cap): a paused upload's
+    socket holds megabytes the cap kept back; its processes are killed, the kernel keeps
+    sending them, and the monitor of `coi run`, stopping when the command ends, removed the
+    table while the sandbox's veth was still there. It must not: over the cap, the cap
+    stays until the veth goes."""
+    port = _receiver(topo)
+    packets: list[netguard.Packet] = []
+    guard = netguard.NetGuard(
+        f"coi-test-cap-{topo.ns}", topo.veth, packets.append,
+        cap_bytes=CAP, gateway="", blocked=[], allowed=None,
+    )  # fmt: skip
+    table = guard.table
+    sender = None
+    try:
+        guard.start()
+        sender = subprocess.Popen(
+            [
+                "ip", "netns", "exec", topo.ns, "python3", "-c",
+                f"import socket, time; s = socket.create_connection(({HOST_END!r}, {port}));"
+                f" s.sendall(b'x' * {SENT}); time.sleep(60)",
+            ]
+        )  # fmt: skip
+        assert _until(lambda: any(p.kind == netguard.OVER for p in packets), 20), packets
+        # What the cap let through has arrived; the rest waits in the sender's socket.
+        last = -1
+        while last != topo.received[0]:
+            last = topo.received[0]
+            time.sleep(1)
+        assert 0 < topo.received[0] <= CAP
+        sender.kill()  # as the daemon kills a paused sandbox's processes
+        sender.wait(timeout=10)
+        guard.stop()  # as `coi run`'s monitor stops when the command ends
+        listed = _run(netguard.nft_path() or "nft", "list", "tables", "netdev")
+        assert f"table netdev {table}" in listed
+        # The orphaned socket retransmits with backoff (seconds): were the cap gone, its
+        # five megabytes would arrive within this bound.
+        assert not _until(lambda: topo.received[0] > CAP, 20), topo.received[0]
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+            sender.wait(timeout=10)
+        guard.stop()
+        subprocess.run(
+            [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
+            capture_output=True,
+        )
+    assert os.path.exists(f"/sys/class/net/{topo.veth}")
+
+
+def test_a_full_set_of_destinations_does_not_open_a_new_one(topo: Topo) -> None:
+    """One packet to each of as many addresses as the quota set holds (65535 in coi; 3
+    here) filled it, and an address it could not hold was never counted: an upload to it
+    went through whole. Now an address the set cannot hold is over its cap."""
+    port = _receiver(topo)
+    packets: list[netguard.Packet] = []
+    guard = netguard.NetGuard(
+        f"coi-test-cap-{topo.ns}", topo.veth, packets.append,
+        cap_bytes=CAP, gateway="", blocked=[], allowed=None, set_size=len(SILENT),
+    )  # fmt: skip
+    sender = None
+    try:
+        guard.start()
+        fill = "; ".join(f"u.sendto(b'x', ({a!r}, 9))" for a in SILENT)
+        sender = subprocess.Popen(
+            [
+                "ip", "netns", "exec", topo.ns, "python3", "-c",
+                "import socket; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                + fill + "; s = socket.socket(); s.settimeout(20);"
+                f" s.connect(({HOST_END!r}, {port})); s.sendall(b'x' * {SENT})",
+            ]
+        )  # fmt: skip
+        over = _until(lambda: any(p.kind == netguard.OVER for p in packets), 20)
+        assert over, f"nothing capped: {topo.received[0]} bytes received"
+        assert {p.dst for p in packets if p.kind == netguard.OVER} == {HOST_END}
+        sender.wait(timeout=40)  # its connect or its send times out (20 s each at most)
+        assert topo.received[0] <= CAP
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+            sender.wait(timeout=10)
+        guard.stop()
+        subprocess.run(
+            [netguard.nft_path() or "nft", "delete", "table", "netdev", guard.table],
+            capture_output=True,
+        )
