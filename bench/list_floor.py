@@ -1,20 +1,28 @@
-"""`coi list` against `lxc list`, and the floor the interpreter and the project's libraries set.
+"""`coi list` against the daemon's own `list`, and the floor the interpreter and libraries set.
 
-    cd bench && sudo ../.venv/bin/python list_floor.py [--runs 10]
+    cd bench && ../.venv/bin/python list_floor.py [--runs 10] [--also SRC ...]
 
 Ten running `coi-tiny` containers are made (and removed at the end); then, alternating, each
 row's command runs once per round: `coi list`, the daemon's own `list`, the bare interpreter,
-the interpreter importing click, importing httpx, and a minimal lister written on the standard
+the interpreter importing click, importing httpx, a minimal lister written on the standard
 library's `http.client` with click imported (one request for the instances with their state,
-one line printed per instance, nothing of coi). Wall time per run, median with [min..max].
+one line printed per instance, nothing of coi), and the same on click and httpx (the
+libraries coi uses: what is left between it and `coi list` is coi's own). Wall time per run,
+median with [min..max]; the bytecode is written as an installed coi has it.
+
+`--also SRC` adds a `coi list` row run from another tree's `src` folder (for example
+`git archive HEAD src | tar -x -C /tmp/before`), so a change is measured against the code
+before it in the same run, rounds interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from _common import cli, fmt, timed
@@ -37,10 +45,21 @@ for inst in json.loads(conn.getresponse().read())["metadata"]:
     print(inst["name"], inst["status"])
 """
 
+# The same with the project's own libraries, click and httpx (as coi's client sets it up on a
+# unix socket): the floor of a lister on this stack, nothing of coi.
+LIBRARIES = """
+import click, httpx, sys
+t = httpx.HTTPTransport(uds=sys.argv[1], verify=False)
+with httpx.Client(transport=t, base_url="http://incus") as c:
+    for inst in c.get("/1.0/instances", params={"recursion": 2}).json()["metadata"]:
+        print(inst["name"], inst["status"])
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--also", action="append", default=[], metavar="SRC", help="another src tree")
     a = ap.parse_args()
     c = IncusClient.connect()
     sock = c.endpoint.socket_path or ""
@@ -48,18 +67,39 @@ def main() -> None:
     coi = str(Path(py).parent / "coi")
     rows: dict[str, list[str]] = {
         "`coi list`": [coi, "list"],
+        **{
+            f"`coi list`, {src}": [
+                py,
+                "-c",
+                "from coi.cli import main; raise SystemExit(main())",
+                "list",
+            ]
+            for src in a.also
+        },
         f"`{Path(cli()).name} list`": [cli(), "list"],
         "`python -c pass`": [py, "-c", "pass"],
         "`python -c 'import click'`": [py, "-c", "import click"],
         "`python -c 'import httpx'`": [py, "-c", "import httpx"],
         "minimal lister: click + `http.client`, one request": [py, "-c", MINIMAL, sock],
+        "lister on coi's libraries: click + httpx, one request": [py, "-c", LIBRARIES, sock],
     }
     names = [f"coi-listfloor{i:02d}-1" for i in range(10)]
     devices = {
         "root": {"type": "disk", "path": "/", "pool": POOL},
         "eth0": {"type": "nic", "network": NETWORK, "name": "eth0"},
     }
+    # Bytecode is written (the warm-up run does it), as an installed coi has it: with
+    # PYTHONDONTWRITEBYTECODE set, each run would compile every module changed since its
+    # cached bytecode was last written, and time the compiler instead of coi.
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    envs = dict.fromkeys(rows, base)
+    for src in a.also:
+        envs[f"`coi list`, {src}"] = {**base, "PYTHONPATH": str(Path(src).resolve())}
     times: dict[str, list[float]] = {k: [] for k in rows}
+
+    def run(label: str) -> None:
+        subprocess.run(rows[label], check=True, capture_output=True, env=envs[label])
+
     try:
         with ThreadPoolExecutor(4) as pool:
             list(
@@ -68,17 +108,20 @@ def main() -> None:
                     names,
                 )
             )
-        for argv in rows.values():  # warm the page cache once
-            subprocess.run(argv, check=True, capture_output=True)
+        for label in rows:  # warm the page cache once
+            run(label)
+        load = [os.getloadavg()[0]]
         for _ in range(a.runs):
-            for label, argv in rows.items():
-                times[label].append(
-                    timed(lambda argv=argv: subprocess.run(argv, check=True, capture_output=True))
-                )
+            for label in rows:
+                times[label].append(timed(partial(run, label)))
+            load.append(os.getloadavg()[0])
     finally:
         for n in names:
             c.instances.delete(n, force=True)
-    print(f"{c.server.display_name}, 10 running containers, {a.runs} runs each, alternating\n")
+    print(
+        f"{c.server.display_name}, 10 running containers, {a.runs} runs each, alternating, "
+        f"load average {min(load):.1f}..{max(load):.1f}\n"
+    )
     print("| command | wall time |\n|---|---|")
     for label, xs in times.items():
         print(f"| {label} | {fmt(xs)} |")
