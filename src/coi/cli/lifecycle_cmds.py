@@ -141,9 +141,10 @@ def _pending_reviews() -> list[dict[str, Any]]:
     from coi.config.paths import reviews_dir
 
     # Where there is no review at all (most machines), one look at the folder the reviews
-    # live in instead of importing the review code (8 ms).
+    # live in instead of importing the review code (8 ms). A review is a folder (as
+    # `all_reviews` reads them): the lock files `coi apply` leaves beside them are not.
     try:
-        if not any(reviews_dir().iterdir()):
+        if not any(p.is_dir() and not p.is_symlink() for p in reviews_dir().iterdir()):
             return []
     except (FileNotFoundError, NotADirectoryError):
         return []
