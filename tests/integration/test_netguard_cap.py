@@ -201,3 +201,43 @@ def test_a_full_set_of_destinations_does_not_open_a_new_one(topo: Topo) -> None:
             [netguard.nft_path() or "nft", "delete", "table", "netdev", guard.table],
             capture_output=True,
         )
+
+
+def test_a_sender_left_running_after_coi_runs_monitor_stops_is_still_capped(
+    topo: Topo,
+) -> None:
+    """The end of a `coi run`: its monitor stops when the command ends, before the daemon
+    removes the sandbox; a process the command left in the background goes on sending
+    meanwhile. No destination is over its cap yet when the monitor stops: the table stays
+    all the same (`keep`: the sandbox goes next), so the upload that starts then is still
+    capped."""
+    port = _receiver(topo)
+    guard = netguard.NetGuard(
+        f"coi-test-cap-{topo.ns}", topo.veth, lambda _p: None,
+        cap_bytes=CAP, gateway="", blocked=[], allowed=None,
+    )  # fmt: skip
+    table = guard.table
+    sender = None
+    try:
+        guard.start()
+        guard.stop(keep=True)  # as coi run's monitor stops, nothing sent yet
+        listed = _run(netguard.nft_path() or "nft", "list", "tables", "netdev")
+        assert f"table netdev {table}" in listed
+        sender = subprocess.Popen(
+            [
+                "ip", "netns", "exec", topo.ns, "python3", "-c",
+                f"import socket; s = socket.create_connection(({HOST_END!r}, {port}));"
+                f" s.settimeout(20); s.sendall(b'x' * {SENT})",
+            ]
+        )  # fmt: skip
+        # Were the table gone, the six megabytes would arrive within a second or two.
+        assert not _until(lambda: topo.received[0] > CAP, 15), topo.received[0]
+        assert 0 < topo.received[0] <= CAP
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+            sender.wait(timeout=10)
+        subprocess.run(
+            [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
+            capture_output=True,
+        )

@@ -182,12 +182,22 @@ def test_parse_ip_takes_ipv6_too() -> None:
 def test_tables_are_per_monitor_process_and_those_of_dead_monitors_are_removed() -> None:
     assert netguard.table_name("coi-abc-1", 42) != netguard.table_name("coi-abc-1", 43)
     assert netguard.table_name("coi-abc-1", 42).endswith("-42")
+
+    def chain(device: str) -> str:
+        return (
+            "\tchain egress {\n"
+            f'\t\ttype filter hook ingress device "{device}" priority -100; policy accept;\n'
+            "\t}\n}\n"
+        )
+
     listing = (
-        "table netdev coi-mon-0123456789ab-42\n"
-        "table netdev coi-mon-0123456789ab-43\n"
-        "table netdev someone-else-44\n"
-    )
-    assert netguard.remove_stale(listing, lambda pid: pid == 43) == ["coi-mon-0123456789ab-42"]
+        "table netdev coi-mon-0123456789ab-42 {\n" + chain("veth1")  # its monitor died
+        + "table netdev coi-mon-0123456789ab-43 {\n" + chain("veth2")  # alive, NIC there
+        + "table netdev coi-mon-0123456789ab-44 {\n" + chain("veth3")  # kept, sandbox gone
+        + "table netdev someone-else-45 {\n" + chain("veth4")  # not coi's
+    )  # fmt: skip
+    stale = netguard.remove_stale(listing, lambda pid: pid != 42, lambda dev: dev != "veth3")
+    assert stale == ["coi-mon-0123456789ab-42", "coi-mon-0123456789ab-44"]
 
 
 def test_one_query_carrying_data_is_a_warning_and_host_names_are_not() -> None:

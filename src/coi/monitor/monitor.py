@@ -446,9 +446,14 @@ class Monitor:
         self._thread = threading.Thread(target=self._loop, name="coi-monitor", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, keep_guard: bool = False) -> None:
+        """Stop watching. `keep_guard`: the sandbox is removed next (`coi run`): its network
+        table stays until its NIC goes, so that a process the command left running, or data
+        still in a socket, leaves no faster than the cap between now and the removal."""
         self.last_look()
-        watchers = (self._exec, self._exits, self._flows, self._storms, self._guard, self._opens)
+        if self._guard is not None:
+            self._guard.stop(keep=keep_guard)
+        watchers = (self._exec, self._exits, self._flows, self._storms, self._opens)
         for watcher in watchers:
             if watcher:
                 watcher.stop()
@@ -474,9 +479,15 @@ def net_context(mode: str, gateway: str, allow_private: bool, allowed: list[str]
 
 @contextmanager
 def monitoring(
-    client: IncusClient, container: str, settings: Settings | None, alert: Log
+    client: IncusClient,
+    container: str,
+    settings: Settings | None,
+    alert: Log,
+    *,
+    keep_guard: bool = False,
 ) -> Iterator[Monitor | None]:
-    """Run the monitor while the block runs (no-op when monitoring is off)."""
+    """Run the monitor while the block runs (no-op when monitoring is off); `keep_guard`: see
+    Monitor.stop."""
     if settings is None or not settings.enabled or not container:
         yield None
         return
@@ -485,7 +496,7 @@ def monitoring(
     try:
         yield mon
     finally:
-        mon.stop()
+        mon.stop(keep_guard=keep_guard)
 
 
 def context_of(client: IncusClient, container: str) -> NetContext:

@@ -30,6 +30,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -92,16 +93,64 @@ def table_name(container: str, pid: int | None = None) -> str:
     return f"coi-mon-{digest}-{os.getpid() if pid is None else pid}"
 
 
-def remove_stale(listing: str, alive: Callable[[int], bool]) -> list[str]:
-    """The `nft list tables netdev` lines of monitors that died without removing their table
-    (killed): the tables to delete."""
-    out = []
+def coi_tables(listing: str) -> dict[str, str]:
+    """coi's monitor tables in `nft list ruleset netdev`, with the NIC each is hooked on."""
+    out: dict[str, str] = {}
+    name = ""
     for line in listing.splitlines():
-        name = line.split()[-1] if line.startswith("table netdev coi-mon-") else ""
+        if line.startswith("table netdev "):
+            name = line.split()[2] if line.split()[2].startswith("coi-mon-") else ""
+            if name:
+                out[name] = ""
+        elif name and "hook ingress device" in line:
+            out[name] = line.split('device "', 1)[-1].split('"', 1)[0]
+    return out
+
+
+def remove_stale(
+    listing: str, alive: Callable[[int], bool], device_exists: Callable[[str], bool]
+) -> list[str]:
+    """The tables to delete in `nft list ruleset netdev`: those of monitors that died without
+    removing theirs (killed), and those kept for a sandbox that is gone, its NIC too (see
+    NetGuard.stop)."""
+    out = []
+    for name, device in coi_tables(listing).items():
         pid = name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not alive(int(pid)):
+        if (pid.isdigit() and not alive(int(pid))) or not device_exists(device):
             out.append(name)
     return out
+
+
+def tidy(wait: float = 0.0) -> None:
+    """Remove coi's tables that no monitor needs any more (see remove_stale). `wait`: for up
+    to that many seconds, first wait for the NICs of this process's kept tables to go (the
+    daemon removes a sandbox's NIC a moment after its stop returns)."""
+    path = nft_path()
+    if path is None:
+        return
+
+    def listing() -> str:
+        return subprocess.run(
+            [path, "list", "ruleset", "netdev"], capture_output=True, text=True
+        ).stdout
+
+    def exists(device: str) -> bool:
+        return bool(device) and os.path.exists(f"/sys/class/net/{device}")
+
+    def waiting(text: str) -> bool:
+        mine = f"-{os.getpid()}"
+        return any(n.endswith(mine) and exists(d) for n, d in coi_tables(text).items())
+
+    deadline = time.monotonic() + wait
+    text = listing()
+    while waiting(text) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = listing()
+    for name in remove_stale(text, _alive, exists):
+        try:
+            nft(f"delete table netdev {name}\n")
+        except OSError:
+            pass  # another monitor removed it meanwhile
 
 
 _alive = pid_alive
@@ -320,7 +369,7 @@ class NetGuard(NetlinkReader):
         allowed: Iterable[str] | None,
         set_size: int = 65535,
     ) -> None:
-        self._tidy()
+        tidy()
         sock, self.group = bind_group(container)
         super().__init__(sock)
         self.table = table_name(container)
@@ -343,19 +392,6 @@ class NetGuard(NetlinkReader):
         except OSError:
             sock.close()
             raise
-
-    @staticmethod
-    def _tidy() -> None:
-        """Remove the tables of monitors that were killed before they could."""
-        path = nft_path()
-        if path is None:
-            return
-        res = subprocess.run([path, "list", "tables", "netdev"], capture_output=True, text=True)
-        for name in remove_stale(res.stdout, _alive):
-            try:
-                nft(f"delete table netdev {name}\n")
-            except OSError:
-                pass  # another monitor removed it meanwhile
 
     def handle(self, data: bytes) -> None:
         for p in parse_nflog(data):
@@ -385,16 +421,18 @@ class NetGuard(NetlinkReader):
                 pass
         self.over = False
 
-    def stop(self) -> None:
-        """Stop listening; remove the table, unless a destination is over its cap and the
-        veth is still there. A paused sandbox's sockets still hold what the cap kept back
+    def stop(self, *, keep: bool = False) -> None:
+        """Stop listening; remove the table, unless the veth is still there and a destination
+        is over its cap or `keep` is asked (the sandbox goes next: what its processes still
+        send meanwhile stays capped). A paused sandbox's sockets still hold what the cap kept back
         (1.5 to 3.7 MB of unsent data each in the attack suite), and the kernel keeps sending
         it after its processes are killed: removed while the daemon is still tearing the
         sandbox down (`coi run` stops its monitor when the command ends, before the sandbox
         goes), the table let those megabytes out. Left, it goes with the veth (the kernel
-        unhooks it) and the next monitor to start removes what is left (`_tidy`)."""
+        unhooks it); `tidy` removes what is left (`coi run` once its sandbox is gone, and every
+        monitor as it starts)."""
         super().stop()
-        if self.over and os.path.exists(f"/sys/class/net/{self.device}"):
+        if (self.over or keep) and os.path.exists(f"/sys/class/net/{self.device}"):
             return
         try:
             nft(f"delete table netdev {self.table}\n")

@@ -47,15 +47,22 @@ if TYPE_CHECKING:
 
 @contextmanager
 def monitoring(
-    client: IncusClient, name: str, settings: Settings | None, alert: Log
+    client: IncusClient,
+    name: str,
+    settings: Settings | None,
+    alert: Log,
+    *,
+    ends_sandbox: bool = False,
 ) -> Iterator[Monitor | None]:
-    """The security monitor around a block; its code is loaded only when it is enabled."""
+    """The security monitor around a block; its code is loaded only when it is enabled.
+    `ends_sandbox`: the sandbox is removed after the block (its network cap is kept until
+    then)."""
     if settings is None or not settings.enabled:
         yield None
         return
     from coi.monitor.monitor import monitoring as run_monitor
 
-    with run_monitor(client, name, settings, alert) as mon:
+    with run_monitor(client, name, settings, alert, keep_guard=ends_sandbox) as mon:
         yield mon
 
 
@@ -102,13 +109,15 @@ def guarded(
     alert: Log = terminal_alert,
     service: bool = False,
     remote: str | None = None,
+    ends_sandbox: bool = False,
 ) -> Iterator[Monitor | None]:
     """What watches a live sandbox while coi is with it: the allowlist's refresh, the checks
     of the protected paths and the security monitor (each only where configured). The one
     composition `coi run`, `coi shell`, `coi attach` and the SDK all use.
 
     `service`: the sandbox outlives this coi (a shell): a detached monitor service stands by
-    and watches whenever this coi does not (see `coi.monitor.service`).
+    and watches whenever this coi does not (see `coi.monitor.service`). `ends_sandbox`: the
+    sandbox is removed after the block (`coi run`).
     """
     if service and monitor is not None and monitor.enabled:
         with _handover(client, name, monitor, remote), guarded(
@@ -121,7 +130,7 @@ def guarded(
         client, policy, cache_dir=coi_home() / "network-cache",
         lock_dir=coi_home() / "locks", log=log,
     ), watching(guard, verify_interval, protect_log or log), monitoring(
-        client, name, monitor, alert
+        client, name, monitor, alert, ends_sandbox=ends_sandbox
     ) as mon:  # fmt: skip
         yield mon
 
@@ -154,6 +163,7 @@ def guarded_box(
         protect_log=protect_log,
         service=service,
         remote=box.spec.remote,
+        ends_sandbox=not service,
     )
 
 
@@ -208,6 +218,11 @@ def open_sandbox(
             # The daemon cannot be asked to remove it: the keeper, left running, ends the
             # sandbox as soon as the daemon answers again.
             raise lost_daemon(client, err, box.name) from err
+        if box.monitor is not None and box.monitor.enabled:
+            # The monitor's network table was kept until the sandbox went (Monitor.stop).
+            from coi.monitor.netguard import tidy
+
+            tidy(wait=2.0)
         dismiss_keeper(keeper)
 
 
