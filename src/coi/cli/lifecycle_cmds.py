@@ -610,9 +610,7 @@ def _clean_reviews(
     return clean.execute(client, pool, plan, click.echo)
 
 
-def _clean_caches(
-    client: IncusClient, pool: str, wanted: bool, ask: Callable[[str], bool]
-) -> int:
+def _clean_caches(client: IncusClient, pool: str, wanted: bool, ask: Callable[[str], bool]) -> int:
     """A remote's workspace caches go only with --workspace-caches; else say how many stay."""
     if client.endpoint.is_local:
         if wanted:
