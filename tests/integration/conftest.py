@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from tests import netkit
+from tests import clusterkit, netkit
 from tests.conftest import ROOT, coi_argv, run_coi
 
 from coi.backend import IncusClient
@@ -158,3 +158,21 @@ def coi_image(build_env: dict[str, str]) -> Iterator[str]:
     assert "Image 'coi' built successfully!" in res.stdout, res.stdout
     assert "Base: debootstrap" in res.stderr
     yield res.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_tarball: Path, test_project: str) -> Iterator[clusterkit.Cluster]:
+    """A three-member cluster for the module's tests (tests/clusterkit.py), with the tiny
+    image in its default project (the user's project shares it). `test_project`: the main
+    daemon answers (the --target check on it needs that)."""
+    try:
+        cl = clusterkit.start()
+    except RuntimeError as err:
+        pytest.fail(f"the cluster did not start: {err}", pytrace=False)
+    try:
+        with cl.members[0].admin() as c:
+            c.images.import_tarball(tiny_tarball, aliases=("coi-tiny",))
+        yield cl
+    finally:
+        clusterkit.stop(cl)
+    assert clusterkit.leftovers(cl) == []

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,23 +32,6 @@ PROBE = (
     f"if nc -w 2 {clusterkit.LAN} {clusterkit.LAN_PORT} </dev/null >/dev/null 2>&1; "
     "then echo reached; else echo shut; fi"
 )
-
-
-@pytest.fixture(scope="module")
-def cluster(tiny_tarball: Path, test_project: str) -> Iterator[clusterkit.Cluster]:
-    """The cluster, with the tiny image in its default project (the user's project shares
-    it). `test_project`: the main daemon answers (the --target check on it needs that)."""
-    try:
-        cl = clusterkit.start()
-    except RuntimeError as err:
-        pytest.fail(f"the cluster did not start: {err}", pytrace=False)
-    try:
-        with cl.members[0].admin() as c:
-            c.images.import_tarball(tiny_tarball, aliases=("coi-tiny",))
-        yield cl
-    finally:
-        clusterkit.stop(cl)
-    assert clusterkit.leftovers(cl) == []
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,12 @@ def test_a_file_masked_later_leaves_the_cache(
     second = _run(env, ws, LISTING)
     assert _summary(second.stderr)[3] == "only what changed: 0 files, 1 removed"
     _check(second.stdout, _listing(ws, left_out=("fifo", ".env")))
-    cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws), PROJECT)}"
+    _no_secret_in_cache(remote, ws)
+
+
+def _no_secret_in_cache(rd: remotekit.RemoteDaemon, ws: Path) -> None:
+    """Nothing of the secret is in the workspace's cache on the server's disk."""
+    cache = rd.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws), PROJECT)}"
     found = subprocess.run(["grep", "-r", "API_KEY", str(cache)], capture_output=True)
     assert found.returncode == 1, found.stdout
 
@@ -262,10 +267,7 @@ def test_masked_files_stay_out_of_the_cache_too(
     second = _run(env, ws, LISTING)
     assert _summary(second.stderr)[3] == "only what changed: 0 files, 0 removed"
     _check(second.stdout, _listing(ws, left_out=left_out))
-    # Nothing of the secret is in the cache on the server's disk.
-    cache = remote.root / "pool" / "custom" / f"default_{wscache.volume_name(str(ws), PROJECT)}"
-    found = subprocess.run(["grep", "-r", "API_KEY", str(cache)], capture_output=True)
-    assert found.returncode == 1, found.stdout
+    _no_secret_in_cache(remote, ws)
 
 
 def test_clean_removes_the_caches_only_when_asked(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,6 @@ from tests.conftest import run_coi
 pytestmark = pytest.mark.cluster
 
 HOW = re.compile(r"Copied the workspace to the remote sandbox: .*MB sent, (.*)\) in [\d.]+ s")
-
-
-@pytest.fixture(scope="module")
-def cluster(tiny_tarball: Path, test_project: str) -> Iterator[clusterkit.Cluster]:
-    try:
-        cl = clusterkit.start()
-    except RuntimeError as err:
-        pytest.fail(f"the cluster did not start: {err}", pytrace=False)
-    try:
-        with cl.members[0].admin() as c:
-            c.images.import_tarball(tiny_tarball, aliases=("coi-tiny",))
-        yield cl
-    finally:
-        clusterkit.stop(cl)
-    assert clusterkit.leftovers(cl) == []
 
 
 @pytest.fixture
