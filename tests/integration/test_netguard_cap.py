@@ -86,18 +86,21 @@ def _receiver(t: Topo) -> int:
     srv.settimeout(60)
 
     def serve() -> None:
-        try:
-            conn, _ = srv.accept()
-        except OSError:
-            return
-        conn.settimeout(60)
-        try:
-            while data := conn.recv(65536):
-                t.received[0] += len(data)
-        except OSError:
-            pass
-        conn.close()
-        srv.close()
+        # Closed here whatever happens: a connection the cap never let in (its SYN dropped)
+        # ends the accept by its timeout, and a socket left to the garbage collector fails a
+        # later test with a ResourceWarning.
+        with srv:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(60)
+                try:
+                    while data := conn.recv(65536):
+                        t.received[0] += len(data)
+                except OSError:
+                    pass
 
     threading.Thread(target=serve, daemon=True).start()
     port: int = srv.getsockname()[1]
