@@ -82,6 +82,15 @@ FLOOD_SECONDS = 5.0
 FLOOD_GROWTH = 100
 
 
+def _largest_fall(counts: list[int]) -> int:
+    """The largest fall from any count to a later one."""
+    fall, peak = 0, counts[0]
+    for c in counts:
+        peak = max(peak, c)
+        fall = max(fall, peak - c)
+    return fall
+
+
 def flood(window: list[Sample]) -> Threat | None:
     """What the last FLOOD_SECONDS of samples (oldest first) say about a slow flood."""
     if len(window) < 2 or window[-1].at - window[0].at < FLOOD_SECONDS - 1.5 / RATE:
@@ -92,12 +101,8 @@ def flood(window: list[Sample]) -> Threat | None:
     grew = last.current - low
     if grew < FLOOD_GROWTH:
         return None
-    # The largest fall between any sample and a later one: a pile-up hardly falls at all.
-    fall, peak = 0, counts[0]
-    for c in counts:
-        peak = max(peak, c)
-        fall = max(fall, peak - c)
-    if fall > max(8, last.current // 10):
+    # A pile-up hardly falls at all.
+    if _largest_fall(counts) > max(8, last.current // 10):
         return None
     span = last.at - window[0].at
     return Threat(
@@ -140,11 +145,7 @@ def piled_up(window: list[Sample]) -> int:
     if len(window) < 2:
         return 0
     counts = [s.current for s in window]
-    fall, peak = 0, counts[0]
-    for c in counts:
-        peak = max(peak, c)
-        fall = max(fall, peak - c)
-    return 0 if fall > 2 else counts[-1] - min(counts)
+    return 0 if _largest_fall(counts) > 2 else counts[-1] - min(counts)
 
 
 def clones(members: Iterable[Member], rate: float = 0.0, at_least: int = CLONES) -> Threat | None:
