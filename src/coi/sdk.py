@@ -316,9 +316,9 @@ class Sandbox:
                 raise UsageError(f"timeout must be more than 0 seconds, got {timeout}")
             # In the sandbox, so the whole process group goes (a command's children too).
             argv = ["timeout", "-k", "5", f"{timeout:g}", *argv]
-        req = self._box.request(argv, dict(env or {}), cwd=cwd)
+        req = self._box.request(argv, dict(env or {}), cwd=cwd, once=True)
         if root:
-            req = ExecRequest(argv, req.env, req.cwd, 0, 0)
+            req = ExecRequest(argv, req.env, req.cwd, 0, 0, once=True)
         return req
 
     def run(

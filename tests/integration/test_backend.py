@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from coi.backend import ExecRequest, IncusClient
-from coi.errors import BackendError, Conflict, NotFound
+from coi.backend.exec import _NOT_STARTED, ExecAPI
+from coi.errors import BackendError, Conflict, NotFound, OperationFailed
 
 # The REST client is what both daemons must answer alike.
 pytestmark = pytest.mark.lxd
@@ -169,14 +170,74 @@ def test_a_command_that_cannot_start_exits_as_a_shell_would(
         (["no-such-cmd"], 127, b"no-such-cmd: command not found\n"),
         (["/tmp/plain"], 126, b"/tmp/plain: Permission denied\n"),
     ):
-        req = ExecRequest(argv)
-        streamed = client.exec.run(running, req)
-        assert (streamed.exit_code, streamed.stderr) == (code, text)
-        assert client.exec.quiet(running, req) == code
-        recorded = client.exec.recorded(running, req)
-        assert (recorded.exit_code, recorded.stderr) == (code, text)
+        for once in (False, True):  # the same through the wrapper of a user's command
+            req = ExecRequest(argv, once=once)
+            streamed = client.exec.run(running, req)
+            assert (streamed.exit_code, streamed.stderr) == (code, text), once
+            assert client.exec.quiet(running, ExecRequest(argv, once=once)) == code
+            recorded = client.exec.recorded(running, ExecRequest(argv, once=once))
+            assert (recorded.exit_code, recorded.stderr) == (code, text), once
     # The daemon and the client are fine afterwards: the next exec works at once.
     assert client.exec.quiet(running, ExecRequest(["true"])) == 0
+
+
+def test_a_users_command_never_runs_twice_for_one_request(
+    client: IncusClient, running: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon may fail an exec with "Failed to retrieve PID of executing child process"
+    while the command runs anyway (CI: `coi run`'s gzip met the file of an earlier start of
+    itself). A second start of the same `once` request does not run it again, whatever the
+    exec form; the probe tells a started command from one that never ran; and a lost start
+    whose command ran is an error, not a second run."""
+    log = "/tmp/once-log"
+    line = ["sh", "-c", f"echo ran >> {log}"]
+
+    def count() -> int:  # through no websocket: `_run_once` is replaced below
+        res = client.exec.recorded(running, ExecRequest(["cat", log]), read_output=lambda c: True)
+        return res.stdout.count(b"ran")
+
+    for form in ("run", "quiet", "recorded"):
+        client.exec.quiet(running, ExecRequest(["rm", "-f", log]))
+        req = ExecRequest(line, user=1000, group=1000, once=True)  # as the agent: its /dev/shm
+        probe = client.exec._started(running, req)
+        assert probe is not None and not probe()
+        for start in (1, 2):
+            if form == "run":
+                res = client.exec.run(running, req)
+                code, err = res.exit_code, res.stderr
+            elif form == "quiet":
+                code, err = client.exec.quiet(running, req), b"not started a second time"
+            else:
+                res = client.exec.recorded(running, req)
+                code, err = res.exit_code, res.stderr
+            assert code == (0 if start == 1 else 125), (form, start)
+            assert start == 1 or b"not started a second time" in err, err
+        assert probe() and count() == 1, form
+
+    # A lost start, injected on top of a real one: the command ran, so it is not run again.
+    client.exec.quiet(running, ExecRequest(["rm", "-f", log]))
+    real = ExecAPI._run_once
+
+    def lost(self, instance, req, *args):  # type: ignore[no-untyped-def]
+        real(self, instance, req, *args)
+        raise OperationFailed(f"exec: {_NOT_STARTED}")
+
+    monkeypatch.setattr(ExecAPI, "_run_once", lost)
+    with pytest.raises(OperationFailed, match="lost track of the command"):
+        client.exec.run(running, ExecRequest(line, once=True))
+    assert count() == 1
+    # One that lost nothing but its answer and ran nothing is started again, once.
+    calls: list[int] = []
+
+    def refused(self, instance, req, *args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationFailed(f"exec: {_NOT_STARTED}")
+        return real(self, instance, req, *args)
+
+    monkeypatch.setattr(ExecAPI, "_run_once", refused)
+    assert client.exec.run(running, ExecRequest(line, once=True)).exit_code == 0
+    assert len(calls) == 2 and count() == 2
 
 
 def test_exec_signal_reaches_the_command(client: IncusClient, running: str) -> None:

@@ -21,6 +21,14 @@ def test_lost_child_is_started_again_only_when_nothing_ran() -> None:
         _retry_not_started(flaky, may_retry=lambda: False)
     assert len(calls) == 1
 
+    # A user's command (`once`) is started again only when its probe says it never ran.
+    calls.clear()
+    assert _retry_not_started(flaky, may_retry=lambda: True, started=lambda: False) == 7
+    calls.clear()
+    with pytest.raises(OperationFailed, match="lost track") as lost:
+        _retry_not_started(flaky, may_retry=lambda: True, started=lambda: True)
+    assert len(calls) == 1 and _NOT_STARTED in (lost.value.details or "")
+
     def other() -> int:
         raise OperationFailed("exec: something else")
 

@@ -186,6 +186,28 @@ def test_forget_and_missing_record(guard: Guard) -> None:
     assert guard.enforce().changes == []
 
 
+def test_a_record_forgotten_by_another_coi_during_the_check_is_no_error(
+    guard: Guard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI: `coi clean` failed with FileNotFoundError on manifest.json, `coi run`'s own settle
+    having verified and removed the same container's record between clean's look and its
+    read. The other coi's removal is played at exactly that point."""
+    other = Guard(guard.container, home=guard.home)
+    seen = Guard.exists
+
+    def then_forgotten(self: Guard) -> bool:
+        found = seen(self)
+        if self is guard:
+            monkeypatch.setattr(Guard, "exists", seen)
+            other.forget()
+        return found
+
+    monkeypatch.setattr(Guard, "exists", then_forgotten)
+    assert guard.enforce().changes == []
+    guard.forget()
+    assert not guard.dir.exists()
+
+
 # -- workspace config and the rest of git's host-side files ----------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -35,19 +36,53 @@ _NOT_STARTED = "Failed to retrieve PID of executing child process"
 _START_ATTEMPTS = 3
 
 
+# A command that must never run twice (a user's) starts through this: it claims a token
+# first, with mkdir (atomic), so of two starts of one request only one runs the command. $0
+# is the token, "$@" the command. One that cannot be found or run exits 127 or 126, which
+# the daemon reports as it would without this (see `_START_ERRORS`).
+_ONCE = """t=/dev/shm; [ -d $t ] && [ -w $t ] || t=/tmp
+if ! mkdir "$t/.coi-once-$0" 2>/dev/null; then
+  echo "coi: not started a second time: an earlier start of this command, which the daemon \
+lost track of, ran it" >&2
+  exit 125
+fi
+case $1 in
+  */*) if [ ! -e "$1" ]; then exit 127; elif [ -d "$1" ] || [ ! -x "$1" ]; then exit 126; fi ;;
+  *) command -v "$1" >/dev/null 2>&1 || exit 127 ;;
+esac
+exec "$@"
+"""
+# Whether the command of a `once` request has started (run as root; $0 is the token).
+_ONCE_STARTED = 'test -e "/dev/shm/.coi-once-$0" || test -e "/tmp/.coi-once-$0"'
+
+
 @dataclass
 class ExecRequest:
-    """What to run and as whom."""
+    """What to run and as whom.
+
+    `once`: the command must never run twice, even when the daemon loses track of a start
+    (a user's command: `coi run`, keys typed into tmux, the SDK). Such a start is retried
+    only when the command surely did not run; otherwise the error says so.
+    """
 
     command: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     user: int | None = None
     group: int | None = None
+    once: bool = False
+    # The same for every start of this request: what makes a second start see the first.
+    token: str = field(default_factory=lambda: secrets.token_hex(8), repr=False)
+
+    def argv(self) -> list[str]:
+        """The command as the daemon is asked to start it."""
+        if self.once:
+            return ["sh", "-c", _ONCE, self.token, *self.command]
+        return list(self.command)
 
     def body(self, *, interactive: bool, width: int = 80, height: int = 24) -> JSON:
         body: JSON = {
-            "command": list(self.command),
+            "command": self.argv(),
             "environment": dict(self.env),
             "wait-for-websocket": True,
             "interactive": interactive,
@@ -248,23 +283,46 @@ class _Seen:
         self._sink(data)
 
 
-def _retry_not_started(once: Callable[[], T], *, may_retry: Callable[[], bool]) -> T:
+def _retry_not_started(
+    once: Callable[[], T],
+    *,
+    may_retry: Callable[[], bool],
+    started: Callable[[], bool] | None = None,
+) -> T:
     """Run `once`, starting it again when the daemon lost track of the child.
 
-    Under load LXD sometimes fails an exec with "Failed to retrieve PID of executing child
-    process". Mostly nothing ran, but a command that ends at once may have run (seen with
-    `tmux new-session -d`): it is started again only when no output was seen and the input
-    can be replayed, and a caller whose command must not run twice checks for that.
+    Under load the daemon sometimes fails an exec with "Failed to retrieve PID of executing
+    child process": its forkexec helper reports a failed attach, yet the attached child may
+    be running the command (seen in CI: `coi run`'s gzip found the file of an earlier start
+    of itself). A start is made again only when no output was seen and the input can be
+    replayed (`may_retry`), and, for a request that must not run twice, when `started` says
+    the first one never ran (its `once` wrapper claims a token first).
+
+    :raises OperationFailed: the command may have run, and is not started again.
     """
     for attempt in range(_START_ATTEMPTS):
         try:
             return once()
         except OperationFailed as err:
-            last = attempt == _START_ATTEMPTS - 1
-            if _NOT_STARTED not in err.message or last or not may_retry():
+            if _NOT_STARTED not in err.message:
                 raise
+            if attempt == _START_ATTEMPTS - 1 or not may_retry():
+                raise _lost(err) from err
+            if started is not None and started():
+                raise _lost(err) from err
             time.sleep(0.1 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _lost(err: OperationFailed) -> OperationFailed:
+    return OperationFailed(
+        "exec: the daemon lost track of the command as it started it; it may have run, or "
+        "still run, without its output reaching coi, and is not started again (that could "
+        "repeat what it did)",
+        details=err.message,
+        resolution="Look at what it was to do, then run it again if that is safe; the "
+        "daemon's log says more ('Failed to retrieve PID of executing child process').",
+    )
 
 
 # Seconds a websocket over TLS may take to open (TCP, TLS, the HTTP upgrade): a few round
@@ -351,6 +409,13 @@ class ExecAPI:
 
     def __init__(self, client: IncusClient) -> None:
         self._c = client
+
+    def _started(self, instance: str, req: ExecRequest) -> Callable[[], bool] | None:
+        """For a `once` request: whether its command has started (its token is claimed)."""
+        if not req.once:
+            return None
+        probe = ExecRequest(["sh", "-c", _ONCE_STARTED, req.token], user=0, group=0)
+        return lambda: self.quiet(instance, probe) == 0
 
     def _connect_ws(self, op_id: str, secret: str) -> ClientConnection:
         from websockets.sync.client import unix_connect
@@ -446,6 +511,7 @@ class ExecAPI:
         code = _retry_not_started(
             lambda: self._run_once(instance, req, stdin, seen[0], seen[1], on_start),
             may_retry=lambda: replayable and not (seen[0].any or seen[1].any),
+            started=self._started(instance, req),
         )
         return ExecResult(code, b"".join(out_buf), b"".join(err_buf))
 
@@ -490,7 +556,11 @@ class ExecAPI:
         """Run a command whose output nobody wants: no websockets, one round trip."""
         body = req.body(interactive=False)
         body["wait-for-websocket"] = False
-        op = _retry_not_started(lambda: self._post_and_wait(instance, body), may_retry=lambda: True)
+        op = _retry_not_started(
+            lambda: self._post_and_wait(instance, body),
+            may_retry=lambda: True,
+            started=self._started(instance, req),
+        )
         return exit_code(op, req.command)
 
     def _post_and_wait(self, instance: str, body: JSON) -> JSON:
@@ -521,7 +591,11 @@ class ExecAPI:
         body = req.body(interactive=False)
         body["wait-for-websocket"] = False
         body["record-output"] = True
-        op = _retry_not_started(lambda: self._post_and_wait(instance, body), may_retry=lambda: True)
+        op = _retry_not_started(
+            lambda: self._post_and_wait(instance, body),
+            may_retry=lambda: True,
+            started=self._started(instance, req),
+        )
         meta = op.get("metadata") or {}
         shell_err: list[bytes] = []
         code = exit_code(op, req.command, shell_err.append)
@@ -557,7 +631,9 @@ class ExecAPI:
 
         seen = _Seen(write_out)
         return _retry_not_started(
-            lambda: self._interactive_once(instance, req, fd, seen), may_retry=lambda: not seen.any
+            lambda: self._interactive_once(instance, req, fd, seen),
+            may_retry=lambda: not seen.any,
+            started=self._started(instance, req),
         )
 
     def _interactive_once(

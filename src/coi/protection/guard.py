@@ -304,7 +304,10 @@ class Guard:
 
     def forget(self) -> None:
         """Drop the record and copy (the container is gone and was verified)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        # Under the lock: a `coi clean` and the settle of `coi run` may verify the same
+        # container at once; the one that comes second must not read half a removal.
+        with held(self.dir / "lock"):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- record ---------------------------------------------------------------------------
 
@@ -352,6 +355,11 @@ class Guard:
         if not self.exists():
             return report
         with held(self.dir / "lock"):
+            if not self.exists():
+                # Verified and forgotten by another coi since the look above (the lock
+                # file alone was made again by this one): nothing is left to check.
+                shutil.rmtree(self.dir, ignore_errors=True)
+                return report
             data = self._load()
             workspace = Path(data["workspace"])
             if not workspace.is_dir():

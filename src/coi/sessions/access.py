@@ -23,7 +23,9 @@ class Agent:
     user: str
     workspace: str
 
-    def request(self, command: Sequence[str], *, cwd: str | None = None) -> ExecRequest:
+    def request(
+        self, command: Sequence[str], *, cwd: str | None = None, once: bool = False
+    ) -> ExecRequest:
         spec = SandboxSpec(
             workspace=Path(self.workspace),
             image="",
@@ -37,6 +39,7 @@ class Agent:
             cwd=cwd or self.workspace,
             user=self.uid,
             group=self.uid,
+            once=once,
         )
 
 
@@ -90,7 +93,8 @@ def tmux_send(client: IncusClient, agent: Agent, command: str) -> None:
     """
     session = naming.tmux_session(agent.container)
     res = client.exec.capture(
-        agent.container, agent.request(["tmux", "send-keys", "-t", session, command, "Enter"])
+        agent.container,
+        agent.request(["tmux", "send-keys", "-t", session, command, "Enter"], once=True),
     )
     if res.exit_code != 0:
         raise _no_session(agent, res.stderr)

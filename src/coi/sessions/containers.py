@@ -101,7 +101,12 @@ def run_command(
     if cwd is None:
         cwd = (inst.devices.get("workspace") or {}).get("path") or None
     req = ExecRequest(
-        command=list(command), env=parse_env(tuple(env)), cwd=cwd, user=user, group=group
+        command=list(command),
+        env=parse_env(tuple(env)),
+        cwd=cwd,
+        user=user,
+        group=group,
+        once=True,
     )
     if mode == "tty":
         return ExecResult(client.exec.interactive(name, req))

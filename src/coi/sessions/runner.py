@@ -304,7 +304,7 @@ def preload(module: str) -> None:
 
 
 def _execute(client: IncusClient, box: Sandbox, req: RunRequest, log: Log) -> int:
-    exec_req = box.request(req.command, {})
+    exec_req = box.request(req.command, {}, once=True)
     if req.capture:
         res = client.exec.capture(box.name, exec_req)
         code = _time_limited(box, res.exit_code, log)
@@ -780,7 +780,7 @@ class ShellSession:
             self._lay_home()
             self._broker_ready()
             self.box.up()
-            return self.client.exec.interactive(name, self.box.request(cmd, self._env()))
+            return self.client.exec.interactive(name, self.box.request(cmd, self._env(), once=True))
         session = naming.tmux_session(name)
         # Asked when the container came up (`_start_broker`); one made just now runs no tmux.
         if not self._agent_runs:
@@ -802,7 +802,7 @@ class ShellSession:
         else:
             self._lay_home()
             if self.req.background:
-                self._tmux(["send-keys", "-t", session, shlex.join(cmd), "Enter"])
+                self._tmux(["send-keys", "-t", session, shlex.join(cmd), "Enter"], once=True)
                 sys.stderr.write(f"Sent command to existing tmux session: {session}\n")
         if self.req.background:
             self._left_running = True
@@ -828,17 +828,17 @@ class ShellSession:
         )
         return 0
 
-    def _tmux(self, args: list[str]) -> ExecResult:
+    def _tmux(self, args: list[str], *, once: bool = False) -> ExecResult:
         """tmux in the sandbox (no websockets); its output is read only when it failed, and
         not for `has-session`, whose failure is an answer (no such session)."""
-        return self._recorded(["tmux", *args], {}, quiet=args[0] == "has-session")
+        return self._recorded(["tmux", *args], {}, quiet=args[0] == "has-session", once=once)
 
     def _recorded(
-        self, argv: list[str], env: Mapping[str, str], *, quiet: bool = False
+        self, argv: list[str], env: Mapping[str, str], *, quiet: bool = False, once: bool = False
     ) -> ExecResult:
         return self.client.exec.recorded(
             self.box.name,
-            self.box.request(argv, {**self._env(), **env}),
+            self.box.request(argv, {**self._env(), **env}, once=once),
             read_output=lambda code: code != 0 and not quiet,
             tidy=self.box.lasting,
         )

@@ -1008,15 +1008,22 @@ class Sandbox:
             time.sleep(0.1)
 
     def request(
-        self, command: list[str], env: Mapping[str, str], *, cwd: str | None = None
+        self,
+        command: list[str],
+        env: Mapping[str, str],
+        *,
+        cwd: str | None = None,
+        once: bool = False,
     ) -> ExecRequest:
-        """Run `command` as the agent user, in the workspace, with the session environment."""
+        """Run `command` as the agent user, in the workspace, with the session environment;
+        `once`: a user's command, never run twice (see `ExecRequest`)."""
         return ExecRequest(
             command=command,
             env=session_env(self.spec, env),
             cwd=cwd or self.spec.workspace_target,
             user=self.spec.code_uid,
             group=self.spec.code_uid,
+            once=once,
         )
 
     def running(self) -> bool:
