@@ -63,6 +63,7 @@ def launch_cmd(image: str, name: str, ephemeral: bool, target: str | None) -> No
             network=cfg.get_str("incus.network"),
             ephemeral=ephemeral,
             target=target or "",
+            setxattr=cfg.get_bool("incus.intercept_setxattr"),
         )
     click.echo(f"Container {name} launched from {image}", err=True)
 

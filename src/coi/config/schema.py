@@ -255,6 +255,16 @@ SETTINGS: tuple[Setting, ...] = (
         trust="never",
     ),
     _s("incus.claude_uid", "int", 1000, "Legacy name of incus.code_uid; accepted.", trust="never"),
+    _s(
+        "incus.intercept_setxattr",
+        "bool",
+        False,
+        "Have the daemon intercept setxattr in sandboxes, as upstream always does (for "
+        "Docker's overlay on kernels before 5.11). Off by default: with it on, Incus 6.0 "
+        "(liblxc 5.0) reports about 1 exec in 50 under parallel load as failed while its "
+        "command runs on (docs/images.md).",
+        trust="false",
+    ),
     # [network]
     _s(
         "network.mode",

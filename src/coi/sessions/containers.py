@@ -28,6 +28,7 @@ def launch(
     network: str,
     ephemeral: bool,
     target: str = "",
+    setxattr: bool = False,
 ) -> None:
     """Create and start a container from an image, with the settings Docker inside needs;
     on a cluster, on member `target` ('': where its scheduler places it)."""
@@ -37,7 +38,9 @@ def launch(
         name,
         image=image,
         config=docker_ready_config(
-            client.has_extension, mknod_works=mknod_works(found.config if found else {})
+            client.has_extension,
+            mknod_works=mknod_works(found.config if found else {}),
+            setxattr=setxattr,
         ),
         devices={
             "root": {"type": "disk", "path": "/", "pool": pool},

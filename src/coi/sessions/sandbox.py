@@ -106,6 +106,7 @@ class SandboxSpec:
     # (see sessions/template.py).
     templates: bool | None = True
     spares: int = 2
+    intercept_setxattr: bool = False  # `incus.intercept_setxattr`
     # Most sessions at once on one workspace.
     max_slots: int = naming.MAX_SLOTS
     # Workspace files masked (read as empty inside: `security.mask_secrets`); None: none.
@@ -173,15 +174,12 @@ def session_env(spec: SandboxSpec, extra: Mapping[str, str]) -> dict[str, str]:
 # What Docker inside needs besides nesting, as upstream sets it: the daemon does mknod (the
 # device nodes in image layers) and setxattr (trusted.* overlay attributes) on the
 # container's behalf. Both came with the `container_syscall_intercept` API extension.
-SYSCALL_INTERCEPTS = {
-    "security.syscalls.intercept.mknod": "true",
-    "security.syscalls.intercept.setxattr": "true",
-}
 MKNOD_INTERCEPT = "security.syscalls.intercept.mknod"
+SETXATTR_INTERCEPT = "security.syscalls.intercept.setxattr"
 
 
 def docker_ready_config(
-    has_extension: Callable[[str], bool], *, mknod_works: bool = False
+    has_extension: Callable[[str], bool], *, mknod_works: bool = False, setxattr: bool = False
 ) -> dict[str, str]:
     """What Docker inside a container needs, as far as this daemon can give it: asked by
     API extension, never by the daemon's name or version.
@@ -189,13 +187,19 @@ def docker_ready_config(
     mknod interception only where `coi setup` saw it work (`labels.MKNOD_WORKS` on the
     pool): on Incus 6.0.4 with kernel 6.18 a container with it on cannot even make the
     whiteouts (c 0:0) that the kernel lets it make without it, and Docker's image layers
-    hold whiteouts (measured; docs/images.md).
+    hold whiteouts (measured; docs/images.md). setxattr interception only when asked
+    (`incus.intercept_setxattr`): any interception puts a seccomp notifier on each exec's
+    attach, and under parallel load Incus 6.0 (liblxc 5.0.2) then fails about 1 exec in 50
+    ("Failed to retrieve PID of executing child process") while the command runs on
+    (measured: every such command had run); Docker's overlay needs no trusted.* attribute
+    on a kernel that has `userxattr` (5.11 and later).
     """
     config = {"security.nesting": "true"}
     if has_extension("container_syscall_intercept"):
-        config.update(SYSCALL_INTERCEPTS)
-        if not mknod_works:
-            del config[MKNOD_INTERCEPT]
+        if mknod_works:
+            config[MKNOD_INTERCEPT] = "true"
+        if setxattr:
+            config[SETXATTR_INTERCEPT] = "true"
     return config
 
 
@@ -220,7 +224,7 @@ def instance_config(
     owner = host_owner_uid(spec.workspace)
     gid = host_owner_gid(spec.workspace, owner)
     config = {
-        **docker_ready_config(has_extension, mknod_works=mknod),
+        **docker_ready_config(has_extension, mknod_works=mknod, setxattr=spec.intercept_setxattr),
         **NO_AUTOSTART,
         labels.WORKSPACE: str(spec.workspace),
         labels.PERSISTENT: "true" if spec.persistent else "false",
@@ -1178,6 +1182,7 @@ def build_spec(
         verify_interval=float(cfg.get_int("security.verify_interval_seconds")),
         templates=_templates(cfg.get_str("incus.templates")),
         spares=_spares(cfg),
+        intercept_setxattr=cfg.get_bool("incus.intercept_setxattr"),
         max_slots=_bounded(cfg, "defaults.max_slots", 1, 99, "how many sessions you run at once"),
         kind=kind,
         limits=limits if limits is not None else Limits(),
