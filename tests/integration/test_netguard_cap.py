@@ -212,7 +212,7 @@ def test_a_sender_left_running_after_coi_runs_monitor_stops_is_still_capped(
     """The end of a `coi run`: its monitor stops when the command ends, before the daemon
     removes the sandbox; a process the command left in the background goes on sending
     meanwhile. No destination is over its cap yet when the monitor stops: the table stays
-    all the same (`keep`: the sandbox goes next), so the upload that starts then is still
+    all the same (while the veth is there), so the upload that starts then is still
     capped."""
     port = _receiver(topo)
     guard = netguard.NetGuard(
@@ -223,7 +223,7 @@ def test_a_sender_left_running_after_coi_runs_monitor_stops_is_still_capped(
     sender = None
     try:
         guard.start()
-        guard.stop(keep=True)  # as coi run's monitor stops, nothing sent yet
+        guard.stop()  # as coi run's monitor stops, nothing sent yet
         listed = _run(netguard.nft_path() or "nft", "list", "tables", "netdev")
         assert f"table netdev {table}" in listed
         sender = subprocess.Popen(
@@ -244,3 +244,72 @@ def test_a_sender_left_running_after_coi_runs_monitor_stops_is_still_capped(
             [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
             capture_output=True,
         )
+
+
+def test_the_next_monitor_carries_the_counts_over(topo: Topo) -> None:
+    """A handover (`coi shell` detached: the monitor service takes over; attached again:
+    coi's own monitor) once gave every destination its whole cap again: each monitor's table
+    counted from zero. The first monitor's table stays when it stops; the next one starts
+    each destination at what it had sent, then removes the old table. Played: 60 % of the
+    cap sent under the first monitor, the other 60 % under the second; at most the cap
+    arrives. After `coi resume` (`reset_quota`), the carried counts go too."""
+    port = _receiver(topo)
+    container = f"coi-test-cap-{topo.ns}"
+    packets: list[netguard.Packet] = []
+    part = CAP * 6 // 10
+    first = netguard.NetGuard(
+        container, topo.veth, lambda _p: None,
+        cap_bytes=CAP, gateway="", blocked=[], allowed=None, owner=1,
+    )  # fmt: skip
+    tables = [first.table]
+    sender = None
+    gate = f"/tmp/coi-it-carry-{topo.ns}"
+    try:
+        first.start()
+        sender = subprocess.Popen(
+            [
+                "ip", "netns", "exec", topo.ns, "python3", "-c",
+                "import os, socket, time; "
+                f"s = socket.create_connection(({HOST_END!r}, {port})); s.settimeout(30); "
+                f"s.sendall(b'x' * {part}); "
+                f"end = time.monotonic() + 30\n"
+                f"while not os.path.exists({gate!r}) and time.monotonic() < end: time.sleep(0.1)\n"
+                f"s.sendall(b'x' * {part}); time.sleep(30)",
+            ]
+        )  # fmt: skip
+        assert _until(lambda: topo.received[0] >= part, 20), topo.received[0]
+        first.stop()  # the handover: this table stays, counts and all
+        listed = _run(netguard.nft_path() or "nft", "list", "tables", "netdev")
+        assert f"table netdev {first.table}" in listed.splitlines()
+        second = netguard.NetGuard(
+            container, topo.veth, packets.append,
+            cap_bytes=CAP, gateway="", blocked=[], allowed=None,
+        )  # fmt: skip
+        tables.append(second.table)
+        second.start()
+        try:
+            assert second.carried.get(HOST_END, 0) >= part, second.carried
+            listed = _run(netguard.nft_path() or "nft", "list", "tables", "netdev")
+            assert f"table netdev {first.table}" not in listed.splitlines()  # carried, removed
+            open(gate, "w").close()  # the second part goes now
+            assert _until(lambda: any(p.kind == netguard.OVER for p in packets), 20), packets
+            last = -1
+            while last != topo.received[0]:
+                last = topo.received[0]
+                time.sleep(1)
+            assert part <= topo.received[0] <= CAP, topo.received[0]
+            second.reset_quota()  # `coi resume`: the rest may go
+            assert _until(lambda: topo.received[0] >= 2 * part, 30), topo.received[0]
+        finally:
+            second.stop()
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+            sender.wait(timeout=10)
+        if os.path.exists(gate):
+            os.unlink(gate)
+        for table in tables:
+            subprocess.run(
+                [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
+                capture_output=True,
+            )

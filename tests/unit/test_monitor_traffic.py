@@ -180,7 +180,9 @@ def test_parse_ip_takes_ipv6_too() -> None:
     assert p is not None and (p.dst, p.dport, p.proto) == ("fd00::1", 53, "udp")
 
 
-def test_tables_are_per_monitor_process_and_those_of_dead_monitors_are_removed() -> None:
+def test_tables_are_per_monitor_process_and_only_those_of_gone_sandboxes_are_removed() -> None:
+    """A table left by a monitor that stopped or died still caps its running sandbox, until
+    the next monitor carries its counts over: only a table whose NIC is gone is stale."""
     assert netguard.table_name("coi-abc-1", 42) != netguard.table_name("coi-abc-1", 43)
     assert netguard.table_name("coi-abc-1", 42).endswith("-42")
 
@@ -197,8 +199,59 @@ def test_tables_are_per_monitor_process_and_those_of_dead_monitors_are_removed()
         + "table netdev coi-mon-0123456789ab-44 {\n" + chain("veth3")  # kept, sandbox gone
         + "table netdev someone-else-45 {\n" + chain("veth4")  # not coi's
     )  # fmt: skip
-    stale = netguard.remove_stale(listing, lambda pid: pid != 42, lambda dev: dev != "veth3")
-    assert stale == ["coi-mon-0123456789ab-42", "coi-mon-0123456789ab-44"]
+    stale = netguard.remove_stale(listing, lambda dev: dev != "veth3")
+    assert stale == ["coi-mon-0123456789ab-44"]
+
+
+# `nft -j list table` of a monitor's table (nft 1.0.6, trimmed): one destination counted
+# in the dynamic set, one carried from a monitor before (its named quota), one over its cap.
+_LISTED = """{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+{"table": {"family": "netdev", "name": "coi-mon-x-7", "handle": 5}},
+{"quota": {"family": "netdev", "name": "c0", "table": "coi-mon-x-7", "handle": 3,
+  "bytes": 1000000, "used": 400000, "inv": true}},
+{"map": {"family": "netdev", "name": "carried4", "table": "coi-mon-x-7", "type": "ipv4_addr",
+  "handle": 4, "map": "quota", "elem": [["203.0.113.9", "c0"]]}},
+{"set": {"family": "netdev", "name": "out4", "table": "coi-mon-x-7", "type": "ipv4_addr",
+  "handle": 5, "size": 65535, "elem": [
+  {"elem": {"val": "198.51.100.7", "quota": {"val": 1000000, "val_unit": "bytes", "inv": true,
+    "used": 684, "used_unit": "bytes"}}},
+  {"elem": {"val": "198.51.100.8", "quota": {"val": 1000000, "val_unit": "bytes", "inv": true,
+    "used": 2, "used_unit": "mbytes"}}}]}},
+{"set": {"family": "netdev", "name": "out6", "table": "coi-mon-x-7", "type": "ipv6_addr",
+  "handle": 6, "size": 65535}}]}"""
+
+
+def test_what_a_table_counted_is_read_back_for_the_next_monitor() -> None:
+    assert netguard.used_bytes(_LISTED) == {
+        "203.0.113.9": 400_000,
+        "198.51.100.7": 684,
+        "198.51.100.8": 2 << 20,
+    }
+
+
+def test_carried_counts_start_the_next_table_where_the_last_one_was() -> None:
+    """Each carried destination has a named quota started at what it used (at most the cap:
+    over it, its next packet is dropped), looked up before the dynamic sets, which it never
+    enters; nothing carried, nothing added."""
+    rules = netguard.ruleset(
+        "t", "veth1", 1, cap_bytes=1000, gateway="", blocked=[], allowed=None,
+        carried={"203.0.113.9": 684, "2001:db8::1": 5000, "not-an-address": 3, "198.51.100.1": 0},
+    )  # fmt: skip
+    assert "quota c0 { over 1000 bytes used 684 bytes }" in rules
+    assert "quota c1 { over 1000 bytes used 1000 bytes }" in rules
+    assert 'elements = { 203.0.113.9 : "c0" }' in rules and '2001:db8::1 : "c1"' in rules
+    assert "198.51.100.1" not in rules and "not-an-address" not in rules
+    lookup = "ip daddr @carried4 quota name ip daddr map @carried4 jump over"
+    assert rules.index(lookup) < rules.index("ip daddr @carried4 return")
+    assert rules.index("ip daddr @carried4 return") < rules.index("update @out4")
+    plain = netguard.ruleset("t", "v", 1, cap_bytes=1000, gateway="", blocked=[], allowed=None)
+    assert "carried" not in plain and "quota c" not in plain
+    many = {f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}": i + 1 for i in range(5000)}
+    capped = netguard.ruleset(
+        "t", "v", 1, cap_bytes=10**9, gateway="", blocked=[], allowed=None, carried=many
+    )
+    assert capped.count("quota c") == netguard.MAX_CARRIED  # those that sent the most
+    assert "used 5000 bytes" in capped and "used 1 bytes" not in capped
 
 
 def test_one_query_carrying_data_is_a_warning_and_host_names_are_not() -> None:

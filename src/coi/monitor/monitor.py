@@ -446,13 +446,12 @@ class Monitor:
         self._thread = threading.Thread(target=self._loop, name="coi-monitor", daemon=True)
         self._thread.start()
 
-    def stop(self, *, keep_guard: bool = False) -> None:
-        """Stop watching. `keep_guard`: the sandbox is removed next (`coi run`): its network
-        table stays until its NIC goes, so that a process the command left running, or data
-        still in a socket, leaves no faster than the cap between now and the removal."""
+    def stop(self) -> None:
+        """Stop watching. The network table stays while the sandbox's NIC is there (see
+        `NetGuard.stop`)."""
         self.last_look()
         if self._guard is not None:
-            self._guard.stop(keep=keep_guard)
+            self._guard.stop()
         watchers = (self._exec, self._exits, self._flows, self._storms, self._opens)
         for watcher in watchers:
             if watcher:
@@ -483,11 +482,8 @@ def monitoring(
     container: str,
     settings: Settings | None,
     alert: Log,
-    *,
-    keep_guard: bool = False,
 ) -> Iterator[Monitor | None]:
-    """Run the monitor while the block runs (no-op when monitoring is off); `keep_guard`: see
-    Monitor.stop."""
+    """Run the monitor while the block runs (no-op when monitoring is off)."""
     if settings is None or not settings.enabled or not container:
         yield None
         return
@@ -496,7 +492,7 @@ def monitoring(
     try:
         yield mon
     finally:
-        mon.stop(keep_guard=keep_guard)
+        mon.stop()
 
 
 def context_of(client: IncusClient, container: str) -> NetContext:

@@ -16,25 +16,26 @@ does three things, all in the kernel:
   second: volume and entropy of the names, whatever the tool.
 
 The logs reach the monitor over NFLOG (netlink, a group of its own): no polling, no cost
-while the sandbox is quiet. Needs root (nft and NFLOG); the table is removed when the
-monitor stops, and the kernel drops it with the veth when the container goes -- unless a
-destination went over its cap: then the table stays until the veth is gone (see `stop`).
+while the sandbox is quiet. Needs root (nft and NFLOG). A monitor that stops leaves its
+table while the veth is there (see `stop`): the monitor that watches next (the service
+after a detach, coi after an attach) carries every destination's count over into its own
+table and removes the old one; a table whose veth is gone is removed by `tidy`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import shutil
 import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from coi.helpers import pid_alive
 from coi.monitor.netlink import NetlinkReader
 from coi.monitor.netlink import attr as _attr
 from coi.monitor.netlink import attrs as _attrs
@@ -87,10 +88,13 @@ def nft_path() -> str | None:
 
 def table_name(container: str, pid: int | None = None) -> str:
     """One table per sandbox and monitor process (the sandbox's name hashed: names may be
-    long; the pid: a second monitor beside the first, coi's and the service's for a moment,
-    must not replace or remove the first one's table)."""
-    digest = hashlib.sha256(container.encode()).hexdigest()[:12]
-    return f"coi-mon-{digest}-{os.getpid() if pid is None else pid}"
+    long; the pid: the table a monitor left must still be there, counts and all, when the
+    next one starts and carries them over)."""
+    return f"{_table_prefix(container)}{os.getpid() if pid is None else pid}"
+
+
+def _table_prefix(container: str) -> str:
+    return f"coi-mon-{hashlib.sha256(container.encode()).hexdigest()[:12]}-"
 
 
 def coi_tables(listing: str) -> dict[str, str]:
@@ -107,18 +111,80 @@ def coi_tables(listing: str) -> dict[str, str]:
     return out
 
 
-def remove_stale(
-    listing: str, alive: Callable[[int], bool], device_exists: Callable[[str], bool]
-) -> list[str]:
-    """The tables to delete in `nft list ruleset netdev`: those of monitors that died without
-    removing theirs (killed), and those kept for a sandbox that is gone, its NIC too (see
-    NetGuard.stop)."""
-    out = []
-    for name, device in coi_tables(listing).items():
-        pid = name.rsplit("-", 1)[-1]
-        if (pid.isdigit() and not alive(int(pid))) or not device_exists(device):
-            out.append(name)
+def remove_stale(listing: str, device_exists: Callable[[str], bool]) -> list[str]:
+    """The tables to delete in `nft list ruleset netdev`: those whose sandbox is gone, its
+    NIC too. A table left by a monitor that stopped or died (killed) while its sandbox runs
+    stays: it still caps what the sandbox sends, until the next monitor of that sandbox
+    carries its counts over (see NetGuard)."""
+    return [name for name, device in coi_tables(listing).items() if not device_exists(device)]
+
+
+# nft's units for a quota's bytes (powers of 1024), in its JSON output.
+_UNITS = {"bytes": 1, "kbytes": 1 << 10, "mbytes": 1 << 20, "gbytes": 1 << 30}
+
+
+def used_bytes(listing: str) -> dict[str, int]:
+    """What each destination has used of its quota in one table (`nft -j list table`): its
+    element of the dynamic sets, or its carried quota (counted by monitors before)."""
+    out: dict[str, int] = {}
+
+    def note(addr: object, used: int) -> None:
+        if isinstance(addr, str) and used > 0:
+            out[addr] = max(out.get(addr, 0), used)
+
+    quotas: dict[str, int] = {}
+    mapped: list[object] = []
+    for item in json.loads(listing).get("nftables", []):
+        if "set" in item and item["set"].get("name") in ("out4", "out6"):
+            for e in item["set"].get("elem", []):
+                el = e.get("elem") if isinstance(e, dict) else None
+                q = (el or {}).get("quota") or {}
+                used = int(q.get("used", 0)) * _UNITS.get(str(q.get("used_unit", "bytes")), 1)
+                note((el or {}).get("val"), used)
+        elif "quota" in item:
+            quotas[str(item["quota"].get("name"))] = int(item["quota"].get("used", 0))
+        elif "map" in item and item["map"].get("name") in ("carried4", "carried6"):
+            mapped.extend(item["map"].get("elem", []))
+    for pair in mapped:
+        if isinstance(pair, list) and len(pair) == 2:
+            note(pair[0], quotas.get(str(pair[1]), 0))
     return out
+
+
+# At most this many destinations are carried over (those that sent the most): each is a
+# named quota in the new table.
+MAX_CARRIED = 4096
+
+
+def inherited(container: str, device: str, own: str) -> tuple[dict[str, int], list[str]]:
+    """The counts the tables other monitors left for this sandbox (on this veth) hold, per
+    destination, and those tables."""
+    path = nft_path()
+    if path is None:
+        return {}, []
+    listing = subprocess.run(
+        [path, "list", "ruleset", "netdev"], capture_output=True, text=True
+    ).stdout
+    prefix = _table_prefix(container)
+    tables = [
+        name
+        for name, dev in coi_tables(listing).items()
+        if name.startswith(prefix) and dev == device and name != own
+    ]
+    counts: dict[str, int] = {}
+    for table in tables:
+        res = subprocess.run(
+            [path, "-j", "list", "table", "netdev", table], capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            continue  # removed meanwhile
+        try:
+            found = used_bytes(res.stdout)
+        except (ValueError, TypeError, AttributeError):
+            continue
+        for addr, used in found.items():
+            counts[addr] = max(counts.get(addr, 0), used)
+    return counts, tables
 
 
 def tidy(wait: float = 0.0) -> None:
@@ -146,14 +212,11 @@ def tidy(wait: float = 0.0) -> None:
     while waiting(text) and time.monotonic() < deadline:
         time.sleep(0.05)
         text = listing()
-    for name in remove_stale(text, _alive, exists):
+    for name in remove_stale(text, exists):
         try:
             nft(f"delete table netdev {name}\n")
         except OSError:
             pass  # another monitor removed it meanwhile
-
-
-_alive = pid_alive
 
 
 def ruleset(
@@ -166,12 +229,14 @@ def ruleset(
     blocked: Iterable[str],
     allowed: Iterable[str] | None,
     set_size: int = 65535,
+    carried: Mapping[str, int] | None = None,
 ) -> str:
     """The table for one sandbox, as an `nft -f` script (replacing an older one).
 
     `blocked`: ranges the policy refuses (logged, not counted). `allowed`: the allowlist
     (None: no allowlist, the internet is allowed), not counted; every other address counts
-    against its quota. `cap_bytes` 0: no quota.
+    against its quota. `cap_bytes` 0: no quota. `carried`: bytes destinations have already
+    sent under monitors before this one: each starts with that much of its quota used.
     """
     blocked4 = _merged(blocked)
     lines = [
@@ -198,6 +263,10 @@ def ruleset(
     # Outside an allowlist the policy refuses the rest, but the allowlist moves (coi re-resolves
     # it every refresh_interval_minutes, this table does not): the rest is counted against
     # its quota, not reported as refused, so a host's new address is no false alarm.
+    objects: list[str] = []
+    if cap_bytes > 0 and carried:
+        objects, rules = _carried(carried, cap_bytes)
+        lines += rules
     if cap_bytes > 0:
         lines += [
             f"update @out4 {{ ip daddr quota over {cap_bytes} bytes }} jump over",
@@ -209,12 +278,13 @@ def ruleset(
             "ip6 daddr != @out6 jump over",
         ]
     body = "\n\t\t".join(lines)
+    declared = "".join(f"\t{o}\n" for o in objects)
     return f"""\
 table netdev {table}
 delete table netdev {table}
 table netdev {table} {{
 	comment "coi security monitor: {device}"
-	set out4 {{
+{declared}	set out4 {{
 		type ipv4_addr
 		size {set_size}
 		flags dynamic
@@ -234,6 +304,41 @@ table netdev {table} {{
 	}}
 }}
 """
+
+
+def _carried(carried: Mapping[str, int], cap_bytes: int) -> tuple[list[str], list[str]]:
+    """The named quotas (one a destination, started at what it used) and maps that carry
+    counts over, and the rules that apply them: a carried address is counted against its
+    own quota and never enters the dynamic sets."""
+    top = sorted(((a, u) for a, u in carried.items() if u > 0), key=lambda au: au[1], reverse=True)[
+        :MAX_CARRIED
+    ]
+    objects: list[str] = []
+    rules: list[str] = []
+    for version, kind, proto in ((4, "ipv4_addr", "ip"), (6, "ipv6_addr", "ip6")):
+        pairs = []
+        for addr, used in top:
+            try:
+                if ipaddress.ip_address(addr).version != version:
+                    continue
+            except ValueError:
+                continue
+            name = f"c{sum(o.startswith('quota') for o in objects)}"
+            used = min(used, cap_bytes)
+            objects.append(f"quota {name} {{ over {cap_bytes} bytes used {used} bytes }}")
+            pairs.append(f'{addr} : "{name}"')
+        if pairs:
+            carried_map = f"carried{version}"
+            elements = ", ".join(pairs)
+            objects.append(
+                f"map {carried_map} {{ type {kind} : quota; elements = {{ {elements} }} }}"
+            )
+            rules += [
+                f"{proto} daddr @{carried_map} quota name {proto} daddr map @{carried_map} "
+                "jump over",
+                f"{proto} daddr @{carried_map} return",
+            ]
+    return objects, rules
 
 
 def _merged(cidrs: Iterable[str]) -> list[str]:
@@ -368,14 +473,20 @@ class NetGuard(NetlinkReader):
         blocked: Iterable[str],
         allowed: Iterable[str] | None,
         set_size: int = 65535,
+        owner: int | None = None,
     ) -> None:
+        """`owner`: the pid the table is named after (this process's by default)."""
+        self.table = table_name(container, owner)
+        # Before `tidy`: what the monitors before this one counted is carried over, so a
+        # handover (detach, attach) gives no destination its whole cap again.
+        carried, before = inherited(container, device, self.table)
         tidy()
         sock, self.group = bind_group(container)
         super().__init__(sock)
-        self.table = table_name(container)
         self.device = device
         self.on_packet = on_packet
         self.over = False  # a destination went over its cap (and was not reset since)
+        self.carried = carried
         try:
             nft(
                 ruleset(
@@ -387,11 +498,18 @@ class NetGuard(NetlinkReader):
                     blocked=blocked,
                     allowed=allowed,
                     set_size=set_size,
+                    carried=carried,
                 )
             )
         except OSError:
             sock.close()
             raise
+        # Only now: until this table was in place, the old ones went on counting.
+        for table in before:
+            try:
+                nft(f"delete table netdev {table}\n")
+            except OSError:
+                pass  # gone with the veth, or removed by another monitor meanwhile
 
     def handle(self, data: bytes) -> None:
         for p in parse_nflog(data):
@@ -415,24 +533,29 @@ class NetGuard(NetlinkReader):
             if line.startswith(f"table netdev {prefix}")
         }
         for table in sorted(tables):
-            try:
-                nft(f"flush set netdev {table} out4\nflush set netdev {table} out6\n")
-            except OSError:
-                pass
+            for what in ("set netdev {} out4", "set netdev {} out6", "map netdev {} carried4",
+                         "map netdev {} carried6"):  # fmt: skip
+                try:
+                    nft(f"flush {what.format(table)}\n")
+                except OSError:
+                    pass  # no such map (nothing was carried), or the table is gone
         self.over = False
 
-    def stop(self, *, keep: bool = False) -> None:
-        """Stop listening; remove the table, unless the veth is still there and a destination
-        is over its cap or `keep` is asked (the sandbox goes next: what its processes still
-        send meanwhile stays capped). A paused sandbox's sockets still hold what the cap kept back
-        (1.5 to 3.7 MB of unsent data each in the attack suite), and the kernel keeps sending
-        it after its processes are killed: removed while the daemon is still tearing the
-        sandbox down (`coi run` stops its monitor when the command ends, before the sandbox
-        goes), the table let those megabytes out. Left, it goes with the veth (the kernel
-        unhooks it); `tidy` removes what is left (`coi run` once its sandbox is gone, and every
-        monitor as it starts)."""
+    def stop(self) -> None:
+        """Stop listening; the table stays while the veth is there, counts and all.
+
+        What the sandbox sends meanwhile stays capped: a paused sandbox's sockets still hold
+        what the cap kept back (1.5 to 3.7 MB of unsent data each in the attack suite), and
+        the kernel keeps sending it after its processes are killed (removed while the daemon
+        tore the sandbox down, the table let those megabytes out); a process `coi run`'s
+        command left running sends on while the sandbox goes. And the next monitor of the
+        sandbox (the service after a detach, coi after an attach) carries its counts over
+        and removes it (it once started from zero: every destination had its whole cap
+        again after each handover). Once the veth is gone (the kernel unhooks the table),
+        `tidy` removes it (`coi run` once its sandbox is gone, and every monitor as it
+        starts)."""
         super().stop()
-        if (self.over or keep) and os.path.exists(f"/sys/class/net/{self.device}"):
+        if os.path.exists(f"/sys/class/net/{self.device}"):
             return
         try:
             nft(f"delete table netdev {self.table}\n")

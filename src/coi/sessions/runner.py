@@ -51,18 +51,14 @@ def monitoring(
     name: str,
     settings: Settings | None,
     alert: Log,
-    *,
-    ends_sandbox: bool = False,
 ) -> Iterator[Monitor | None]:
-    """The security monitor around a block; its code is loaded only when it is enabled.
-    `ends_sandbox`: the sandbox is removed after the block (its network cap is kept until
-    then)."""
+    """The security monitor around a block; its code is loaded only when it is enabled."""
     if settings is None or not settings.enabled:
         yield None
         return
     from coi.monitor.monitor import monitoring as run_monitor
 
-    with run_monitor(client, name, settings, alert, keep_guard=ends_sandbox) as mon:
+    with run_monitor(client, name, settings, alert) as mon:
         yield mon
 
 
@@ -109,15 +105,13 @@ def guarded(
     alert: Log = terminal_alert,
     service: bool = False,
     remote: str | None = None,
-    ends_sandbox: bool = False,
 ) -> Iterator[Monitor | None]:
     """What watches a live sandbox while coi is with it: the allowlist's refresh, the checks
     of the protected paths and the security monitor (each only where configured). The one
     composition `coi run`, `coi shell`, `coi attach` and the SDK all use.
 
     `service`: the sandbox outlives this coi (a shell): a detached monitor service stands by
-    and watches whenever this coi does not (see `coi.monitor.service`). `ends_sandbox`: the
-    sandbox is removed after the block (`coi run`).
+    and watches whenever this coi does not (see `coi.monitor.service`).
     """
     if service and monitor is not None and monitor.enabled:
         with _handover(client, name, monitor, remote), guarded(
@@ -130,7 +124,7 @@ def guarded(
         client, policy, cache_dir=coi_home() / "network-cache",
         lock_dir=coi_home() / "locks", log=log,
     ), watching(guard, verify_interval, protect_log or log), monitoring(
-        client, name, monitor, alert, ends_sandbox=ends_sandbox
+        client, name, monitor, alert
     ) as mon:  # fmt: skip
         yield mon
 
@@ -163,7 +157,6 @@ def guarded_box(
         protect_log=protect_log,
         service=service,
         remote=box.spec.remote,
-        ends_sandbox=not service,
     )
 
 
