@@ -92,9 +92,9 @@ def main() -> None:
     print("| container | lost starts per round | of which the command ran |")
     print("|---|---|---|")
     for label, got in rows.items():
-        print(
-            f"| {label} | {', '.join(str(x) for x, _ in got)} | {', '.join(str(y) for _, y in got)} |"
-        )
+        lost = ", ".join(str(x) for x, _ in got)
+        ran = ", ".join(str(y) for _, y in got)
+        print(f"| {label} | {lost} | {ran} |")
 
 
 if __name__ == "__main__":
