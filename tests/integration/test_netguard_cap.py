@@ -313,3 +313,47 @@ def test_the_next_monitor_carries_the_counts_over(topo: Topo) -> None:
                 [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
                 capture_output=True,
             )
+
+
+def test_a_total_cap_stops_an_upload_spread_over_many_addresses(topo: Topo) -> None:
+    """Under each destination's own cap, many destinations once took it all: 40 % of the total
+    cap to each of three addresses, then an upload to a fourth. The total cap drops what
+    passes it, the fourth gets nothing, and the monitor hears of it (`coi-exft`)."""
+    port = _receiver(topo)
+    packets: list[netguard.Packet] = []
+    guard = netguard.NetGuard(
+        f"coi-test-cap-{topo.ns}", topo.veth, packets.append,
+        cap_bytes=10 * CAP, gateway="", blocked=[], allowed=None, total_bytes=CAP,
+    )  # fmt: skip
+    sender = None
+    each = CAP * 4 // 10
+    try:
+        guard.start()
+        spread = "; ".join(
+            f"[u.sendto(b'x' * 1000, ({a!r}, 9)) for _ in range({each // 1028 + 1})]"
+            for a in SILENT
+        )
+        sender = subprocess.Popen(
+            [
+                "ip", "netns", "exec", topo.ns, "python3", "-c",
+                "import socket; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                + spread + "; s = socket.socket(); s.settimeout(10);"
+                f" s.connect(({HOST_END!r}, {port})); s.sendall(b'x' * {SENT})",
+            ]
+        )  # fmt: skip
+        assert _until(lambda: any(p.kind == netguard.OVER_TOTAL for p in packets), 20), packets
+        assert not any(p.kind == netguard.OVER for p in packets)  # no address over its own
+        sender.wait(timeout=40)  # its connect times out (10 s), its SYNs dropped
+        assert topo.received[0] == 0, topo.received[0]
+        listing = _run(netguard.nft_path() or "nft", "-j", "list", "table", "netdev", guard.table)
+        used = netguard.used_bytes(listing)
+        assert used[netguard.TOTAL] >= CAP and all(used[a] < 10 * CAP for a in SILENT), used
+    finally:
+        if sender is not None and sender.poll() is None:
+            sender.kill()
+            sender.wait(timeout=10)
+        guard.stop()
+        subprocess.run(
+            [netguard.nft_path() or "nft", "delete", "table", "netdev", guard.table],
+            capture_output=True,
+        )

@@ -227,6 +227,36 @@ def test_what_a_table_counted_is_read_back_for_the_next_monitor() -> None:
         "198.51.100.7": 684,
         "198.51.100.8": 2 << 20,
     }
+    total = _LISTED.replace(
+        '{"table":',
+        '{"quota": {"family": "netdev", "name": "total", "table": "coi-mon-x-7", "handle": 9, '
+        '"bytes": 5000000, "used": 1234567, "inv": true}},\n{"table":',
+    )
+    assert netguard.used_bytes(total)[netguard.TOTAL] == 1_234_567
+
+
+def test_a_total_cap_counts_what_every_destination_let_through() -> None:
+    """9 MB to each of many addresses stayed under the per-destination cap: the total cap
+    counts them all together, after each one's own cap (what that dropped is not counted),
+    and starts at what the monitors before counted."""
+    rules = netguard.ruleset(
+        "t", "veth1", 7, cap_bytes=1000, gateway="", blocked=["10.0.0.0/8"], allowed=None,
+        carried={netguard.TOTAL: 700, "203.0.113.9": 5}, total_bytes=3000,
+    )  # fmt: skip
+    assert "quota total { over 3000 bytes used 700 bytes }" in rules
+    total = 'meta protocol { ip, ip6 } quota name "total" jump overall'
+    assert rules.index("ip6 daddr != @out6 jump over") < rules.index(total)
+    assert rules.index("ip daddr { 10.0.0.0/8 } return") < rules.index(total)
+    assert 'log prefix "coi-exft" group 7' in rules.split("chain overall")[1]
+    plain = netguard.ruleset("t", "v", 1, cap_bytes=1000, gateway="", blocked=[], allowed=None)
+    assert "total" not in plain
+    judge = TrafficJudge(NetContext(), cap_bytes=1000, dns_threshold=100, total_bytes=3000)
+    over = _pkt(netguard.OVER_TOTAL, "203.0.113.12", 443)
+    found = judge.judge(over, 1.0) + judge.judge(over, 2.0)  # logged 20 a second: one alert
+    assert [(t.level, t.title) for t in found] == [("high", "Total upload limit reached")]
+    assert found[0].evidence["network"]["total_bytes"] == 3000
+    judge.resumed()
+    assert judge.judge(over, 3.0)
 
 
 def test_carried_counts_start_the_next_table_where_the_last_one_was() -> None:
@@ -242,8 +272,9 @@ def test_carried_counts_start_the_next_table_where_the_last_one_was() -> None:
     assert 'elements = { 203.0.113.9 : "c0" }' in rules and '2001:db8::1 : "c1"' in rules
     assert "198.51.100.1" not in rules and "not-an-address" not in rules
     lookup = "ip daddr @carried4 quota name ip daddr map @carried4 jump over"
-    assert rules.index(lookup) < rules.index("ip daddr @carried4 return")
-    assert rules.index("ip daddr @carried4 return") < rules.index("update @out4")
+    assert rules.index(lookup) < rules.index("ip daddr != @carried4 update @out4")
+    # Not in the dynamic sets, and so not taken for "an address the full set cannot hold".
+    assert "ip daddr != @carried4 ip daddr != @out4 jump over" in rules
     plain = netguard.ruleset("t", "v", 1, cap_bytes=1000, gateway="", blocked=[], allowed=None)
     assert "carried" not in plain and "quota c" not in plain
     many = {f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}": i + 1 for i in range(5000)}

@@ -760,6 +760,15 @@ SETTINGS: tuple[Setting, ...] = (
         trust="lower",
     ),
     _s(
+        "monitoring.exfil_total_mb",
+        "float",
+        50.0,
+        "MB the sandbox may send in all to addresses outside the allowlist, however many: "
+        "then every further packet to them is dropped and the sandbox paused (HIGH). Root; "
+        "0: no total cap.",
+        trust="lower",
+    ),
+    _s(
         "monitoring.audit_log_retention_days",
         "int",
         30,

@@ -512,6 +512,20 @@ def exfil_over(
     )
 
 
+def exfil_total(total_bytes: int, dst: str, proto: str = "tcp", port: int = 0) -> Threat:
+    """More than the total cap went to addresses outside the allowlist, spread over as many
+    as it took (each under its own cap): every further packet to any of them is dropped."""
+    where = f"{dst}:{port}" if port else dst
+    return Threat(
+        HIGH,
+        "exfiltration",
+        "Total upload limit reached",
+        f"{total_bytes / 1e6:.0f} MB sent in all to addresses outside the allowlist: further "
+        f"packets to any of them are dropped (the first: {proto} to {where})",
+        {"network": {"remote": dst, "port": port, "protocol": proto, "total_bytes": total_bytes}},
+    )
+
+
 SCAN_TARGETS = 10  # distinct refused (address, port) pairs
 SCAN_SECONDS = 10.0
 

@@ -71,6 +71,7 @@ class Settings:
     kernel_events: bool = True
     retention_days: int = _default("monitoring.audit_log_retention_days")
     exfil_mb: float = _default("monitoring.exfil_threshold_mb")
+    exfil_total_mb: float = _default("monitoring.exfil_total_mb")
     workspace: str = "/workspace"
     net: NetContext = field(default_factory=NetContext)
 
@@ -91,6 +92,7 @@ class Settings:
             exec_rate=cfg.get_int("monitoring.nft.rate_limit_per_second"),
             retention_days=cfg.get_int("monitoring.audit_log_retention_days"),
             exfil_mb=cfg.get_float("monitoring.exfil_threshold_mb"),
+            exfil_total_mb=cfg.get_float("monitoring.exfil_total_mb"),
             workspace=workspace,
         )
 
@@ -326,13 +328,15 @@ class Monitor:
             if net.gateway:
                 blocked.append(f"{net.gateway}/32")
         allowed = [str(n) for n in net.allowed] if net.mode == "allowlist" else None
+        total = int(self.settings.exfil_total_mb * 1e6)
         self._traffic = TrafficJudge(
-            net, cap_bytes=self._cap_bytes(), dns_threshold=self.settings.dns_threshold
-        )
+            net, cap_bytes=self._cap_bytes(), dns_threshold=self.settings.dns_threshold,
+            total_bytes=total,
+        )  # fmt: skip
         try:
             self._guard = netguard.NetGuard(
                 self.container, self._veth, self._on_packet, cap_bytes=self._cap_bytes(),
-                gateway=net.gateway, blocked=blocked, allowed=allowed,
+                gateway=net.gateway, blocked=blocked, allowed=allowed, total_bytes=total,
             )  # fmt: skip
             self._guard.start()
         except OSError as err:

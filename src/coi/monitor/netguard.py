@@ -58,7 +58,9 @@ _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big endian: the group)
 
 # Log prefixes: what a packet was logged for.
-DNS, BLOCKED, OVER = "coi-dns", "coi-blk", "coi-exf"
+DNS, BLOCKED, OVER, OVER_TOTAL = "coi-dns", "coi-blk", "coi-exf", "coi-exft"
+# The key of the total quota (all counted destinations together) in `used_bytes`.
+TOTAL = "*"
 # Groups the monitor tries (nft's `log group` is 16 bits; 0 is the kernel log's).
 GROUP_BASE, GROUPS = 0x5C00, 0x400
 
@@ -67,7 +69,7 @@ GROUP_BASE, GROUPS = 0x5C00, 0x400
 class Packet:
     """One logged packet: why, and its addresses, ports and (for DNS) its payload."""
 
-    kind: str  # DNS, BLOCKED or OVER
+    kind: str  # DNS, BLOCKED, OVER or OVER_TOTAL
     proto: str  # "tcp", "udp", "icmp" or the IP protocol number
     src: str
     dst: str
@@ -125,7 +127,8 @@ _UNITS = {"bytes": 1, "kbytes": 1 << 10, "mbytes": 1 << 20, "gbytes": 1 << 30}
 
 def used_bytes(listing: str) -> dict[str, int]:
     """What each destination has used of its quota in one table (`nft -j list table`): its
-    element of the dynamic sets, or its carried quota (counted by monitors before)."""
+    element of the dynamic sets, or its carried quota (counted by monitors before); and under
+    `TOTAL`, what all of them have used of the total cap."""
     out: dict[str, int] = {}
 
     def note(addr: object, used: int) -> None:
@@ -143,6 +146,8 @@ def used_bytes(listing: str) -> dict[str, int]:
                 note((el or {}).get("val"), used)
         elif "quota" in item:
             quotas[str(item["quota"].get("name"))] = int(item["quota"].get("used", 0))
+            if item["quota"].get("name") == "total":
+                note(TOTAL, int(item["quota"].get("used", 0)))
         elif "map" in item and item["map"].get("name") in ("carried4", "carried6"):
             mapped.extend(item["map"].get("elem", []))
     for pair in mapped:
@@ -230,13 +235,17 @@ def ruleset(
     allowed: Iterable[str] | None,
     set_size: int = 65535,
     carried: Mapping[str, int] | None = None,
+    total_bytes: int = 0,
 ) -> str:
     """The table for one sandbox, as an `nft -f` script (replacing an older one).
 
     `blocked`: ranges the policy refuses (logged, not counted). `allowed`: the allowlist
     (None: no allowlist, the internet is allowed), not counted; every other address counts
     against its quota. `cap_bytes` 0: no quota. `carried`: bytes destinations have already
-    sent under monitors before this one: each starts with that much of its quota used.
+    sent under monitors before this one: each starts with that much of its quota used (and
+    the total with `carried[TOTAL]`). `total_bytes`: the cap on what all counted
+    destinations receive together (0: none); what a destination's own cap dropped is not
+    counted in it.
     """
     blocked4 = _merged(blocked)
     lines = [
@@ -264,19 +273,28 @@ def ruleset(
     # it every refresh_interval_minutes, this table does not): the rest is counted against
     # its quota, not reported as refused, so a host's new address is no false alarm.
     objects: list[str] = []
+    kept: dict[str, str] = {"ip": "", "ip6": ""}  # "not carried", where some are
     if cap_bytes > 0 and carried:
         objects, rules = _carried(carried, cap_bytes)
         lines += rules
+        for proto, version in (("ip", 4), ("ip6", 6)):
+            if f"map carried{version} " in "".join(objects):
+                kept[proto] = f"{proto} daddr != @carried{version} "
     if cap_bytes > 0:
+        # A carried address is counted by its own quota, never in the dynamic sets.
         lines += [
-            f"update @out4 {{ ip daddr quota over {cap_bytes} bytes }} jump over",
-            f"update @out6 {{ ip6 daddr quota over {cap_bytes} bytes }} jump over",
+            f"{kept['ip']}update @out4 {{ ip daddr quota over {cap_bytes} bytes }} jump over",
+            f"{kept['ip6']}update @out6 {{ ip6 daddr quota over {cap_bytes} bytes }} jump over",
             # A full set adds no element, and the update above then does not match: a sandbox
             # that had sent a packet to each of `set_size` addresses sent to any other one
             # uncounted. An address the set cannot hold is over its cap.
-            "ip daddr != @out4 jump over",
-            "ip6 daddr != @out6 jump over",
+            f"{kept['ip']}ip daddr != @out4 jump over",
+            f"{kept['ip6']}ip6 daddr != @out6 jump over",
         ]
+    if total_bytes > 0:
+        used = min((carried or {}).get(TOTAL, 0), total_bytes)
+        objects.append(f"quota total {{ over {total_bytes} bytes used {used} bytes }}")
+        lines.append('meta protocol { ip, ip6 } quota name "total" jump overall')
     body = "\n\t\t".join(lines)
     declared = "".join(f"\t{o}\n" for o in objects)
     return f"""\
@@ -298,6 +316,10 @@ table netdev {table} {{
 		limit rate 20/second burst 20 packets log prefix "{OVER}" group {group}
 		drop
 	}}
+	chain overall {{
+		limit rate 20/second burst 20 packets log prefix "{OVER_TOTAL}" group {group}
+		drop
+	}}
 	chain egress {{
 		type filter hook ingress device "{device}" priority -100; policy accept;
 		{body}
@@ -308,8 +330,8 @@ table netdev {table} {{
 
 def _carried(carried: Mapping[str, int], cap_bytes: int) -> tuple[list[str], list[str]]:
     """The named quotas (one a destination, started at what it used) and maps that carry
-    counts over, and the rules that apply them: a carried address is counted against its
-    own quota and never enters the dynamic sets."""
+    counts over, and the rules that apply them (a carried address then skips the dynamic
+    sets: see `ruleset`)."""
     top = sorted(((a, u) for a, u in carried.items() if u > 0), key=lambda au: au[1], reverse=True)[
         :MAX_CARRIED
     ]
@@ -333,11 +355,10 @@ def _carried(carried: Mapping[str, int], cap_bytes: int) -> tuple[list[str], lis
             objects.append(
                 f"map {carried_map} {{ type {kind} : quota; elements = {{ {elements} }} }}"
             )
-            rules += [
+            rules.append(
                 f"{proto} daddr @{carried_map} quota name {proto} daddr map @{carried_map} "
-                "jump over",
-                f"{proto} daddr @{carried_map} return",
-            ]
+                "jump over"
+            )
     return objects, rules
 
 
@@ -398,7 +419,7 @@ def parse_nflog(data: bytes) -> list[Packet]:
         if kind == packet_type:
             attrs = _attrs(data, off + _NLMSG.size + _NFGEN.size, off + length)
             prefix = attrs.get(NFULA_PREFIX, b"").split(b"\0")[0].decode(errors="replace")
-            if prefix in (DNS, BLOCKED, OVER) and (
+            if prefix in (DNS, BLOCKED, OVER, OVER_TOTAL) and (
                 p := parse_ip(prefix, attrs.get(NFULA_PAYLOAD, b""))
             ):
                 out.append(p)
@@ -474,6 +495,7 @@ class NetGuard(NetlinkReader):
         allowed: Iterable[str] | None,
         set_size: int = 65535,
         owner: int | None = None,
+        total_bytes: int = 0,
     ) -> None:
         """`owner`: the pid the table is named after (this process's by default)."""
         self.table = table_name(container, owner)
@@ -499,6 +521,7 @@ class NetGuard(NetlinkReader):
                     allowed=allowed,
                     set_size=set_size,
                     carried=carried,
+                    total_bytes=total_bytes,
                 )
             )
         except OSError:
@@ -513,7 +536,7 @@ class NetGuard(NetlinkReader):
 
     def handle(self, data: bytes) -> None:
         for p in parse_nflog(data):
-            if p.kind == OVER:
+            if p.kind in (OVER, OVER_TOTAL):
                 self.over = True
             self.on_packet(p)
 
@@ -533,10 +556,11 @@ class NetGuard(NetlinkReader):
             if line.startswith(f"table netdev {prefix}")
         }
         for table in sorted(tables):
-            for what in ("set netdev {} out4", "set netdev {} out6", "map netdev {} carried4",
-                         "map netdev {} carried6"):  # fmt: skip
+            for what in ("flush set netdev {} out4", "flush set netdev {} out6",
+                         "flush map netdev {} carried4", "flush map netdev {} carried6",
+                         "reset quota netdev {} total"):  # fmt: skip
                 try:
-                    nft(f"flush {what.format(table)}\n")
+                    nft(f"{what.format(table)}\n")
                 except OSError:
                     pass  # no such map (nothing was carried), or the table is gone
         self.over = False

@@ -8,7 +8,7 @@ from collections import deque
 from coi.monitor import detect
 from coi.monitor.collect import Conn
 from coi.monitor.detect import NetContext, Threat
-from coi.monitor.netguard import BLOCKED, DNS, OVER, Packet
+from coi.monitor.netguard import BLOCKED, DNS, OVER, OVER_TOTAL, Packet
 
 # DNS names are judged over the last minute of queries; one threat of a kind per address
 # (or per kind) a minute, however many packets the kernel logs meanwhile.
@@ -19,9 +19,12 @@ QUIET = 60.0
 class TrafficJudge:
     """Turns logged packets into threats; keeps the little history the rules need."""
 
-    def __init__(self, net: NetContext, *, cap_bytes: int, dns_threshold: int) -> None:
+    def __init__(
+        self, net: NetContext, *, cap_bytes: int, dns_threshold: int, total_bytes: int = 0
+    ) -> None:
         self.net = net
         self.cap_bytes = cap_bytes
+        self.total_bytes = total_bytes
         self.dns_threshold = dns_threshold
         self.refused: deque[tuple[float, str, int]] = deque(maxlen=512)
         self.names: deque[tuple[float, str]] = deque(maxlen=4096)
@@ -38,7 +41,7 @@ class TrafficJudge:
     def resumed(self) -> None:
         """The user resumed the sandbox and its quotas were reset: a destination that fills
         its cap again is raised again, however soon."""
-        self._quiet = {k: v for k, v in self._quiet.items() if k[0] != "over"}
+        self._quiet = {k: v for k, v in self._quiet.items() if k[0] not in ("over", "total")}
 
     def judge(self, p: Packet, now: float) -> list[Threat]:
         found: list[Threat] = []
@@ -48,6 +51,9 @@ class TrafficJudge:
                 # Counted, so that the next time is not taken for the same alert (deduplicated).
                 times = self._times[p.dst] = self._times.get(p.dst, 0) + 1
                 found.append(detect.exfil_over(p.dst, self.cap_bytes, p.proto, p.dport, times))
+        elif p.kind == OVER_TOTAL:
+            if self._first("total", "", now):
+                found.append(detect.exfil_total(self.total_bytes, p.dst, p.proto, p.dport))
         elif p.kind == BLOCKED:
             self.refused.append((now, p.dst, p.dport))
             # The bridge's own address: only as part of a scan. coi's policy proof tries a
