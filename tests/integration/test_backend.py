@@ -214,6 +214,15 @@ def test_a_users_command_never_runs_twice_for_one_request(
             assert start == 1 or b"not started a second time" in err, err
         assert probe() and count() == 1, form
 
+    # No room to record a start (an agent that filled /dev/shm and /tmp): not started, and
+    # said so, not taken for a second start.
+    client.exec.quiet(running, ExecRequest(["chmod", "755", "/tmp", "/dev/shm"]))
+    try:
+        res = client.exec.run(running, ExecRequest(line, user=1000, group=1000, once=True))
+        assert res.exit_code == 125 and b"could not record its start" in res.stderr, res
+    finally:
+        client.exec.quiet(running, ExecRequest(["chmod", "1777", "/tmp", "/dev/shm"]))
+
     # A lost start, injected on top of a real one: the command ran, so it is not run again.
     client.exec.quiet(running, ExecRequest(["rm", "-f", log]))
     real = ExecAPI._run_once

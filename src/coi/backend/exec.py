@@ -42,8 +42,12 @@ _START_ATTEMPTS = 3
 # the daemon reports as it would without this (see `_START_ERRORS`).
 _ONCE = """t=/dev/shm; [ -d $t ] && [ -w $t ] || t=/tmp
 if ! mkdir "$t/.coi-once-$0" 2>/dev/null; then
-  echo "coi: not started a second time: an earlier start of this command, which the daemon \
-lost track of, ran it" >&2
+  if [ -e "$t/.coi-once-$0" ]; then
+    echo "coi: not started a second time: an earlier start of this command, which the \
+daemon lost track of, ran it" >&2
+  else
+    echo "coi: not started: could not record its start in $t (full, or not writable?)" >&2
+  fi
   exit 125
 fi
 case $1 in
