@@ -107,6 +107,31 @@ def _receiver(t: Topo) -> int:
     return port
 
 
+def _end(sender: subprocess.Popen[bytes] | None, *tables: str) -> None:
+    """A test's clean-up: its sender killed if it still runs, its tables deleted."""
+    if sender is not None and sender.poll() is None:
+        sender.kill()
+        sender.wait(timeout=10)
+    for table in tables:
+        subprocess.run(
+            [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
+            capture_output=True,
+        )
+
+
+def _upload(t: Topo, port: int, first: str = "", timeout: int = 20) -> subprocess.Popen[bytes]:
+    """From the test's namespace: `first` (UDP through `u`), then SENT bytes over TCP to the
+    receiver."""
+    return subprocess.Popen(
+        [
+            "ip", "netns", "exec", t.ns, "python3", "-c",
+            "import socket; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            + (first or "pass") + f"; s = socket.socket(); s.settimeout({timeout});"
+            f" s.connect(({HOST_END!r}, {port})); s.sendall(b'x' * {SENT})",
+        ]
+    )  # fmt: skip
+
+
 def _until(pred: object, seconds: float) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -157,14 +182,8 @@ def test_a_killed_senders_held_back_bytes_stay_capped_after_the_monitor_stops(
         # five megabytes would arrive within this bound.
         assert not _until(lambda: topo.received[0] > CAP, 20), topo.received[0]
     finally:
-        if sender is not None and sender.poll() is None:
-            sender.kill()
-            sender.wait(timeout=10)
         guard.stop()
-        subprocess.run(
-            [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
-            capture_output=True,
-        )
+        _end(sender, table)
     assert os.path.exists(f"/sys/class/net/{topo.veth}")
 
 
@@ -182,28 +201,15 @@ def test_a_full_set_of_destinations_does_not_open_a_new_one(topo: Topo) -> None:
     try:
         guard.start()
         fill = "; ".join(f"u.sendto(b'x', ({a!r}, 9))" for a in SILENT)
-        sender = subprocess.Popen(
-            [
-                "ip", "netns", "exec", topo.ns, "python3", "-c",
-                "import socket; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-                + fill + "; s = socket.socket(); s.settimeout(20);"
-                f" s.connect(({HOST_END!r}, {port})); s.sendall(b'x' * {SENT})",
-            ]
-        )  # fmt: skip
+        sender = _upload(topo, port, fill)
         over = _until(lambda: any(p.kind == netguard.OVER for p in packets), 20)
         assert over, f"nothing capped: {topo.received[0]} bytes received"
         assert {p.dst for p in packets if p.kind == netguard.OVER} == {HOST_END}
         sender.wait(timeout=40)  # its connect or its send times out (20 s each at most)
         assert topo.received[0] <= CAP
     finally:
-        if sender is not None and sender.poll() is None:
-            sender.kill()
-            sender.wait(timeout=10)
         guard.stop()
-        subprocess.run(
-            [netguard.nft_path() or "nft", "delete", "table", "netdev", guard.table],
-            capture_output=True,
-        )
+        _end(sender, guard.table)
 
 
 def test_a_sender_left_running_after_coi_runs_monitor_stops_is_still_capped(
@@ -237,13 +243,7 @@ def test_a_sender_left_running_after_coi_runs_monitor_stops_is_still_capped(
         assert not _until(lambda: topo.received[0] > CAP, 15), topo.received[0]
         assert 0 < topo.received[0] <= CAP
     finally:
-        if sender is not None and sender.poll() is None:
-            sender.kill()
-            sender.wait(timeout=10)
-        subprocess.run(
-            [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
-            capture_output=True,
-        )
+        _end(sender, table)
 
 
 def test_the_next_monitor_carries_the_counts_over(topo: Topo) -> None:
@@ -303,16 +303,9 @@ def test_the_next_monitor_carries_the_counts_over(topo: Topo) -> None:
         finally:
             second.stop()
     finally:
-        if sender is not None and sender.poll() is None:
-            sender.kill()
-            sender.wait(timeout=10)
         if os.path.exists(gate):
             os.unlink(gate)
-        for table in tables:
-            subprocess.run(
-                [netguard.nft_path() or "nft", "delete", "table", "netdev", table],
-                capture_output=True,
-            )
+        _end(sender, *tables)
 
 
 def test_a_total_cap_stops_an_upload_spread_over_many_addresses(topo: Topo) -> None:
@@ -333,14 +326,7 @@ def test_a_total_cap_stops_an_upload_spread_over_many_addresses(topo: Topo) -> N
             f"[u.sendto(b'x' * 1000, ({a!r}, 9)) for _ in range({each // 1028 + 1})]"
             for a in SILENT
         )
-        sender = subprocess.Popen(
-            [
-                "ip", "netns", "exec", topo.ns, "python3", "-c",
-                "import socket; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-                + spread + "; s = socket.socket(); s.settimeout(10);"
-                f" s.connect(({HOST_END!r}, {port})); s.sendall(b'x' * {SENT})",
-            ]
-        )  # fmt: skip
+        sender = _upload(topo, port, spread, timeout=10)
         assert _until(lambda: any(p.kind == netguard.OVER_TOTAL for p in packets), 20), packets
         assert not any(p.kind == netguard.OVER for p in packets)  # no address over its own
         sender.wait(timeout=40)  # its connect times out (10 s), its SYNs dropped
@@ -349,11 +335,5 @@ def test_a_total_cap_stops_an_upload_spread_over_many_addresses(topo: Topo) -> N
         used = netguard.used_bytes(listing)
         assert used[netguard.TOTAL] >= CAP and all(used[a] < 10 * CAP for a in SILENT), used
     finally:
-        if sender is not None and sender.poll() is None:
-            sender.kill()
-            sender.wait(timeout=10)
         guard.stop()
-        subprocess.run(
-            [netguard.nft_path() or "nft", "delete", "table", "netdev", guard.table],
-            capture_output=True,
-        )
+        _end(sender, guard.table)
