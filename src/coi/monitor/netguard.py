@@ -507,7 +507,6 @@ class NetGuard(NetlinkReader):
         super().__init__(sock)
         self.device = device
         self.on_packet = on_packet
-        self.over = False  # a destination went over its cap (and was not reset since)
         self.carried = carried
         try:
             nft(
@@ -536,8 +535,6 @@ class NetGuard(NetlinkReader):
 
     def handle(self, data: bytes) -> None:
         for p in parse_nflog(data):
-            if p.kind in (OVER, OVER_TOTAL):
-                self.over = True
             self.on_packet(p)
 
     def reset_quota(self) -> None:
@@ -563,7 +560,6 @@ class NetGuard(NetlinkReader):
                     nft(f"{what.format(table)}\n")
                 except OSError:
                     pass  # no such map (nothing was carried), or the table is gone
-        self.over = False
 
     def stop(self) -> None:
         """Stop listening; the table stays while the veth is there, counts and all.
