@@ -2,7 +2,8 @@
 
     cd bench && ../.venv/bin/python list_floor.py [--runs 10] [--also SRC ...]
 
-Ten running `coi-tiny` containers are made (and removed at the end); then, alternating, each
+Ten running `coi-tiny` containers are made (and removed at the end), each with an address
+reserved on coi's bridge as coi's sandboxes have (`--dhcp`: without); then, alternating, each
 row's command runs once per round: `coi list`, the daemon's own `list`, the bare interpreter,
 the interpreter importing click, importing httpx, a minimal lister written on the standard
 library's `http.client` with click imported (one request for the instances with their state,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ from pathlib import Path
 from _common import cli, fmt, timed
 
 from coi.backend import IncusClient
+from coi.network import address
 
 POOL = "coi"
 NETWORK = "coibr0"
@@ -60,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--also", action="append", default=[], metavar="SRC", help="another src tree")
+    ap.add_argument("--dhcp", action="store_true", help="containers without reserved addresses")
     a = ap.parse_args()
     c = IncusClient.connect()
     sock = c.endpoint.socket_path or ""
@@ -84,10 +88,20 @@ def main() -> None:
         "lister on coi's libraries: click + httpx, one request": [py, "-c", LIBRARIES, sock],
     }
     names = [f"coi-listfloor{i:02d}-1" for i in range(10)]
-    devices = {
-        "root": {"type": "disk", "path": "/", "pool": POOL},
-        "eth0": {"type": "nic", "network": NETWORK, "name": "eth0"},
-    }
+    # As coi makes its sandboxes: each NIC with an address reserved on coi's bridge (which
+    # `coi list` reads instead of the runtime state); `--dhcp`: none (`coi container launch`),
+    # so `coi list` asks each running container's state.
+    free = [] if a.dhcp else address.candidates(c.networks.get(NETWORK))
+    if not a.dhcp and len(free) < len(names):
+        raise SystemExit(f"{NETWORK} has {len(free)} free addresses; the bench needs ten")
+    reserved = random.sample(free, len(names)) if free else []
+
+    def devices(i: int) -> dict[str, dict[str, str]]:
+        nic = {"type": "nic", "network": NETWORK, "name": "eth0"}
+        if reserved:
+            nic["ipv4.address"] = reserved[i]
+        return {"root": {"type": "disk", "path": "/", "pool": POOL}, "eth0": nic}
+
     # Bytecode is written (the warm-up run does it), as an installed coi has it: with
     # PYTHONDONTWRITEBYTECODE set, each run would compile every module changed since its
     # cached bytecode was last written, and time the compiler instead of coi.
@@ -104,8 +118,10 @@ def main() -> None:
         with ThreadPoolExecutor(4) as pool:
             list(
                 pool.map(
-                    lambda n: c.instances.create(n, image="coi-tiny", devices=devices, start=True),
-                    names,
+                    lambda i: c.instances.create(
+                        names[i], image="coi-tiny", devices=devices(i), start=True
+                    ),
+                    range(len(names)),
                 )
             )
         for label in rows:  # warm the page cache once
@@ -119,7 +135,8 @@ def main() -> None:
         for n in names:
             c.instances.delete(n, force=True)
     print(
-        f"{c.server.display_name}, 10 running containers, {a.runs} runs each, alternating, "
+        f"{c.server.display_name}, 10 running containers "
+        f"({'DHCP' if a.dhcp else 'reserved addresses'}), {a.runs} runs each, alternating, "
         f"load average {min(load):.1f}..{max(load):.1f}\n"
     )
     print("| command | wall time |\n|---|---|")

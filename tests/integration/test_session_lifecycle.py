@@ -78,6 +78,8 @@ def test_list_tmux_as_the_agent_persist_freeze_resume_kill(
     assert entry["name"] == name and entry["status"] == "Running"
     assert entry["workspace"] == str(ws) and entry["persistent"] is False
     assert entry["kind"] == "shell" and entry["ipv4"]
+    # Read from the NIC's reservation, not the daemon's runtime state: the same address.
+    assert entry["ipv4"] == client.instances.state(name).ipv4()
     code, out, _ = _coi(uenv, "list")
     assert f"  {name} (ephemeral)" in out and f"Workspace: {ws}" in out
     code, _, err = _coi(uenv, "list", "--format", "yaml")
@@ -310,3 +312,31 @@ def test_completion_scripts_load_and_complete_a_running_container(
         assert res.returncode == 2 and "tcsh" in res.stderr
     finally:
         client.instances.delete(name, force=True)
+
+
+def test_list_shows_the_address_dhcp_gave_containers_coi_reserved_none_for(
+    client: IncusClient, coi_env: dict[str, str], unique: str
+) -> None:
+    """`coi list` reads a sandbox's address from its NIC's reservation (no runtime state);
+    coi-named containers made without one (`coi container launch`) get the address their
+    own DHCP client obtained: asked of the daemon for that container alone when one lacks
+    it, with one listing of every state when several do."""
+
+    def listed() -> dict[str, str]:
+        out = json.loads(run_coi("list", "--format", "json", env=coi_env).stdout)
+        return {c["name"]: c["ipv4"] for c in out["active_containers"]}
+
+    names = [f"coi-{unique}-a", f"coi-{unique}-b"]
+    try:
+        for name in names:
+            res = run_coi("container", "launch", "coi-tiny", name, env=coi_env)
+            assert res.returncode == 0, res.stderr
+            assert "ipv4.address" not in client.instances.get(name).expanded_devices["eth0"]
+            wait_for(lambda n=name: client.instances.state(n).ipv4(), "a DHCP lease", 30)
+            if name == names[0]:
+                assert listed()[name] == client.instances.state(name).ipv4()
+        got = listed()
+        assert [got[n] for n in names] == [client.instances.state(n).ipv4() for n in names]
+    finally:
+        for name in names:
+            client.instances.delete(name, force=True)

@@ -10,8 +10,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-import httpx
-
+from coi.backend._httpx import httpx
 from coi.backend.connection import Endpoint, find_local_socket, pin_mismatch, tls_context
 from coi.backend.models import JSON, ServerInfo
 from coi.errors import (

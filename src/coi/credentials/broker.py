@@ -22,12 +22,12 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import anyio
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from coi.audit.log import AuditLog, Event
+from coi.backend._httpx import httpx
 from coi.credentials.providers import Provider
 from coi.credentials.sources import (
     Credential,

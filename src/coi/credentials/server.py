@@ -19,9 +19,9 @@ import ssl
 import threading
 from pathlib import Path
 
-import httpx
 import uvicorn
 
+from coi.backend._httpx import httpx
 from coi.credentials.broker import Broker
 from coi.credentials.session import MAX_SOCKET_PATH
 from coi.errors import SessionError

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
+from coi.backend._httpx import httpx
 from coi.backend.client import IncusClient
 from coi.errors import UsageError
 from coi.images.buildlog import BuildLog
