@@ -383,7 +383,7 @@ def test_a_process_flood_at_the_limit_is_paused(
     client: IncusClient, mon_env: dict[str, str], ws: Path
 ) -> None:
     """A slow flood that fills the process limit (each fork refused there is counted). Twenty
-    a second: under the quick flood rule's 32 a second, so the limit is what it meets."""
+    a second: under the quick flood rule's 24 within a second, so the limit is what it meets."""
     proc = subprocess.Popen(
         coi_argv(
             "run", "--image", "coi-tiny", "--limit-processes", "60", "-w", str(ws), "--",

@@ -28,6 +28,7 @@ from tests.conftest import coi_argv
 from tests.integration.conftest import wait_for
 
 from coi.backend import IncusClient
+from coi.monitor.storms import CLONES
 from coi.network.hostnet import host_networks
 
 pytestmark = pytest.mark.timeout(900)
@@ -452,7 +453,7 @@ def test_a_flood_of_idle_copies_under_the_limit_is_paused_by_the_quick_rule(
         event = next(e for e in _events(env) if e["title"] == "Process flood")
         assert (event["level"], event["action"]) == ("high", "paused"), event
         assert event["evidence"]["process"]["command"] == "sleep", event
-        assert event["evidence"]["process"]["copies"] >= 32, event
+        assert event["evidence"]["process"]["copies"] >= CLONES, event
         wait_for(lambda: _frozen(client), "the pause", 10)
     finally:
         _end(client, proc)

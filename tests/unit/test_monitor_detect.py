@@ -396,3 +396,42 @@ def test_a_kill_from_the_host_comes_first_and_the_daemon_is_told_after(tmp_path:
     )  # fmt: skip
     assert [e.action for e in r2.handle([crit])] == ["killed"]
     assert daemon2.instances.calls == ["stop c2 force=True"]
+
+
+def test_a_pause_freezes_from_the_host_first_and_undoes_it_when_the_daemon_refuses(
+    tmp_path: Path,
+) -> None:
+    from coi.errors import BackendError
+
+    order: list[str] = []
+
+    def freeze_now(freeze: bool) -> bool:
+        order.append("cgroup freeze" if freeze else "cgroup thaw")
+        return True
+
+    daemon = _Daemon()
+    r = Responder(
+        daemon,  # type: ignore[arg-type]
+        "c1", AuditLog("c1", tmp_path), auto_pause=True, auto_kill=True,
+        alert=lambda _m: None, freeze_now=freeze_now,
+    )  # fmt: skip
+    high = detect.Threat("high", "process", "Process flood", "x")
+    assert [e.action for e in r.handle([high])] == ["paused"]
+    # The daemon is told too: it shows the container frozen, which `coi resume` needs.
+    assert order == ["cgroup freeze"] and daemon.instances.calls == ["freeze c1"]
+
+    class Refusing(_Instances):
+        def freeze(self, name: str) -> None:
+            raise BackendError("The instance isn't running")
+
+    daemon2, order[:] = _Daemon(), []
+    daemon2.instances = Refusing()
+    r2 = Responder(
+        daemon2,  # type: ignore[arg-type]
+        "c2", AuditLog("c2", tmp_path), auto_pause=True, auto_kill=True,
+        alert=lambda _m: None, freeze_now=freeze_now,
+    )  # fmt: skip
+    (event,) = r2.handle([high])
+    assert event.action == "pause failed: The instance isn't running" and not r2.paused
+    # A freeze nobody could undo with `coi resume` is not left behind.
+    assert order == ["cgroup freeze", "cgroup thaw"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from coi.monitor.storms import SURGE, Sample, read_sample, storm
 
 
@@ -66,8 +68,13 @@ def test_idle_copies_of_one_program_under_one_parent_are_a_flood() -> None:
     from coi.monitor.storms import BOMB_RATE, CLONES, Member, clones, piled_up
 
     # `sleep 60 &` forty times a second: within a second, CLONES more and none ending.
-    assert piled_up(_samples([5, 12, 20, 28, 37, 45])) == 40
-    assert piled_up(_samples([5, 40, 20, 45, 30, 50])) == 0  # a build: up and down
+    assert piled_up(_samples([5, 12, 20, 28, 37, 45])) == (40, pytest.approx(1.0))
+    # A build: up and down; only its last rise counts, and it just went down.
+    assert piled_up(_samples([5, 40, 20, 45, 30, 50])) == (20, pytest.approx(0.2))
+    assert piled_up(_samples([5, 40, 20, 45, 30, 25])) == (0, 0.0)
+    # The session's set-up ending early in the window does not hide a pile-up after it.
+    assert piled_up(_samples([30, 9, 17, 26, 34, 43], every=0.1)) == (34, pytest.approx(0.4))
+    assert piled_up(_samples([9, 9, 10, 9, 10, 9]))[0] == 0  # idle: nothing piles up
     sleepers = [Member(100 + i, 7, "sleep", 0) for i in range(CLONES)]
     t = clones([*sleepers, Member(7, 1, "sh", 3)], rate=40)
     assert t is not None and (t.level, t.title) == ("high", "Process flood")

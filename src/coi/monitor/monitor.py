@@ -25,6 +25,7 @@ from coi.monitor.collect import (
     Proc,
     Sweep,
     cgroup_dir,
+    cgroup_freeze,
     cgroup_kill,
     cgroup_name,
     read_fds,
@@ -149,6 +150,7 @@ class Monitor:
             auto_kill=settings.auto_kill,
             alert=alert,
             kill_now=self._kill_now,
+            freeze_now=self._freeze_now,
         )
         self.alert = alert
         self.events: list[Event] = []
@@ -185,12 +187,20 @@ class Monitor:
             return None
         return Collector(cgdir, state.pid)
 
+    def _cgdir(self) -> Path | None:
+        if self._collector is not None:
+            return self._collector.cgdir
+        return cgroup_dir(self.client.project, self.container)
+
     def _kill_now(self) -> bool:
         """Every process of the container killed from the host, at once (see Responder)."""
-        cgdir = self._collector.cgdir if self._collector is not None else None
-        if cgdir is None:
-            cgdir = cgroup_dir(self.client.project, self.container)
+        cgdir = self._cgdir()
         return cgdir is not None and cgroup_kill(cgdir)
+
+    def _freeze_now(self, freeze: bool) -> bool:
+        """The container frozen (thawed) from the host, waiting until done (see Responder)."""
+        cgdir = self._cgdir()
+        return cgdir is not None and cgroup_freeze(cgdir, thaw=not freeze)
 
     def sweep_once(self, *, fresh: bool = False) -> list[Event]:
         with self._sweep_lock:

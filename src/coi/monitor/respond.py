@@ -48,6 +48,7 @@ class Responder:
         alert: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
         kill_now: Callable[[], bool] | None = None,
+        freeze_now: Callable[[bool], bool] | None = None,
     ) -> None:
         self.client = client
         self.container = container
@@ -60,6 +61,9 @@ class Responder:
         # cgroup.kill): the daemon's forced stop takes most of a second on a busy machine, and
         # a reverse shell must not get that second. The daemon is told afterwards.
         self.kill_now = kill_now
+        # Freezes (True) or thaws (False) the container from the host and waits until it is
+        # done: the daemon's own freeze polls a v1 freezer once a second (collect.cgroup_freeze).
+        self.freeze_now = freeze_now
         self._stop_after = False
         self.paused = False
         self.killed = False
@@ -106,9 +110,14 @@ class Responder:
             return "logged (already killed)"
         if self.paused:
             return "logged (already paused)"
+        frozen_here = self.freeze_now is not None and self.freeze_now(True)
         try:
+            # Told even when frozen here: it then finds the freeze done at once, and shows the
+            # container as frozen, which `coi resume` needs.
             self.client.instances.freeze(self.container)
         except BackendError as err:
+            if frozen_here and self.freeze_now is not None:
+                self.freeze_now(False)  # a pause the daemon does not know, no one could undo
             return f"pause failed: {err}"
         self.paused = True
         return "paused"

@@ -2,7 +2,7 @@
 is invisible to exec events and too quick for a sweep, but not to the cgroup's counters.
 
 A thread reads `pids.current` and the `max` count of `pids.events` (how often a fork was
-refused at the limit) five times a second: two small files, no process listing. Only when the
+refused at the limit) ten times a second: two small files, no process listing. Only when the
 count has piled up fast does it list the cgroup's processes, to tell a flood of idle copies
 from a build's busy workers.
 """
@@ -19,9 +19,10 @@ from pathlib import Path
 
 from coi.monitor.detect import CRITICAL, HIGH, Threat
 
-# Samples per second, and the growth in one second that no build reaches (`make -j` and test
-# runners add tens of processes a second; a fork bomb thousands).
-RATE = 5
+# Samples per second (two small files each: 10 a second cost no measurable CPU, and a flood
+# is seen 0.1 s sooner than at 5), and the growth in one second that no build reaches (`make
+# -j` and test runners add tens of processes a second; a fork bomb thousands).
+RATE = 10
 SURGE = 300
 
 
@@ -120,8 +121,9 @@ def flood(window: list[Sample]) -> Threat | None:
 # ending, and at least CLONES of them idle copies of one program under one parent (`sleep 60 &`
 # in a loop). A build's workers are busy (they have used CPU time by then), a test runner's
 # are a few per core and busy starting; copies that do nothing but exist are there to fill
-# the process table.
-CLONES = 32
+# the process table. 24: a loop that forks 25 a second (a busy 2-core machine) is seen
+# within a second of its start; 32 took 1.3 to 2 s there.
+CLONES = 24
 # Idle copies piling up this fast are a fork bomb (killed), not a flood (paused): an exec loop
 # that forks a few hundred a second, under SURGE on a busy machine, still fills any limit.
 BOMB_RATE = 100
@@ -139,13 +141,20 @@ class Member:
     ticks: int  # user + system CPU time
 
 
-def piled_up(window: list[Sample]) -> int:
+def piled_up(window: list[Sample]) -> tuple[int, float]:
     """How many processes the window (about a second, oldest first) added without any falling
-    back by more than a few: 0 when the count went down meanwhile."""
-    if len(window) < 2:
-        return 0
-    counts = [s.current for s in window]
-    return 0 if _largest_fall(counts) > 2 else counts[-1] - min(counts)
+    back by more than a few since, and over how many seconds: the longest such run up to
+    the last sample, so processes that ended early in the window (the session's own set-up)
+    do not hide a pile-up that began after them. (0, 0.0) when the count just went down."""
+    best, span = 0, 0.0
+    for start in range(len(window) - 1):
+        counts = [s.current for s in window[start:]]
+        if _largest_fall(counts) > 2:
+            continue
+        low = min(range(len(counts)), key=counts.__getitem__)
+        best, span = counts[-1] - counts[low], window[-1].at - window[start + low].at
+        break  # the earliest start that qualifies holds every later one's growth
+    return best, span
 
 
 def clones(members: Iterable[Member], rate: float = 0.0, at_least: int = CLONES) -> Threat | None:
@@ -237,10 +246,9 @@ class StormWatcher:
             if now < quiet_until:
                 continue
             threat = storm(list(window), refused) or flood(list(longer))
-            piled = piled_up(list(window))
+            piled, seconds = piled_up(list(window))
             if threat is None and piled >= CLONES:
-                rate = piled / max(window[-1].at - window[0].at, 1 / RATE)
-                threat = clones(read_members(self.cgdir), rate)
+                threat = clones(read_members(self.cgdir), piled / max(seconds, 1 / RATE))
             refused = sample.refused
             if threat is not None:
                 self.on_threat(threat)
