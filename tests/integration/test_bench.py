@@ -31,8 +31,8 @@ def test_bench_reports_rows_and_floors_and_leaves_nothing(
     client: IncusClient, uenv: dict[str, str]
 ) -> None:
     r = run_coi(
-        "bench", "--runs", "2", "--image", "coi-tiny", "--format", "json",
-        env=uenv, user=USER, timeout=300,
+        "bench", "--runs", "2", "--image", "coi-tiny", "--list-containers", "3",
+        "--format", "json", env=uenv, user=USER, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -40,11 +40,18 @@ def test_bench_reports_rows_and_floors_and_leaves_nothing(
     assert report["pool_driver"] == client.networks.pool(report["pool"]).driver  # type: ignore[union-attr]
     assert report["server"] == client.server.display_name
     rows = {row["key"]: row for row in report["rows"]}
-    assert set(rows) == {"coi_run", "cold_floor", "warm_floor"}
+    assert set(rows) == {"coi_run", "cold_floor", "warm_floor", "coi_list", "daemon_list"}
+    assert rows["coi_list"]["label"] == "`coi list` with 3 containers"
+    cli = "incus" if client.server.kind == "incus" else "lxc"
+    assert rows["daemon_list"]["label"] == f"`{cli} list` with 3 containers"
     for row in rows.values():
         assert len(row["samples_ms"]) == 2 and all(x > 0 for x in row["samples_ms"])
         assert row["min_ms"] <= row["p50_ms"] <= row["p95_ms"] <= row["max_ms"]
-    assert set(report["ratios"]) == {"coi_run/cold_floor", "coi_run/warm_floor"}
+    assert set(report["ratios"]) == {
+        "coi_run/cold_floor",
+        "coi_run/warm_floor",
+        "coi_list/daemon_list",
+    }
     assert _bench_made(client) == []
     # The bench's folders (workspace, state) are gone too.
     assert not [p for p in os.listdir("/tmp") if re.match(r"coi-bench-(home-)?[0-9a-f]{8}-", p)]

@@ -12,6 +12,7 @@ from coi.cli.render import check_format, echo_json
 EXAMPLES = """\
   coi bench                         # 5 rounds on the configured image
   coi bench --runs 20 --image coi-tiny
+  coi bench --list-containers 0     # no `coi list` rows
   coi bench --format json | jq .ratios"""
 
 
@@ -20,14 +21,19 @@ EXAMPLES = """\
               help="Rounds; each round times every row once.")  # fmt: skip
 @click.option("--image", default=None, metavar="IMAGE",
               help="Image to start sandboxes from (default: [defaults] image).")  # fmt: skip
+@click.option("--list-containers", "listed", type=click.IntRange(0, 100), default=10,
+              show_default=True, metavar="N",
+              help="Running containers made for the `coi list` rows (0: none).")  # fmt: skip
 @click.option("--format", "fmt", default="text", metavar="FORMAT", help="text or json.")
-def bench_cmd(runs: int, image: str | None, fmt: str) -> None:
+def bench_cmd(runs: int, image: str | None, listed: int, fmt: str) -> None:
     """Time `coi run -- true` against the daemon doing the least it must, in the same run.
 
     Prints p50 and p95 of: the whole `coi run -- true` (a new sandbox from the image, its
     network proven, the command, the return), the cold floor (create from the image, start,
     exec `true`, delete: what any client asks of the daemon) and the warm floor (start a
-    container made beforehand, exec `true`), with the server and the storage pool's driver.
+    container made beforehand, exec `true`), with the server and the storage pool's driver;
+    and `coi list` next to the daemon's own CLI's `list`, with N running containers made for
+    them (where that CLI is installed and the daemon is the local one).
     Rounds are interleaved; everything the bench makes is removed, also on Ctrl-C.
     """
     from coi.cli.context import daemon
@@ -40,6 +46,7 @@ def bench_cmd(runs: int, image: str | None, fmt: str) -> None:
         pool=cfg.get_str("incus.pool"),
         network=cfg.get_str("incus.network"),
         runs=runs,
+        listed=listed,
     )
 
     def progress(text: str) -> None:

@@ -6,7 +6,10 @@ Rows, interleaved round by round so that a busy machine slows all of them alike:
 - the cold floor: create a container from the image, start it, exec `true`, delete it,
   over REST from this (already started) process: what any client must ask the daemon;
 - the warm floor: start a stopped container made from the image beforehand, exec `true`:
-  what the daemon needs when nothing has to be made.
+  what the daemon needs when nothing has to be made;
+- `coi list` next to the daemon's own CLI's `list`, both new processes, with `listed`
+  running containers made for it (addresses reserved, as coi makes its sandboxes); only
+  where that CLI is installed and talks to the same daemon (a local one).
 
 Everything the bench makes is labelled (`user.coi.bench`) and removed at the end, on an
 error and on Ctrl-C (the `coi run` children clean up their own sandboxes; what is left of
@@ -28,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +39,12 @@ from coi import labels
 from coi.backend.client import IncusClient
 from coi.backend.exec import ExecRequest
 from coi.errors import BackendError, CoiError, NotFound
+from coi.network import address
 
 # The label on every container the bench makes itself, its value the run's token.
 BENCH_LABEL = "user.coi.bench"
+# And on the containers made to be listed, which stay from the first round to the last.
+_LISTED = "user.coi.bench.listed"
 # How long the sandboxes of `coi run` are waited for to be gone, between rounds and at the end.
 SETTLE = 60.0
 
@@ -92,10 +99,15 @@ class Report:
     def ratios(self) -> dict[str, float]:
         """coi's p50 over each floor's p50."""
         coi = self.row("coi_run").p50
-        return {
+        out = {
             "coi_run/cold_floor": round(coi / self.row("cold_floor").p50, 2),
             "coi_run/warm_floor": round(coi / self.row("warm_floor").p50, 2),
         }
+        keys = {r.key for r in self.rows}
+        if {"coi_list", "daemon_list"} <= keys:
+            listing = self.row("coi_list").p50 / self.row("daemon_list").p50
+            out["coi_list/daemon_list"] = round(listing, 2)
+        return out
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -120,6 +132,8 @@ class Setup:
     network: str
     runs: int
     coi: tuple[str, ...] = (sys.executable, "-m", "coi")
+    # Running containers made for the listing rows (0: no listing rows).
+    listed: int = 10
 
 
 def run(client: IncusClient, setup: Setup, *, progress: Callable[[str], None]) -> Report:
@@ -138,7 +152,28 @@ def run(client: IncusClient, setup: Setup, *, progress: Callable[[str], None]) -
         Row("warm_floor", "warm floor: start a stopped container made beforehand, exec `true`"),
     ]
     coi_run, cold, warm = rows
+    lister = _daemon_cli(client) if setup.listed else None
+    if setup.listed and lister is None:
+        progress(
+            "no listing rows: the daemon's own command line is not installed here, "
+            "or coi's daemon is not the local one"
+        )
+    listings: list[tuple[Row, list[str]]] = []
     try:
+        if lister is not None:
+            progress(f"making {setup.listed} running containers to list...")
+            _make_listed(client, setup, ws, token)
+            n = setup.listed
+            listings = [
+                (Row("coi_list", f"`coi list` with {n} containers"), [*setup.coi, "list"]),
+                (
+                    Row("daemon_list", f"`{Path(lister).name} list` with {n} containers"),
+                    [lister, "list", "--project", client.project or "default"],
+                ),
+            ]
+            rows += [row for row, _ in listings]
+            for _row, argv in listings:  # the page cache warmed, as for the first command
+                _listing(argv, env)
         progress("warming up (the policy's bridge, the page cache)...")
         _coi_run(setup, ws, env)
         for i in range(setup.runs):
@@ -148,6 +183,8 @@ def run(client: IncusClient, setup: Setup, *, progress: Callable[[str], None]) -
             _settle(client, ws, token)
             cold.samples.append(_cold_floor(client, setup, ws, token))
             warm.samples.append(_warm_floor(client, setup, ws, token))
+            for row, argv in listings:
+                row.samples.append(_timed(partial(_listing, argv, env)))
     finally:
         with _no_interrupts():
             _remove(client, ws, token)
@@ -201,6 +238,42 @@ def _coi_run(setup: Setup, ws: Path, env: dict[str, str]) -> None:
             )
 
 
+def _daemon_cli(client: IncusClient) -> str | None:
+    """The daemon's own command line (`incus`, or `lxc` for LXD), where it reaches the same
+    daemon: installed, and coi's daemon the local one."""
+    if not client.endpoint.is_local:
+        return None
+    return shutil.which("incus" if client.server.kind == "incus" else "lxc")
+
+
+def _make_listed(client: IncusClient, setup: Setup, ws: Path, token: str) -> None:
+    """`setup.listed` running containers with coi's name prefix (so `coi list` shows them),
+    each NIC with an address reserved on the bridge where it has room, as coi's sandboxes."""
+    net = client.networks.get(setup.network)
+    free = address.candidates(net) if net is not None else []
+    for i in range(setup.listed):
+        devices = _devices(setup, ws)
+        del devices["workspace"]  # `_settle` waits for the workspace's sandboxes to go
+        if i < len(free):
+            devices["eth0"]["ipv4.address"] = free[-1 - i]  # the top: clear of sandboxes
+        client.instances.create(
+            _name(token, f"list{i:02d}"),
+            image=setup.image,
+            devices=devices,
+            config={BENCH_LABEL: token, _LISTED: "true"},
+            start=True,
+        )
+
+
+def _listing(argv: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True)
+    if done.returncode != 0:
+        raise CoiError(
+            f"`{' '.join(argv)}` failed with exit code {done.returncode}",
+            details=done.stderr.decode(errors="replace").strip()[-2000:] or None,
+        )
+
+
 def _devices(setup: Setup, ws: Path) -> dict[str, dict[str, str]]:
     """The devices a sandbox has at least: its root, its NIC, the workspace."""
     return {
@@ -243,20 +316,22 @@ def _warm_floor(client: IncusClient, setup: Setup, ws: Path, token: str) -> floa
         client.instances.delete(name, force=True)
 
 
-def ours(client: IncusClient, ws: Path, token: str) -> list[str]:
-    """The containers of this bench: its own (labelled) and the sandboxes of its workspace."""
+def ours(client: IncusClient, ws: Path, token: str, *, listed: bool = True) -> list[str]:
+    """The containers of this bench: its own (labelled) and the sandboxes of its workspace;
+    `listed=False`: not those made for the listing rows."""
     return [
         inst.name
         for inst in client.instances.list()
-        if inst.config.get(BENCH_LABEL) == token or inst.config.get(labels.WORKSPACE) == str(ws)
+        if (inst.config.get(BENCH_LABEL) == token or inst.config.get(labels.WORKSPACE) == str(ws))
+        and (listed or inst.config.get(_LISTED) != "true")
     ]
 
 
 def _settle(client: IncusClient, ws: Path, token: str) -> None:
     """Wait (bounded) until the last round's sandboxes are gone: the daemon removes them
-    after coi returns, and that work would slow the next row."""
+    after coi returns, and that work would slow the next row. The listed containers stay."""
     deadline = time.monotonic() + SETTLE
-    while ours(client, ws, token) and time.monotonic() < deadline:
+    while ours(client, ws, token, listed=False) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
