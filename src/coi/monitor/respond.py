@@ -110,14 +110,17 @@ class Responder:
             return "logged (already killed)"
         if self.paused:
             return "logged (already paused)"
-        frozen_here = self.freeze_now is not None and self.freeze_now(True)
+        if self.freeze_now is not None:
+            self.freeze_now(True)
         try:
             # Told even when frozen here: it then finds the freeze done at once, and shows the
             # container as frozen, which `coi resume` needs.
             self.client.instances.freeze(self.container)
         except BackendError as err:
-            if frozen_here and self.freeze_now is not None:
-                self.freeze_now(False)  # a pause the daemon does not know, no one could undo
+            if self.freeze_now is not None:
+                # A pause the daemon does not know of, no one could undo (a freeze that did
+                # not finish in time included; a thaw of a thawed cgroup changes nothing).
+                self.freeze_now(False)
             return f"pause failed: {err}"
         self.paused = True
         return "paused"

@@ -159,8 +159,9 @@ def containers(
 def reserved_ipv4(inst: Instance) -> str | None:
     """The address coi reserved for the sandbox's NIC (`ipv4.address`), or None.
 
-    The daemon's DHCP hands that address to this NIC only and its IPv4 filter drops every
-    other source address, so it is the address the sandbox is reached at; reading it from the
+    The daemon's DHCP hands that address to this NIC only, the sandbox sets it at boot, and
+    where the daemon has NIC filtering (coi turns it on wherever it can) every other source
+    address is dropped: it is the address the sandbox is reached at. Reading it from the
     listing spares the daemon gathering every container's runtime state (`recursion=2`),
     which was most of `coi list`'s time.
     """
