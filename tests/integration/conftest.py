@@ -6,6 +6,7 @@ import os
 import pwd
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,13 @@ def base(user: pwd.struct_passwd) -> Iterator[Path]:
     os.chown(d, user.pw_uid, user.pw_gid)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def keepers(ws: Path) -> list[str]:
+    """The keepers of this workspace's sandboxes (other tests may run at the same time)."""
+    out = subprocess.run(["pgrep", "-af", "coi.sessions.keeper"], capture_output=True, text=True)
+    mine = f" coi-{workspace_hash(str(ws))}-"
+    return [line for line in out.stdout.splitlines() if mine in line]
 
 
 def user_dir(path: Path, user: pwd.struct_passwd) -> Path:

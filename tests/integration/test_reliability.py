@@ -18,6 +18,7 @@ from tests.integration.conftest import (
     USER,
     coi_names,
     converse,
+    keepers,
     leave,
     proc_state,
     spawn_shell,
@@ -29,7 +30,6 @@ from tests.integration.conftest import (
 from coi import checkpoint
 from coi.backend import IncusClient
 from coi.backend.exec import ExecRequest
-from coi.sessions.naming import workspace_hash
 
 # coi's keeper looks at its owner once a second; the daemon's forced stop takes a moment.
 WITHIN = 10
@@ -48,13 +48,6 @@ def _kill_hard(proc: subprocess.Popen[str]) -> None:
     proc.wait(timeout=10)
 
 
-def _keepers(ws: Path) -> list[str]:
-    """The keepers of this workspace's sandboxes (other tests may run at the same time)."""
-    out = subprocess.run(["pgrep", "-af", "coi.sessions.keeper"], capture_output=True, text=True)
-    mine = f" coi-{workspace_hash(str(ws))}-"
-    return [line for line in out.stdout.splitlines() if mine in line]
-
-
 @pytest.mark.parametrize("when", ["running", "launching"])
 def test_a_killed_coi_run_leaves_nothing_running(
     client: IncusClient, base: Path, uenv: dict[str, str], user: pwd.struct_passwd, when: str
@@ -71,13 +64,13 @@ def test_a_killed_coi_run_leaves_nothing_running(
         time.sleep(1)  # the command is under way
     else:
         # As soon as coi has a name for it: the create is what is under way.
-        wait_for(lambda: bool(_keepers(ws)), "coi to start its keeper")
+        wait_for(lambda: bool(keepers(ws)), "coi to start its keeper")
     _kill_hard(proc)
     killed_at = time.monotonic()
     wait_for(lambda: not coi_names(client, ws), "the sandbox of the killed coi to go", WITHIN + 20)
     took = time.monotonic() - killed_at
     assert took < WITHIN, f"gone after {took:.1f} s"
-    wait_for(lambda: not _keepers(ws), "the keeper to end", 10)
+    wait_for(lambda: not keepers(ws), "the keeper to end", 10)
     again = run_coi(
         "run", "--image", "coi-tiny", "-w", str(ws), "--", "echo", "again", env=uenv, user=USER
     )
@@ -90,7 +83,7 @@ def test_a_run_that_ends_dismisses_its_keeper(
     ws = user_dir(base / "ws", user)
     res = run_coi("run", "--image", "coi-tiny", "-w", str(ws), "--", "true", env=uenv, user=USER)
     assert res.returncode == 0, res.stderr
-    assert _keepers(ws) == []
+    assert keepers(ws) == []
 
 
 def _stopped(pid: int) -> bool:
@@ -135,7 +128,7 @@ def test_kill_9_at_each_step_of_coi_run_leaves_nothing(
         )
         took = time.monotonic() - killed_at
         assert took < WITHIN, f"gone after {took:.1f} s"
-    wait_for(lambda: not _keepers(ws), "the keeper to end", 70)
+    wait_for(lambda: not keepers(ws), "the keeper to end", 70)
     again = run_coi(
         "run", "--image", "coi-tiny", "-w", str(ws), "--", "echo", "again", env=uenv, user=USER
     )
@@ -185,7 +178,7 @@ def test_twenty_runs_at_once_on_one_workspace(
     assert slots == list(range(1, 21))
     wait_for(lambda: not coi_names(client, ws), "the twenty sandboxes to go", 60)
     assert sorted((Path(uenv["COI_HOME"]) / "locks").glob("*.claim")) == []
-    wait_for(lambda: not _keepers(ws), "the keepers to end", 30)
+    wait_for(lambda: not keepers(ws), "the keepers to end", 30)
 
 
 @pytest.fixture
@@ -328,7 +321,7 @@ def test_kill_9_at_each_step_of_coi_shell(
     )
     took = time.monotonic() - killed_at
     assert took < WITHIN, f"gone after {took:.1f} s"
-    wait_for(lambda: not _keepers(ws), "the keeper to end", 30)
+    wait_for(lambda: not keepers(ws), "the keeper to end", 30)
     turns = "turn one\n" if step == "shell-made" else "turn one\nturn two\n"
     assert log.read_text() == turns  # never less than the earlier save
     assert not (saved / ".standin.old").exists()

@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     USER,
     coi_names,
     converse,
+    keepers,
     remove_containers,
     spawn_shell,
     user_dir,
@@ -230,6 +231,9 @@ def test_kill_9_mid_run_leaves_the_workspace_and_clean_removes_the_rest(
     code, out, _ = _coi(uenv, "clean", "--force")
     assert code == 0 and f"Deleting container {name}..." in out
     wait_gone(client, ws)
+    # The keeper coi left notes the owner's death in the audit log under `base`: it ends
+    # before the fixture removes that folder, or it writes the folder back afterwards.
+    wait_for(lambda: not keepers(ws), "the keeper to end", 60)
     assert (ws / "precious.txt").read_text() == "keep me\n"
 
 
