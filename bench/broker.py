@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -200,6 +201,7 @@ def main() -> None:
         c.instances.delete(box, force=True)
         c.close()
         credkit.destroy(standin)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

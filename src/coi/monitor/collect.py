@@ -51,57 +51,74 @@ def cgroup_kill(cgdir: Path) -> bool:
     """SIGKILL every process of the container's cgroup tree at once, from the host: the cgroup
     v2 `cgroup.kill` (Linux 5.14+; the kernel walks the tree, nothing forks away meanwhile),
     in the unified hierarchy of a hybrid host too (where `cgdir` may be the v1 pids one).
-    Else, with the v1 freezer: freeze, kill each process, thaw. False when neither works
-    (not root): the caller asks the daemon instead."""
+    Else freeze (`cgroup_freeze`, which waits until the kernel has stopped every process, so
+    none forks away between the listing and the kills), kill each process, thaw. False when
+    neither works (not root): the caller asks the daemon instead."""
     name = cgdir.name
     for d in (cgdir, *(root / name for root in CGROUP_ROOTS)):
         try:
-            (d / "cgroup.kill").write_text("1")
+            _write(d / "cgroup.kill", "1")
         except OSError:
             continue
         return True
-    freezer = cgdir.parent.parent / "freezer" / name
-    try:
-        (freezer / "freezer.state").write_text("FROZEN")
-        try:
-            for pid in cgroup_pids(freezer):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        finally:
-            (freezer / "freezer.state").write_text("THAWED")  # the kills land on thaw
-    except OSError:
+    found = _freezer(cgdir)
+    if found is None:
         return False
-    return True
+    try:
+        if not cgroup_freeze(cgdir):
+            return False
+        for pid in cgroup_pids(found[0].parent):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return True
+    finally:
+        cgroup_freeze(cgdir, thaw=True)  # the kills land on thaw; a half-done freeze is undone
+
+
+def _write(path: Path, value: str) -> None:
+    """Write a cgroup control file that must exist: never created (a missing one means this
+    kernel or hierarchy lacks it)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _freezer(cgdir: Path) -> tuple[Path, Path, str, str] | None:
+    """The freezer the daemon uses for this container: (control file, state file, what to
+    write to freeze, what the state says once frozen); the v1 one where it is mounted, as
+    liblxc does, else v2's `cgroup.freeze`. None: no freezer (not mounted, or gone)."""
+    name = cgdir.name
+    v1 = cgdir.parent.parent / "freezer" / name
+    if (v1 / "freezer.state").is_file():
+        return v1 / "freezer.state", v1 / "freezer.state", "FROZEN", "FROZEN"
+    for d in (cgdir, *(r / name for r in CGROUP_ROOTS)):
+        if (d / "cgroup.freeze").is_file():
+            return d / "cgroup.freeze", d / "cgroup.events", "1", "frozen 1"
+    return None
 
 
 def cgroup_freeze(cgdir: Path, *, thaw: bool = False, timeout: float = 1.0) -> bool:
     """Freeze (or thaw) every process of the container's cgroup from the host, in the freezer
-    the daemon uses (the v1 one where it is mounted, as liblxc does, else v2's
-    `cgroup.freeze`), and wait until the kernel says it is done. False when it cannot (not
-    root, no freezer) or is not done within `timeout`: the caller asks the daemon instead.
+    the daemon uses (`_freezer`), and wait until the kernel says it is done. False when it
+    cannot (not root, no freezer) or is not done within `timeout`: the caller asks the
+    daemon instead.
 
     Why: liblxc polls a v1 freezer once a second, so the daemon's freeze of a container whose
     processes were busy forking took 1 s more in one case in three; a flood went on
     meanwhile. Frozen here first, the daemon's freeze finds it done at its first look."""
-    name = cgdir.name
-    v1 = cgdir.parent.parent / "freezer" / name
-    if (v1 / "freezer.state").is_file():
-        control = state = v1 / "freezer.state"
-        value = done = "THAWED" if thaw else "FROZEN"
-    else:
-        found = [
-            d for d in (cgdir, *(r / name for r in CGROUP_ROOTS)) if (d / "cgroup.freeze").is_file()
-        ]
-        if not found:
-            return False
-        control, state = found[0] / "cgroup.freeze", found[0] / "cgroup.events"
-        value = "0" if thaw else "1"
-        done = f"frozen {value}"
+    found = _freezer(cgdir)
+    if found is None:
+        return False
+    control, state, value, done = found
+    if thaw:
+        value, done = ("THAWED", "THAWED") if value == "FROZEN" else ("0", "frozen 0")
     deadline = time.monotonic() + timeout
     try:
-        control.write_text(value)
+        _write(control, value)
         while done not in state.read_text().splitlines():
             if time.monotonic() > deadline:
                 return False
