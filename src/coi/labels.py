@@ -16,6 +16,12 @@ DEADLINE = "user.coi.deadline"  # max_duration: when the watchdog stops it (epoc
 ALIAS = "user.coi.alias"  # the name the user gave it (`--name`, `coi alias`)
 REVIEW = "user.coi.review"  # review mode: the id of the review it works on
 
+# On running spares (sessions/warm.py): what the spare was made for, and that it is booted
+# and its network proven (until then it is being made)
+SPARE_KEY = "user.coi.spare.key"
+SPARE_READY = "user.coi.spare.ready"
+SPARE_PROOF = "user.coi.spare.proof"  # where its network was proven: daemon pid, host veth
+
 # On templates and spares (sessions/template.py)
 TEMPLATE_IMAGE = "user.coi.template.image"
 TEMPLATE_READY = "user.coi.template.ready"

@@ -40,10 +40,19 @@ def test_bench_reports_rows_and_floors_and_leaves_nothing(
     assert report["pool_driver"] == client.networks.pool(report["pool"]).driver  # type: ignore[union-attr]
     assert report["server"] == client.server.display_name
     rows = {row["key"]: row for row in report["rows"]}
-    assert set(rows) == {"coi_run", "cold_floor", "warm_floor", "coi_list", "daemon_list"}
+    assert set(rows) == {
+        "coi_run",
+        "cold_floor",
+        "warm_floor",
+        "coi_list",
+        "daemon_list",
+        "coi_run_spare",
+        "daemon_exec",
+    }
     assert rows["coi_list"]["label"] == "`coi list` with 3 containers"
     cli = "incus" if client.server.kind == "incus" else "lxc"
     assert rows["daemon_list"]["label"] == f"`{cli} list` with 3 containers"
+    assert rows["daemon_exec"]["label"] == f"`{cli} exec CT -- true`, CT running"
     for row in rows.values():
         assert len(row["samples_ms"]) == 2 and all(x > 0 for x in row["samples_ms"])
         assert row["min_ms"] <= row["p50_ms"] <= row["p95_ms"] <= row["max_ms"]
@@ -51,6 +60,7 @@ def test_bench_reports_rows_and_floors_and_leaves_nothing(
         "coi_run/cold_floor",
         "coi_run/warm_floor",
         "coi_list/daemon_list",
+        "coi_run_spare/daemon_exec",
     }
     assert _bench_made(client) == []
     # The bench's folders (workspace, state) are gone too.

@@ -13,6 +13,7 @@ EXAMPLES = """\
   coi bench                         # 5 rounds on the configured image
   coi bench --runs 20 --image coi-tiny
   coi bench --list-containers 0     # no `coi list` rows
+  coi bench --no-running-spare      # no rows of a session taking a running spare
   coi bench --format json | jq .ratios"""
 
 
@@ -24,8 +25,11 @@ EXAMPLES = """\
 @click.option("--list-containers", "listed", type=click.IntRange(0, 100), default=10,
               show_default=True, metavar="N",
               help="Running containers made for the `coi list` rows (0: none).")  # fmt: skip
+@click.option("--running-spare/--no-running-spare", "spare", default=True, show_default=True,
+              help="Time `coi run -- true` taking a running spare, next to the daemon's "
+              "`exec` into a running container.")  # fmt: skip
 @click.option("--format", "fmt", default="text", metavar="FORMAT", help="text or json.")
-def bench_cmd(runs: int, image: str | None, listed: int, fmt: str) -> None:
+def bench_cmd(runs: int, image: str | None, listed: int, spare: bool, fmt: str) -> None:
     """Time `coi run -- true` against the daemon doing the least it must, in the same run.
 
     Prints p50 and p95 of: the whole `coi run -- true` (a new sandbox from the image, its
@@ -33,7 +37,9 @@ def bench_cmd(runs: int, image: str | None, listed: int, fmt: str) -> None:
     exec `true`, delete: what any client asks of the daemon) and the warm floor (start a
     container made beforehand, exec `true`), with the server and the storage pool's driver;
     and `coi list` next to the daemon's own CLI's `list`, with N running containers made for
-    them (where that CLI is installed and the daemon is the local one).
+    them (where that CLI is installed and the daemon is the local one); and `coi run -- true`
+    taking a booted spare ([sandbox] running_spares) next to that CLI's `exec CT -- true`
+    into a running container.
     Rounds are interleaved; everything the bench makes is removed, also on Ctrl-C.
     """
     from coi.cli.context import daemon
@@ -47,6 +53,7 @@ def bench_cmd(runs: int, image: str | None, listed: int, fmt: str) -> None:
         network=cfg.get_str("incus.network"),
         runs=runs,
         listed=listed,
+        spare=spare,
     )
 
     def progress(text: str) -> None:

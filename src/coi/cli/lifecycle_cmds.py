@@ -72,6 +72,12 @@ def _print_container(c: ContainerInfo) -> None:
     if c.alias:
         click.echo(f"    Alias: {c.alias}")
     click.echo(f"    Status: {c.status}")
+    if c.kind == "spare":
+        click.echo(
+            "    Spare: booted, waits for the next session here (sandbox.running_spares)"
+            if c.spare_ready
+            else "    Spare: being made"
+        )
     if c.location:
         click.echo(f"    Member: {c.location}")
     if c.ipv4:

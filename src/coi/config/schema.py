@@ -239,6 +239,18 @@ SETTINGS: tuple[Setting, ...] = (
         env=("COI_SPARES",),
         trust="never",
     ),
+    _s(
+        "sandbox.running_spares",
+        "int",
+        0,
+        "Booted sandboxes kept waiting for the next session in a workspace: a session that "
+        "finds one skips the create and the boot, and coi boots the next when it ends. Each "
+        "holds the memory of an idle sandbox and shows as running under its slot's name "
+        "(docs/sessions.md). Only for plain sessions (no --persistent, ports, sockets, "
+        "--name, review mode, --target or remote daemon); 0 (the default) turns it off.",
+        env=("COI_RUNNING_SPARES",),
+        trust="never",
+    ),
     _s("incus.code_uid", "int", 1000, "Uid of the agent user inside the container.", trust="never"),
     _s(
         "incus.code_user",

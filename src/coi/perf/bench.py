@@ -9,7 +9,10 @@ Rows, interleaved round by round so that a busy machine slows all of them alike:
   what the daemon needs when nothing has to be made;
 - `coi list` next to the daemon's own CLI's `list`, both new processes, with `listed`
   running containers made for it (addresses reserved, as coi makes its sandboxes); only
-  where that CLI is installed and talks to the same daemon (a local one).
+  where that CLI is installed and talks to the same daemon (a local one);
+- `coi run -- true` taking a running spare (`sandbox.running_spares = 1`, in a workspace of
+  its own, the next spare ready before each round), next to the daemon's own CLI's `exec
+  CT -- true` into a running container, a new process too (where that CLI is installed).
 
 Everything the bench makes is labelled (`user.coi.bench`) and removed at the end, on an
 error and on Ctrl-C (the `coi run` children clean up their own sandboxes; what is left of
@@ -107,6 +110,9 @@ class Report:
         if {"coi_list", "daemon_list"} <= keys:
             listing = self.row("coi_list").p50 / self.row("daemon_list").p50
             out["coi_list/daemon_list"] = round(listing, 2)
+        if {"coi_run_spare", "daemon_exec"} <= keys:
+            spare = self.row("coi_run_spare").p50 / self.row("daemon_exec").p50
+            out["coi_run_spare/daemon_exec"] = round(spare, 2)
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -134,6 +140,8 @@ class Setup:
     coi: tuple[str, ...] = (sys.executable, "-m", "coi")
     # Running containers made for the listing rows (0: no listing rows).
     listed: int = 10
+    # The rows of a session taking a running spare.
+    spare: bool = True
 
 
 def run(client: IncusClient, setup: Setup, *, progress: Callable[[str], None]) -> Report:
@@ -159,6 +167,10 @@ def run(client: IncusClient, setup: Setup, *, progress: Callable[[str], None]) -
             "or coi's daemon is not the local one"
         )
     listings: list[tuple[Row, list[str]]] = []
+    # The running-spare rows: their workspace, and the daemon's exec into a running container.
+    warm_ws = Path(tempfile.mkdtemp(prefix=f"coi-bench-{token}-spare-"))
+    spare_row = Row("coi_run_spare", "`coi run -- true` taking a running spare")
+    execs: list[tuple[Row, list[str]]] = []
     try:
         if lister is not None:
             progress(f"making {setup.listed} running containers to list...")
@@ -176,6 +188,17 @@ def run(client: IncusClient, setup: Setup, *, progress: Callable[[str], None]) -
                 _listing(argv, env)
         progress("warming up (the policy's bridge, the page cache)...")
         _coi_run(setup, ws, env)
+        spare_env = {**env, "COI_RUNNING_SPARES": "1"}
+        if setup.spare:
+            rows.append(spare_row)
+            _coi_run(setup, warm_ws, spare_env)  # leaves the first spare
+            if lister is not None:
+                target = _running(client, setup, ws, token)
+                row = Row("daemon_exec", f"`{Path(lister).name} exec CT -- true`, CT running")
+                argv = [lister, "exec", "--project", client.project or "default", target]
+                execs.append((row, [*argv, "--", "true"]))
+                rows.append(row)
+                _listing(execs[0][1], env)
         for i in range(setup.runs):
             progress(f"round {i + 1}/{setup.runs}")
             _settle(client, ws, token)
@@ -185,11 +208,17 @@ def run(client: IncusClient, setup: Setup, *, progress: Callable[[str], None]) -
             warm.samples.append(_warm_floor(client, setup, ws, token))
             for row, argv in listings:
                 row.samples.append(_timed(partial(_listing, argv, env)))
+            if setup.spare:
+                _spare_ready(client, warm_ws)
+                spare_row.samples.append(_timed(lambda: _coi_run(setup, warm_ws, spare_env)))
+                for row, argv in execs:
+                    row.samples.append(_timed(partial(_listing, argv, env)))
     finally:
         with _no_interrupts():
             _remove(client, ws, token)
-            shutil.rmtree(ws, ignore_errors=True)
-            shutil.rmtree(home, ignore_errors=True)
+            _remove_spares(client, warm_ws)
+            for d in (ws, warm_ws, home):
+                shutil.rmtree(d, ignore_errors=True)
     return Report(
         server=client.server.display_name,
         pool=setup.pool,
@@ -263,6 +292,69 @@ def _make_listed(client: IncusClient, setup: Setup, ws: Path, token: str) -> Non
             config={BENCH_LABEL: token, _LISTED: "true"},
             start=True,
         )
+
+
+def _running(client: IncusClient, setup: Setup, ws: Path, token: str) -> str:
+    """A running container for the daemon's exec row: one made for the listing, else one
+    made now (labelled, removed with the rest)."""
+    for inst in client.instances.list():
+        if inst.config.get(_LISTED) == "true" and inst.config.get(BENCH_LABEL) == token:
+            return inst.name
+    name = _name(token, "exec")
+    devices = _devices(setup, ws)
+    del devices["workspace"]  # `_settle` waits for the workspace's sandboxes to go
+    client.instances.create(
+        name,
+        image=setup.image,
+        devices=devices,
+        config={BENCH_LABEL: token, _LISTED: "true"},
+        start=True,
+    )
+    return name
+
+
+def _spare_ready(client: IncusClient, ws: Path) -> None:
+    """Wait (bounded) until the spare workspace holds one ready running spare and nothing
+    else: the last round's sandbox gone, the spare its coi left booted."""
+    deadline = time.monotonic() + SETTLE
+    while time.monotonic() < deadline:
+        mine = [i for i in client.instances.list() if i.config.get(labels.WORKSPACE) == str(ws)]
+        if len(mine) == 1 and mine[0].config.get(labels.SPARE_READY) == "true":
+            return
+        time.sleep(0.1)
+    raise CoiError(
+        "no running spare was made within a minute",
+        resolution="Check that 'COI_RUNNING_SPARES=1 coi run -- true' leaves one ('coi list' "
+        "shows it; ~/.coi/logs/spares.log says why not), or run with --no-running-spare.",
+    )
+
+
+def _remove_spares(client: IncusClient, ws: Path) -> None:
+    """The spare workspace's sandboxes, once the spare makers its runs left have ended (they
+    outlive coi: a spare made after this would be left behind)."""
+    deadline = time.monotonic() + SETTLE
+    while _makers(ws) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for inst in client.instances.list():
+        if inst.config.get(labels.WORKSPACE) == str(ws):
+            try:
+                client.instances.delete(inst.name, force=True)
+            except NotFound:
+                pass
+
+
+def _makers(ws: Path) -> bool:
+    """Whether a process still runs with the spare workspace on its command line: a spare
+    maker (`coi run` itself has returned by then)."""
+    needle = str(ws).encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    return True
+            except OSError:
+                pass
+    return False
 
 
 def _listing(argv: list[str], env: dict[str, str]) -> None:

@@ -16,7 +16,7 @@ from coi.images import builder
 from coi.locks import tried
 from coi.network import resources
 from coi.protection.guard import settle
-from coi.sessions import inventory, template
+from coi.sessions import inventory, template, warm
 from coi.sessions.inventory import ContainerInfo, SavedSession
 from coi.sessions.slots import claimed_containers, stale_claims
 
@@ -121,9 +121,15 @@ def plan_orphans(
             client,
             keep_spares=cfg.get_int("incus.spares") > 0,
             keep_templates=templates_wanted(client, cfg),
-        ),
+        )
+        + ([] if cfg.get_int("sandbox.running_spares") > 0 else running_spares(client)),
         build_images=builder.orphans(client),
     )
+
+
+def running_spares(client: IncusClient) -> list[str]:
+    """Every running spare (coi.sessions.warm), for `coi clean` when they are turned off."""
+    return [i.name for i in client.instances.list() if warm.is_spare(i)]
 
 
 def templates_wanted(client: IncusClient, cfg: Config) -> bool:

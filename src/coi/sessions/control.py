@@ -134,7 +134,10 @@ def attach_target(
         return AttachTarget(name, slot=slot)
     if name:
         return AttachTarget(aliases.resolve(client, name))
-    running = tuple(c.name for c in containers(client, with_state=False) if c.running)
+    # A running spare has no session to join (sandbox.running_spares).
+    running = tuple(
+        c.name for c in containers(client, with_state=False) if c.running and c.kind != "spare"
+    )
     return AttachTarget(running[0] if len(running) == 1 else "", running)
 
 

@@ -42,6 +42,7 @@ class ContainerInfo:
     ports: tuple[forwards.Published, ...] = ()
     sockets: tuple[tuple[str, str], ...] = ()
     location: str = ""  # the cluster member it runs on ('' off a cluster)
+    spare_ready: bool = False  # a running spare (kind "spare") its maker is done with
 
     @property
     def running(self) -> bool:
@@ -49,9 +50,11 @@ class ContainerInfo:
 
     @property
     def orphaned(self) -> bool:
-        """A `coi run` sandbox or image build whose coi process died (kill -9): nobody
-        will remove it."""
-        if self.kind not in ("run", "build") or self.persistent or not self.owner_pid:
+        """A `coi run` sandbox or image build whose coi process died (kill -9), or a running
+        spare whose maker died before it was ready: nobody will remove it."""
+        if self.kind == "spare" and self.spare_ready:
+            return False
+        if self.kind not in ("run", "build", "spare") or self.persistent or not self.owner_pid:
             return False
         if self.owner_host != socket.gethostname():
             return False  # made on another machine: we cannot tell, so we keep it
@@ -121,6 +124,7 @@ def container_info(inst: Instance, metadata: Mapping[str, Metadata]) -> Containe
         ports=forwards.published_of(inst.devices),
         sockets=forwards.sockets_of(inst.devices),
         location=inst.location,
+        spare_ready=cfg.get(labels.SPARE_READY) == "true",
     )
 
 

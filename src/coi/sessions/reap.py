@@ -54,8 +54,9 @@ def after_restart(client: IncusClient, *, remote: str | None) -> bool:
 
 
 def leftovers(client: IncusClient, live: set[str]) -> list[str]:
-    """Stopped ephemeral `coi run` sandboxes of this machine whose coi is gone (`live`: the
-    containers a running coi holds a slot for: one being made is stopped for a moment)."""
+    """Stopped ephemeral `coi run` sandboxes and spares of this machine whose coi is gone
+    (`live`: the containers a running coi holds a slot for: one being made is stopped for a
+    moment)."""
     import socket
 
     here = socket.gethostname()
@@ -65,7 +66,7 @@ def leftovers(client: IncusClient, live: set[str]) -> list[str]:
         if (
             inst.ephemeral
             and inst.status == "Stopped"
-            and cfg.get(labels.KIND) == "run"
+            and cfg.get(labels.KIND) in ("run", "spare")
             and cfg.get(labels.OWNER_HOST) == here
             and inst.name not in live
             and not _alive(cfg.get(labels.OWNER_PID, ""))

@@ -23,6 +23,7 @@ from coi.config.paths import coi_home
 from coi.errors import BackendError, ConfigError, NotFound, SessionError, UsageError
 from coi.limits import Limits
 from coi.limits.watchdog import spawn as spawn_watchdog
+from coi.locks import tried
 from coi.network import address
 from coi.network.address import Address
 from coi.network.manager import ensure_network, gateway_of, prove_enforced, wait_for_network
@@ -31,8 +32,8 @@ from coi.protection import masks
 from coi.protection import paths as protected
 from coi.protection.guard import Guard, settle
 from coi.protection.masks import MaskPlan
-from coi.sessions import aliases, forwards, naming, template
-from coi.sessions.slots import SlotClaims
+from coi.sessions import aliases, forwards, naming, template, warm
+from coi.sessions.slots import SlotClaims, claimed_containers
 from coi.sessions.workspace import (
     Mount,
     host_owner_gid,
@@ -106,6 +107,8 @@ class SandboxSpec:
     # (see sessions/template.py).
     templates: bool | None = True
     spares: int = 2
+    # Booted sandboxes kept waiting for the next session in this workspace (sessions/warm.py).
+    running_spares: int = 0
     intercept_setxattr: bool = False  # `incus.intercept_setxattr`
     # Most sessions at once on one workspace.
     max_slots: int = naming.MAX_SLOTS
@@ -361,12 +364,20 @@ class Sandbox:
         self.published: tuple[forwards.Published, ...] = ()
         self._forwarded: dict[str, dict[str, str]] = {}
         self._ws_hash = naming.workspace_hash(str(spec.workspace))
+        # Running spares (coi.sessions.warm): the one this session's slot holds, listed under
+        # its claim; whether this sandbox booted before its session (no boot wait, no set-up
+        # then); whether this process is making a spare (no session log, no monitor).
+        self._spare: Instance | None = None
+        self._booted = False
+        self._proven = False  # its network proven as the spare was made, and that still holds
+        self.making_spare = False
 
     # -- coi's own log of the session (`coi logs`) -----------------------------------------
 
     def record(self, event: str, text: str, **facts: Any) -> None:
-        """An event of this session in its log (nothing before the container has a name)."""
-        if self.name:
+        """An event of this session in its log (nothing before the container has a name, and
+        nothing of a spare: its session has not begun)."""
+        if self.name and not self.making_spare:
             session_log.record(self.name, event, text, **facts)
 
     def teed(self, log: Log, event: str = "note") -> Log:
@@ -387,7 +398,8 @@ class Sandbox:
             bind(spec.review, self.name, remote=spec.remote or "", project=self.client.project)
         self.record(
             "start",
-            f"{'made' if self.created else 'reused'} {self.name} from {spec.image} for "
+            f"{'took the booted spare' if self._booted else 'made' if self.created else 'reused'}"
+            f" {self.name} from {spec.image} for "
             f"{spec.workspace}",
             image=spec.image,
             workspace=str(spec.workspace),
@@ -419,7 +431,9 @@ class Sandbox:
 
         if slot:
             try:
-                running = self.client.instances.get(naming.container_name(ws, slot)).running
+                inst = self.client.instances.get(naming.container_name(ws, slot))
+                # A running spare in the slot asked for is this session's to take (or remove).
+                running = inst.running and not warm.is_spare(inst)
             except NotFound:
                 running = False
             if running and not self.spec.persistent:
@@ -428,6 +442,9 @@ class Sandbox:
                 )
                 self.log(f"Slot {slot} is occupied, using slot {new} instead")
                 slot = new
+        elif (found := self._claim_spare()) is not None:
+            slot = found
+            self.log(f"Auto-allocated slot {slot} (a booted spare waits there)")
         else:
             slot = self._claims.allocate(self._ws_hash, taken, most=self.spec.max_slots)
             self.log(f"Auto-allocated slot {slot}")
@@ -435,6 +452,31 @@ class Sandbox:
         self.name = naming.container_name(ws, slot)
         # Listed under this slot's claim: no other coi makes its container meanwhile.
         self._known_absent = listed and self.name not in existing
+
+    def _claim_spare(self) -> int | None:
+        """Claim a slot whose container is a ready running spare of this workspace; None
+        when there is none (or this session does not use them). The spares are listed under
+        the claim lock, as `taken` lists: a spare another coi took meanwhile is a session's
+        sandbox now, and its slot is that coi's."""
+        if self.making_spare or not warm.wanted(self.spec):
+            return None
+        ws = str(self.spec.workspace)
+        spares: dict[str, Instance] = {}
+        listed = False
+
+        def not_a_spare(n: int) -> bool:
+            nonlocal listed
+            if not listed:
+                spares.update(warm.ready_for(self.client.instances.list(), ws))
+                listed = True
+            return naming.container_name(ws, n) not in spares
+
+        try:
+            slot = self._claims.allocate(self._ws_hash, not_a_spare, most=self.spec.max_slots)
+        except SessionError:
+            return None  # no spare free to take: the usual slot, made the usual way
+        self._spare = spares[naming.container_name(ws, slot)]
+        return slot
 
     def use_container(self, name: str) -> None:
         """Use an existing container by name (`--container`)."""
@@ -590,12 +632,17 @@ class Sandbox:
     def _create_or_reuse(self, then: Callable[[], None] | None) -> None:
         self.check_owner()
         self.begin()
-        inst = None
+        inst = self._spare
         try:
-            if not self._known_absent:
+            if inst is None and not self._known_absent:
                 inst = self.client.instances.get(self.name)
         except NotFound:
             pass
+        if inst is not None and warm.is_spare(inst):
+            if self._take_spare(inst):
+                self._after_made(then)
+                return
+            inst = None  # removed: made afresh below
         reused = inst is not None and (
             self.spec.persistent or inst.config.get(labels.PERSISTENT) == "true"
         )
@@ -646,6 +693,78 @@ class Sandbox:
         recording.join()
         self._after_made(then)
 
+    def _take_spare(self, inst: Instance) -> bool:
+        """Make this slot's running spare (coi.sessions.warm) this session's sandbox. False,
+        with the spare removed, when it is not one this session would make: other settings,
+        an image rebuilt since, a spare still being made (its maker died, or was overtaken
+        by a `--slot` asking for it), or stopped (the daemon restarted)."""
+        net = self._attach_network() or self.client.networks.get(self.network)
+        config = instance_config(self.spec, self.client.has_extension, mknod=self._mknod_works)
+        if not (
+            warm.is_ready(inst)
+            and warm.wanted(self.spec)
+            and inst.config.get(labels.SPARE_KEY) == self._spare_key(config)
+        ):
+            self.log("Removing a booted spare made for other settings...")
+            self.client.instances.delete(self.name, force=True)
+            return False
+        self.log("Taking a booted spare sandbox")
+        # From here it is this session's: a coi killed now leaves it to the keeper and to
+        # `coi clean` as any session's sandbox, never as a spare for another session.
+        self.client.instances.set_config(
+            self.name,
+            {
+                **labels.owner_config(self.spec.kind),
+                **dict.fromkeys((labels.SPARE_KEY, labels.SPARE_READY, labels.SPARE_PROOF), ""),
+            },
+        )
+        nic = inst.expanded_devices.get("eth0") or {}
+        self.address = address.of_nic(net, nic)
+        self.created = self._booted = True
+        self._proven = warm.proof_holds(inst, self.client.server.pid)
+        self._protect()
+        return True
+
+    def _spare_key(self, config: Mapping[str, str]) -> str:
+        """What this session's sandbox is made of (`warm.key`), once its network is known."""
+        devices = instance_devices(
+            self.spec, None, filtering=self._filtering, network=self.network,
+            forwarded=self._forwarded,
+        )  # fmt: skip
+        return warm.key(
+            config,
+            devices,
+            fingerprint=self.fingerprint,
+            ephemeral=self._ephemeral(),
+            setup=self.spec.setup,
+            drop_root=self.spec.drop_root,
+        )
+
+    def make_spare(self) -> None:
+        """Make a running spare for this spec's workspace in its first free slot: created,
+        started, booted, its set-up run and its network proven, then marked ready. The slot
+        stays claimed by this process until then, so no session takes it half-made."""
+        self.making_spare = True
+        self.monitor = None
+        self.ensure_image()
+        self.choose_slot(None)
+        try:
+            self._make()
+            self.verify_network()
+            made = self.client.instances.get(self.name)
+            self.client.instances.set_config(
+                self.name,
+                {
+                    labels.SPARE_READY: "true",
+                    labels.SPARE_PROOF: warm.proof_mark(made, self.client.server.pid),
+                },
+            )
+        except BaseException:
+            self.client.instances.delete(self.name, force=True)
+            raise
+        finally:
+            self.release()
+
     def _fit_workspace(self, inst: Instance) -> None:
         """A reused persistent sandbox mounts what this session works on: your folder, or
         this session's review copy. Switched while it is stopped; a running one that works
@@ -680,6 +799,8 @@ class Sandbox:
         net = self._attach_network()
         self.log(f"Creating container from {self.spec.image}...")
         config = instance_config(self.spec, self.client.has_extension, mknod=self._mknod_works)
+        if self.making_spare:
+            config |= {labels.KIND: warm.KIND, labels.SPARE_KEY: self._spare_key(config)}
         # A spare lies on whichever member made it: one asked for (`--target`) is made there.
         self.template = None if self.spec.target else self._template(config)
         net = net or self.client.networks.get(self.network)
@@ -831,24 +952,43 @@ class Sandbox:
         """Have the spares this sandbox used up replaced, without waiting: the requests go
         from a detached child (with 2 CPUs busy they take the daemon up to a second)."""
         self.up()
+        if warm.wanted(self.spec) and not self.making_spare:
+            self._boot_spares()
         if not self.template or self.spec.spares <= 0:
             return
         tmpl, want, own = self.template, self.spec.spares, self.name
         endpoint, project = self.client.endpoint, self.client.project
 
         def refill() -> None:
-            log = coi_home() / "logs" / "spares.log"
             try:
                 with IncusClient(endpoint, project=project) as client:
                     template.replenish(client, tmpl, want, lock_dir=coi_home() / "locks", own=own)
             except (BackendError, OSError) as err:
                 # Nobody waits for this child: a failed refill only means the next sandbox
                 # is copied from the template, so it is noted, not shown.
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with log.open("a") as f:
-                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} spares of {tmpl}: {err}\n")
+                _note_spares(f"spares of {tmpl}: {err}")
 
         detached(refill)
+
+    def _boot_spares(self) -> None:
+        """Have running spares (coi.sessions.warm) made for this workspace until it has
+        `running_spares` of them, from a detached child: after this session's sandbox has
+        gone (an ended `coi run`'s slot is the one the next session would take), and not
+        while another sandbox of this user is starting (it would slow that one's start)."""
+        # An ended `coi run` is being removed: its slot is free once it is gone.
+        spec, ended = self.spec, self.name if self._ephemeral() else ""
+        endpoint, project = self.client.endpoint, self.client.project
+
+        def boot() -> None:
+            try:
+                with IncusClient(endpoint, project=project) as client:
+                    _make_spares(client, spec, ended)
+            except (BackendError, SessionError, OSError) as err:
+                # Nobody waits for this child: without a spare the next session is made
+                # the usual way, so a failure is noted, not shown.
+                _note_spares(f"running spares of {spec.workspace}: {err}")
+
+        detached(boot)
 
     # -- protection and limits ------------------------------------------------------------
 
@@ -963,8 +1103,15 @@ class Sandbox:
         policy = self.spec.policy
         network = self.network
         gateway = ""
-        if policy is None or policy.mode == "open":
-            wait_for_network(self.client, self.name, self.address, then=BOOTED + self.spec.setup)
+        # A running spare booted and ran its set-up before its session.
+        then = "" if self._booted else BOOTED + self.spec.setup
+        if self._proven:
+            # Proven as the spare was made, on this very NIC, by this very daemon, with the
+            # rules this session asks for (`warm.proof_holds`): not proven a second time.
+            mode = policy.mode if policy else "open"
+            self.record("policy", f"network {mode}: in force (proven as the spare was made)")
+        elif policy is None or policy.mode == "open":
+            wait_for_network(self.client, self.name, self.address, then=then)
         else:
             if not self.created:
                 # A reused container keeps the bridge it was made with.
@@ -972,14 +1119,17 @@ class Sandbox:
                 network = (inst.expanded_devices.get("eth0") or {}).get("network", network)
             gateway = prove_enforced(
                 self.client, self.name, network, self.log, self.address,
-                then=BOOTED + self.spec.setup,
+                then=then,
                 tidy=self.lasting,
                 remote=not self.client.endpoint.is_local,
             )  # fmt: skip
-        mode = policy.mode if policy else "open"
-        self.record("policy", f"network {mode}: in force", mode=mode, gateway=gateway)
-        if self.spec.drop_root:
+        if not self._proven:
+            mode = policy.mode if policy else "open"
+            self.record("policy", f"network {mode}: in force", mode=mode, gateway=gateway)
+        if self.spec.drop_root and not self._booted:
             self._take_root()
+        elif self.spec.drop_root:
+            self.record("policy", "the agent has no way to root (checked as the spare was made)")
         mon = self.monitor
         if mon is not None and mon.enabled:
             from coi.monitor.monitor import net_context
@@ -1128,6 +1278,38 @@ class Meanwhile:
             raise self._error
 
 
+def _make_spares(client: IncusClient, spec: SandboxSpec, ended: str) -> None:
+    """The detached child of `Sandbox._boot_spares`."""
+    lock_dir = coi_home() / "locks"
+    deadline = time.monotonic() + 30.0
+    while ended and time.monotonic() < deadline and client.instances.exists(ended):
+        time.sleep(0.1)
+    # Of two sessions of one workspace ending together, one makes its spares.
+    ws = str(spec.workspace)
+    with tried(lock_dir / f"running-spares-{naming.workspace_hash(ws)}.lock") as mine:
+        if not mine:
+            return
+        have = warm.of_workspace(client.instances.list(), ws)
+        # One its maker left half-made (killed) would hold its slot for ever.
+        busy = claimed_containers(lock_dir)
+        for inst in have:
+            if not warm.is_ready(inst) and inst.name not in busy:
+                client.instances.delete(inst.name, force=True)
+        have = [i for i in have if warm.is_ready(i) or i.name in busy]
+        # Each holds a slot of the workspace's `max_slots`.
+        for _ in range(min(spec.running_spares, spec.max_slots) - len(have)):
+            if template.someone_starting(lock_dir):
+                return  # the last session of a burst makes them
+            Sandbox(client, spec, log=lambda _msg: None).make_spare()
+
+
+def _note_spares(text: str) -> None:
+    log = coi_home() / "logs" / "spares.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+
 def detached(fn: Callable[[], None]) -> None:
     """Run `fn` in a grandchild of this process that outlives it and holds none of its files.
 
@@ -1182,6 +1364,9 @@ def build_spec(
         verify_interval=float(cfg.get_int("security.verify_interval_seconds")),
         templates=_templates(cfg.get_str("incus.templates")),
         spares=_spares(cfg),
+        running_spares=_bounded(
+            cfg, "sandbox.running_spares", 0, 64, "how many sessions you start at once (0: none)"
+        ),
         intercept_setxattr=cfg.get_bool("incus.intercept_setxattr"),
         max_slots=_bounded(cfg, "defaults.max_slots", 1, 99, "how many sessions you run at once"),
         kind=kind,
