@@ -288,7 +288,12 @@ def measure(
     try:
         one_run(argv, env)  # warm-up: the policy bridge, the page cache
         for _ in range(1 if a.timeline else a.runs):
-            if a.shell:
+            if a.shell and a.running_spares:
+                for inst in c.instances.list():  # the last session, not the spare it left
+                    spare = inst.config.get("user.coi.kind") == "spare"
+                    if inst.name in ours(c, ws) and not spare and inst.name != FLOOR:
+                        c.instances.delete(inst.name, force=True)
+            elif a.shell:
                 subprocess.run(kill, env=env, capture_output=True)
             deadline = time.monotonic() + 60
             while not settled(c, ws, a.running_spares) and time.monotonic() < deadline:

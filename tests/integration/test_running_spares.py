@@ -94,6 +94,8 @@ def test_a_run_takes_the_booted_spare_the_last_run_left_and_a_new_one_is_booted(
     assert spare.config[labels.WORKSPACE] == str(ws)
     assert spare.devices["workspace"]["source"] == str(ws)
     assert spare.devices["eth0"].get("ipv4.address")  # its own reserved address
+    # What the maker was asked to make went through a file of the user's own, read and gone.
+    assert not list((Path(senv["COI_HOME"]) / "locks").glob("spare-*.job"))
 
     code, out, err = _run(senv, ws, "sh", "-c", "id -u; echo made > /workspace/f; hostname; exit 3")
     assert code == 3, err  # the command's own exit code

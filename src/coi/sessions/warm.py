@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coi import labels
@@ -126,3 +129,22 @@ def proof_holds(inst: Instance, daemon_pid: int) -> bool:
     now: then it still holds (see the module's note)."""
     mark = inst.config.get(labels.SPARE_PROOF, "")
     return bool(daemon_pid and inst.config.get(_VETH)) and mark == proof_mark(inst, daemon_pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m coi.sessions.warm JOB WORKSPACE`: make the running spares a session that
+    ended asked for (`Sandbox._boot_spares` wrote JOB, in this user's own ~/.coi, readable
+    by this user only; it is read and removed at once)."""
+    from coi.sessions.sandbox import make_spares
+
+    job = Path((sys.argv[1:] if argv is None else argv)[0])
+    try:
+        data = job.read_bytes()
+    finally:
+        job.unlink(missing_ok=True)
+    make_spares(*pickle.loads(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
