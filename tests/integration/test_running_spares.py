@@ -54,10 +54,18 @@ def senv(uenv: dict[str, str]) -> dict[str, str]:
     return {**uenv, "COI_RUNNING_SPARES": "1"}
 
 
-def _run(env: dict[str, str], ws: Path, *cmd: str, user: str | None = USER) -> tuple[int, str, str]:
+def _run(
+    env: dict[str, str],
+    ws: Path,
+    *cmd: str,
+    user: str | None = USER,
+    flags: tuple[str, ...] = (),
+) -> tuple[int, str, str]:
+    """`coi run [FLAGS] -- CMD` in `ws`."""
     r = run_coi(
-        "run", "--image", "coi-tiny", "-w", str(ws), "--", *cmd, env=env, user=user, timeout=180
-    )
+        "run", *flags, "--image", "coi-tiny", "-w", str(ws), "--", *cmd,
+        env=env, user=user, timeout=180,
+    )  # fmt: skip
     return r.returncode, r.stdout, r.stderr
 
 
@@ -70,14 +78,20 @@ def _spares(client: IncusClient, ws: Path) -> list[Instance]:
     ]
 
 
-def _ready(client: IncusClient, ws: Path) -> Instance:
-    """The workspace's one ready spare, once nothing else of it is left (bounded wait)."""
+def _ready(client: IncusClient, ws: Path, *, replacing: Instance | None = None) -> Instance:
+    """The workspace's one ready spare, once nothing else of it is left (bounded wait);
+    `replacing`: a spare that must have gone, replaced by another."""
 
     def one() -> bool:
         names = coi_names(client, ws)
         spares = _spares(client, ws)
-        return len(names) == len(spares) == 1 and spares[0].config.get(labels.SPARE_READY) == "true"
+        return (
+            len(names) == len(spares) == 1
+            and spares[0].config.get(labels.SPARE_READY) == "true"
+            and (replacing is None or spares[0].config["volatile.uuid"] != uuid)
+        )
 
+    uuid = replacing.config["volatile.uuid"] if replacing else ""
     wait_for(one, "a ready running spare", timeout=90)
     (spare,) = _spares(client, ws)
     return spare
@@ -105,8 +119,7 @@ def test_a_run_takes_the_booted_spare_the_last_run_left_and_a_new_one_is_booted(
     st = (ws / "f").stat()
     assert (st.st_uid, st.st_gid) == (user.pw_uid, user.pw_gid)  # the user's file, as ever
     # The taken one is gone with its session; the next spare is a new container.
-    again = _ready(client, ws)
-    assert again.config["volatile.uuid"] != spare.config["volatile.uuid"]
+    _ready(client, ws, replacing=spare)
 
 
 def test_what_a_session_leaves_does_not_reach_the_next_through_the_spare(
@@ -135,22 +148,25 @@ def test_what_a_session_leaves_does_not_reach_the_next_through_the_spare(
     assert lines[2:] == ["0", "0"], out
 
 
-def test_other_settings_remove_the_spare_and_a_broken_proof_mark_is_proven_again(
+def test_a_spare_for_other_settings_is_not_taken_and_replaced_and_a_stale_proof_is_redone(
     client: IncusClient, senv: dict[str, str], ws: Path
 ) -> None:
     code, _, err = _run(senv, ws, "true")
     assert code == 0, err
-    _ready(client, ws)
-    # Another network mode makes another sandbox: the spare is not it, and goes.
-    r = run_coi(
-        "run", "--network", "open", "--image", "coi-tiny", "-w", str(ws), "--", "true",
-        env=senv, user=USER, timeout=180,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "made for other settings" in r.stderr and TAKEN not in r.stderr
-    _ready(client, ws)  # the open run's spare: not for the restricted run that follows
-    code, _, err = _run(senv, ws, "true")
-    assert code == 0 and "made for other settings" in err and TAKEN not in err, err
+    restricted = _ready(client, ws)
+    # Another network mode makes another sandbox: the spare is not it. It is left alone
+    # while that session starts (another slot), and replaced by a spare for the settings
+    # of the session that ended.
+    code, _, err = _run(senv, ws, "true", flags=("--network", "open"))
+    assert code == 0, err
+    assert TAKEN not in err and "other settings" not in err
+    assert f"Launching container {restricted.name} " not in err
+    opened = _ready(client, ws, replacing=restricted)
+    assert opened.config[labels.SPARE_KEY] != restricted.config[labels.SPARE_KEY]
+    assert opened.devices["eth0"]["network"] != restricted.devices["eth0"]["network"]
+    # A slot asked for by number whose spare is for other settings: that one is removed.
+    code, _, err = _run(senv, ws, "true", flags=("--slot", opened.name.rsplit("-", 1)[1]))
+    assert code == 0 and "Removing a booted spare made for other settings" in err, err
     # A proof made by another daemon process (one that restarted since), or on another
     # NIC, does not hold: the session proves the network again before the command runs.
     spare = _ready(client, ws)

@@ -35,7 +35,7 @@ from coi.protection import paths as protected
 from coi.protection.guard import Guard, settle
 from coi.protection.masks import MaskPlan
 from coi.sessions import aliases, forwards, naming, template, warm
-from coi.sessions.slots import SlotClaims, claimed_containers
+from coi.sessions.slots import SlotClaims, SlotsFull, claimed_containers
 from coi.sessions.workspace import (
     Mount,
     host_owner_gid,
@@ -372,6 +372,9 @@ class Sandbox:
         self._spare: Instance | None = None
         self._booted = False
         self._proven = False  # its network proven as the spare was made, and that still holds
+        self._wanted_key = ""
+        self._net: Network | None = None
+        self._net_attached = False
         self.making_spare = False
 
     # -- coi's own log of the session (`coi logs`) -----------------------------------------
@@ -463,19 +466,26 @@ class Sandbox:
         if self.making_spare or not warm.wanted(self.spec):
             return None
         ws = str(self.spec.workspace)
+        # Only one made for exactly this session's sandbox: one made for other settings (a
+        # shell's, where this is a run) is left in its slot, for the maker this session
+        # starts at its end to replace, not removed while this session waits.
+        want = self.wanted_key()
         spares: dict[str, Instance] = {}
         listed = False
 
         def not_a_spare(n: int) -> bool:
             nonlocal listed
             if not listed:
-                spares.update(warm.ready_for(self.client.instances.list(), ws))
+                ready = warm.ready_for(self.client.instances.list(), ws)
+                spares.update(
+                    {k: i for k, i in ready.items() if i.config.get(labels.SPARE_KEY) == want}
+                )
                 listed = True
             return naming.container_name(ws, n) not in spares
 
         try:
             slot = self._claims.allocate(self._ws_hash, not_a_spare, most=self.spec.max_slots)
-        except SessionError:
+        except SlotsFull:
             return None  # no spare free to take: the usual slot, made the usual way
         self._spare = spares[naming.container_name(ws, slot)]
         return slot
@@ -700,12 +710,11 @@ class Sandbox:
         with the spare removed, when it is not one this session would make: other settings,
         an image rebuilt since, a spare still being made (its maker died, or was overtaken
         by a `--slot` asking for it), or stopped (the daemon restarted)."""
-        net = self._attach_network() or self.client.networks.get(self.network)
-        config = instance_config(self.spec, self.client.has_extension, mknod=self._mknod_works)
+        net = self._network() or self.client.networks.get(self.network)
         if not (
             warm.is_ready(inst)
             and warm.wanted(self.spec)
-            and inst.config.get(labels.SPARE_KEY) == self._spare_key(config)
+            and inst.config.get(labels.SPARE_KEY) == self.wanted_key()
         ):
             self.log("Removing a booted spare made for other settings...")
             self.client.instances.delete(self.name, force=True)
@@ -726,6 +735,21 @@ class Sandbox:
         self._proven = warm.proof_holds(inst, self.client.server.pid)
         self._protect()
         return True
+
+    def wanted_key(self) -> str:
+        """The key (`warm.key`) of the sandbox this session would make, read once."""
+        if not self._wanted_key:
+            self._network()
+            config = instance_config(self.spec, self.client.has_extension, mknod=self._mknod_works)
+            self._wanted_key = self._spare_key(config)
+        return self._wanted_key
+
+    def _network(self) -> Network | None:
+        """`_attach_network`, once: the policy's bridge made or updated, as read."""
+        if not self._net_attached:
+            self._net = self._attach_network()
+            self._net_attached = True
+        return self._net
 
     def _spare_key(self, config: Mapping[str, str]) -> str:
         """What this session's sandbox is made of (`warm.key`), once its network is known."""
@@ -798,7 +822,7 @@ class Sandbox:
 
     def _make(self) -> None:
         """Create and start a new sandbox (from a spare, a template copy or the image)."""
-        net = self._attach_network()
+        net = self._network()
         self.log(f"Creating container from {self.spec.image}...")
         config = instance_config(self.spec, self.client.has_extension, mknod=self._mknod_works)
         if self.making_spare:
@@ -1302,20 +1326,30 @@ def _make_spares(client: IncusClient, spec: SandboxSpec, ended: str) -> None:
     with tried(lock_dir / f"running-spares-{naming.workspace_hash(ws)}.lock") as mine:
         if not mine:
             return
-        have = warm.of_workspace(client.instances.list(), ws)
-        # One its maker left half-made (killed) would hold its slot for ever.
-        busy = claimed_containers(lock_dir)
-        for inst in have:
-            if not warm.is_ready(inst) and inst.name not in busy:
+        want = Sandbox(client, spec, log=lambda _msg: None)
+        want.ensure_image()
+        key = want.wanted_key()
+        busy = claimed_containers(lock_dir)  # being made, or being taken by a session
+        have = []
+        for inst in warm.of_workspace(client.instances.list(), ws):
+            if inst.name in busy or (
+                warm.is_ready(inst) and inst.config.get(labels.SPARE_KEY) == key
+            ):
+                have.append(inst)
+            else:
+                # Half-made (its maker was killed), or made for other settings than the
+                # sessions here now have: it would hold its slot for nothing.
                 client.instances.delete(inst.name, force=True)
-        have = [i for i in have if warm.is_ready(i) or i.name in busy]
         # Each holds a slot of the workspace's `max_slots`.
         for _ in range(min(spec.running_spares, spec.max_slots) - len(have)):
             # Made once no sandbox of this user is starting: it would slow that one's start.
             wait = time.monotonic() + 120.0
             while template.someone_starting(lock_dir) and time.monotonic() < wait:
                 time.sleep(0.1)
-            Sandbox(client, spec, log=lambda _msg: None).make_spare()
+            try:
+                Sandbox(client, spec, log=lambda _msg: None).make_spare()
+            except SlotsFull:
+                return  # the workspace's sessions hold every slot: nothing to note
 
 
 def _note_spares(text: str) -> None:

@@ -12,6 +12,10 @@ from coi.locks import held
 from coi.sessions.naming import MAX_SLOTS, prefix
 
 
+class SlotsFull(SessionError):
+    """Every slot of the workspace is held (by a container or a live coi)."""
+
+
 class SlotClaims:
     """Claims on slots, kept as files under a lock so that two processes never pick one slot.
 
@@ -53,7 +57,7 @@ class SlotClaims:
                     continue
                 self.path(ws_hash, slot).write_text(f"{os.getpid()}\n")
                 return slot
-        raise SessionError(
+        raise SlotsFull(
             f"all {most} slots are in use",
             resolution="Stop a session ('coi list', 'coi kill NAME'), or allow more with "
             "[defaults] max_slots (COI_MAX_SLOTS).",
