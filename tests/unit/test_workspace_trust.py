@@ -147,6 +147,8 @@ WEAKENING = [
     ('[incus]\nnetwork = "lxdbr0"', "", "incus.network"),
     ("[incus]\ncode_uid = 0", "", "incus.code_uid"),
     ('[build]\nmirror = "http://evil/debian"', "", "build.mirror"),
+    # Booted sandboxes kept on the user's machine between sessions.
+    ("[sandbox]\nrunning_spares = 8", "", "sandbox.running_spares"),
 ]
 
 
