@@ -24,19 +24,25 @@ from tests.integration.test_network import probe
 from coi import labels
 from coi.backend import IncusClient
 from coi.backend.models import Instance
+from coi.sessions.naming import workspace_hash
 
 TAKEN = "Taking a booted spare sandbox"
 
 
-def _done(client: IncusClient, ws: Path) -> None:
-    """Remove the workspace's sandboxes once the spare maker the last run left has ended (it
-    outlives its coi: removed before, a spare it makes afterwards would be left behind)."""
+def _makers_ended(ws: Path) -> None:
+    """Wait (bounded) until no spare maker of the workspace runs: it outlives its coi."""
 
     def makers() -> bool:
         out = subprocess.run(["pgrep", "-f", str(ws)], capture_output=True, text=True)
         return bool(out.stdout.split())
 
     wait_for(lambda: not makers(), "the spare maker to end", timeout=120)
+
+
+def _done(client: IncusClient, ws: Path) -> None:
+    """Remove the workspace's sandboxes once the spare maker the last run left has ended
+    (removed before, a spare it makes afterwards would be left behind)."""
+    _makers_ended(ws)
     remove_containers(client, ws)
 
 
@@ -174,6 +180,32 @@ def test_a_spare_for_other_settings_is_not_taken_and_replaced_and_a_stale_proof_
     code, _, err = _run(senv, ws, "true")
     assert code == 0 and TAKEN in err, err
     assert "Network policy verified" in err
+
+
+def test_a_spare_a_session_is_taking_is_never_removed_from_under_it(
+    client: IncusClient, senv: dict[str, str], ws: Path
+) -> None:
+    """The maker that replaces spares made for other settings removes one only under its
+    slot's claim: while a session holds that claim (it is taking the spare), it stays."""
+    code, _, err = _run(senv, ws, "true")
+    assert code == 0, err
+    restricted = _ready(client, ws)
+    slot = restricted.name.rsplit("-", 1)[1]
+    claim = Path(senv["COI_HOME"]) / "locks" / f"{workspace_hash(str(ws))}-{slot}.claim"
+    claim.write_text(f"{os.getpid()}\n")  # a live process holds the slot: a session taking it
+    try:
+        code, _, err = _run(senv, ws, "true", flags=("--network", "open"))
+        assert code == 0 and TAKEN not in err and restricted.name not in err, err
+        _makers_ended(ws)
+        kept = client.instances.get(restricted.name)  # kept: its slot is held
+        assert kept.config["volatile.uuid"] == restricted.config["volatile.uuid"]
+    finally:
+        claim.unlink()
+    # Released, the next maker replaces it with one for the settings of the last session.
+    code, _, err = _run(senv, ws, "true", flags=("--network", "open"))
+    assert code == 0 and TAKEN not in err, err
+    opened = _ready(client, ws, replacing=restricted)
+    assert opened.config[labels.SPARE_KEY] != restricted.config[labels.SPARE_KEY]
 
 
 def test_the_taken_spare_enforces_the_policy_against_the_agent(

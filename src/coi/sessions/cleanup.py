@@ -128,8 +128,10 @@ def plan_orphans(
 
 
 def running_spares(client: IncusClient) -> list[str]:
-    """Every running spare (coi.sessions.warm), for `coi clean` when they are turned off."""
-    return [i.name for i in client.instances.list() if warm.is_spare(i)]
+    """Every running spare (coi.sessions.warm), for `coi clean` when they are turned off;
+    not one a coi holds the slot of (being made, or being taken)."""
+    live = claimed_containers(coi_home() / "locks")
+    return [i.name for i in client.instances.list() if warm.is_spare(i) and i.name not in live]
 
 
 def templates_wanted(client: IncusClient, cfg: Config) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -35,7 +36,7 @@ from coi.protection import paths as protected
 from coi.protection.guard import Guard, settle
 from coi.protection.masks import MaskPlan
 from coi.sessions import aliases, forwards, naming, template, warm
-from coi.sessions.slots import SlotClaims, SlotsFull, claimed_containers
+from coi.sessions.slots import SlotClaims, SlotsFull
 from coi.sessions.workspace import (
     Mount,
     host_owner_gid,
@@ -722,13 +723,16 @@ class Sandbox:
         self.log("Taking a booted spare sandbox")
         # From here it is this session's: a coi killed now leaves it to the keeper and to
         # `coi clean` as any session's sandbox, never as a spare for another session.
-        self.client.instances.set_config(
-            self.name,
-            {
-                **labels.owner_config(self.spec.kind),
-                **dict.fromkeys((labels.SPARE_KEY, labels.SPARE_READY, labels.SPARE_PROOF), ""),
-            },
-        )
+        try:
+            self.client.instances.set_config(
+                self.name,
+                {
+                    **labels.owner_config(self.spec.kind),
+                    **dict.fromkeys((labels.SPARE_KEY, labels.SPARE_READY, labels.SPARE_PROOF), ""),
+                },
+            )
+        except NotFound:
+            return False  # gone meanwhile (`coi kill --all`): made afresh
         nic = inst.expanded_devices.get("eth0") or {}
         self.address = address.of_nic(net, nic)
         self.created = self._booted = True
@@ -786,7 +790,8 @@ class Sandbox:
                 },
             )
         except BaseException:
-            self.client.instances.delete(self.name, force=True)
+            with contextlib.suppress(BackendError):  # not made at all: the error says why
+                self.client.instances.delete(self.name, force=True)
             raise
         finally:
             self.release()
@@ -1328,18 +1333,7 @@ def _make_spares(client: IncusClient, spec: SandboxSpec, ended: str) -> None:
             return
         want = Sandbox(client, spec, log=lambda _msg: None)
         want.ensure_image()
-        key = want.wanted_key()
-        busy = claimed_containers(lock_dir)  # being made, or being taken by a session
-        have = []
-        for inst in warm.of_workspace(client.instances.list(), ws):
-            if inst.name in busy or (
-                warm.is_ready(inst) and inst.config.get(labels.SPARE_KEY) == key
-            ):
-                have.append(inst)
-            else:
-                # Half-made (its maker was killed), or made for other settings than the
-                # sessions here now have: it would hold its slot for nothing.
-                client.instances.delete(inst.name, force=True)
+        have = _drop_stale_spares(client, ws, want.wanted_key(), lock_dir)
         # Each holds a slot of the workspace's `max_slots`.
         for _ in range(min(spec.running_spares, spec.max_slots) - len(have)):
             # Made once no sandbox of this user is starting: it would slow that one's start.
@@ -1350,6 +1344,40 @@ def _make_spares(client: IncusClient, spec: SandboxSpec, ended: str) -> None:
                 Sandbox(client, spec, log=lambda _msg: None).make_spare()
             except SlotsFull:
                 return  # the workspace's sessions hold every slot: nothing to note
+
+
+def _drop_stale_spares(client: IncusClient, ws: str, key: str, lock_dir: Path) -> list[Instance]:
+    """The workspace's running spares worth keeping: ready ones made for `key`, and those
+    a coi holds the slot of (being made, or being taken by a session). The others, one its
+    maker left half-made or one made for other settings than the last session had, are
+    removed, each under its slot's claim: a session taking it at that moment holds the
+    claim, so what it is taking is never removed from under it."""
+    claims, ws_hash = SlotClaims(lock_dir), naming.workspace_hash(ws)
+    keep = []
+    for inst in warm.of_workspace(client.instances.list(), ws):
+        parsed = naming.parse_name(inst.name)
+        if (warm.is_ready(inst) and inst.config.get(labels.SPARE_KEY) == key) or not parsed:
+            keep.append(inst)
+            continue
+        slot = parsed[1]
+        try:
+            claims.allocate(ws_hash, lambda _n: False, start=slot, most=slot)
+        except SlotsFull:
+            keep.append(inst)  # a coi holds it
+            continue
+        try:
+            now = client.instances.get(inst.name)  # read again, under the claim
+            if not warm.is_spare(now):
+                pass  # a session's now: not a spare to count or remove
+            elif warm.is_ready(now) and now.config.get(labels.SPARE_KEY) == key:
+                keep.append(now)
+            else:
+                client.instances.delete(inst.name, force=True)
+        except NotFound:
+            pass
+        finally:
+            claims.release(ws_hash, slot)
+    return keep
 
 
 def _note_spares(text: str) -> None:
