@@ -103,13 +103,18 @@ def _ready(client: IncusClient, ws: Path, *, replacing: Instance | None = None) 
     return spare
 
 
+def _first_spare(client: IncusClient, env: dict[str, str], ws: Path) -> Instance:
+    """The spare a first `coi run -- true` in `ws` leaves, once ready."""
+    code, _, err = _run(env, ws, "true")
+    assert code == 0, err
+    return _ready(client, ws)
+
+
 @pytest.mark.lxd
 def test_a_run_takes_the_booted_spare_the_last_run_left_and_a_new_one_is_booted(
     client: IncusClient, senv: dict[str, str], ws: Path, user: pwd.struct_passwd
 ) -> None:
-    code, _, err = _run(senv, ws, "true")
-    assert code == 0, err
-    spare = _ready(client, ws)
+    spare = _first_spare(client, senv, ws)
     assert spare.running and spare.ephemeral  # a `coi run` sandbox, as it would be made
     assert spare.config[labels.WORKSPACE] == str(ws)
     assert spare.devices["workspace"]["source"] == str(ws)
@@ -157,9 +162,7 @@ def test_what_a_session_leaves_does_not_reach_the_next_through_the_spare(
 def test_a_spare_for_other_settings_is_not_taken_and_replaced_and_a_stale_proof_is_redone(
     client: IncusClient, senv: dict[str, str], ws: Path
 ) -> None:
-    code, _, err = _run(senv, ws, "true")
-    assert code == 0, err
-    restricted = _ready(client, ws)
+    restricted = _first_spare(client, senv, ws)
     # Another network mode makes another sandbox: the spare is not it. It is left alone
     # while that session starts (another slot), and replaced by a spare for the settings
     # of the session that ended.
@@ -187,9 +190,7 @@ def test_a_spare_a_session_is_taking_is_never_removed_from_under_it(
 ) -> None:
     """The maker that replaces spares made for other settings removes one only under its
     slot's claim: while a session holds that claim (it is taking the spare), it stays."""
-    code, _, err = _run(senv, ws, "true")
-    assert code == 0, err
-    restricted = _ready(client, ws)
+    restricted = _first_spare(client, senv, ws)
     slot = restricted.name.rsplit("-", 1)[1]
     claim = Path(senv["COI_HOME"]) / "locks" / f"{workspace_hash(str(ws))}-{slot}.claim"
     claim.write_text(f"{os.getpid()}\n")  # a live process holds the slot: a session taking it
@@ -240,9 +241,7 @@ def test_the_taken_spare_enforces_the_policy_against_the_agent(
 def test_list_attach_and_clean_know_a_spare(
     client: IncusClient, senv: dict[str, str], ws: Path
 ) -> None:
-    code, _, err = _run(senv, ws, "true")
-    assert code == 0, err
-    spare = _ready(client, ws)
+    spare = _first_spare(client, senv, ws)
     r = run_coi("list", "--format", "json", env=senv, user=USER)
     (entry,) = [c for c in json.loads(r.stdout)["active_containers"] if c["name"] == spare.name]
     assert entry["kind"] == "spare" and entry["status"] == "Running"
@@ -260,8 +259,7 @@ def test_list_attach_and_clean_know_a_spare(
     r = run_coi("clean", "--force", env=senv, user=USER)
     assert r.returncode == 0 and not client.instances.exists(spare.name), r.stdout
     # ... and every one when they are turned off.
-    code, _, err = _run(senv, ws, "true")
-    spare = _ready(client, ws)
+    spare = _first_spare(client, senv, ws)
     r = run_coi("clean", "--force", env={**senv, "COI_RUNNING_SPARES": "0"}, user=USER)
     assert r.returncode == 0 and not client.instances.exists(spare.name), r.stdout
 

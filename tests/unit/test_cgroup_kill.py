@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from coi.monitor.collect import cgroup_freeze, cgroup_kill
 
@@ -23,19 +26,25 @@ def _v1_tree(tmp_path: Path, name: str, pids: list[int]) -> tuple[Path, Path]:
     return cgdir, freezer
 
 
-def test_without_cgroup_kill_every_process_is_killed_between_freeze_and_thaw(
-    tmp_path: Path,
-) -> None:
-    child = subprocess.Popen(["sleep", "30"])
+@pytest.fixture
+def child() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of the test's own, standing in for one of the container's."""
+    proc = subprocess.Popen(["sleep", "30"])
     try:
-        cgdir, freezer = _v1_tree(tmp_path, "lxc.payload.coi-unit-kill-fallback", [child.pid])
-        assert cgroup_kill(cgdir)
-        assert child.wait(timeout=5) == -9
-        # Thawed again: the daemon must find it as it left it (its stop then finds nothing).
-        assert (freezer / "freezer.state").read_text().strip() == "THAWED"
+        yield proc
     finally:
-        child.kill()
-        child.wait()
+        proc.kill()
+        proc.wait()
+
+
+def test_without_cgroup_kill_every_process_is_killed_between_freeze_and_thaw(
+    tmp_path: Path, child: subprocess.Popen[bytes]
+) -> None:
+    cgdir, freezer = _v1_tree(tmp_path, "lxc.payload.coi-unit-kill-fallback", [child.pid])
+    assert cgroup_kill(cgdir)
+    assert child.wait(timeout=5) == -9
+    # Thawed again: the daemon must find it as it left it (its stop then finds nothing).
+    assert (freezer / "freezer.state").read_text().strip() == "THAWED"
 
 
 def test_without_any_freezer_the_daemon_is_asked(tmp_path: Path) -> None:
@@ -45,18 +54,12 @@ def test_without_any_freezer_the_daemon_is_asked(tmp_path: Path) -> None:
     assert not cgroup_freeze(cgdir)
 
 
-def test_a_freeze_the_kernel_does_not_finish_is_undone_and_nothing_killed(
-    tmp_path: Path,
+def test_a_freeze_that_cannot_be_written_kills_nothing(
+    tmp_path: Path, child: subprocess.Popen[bytes]
 ) -> None:
-    child = subprocess.Popen(["sleep", "30"])
-    try:
-        cgdir, freezer = _v1_tree(tmp_path, "lxc.payload.coi-unit-stuck", [child.pid])
-        state = freezer / "freezer.state"
-        state.unlink()
-        state.mkdir()  # a write that fails: as for a monitor that is not root
-        (tmp_path / "freezer" / cgdir.name / "freezer.state" / "x").write_text("")
-        assert not cgroup_kill(cgdir)
-        assert child.poll() is None
-    finally:
-        child.kill()
-        child.wait()
+    cgdir, freezer = _v1_tree(tmp_path, "lxc.payload.coi-unit-stuck", [child.pid])
+    state = freezer / "freezer.state"
+    state.unlink()
+    state.symlink_to("/proc/version")  # a file whose write fails, as for a monitor not root
+    assert not cgroup_kill(cgdir)
+    assert child.poll() is None
