@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import sys
 import threading
 import time
@@ -1014,7 +1013,7 @@ class Sandbox:
         # What it is to make goes in a file only this user can read (its own ~/.coi).
         import pickle
 
-        job = coi_home() / "locks" / f"spare-{secrets.token_hex(6)}.job"
+        job = coi_home() / "locks" / f"spare-{os.urandom(6).hex()}.job"
         job.parent.mkdir(parents=True, exist_ok=True)
         with os.fdopen(os.open(job, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             pickle.dump((self.spec, ended, self.client.endpoint, self.client.project), f)

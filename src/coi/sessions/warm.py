@@ -14,7 +14,7 @@ NIC (a container that restarted has a new one), and the same rules asked for (`k
 the NIC and its bridge, whose name is the policy's digest). Otherwise the session proves it
 again before anything of the agent runs. What neither coi nor the daemon is told of, say a
 host firewall flushed by hand, is not seen in between, as it is not seen while a session
-runs: docs/performance.md says so.
+runs: docs/sessions.md says so.
 
 What a spare holds is what a session would have had from its first second: nothing of an
 agent ever ran in it. What is read from it to decide anything is its labels, which the host
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -135,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m coi.sessions.warm JOB WORKSPACE`: make the running spares a session that
     ended asked for (`Sandbox._boot_spares` wrote JOB, in this user's own ~/.coi, readable
     by this user only; it is read and removed at once)."""
+    import pickle
+
     from coi.sessions.sandbox import make_spares
 
     job = Path((sys.argv[1:] if argv is None else argv)[0])
