@@ -102,3 +102,30 @@ def test_a_proof_holds_on_the_same_daemon_process_and_nic_only() -> None:
     assert not warm.proof_holds(_inst({**spare.config, labels.SPARE_PROOF: ""}), 4242)
     assert not warm.proof_holds(spare, 0)  # a daemon that does not say its pid
     assert not warm.is_ready(_inst(spare.config, status="Stopped"))
+
+
+def test_a_spare_that_cannot_be_handed_over_is_noted_and_the_session_ends_well(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+    import types
+
+    from coi.backend.connection import Endpoint
+    from coi.sessions.sandbox import Sandbox
+
+    monkeypatch.setenv("COI_HOME", str(tmp_path))
+    spec = SandboxSpec(
+        workspace=tmp_path, image="coi", persistent=False, kind="run", running_spares=1
+    )
+    # Only what `_boot_spares` reads of a client: where the daemon is.
+    client = types.SimpleNamespace(endpoint=Endpoint(socket_path="/x"), project="default")
+    box = Sandbox(client, spec, log=lambda _msg: None)  # type: ignore[arg-type]
+    box.name = "coi-abcd1234-1"
+
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise pickle.PicklingError("cannot pickle a thing")
+
+    monkeypatch.setattr(pickle, "dump", refuse)
+    box._boot_spares()  # no exception: the session itself is done
+    assert "cannot pickle a thing" in (tmp_path / "logs" / "spares.log").read_text()
+    assert not list((tmp_path / "locks").glob("spare-*.job"))

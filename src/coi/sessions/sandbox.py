@@ -1014,9 +1014,15 @@ class Sandbox:
         import pickle
 
         job = coi_home() / "locks" / f"spare-{os.urandom(6).hex()}.job"
-        job.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(os.open(job, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            pickle.dump((self.spec, ended, self.client.endpoint, self.client.project), f)
+        try:
+            job.parent.mkdir(parents=True, exist_ok=True)
+            with os.fdopen(os.open(job, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                pickle.dump((self.spec, ended, self.client.endpoint, self.client.project), f)
+        except (OSError, pickle.PicklingError, TypeError, AttributeError) as err:
+            # The session itself is done and fine: no spare is only a slower next start.
+            job.unlink(missing_ok=True)
+            _note_spares(f"running spares of {self.spec.workspace}: {err}")
+            return
         # The workspace on the command line too: `ps` says what the child is for.
         argv = [sys.executable, "-m", "coi.sessions.warm", str(job), str(self.spec.workspace)]
         detached(lambda: os.execv(sys.executable, argv))
