@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import timed
+from _common import timed, wait_spare_makers
 
 from coi.backend import ExecRequest, IncusClient
 
@@ -49,16 +49,8 @@ def ours(c: IncusClient, ws: Path) -> list[str]:
     ]
 
 
-def makers(ws: Path) -> bool:
-    """A spare maker of this workspace still runs (its command line names the workspace)."""
-    out = subprocess.run(["pgrep", "-f", f"coi.sessions.warm .* {ws}$"], capture_output=True)
-    return bool(out.stdout.split())
-
-
 def clear(c: IncusClient, ws: Path) -> None:
-    deadline = time.monotonic() + 120
-    while makers(ws) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_spare_makers(ws)
     for n in ours(c, ws):
         c.instances.delete(n, force=True)
 
@@ -77,8 +69,7 @@ def ready_spares(c: IncusClient, ws: Path, n: int) -> None:
         insts = [i for i in c.instances.list() if i.config.get("user.coi.workspace") == str(ws)]
         spares = [i for i in insts if i.config.get("user.coi.spare.ready") == "true"]
         if len(spares) == n:
-            while makers(ws) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_spare_makers(ws, max(0.0, deadline - time.monotonic()))
             for i in insts:
                 if i not in spares:
                     c.instances.delete(i.name, force=True)  # the session that left them

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import wait_spare_makers
+
 # (module, attribute path, label): the steps of a session, in the order they run.
 STEPS: list[tuple[str, str, str]] = [
     ("coi.cli.session_cmds", "_prepare", "config + prepare (options, profiles, plans)"),
@@ -302,6 +304,7 @@ def measure(
             if not a.timeline:
                 warm.append(floor_w(c, a.image, ws))
     finally:
+        wait_spare_makers(ws)  # they write to `home` and make containers until they end
         subprocess.run(kill, env=env, capture_output=True)
         for n in ours(c, ws):
             c.instances.delete(n, force=True)
